@@ -1,0 +1,80 @@
+"""Builds model parts from a checkpoint, reading only the tensors each part needs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from blocks.checkpoint import Checkpoint
+from blocks.errors import CheckpointError
+from blocks.span import BlockSpan
+
+logger = logging.getLogger(__name__)
+
+
+def load_span(
+    checkpoint: Checkpoint,
+    start: int,
+    end: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> BlockSpan:
+    """Loads blocks `[start, end)`; `progress(i)` is called after each block is in memory."""
+    if not 0 <= start < end <= checkpoint.num_blocks:
+        raise ValueError(f"block range {start}:{end} is outside the model's 0:{checkpoint.num_blocks}")
+    config, family = checkpoint.config, checkpoint.family
+    layers = []
+    for index in range(start, end):
+        names = checkpoint.block_tensor_names(index)
+        tensors = checkpoint.read(names, dtype=dtype, device=device)
+        prefix = family.layer_prefix(index)
+        with torch.device("meta"):
+            layer = family.layer_class(config, layer_idx=index)
+        try:
+            layer.load_state_dict({name[len(prefix):]: t for name, t in tensors.items()}, strict=True, assign=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"block {index} of {checkpoint.path} does not match its config: {e}") from e
+        layers.append(layer.eval().requires_grad_(False))
+        if progress is not None:
+            progress(index)
+    rotary = family.rotary_class(config=config).to(device)
+    return BlockSpan(config, layers, rotary, start)
+
+
+@dataclass
+class ModelHead:
+    """What a client runs locally: token embeddings before the blocks, final norm and LM head after."""
+
+    embed: torch.nn.Embedding
+    norm: torch.nn.Module
+    lm_head: torch.nn.Linear
+
+    @torch.inference_mode()
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(self.lm_head.weight.dtype)
+        return self.lm_head(self.norm(hidden)).float()
+
+
+def load_head(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ModelHead:
+    config, family = checkpoint.config, checkpoint.family
+    tied = family.lm_head_name not in checkpoint.weight_map
+    if tied and not getattr(config, "tie_word_embeddings", False):
+        raise CheckpointError(f"checkpoint {checkpoint.path} has no {family.lm_head_name} and does not tie embeddings")
+    names = [family.embed_name, family.norm_name] + ([] if tied else [family.lm_head_name])
+    tensors = checkpoint.read(names, dtype=dtype, device=device)
+    embed = torch.nn.Embedding.from_pretrained(tensors[family.embed_name], freeze=True)
+    with torch.device("meta"):
+        norm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+    norm.load_state_dict({"weight": tensors[family.norm_name]}, strict=True, assign=True)
+    lm_weight = tensors[family.embed_name] if tied else tensors[family.lm_head_name]
+    lm_head = torch.nn.Linear(lm_weight.shape[1], lm_weight.shape[0], bias=False, device="meta")
+    lm_head.load_state_dict({"weight": lm_weight}, strict=True, assign=True)
+    return ModelHead(embed=embed, norm=norm.eval(), lm_head=lm_head.eval().requires_grad_(False))

@@ -1,0 +1,178 @@
+"""The wire format of running blocks remotely: RPC names, typed request/reply headers, tensors.
+
+Client and server both speak it. Every message is hivemind's `ExpertRequest` / `ExpertResponse`
+protobuf: tensors travel as serialized torch tensors, and a msgpack header carries one of the typed
+models below. Readers validate headers and tensor shapes before allocating anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Optional, Sequence
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+RPC_INFERENCE = "swarm.BlockService.rpc_inference"
+RPC_FORWARD = "swarm.BlockService.rpc_forward"
+RPC_INFO = "swarm.BlockService.rpc_info"
+
+# One message on a stream stays well below what the libp2p daemon accepts; longer inputs are chunked.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+
+# hivemind sends bfloat16 as float32 bytes (numpy has no bfloat16).
+_ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 4, "int64": 8, "bool": 1}
+
+
+class ErrorKind(str, enum.Enum):
+    BAD_REQUEST = "bad_request"  # the caller's fault: never retried, never bans the server
+    BUSY = "busy"  # no room now: route elsewhere
+    WRONG_MODEL = "wrong_model"  # the server does not serve this model or these blocks
+    SERVER_ERROR = "server_error"  # the server failed: ban and reroute
+
+
+class WireError(Exception):
+    """An error that travels to the other side as a typed reply."""
+
+    def __init__(self, kind: ErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def bad_request(message: str) -> WireError:
+    return WireError(ErrorKind.BAD_REQUEST, message)
+
+
+class _Header(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class OpenSession(_Header):
+    """First message of an inference stream: reserves cache for `batch_size × max_length` tokens."""
+
+    model: str = Field(max_length=160)
+    start_block: int = Field(ge=0)
+    end_block: int = Field(gt=0)
+    max_length: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    session_id: str = Field(default="", max_length=64)
+
+
+class SessionOpened(_Header):
+    session_id: str
+    max_length: int
+
+
+class Step(_Header):
+    """One step of a session: hidden states [batch, tokens, hidden] (+ optional 2D attention mask).
+
+    `position` is how many tokens the client believes the server already holds; a mismatch is an
+    error instead of silently wrong output.
+    """
+
+    position: int = Field(ge=0)
+    step_id: int = Field(default=0, ge=0)
+
+
+class StepDone(_Header):
+    position: int  # tokens held after this step
+    step_id: int
+
+
+class ForwardRequest(_Header):
+    """First message of a stateless forward: the input then arrives in token chunks on the stream,
+    and the server keeps a temporary cache for `batch_size × total_tokens` until the last chunk."""
+
+    model: str = Field(max_length=160)
+    start_block: int = Field(ge=0)
+    end_block: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    total_tokens: int = Field(gt=0)
+
+
+class ServerInfoReply(_Header):
+    """What a server serves and how loaded it is (the info call)."""
+
+    model: str
+    start_block: int
+    end_block: int
+    state: str
+    dtype: str
+    hidden_size: int
+    max_length: int
+    max_batch_size: int
+    max_chunk_tokens: int
+    cache_tokens_free: int
+    cache_tokens_total: int
+    open_sessions: int
+    version: str
+
+
+class ErrorReply(_Header):
+    error: ErrorKind
+    message: str = Field(max_length=4096)
+
+
+def pack(header: Optional[_Header], tensors: Sequence[torch.Tensor] = (), *, request: bool) -> Any:
+    metadata = msgpack.packb(header.model_dump(mode="json"), use_bin_type=True) if header is not None else b""
+    serialized = [serialize_torch_tensor(t.detach().cpu()) for t in tensors]
+    if request:
+        return runtime_pb2.ExpertRequest(uid="", tensors=serialized, metadata=metadata)
+    return runtime_pb2.ExpertResponse(tensors=serialized, metadata=metadata)
+
+
+def error_response(error: WireError) -> runtime_pb2.ExpertResponse:
+    return pack(ErrorReply(error=error.kind, message=error.message[:4096]), request=False)
+
+
+def read_header(message: Any, model: type[_Header]) -> _Header:
+    """Parses a message's header as `model`; an `ErrorReply` header is raised as a `WireError`."""
+    if len(message.metadata) > MAX_HEADER_BYTES:
+        raise bad_request(f"header of {len(message.metadata)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        raw = msgpack.unpackb(message.metadata, raw=False) if message.metadata else {}
+    except (ValueError, msgpack.UnpackException) as e:
+        raise bad_request(f"header is not valid msgpack: {e}") from None
+    if isinstance(raw, dict) and "error" in raw and model is not ErrorReply:
+        try:
+            reply = ErrorReply.model_validate(raw)
+        except ValidationError:
+            raise WireError(ErrorKind.SERVER_ERROR, f"malformed error reply: {raw!r:.200}") from None
+        raise WireError(reply.error, reply.message)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise bad_request(f"invalid {model.__name__}: {_first_error(e)}") from None
+
+
+def read_tensors(message: Any, max_count: int, max_bytes: int = MAX_MESSAGE_BYTES) -> list[torch.Tensor]:
+    """Deserializes a message's tensors after checking their declared sizes, dtypes and count."""
+    if len(message.tensors) > max_count:
+        raise bad_request(f"expected at most {max_count} tensors, got {len(message.tensors)}")
+    total = 0
+    for proto in message.tensors:
+        if proto.dtype not in _ELEMENT_SIZE:
+            raise bad_request(f"unsupported tensor dtype {proto.dtype!r}")
+        if len(proto.size) > 4 or any(dim < 0 for dim in proto.size):
+            raise bad_request(f"unsupported tensor shape {list(proto.size)}")
+        if proto.compression != runtime_pb2.CompressionType.NONE:
+            raise bad_request("compressed tensors are not accepted")
+        expected = math.prod(proto.size) * _ELEMENT_SIZE[proto.dtype]
+        if expected != len(proto.buffer):
+            raise bad_request(f"tensor of shape {list(proto.size)} has {len(proto.buffer)} bytes, expected {expected}")
+        total += expected
+    if total > max_bytes:
+        raise bad_request(f"message carries {total} bytes of tensors, limit is {max_bytes}")
+    return [deserialize_torch_tensor(proto) for proto in message.tensors]
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "header"
+    return f"{location}: {first['msg']}"

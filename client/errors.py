@@ -1,0 +1,47 @@
+"""Errors a client can act on, by who is at fault and what to do next."""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Base class of every error the client raises."""
+
+
+class MissingBlocksError(SwarmError):
+    """No usable server announces these blocks of the model."""
+
+    def __init__(self, model: str, blocks: list[int]):
+        self.model = model
+        self.blocks = blocks
+        super().__init__(f"no server of model {model!r} serves block(s) {_ranges(blocks)}")
+
+
+class ModelMismatchError(SwarmError):
+    """The swarm serves a different model under this name than the checkpoint the client loaded."""
+
+
+class SwarmBusyError(SwarmError):
+    """Every server that could serve a span refused for lack of room; try again later."""
+
+
+class BadRequestError(SwarmError):
+    """A server refused the request itself (wrong shape, too long...): retrying elsewhere will not help."""
+
+
+class ServerFailure(SwarmError):
+    """A server failed, timed out or disconnected."""
+
+    def __init__(self, peer_id: str, message: str):
+        self.peer_id = peer_id
+        super().__init__(f"server {peer_id}: {message}")
+
+
+def _ranges(blocks: list[int]) -> str:
+    parts, start = [], None
+    for i, block in enumerate(blocks):
+        if start is None:
+            start = block
+        if i + 1 == len(blocks) or blocks[i + 1] != block + 1:
+            parts.append(str(start) if start == block else f"{start}-{block}")
+            start = None
+    return ", ".join(parts)

@@ -1,0 +1,131 @@
+"""The decoding loop: transformers' generation arguments and logits processors, steps through the swarm.
+
+Greedy decoding picks the same tokens as `transformers`' `generate()` on the same checkpoint; sampling
+uses the same processors (temperature, top-k, top-p, min-p, repetition penalty) in the same order.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Optional
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from blocks.loading import ModelHead
+from client.session import InferenceSession
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_config(base: GenerationConfig, generation_config: Optional[GenerationConfig], kwargs: dict[str, Any]) -> GenerationConfig:
+    """The model's generation config, updated by the caller's, then by keyword arguments, like transformers."""
+    config = copy.deepcopy(generation_config if generation_config is not None else base)
+    unused = config.update(**kwargs)
+    if unused:
+        raise TypeError(f"generate() got unsupported argument(s): {', '.join(sorted(unused))}")
+    config.update(**config._get_default_generation_params(), defaults_only=True)
+    if (config.num_beams or 1) > 1:
+        raise NotImplementedError("beam search is not supported; use greedy decoding or sampling")
+    if config.max_new_tokens is None and config.max_length is None:
+        raise ValueError("pass max_new_tokens (or max_length)")
+    return config
+
+
+def build_processors(config: GenerationConfig) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None and config.top_k != 0:
+            processors.append(TopKLogitsWarper(top_k=config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=config.top_p))
+        if config.min_p is not None:
+            processors.append(MinPLogitsWarper(min_p=config.min_p))
+    return processors
+
+
+def _eos_ids(config: GenerationConfig) -> Optional[torch.Tensor]:
+    eos = config.eos_token_id
+    if eos is None:
+        return None
+    return torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
+
+
+def decode(
+    head: ModelHead,
+    session: InferenceSession,
+    new_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    config: GenerationConfig,
+    streamer: Optional[BaseStreamer] = None,
+) -> torch.Tensor:
+    """Appends `new_ids` to the session, generates, and returns every token of the session.
+
+    The last generated token is kept in `session.token_ids` but not yet sent, so a later call on the
+    same session continues exactly where this one stopped.
+    """
+    if session.token_ids is None:
+        all_ids, mask = new_ids, attention_mask
+    else:
+        if new_ids.shape[0] != session.token_ids.shape[0]:
+            raise ValueError(f"session holds a batch of {session.token_ids.shape[0]}, got {new_ids.shape[0]} sequences")
+        all_ids = torch.cat([session.token_ids, new_ids], dim=1)
+        mask = session.attention_mask
+        if mask is not None or attention_mask is not None:
+            old = mask if mask is not None else torch.ones_like(session.token_ids)
+            new = attention_mask if attention_mask is not None else torch.ones_like(new_ids)
+            mask = torch.cat([old, new], dim=1)
+    if mask is not None and bool(mask.all()):
+        mask = None  # no padding: plain causal attention, nothing extra to send
+    if all_ids.shape[1] == session.position:
+        raise ValueError("nothing to generate from: pass input_ids")
+
+    prompt_length = all_ids.shape[1]
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_length
+    processors = build_processors(config)
+    eos = _eos_ids(config)
+    pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if eos is not None else None)
+    unfinished = torch.ones(all_ids.shape[0], dtype=torch.bool)
+    if streamer is not None:
+        streamer.put(new_ids.cpu())
+
+    try:
+        for _ in range(max(max_new, 0)):
+            feed = all_ids[:, session.position:]
+            hidden = session.step(head.embed_tokens(feed), mask)
+            logits = head.logits(hidden[:, -1])
+            scores = processors(all_ids, logits)
+            if config.do_sample:
+                next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                next_tokens = scores.argmax(dim=-1)
+            if eos is not None:
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+            all_ids = torch.cat([all_ids, next_tokens[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            if eos is not None:
+                unfinished &= ~torch.isin(next_tokens, eos)
+                if not unfinished.any():
+                    break
+    finally:
+        session.token_ids, session.attention_mask = all_ids, mask
+        if streamer is not None:
+            streamer.end()
+    return all_ids

@@ -1,0 +1,126 @@
+"""`AutoDistributedModelForCausalLM`: a causal LM whose blocks run in the swarm.
+
+Embeddings, final norm and LM head are loaded from the local checkpoint and run here; the
+transformer blocks run on the servers that announce them in the DHT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import CausalLMOutput
+
+from blocks.checkpoint import Checkpoint
+from blocks.loading import ModelHead, load_head
+from client.generation import decode, prepare_config
+from client.remote import RemoteModel
+from client.session import InferenceSession
+
+logger = logging.getLogger(__name__)
+
+
+class AutoDistributedModelForCausalLM:
+    def __init__(self, checkpoint: Checkpoint, head: ModelHead, remote: RemoteModel, generation_config: GenerationConfig):
+        self.checkpoint = checkpoint
+        self.head = head
+        self.remote = remote
+        self.generation_config = generation_config
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        initial_peers: Sequence[str],
+        *,
+        model_name: Optional[str] = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        request_timeout: float = 60.0,
+        max_chunk_tokens: int = 1024,
+    ) -> "AutoDistributedModelForCausalLM":
+        """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`.
+
+        `model_name` defaults to the name servers derive from the same checkpoint.
+        """
+        checkpoint = Checkpoint(path)
+        head = load_head(checkpoint, dtype=dtype, device=device)
+        if (checkpoint.path / "generation_config.json").is_file():
+            generation_config = GenerationConfig.from_pretrained(checkpoint.path)
+        else:
+            generation_config = GenerationConfig.from_model_config(checkpoint.config)
+        remote = RemoteModel(
+            checkpoint, initial_peers, model_name, request_timeout=request_timeout, max_chunk_tokens=max_chunk_tokens
+        )
+        return cls(checkpoint, head, remote, generation_config)
+
+    @property
+    def config(self):
+        return self.checkpoint.config
+
+    @property
+    def model_name(self) -> str:
+        return self.remote.model_name
+
+    def inference_session(self, max_length: int) -> InferenceSession:
+        """A session whose server-side KV caches live until it is closed (use it as a context manager)."""
+        return InferenceSession(self.remote, max_length)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        """Logits of every position, like `transformers` (a stateless pass: nothing stays cached)."""
+        _check_ids(input_ids, attention_mask)
+        hidden = self.head.embed_tokens(input_ids)
+        mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        hidden = self.remote.runtime.run(self.remote.aforward(hidden, mask))
+        return CausalLMOutput(logits=self.head.logits(hidden))
+
+    __call__ = forward
+
+    def generate(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        session: Optional[InferenceSession] = None,
+        streamer: Optional[BaseStreamer] = None,
+        generation_config: Optional[GenerationConfig] = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Generates like `transformers`' `generate()` and returns prompt + new tokens [batch, length].
+
+        Accepts `max_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`, `min_p`,
+        `repetition_penalty`, `eos_token_id`, `pad_token_id`, and a `streamer`. With `session`, the
+        call continues that session: `input_ids` are tokens to append (or None) and the result is
+        every token of the session so far.
+        """
+        config = prepare_config(self.generation_config, generation_config, kwargs)
+        if input_ids is None:
+            if session is None or session.token_ids is None:
+                raise ValueError("input_ids is required (unless continuing a session)")
+            input_ids = torch.empty(session.token_ids.shape[0], 0, dtype=torch.long)
+        _check_ids(input_ids, attention_mask)
+        if session is not None:
+            return decode(self.head, session, input_ids, attention_mask, config, streamer)
+        max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+        with self.inference_session(max_length=max(input_ids.shape[1] + max_new, 1)) as new_session:
+            return decode(self.head, new_session, input_ids, attention_mask, config, streamer)
+
+    def shutdown(self) -> None:
+        self.remote.shutdown()
+
+    def __enter__(self) -> "AutoDistributedModelForCausalLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _check_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
+        raise ValueError("input_ids must be a LongTensor of shape [batch, tokens]")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(input_ids.shape)}")

@@ -1,0 +1,166 @@
+"""One open inference stream to one server for a block range; it turns wire errors into client errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Optional
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.multiaddr import Multiaddr
+
+from blocks.checkpoint import parse_dtype
+from blocks.wire import (
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    ErrorKind,
+    ForwardRequest,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepDone,
+    WireError,
+    pack,
+    read_header,
+    read_tensors,
+)
+from client.errors import BadRequestError, ModelMismatchError, ServerFailure, SwarmBusyError, SwarmError
+from client.routing import SpanPlan
+
+logger = logging.getLogger(__name__)
+
+
+def to_client_error(peer_id: str, error: Exception) -> Exception:
+    """Maps what went wrong on one server to the error type that says what the caller should do."""
+    if isinstance(error, SwarmError):
+        return error
+    if isinstance(error, WireError):
+        if error.kind == ErrorKind.BAD_REQUEST:
+            return BadRequestError(f"server {peer_id} refused the request: {error.message}")
+        if error.kind == ErrorKind.BUSY:
+            return SwarmBusyError(f"server {peer_id} is busy: {error.message}")
+        if error.kind == ErrorKind.WRONG_MODEL:
+            return ModelMismatchError(f"server {peer_id}: {error.message}")
+        return ServerFailure(peer_id, error.message)
+    if isinstance(error, asyncio.TimeoutError):
+        return ServerFailure(peer_id, "timed out")
+    return ServerFailure(peer_id, f"{type(error).__name__}: {error}")
+
+
+async def connect(p2p: P2P, plan: SpanPlan, timeout: float) -> PeerID:
+    """Dials the server at the addresses it announced (the DHT may not have told the daemon yet)."""
+    peer = PeerID.from_base58(plan.peer_id)
+    # The daemon wants transport addresses: drop the trailing /p2p/<peer id>.
+    addrs = [Multiaddr(a.split("/p2p/")[0]) for a in plan.info.record.addrs]
+    if addrs:
+        try:
+            await asyncio.wait_for(p2p._client.connect(peer, addrs), timeout)
+        except Exception as e:
+            raise ServerFailure(plan.peer_id, f"cannot connect: {e}") from e
+    return peer
+
+
+class _Stream:
+    """A request queue feeding a hivemind protobuf stream, and its reply iterator."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.replies: Optional[AsyncIterator] = None
+
+    async def _requests(self):
+        while True:
+            message = await self._queue.get()
+            if message is None:
+                return
+            yield message
+
+    async def open(self, p2p: P2P, peer: PeerID, handler: str) -> None:
+        self.replies = await p2p.iterate_protobuf_handler(peer, handler, self._requests(), runtime_pb2.ExpertResponse)
+
+    def send(self, message) -> None:
+        self._queue.put_nowait(message)
+
+    async def receive(self, timeout: float):
+        reply = await asyncio.wait_for(anext(self.replies, None), timeout)
+        if reply is None:
+            raise ConnectionError("stream closed by the server")
+        return reply
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+        if self.replies is not None:
+            try:
+                await self.replies.aclose()
+            except Exception:
+                logger.debug("error while closing a stream", exc_info=True)
+
+
+class SpanSession:
+    """Blocks [plan.start, plan.end) on server plan.peer_id, with the KV cache kept there."""
+
+    def __init__(self, plan: SpanPlan, timeout: float):
+        self.plan = plan
+        self.timeout = timeout
+        self.dtype = parse_dtype(plan.info.record.dtype)
+        self.position = 0
+        self._stream = _Stream()
+        self._step_id = 0
+
+    async def open(self, p2p: P2P, model: str, batch_size: int, max_length: int, session_id: str) -> None:
+        try:
+            peer = await connect(p2p, self.plan, self.timeout)
+            await asyncio.wait_for(self._stream.open(p2p, peer, RPC_INFERENCE), self.timeout)
+            self._stream.send(pack(OpenSession(model=model, start_block=self.plan.start, end_block=self.plan.end,
+                                               max_length=max_length, batch_size=batch_size, session_id=session_id),
+                                   request=True))
+            read_header(await self._stream.receive(self.timeout), SessionOpened)
+        except Exception as e:
+            await self._stream.close()
+            raise to_client_error(self.plan.peer_id, e) from e
+
+    async def step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        tensors = [hidden.to(self.dtype)] + ([mask] if mask is not None else [])
+        self._step_id += 1
+        try:
+            self._stream.send(pack(Step(position=self.position, step_id=self._step_id), tensors, request=True))
+            reply = await self._stream.receive(self.timeout)
+            done = read_header(reply, StepDone)
+            (output,) = read_tensors(reply, max_count=1)
+        except Exception as e:
+            raise to_client_error(self.plan.peer_id, e) from e
+        if done.position != self.position + hidden.shape[1] or output.shape != hidden.shape:
+            raise ServerFailure(self.plan.peer_id, f"inconsistent reply: position {done.position}, shape {list(output.shape)}")
+        self.position = done.position
+        return output
+
+    async def close(self) -> None:
+        await self._stream.close()
+
+
+async def forward_span(
+    p2p: P2P, model: str, plan: SpanPlan, hidden: torch.Tensor, mask: Optional[torch.Tensor], chunk: int, timeout: float
+) -> torch.Tensor:
+    """A stateless forward of [batch, tokens, hidden] through one span, sent in token chunks."""
+    stream = _Stream()
+    dtype = parse_dtype(plan.info.record.dtype)
+    batch, total = hidden.shape[:2]
+    outputs = []
+    try:
+        peer = await connect(p2p, plan, timeout)
+        await asyncio.wait_for(stream.open(p2p, peer, RPC_FORWARD), timeout)
+        for position in range(0, total, chunk):
+            part = hidden[:, position:position + chunk].to(dtype)
+            tensors = [part] + ([mask[:, :position + part.shape[1]]] if mask is not None else [])
+            header = (ForwardRequest(model=model, start_block=plan.start, end_block=plan.end, batch_size=batch,
+                                     total_tokens=total) if position == 0 else Step(position=position))
+            stream.send(pack(header, tensors, request=True))
+            reply = await stream.receive(timeout)
+            read_header(reply, StepDone)
+            outputs.extend(read_tensors(reply, max_count=1))
+    except Exception as e:
+        raise to_client_error(plan.peer_id, e) from e
+    finally:
+        await stream.close()
+    return torch.cat(outputs, dim=1)

@@ -1,0 +1,104 @@
+"""One schema per program, turned into a CLI, an environment reader and a YAML reader.
+
+Precedence: command-line flag > environment variable (`SWARM_<FIELD>`) > YAML file (`--config`)
+> the schema's default. Every option's type, default and help come from the pydantic model, so the
+CLI, the files and the code never disagree. A wrong key or value is an error that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+ENV_PREFIX = "SWARM_"
+Config = TypeVar("Config", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it and where it came from."""
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, is_list) of an annotation such as `int`, `str | None` or `list[str]`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple):
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(schema: type[BaseModel], prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file with any of the options below (keys use underscores)")
+    fields = sorted(schema.model_fields.items(), key=lambda item: not item[1].is_required())
+    for name, field in fields:
+        base, is_list = _base_type(field.annotation)
+        env = ENV_PREFIX + name.upper()
+        default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
+        help_text = f"{field.description or ''} [{default}; env {env}]"
+        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if base is bool and not is_list:
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kwargs)
+        elif is_list:
+            parser.add_argument(_flag(name), nargs="+", metavar=name.upper(), **kwargs)
+        else:
+            parser.add_argument(_flag(name), metavar=name.upper(), **kwargs)
+    return parser
+
+
+def load_config(
+    schema: type[Config],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Parses `argv`, merges environment and YAML values, and validates the result against `schema`."""
+    environ = os.environ if environ is None else environ
+    cli = vars(parser.parse_args(argv))
+    config_file = cli.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(_read_yaml(Path(config_file), schema))
+    for name, field in schema.model_fields.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            _, is_list = _base_type(field.annotation)
+            values[name] = [item.strip() for item in raw.split(",") if item.strip()] if is_list else raw
+    values.update(cli)
+    try:
+        return schema.model_validate(values)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def _read_yaml(path: Path, schema: type[BaseModel]) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    unknown = sorted(set(data) - set(schema.model_fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {path}: {', '.join(map(str, unknown))}")
+    return data

@@ -1,0 +1,85 @@
+"""Option schemas of Swarm's programs: types, defaults and help text in one place."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_BLOCKS_RE = re.compile(r"^(\d+):(\d+)$")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkOptions(_Schema):
+    initial_peers: list[str] = Field(
+        default_factory=list, description="multiaddrs of DHT peers to join, e.g. /ip4/127.0.0.1/tcp/31337/p2p/Qm..."
+    )
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 to accept other machines)")
+    port: int = Field(0, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)")
+    identity: Optional[str] = Field(None, description="private key file giving a stable peer id (created if absent)")
+    nat_port_map: bool = Field(
+        False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in"
+    )
+    log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
+
+
+class ServerOptions(NetworkOptions):
+    model: str = Field(description="path to a checkpoint directory (config.json + *.safetensors)")
+    blocks: str = Field(description="block range START:END to host, END exclusive, e.g. 0:16")
+    model_name: Optional[str] = Field(None, description="name the model is announced under (default: derived from the checkpoint)")
+    device: str = Field("cpu", description="torch device for the blocks: cpu, cuda, cuda:1, mps")
+    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    cache_tokens: int = Field(16384, gt=0, description="KV-cache budget in tokens across all open sessions")
+    max_length: Optional[int] = Field(
+        None, gt=0, description="longest session (tokens) a client may open (default: the model's context, capped by --cache-tokens)"
+    )
+    max_batch_size: int = Field(16, gt=0, description="largest batch a session may use")
+    max_chunk_tokens: int = Field(2048, gt=0, description="most tokens per sequence in one step message")
+    session_timeout: float = Field(300.0, gt=0, description="seconds a session may stay idle before the server closes it")
+    throughput: Optional[float] = Field(None, gt=0, description="announce this throughput (tokens/s) instead of measuring it")
+    region: str = Field("", max_length=64, description="region announced to clients, e.g. europe-west")
+    public_name: str = Field("", max_length=64, description="name shown on the swarm's health page")
+    announce_period: float = Field(30.0, gt=0, description="seconds between refreshes of this server's DHT records")
+    record_ttl: float = Field(90.0, gt=0, description="seconds a DHT record lives unless refreshed")
+
+    @field_validator("blocks")
+    @classmethod
+    def _check_blocks(cls, value: str) -> str:
+        match = _BLOCKS_RE.match(value.strip())
+        if not match or int(match.group(1)) >= int(match.group(2)):
+            raise ValueError("must be START:END with START < END, e.g. 0:16")
+        return value.strip()
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        if value not in ("float32", "bfloat16", "float16"):
+            raise ValueError("must be float32, bfloat16 or float16")
+        return value
+
+    @model_validator(mode="after")
+    def _check_periods(self) -> "ServerOptions":
+        if self.announce_period >= self.record_ttl:
+            raise ValueError("announce_period must be shorter than record_ttl, or records lapse between refreshes")
+        return self
+
+    @property
+    def block_range(self) -> tuple[int, int]:
+        start, end = self.blocks.split(":")
+        return int(start), int(end)
+
+
+class BootstrapOptions(NetworkOptions):
+    port: int = Field(31337, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)")

@@ -1,0 +1,122 @@
+"""What servers announce in the DHT, as typed records validated on read (spec R2).
+
+Readers ignore unknown fields, so newer servers stay readable by older clients, and drop any record
+that is malformed or oversized instead of failing.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Any, Optional
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
+
+MAX_RECORD_BYTES = 8192
+META_KEY_SUFFIX = "_meta"
+
+
+class ServerState(str, enum.Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_wire(cls, raw: Any):
+        """Returns the record, or None (logged at debug) if `raw` is not a valid one."""
+        try:
+            if len(msgpack.packb(raw, use_bin_type=True)) > MAX_RECORD_BYTES:
+                logger.debug("dropping oversized %s", cls.__name__)
+                return None
+            return cls.model_validate(raw)
+        except (ValidationError, TypeError, ValueError, OverflowError) as e:
+            logger.debug("dropping malformed %s: %s", cls.__name__, e)
+            return None
+
+
+class Throughput(_Wire):
+    """Tokens per second this server processes through all of its blocks."""
+
+    inference: float = Field(ge=0, le=1e9)
+    forward: float = Field(ge=0, le=1e9)
+
+
+class HardwareSummary(_Wire):
+    device_type: str = Field(max_length=16)  # cpu | cuda | mps
+    device_name: str = Field(max_length=128)
+    memory_total: int = Field(ge=0)  # bytes
+    memory_free: int = Field(ge=0)
+
+
+class ServerRecord(_Wire):
+    """One server's announcement, stored under every block key it serves."""
+
+    state: ServerState
+    start_block: int = Field(ge=0)
+    end_block: int = Field(gt=0)
+    throughput: Throughput
+    cache_tokens_free: int = Field(ge=0)
+    cache_tokens_total: int = Field(ge=0)
+    max_length: int = Field(gt=0)
+    dtype: str = Field(max_length=16)
+    hardware: HardwareSummary
+    region: str = Field(default="", max_length=64)
+    version: str = Field(max_length=32)
+    public_name: str = Field(default="", max_length=64)
+    using_relay: bool = False
+    addrs: tuple[str, ...] = Field(default=(), max_length=16)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "ServerRecord":
+        if self.end_block <= self.start_block:
+            raise ValueError(f"empty block range {self.start_block}:{self.end_block}")
+        if any(len(addr) > 256 for addr in self.addrs):
+            raise ValueError("multiaddr too long")
+        return self
+
+
+class ModelRecord(_Wire):
+    """Model metadata under `M._meta`, so a client can check it talks to the model it loaded."""
+
+    num_blocks: int = Field(gt=0, le=100_000)
+    family: str = Field(max_length=32)
+    config_digest: str = Field(min_length=64, max_length=64)
+    hidden_size: int = Field(gt=0)
+
+
+def block_key(model: str, block: int) -> str:
+    return f"{model}.{block}"
+
+
+def meta_key(model: str) -> str:
+    return f"{model}.{META_KEY_SUFFIX}"
+
+
+class ServerInfo(BaseModel):
+    """A validated record as a reader sees it: who wrote it and until when it holds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    peer_id: str
+    record: ServerRecord
+    expiration_time: float
+
+
+def parse_server_entry(peer_id: Optional[str], value: Any, expiration_time: float) -> Optional[ServerInfo]:
+    if peer_id is None:
+        return None
+    record = ServerRecord.from_wire(value)
+    if record is None:
+        return None
+    return ServerInfo(peer_id=peer_id, record=record, expiration_time=expiration_time)

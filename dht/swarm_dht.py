@@ -1,0 +1,147 @@
+"""All reads and writes of the swarm's DHT, over hivemind's DHT (a libp2p daemon in a child process).
+
+Every record a server writes lives under a subkey that carries its public key, signed with the
+matching private key (hivemind's `RSASignatureValidator`): no peer can overwrite or forge another's
+record, and readers learn the writer's peer id from the subkey itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from functools import partial
+from typing import Optional, Sequence
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.utils import get_dht_time
+
+from dht.identity import ensure_identity, make_validator, peer_id_of_subkey
+from dht.records import ModelRecord, ServerInfo, ServerRecord, block_key, meta_key, parse_server_entry
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL = 90.0
+DEFAULT_REFRESH_PERIOD = 30.0
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    identity_path: Optional[str] = None,
+    client_mode: bool = False,
+    nat_port_map: bool = False,
+    announce_maddrs: Sequence[str] = (),
+) -> tuple[hivemind.DHT, RSASignatureValidator]:
+    """Starts a DHT node whose libp2p identity is also its record-signing key.
+
+    Without `identity_path` a fresh identity is made in a private temp file. NAT port mapping (UPnP /
+    NAT-PMP probes of the LAN gateway) stays off unless the operator opts in.
+    """
+    if identity_path is None:
+        identity_path = os.path.join(tempfile.mkdtemp(prefix="swarm-identity-"), "identity.key")
+    identity_path = str(ensure_identity(identity_path))
+    validator = make_validator(identity_path)
+    kwargs = {}
+    if not client_mode:
+        kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"] if ":" not in host else [f"/ip6/{host}/tcp/{port}"]
+    else:
+        kwargs["host_maddrs"] = ["/ip4/127.0.0.1/tcp/0"] if host in ("127.0.0.1", "localhost") else [f"/ip4/{host}/tcp/0"]
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    dht = hivemind.DHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        client_mode=client_mode,
+        identity_path=identity_path,
+        record_validators=[validator],
+        nat_port_map=nat_port_map,
+        use_auto_relay=False,
+        auto_nat=False,
+        **kwargs,
+    )
+    return dht, validator
+
+
+class SwarmDHT:
+    """Typed announce/fetch of server and model records on top of a running hivemind DHT."""
+
+    def __init__(self, dht: hivemind.DHT, validator: RSASignatureValidator):
+        self.dht = dht
+        self.validator = validator
+        self.peer_id: str = dht.peer_id.to_base58()
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+
+    async def announce(
+        self, model: str, record: ServerRecord, ttl: float = DEFAULT_TTL
+    ) -> None:
+        """Stores `record` under every block key it covers, signed under this peer's own subkey."""
+        keys = [block_key(model, i) for i in range(record.start_block, record.end_block)]
+        await self.dht.run_coroutine(
+            partial(_store_many, keys=keys, subkey=self.validator.local_public_key, value=record.to_wire(),
+                    expiration_time=get_dht_time() + ttl),
+            return_future=True,
+        )
+
+    async def announce_meta(self, model: str, meta: ModelRecord, ttl: float = DEFAULT_TTL) -> None:
+        await self.dht.run_coroutine(
+            partial(_store_many, keys=[meta_key(model)], subkey=self.validator.local_public_key,
+                    value=meta.to_wire(), expiration_time=get_dht_time() + ttl),
+            return_future=True,
+        )
+
+    async def fetch_servers(self, model: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
+        """For each block, the valid records of the servers that announce it, keyed by peer id."""
+        keys = [block_key(model, i) for i in range(num_blocks)]
+        raw = await self.dht.run_coroutine(partial(_get_many, keys=keys), return_future=True)
+        result = []
+        for key in keys:
+            servers = {}
+            for subkey, (value, expiration) in raw.get(key, {}).items():
+                info = parse_server_entry(peer_id_of_subkey(subkey), value, expiration)
+                if info is not None:
+                    servers[info.peer_id] = info
+            result.append(servers)
+        return result
+
+    async def fetch_meta(self, model: str) -> list[ModelRecord]:
+        """The model records announced for `model` (normally all equal)."""
+        raw = await self.dht.run_coroutine(partial(_get_many, keys=[meta_key(model)]), return_future=True)
+        records = []
+        for subkey, (value, _) in raw.get(meta_key(model), {}).items():
+            if peer_id_of_subkey(subkey) is None:
+                continue
+            record = ModelRecord.from_wire(value)
+            if record is not None:
+                records.append(record)
+        return records
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()
+
+
+async def _store_many(dht, node, keys, subkey, value, expiration_time) -> None:
+    return await node.store_many(
+        keys=keys,
+        values=[value] * len(keys),
+        subkeys=[subkey] * len(keys),
+        expiration_time=expiration_time,
+        num_workers=min(len(keys), 16),
+    )
+
+
+async def _get_many(dht, node, keys) -> dict:
+    """Runs inside the DHT process; returns plain picklable {key: {subkey: (value, expiration)}}."""
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"), num_workers=min(len(keys), 16))
+    result = {}
+    for key, entry in found.items():
+        if entry is None or not isinstance(entry.value, (dict, DictionaryDHTValue)):
+            continue  # someone wrote a plain value under a block key: not a server record
+        result[key] = {subkey: (item.value, item.expiration_time) for subkey, item in entry.value.items()}
+    return result

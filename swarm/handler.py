@@ -1,0 +1,208 @@
+"""RPC handlers of a block server: validate every message, reserve cache, run blocks, reply.
+
+Bad input is answered with a typed error to that caller only; the stream ends and every other
+session goes on. Cache reservations are released on every exit path (end of stream, client gone,
+error, idle timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional
+
+import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import runtime_pb2
+
+from blocks.checkpoint import dtype_name
+from blocks.span import BlockSpan
+from blocks.wire import (
+    ErrorKind,
+    ForwardRequest,
+    OpenSession,
+    ServerInfoReply,
+    SessionOpened,
+    Step,
+    StepDone,
+    WireError,
+    bad_request,
+    error_response,
+    pack,
+    read_header,
+    read_tensors,
+)
+from swarm.cache import CacheBudget
+from swarm.compute import ComputeThread
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_length: int
+    max_batch_size: int
+    max_chunk_tokens: int
+    session_timeout: float
+
+
+class BlockHandler:
+    def __init__(
+        self,
+        model: str,
+        span: BlockSpan,
+        budget: CacheBudget,
+        compute: ComputeThread,
+        limits: Limits,
+        version: str,
+        state: Callable[[], str],
+        accepting: Callable[[], bool],
+    ):
+        self.model = model
+        self.span = span
+        self.budget = budget
+        self.compute = compute
+        self.limits = limits
+        self.version = version
+        self.state = state
+        self.accepting = accepting
+        self.open_sessions = 0
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return pack(
+            ServerInfoReply(
+                model=self.model,
+                start_block=self.span.start,
+                end_block=self.span.end,
+                state=self.state(),
+                dtype=dtype_name(self.span.dtype),
+                hidden_size=self.span.config.hidden_size,
+                max_length=self.limits.max_length,
+                max_batch_size=self.limits.max_batch_size,
+                max_chunk_tokens=self.limits.max_chunk_tokens,
+                cache_tokens_free=self.budget.free,
+                cache_tokens_total=self.budget.total,
+                open_sessions=self.open_sessions,
+                version=self.version,
+            ),
+            request=False,
+        )
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A session: OpenSession, then any number of Steps; the KV cache lives until the stream ends."""
+        async for reply in self._session(requests, context, persistent=True):
+            yield reply
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A stateless forward: ForwardRequest, then the input in token chunks; nothing is kept afterwards."""
+        async for reply in self._session(requests, context, persistent=False):
+            yield reply
+
+    async def _session(self, requests, context: P2PContext, persistent: bool):
+        reservation = None
+        session_id = "-"
+        try:
+            first = await self._next(requests)
+            if first is None:
+                return
+            if persistent:
+                header = read_header(first, OpenSession)
+                batch, max_length = header.batch_size, header.max_length
+                session_id = header.session_id or uuid.uuid4().hex[:12]
+            else:
+                header = read_header(first, ForwardRequest)
+                batch, max_length = header.batch_size, header.total_tokens
+            start, end = self._check_open(header, batch, max_length)
+            reservation = self.budget.reserve(batch * max_length)
+            self.open_sessions += 1
+            logger.debug("session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
+                         session_id, context.remote_id, start, end, batch, max_length)
+            cache = self.span.new_cache()
+            position = 0
+            if persistent:
+                yield pack(SessionOpened(session_id=session_id, max_length=max_length), request=False)
+                message = await self._next(requests)
+            else:
+                message = first
+            while message is not None:
+                step = read_header(message, Step) if message is not first else Step(position=0)
+                hidden, mask = self._check_step(read_tensors(message, max_count=2), batch, position, max_length, step)
+                output = await self.compute.run(self.span.forward, hidden, cache, mask, start, end)
+                position += hidden.shape[1]
+                yield pack(StepDone(position=position, step_id=step.step_id), [output], request=False)
+                if not persistent and position == max_length:
+                    return
+                message = await self._next(requests)
+            if not persistent:
+                raise bad_request(f"stream ended after {position} of {max_length} tokens")
+        except WireError as e:
+            logger.info("session %s from %s refused: %s: %s", session_id, context.remote_id, e.kind.value, e.message)
+            yield error_response(e)
+        except asyncio.TimeoutError:
+            logger.info("session %s from %s closed after %.0f s idle", session_id, context.remote_id,
+                        self.limits.session_timeout)
+            yield error_response(bad_request(f"session idle for more than {self.limits.session_timeout:.0f} s"))
+        except Exception as e:
+            logger.exception("session %s from %s failed", session_id, context.remote_id)
+            yield error_response(WireError(ErrorKind.SERVER_ERROR, f"{type(e).__name__}: {e}"))
+        finally:
+            if reservation is not None:
+                reservation.release()
+                self.open_sessions -= 1
+
+    async def _next(self, requests) -> Optional[runtime_pb2.ExpertRequest]:
+        return await asyncio.wait_for(anext(requests, None), timeout=self.limits.session_timeout)
+
+    def _check_open(self, header: OpenSession | ForwardRequest, batch: int, max_length: int) -> tuple[int, int]:
+        if header.model != self.model:
+            raise WireError(ErrorKind.WRONG_MODEL, f"this server serves {self.model!r}, not {header.model!r}")
+        if not self.span.start <= header.start_block < header.end_block <= self.span.end:
+            raise WireError(
+                ErrorKind.WRONG_MODEL,
+                f"blocks {header.start_block}:{header.end_block} requested, this server has {self.span.start}:{self.span.end}",
+            )
+        if not self.accepting():
+            raise WireError(ErrorKind.BUSY, f"server is {self.state()} and accepts no new sessions")
+        if batch > self.limits.max_batch_size:
+            raise bad_request(f"batch size {batch} exceeds this server's limit of {self.limits.max_batch_size}")
+        if max_length > self.limits.max_length:
+            raise bad_request(f"length {max_length} exceeds this server's limit of {self.limits.max_length} tokens")
+        return header.start_block, header.end_block
+
+    def _check_step(
+        self, tensors: list[torch.Tensor], batch: int, position: int, max_length: int, step: Step
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not tensors:
+            raise bad_request("step carries no hidden states")
+        hidden = tensors[0]
+        hidden_size = self.span.config.hidden_size
+        if hidden.dtype != self.span.dtype:
+            raise bad_request(f"hidden states must be {dtype_name(self.span.dtype)}, got {str(hidden.dtype).removeprefix('torch.')}")
+        if hidden.ndim != 3 or hidden.shape[0] != batch or hidden.shape[2] != hidden_size or hidden.shape[1] == 0:
+            raise bad_request(f"hidden states must have shape [{batch}, tokens, {hidden_size}], got {list(hidden.shape)}")
+        tokens = hidden.shape[1]
+        if tokens > self.limits.max_chunk_tokens:
+            raise bad_request(f"{tokens} tokens in one step exceed the limit of {self.limits.max_chunk_tokens}; send them in chunks")
+        if step.position != position:
+            raise bad_request(f"client is at position {step.position}, server holds {position} tokens")
+        if position + tokens > max_length:
+            raise bad_request(f"{position + tokens} tokens exceed the session's max_length of {max_length}")
+        if not torch.isfinite(hidden).all():
+            raise bad_request("hidden states contain NaN or infinity")
+        mask = None
+        if len(tensors) == 2:
+            mask = tensors[1]
+            if mask.dtype not in (torch.int64, torch.bool) or tuple(mask.shape) != (batch, position + tokens):
+                raise bad_request(
+                    f"attention mask must be int64 or bool of shape [{batch}, {position + tokens}], "
+                    f"got {str(mask.dtype).removeprefix('torch.')} {list(mask.shape)}"
+                )
+            if ((mask != 0) & (mask != 1)).any():
+                raise bad_request("attention mask may hold only 0 and 1")
+        return hidden, mask

@@ -1,0 +1,162 @@
+"""A block server's lifecycle: join the DHT → load blocks → measure → announce → serve → leave."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Optional
+
+from hivemind.proto import runtime_pb2
+from tqdm import tqdm
+
+from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
+from blocks.loading import load_span
+from blocks.span import BlockSpan
+from blocks.wire import RPC_FORWARD, RPC_INFERENCE, RPC_INFO
+from configs.schema import ServerOptions
+from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
+from dht.swarm_dht import SwarmDHT, start_dht
+from swarm import __version__
+from swarm.cache import CacheBudget
+from swarm.compute import ComputeThread
+from swarm.handler import BlockHandler, Limits
+from swarm.hardware import describe_device
+from swarm.throughput import measure_throughput
+
+logger = logging.getLogger(__name__)
+
+
+class Server:
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.state = ServerState.JOINING
+        self.checkpoint = Checkpoint(options.model)
+        self.model_name = validate_model_name(options.model_name or self.checkpoint.default_model_name)
+        self.start_block, self.end_block = options.block_range
+        if self.end_block > self.checkpoint.num_blocks:
+            raise ValueError(
+                f"--blocks {options.blocks} is outside the model: it has {self.checkpoint.num_blocks} blocks (0:{self.checkpoint.num_blocks})"
+            )
+        self.dtype = parse_dtype(options.dtype)
+        self.budget = CacheBudget(options.cache_tokens)
+        self.compute = ComputeThread()
+        self.throughput: Optional[Throughput] = None
+        self.span: Optional[BlockSpan] = None
+        self.dht: Optional[SwarmDHT] = None
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        opts = self.options
+        # The DHT forks a child process: start it before torch spins up its thread pools, and before
+        # installing signal handlers that the child must not inherit.
+        dht, validator = start_dht(
+            opts.initial_peers, host=opts.host, port=opts.port, identity_path=opts.identity, nat_port_map=opts.nat_port_map
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        self.dht = SwarmDHT(dht, validator)
+        p2p = None
+        try:
+            self.span = await self.compute.run(self._load)
+            if self._stop.is_set():
+                return
+            self.throughput = (
+                Throughput(inference=opts.throughput, forward=opts.throughput)
+                if opts.throughput
+                else await self.compute.run(measure_throughput, self.span)
+            )
+            handler = BlockHandler(
+                model=self.model_name,
+                span=self.span,
+                budget=self.budget,
+                compute=self.compute,
+                limits=Limits(
+                    max_length=opts.max_length or min(self.checkpoint.config.max_position_embeddings, opts.cache_tokens),
+                    max_batch_size=opts.max_batch_size,
+                    max_chunk_tokens=opts.max_chunk_tokens,
+                    session_timeout=opts.session_timeout,
+                ),
+                version=__version__,
+                state=lambda: self.state.value,
+                accepting=lambda: self.state == ServerState.ONLINE,
+            )
+            self._limits = handler.limits
+            p2p = await dht.replicate_p2p()
+            for name, method, stream in (
+                (RPC_INFERENCE, handler.rpc_inference, True),
+                (RPC_FORWARD, handler.rpc_forward, True),
+                (RPC_INFO, handler.rpc_info, False),
+            ):
+                await p2p.add_protobuf_handler(name, method, runtime_pb2.ExpertRequest, stream_input=stream, stream_output=stream)
+            await self._announce()
+            self.state = ServerState.ONLINE
+            await self._announce()
+            print(
+                f"swarm.serve online: model {self.model_name}, blocks {self.start_block}:{self.end_block}, "
+                f"peer {self.dht.peer_id}, {self.throughput.inference:.1f} tokens/s",
+                flush=True,
+            )
+            while not self._stop.is_set():
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=opts.announce_period)
+                except asyncio.TimeoutError:
+                    await self._announce()
+        finally:
+            await self._leave(p2p)
+
+    def _load(self) -> BlockSpan:
+        with tqdm(total=self.end_block - self.start_block, desc=f"loading blocks {self.start_block}:{self.end_block}",
+                  unit="block", file=sys.stderr, disable=None) as bar:
+            return load_span(self.checkpoint, self.start_block, self.end_block, self.dtype, self.options.device,
+                             progress=lambda _: bar.update(1))
+
+    def record(self) -> ServerRecord:
+        return ServerRecord(
+            state=self.state,
+            start_block=self.start_block,
+            end_block=self.end_block,
+            throughput=self.throughput or Throughput(inference=0, forward=0),
+            cache_tokens_free=self.budget.free,
+            cache_tokens_total=self.budget.total,
+            max_length=self._limits.max_length,
+            dtype=dtype_name(self.dtype),
+            hardware=describe_device(self.options.device),
+            region=self.options.region,
+            version=__version__,
+            public_name=self.options.public_name,
+            using_relay=False,
+            addrs=tuple(self.dht.visible_maddrs()[:16]),
+        )
+
+    async def _announce(self) -> None:
+        try:
+            await self.dht.announce(self.model_name, self.record(), ttl=self.options.record_ttl)
+            config = self.checkpoint.config
+            await self.dht.announce_meta(
+                self.model_name,
+                ModelRecord(
+                    num_blocks=self.checkpoint.num_blocks,
+                    family=self.checkpoint.family.model_type,
+                    config_digest=self.checkpoint.config_digest,
+                    hidden_size=config.hidden_size,
+                ),
+                ttl=self.options.record_ttl,
+            )
+        except Exception:
+            logger.warning("could not announce to the DHT; will retry", exc_info=True)
+
+    async def _leave(self, p2p) -> None:
+        if self.span is not None and self.throughput is not None:
+            self.state = ServerState.OFFLINE
+            await self._announce()
+            logger.info("announced offline; shutting down")
+        if p2p is not None:
+            await p2p.shutdown()
+        self.dht.shutdown()
+        self.compute.shutdown()
