@@ -50,3 +50,19 @@ def make_random_checkpoint(
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+def make_char_tokenizer(path: str | Path, vocab_size: int = 128) -> Path:
+    """Saves a character-level tokenizer (printable ASCII) next to a synthetic checkpoint, so that
+    text-in/text-out tools work on it. Ids 0-2 are <unk>, <s>, </s>."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    chars = [chr(c) for c in range(32, 127)][: vocab_size - len(specials)]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return Path(path)

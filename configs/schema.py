@@ -83,3 +83,19 @@ class ServerOptions(NetworkOptions):
 
 class BootstrapOptions(NetworkOptions):
     port: int = Field(31337, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)")
+
+
+class GenerateOptions(_Schema):
+    model: str = Field(description="path to the same checkpoint the servers run (the client loads embeddings and LM head)")
+    initial_peers: list[str] = Field(description="multiaddrs of swarm peers, e.g. the bootstrap node's")
+    prompt: str = Field(description="text to continue or (with a chat template) to answer")
+    max_new_tokens: int = Field(64, gt=0, description="tokens to generate")
+    model_name: Optional[str] = Field(None, description="name the model is announced under (default: derived from the checkpoint)")
+    chat: Optional[bool] = Field(None, description="wrap the prompt in the tokenizer's chat template (default: when it has one)")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_k: int = Field(50, ge=0, description="sample among the k most likely tokens (0: no limit)")
+    top_p: float = Field(1.0, gt=0, le=1, description="sample among the most likely tokens whose probability sums to p")
+    repetition_penalty: float = Field(1.0, gt=0, description="penalty for repeating tokens (1.0: none)")
+    request_timeout: float = Field(60.0, gt=0, description="seconds to wait for any server reply")
+    log_level: str = Field("warning", description=f"one of {', '.join(LOG_LEVELS)}")

@@ -42,6 +42,7 @@ def start_dht(
     Without `identity_path` a fresh identity is made in a private temp file. NAT port mapping (UPnP /
     NAT-PMP probes of the LAN gateway) stays off unless the operator opts in.
     """
+    fresh_identity = identity_path is None or not os.path.exists(identity_path)
     if identity_path is None:
         identity_path = os.path.join(tempfile.mkdtemp(prefix="swarm-identity-"), "identity.key")
     identity_path = str(ensure_identity(identity_path))
@@ -62,6 +63,8 @@ def start_dht(
         nat_port_map=nat_port_map,
         use_auto_relay=False,
         auto_nat=False,
+        # A key made just now cannot be in use elsewhere: skip hivemind's network check for it.
+        check_if_identity_free=not fresh_identity,
         **kwargs,
     )
     return dht, validator

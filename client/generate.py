@@ -1,0 +1,78 @@
+"""`python -m client.generate`: answer one prompt through the swarm, streaming tokens to the terminal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from transformers import AutoTokenizer, TextStreamer
+
+from blocks.errors import BlocksError
+from client.errors import SwarmError
+from client.model import AutoDistributedModelForCausalLM
+from configs.loader import ConfigError, build_parser, load_config
+from configs.schema import GenerateOptions
+
+EPILOG = """\
+example:
+  python -m client.generate --model ./SmolLM2-135M-Instruct \\
+      --initial-peers /ip4/127.0.0.1/tcp/31337/p2p/QmBootstrap... \\
+      --prompt "What is the capital of France?" --max-new-tokens 32
+
+The checkpoint directory must also hold the tokenizer."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(
+        GenerateOptions, prog="python -m client.generate",
+        description="Generate text with a model whose blocks are served by a swarm.", epilog=EPILOG,
+    )
+    try:
+        options = load_config(GenerateOptions, parser, argv)
+    except ConfigError as e:
+        parser.error(str(e))
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(options.model)
+    except (OSError, ValueError) as e:
+        print(f"client.generate: error: cannot load a tokenizer from {options.model}: {e}", file=sys.stderr)
+        return 2
+    chat = options.chat if options.chat is not None else bool(getattr(tokenizer, "chat_template", None))
+    if chat:
+        input_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": options.prompt}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+    else:
+        input_ids = tokenizer(options.prompt, return_tensors="pt").input_ids
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            options.model, options.initial_peers, model_name=options.model_name, request_timeout=options.request_timeout
+        )
+    except (BlocksError, SwarmError, ValueError, OSError) as e:
+        print(f"client.generate: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if not chat:
+            print(options.prompt, end="", flush=True)
+        model.generate(
+            input_ids,
+            max_new_tokens=options.max_new_tokens,
+            do_sample=options.do_sample,
+            temperature=options.temperature,
+            top_k=options.top_k,
+            top_p=options.top_p,
+            repetition_penalty=options.repetition_penalty,
+            streamer=streamer,
+        )
+    except SwarmError as e:
+        print(f"\nclient.generate: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        model.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
