@@ -1,0 +1,124 @@
+"""Block spans loaded from a checkpoint compute exactly what the full transformers model computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from blocks.checkpoint import Checkpoint, validate_model_name
+from blocks.errors import CheckpointError, UnsupportedModelError
+from blocks.loading import load_head, load_span
+from blocks.synthetic import make_random_checkpoint
+from tests.conftest import reference_model
+
+
+def run_chain(head, spans, ids, steps: int, chunk: int | None = None):
+    """Greedy decoding through `spans` with a KV cache each, prefill optionally in chunks."""
+    caches = [span.new_cache() for span in spans]
+    tokens, feed = ids, ids
+    for _ in range(steps):
+        parts = [feed] if chunk is None else list(feed.split(chunk, dim=1))
+        for part in parts:
+            hidden = head.embed_tokens(part)
+            for span, cache in zip(spans, caches):
+                hidden = span.forward(hidden, cache)
+        feed = head.logits(hidden[:, -1]).argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, feed], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_spans_match_the_full_model(tmp_path, model_type, tied):
+    path = make_random_checkpoint(tmp_path / model_type, model_type, num_layers=5, tie_word_embeddings=tied, seed=4)
+    ref = reference_model(path)
+    checkpoint = Checkpoint(path)
+    head = load_head(checkpoint)
+    spans = [load_span(checkpoint, 0, 2), load_span(checkpoint, 2, 3), load_span(checkpoint, 3, 5)]
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    assert torch.equal(run_chain(head, spans, ids, 10), expected)
+    assert torch.equal(run_chain(head, spans, ids, 10, chunk=4), expected)  # chunked prefill
+    hidden = head.embed_tokens(ids)
+    for span in spans:
+        hidden = span.forward(hidden)
+    with torch.no_grad():
+        torch.testing.assert_close(head.logits(hidden), ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sub_range_of_a_span_keeps_its_own_cache_positions(tmp_path):
+    path = make_random_checkpoint(tmp_path / "qwen2", "qwen2", num_layers=4)
+    ref = reference_model(path)
+    checkpoint = Checkpoint(path)
+    head, whole, tail = load_head(checkpoint), load_span(checkpoint, 0, 4), load_span(checkpoint, 2, 4)
+    ids = torch.randint(3, 100, (1, 6))
+    cache_a, cache_b = whole.new_cache(), tail.new_cache()
+    tokens, feed = ids, ids
+    for _ in range(8):
+        hidden = whole.forward(head.embed_tokens(feed), cache_a, start=0, end=2)
+        hidden = tail.forward(hidden, cache_b, start=2, end=4)
+        feed = head.logits(hidden[:, -1]).argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, feed], dim=1)
+    assert torch.equal(tokens, ref.generate(ids, max_new_tokens=8, do_sample=False))
+    with pytest.raises(ValueError, match="not within this span"):
+        tail.forward(head.embed_tokens(ids), start=1, end=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_spans_stay_close(tmp_path, dtype):
+    path = make_random_checkpoint(tmp_path / "llama", "llama", num_layers=2)
+    checkpoint = Checkpoint(path)
+    ids = torch.randint(3, 100, (1, 8))
+    head = load_head(checkpoint)
+    full = load_span(checkpoint, 0, 2).forward(head.embed_tokens(ids))
+    half = load_span(checkpoint, 0, 2, dtype=dtype).forward(head.embed_tokens(ids))
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.05)
+
+
+def test_a_span_reads_only_its_own_tensors(tmp_path):
+    path = make_random_checkpoint(tmp_path / "llama", "llama", num_layers=4)
+    # Keep only blocks 1-2 in the weight file: loading them must not need anything else.
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("model.layers.1.", "model.layers.2."))}
+    save_file(kept, path / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = Checkpoint(path)
+    span = load_span(checkpoint, 1, 3)
+    assert (span.start, span.end, len(span)) == (1, 3, 2)
+    with pytest.raises(CheckpointError, match="no tensors for block 0"):
+        load_span(checkpoint, 0, 1)
+
+
+def test_sharded_checkpoint_follows_its_index(tmp_path):
+    path = make_random_checkpoint(tmp_path / "qwen2", "qwen2", num_layers=3, max_shard_size="40KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    checkpoint = Checkpoint(path)
+    assert checkpoint.weight_map["model.layers.2.mlp.up_proj.weight"].name == index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
+    load_span(checkpoint, 2, 3)
+
+
+def test_model_name_is_derived_from_config_and_weights(tmp_path):
+    a = Checkpoint(make_random_checkpoint(tmp_path / "a", "llama", seed=1))
+    same = Checkpoint(make_random_checkpoint(tmp_path / "same", "llama", seed=1))
+    other_weights = Checkpoint(make_random_checkpoint(tmp_path / "b", "llama", seed=2))
+    assert a.default_model_name == same.default_model_name
+    assert a.config_digest == other_weights.config_digest
+    assert a.default_model_name != other_weights.default_model_name
+    assert a.default_model_name.startswith("llama-4l-64h-")
+    validate_model_name(a.default_model_name)
+    for bad in ["", "a b", "x" * 200, "../etc", "name."]:
+        with pytest.raises(ValueError):
+            validate_model_name(bad)
+
+
+def test_unsupported_or_missing_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        Checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported; supported: llama, mistral"):
+        Checkpoint(tmp_path)

@@ -1,0 +1,90 @@
+"""The command-line entry points: help, configuration errors, bootstrap identity, one-line generation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from blocks.synthetic import make_char_tokenizer, make_random_checkpoint
+from swarm.local import Child
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env=env)
+
+
+@pytest.mark.parametrize(
+    "module, flags",
+    [
+        ("swarm.serve", ["--model", "--blocks", "--initial-peers", "--host", "--port", "--device", "--dtype",
+                         "--cache-tokens", "--model-name", "--nat-port-map", "--max-length", "--session-timeout"]),
+        ("bootstrap", ["--host", "--port", "--identity", "--nat-port-map"]),
+        ("client.generate", ["--model", "--initial-peers", "--prompt", "--max-new-tokens", "--do-sample",
+                             "--temperature", "--top-k", "--top-p"]),
+    ],
+)
+def test_help_explains_every_flag(module, flags):
+    result = run("-m", module, "--help")
+    assert result.returncode == 0
+    for flag in flags:
+        assert flag in result.stdout
+    assert "SWARM_" in result.stdout and "example:" in result.stdout
+
+
+def test_serve_rejects_bad_configuration_naming_the_key(tmp_path, llama_path):
+    config = tmp_path / "server.yaml"
+    config.write_text("cache_tokens: 100\nblocks_typo: 0:2\n")
+    result = run("-m", "swarm.serve", "--model", str(llama_path), "--blocks", "0:2", "--config", str(config))
+    assert result.returncode == 2 and "blocks_typo" in result.stderr
+
+    result = run("-m", "swarm.serve", "--model", str(llama_path), "--blocks", "3:1")
+    assert result.returncode == 2 and "blocks" in result.stderr and "START < END" in result.stderr
+
+    result = run("-m", "swarm.serve", "--model", str(llama_path), "--blocks", "0:9")
+    assert result.returncode == 2 and "it has 4 blocks" in result.stderr
+
+    result = run("-m", "swarm.serve", "--model", str(tmp_path / "nowhere"), "--blocks", "0:1")
+    assert result.returncode == 2 and "config.json not found" in result.stderr
+
+
+def test_bootstrap_prints_maddrs_and_keeps_its_identity(tmp_path):
+    key = tmp_path / "bootstrap.key"
+    peers = []
+    for attempt in range(2):
+        child = Child("bootstrap", [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", "0",
+                                    "--identity", str(key)], tmp_path / f"bootstrap{attempt}.log")
+        try:
+            line = child.wait_for_line(lambda line: "/p2p/" in line, 60)
+        finally:
+            assert child.stop() in (0, -15)
+        assert line.startswith("/ip4/127.0.0.1/tcp/")
+        peers.append(line.rsplit("/p2p/", 1)[1])
+    assert key.exists() and peers[0] == peers[1]
+
+
+def test_generate_cli_streams_the_same_text_as_transformers(llama_swarm, llama_path, llama_ref):
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    prompt = "Hello, swarm"
+    result = run("-m", "client.generate", "--model", str(llama_path), "--initial-peers", *llama_swarm.initial_peers,
+                 "--prompt", prompt, "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = llama_ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    expected_text = prompt + tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    assert result.stdout.rstrip("\n") == expected_text
+
+
+def test_generate_cli_reports_a_model_nobody_serves(llama_swarm, tmp_path):
+    path = make_random_checkpoint(tmp_path / "unserved", "llama", num_layers=3, seed=9)
+    make_char_tokenizer(path)
+    result = run("-m", "client.generate", "--model", str(path), "--initial-peers", *llama_swarm.initial_peers,
+                 "--prompt", "x", "--max-new-tokens", "2", "--no-chat", timeout=60)
+    assert result.returncode == 1
+    assert "error: no server of model" in result.stderr and "serves block(s) 0-2" in result.stderr

@@ -1,0 +1,66 @@
+"""DHT records: typed, validated on read, tolerant of newer fields, signed by their owner."""
+
+from __future__ import annotations
+
+import pytest
+
+from dht.identity import ensure_identity, make_validator, peer_id_of_subkey
+from dht.records import MAX_RECORD_BYTES, ModelRecord, ServerRecord, ServerState, parse_server_entry
+from hivemind.p2p import PeerID
+
+
+def record_wire(**overrides):
+    wire = dict(
+        state="online", start_block=0, end_block=4, throughput={"inference": 10.0, "forward": 100.0},
+        cache_tokens_free=100, cache_tokens_total=200, max_length=64, dtype="float32",
+        hardware={"device_type": "cpu", "device_name": "x86_64", "memory_total": 1, "memory_free": 1},
+        region="europe-west", version="0.1.0", public_name="alice", using_relay=False,
+        addrs=["/ip4/127.0.0.1/tcp/1/p2p/Qm"],
+    )
+    wire.update(overrides)
+    return wire
+
+
+def test_round_trip_and_unknown_fields_are_ignored():
+    record = ServerRecord.from_wire(record_wire(future_field={"x": 1}))
+    assert record is not None and record.state == ServerState.ONLINE
+    assert ServerRecord.from_wire(record.to_wire()) == record
+    assert "future_field" not in record.to_wire()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None, 42, "online", [1, 2], {},
+        record_wire(state="sleeping"),
+        record_wire(start_block=3, end_block=3),
+        record_wire(start_block=-1),
+        record_wire(cache_tokens_free="lots"),
+        record_wire(throughput={"inference": -1, "forward": 1}),
+        record_wire(public_name="x" * 1000),
+        record_wire(addrs=["/ip4/1.2.3.4/" + "a" * 300]),
+        record_wire(region="r" * (MAX_RECORD_BYTES + 1)),
+    ],
+)
+def test_malformed_or_oversized_records_are_dropped(raw):
+    assert ServerRecord.from_wire(raw) is None
+    assert parse_server_entry("QmPeer", raw, 0.0) is None
+
+
+def test_entries_without_an_owner_are_dropped():
+    assert parse_server_entry(None, record_wire(), 0.0) is None
+    assert parse_server_entry("QmPeer", record_wire(), 5.0).expiration_time == 5.0
+
+
+def test_model_record_requires_a_full_digest():
+    assert ModelRecord.from_wire({"num_blocks": 4, "family": "llama", "config_digest": "ab", "hidden_size": 8}) is None
+    assert ModelRecord.from_wire({"num_blocks": 4, "family": "llama", "config_digest": "a" * 64, "hidden_size": 8})
+
+
+def test_owner_subkey_names_the_peer_that_holds_the_key(tmp_path):
+    path = ensure_identity(tmp_path / "id.key")
+    validator = make_validator(path)
+    assert peer_id_of_subkey(validator.local_public_key) == PeerID.from_identity(path.read_bytes()).to_base58()
+    assert (path.stat().st_mode & 0o777) == 0o400
+    for bad in [b"[owner:garbage]", b"plain", "text", None, 5]:
+        assert peer_id_of_subkey(bad) is None

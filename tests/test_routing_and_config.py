@@ -1,0 +1,124 @@
+"""Pure pieces: the chain a client picks, the cache budget, the wire checks, the configuration loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocks.wire import ErrorKind, Step, WireError, pack, read_header, read_tensors
+from client.errors import MissingBlocksError
+from client.routing import make_chain
+from configs.loader import ConfigError, build_parser, load_config
+from configs.schema import ServerOptions
+from dht.records import ServerInfo, ServerRecord
+from swarm.cache import CacheBudget
+from tests.test_records import record_wire
+
+
+def servers(*specs, num_blocks=8):
+    """specs: (peer, start, end[, state[, free[, throughput]]]) -> per-block {peer: ServerInfo}."""
+    blocks = [{} for _ in range(num_blocks)]
+    for peer, start, end, *rest in specs:
+        state, free, throughput = (rest + ["online", 100, 10.0][len(rest):])[:3]
+        record = ServerRecord.from_wire(record_wire(
+            start_block=start, end_block=end, state=state, cache_tokens_free=free,
+            throughput={"inference": throughput, "forward": throughput}))
+        for block in range(start, end):
+            blocks[block][peer] = ServerInfo(peer_id=peer, record=record, expiration_time=0)
+    return blocks
+
+
+def chain_of(blocks, **kwargs):
+    return [(plan.peer_id, plan.start, plan.end) for plan in make_chain("m", blocks, **kwargs)]
+
+
+def test_chain_covers_all_blocks_with_fewest_hops():
+    blocks = servers(("a", 0, 3), ("b", 0, 5), ("c", 3, 8), ("d", 5, 8))
+    assert chain_of(blocks) == [("b", 0, 5), ("d", 5, 8)]  # c and d tie; the peer id decides
+    assert chain_of(blocks, start=2, end=4) == [("b", 2, 4)]
+
+
+def test_chain_splits_overlapping_spans_and_prefers_faster_servers():
+    blocks = servers(("a", 0, 8, "online", 100, 1.0), ("b", 0, 8, "online", 100, 5.0))
+    assert chain_of(blocks) == [("b", 0, 8)]
+    assert chain_of(servers(("a", 0, 6), ("b", 4, 8))) == [("a", 0, 6), ("b", 6, 8)]
+
+
+def test_chain_skips_unusable_servers_and_names_missing_blocks():
+    blocks = servers(("a", 0, 4), ("b", 4, 8, "draining"), ("c", 4, 6, "online", 0), ("d", 6, 8))
+    with pytest.raises(MissingBlocksError) as info:
+        make_chain("m", blocks)
+    assert info.value.blocks == [4, 5] and "block(s) 4-5" in str(info.value)
+    with pytest.raises(MissingBlocksError, match=r"0-3"):
+        make_chain("m", servers(("a", 0, 4), ("d", 4, 8)), exclude={"a"})
+
+
+def test_cache_budget_refuses_when_full_and_releases_once():
+    budget = CacheBudget(100)
+    first = budget.reserve(60)
+    with pytest.raises(WireError) as info:
+        budget.reserve(50)
+    assert info.value.kind == ErrorKind.BUSY
+    with pytest.raises(WireError) as info:
+        budget.reserve(101)
+    assert info.value.kind == ErrorKind.BAD_REQUEST
+    first.release()
+    first.release()
+    assert budget.free == 100
+
+
+def test_wire_checks_sizes_before_allocating():
+    message = pack(Step(position=1), [torch.zeros(1, 2, 4)], request=True)
+    assert read_header(message, Step).position == 1
+    message.tensors[0].size[:] = [1000, 1000, 1000]
+    with pytest.raises(WireError, match="expected 4000000000$"):
+        read_tensors(message, max_count=1)
+    with pytest.raises(WireError, match="at most 1 tensors"):
+        read_tensors(pack(None, [torch.zeros(1), torch.zeros(1)], request=True), max_count=1)
+    with pytest.raises(WireError, match="position"):
+        read_header(pack(Step(position=0), request=True).__class__(metadata=b"\x81\xa8position\xa1x"), Step)
+
+
+def parse(argv, environ=None):
+    return load_config(ServerOptions, build_parser(ServerOptions, "serve", "test"), argv, environ or {})
+
+
+def test_config_precedence_cli_over_env_over_yaml_over_default(tmp_path):
+    yaml_file = tmp_path / "server.yaml"
+    yaml_file.write_text("cache_tokens: 111\nregion: asia-east\ndtype: bfloat16\ninitial_peers: [/ip4/127.0.0.1/tcp/1/p2p/QmA]\n")
+    base = ["--model", "m", "--blocks", "0:2", "--config", str(yaml_file)]
+    options = parse(base)
+    assert (options.cache_tokens, options.region, options.dtype) == (111, "asia-east", "bfloat16")
+    assert options.session_timeout == 300 and options.nat_port_map is False
+    options = parse(base, {"SWARM_CACHE_TOKENS": "222", "SWARM_REGION": "oceania", "SWARM_INITIAL_PEERS": "a,b"})
+    assert (options.cache_tokens, options.region, options.initial_peers) == (222, "oceania", ["a", "b"])
+    options = parse(base + ["--cache-tokens", "333", "--nat-port-map"], {"SWARM_CACHE_TOKENS": "222"})
+    assert options.cache_tokens == 333 and options.nat_port_map is True
+    assert options.block_range == (0, 2)
+
+
+@pytest.mark.parametrize(
+    "argv, environ, message",
+    [
+        (["--model", "m", "--blocks", "0:2", "--cache-tokens", "-5"], {}, "cache_tokens"),
+        (["--model", "m", "--blocks", "2"], {}, "blocks"),
+        (["--model", "m", "--blocks", "0:2"], {"SWARM_DTYPE": "int8"}, "dtype"),
+        (["--model", "m", "--blocks", "0:2", "--announce-period", "100"], {}, "announce_period"),
+        (["--blocks", "0:2"], {}, "model"),
+    ],
+)
+def test_config_errors_name_the_key(argv, environ, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(argv, environ)
+
+
+def test_yaml_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache_tokenz: 5\n")
+    with pytest.raises(ConfigError, match="unknown key.*cache_tokenz"):
+        parse(["--model", "m", "--blocks", "0:1", "--config", str(bad)])
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse(["--model", "m", "--blocks", "0:1", "--config", str(bad)])
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse(["--model", "m", "--blocks", "0:1", "--config", str(tmp_path / "missing.yaml")])
