@@ -17,12 +17,7 @@ from transformers import AutoTokenizer, TextStreamer
 from blocks.checkpoint import Checkpoint
 from blocks.embedded import ensure_embedded_checkpoint
 from client import AutoDistributedModelForCausalLM
-from swarm.local import LocalSwarm
-
-
-def even_splits(num_blocks: int, parts: int) -> list[tuple[int, int]]:
-    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+from swarm.local import LocalSwarm, even_splits
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,12 @@ logger = logging.getLogger(__name__)
 ONLINE_MARKER = "swarm.serve online:"
 
 
+def even_splits(num_blocks: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous block ranges of near-equal size covering [0, num_blocks)."""
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
 class ProcessFailed(RuntimeError):
     """A child process exited or did not report readiness in time."""
 

@@ -1,0 +1,112 @@
+"""Greedy decoding speed through a local swarm vs single-process transformers on the same model.
+
+Prints one JSON object. Examples:
+  .venv/bin/python bench/generate.py                       # random Llama, ~220 M parameters, 2 servers
+  .venv/bin/python bench/generate.py --model embedded      # SmolLM2-135M-Instruct, 3 servers
+  .venv/bin/python bench/generate.py --layers 24 --servers 3 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blocks.checkpoint import Checkpoint, parse_dtype  # noqa: E402
+from blocks.embedded import ensure_embedded_checkpoint  # noqa: E402
+from blocks.synthetic import make_random_checkpoint  # noqa: E402
+from client import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.local import LocalSwarm, even_splits  # noqa: E402
+
+
+def timed_generate(generate, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
+    started = time.perf_counter()
+    output = generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    return time.perf_counter() - started, output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="random", help="'random' (built from the size flags), 'embedded', or a path")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
+    args = parser.parse_args()
+    logging.basicConfig(level="WARNING")
+    torch.set_num_threads(args.threads)
+
+    workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
+    if args.model == "random":
+        path = make_random_checkpoint(
+            workdir / "model", "llama", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+            num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
+            max_position_embeddings=4096,
+        )
+    elif args.model == "embedded":
+        path = ensure_embedded_checkpoint()
+    else:
+        path = Path(args.model)
+    dtype = parse_dtype(args.dtype)
+    checkpoint = Checkpoint(path)
+    ids = torch.randint(3, min(checkpoint.config.vocab_size, 30000), (1, args.prompt_tokens),
+                        generator=torch.Generator().manual_seed(0))
+
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    reference.generation_config.eos_token_id = None  # always generate exactly --new-tokens tokens
+    params = sum(p.numel() for p in reference.parameters())
+    with torch.no_grad():
+        reference.generate(ids, max_new_tokens=4, do_sample=False)
+        local_runs = [timed_generate(reference.generate, ids, args.new_tokens) for _ in range(args.repeats)]
+    local_time, local_output = min(local_runs, key=lambda run: run[0])
+    del reference
+
+    splits = even_splits(checkpoint.num_blocks, args.servers)
+    with LocalSwarm(path, splits, server_args=["--dtype", args.dtype, "--throughput", "1"],
+                    workdir=workdir / "swarm", env={"OMP_NUM_THREADS": str(args.threads)}) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, dtype=dtype) as model:
+            model.generation_config.eos_token_id = None
+            model.generate(ids, max_new_tokens=4)
+            swarm_runs = [timed_generate(model.generate, ids, args.new_tokens) for _ in range(args.repeats)]
+    swarm_time, swarm_output = min(swarm_runs, key=lambda run: run[0])
+
+    local_rate = args.new_tokens / local_time
+    swarm_rate = args.new_tokens / swarm_time
+    print(json.dumps({
+        "model": str(args.model if args.model != "random" else "random-llama"),
+        "parameters_m": round(params / 1e6, 1),
+        "layers": checkpoint.num_blocks,
+        "hidden_size": checkpoint.hidden_size,
+        "dtype": args.dtype,
+        "servers": len(splits),
+        "split": [f"{a}:{b}" for a, b in splits],
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "threads_per_process": args.threads,
+        "single_process_tokens_per_s": round(local_rate, 2),
+        "swarm_tokens_per_s": round(swarm_rate, 2),
+        "ratio": round(swarm_rate / local_rate, 3),
+        "identical_output": bool(torch.equal(local_output, swarm_output)),
+    }))
+
+
+if __name__ == "__main__":
+    main()
