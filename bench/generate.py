@@ -17,8 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM
+# The client idles while servers compute on the same cores: its OpenMP threads must not spin (see swarm/local.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
