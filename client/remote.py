@@ -70,8 +70,9 @@ class RemoteModel:
     def chunk_tokens(self, batch_size: int, chain: list[SpanPlan]) -> int:
         """Tokens per message: within every server's limit and the message size limit."""
         bytes_per_token = batch_size * self.checkpoint.hidden_size * 4
-        by_size = max(1, MAX_MESSAGE_BYTES // 2 // bytes_per_token)
-        return max(1, min([self.max_chunk_tokens, by_size]))
+        by_size = MAX_MESSAGE_BYTES // 2 // bytes_per_token
+        by_servers = min(plan.info.record.max_chunk_tokens for plan in chain)
+        return max(1, min(self.max_chunk_tokens, by_size, by_servers))
 
     async def aforward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Hidden states of all positions after every block, without keeping any cache."""

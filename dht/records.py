@@ -69,6 +69,7 @@ class ServerRecord(_Wire):
     cache_tokens_free: int = Field(ge=0)
     cache_tokens_total: int = Field(ge=0)
     max_length: int = Field(gt=0)
+    max_chunk_tokens: int = Field(default=2048, gt=0)
     dtype: str = Field(max_length=16)
     hardware: HardwareSummary
     region: str = Field(default="", max_length=64)

@@ -35,7 +35,6 @@ def start_dht(
     identity_path: Optional[str] = None,
     client_mode: bool = False,
     nat_port_map: bool = False,
-    announce_maddrs: Sequence[str] = (),
 ) -> tuple[hivemind.DHT, RSASignatureValidator]:
     """Starts a DHT node whose libp2p identity is also its record-signing key.
 
@@ -47,13 +46,7 @@ def start_dht(
         identity_path = os.path.join(tempfile.mkdtemp(prefix="swarm-identity-"), "identity.key")
     identity_path = str(ensure_identity(identity_path))
     validator = make_validator(identity_path)
-    kwargs = {}
-    if not client_mode:
-        kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"] if ":" not in host else [f"/ip6/{host}/tcp/{port}"]
-    else:
-        kwargs["host_maddrs"] = ["/ip4/127.0.0.1/tcp/0"] if host in ("127.0.0.1", "localhost") else [f"/ip4/{host}/tcp/0"]
-    if announce_maddrs:
-        kwargs["announce_maddrs"] = list(announce_maddrs)
+    family = "ip6" if ":" in host else "ip4"
     dht = hivemind.DHT(
         initial_peers=list(initial_peers),
         start=True,
@@ -65,7 +58,7 @@ def start_dht(
         auto_nat=False,
         # A key made just now cannot be in use elsewhere: skip hivemind's network check for it.
         check_if_identity_free=not fresh_identity,
-        **kwargs,
+        host_maddrs=[f"/{family}/{host}/tcp/{0 if client_mode else port}"],
     )
     return dht, validator
 

@@ -41,6 +41,12 @@ class Server:
             )
         self.dtype = parse_dtype(options.dtype)
         self.budget = CacheBudget(options.cache_tokens)
+        self.limits = Limits(
+            max_length=options.max_length or min(self.checkpoint.config.max_position_embeddings, options.cache_tokens),
+            max_batch_size=options.max_batch_size,
+            max_chunk_tokens=options.max_chunk_tokens,
+            session_timeout=options.session_timeout,
+        )
         self.compute = ComputeThread()
         self.throughput: Optional[Throughput] = None
         self.span: Optional[BlockSpan] = None
@@ -76,17 +82,11 @@ class Server:
                 span=self.span,
                 budget=self.budget,
                 compute=self.compute,
-                limits=Limits(
-                    max_length=opts.max_length or min(self.checkpoint.config.max_position_embeddings, opts.cache_tokens),
-                    max_batch_size=opts.max_batch_size,
-                    max_chunk_tokens=opts.max_chunk_tokens,
-                    session_timeout=opts.session_timeout,
-                ),
+                limits=self.limits,
                 version=__version__,
                 state=lambda: self.state.value,
                 accepting=lambda: self.state == ServerState.ONLINE,
             )
-            self._limits = handler.limits
             p2p = await dht.replicate_p2p()
             for name, method, stream in (
                 (RPC_INFERENCE, handler.rpc_inference, True),
@@ -124,7 +124,8 @@ class Server:
             throughput=self.throughput or Throughput(inference=0, forward=0),
             cache_tokens_free=self.budget.free,
             cache_tokens_total=self.budget.total,
-            max_length=self._limits.max_length,
+            max_length=self.limits.max_length,
+            max_chunk_tokens=self.limits.max_chunk_tokens,
             dtype=dtype_name(self.dtype),
             hardware=describe_device(self.options.device),
             region=self.options.region,

@@ -69,8 +69,10 @@ def assert_still_serves(client, ref):
         (torch.ones(1, 3, 64, dtype=torch.int64), "must be float32, got int64"),
         (torch.full((1, 3, 64), float("nan")), "NaN"),
         (torch.randn(1, 40, 64), "exceed the session's max_length of 32"),
+        (torch.randn(1, 3000, 64), "exceed the limit of 2048; send them in chunks"),
+        (torch.randn(1, 140_000, 64), "limit is 33554432"),  # a 36 MB message
     ],
-    ids=["hidden-size", "batch", "float16", "int64", "nan", "too-long"],
+    ids=["hidden-size", "batch", "float16", "int64", "nan", "too-long", "chunk", "message-size"],
 )
 def test_bad_step_gets_error_then_server_still_serves(llama_client, llama_ref, tensor, expected):
     replies = raw_session(llama_client, [open_message(llama_client), pack(Step(position=0), [tensor], request=True)])

@@ -113,3 +113,16 @@ def test_sampling_respects_arguments(llama_client):
     assert int(sampled.max()) < llama_client.config.vocab_size
     with pytest.raises(TypeError, match="num_bananas"):
         llama_client.generate(ids, max_new_tokens=2, num_bananas=3)
+
+
+def test_long_prompts_are_sent_in_chunks(llama_swarm, llama_path, llama_ref):
+    from client import AutoDistributedModelForCausalLM
+
+    ids = prompts(2, length=23, seed=9)
+    with AutoDistributedModelForCausalLM.from_pretrained(llama_path, llama_swarm.initial_peers, max_chunk_tokens=4) as model:
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=6),
+            llama_ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False),
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, llama_ref(ids).logits, atol=1e-4, rtol=1e-4)
