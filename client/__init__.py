@@ -4,6 +4,7 @@ from client.errors import (
     BadRequestError,
     MissingBlocksError,
     ModelMismatchError,
+    RetriesExhaustedError,
     ServerFailure,
     SwarmBusyError,
     SwarmError,
@@ -19,5 +20,6 @@ __all__ = [
     "ModelMismatchError",
     "SwarmBusyError",
     "BadRequestError",
+    "RetriesExhaustedError",
     "ServerFailure",
 ]

@@ -21,11 +21,19 @@ class ModelMismatchError(SwarmError):
 
 
 class SwarmBusyError(SwarmError):
-    """Every server that could serve a span refused for lack of room; try again later."""
+    """A server (`peer_id`), or every server that could serve a span, refused for lack of room; try later."""
+
+    def __init__(self, message: str, peer_id: str | None = None):
+        self.peer_id = peer_id
+        super().__init__(message)
 
 
 class BadRequestError(SwarmError):
     """A server refused the request itself (wrong shape, too long...): retrying elsewhere will not help."""
+
+
+class RetriesExhaustedError(SwarmError):
+    """Every attempt to find a working chain failed; the message names the last cause."""
 
 
 class ServerFailure(SwarmError):

@@ -40,12 +40,15 @@ class AutoDistributedModelForCausalLM:
         model_name: Optional[str] = None,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
-        request_timeout: float = 60.0,
+        request_timeout: float = 30.0,
         max_chunk_tokens: int = 1024,
+        max_retries: int = 5,
     ) -> "AutoDistributedModelForCausalLM":
         """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`.
 
-        `model_name` defaults to the name servers derive from the same checkpoint.
+        `model_name` defaults to the name servers derive from the same checkpoint. `request_timeout`
+        bounds every wait for a server (a hung server is replaced after it); `max_retries` bounds how
+        many times one step may be rerouted after failures.
         """
         checkpoint = Checkpoint(path)
         head = load_head(checkpoint, dtype=dtype, device=device)
@@ -53,9 +56,8 @@ class AutoDistributedModelForCausalLM:
             generation_config = GenerationConfig.from_pretrained(checkpoint.path)
         else:
             generation_config = GenerationConfig.from_model_config(checkpoint.config)
-        remote = RemoteModel(
-            checkpoint, initial_peers, model_name, request_timeout=request_timeout, max_chunk_tokens=max_chunk_tokens
-        )
+        remote = RemoteModel(checkpoint, initial_peers, model_name, request_timeout=request_timeout,
+                             max_chunk_tokens=max_chunk_tokens, max_retries=max_retries)
         return cls(checkpoint, head, remote, generation_config)
 
     @property

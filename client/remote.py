@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Optional, Sequence
+import random
+from typing import Collection, Optional, Sequence
 
 import torch
 from hivemind.p2p import P2P
 
 from blocks.checkpoint import Checkpoint
 from blocks.wire import MAX_MESSAGE_BYTES
-from client.errors import MissingBlocksError, ModelMismatchError
-from client.routing import SpanPlan, make_chain
+from client.errors import (
+    MissingBlocksError,
+    ModelMismatchError,
+    RetriesExhaustedError,
+    ServerFailure,
+    SwarmBusyError,
+)
+from client.bans import BanList
+from client.pings import PingCache
+from client.routing import SpanPlan, make_chain, usable
 from client.runtime import LoopThread
 from client.span import forward_span
 from dht.swarm_dht import SwarmDHT, start_dht
@@ -29,8 +37,9 @@ class RemoteModel:
         initial_peers: Sequence[str],
         model_name: Optional[str] = None,
         *,
-        request_timeout: float = 60.0,
+        request_timeout: float = 30.0,
         max_chunk_tokens: int = 1024,
+        max_retries: int = 5,
         nat_port_map: bool = False,
     ):
         if not initial_peers:
@@ -40,10 +49,14 @@ class RemoteModel:
         self.num_blocks = checkpoint.num_blocks
         self.request_timeout = request_timeout
         self.max_chunk_tokens = max_chunk_tokens
+        self.max_retries = max_retries
+        self.bans = BanList()
+        self.rng = random.Random()
         dht, validator = start_dht(initial_peers, client_mode=True, nat_port_map=nat_port_map)
         self.dht = SwarmDHT(dht, validator)
         self.runtime = LoopThread()
         self.p2p: P2P = self.runtime.run(dht.replicate_p2p(), timeout=request_timeout)
+        self.pings = PingCache(self.p2p, self.bans, timeout=min(request_timeout, 5.0))
         self._meta_checked = False
 
     async def check_model(self) -> None:
@@ -62,10 +75,21 @@ class RemoteModel:
                 )
         self._meta_checked = True
 
-    async def make_chain(self, start: int = 0, end: Optional[int] = None, exclude: Sequence[str] = ()) -> list[SpanPlan]:
+    async def make_chain(self, start: int = 0, end: Optional[int] = None, exclude: Collection[str] = ()) -> list[SpanPlan]:
+        """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`."""
         await self.check_model()
+        end = self.num_blocks if end is None else end
         servers = await self.dht.fetch_servers(self.model_name, self.num_blocks)
-        return make_chain(self.model_name, servers, start, self.num_blocks if end is None else end, exclude)
+        candidates = {info.peer_id: info for block in servers[start:end] for info in block.values()
+                      if usable(info, exclude)}
+        await self.pings.refresh(candidates.values())
+        return make_chain(self.model_name, servers, start, end, set(exclude) | self.bans.banned(),
+                          rtts=self.pings.rtts(), rng=self.rng)
+
+    def report_failure(self, peer_id: str, reason: str) -> None:
+        """Bans a failed server with backoff and forgets its ping, so it is re-checked before reuse."""
+        self.bans.ban(peer_id, reason)
+        self.pings.forget(peer_id)
 
     def chunk_tokens(self, batch_size: int, chain: list[SpanPlan]) -> int:
         """Tokens per message: within every server's limit and the message size limit."""
@@ -77,10 +101,21 @@ class RemoteModel:
     async def aforward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Hidden states of all positions after every block, without keeping any cache."""
         chain = await self.make_chain()
-        chunk = self.chunk_tokens(hidden.shape[0], chain)
         dtype = hidden.dtype
-        for plan in chain:
-            hidden = await forward_span(self.p2p, self.model_name, plan, hidden, mask, chunk, self.request_timeout)
+        index, failures = 0, 0
+        while index < len(chain):
+            plan = chain[index]
+            chunk = self.chunk_tokens(hidden.shape[0], [plan])
+            try:
+                hidden = await forward_span(self.p2p, self.model_name, plan, hidden, mask, chunk, self.request_timeout)
+                index += 1
+            except (ServerFailure, SwarmBusyError) as e:
+                failures += 1
+                if failures > self.max_retries:
+                    raise RetriesExhaustedError(f"gave up after {failures} failures; last: {e}") from e
+                if isinstance(e, ServerFailure):
+                    self.report_failure(plan.peer_id, str(e))
+                chain[index:] = await self.make_chain(plan.start, plan.end, exclude={plan.peer_id}) + chain[index + 1:]
         return hidden.to(dtype)
 
     def shutdown(self) -> None:

@@ -1,12 +1,22 @@
-"""Choosing a chain of servers that covers blocks [start, end): a pure function of the DHT records."""
+"""Choosing a chain of servers that covers blocks [start, end): a pure function of records, pings and bans.
+
+The chain minimises the estimated time of one decode step: for every hop, the round trip to the
+server plus the compute time of the blocks it runs, from the throughput it announces. A server may
+be used for part of its range, so a chain can switch servers at any block. A little random jitter
+(`rng`) spreads clients over near-equal choices instead of piling them on one server.
+"""
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
-from typing import Collection
+from typing import Collection, Mapping, Optional
 
 from client.errors import MissingBlocksError
 from dht.records import ServerInfo, ServerState
+
+DEFAULT_RTT = 0.05  # seconds, for servers not measured yet
 
 
 @dataclass(frozen=True)
@@ -24,22 +34,71 @@ def usable(info: ServerInfo, exclude: Collection[str]) -> bool:
     return info.peer_id not in exclude and record.state == ServerState.ONLINE and record.cache_tokens_free > 0
 
 
+def seconds_per_block(info: ServerInfo) -> float:
+    record = info.record
+    return 1.0 / (max(record.throughput.inference, 1e-6) * (record.end_block - record.start_block))
+
+
 def make_chain(
-    model: str, servers: list[dict[str, ServerInfo]], start: int = 0, end: int | None = None, exclude: Collection[str] = ()
+    model: str,
+    servers: list[dict[str, ServerInfo]],
+    start: int = 0,
+    end: Optional[int] = None,
+    exclude: Collection[str] = (),
+    rtts: Mapping[str, float] | None = None,
+    rng: Optional[random.Random] = None,
+    jitter: float = 0.1,
 ) -> list[SpanPlan]:
-    """The chain with the fewest hops: at each block, the usable server that reaches furthest
-    (ties: higher inference throughput, then peer id so the choice is deterministic)."""
+    """The fastest chain over usable servers; raises MissingBlocksError naming uncovered blocks."""
     end = len(servers) if end is None else end
+    rtts = rtts or {}
     missing = [b for b in range(start, end) if not any(usable(i, exclude) for i in servers[b].values())]
     if missing:
         raise MissingBlocksError(model, missing)
-    chain, block = [], start
-    while block < end:
-        best = max(
-            (i for i in servers[block].values() if usable(i, exclude)),
-            key=lambda i: (min(i.record.end_block, end), i.record.throughput.inference, i.peer_id),
-        )
-        span_end = min(best.record.end_block, end)
-        chain.append(SpanPlan(best.peer_id, block, span_end, best))
-        block = span_end
-    return chain
+
+    candidates: dict[str, ServerInfo] = {}
+    for block in range(start, end):
+        for info in servers[block].values():
+            if usable(info, exclude):
+                candidates[info.peer_id] = info
+    noise = {peer: 1.0 + (rng.random() * jitter if rng else 0.0) for peer in sorted(candidates)}
+
+    # best[j]: fastest way to have blocks [start, j) done. For each server, keep the best block i at
+    # which to enter it (minimising best[i] - i * per_block), updated as j moves right: O(blocks × servers).
+    best = [math.inf] * (end + 1)
+    best[start] = 0.0
+    came_from: list[Optional[tuple[int, ServerInfo]]] = [None] * (end + 1)
+    entry: dict[str, tuple[float, int]] = {}
+    for j in range(start + 1, end + 1):
+        for info in servers[j - 1].values():
+            peer = info.peer_id
+            if peer not in candidates:
+                continue
+            per_block = seconds_per_block(info) * noise[peer]
+            i = j - 1
+            if i >= max(info.record.start_block, start) and best[i] < math.inf:
+                value = best[i] - i * per_block
+                if peer not in entry or value < entry[peer][0]:
+                    entry[peer] = (value, i)
+            if peer not in entry:
+                continue
+            value, i = entry[peer]
+            cost = value + j * per_block + rtts.get(peer, DEFAULT_RTT) * noise[peer]
+            if cost < best[j]:
+                best[j], came_from[j] = cost, (i, info)
+        # a server that does not cover block j cannot be extended past it
+        for peer in list(entry):
+            if candidates[peer].record.end_block <= j:
+                del entry[peer]
+
+    chain, j = [], end
+    while j > start:
+        i, info = came_from[j]
+        chain.append(SpanPlan(info.peer_id, i, j, info))
+        j = i
+    return chain[::-1]
+
+
+def estimated_step_time(chain: list[SpanPlan], rtts: Mapping[str, float] | None = None) -> float:
+    rtts = rtts or {}
+    return sum(rtts.get(p.peer_id, DEFAULT_RTT) + (p.end - p.start) * seconds_per_block(p.info) for p in chain)

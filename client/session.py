@@ -1,4 +1,10 @@
-"""An inference session: one step of hidden states through the whole chain, KV caches kept on servers."""
+"""An inference session: one step of hidden states through the whole chain, KV caches kept on servers.
+
+When a server fails mid-session (disconnect, timeout, error reply), the session bans it, routes a
+replacement for exactly its blocks (possibly over several servers), replays the inputs that span has
+received so far to rebuild the KV cache there, and carries on with the same step. Retries are
+bounded; a request the servers call bad is never retried.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from client.errors import SwarmError
+from client.errors import MissingBlocksError, RetriesExhaustedError, ServerFailure, SwarmBusyError, SwarmError
 from client.remote import RemoteModel
 from client.span import SpanSession
 
@@ -36,22 +42,59 @@ class InferenceSession:
         self.token_ids: Optional[torch.Tensor] = None  # every token of the session, fed or not yet fed
         self.attention_mask: Optional[torch.Tensor] = None
         self.closed = False
+        self.failovers = 0
 
-    async def _open(self, batch_size: int) -> None:
-        chain = await self.remote.make_chain()
-        opened = []
-        try:
-            for plan in chain:
-                span = SpanSession(plan, self.remote.request_timeout)
-                await span.open(self.remote.p2p, self.remote.model_name, batch_size, self.max_length, self.session_id)
-                opened.append(span)
-        except BaseException:
+    @property
+    def chain(self) -> list[tuple[str, int, int]]:
+        """(peer id, start, end) of every span in use."""
+        return [(span.plan.peer_id, span.plan.start, span.plan.end) for span in self.spans]
+
+    async def _connect(self, start: int, end: int, history: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> list[SpanSession]:
+        """Opens sessions for blocks [start, end) and replays `history` (inputs of block `start` so far)."""
+        batch = self.batch_size
+        busy: set[str] = set()
+        last_error: Optional[Exception] = None
+        for _ in range(self.remote.max_retries + 1):
+            try:
+                chain = await self.remote.make_chain(start, end, exclude=busy)
+            except MissingBlocksError:
+                if busy:
+                    raise SwarmBusyError(
+                        f"swarm busy: every server for blocks {start}-{end - 1} refused a new session for lack of room"
+                    ) from last_error
+                raise
+            opened: list[SpanSession] = []
+            try:
+                for plan in chain:
+                    span = SpanSession(plan, self.remote.request_timeout)
+                    opened.append(span)
+                    await span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length, self.session_id)
+                if history is not None and history.shape[1] > 0:
+                    await self._replay(opened, history, mask)
+                for span in opened:
+                    self.remote.bans.succeeded(span.plan.peer_id)
+                return opened
+            except SwarmBusyError as e:
+                busy.add(e.peer_id)
+                last_error = e
+            except ServerFailure as e:
+                self.remote.report_failure(e.peer_id, str(e))
+                last_error = e
+            except BaseException:
+                await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
+                raise
             await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
-            raise
-        self.spans = opened
-        self.batch_size = batch_size
-        logger.debug("session %s: chain %s", self.session_id,
-                     " → ".join(f"{s.plan.peer_id[-6:]}[{s.plan.start}:{s.plan.end}]" for s in opened))
+        raise RetriesExhaustedError(f"no working chain for blocks {start}-{end - 1} after "
+                                    f"{self.remote.max_retries + 1} attempts; last error: {last_error}")
+
+    async def _replay(self, spans: list[SpanSession], history: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        """Rebuilds the replacement servers' caches from the inputs the failed span had received."""
+        chunk = self.remote.chunk_tokens(history.shape[0], [span.plan for span in spans])
+        for offset in range(0, history.shape[1], chunk):
+            part = history[:, offset:offset + chunk]
+            part_mask = mask[:, : offset + part.shape[1]] if mask is not None else None
+            for span in spans:
+                part = await span.step(part, part_mask)
 
     async def astep(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Runs new positions [batch, tokens, hidden] through every block; returns the last block's output.
@@ -62,7 +105,9 @@ class InferenceSession:
             raise SwarmError("inference session is closed")
         batch, tokens = hidden.shape[:2]
         if self.batch_size is None:
-            await self._open(batch)
+            self.batch_size = batch
+            self.spans = await self._connect(0, self.remote.num_blocks, None, None)
+            logger.info("session %s: chain %s", self.session_id, self._describe())
         elif batch != self.batch_size:
             raise ValueError(f"session was opened with batch size {self.batch_size}, got {batch}")
         if self.position + tokens > self.max_length:
@@ -75,11 +120,36 @@ class InferenceSession:
         for offset in range(0, tokens, chunk):
             part = hidden[:, offset:offset + chunk]
             part_mask = mask[:, : self.position + offset + part.shape[1]] if mask is not None else None
-            for span in self.spans:
-                part = await span.step(part, part_mask)
-            outputs.append(part)
+            outputs.append(await self._through_chain(part, part_mask))
         self.position += tokens
         return torch.cat(outputs, dim=1).to(dtype)
+
+    async def _through_chain(self, part: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        index, failures = 0, 0
+        while index < len(self.spans):
+            span = self.spans[index]
+            try:
+                output = await span.step(part, mask)
+            except ServerFailure as e:
+                failures += 1
+                if failures > self.remote.max_retries:
+                    raise RetriesExhaustedError(f"gave up after {failures} server failures; last: {e}") from e
+                self.remote.report_failure(e.peer_id, str(e))
+                await span.close()
+                history = span.history()
+                replacement = await self._connect(span.plan.start, span.plan.end, history,
+                                                  mask[:, : history.shape[1]] if mask is not None else None)
+                self.spans[index:index + 1] = replacement
+                self.failovers += 1
+                logger.warning("session %s: replaced %s for blocks %d:%d; chain now %s", self.session_id,
+                               e.peer_id, span.plan.start, span.plan.end, self._describe())
+                continue
+            part = output
+            index += 1
+        return part
+
+    def _describe(self) -> str:
+        return " → ".join(f"{peer[-6:]}[{start}:{end}]" for peer, start, end in self.chain)
 
     def step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.remote.runtime.run(self.astep(hidden, mask))

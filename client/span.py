@@ -40,7 +40,7 @@ def to_client_error(peer_id: str, error: Exception) -> Exception:
         if error.kind == ErrorKind.BAD_REQUEST:
             return BadRequestError(f"server {peer_id} refused the request: {error.message}")
         if error.kind == ErrorKind.BUSY:
-            return SwarmBusyError(f"server {peer_id} is busy: {error.message}")
+            return SwarmBusyError(f"server {peer_id} is busy: {error.message}", peer_id=peer_id)
         if error.kind == ErrorKind.WRONG_MODEL:
             return ModelMismatchError(f"server {peer_id}: {error.message}")
         return ServerFailure(peer_id, error.message)
@@ -107,6 +107,11 @@ class SpanSession:
         self.position = 0
         self._stream = _Stream()
         self._step_id = 0
+        self._inputs: list[torch.Tensor] = []  # what this server has received, to rebuild its cache elsewhere
+
+    def history(self) -> torch.Tensor:
+        """Inputs of block `plan.start` at every position this span has processed: [batch, position, hidden]."""
+        return torch.cat(self._inputs, dim=1) if self._inputs else torch.empty(0)
 
     async def open(self, p2p: P2P, model: str, batch_size: int, max_length: int, session_id: str) -> None:
         try:
@@ -133,6 +138,7 @@ class SpanSession:
         if done.position != self.position + hidden.shape[1] or output.shape != hidden.shape:
             raise ServerFailure(self.plan.peer_id, f"inconsistent reply: position {done.position}, shape {list(output.shape)}")
         self.position = done.position
+        self._inputs.append(hidden)
         return output
 
     async def close(self) -> None:

@@ -48,6 +48,9 @@ class ServerOptions(NetworkOptions):
     max_batch_size: int = Field(16, gt=0, description="largest batch a session may use")
     max_chunk_tokens: int = Field(2048, gt=0, description="most tokens per sequence in one step message")
     session_timeout: float = Field(300.0, gt=0, description="seconds a session may stay idle before the server closes it")
+    drain_timeout: float = Field(
+        60.0, ge=0, description="on SIGTERM, seconds open sessions may take to finish before the server exits"
+    )
     throughput: Optional[float] = Field(None, gt=0, description="announce this throughput (tokens/s) instead of measuring it")
     region: str = Field("", max_length=64, description="region announced to clients, e.g. europe-west")
     public_name: str = Field("", max_length=64, description="name shown on the swarm's health page")

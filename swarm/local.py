@@ -38,6 +38,7 @@ class Child:
 
     def __init__(self, name: str, args: Sequence[str], log_path: Path, env: Optional[dict] = None):
         self.name = name
+        self.peer_id: Optional[str] = None
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
@@ -138,26 +139,38 @@ class LocalSwarm:
             for start, end in self.splits:
                 self.add_server(start, end, wait=False)
             for server in self.servers:
-                server.wait_for_line(lambda line: line.startswith(ONLINE_MARKER), self.start_timeout)
+                self._wait_online(server)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def add_server(self, start: int, end: int, *extra: str, wait: bool = True) -> Child:
+    def add_server(
+        self, start: int, end: int, *extra: str, wait: bool = True, module: str = "swarm.serve",
+        env: Optional[dict[str, str]] = None,
+    ) -> Child:
+        """Starts one more server (`module` runs it: a wrapper of swarm.serve may inject faults in tests)."""
         index = len(self.servers)
         child = Child(
             f"server {index} ({start}:{end})",
-            [sys.executable, "-m", "swarm.serve", "--model", self.model, "--blocks", f"{start}:{end}",
+            [sys.executable, "-m", module, "--model", self.model, "--blocks", f"{start}:{end}",
              "--initial-peers", *self.initial_peers, "--host", "127.0.0.1", "--port", "0",
              "--identity", str(self.workdir / f"server{index}.key"), *self.server_args, *extra],
             self.workdir / f"server{index}.log",
-            env=self.env,
+            env={**self.env, **(env or {})},
         )
         self.servers.append(child)
         if wait:
-            child.wait_for_line(lambda line: line.startswith(ONLINE_MARKER), self.start_timeout)
+            self._wait_online(child)
         return child
+
+    def _wait_online(self, child: Child) -> None:
+        line = child.wait_for_line(lambda line: line.startswith(ONLINE_MARKER), self.start_timeout)
+        child.peer_id = line.split(" peer ", 1)[1].split(",", 1)[0]
+
+    def server(self, peer_id: str) -> Child:
+        """The server process with this peer id."""
+        return next(child for child in self.servers if child.peer_id == peer_id)
 
     def stop(self) -> None:
         for child in self.servers + ([self.bootstrap] if self.bootstrap else []):

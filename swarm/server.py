@@ -51,9 +51,14 @@ class Server:
         self.throughput: Optional[Throughput] = None
         self.span: Optional[BlockSpan] = None
         self.dht: Optional[SwarmDHT] = None
+        self.handler: Optional[BlockHandler] = None
         self._stop = asyncio.Event()
+        self._force_stop = asyncio.Event()
 
     def stop(self) -> None:
+        """First call: drain, then leave. A second call (another Ctrl-C) skips the drain."""
+        if self._stop.is_set():
+            self._force_stop.set()
         self._stop.set()
 
     async def run(self) -> None:
@@ -77,7 +82,7 @@ class Server:
                 if opts.throughput
                 else await self.compute.run(measure_throughput, self.span)
             )
-            handler = BlockHandler(
+            self.handler = handler = BlockHandler(
                 model=self.model_name,
                 span=self.span,
                 budget=self.budget,
@@ -107,6 +112,7 @@ class Server:
                     await asyncio.wait_for(self._stop.wait(), timeout=opts.announce_period)
                 except asyncio.TimeoutError:
                     await self._announce()
+            await self._drain()
         finally:
             await self._leave(p2p)
 
@@ -151,6 +157,28 @@ class Server:
             )
         except Exception:
             logger.warning("could not announce to the DHT; will retry", exc_info=True)
+
+    async def _drain(self) -> None:
+        """Announces `draining`, refuses new sessions, and waits (bounded) for open ones to finish."""
+        self.state = ServerState.DRAINING
+        await self._announce()
+        deadline = asyncio.get_running_loop().time() + self.options.drain_timeout
+        last_announce = asyncio.get_running_loop().time()
+        if self.handler.open_sessions:
+            logger.info("draining: waiting up to %.0f s for %d open session(s); Ctrl-C again to stop now",
+                        self.options.drain_timeout, self.handler.open_sessions)
+        while self.handler.open_sessions and not self._force_stop.is_set():
+            now = asyncio.get_running_loop().time()
+            if now >= deadline:
+                logger.warning("drain timeout: closing %d open session(s)", self.handler.open_sessions)
+                break
+            if now - last_announce >= self.options.announce_period:
+                await self._announce()
+                last_announce = now
+            try:
+                await asyncio.wait_for(self._force_stop.wait(), timeout=min(0.2, deadline - now))
+            except asyncio.TimeoutError:
+                pass
 
     async def _leave(self, p2p) -> None:
         if self.span is not None and self.throughput is not None:

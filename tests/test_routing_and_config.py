@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from blocks.wire import ErrorKind, Step, WireError, pack, read_header, read_tensors
 from client.errors import MissingBlocksError
-from client.routing import make_chain
+from client.routing import estimated_step_time, make_chain
 from configs.loader import ConfigError, build_parser, load_config
 from configs.schema import ServerOptions
 from dht.records import ServerInfo, ServerRecord
@@ -32,25 +34,39 @@ def chain_of(blocks, **kwargs):
     return [(plan.peer_id, plan.start, plan.end) for plan in make_chain("m", blocks, **kwargs)]
 
 
-def test_chain_covers_all_blocks_with_fewest_hops():
+def test_chain_minimises_hops_when_round_trips_dominate():
     blocks = servers(("a", 0, 3), ("b", 0, 5), ("c", 3, 8), ("d", 5, 8))
-    assert chain_of(blocks) == [("b", 0, 5), ("d", 5, 8)]  # c and d tie; the peer id decides
-    assert chain_of(blocks, start=2, end=4) == [("b", 2, 4)]
+    slow_network = {peer: 1.0 for peer in "abcd"}
+    chain = chain_of(blocks, rtts=slow_network)
+    assert len(chain) == 2 and chain[0][:2] == ("b", 0) and chain[-1][2] == 8
+    assert chain_of(blocks, start=2, end=4, rtts=slow_network) == [("b", 2, 4)]
 
 
-def test_chain_splits_overlapping_spans_and_prefers_faster_servers():
-    blocks = servers(("a", 0, 8, "online", 100, 1.0), ("b", 0, 8, "online", 100, 5.0))
-    assert chain_of(blocks) == [("b", 0, 8)]
-    assert chain_of(servers(("a", 0, 6), ("b", 4, 8))) == [("a", 0, 6), ("b", 6, 8)]
+def test_chain_prefers_fast_servers_and_splits_overlapping_ranges():
+    fast_and_slow = servers(("slow", 0, 8, "online", 100, 1.0), ("fast", 0, 8, "online", 100, 5.0))
+    assert chain_of(fast_and_slow) == [("fast", 0, 8)]
+    # A 100x faster server for blocks 4-7 is worth one more hop; a far one (1 s RTT) is not.
+    blocks = servers(("a", 0, 8, "online", 100, 1.0), ("b", 4, 8, "online", 100, 100.0))
+    assert chain_of(blocks) == [("a", 0, 4), ("b", 4, 8)]
+    assert chain_of(blocks, rtts={"a": 0.01, "b": 1.0}) == [("a", 0, 8)]
+    assert estimated_step_time(make_chain("m", blocks)) == pytest.approx(0.05 + 4 / 8 + 0.05 + 4 / 400)
+
+
+def test_jitter_spreads_clients_over_equal_servers():
+    blocks = servers(("a", 0, 8), ("b", 0, 8))
+    picks = {chain_of(blocks, rng=random.Random(seed))[0][0] for seed in range(40)}
+    assert picks == {"a", "b"}
+    assert chain_of(blocks) == chain_of(blocks)  # without rng the choice is deterministic
 
 
 def test_chain_skips_unusable_servers_and_names_missing_blocks():
-    blocks = servers(("a", 0, 4), ("b", 4, 8, "draining"), ("c", 4, 6, "online", 0), ("d", 6, 8))
+    blocks = servers(("a", 0, 4), ("b", 4, 8, "draining"), ("c", 4, 6, "online", 0), ("d", 6, 8), ("e", 4, 8, "offline"))
     with pytest.raises(MissingBlocksError) as info:
         make_chain("m", blocks)
     assert info.value.blocks == [4, 5] and "block(s) 4-5" in str(info.value)
     with pytest.raises(MissingBlocksError, match=r"0-3"):
         make_chain("m", servers(("a", 0, 4), ("d", 4, 8)), exclude={"a"})
+    assert chain_of(servers(("a", 0, 8), ("b", 0, 8)), exclude={"a"}) == [("b", 0, 8)]
 
 
 def test_cache_budget_refuses_when_full_and_releases_once():

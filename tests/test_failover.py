@@ -1,0 +1,165 @@
+"""Fault tolerance: servers die, hang, fail or fill up mid-generation and the output does not change."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from blocks.synthetic import make_random_checkpoint
+from client import AutoDistributedModelForCausalLM, MissingBlocksError, SwarmBusyError
+from swarm.local import LocalSwarm
+from tests.client_worker import prompt
+from tests.conftest import reference_model
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 40
+OVERLAPPING = [(0, 3), (3, 6), (0, 4), (2, 6)]
+
+
+@pytest.fixture(scope="module")
+def model6(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("failover") / "llama6", "llama", num_layers=6, seed=5)
+
+
+@pytest.fixture(scope="module")
+def ref6(model6):
+    return reference_model(model6)
+
+
+def start_swarm(path, splits, tmp_path, *server_args):
+    return LocalSwarm(path, splits, server_args=["--throughput", "100", *server_args], workdir=tmp_path / "swarm")
+
+
+class AtToken(BaseStreamer):
+    """Calls `action` when the n-th new token has been produced (the prompt is the first put)."""
+
+    def __init__(self, n: int, action):
+        self.n, self.action, self.puts = n, action, 0
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == self.n + 1:
+            self.action()
+
+    def end(self):
+        pass
+
+
+def generate_with_fault(model, ids, fault, at=20, max_new_tokens=NEW_TOKENS):
+    """Greedy generation during which `fault(session)` hits the server of the chain's last span."""
+    with model.inference_session(max_length=ids.shape[1] + max_new_tokens) as session:
+        victims = []
+
+        def act():
+            victims.append(session.chain[-1][0])
+            fault(victims[-1])
+
+        output = model.generate(ids, max_new_tokens=max_new_tokens, session=session, streamer=AtToken(at, act))
+        return output, session, victims[0]
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+def test_server_dies_or_hangs_mid_generation_output_unchanged(model6, ref6, tmp_path, how):
+    ids = prompt(1)
+    expected = ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with start_swarm(model6, OVERLAPPING, tmp_path) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5) as model:
+            def fault(peer):
+                if how == "sigkill":
+                    swarm.server(peer).kill()
+                else:
+                    swarm.server(peer).signal(signal.SIGSTOP)
+
+            output, session, victim = generate_with_fault(model, ids, fault)
+            assert torch.equal(output, expected)
+            assert session.failovers >= 1 and victim not in [peer for peer, _, _ in session.chain]
+            # A new generation right away routes around the dead server (its DHT record is still "online").
+            assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS), expected)
+
+
+def test_server_that_starts_answering_errors_is_replaced(model6, ref6, tmp_path):
+    ids = prompt(2)
+    expected = ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with start_swarm(model6, [(0, 3), (3, 6)], tmp_path) as swarm:
+        faulty = swarm.add_server(0, 6, "--throughput", "10000", module="tests.faulty_server",
+                                  env={"FAULTY_SERVER_FAIL_AFTER": "15"})
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5) as model:
+            with model.inference_session(max_length=64) as session:
+                output = model.generate(ids, max_new_tokens=NEW_TOKENS, session=session)
+                assert session.failovers == 1
+                assert [start for _, start, _ in session.chain] == [0, 3]
+                assert faulty.peer_id not in [peer for peer, _, _ in session.chain]
+            assert torch.equal(output, expected)
+        assert "illegal memory access" in faulty.log_path.read_text()
+
+
+def test_only_server_of_some_blocks_dies_gives_a_clear_error(model6, tmp_path):
+    with start_swarm(model6, [(0, 3), (3, 6)], tmp_path) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5) as model:
+            started = time.monotonic()
+            with pytest.raises(MissingBlocksError, match=r"block\(s\) 3-5") as info:
+                generate_with_fault(model, prompt(3), lambda peer: swarm.server(peer).kill(), at=5)
+            assert info.value.blocks == [3, 4, 5]
+            assert time.monotonic() - started < 30
+
+
+def test_full_server_sends_sessions_elsewhere_then_swarm_busy(model6, ref6, tmp_path):
+    ids = prompt(4)
+    expected = ref6.generate(ids, max_new_tokens=20, do_sample=False)
+    max_length = ids.shape[1] + 20
+    with start_swarm(model6, [(0, 6), (0, 6)], tmp_path, "--cache-tokens", str(max_length + 10)) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5) as model:
+            first, second = model.inference_session(max_length), model.inference_session(max_length)
+            with first, second:
+                assert torch.equal(model.generate(ids, max_new_tokens=20, session=first), expected)
+                assert torch.equal(model.generate(ids, max_new_tokens=20, session=second), expected)
+                assert {first.chain[0][0], second.chain[0][0]} == {s.peer_id for s in swarm.servers}
+                with pytest.raises(SwarmBusyError, match="swarm busy"):
+                    model.generate(ids, max_new_tokens=20)
+            # Closing the sessions frees the room again.
+            assert torch.equal(model.generate(ids, max_new_tokens=20), expected)
+
+
+def test_drain_lets_open_sessions_finish_and_sends_new_ones_elsewhere(model6, ref6, tmp_path):
+    ids = prompt(5)
+    expected = ref6.generate(ids, max_new_tokens=30, do_sample=False)
+    with start_swarm(model6, [(0, 6), (0, 6)], tmp_path, "--drain-timeout", "60") as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5) as model:
+            with model.inference_session(max_length=64) as session:
+                model.generate(ids, max_new_tokens=10, session=session)
+                draining = swarm.server(session.chain[0][0])
+                draining.signal(signal.SIGTERM)
+                time.sleep(0.5)
+                with model.inference_session(max_length=64) as newcomer:
+                    assert torch.equal(model.generate(ids, max_new_tokens=30, session=newcomer), expected)
+                    assert newcomer.chain[0][0] != draining.peer_id
+                output = model.generate(None, max_new_tokens=20, session=session)
+                assert torch.equal(output, expected) and session.failovers == 0
+                assert draining.proc.poll() is None  # still serving the open session
+            assert draining.proc.wait(30) == 0  # exits once the session is closed
+
+
+def test_sixteen_concurrent_sessions_from_several_processes(llama_swarm, llama_path, llama_ref):
+    seeds = list(range(100, 116))
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "tests.client_worker", str(llama_path), llama_swarm.initial_peers[0],
+                          "16", *map(str, seeds[i::2])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    results = {}
+    for i, worker in enumerate(workers):
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-2000:]
+        results.update(zip(seeds[i::2], json.loads(out)))
+    for seed in seeds:
+        ids = prompt(seed)
+        expected = llama_ref.generate(ids, max_new_tokens=16, do_sample=False)
+        assert results[seed] == expected[0].tolist()
