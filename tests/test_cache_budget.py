@@ -1,0 +1,127 @@
+"""The server's KV-cache budget comes back in full on every exit path of a session."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from blocks.wire import RPC_INFERENCE, RPC_INFO, OpenSession, ServerInfoReply, Step, pack, read_header
+from client.span import connect
+
+pytestmark = pytest.mark.slow
+
+HOLDER = """
+import sys, time, torch
+from client import AutoDistributedModelForCausalLM
+model = AutoDistributedModelForCausalLM.from_pretrained(sys.argv[1], [sys.argv[2]])
+sessions = [model.inference_session(max_length=100) for _ in range(5)]
+for s in sessions:
+    s.step(torch.randn(1, 3, model.config.hidden_size))
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+async def first_server(client):
+    (plan, *_) = await client.remote.make_chain()
+    return plan, await connect(client.remote.p2p, plan, 10)
+
+
+async def info(client) -> ServerInfoReply:
+    _, peer = await first_server(client)
+    reply = await client.remote.p2p.call_protobuf_handler(peer, RPC_INFO, runtime_pb2.ExpertRequest(),
+                                                          runtime_pb2.ExpertResponse)
+    return read_header(reply, ServerInfoReply)
+
+
+async def broken_session(client, pattern: int) -> None:
+    """Opens a session on the first server and breaks it in one of several ways."""
+    plan, peer = await first_server(client)
+    opened = pack(OpenSession(model=client.model_name, start_block=plan.start, end_block=plan.end,
+                              max_length=50, batch_size=1), request=True)
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def requests():
+        while (message := await queue.get()) is not None:
+            yield message
+
+    queue.put_nowait(opened)
+    replies = await client.remote.p2p.iterate_protobuf_handler(peer, RPC_INFERENCE, requests(), runtime_pb2.ExpertResponse)
+    try:
+        await anext(replies)  # SessionOpened: the cache is reserved now
+        if pattern == 0:
+            return  # the client vanishes without a word
+        if pattern == 1:  # a normal step, then a clean end of stream
+            queue.put_nowait(pack(Step(position=0), [torch.randn(1, 4, 64)], request=True))
+            await anext(replies)
+            queue.put_nowait(None)
+            await anext(replies, None)
+        elif pattern == 2:  # a bad step: the server answers an error and ends the session
+            queue.put_nowait(pack(Step(position=0), [torch.randn(1, 4, 63)], request=True))
+            await anext(replies)
+        else:  # a step sent, then the client disappears before reading the answer
+            queue.put_nowait(pack(Step(position=0), [torch.randn(1, 4, 64)], request=True))
+            await asyncio.sleep(0.01)
+    finally:
+        await replies.aclose()
+
+
+def wait_for_full_budget(client, timeout: float = 60) -> ServerInfoReply:
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = client.remote.runtime.run(info(client), 30)
+        if reply.open_sessions == 0 and reply.cache_tokens_free == reply.cache_tokens_total:
+            return reply
+        if time.monotonic() > deadline:
+            raise AssertionError(f"cache not returned: {reply}")
+        time.sleep(0.2)
+
+
+def test_memory_returned_after_hundreds_of_broken_sessions(llama_client, llama_swarm, llama_path, llama_ref):
+    async def storm():
+        for batch in range(20):
+            await asyncio.gather(*(broken_session(llama_client, (batch + i) % 4) for i in range(12)))
+
+    llama_client.remote.runtime.run(asyncio.wait_for(storm(), 240))
+
+    # A client process holding sessions is killed outright.
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(llama_path), llama_swarm.initial_peers[0]],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        during = llama_client.remote.runtime.run(info(llama_client), 30)
+        assert during.open_sessions >= 5 and during.cache_tokens_free <= during.cache_tokens_total - 500
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+
+    reply = wait_for_full_budget(llama_client)
+    assert reply.cache_tokens_free == 16384
+    ids = torch.randint(3, 100, (1, 5))
+    assert torch.equal(llama_client.generate(ids, max_new_tokens=10), llama_ref.generate(ids, max_new_tokens=10, do_sample=False))
+
+
+def test_idle_sessions_expire(llama_swarm, llama_path, tmp_path):
+    from client import AutoDistributedModelForCausalLM
+
+    child = llama_swarm.add_server(0, 4, "--session-timeout", "1.5", "--throughput", "100000", "--model-name", "idle-test")
+    try:
+        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, llama_swarm.initial_peers,
+                                                             model_name="idle-test") as model:
+            session = model.inference_session(max_length=100)
+            session.step(torch.randn(1, 3, 64))
+            assert model.remote.runtime.run(info(model), 30).open_sessions == 1
+            time.sleep(3)
+            assert wait_for_full_budget(model, timeout=10).open_sessions == 0
+            session.close()
+        assert "closed after 2 s idle" in child.log_path.read_text()
+    finally:
+        child.stop()
+        llama_swarm.servers.remove(child)
