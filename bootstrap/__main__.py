@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from configs.loader import ConfigError, build_parser, load_config
+from configs.loader import cli_options
 from configs.schema import BootstrapOptions
 from dht.swarm_dht import start_dht
 
@@ -26,14 +26,7 @@ across restarts."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        BootstrapOptions, prog="python -m bootstrap", description="Run a bootstrap node of a Swarm DHT.", epilog=EPILOG
-    )
-    try:
-        options = load_config(BootstrapOptions, parser, argv)
-    except ConfigError as e:
-        parser.error(str(e))
-    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = cli_options(BootstrapOptions, "python -m bootstrap", "Run a bootstrap node of a Swarm DHT.", EPILOG, argv)
     try:
         dht, _ = start_dht(
             options.initial_peers,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from transformers import AutoTokenizer, TextStreamer
@@ -10,7 +9,7 @@ from transformers import AutoTokenizer, TextStreamer
 from blocks.errors import BlocksError
 from client.errors import SwarmError
 from client.model import AutoDistributedModelForCausalLM
-from configs.loader import ConfigError, build_parser, load_config
+from configs.loader import cli_options
 from configs.schema import GenerateOptions
 
 EPILOG = """\
@@ -23,15 +22,8 @@ The checkpoint directory must also hold the tokenizer."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        GenerateOptions, prog="python -m client.generate",
-        description="Generate text with a model whose blocks are served by a swarm.", epilog=EPILOG,
-    )
-    try:
-        options = load_config(GenerateOptions, parser, argv)
-    except ConfigError as e:
-        parser.error(str(e))
-    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = cli_options(GenerateOptions, "python -m client.generate",
+                          "Generate text with a model whose blocks are served by a swarm.", EPILOG, argv)
     try:
         tokenizer = AutoTokenizer.from_pretrained(options.model)
     except (OSError, ValueError) as e:

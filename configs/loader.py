@@ -8,7 +8,9 @@ CLI, the files and the code never disagree. A wrong key or value is an error tha
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -102,3 +104,18 @@ def _read_yaml(path: Path, schema: type[BaseModel]) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown key(s) in {path}: {', '.join(map(str, unknown))}")
     return data
+
+
+def cli_options(
+    schema: type[Config], prog: str, description: str, epilog: str, argv: Sequence[str] | None = None
+) -> Config:
+    """Parses a program's options (exit 2 with the offending key on error) and sets up its logging."""
+    parser = build_parser(schema, prog=prog, description=description, epilog=epilog)
+    try:
+        options = load_config(schema, parser, argv)
+    except ConfigError as e:
+        parser.error(str(e))
+    level = getattr(options, "log_level", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("hivemind").setLevel(level)
+    return options

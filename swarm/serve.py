@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
 from blocks.errors import BlocksError
-from configs.loader import ConfigError, build_parser, load_config
+from configs.loader import cli_options
 from configs.schema import ServerOptions
 from swarm.server import Server
 
@@ -21,17 +20,8 @@ then announces itself offline and exits 0."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        ServerOptions,
-        prog="python -m swarm.serve",
-        description="Host transformer blocks [START:END) of a model and serve them to Swarm clients.",
-        epilog=EPILOG,
-    )
-    try:
-        options = load_config(ServerOptions, parser, argv)
-    except ConfigError as e:
-        parser.error(str(e))
-    configure_logging(options.log_level)
+    options = cli_options(ServerOptions, "python -m swarm.serve",
+                          "Host transformer blocks [START:END) of a model and serve them to Swarm clients.", EPILOG, argv)
     try:
         server = Server(options)
     except (BlocksError, ValueError, OSError) as e:
@@ -39,12 +29,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     asyncio.run(server.run())
     return 0
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
 
 
 if __name__ == "__main__":
