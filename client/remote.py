@@ -111,10 +111,10 @@ class RemoteModel:
                 index += 1
             except (ServerFailure, SwarmBusyError) as e:
                 failures += 1
-                if failures > self.max_retries:
-                    raise RetriesExhaustedError(f"gave up after {failures} failures; last: {e}") from e
                 if isinstance(e, ServerFailure):
                     self.report_failure(plan.peer_id, str(e))
+                if failures > self.max_retries:
+                    raise RetriesExhaustedError(f"gave up after {failures} failures; last: {e}") from e
                 chain[index:] = await self.make_chain(plan.start, plan.end, exclude={plan.peer_id}) + chain[index + 1:]
         return hidden.to(dtype)
 

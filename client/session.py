@@ -69,7 +69,7 @@ class InferenceSession:
                     span = SpanSession(plan, self.remote.request_timeout)
                     opened.append(span)
                     await span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length, self.session_id)
-                if history is not None and history.shape[1] > 0:
+                if history is not None:
                     await self._replay(opened, history, mask)
                 for span in opened:
                     self.remote.bans.succeeded(span.plan.peer_id)
@@ -132,13 +132,13 @@ class InferenceSession:
                 output = await span.step(part, mask)
             except ServerFailure as e:
                 failures += 1
-                if failures > self.remote.max_retries:
-                    raise RetriesExhaustedError(f"gave up after {failures} server failures; last: {e}") from e
                 self.remote.report_failure(e.peer_id, str(e))
                 await span.close()
+                if failures > self.remote.max_retries:
+                    raise RetriesExhaustedError(f"gave up after {failures} server failures; last: {e}") from e
                 history = span.history()
-                replacement = await self._connect(span.plan.start, span.plan.end, history,
-                                                  mask[:, : history.shape[1]] if mask is not None else None)
+                history_mask = mask[:, : history.shape[1]] if mask is not None and history is not None else None
+                replacement = await self._connect(span.plan.start, span.plan.end, history, history_mask)
                 self.spans[index:index + 1] = replacement
                 self.failovers += 1
                 logger.warning("session %s: replaced %s for blocks %d:%d; chain now %s", self.session_id,

@@ -109,9 +109,10 @@ class SpanSession:
         self._step_id = 0
         self._inputs: list[torch.Tensor] = []  # what this server has received, to rebuild its cache elsewhere
 
-    def history(self) -> torch.Tensor:
-        """Inputs of block `plan.start` at every position this span has processed: [batch, position, hidden]."""
-        return torch.cat(self._inputs, dim=1) if self._inputs else torch.empty(0)
+    def history(self) -> Optional[torch.Tensor]:
+        """Inputs of block `plan.start` at every position this span has processed ([batch, position, hidden]),
+        or None before its first step."""
+        return torch.cat(self._inputs, dim=1) if self._inputs else None
 
     async def open(self, p2p: P2P, model: str, batch_size: int, max_length: int, session_id: str) -> None:
         try:

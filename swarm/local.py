@@ -139,7 +139,7 @@ class LocalSwarm:
             for start, end in self.splits:
                 self.add_server(start, end, wait=False)
             for server in self.servers:
-                self._wait_online(server)
+                self.wait_online(server)
         except BaseException:
             self.stop()
             raise
@@ -161,10 +161,11 @@ class LocalSwarm:
         )
         self.servers.append(child)
         if wait:
-            self._wait_online(child)
+            self.wait_online(child)
         return child
 
-    def _wait_online(self, child: Child) -> None:
+    def wait_online(self, child: Child) -> None:
+        """Blocks until `child` reports it is online, and learns its peer id."""
         line = child.wait_for_line(lambda line: line.startswith(ONLINE_MARKER), self.start_timeout)
         child.peer_id = line.split(" peer ", 1)[1].split(",", 1)[0]
 

@@ -163,3 +163,32 @@ def test_sixteen_concurrent_sessions_from_several_processes(llama_swarm, llama_p
         ids = prompt(seed)
         expected = llama_ref.generate(ids, max_new_tokens=16, do_sample=False)
         assert results[seed] == expected[0].tolist()
+
+
+def test_retries_are_bounded_with_a_clear_error(model6, tmp_path):
+    from client import RetriesExhaustedError
+
+    with LocalSwarm(model6, [], workdir=tmp_path / "swarm") as swarm:
+        for _ in range(3):
+            swarm.add_server(0, 6, "--throughput", "100", module="tests.faulty_server",
+                             env={"FAULTY_SERVER_FAIL_AFTER": "0"}, wait=False)
+        for child in swarm.servers:
+            swarm.wait_online(child)
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5,
+                                                             max_retries=1) as model:
+            started = time.monotonic()
+            with pytest.raises(RetriesExhaustedError, match="gave up after 2 server failures.*illegal memory access"):
+                model.generate(prompt(6), max_new_tokens=5)
+            assert time.monotonic() - started < 30
+            assert len(model.remote.bans.banned()) == 2
+
+
+def test_stateless_forward_reroutes_around_a_failing_server(model6, ref6, tmp_path):
+    ids = prompt(7)
+    with start_swarm(model6, [(0, 3), (3, 6)], tmp_path) as swarm:
+        swarm.add_server(0, 6, "--throughput", "10000", module="tests.faulty_server", env={"FAULTY_SERVER_FAIL_AFTER": "0"})
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5) as model:
+            logits = model(ids).logits
+            assert len(model.remote.bans.banned()) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(logits, ref6(ids).logits, atol=1e-4, rtol=1e-4)
