@@ -104,6 +104,25 @@ class Checkpoint:
                     tensors[name] = f.get_tensor(name).to(device=device, dtype=dtype)
         return tensors
 
+    def block_bytes(self, index: int, dtype: torch.dtype) -> int:
+        """Memory one block's weights take in `dtype`, from the files' headers (no tensor is read)."""
+        element = torch.empty(0, dtype=dtype).element_size()
+        total = 0
+        for name in self.block_tensor_names(index):
+            with safe_open(self.weight_map[name], framework="pt") as f:
+                numel = 1
+                for dim in f.get_slice(name).get_shape():
+                    numel *= dim
+            total += numel * element
+        return total
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV-cache memory of one token in one block."""
+        config = self.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
     @cached_property
     def config_digest(self) -> str:
         """Digest of the architecture: servers and clients compare it to know they run the same model."""

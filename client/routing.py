@@ -70,13 +70,16 @@ def make_chain(
     came_from: list[Optional[tuple[int, ServerInfo]]] = [None] * (end + 1)
     entry: dict[str, tuple[float, int]] = {}
     for j in range(start + 1, end + 1):
+        present = set()
         for info in servers[j - 1].values():
-            peer = info.peer_id
-            if peer not in candidates:
+            # A peer that moved may still have an old record under other blocks: judge each record alone.
+            if not usable(info, exclude):
                 continue
+            peer = info.peer_id
+            present.add(peer)
             per_block = seconds_per_block(info) * noise[peer]
             i = j - 1
-            if i >= max(info.record.start_block, start) and best[i] < math.inf:
+            if best[i] < math.inf:
                 value = best[i] - i * per_block
                 if peer not in entry or value < entry[peer][0]:
                     entry[peer] = (value, i)
@@ -86,9 +89,9 @@ def make_chain(
             cost = value + j * per_block + rtts.get(peer, DEFAULT_RTT) * noise[peer]
             if cost < best[j]:
                 best[j], came_from[j] = cost, (i, info)
-        # a server that does not cover block j cannot be extended past it
+        # a server can only be extended over consecutive blocks it serves
         for peer in list(entry):
-            if candidates[peer].record.end_block <= j:
+            if peer not in present:
                 del entry[peer]
 
     chain, j = [], end

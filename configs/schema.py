@@ -37,7 +37,18 @@ class NetworkOptions(_Schema):
 
 class ServerOptions(NetworkOptions):
     model: str = Field(description="path to a checkpoint directory (config.json + *.safetensors)")
-    blocks: str = Field(description="block range START:END to host, END exclusive, e.g. 0:16")
+    blocks: Optional[str] = Field(
+        None, description="block range START:END to host, END exclusive, e.g. 0:16 (default: chosen from what the swarm lacks)"
+    )
+    num_blocks: Optional[int] = Field(
+        None, gt=0, description="how many blocks to host when --blocks is not given (default: as many as fit in memory)"
+    )
+    rebalance_period: float = Field(
+        120.0, ge=0, description="without --blocks: seconds between checks whether other blocks need this server more (0: never)"
+    )
+    rebalance_threshold: float = Field(
+        0.2, ge=0, description="move only if the swarm's weakest block gains more than this fraction"
+    )
     model_name: Optional[str] = Field(None, description="name the model is announced under (default: derived from the checkpoint)")
     device: str = Field("cpu", description="torch device for the blocks: cpu, cuda, cuda:1, mps")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
@@ -59,7 +70,9 @@ class ServerOptions(NetworkOptions):
 
     @field_validator("blocks")
     @classmethod
-    def _check_blocks(cls, value: str) -> str:
+    def _check_blocks(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
         match = _BLOCKS_RE.match(value.strip())
         if not match or int(match.group(1)) >= int(match.group(2)):
             raise ValueError("must be START:END with START < END, e.g. 0:16")
@@ -79,7 +92,9 @@ class ServerOptions(NetworkOptions):
         return self
 
     @property
-    def block_range(self) -> tuple[int, int]:
+    def block_range(self) -> Optional[tuple[int, int]]:
+        if self.blocks is None:
+            return None
         start, end = self.blocks.split(":")
         return int(start), int(end)
 

@@ -10,6 +10,14 @@ import torch
 from dht.records import HardwareSummary
 
 
+def free_memory(device: str) -> int:
+    """Bytes the device can still give to blocks and caches."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev.index if dev.index is not None else torch.cuda.current_device())[0]
+    return psutil.virtual_memory().available
+
+
 def describe_device(device: str) -> HardwareSummary:
     dev = torch.device(device)
     if dev.type == "cuda":

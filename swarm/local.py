@@ -146,14 +146,16 @@ class LocalSwarm:
         return self
 
     def add_server(
-        self, start: int, end: int, *extra: str, wait: bool = True, module: str = "swarm.serve",
+        self, start: Optional[int], end: Optional[int], *extra: str, wait: bool = True, module: str = "swarm.serve",
         env: Optional[dict[str, str]] = None,
     ) -> Child:
-        """Starts one more server (`module` runs it: a wrapper of swarm.serve may inject faults in tests)."""
+        """Starts one more server for blocks [start, end) (None: the server chooses); `module` runs it,
+        so a wrapper of swarm.serve may inject faults in tests."""
         index = len(self.servers)
+        blocks = ["--blocks", f"{start}:{end}"] if start is not None else []
         child = Child(
-            f"server {index} ({start}:{end})",
-            [sys.executable, "-m", module, "--model", self.model, "--blocks", f"{start}:{end}",
+            f"server {index} ({start}:{end})" if blocks else f"server {index} (auto)",
+            [sys.executable, "-m", module, "--model", self.model, *blocks,
              "--initial-peers", *self.initial_peers, "--host", "127.0.0.1", "--port", "0",
              "--identity", str(self.workdir / f"server{index}.key"), *self.server_args, *extra],
             self.workdir / f"server{index}.log",

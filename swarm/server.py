@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 import sys
 from typing import Optional
@@ -22,7 +23,8 @@ from swarm import __version__
 from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
-from swarm.hardware import describe_device
+from swarm.hardware import describe_device, free_memory
+from swarm.selection import choose_start, coverage, rebalance_target
 from swarm.throughput import measure_throughput
 
 logger = logging.getLogger(__name__)
@@ -34,12 +36,19 @@ class Server:
         self.state = ServerState.JOINING
         self.checkpoint = Checkpoint(options.model)
         self.model_name = validate_model_name(options.model_name or self.checkpoint.default_model_name)
-        self.start_block, self.end_block = options.block_range
-        if self.end_block > self.checkpoint.num_blocks:
-            raise ValueError(
-                f"--blocks {options.blocks} is outside the model: it has {self.checkpoint.num_blocks} blocks (0:{self.checkpoint.num_blocks})"
-            )
         self.dtype = parse_dtype(options.dtype)
+        self.auto_blocks = options.block_range is None
+        if self.auto_blocks:
+            self.length = options.num_blocks or self._blocks_that_fit()
+            if self.length > self.checkpoint.num_blocks:
+                raise ValueError(f"--num-blocks {self.length} exceeds the model's {self.checkpoint.num_blocks} blocks")
+            self.start_block, self.end_block = 0, self.length  # until the swarm has been looked at
+        else:
+            self.start_block, self.end_block = options.block_range
+            if self.end_block > self.checkpoint.num_blocks:
+                raise ValueError(
+                    f"--blocks {options.blocks} is outside the model: it has {self.checkpoint.num_blocks} blocks (0:{self.checkpoint.num_blocks})"
+                )
         self.budget = CacheBudget(options.cache_tokens)
         self.limits = Limits(
             max_length=options.max_length or min(self.checkpoint.config.max_position_embeddings, options.cache_tokens),
@@ -74,6 +83,8 @@ class Server:
         self.dht = SwarmDHT(dht, validator)
         p2p = None
         try:
+            if self.auto_blocks:
+                await self._choose_blocks()
             self.span = await self.compute.run(self._load)
             if self._stop.is_set():
                 return
@@ -107,14 +118,73 @@ class Server:
                 f"peer {self.dht.peer_id}, {self.throughput.inference:.1f} tokens/s",
                 flush=True,
             )
+            loop = asyncio.get_running_loop()
+            next_rebalance = loop.time() + self._rebalance_delay()
             while not self._stop.is_set():
                 try:
-                    await asyncio.wait_for(self._stop.wait(), timeout=opts.announce_period)
+                    await asyncio.wait_for(self._stop.wait(), timeout=max(0.0, min(
+                        opts.announce_period, next_rebalance - loop.time())))
                 except asyncio.TimeoutError:
+                    if loop.time() >= next_rebalance:
+                        await self._maybe_move()
+                        next_rebalance = loop.time() + self._rebalance_delay()
                     await self._announce()
             await self._drain()
         finally:
             await self._leave(p2p)
+
+    def _blocks_that_fit(self) -> int:
+        """As many blocks as 80 % of free memory holds, with their share of the KV-cache budget."""
+        per_block = self.checkpoint.block_bytes(0, self.dtype) + self.options.cache_tokens * self.checkpoint.kv_bytes_per_token(self.dtype)
+        fit = int(0.8 * free_memory(self.options.device) // per_block)
+        if fit < 1:
+            raise ValueError(f"not enough free memory on {self.options.device} for one block with --cache-tokens "
+                             f"{self.options.cache_tokens}: {per_block / 2**20:.0f} MiB needed")
+        return min(fit, self.checkpoint.num_blocks)
+
+    async def _coverage_without_me(self) -> list[float]:
+        servers = await self.dht.fetch_servers(self.model_name, self.checkpoint.num_blocks)
+        return coverage(servers, exclude_peer=self.dht.peer_id)
+
+    async def _choose_blocks(self) -> None:
+        """Takes the blocks the swarm lacks most, and claims them at once (`joining`) so that servers
+        starting right after this one choose other blocks."""
+        start = choose_start(await self._coverage_without_me(), self.length)
+        self.start_block, self.end_block = start, start + self.length
+        logger.info("chose blocks %d:%d (the swarm's weakest)", self.start_block, self.end_block)
+        await self._announce()
+
+    def _rebalance_delay(self) -> float:
+        """Seconds to the next rebalancing check (jittered, so servers do not all move at once); inf if off."""
+        if not self.auto_blocks or self.options.rebalance_period <= 0:
+            return float("inf")
+        return self.options.rebalance_period * random.uniform(0.5, 1.5)
+
+    async def _maybe_move(self) -> None:
+        try:
+            target = rebalance_target(await self._coverage_without_me(), self.start_block, self.length,
+                                      self.throughput.inference, self.options.rebalance_threshold)
+        except Exception:
+            logger.warning("could not read the swarm to rebalance; will retry", exc_info=True)
+            return
+        if target is None:
+            return
+        old = (self.start_block, self.end_block)
+        logger.info("moving from blocks %d:%d to %d:%d: the swarm needs them more", *old, target, target + self.length)
+        self.state = ServerState.DRAINING
+        await self._announce()
+        await self._wait_for_sessions()
+        self.state = ServerState.OFFLINE
+        await self._announce()
+        self.start_block, self.end_block = target, target + self.length
+        self.state = ServerState.JOINING
+        await self._announce()
+        self.span = await self.compute.run(self._load)
+        self.handler.span = self.span
+        self.state = ServerState.ONLINE
+        await self._announce()
+        print(f"swarm.serve moved: model {self.model_name}, blocks {self.start_block}:{self.end_block}, "
+              f"peer {self.dht.peer_id}", flush=True)
 
     def _load(self) -> BlockSpan:
         with tqdm(total=self.end_block - self.start_block, desc=f"loading blocks {self.start_block}:{self.end_block}",
@@ -162,6 +232,9 @@ class Server:
         """Announces `draining`, refuses new sessions, and waits (bounded) for open ones to finish."""
         self.state = ServerState.DRAINING
         await self._announce()
+        await self._wait_for_sessions()
+
+    async def _wait_for_sessions(self) -> None:
         deadline = asyncio.get_running_loop().time() + self.options.drain_timeout
         last_announce = asyncio.get_running_loop().time()
         if self.handler.open_sessions:

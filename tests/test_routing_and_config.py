@@ -138,3 +138,10 @@ def test_yaml_errors_are_clear(tmp_path):
         parse(["--model", "m", "--blocks", "0:1", "--config", str(bad)])
     with pytest.raises(ConfigError, match="cannot read"):
         parse(["--model", "m", "--blocks", "0:1", "--config", str(tmp_path / "missing.yaml")])
+
+
+def test_a_moved_server_is_used_only_where_its_current_record_is_online():
+    blocks = servers(("a", 0, 2), ("b", 2, 4), ("m", 0, 2, "offline"), num_blocks=6)
+    moved = servers(("m", 4, 6, "online", 100, 1000.0), num_blocks=6)
+    blocks[4], blocks[5] = moved[4], moved[5]
+    assert chain_of(blocks) == [("a", 0, 2), ("b", 2, 4), ("m", 4, 6)]
