@@ -31,7 +31,8 @@ class SpanPlan:
 
 def usable(info: ServerInfo, exclude: Collection[str]) -> bool:
     record = info.record
-    return info.peer_id not in exclude and record.state == ServerState.ONLINE and record.cache_tokens_free > 0
+    return (info.peer_id not in exclude and record.state == ServerState.ONLINE and record.available
+            and record.cache_tokens_free > 0)
 
 
 def seconds_per_block(info: ServerInfo) -> float:

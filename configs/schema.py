@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+from dataclasses import dataclass
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _BLOCKS_RE = re.compile(r"^(\d+):(\d+)$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class WorkingHours:
+    """A daily window in local time, e.g. 09:00-18:00; a window like 22:00-06:00 wraps midnight."""
+
+    start: dt.time
+    end: dt.time
+
+    @classmethod
+    def parse(cls, text: str) -> "WorkingHours":
+        try:
+            start, end = (dt.time.fromisoformat(part.strip()) for part in text.split("-"))
+        except ValueError:
+            raise ValueError(f"working hours must look like 09:00-18:00, got {text!r}") from None
+        if start == end:
+            raise ValueError("working hours start and end at the same time")
+        return cls(start, end)
+
+    def contains(self, moment: dt.time) -> bool:
+        if self.start < self.end:
+            return self.start <= moment < self.end
+        return moment >= self.start or moment < self.end
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
 
 
 class _Schema(BaseModel):
@@ -62,6 +90,15 @@ class ServerOptions(NetworkOptions):
     drain_timeout: float = Field(
         60.0, ge=0, description="on SIGTERM, seconds open sessions may take to finish before the server exits"
     )
+    acceptance_rate: float = Field(1.0, gt=0, le=1, description="fraction of new sessions to accept (load control)")
+    max_concurrent_sessions: Optional[int] = Field(None, gt=0, description="most sessions open at once (default: no limit)")
+    max_sessions_per_hour: Optional[int] = Field(None, gt=0, description="most new sessions per hour (default: no limit)")
+    working_hours: Optional[str] = Field(
+        None, description="daily window in local time when the server takes sessions, e.g. 09:00-18:00 (default: always)"
+    )
+    max_memory_fraction: float = Field(
+        0.8, gt=0, le=1, description="share of free device memory that blocks and KV cache may take when sizing --num-blocks"
+    )
     throughput: Optional[float] = Field(None, gt=0, description="announce this throughput (tokens/s) instead of measuring it")
     region: str = Field("", max_length=64, description="region announced to clients, e.g. europe-west")
     public_name: str = Field("", max_length=64, description="name shown on the swarm's health page")
@@ -83,6 +120,13 @@ class ServerOptions(NetworkOptions):
     def _check_dtype(cls, value: str) -> str:
         if value not in ("float32", "bfloat16", "float16"):
             raise ValueError("must be float32, bfloat16 or float16")
+        return value
+
+    @field_validator("working_hours")
+    @classmethod
+    def _check_hours(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            WorkingHours.parse(value)
         return value
 
     @model_validator(mode="after")

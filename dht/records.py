@@ -76,6 +76,7 @@ class ServerRecord(_Wire):
     version: str = Field(max_length=32)
     public_name: str = Field(default="", max_length=64)
     using_relay: bool = False
+    available: bool = True  # False outside the owner's working hours: takes no new sessions
     addrs: tuple[str, ...] = Field(default=(), max_length=16)
 
     @model_validator(mode="after")

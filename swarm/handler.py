@@ -59,6 +59,7 @@ class BlockHandler:
         version: str,
         state: Callable[[], str],
         accepting: Callable[[], bool],
+        admit: Callable[[int], None] = lambda open_sessions: None,
     ):
         self.model = model
         self.span = span
@@ -68,6 +69,7 @@ class BlockHandler:
         self.version = version
         self.state = state
         self.accepting = accepting
+        self.admit = admit
         self.open_sessions = 0
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -173,6 +175,7 @@ class BlockHandler:
             raise bad_request(f"batch size {batch} exceeds this server's limit of {self.limits.max_batch_size}")
         if max_length > self.limits.max_length:
             raise bad_request(f"length {max_length} exceeds this server's limit of {self.limits.max_length} tokens")
+        self.admit(self.open_sessions)
         return header.start_block, header.end_block
 
     def _check_step(

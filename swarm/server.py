@@ -16,13 +16,14 @@ from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_mode
 from blocks.loading import load_span
 from blocks.span import BlockSpan
 from blocks.wire import RPC_FORWARD, RPC_INFERENCE, RPC_INFO
-from configs.schema import ServerOptions
+from configs.schema import ServerOptions, WorkingHours
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import SwarmDHT, start_dht
 from swarm import __version__
 from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
+from swarm.load_control import LoadControl, LoadPolicy
 from swarm.hardware import describe_device, free_memory
 from swarm.selection import choose_start, coverage, rebalance_target
 from swarm.throughput import measure_throughput
@@ -50,6 +51,12 @@ class Server:
                     f"--blocks {options.blocks} is outside the model: it has {self.checkpoint.num_blocks} blocks (0:{self.checkpoint.num_blocks})"
                 )
         self.budget = CacheBudget(options.cache_tokens)
+        self.load = LoadControl(LoadPolicy(
+            acceptance_rate=options.acceptance_rate,
+            max_concurrent_sessions=options.max_concurrent_sessions,
+            max_sessions_per_hour=options.max_sessions_per_hour,
+            working_hours=WorkingHours.parse(options.working_hours) if options.working_hours else None,
+        ))
         self.limits = Limits(
             max_length=options.max_length or min(self.checkpoint.config.max_position_embeddings, options.cache_tokens),
             max_batch_size=options.max_batch_size,
@@ -102,6 +109,7 @@ class Server:
                 version=__version__,
                 state=lambda: self.state.value,
                 accepting=lambda: self.state == ServerState.ONLINE,
+                admit=self.load.admit,
             )
             p2p = await dht.replicate_p2p()
             for name, method, stream in (
@@ -134,9 +142,9 @@ class Server:
             await self._leave(p2p)
 
     def _blocks_that_fit(self) -> int:
-        """As many blocks as 80 % of free memory holds, with their share of the KV-cache budget."""
+        """As many blocks as --max-memory-fraction of free memory holds, with their share of the KV cache."""
         per_block = self.checkpoint.block_bytes(0, self.dtype) + self.options.cache_tokens * self.checkpoint.kv_bytes_per_token(self.dtype)
-        fit = int(0.8 * free_memory(self.options.device) // per_block)
+        fit = int(self.options.max_memory_fraction * free_memory(self.options.device) // per_block)
         if fit < 1:
             raise ValueError(f"not enough free memory on {self.options.device} for one block with --cache-tokens "
                              f"{self.options.cache_tokens}: {per_block / 2**20:.0f} MiB needed")
@@ -208,6 +216,7 @@ class Server:
             version=__version__,
             public_name=self.options.public_name,
             using_relay=False,
+            available=self.load.available(),
             addrs=tuple(self.dht.visible_maddrs()[:16]),
         )
 
