@@ -119,3 +119,19 @@ def cli_options(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("hivemind").setLevel(level)
     return options
+
+
+def example_yaml(schema: type[BaseModel], program: str, examples: Mapping[str, Any]) -> str:
+    """A YAML file documenting every option of `schema` with its default (or an example value)."""
+    lines = [
+        f"# Every option of `{program}`, with its default. Pass this file with --config; an environment",
+        "# variable SWARM_<KEY> or a command-line flag --<key-with-dashes> overrides any value here.",
+        "",
+    ]
+    for name, field in schema.model_fields.items():
+        value = examples[name] if name in examples else field.get_default(call_default_factory=True)
+        required = " (required)" if field.is_required() else ""
+        lines.append(f"# {field.description}{required}")
+        lines.append(yaml.safe_dump({name: value}, default_flow_style=False, width=1000).strip())
+        lines.append("")
+    return "\n".join(lines)

@@ -161,3 +161,9 @@ class GenerateOptions(_Schema):
     repetition_penalty: float = Field(1.0, gt=0, description="penalty for repeating tokens (1.0: none)")
     request_timeout: float = Field(60.0, gt=0, description="seconds to wait for any server reply")
     log_level: str = Field("warning", description=f"one of {', '.join(LOG_LEVELS)}")
+
+
+EXAMPLE_SERVER_VALUES = {
+    "model": "/path/to/checkpoint",
+    "initial_peers": ["/ip4/127.0.0.1/tcp/31337/p2p/QmBootstrapPeerId"],
+}

@@ -145,3 +145,19 @@ def test_a_moved_server_is_used_only_where_its_current_record_is_online():
     moved = servers(("m", 4, 6, "online", 100, 1000.0), num_blocks=6)
     blocks[4], blocks[5] = moved[4], moved[5]
     assert chain_of(blocks) == [("a", 0, 2), ("b", 2, 4), ("m", 4, 6)]
+
+
+def test_example_yaml_documents_every_option_and_loads():
+    from pathlib import Path
+
+    from configs.loader import example_yaml
+    from configs.schema import EXAMPLE_SERVER_VALUES
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "example.yaml"
+    assert path.read_text() == example_yaml(ServerOptions, "python -m swarm.serve", EXAMPLE_SERVER_VALUES), (
+        "configs/example.yaml is out of date: regenerate it with configs.loader.example_yaml"
+    )
+    options = parse(["--config", str(path)])
+    assert options.model == "/path/to/checkpoint" and options.cache_tokens == 16384
+    for name in ServerOptions.model_fields:
+        assert f"\n{name}:" in path.read_text()
