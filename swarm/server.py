@@ -13,6 +13,7 @@ from hivemind.proto import runtime_pb2
 from tqdm import tqdm
 
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
+from configs.paths import cache_dir
 from blocks.loading import load_span
 from blocks.span import BlockSpan
 from blocks.wire import RPC_FORWARD, RPC_INFERENCE, RPC_INFO
@@ -26,7 +27,7 @@ from swarm.handler import BlockHandler, Limits
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.hardware import describe_device, free_memory
 from swarm.selection import choose_start, coverage, rebalance_target
-from swarm.throughput import measure_throughput
+from swarm.throughput import cached_throughput
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,10 @@ class Server:
             self.throughput = (
                 Throughput(inference=opts.throughput, forward=opts.throughput)
                 if opts.throughput
-                else await self.compute.run(measure_throughput, self.span)
+                else await self.compute.run(
+                    cached_throughput, self.span, self.model_name, describe_device(opts.device).device_name,
+                    __version__, cache_dir(),
+                )
             )
             self.handler = handler = BlockHandler(
                 model=self.model_name,

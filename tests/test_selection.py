@@ -38,3 +38,20 @@ def test_rebalance_moves_only_when_it_helps_enough():
     assert rebalance_target([10, 10, 10, 10, 9, 9], 0, 2, 1, threshold=0.2) is None
     assert rebalance_target([10, 10, 10, 10, 5, 5], 0, 2, 10, threshold=0.2) == 4
     assert rebalance_target([10, 10, 10, 10, 10, 10], 0, 2, 10, threshold=0.2) is None
+
+
+def test_throughput_is_measured_once_and_scaled_to_the_span(tmp_path):
+    from blocks.checkpoint import Checkpoint
+    from blocks.loading import load_span
+    from blocks.synthetic import make_random_checkpoint
+    from swarm.throughput import cached_throughput
+
+    checkpoint = Checkpoint(make_random_checkpoint(tmp_path / "m", "llama", num_layers=4))
+    two, four = load_span(checkpoint, 0, 2), load_span(checkpoint, 0, 4)
+    first = cached_throughput(two, "m", "cpu", "1.0", tmp_path / "cache")
+    assert first.inference > 0 and first.forward > 0
+    (cached,) = (tmp_path / "cache" / "throughput").glob("*.json")
+    assert cached_throughput(two, "m", "cpu", "1.0", tmp_path / "cache") == first  # read back, not remeasured
+    assert cached_throughput(four, "m", "cpu", "1.0", tmp_path / "cache").inference == pytest.approx(first.inference / 2)
+    cached_throughput(two, "m", "cpu", "2.0", tmp_path / "cache")  # a new version measures again
+    assert len(list((tmp_path / "cache" / "throughput").glob("*.json"))) == 2
