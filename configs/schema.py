@@ -167,3 +167,12 @@ EXAMPLE_SERVER_VALUES = {
     "model": "/path/to/checkpoint",
     "initial_peers": ["/ip4/127.0.0.1/tcp/31337/p2p/QmBootstrapPeerId"],
 }
+
+
+class HealthOptions(_Schema):
+    initial_peers: list[str] = Field(description="multiaddrs of swarm peers, e.g. the bootstrap node's")
+    host: str = Field("127.0.0.1", description="address the web page listens on (0.0.0.0 to publish it)")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port of the page")
+    refresh_period: float = Field(10.0, gt=0, description="seconds between crawls of the DHT (and page refreshes)")
+    nat_port_map: bool = Field(False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in")
+    log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")

@@ -78,6 +78,7 @@ class ServerRecord(_Wire):
     using_relay: bool = False
     available: bool = True  # False outside the owner's working hours: takes no new sessions
     addrs: tuple[str, ...] = Field(default=(), max_length=16)
+    announced_at: float = Field(default=0.0, ge=0)  # unix time of this announcement
 
     @model_validator(mode="after")
     def _check_range(self) -> "ServerRecord":
@@ -95,6 +96,15 @@ class ModelRecord(_Wire):
     family: str = Field(max_length=32)
     config_digest: str = Field(min_length=64, max_length=64)
     hidden_size: int = Field(gt=0)
+
+
+class ModelEntry(_Wire):
+    """A server's entry in the swarm-wide list of models (`_swarm.models`), so crawlers can find every model."""
+
+    model: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+MODELS_KEY = "_swarm.models"
 
 
 def block_key(model: str, block: int) -> str:

@@ -19,7 +19,16 @@ from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.utils import get_dht_time
 
 from dht.identity import ensure_identity, make_validator, peer_id_of_subkey
-from dht.records import ModelRecord, ServerInfo, ServerRecord, block_key, meta_key, parse_server_entry
+from dht.records import (
+    MODELS_KEY,
+    ModelEntry,
+    ModelRecord,
+    ServerInfo,
+    ServerRecord,
+    block_key,
+    meta_key,
+    parse_server_entry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +95,24 @@ class SwarmDHT:
         )
 
     async def announce_meta(self, model: str, meta: ModelRecord, ttl: float = DEFAULT_TTL) -> None:
-        await self.dht.run_coroutine(
-            partial(_store_many, keys=[meta_key(model)], subkey=self.validator.local_public_key,
-                    value=meta.to_wire(), expiration_time=get_dht_time() + ttl),
-            return_future=True,
-        )
+        """Model metadata under `M._meta`, and this server's entry in the swarm-wide model list."""
+        expiration = get_dht_time() + ttl
+        for key, value in ((meta_key(model), meta.to_wire()), (MODELS_KEY, ModelEntry(model=model).to_wire())):
+            await self.dht.run_coroutine(
+                partial(_store_many, keys=[key], subkey=self.validator.local_public_key, value=value,
+                        expiration_time=expiration),
+                return_future=True,
+            )
+
+    async def fetch_models(self) -> list[str]:
+        """Names of every model some live server announces, sorted."""
+        raw = await self.dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY]), return_future=True)
+        names = set()
+        for subkey, (value, _) in raw.get(MODELS_KEY, {}).items():
+            entry = ModelEntry.from_wire(value) if peer_id_of_subkey(subkey) else None
+            if entry is not None:
+                names.add(entry.model)
+        return sorted(names)
 
     async def fetch_servers(self, model: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
         """For each block, the valid records of the servers that announce it, keyed by peer id."""

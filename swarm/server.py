@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import signal
+import time
 import sys
 from typing import Optional
 
@@ -221,6 +222,7 @@ class Server:
             public_name=self.options.public_name,
             using_relay=False,
             available=self.load.available(),
+            announced_at=time.time(),
             addrs=tuple(self.dht.visible_maddrs()[:16]),
         )
 

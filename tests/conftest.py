@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from swarm.local import LocalSwarm
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 logging.getLogger("hivemind").setLevel(logging.WARNING)
+# Throughput caches and converted models of test servers stay out of the user's home.
+os.environ["SWARM_CACHE_DIR"] = tempfile.mkdtemp(prefix="swarm-test-cache-")
 
 
 @pytest.fixture(scope="session")
