@@ -6,18 +6,19 @@ import asyncio
 import logging
 import random
 import signal
-import time
 import sys
+import time
 from typing import Optional
 
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from tqdm import tqdm
 
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
-from configs.paths import cache_dir
 from blocks.loading import load_span
 from blocks.span import BlockSpan
 from blocks.wire import RPC_FORWARD, RPC_INFERENCE, RPC_INFO
+from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import SwarmDHT, start_dht
@@ -25,8 +26,8 @@ from swarm import __version__
 from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
-from swarm.load_control import LoadControl, LoadPolicy
 from swarm.hardware import describe_device, free_memory
+from swarm.load_control import LoadControl, LoadPolicy
 from swarm.selection import choose_start, coverage, rebalance_target
 from swarm.throughput import cached_throughput
 
@@ -97,32 +98,8 @@ class Server:
             self.span = await self.compute.run(self._load)
             if self._stop.is_set():
                 return
-            self.throughput = (
-                Throughput(inference=opts.throughput, forward=opts.throughput)
-                if opts.throughput
-                else await self.compute.run(
-                    cached_throughput, self.span, self.model_name, describe_device(opts.device).device_name,
-                    __version__, cache_dir(),
-                )
-            )
-            self.handler = handler = BlockHandler(
-                model=self.model_name,
-                span=self.span,
-                budget=self.budget,
-                compute=self.compute,
-                limits=self.limits,
-                version=__version__,
-                state=lambda: self.state.value,
-                accepting=lambda: self.state == ServerState.ONLINE,
-                admit=self.load.admit,
-            )
-            p2p = await dht.replicate_p2p()
-            for name, method, stream in (
-                (RPC_INFERENCE, handler.rpc_inference, True),
-                (RPC_FORWARD, handler.rpc_forward, True),
-                (RPC_INFO, handler.rpc_info, False),
-            ):
-                await p2p.add_protobuf_handler(name, method, runtime_pb2.ExpertRequest, stream_input=stream, stream_output=stream)
+            self.throughput = await self._throughput()
+            p2p = await self._open_handlers(dht)
             await self._announce()
             self.state = ServerState.ONLINE
             await self._announce()
@@ -131,20 +108,52 @@ class Server:
                 f"peer {self.dht.peer_id}, {self.throughput.inference:.1f} tokens/s",
                 flush=True,
             )
-            loop = asyncio.get_running_loop()
-            next_rebalance = loop.time() + self._rebalance_delay()
-            while not self._stop.is_set():
-                try:
-                    await asyncio.wait_for(self._stop.wait(), timeout=max(0.0, min(
-                        opts.announce_period, next_rebalance - loop.time())))
-                except asyncio.TimeoutError:
-                    if loop.time() >= next_rebalance:
-                        await self._maybe_move()
-                        next_rebalance = loop.time() + self._rebalance_delay()
-                    await self._announce()
+            await self._serve_until_stopped()
             await self._drain()
         finally:
             await self._leave(p2p)
+
+    async def _throughput(self) -> Throughput:
+        if self.options.throughput:
+            return Throughput(inference=self.options.throughput, forward=self.options.throughput)
+        return await self.compute.run(cached_throughput, self.span, self.model_name,
+                                      describe_device(self.options.device).device_name, __version__, cache_dir())
+
+    async def _open_handlers(self, dht) -> P2P:
+        """Registers the RPC handlers on the DHT's libp2p daemon; returns the P2P handle to close later."""
+        self.handler = BlockHandler(
+            model=self.model_name,
+            span=self.span,
+            budget=self.budget,
+            compute=self.compute,
+            limits=self.limits,
+            version=__version__,
+            state=lambda: self.state.value,
+            accepting=lambda: self.state == ServerState.ONLINE,
+            admit=self.load.admit,
+        )
+        p2p = await dht.replicate_p2p()
+        for name, method, stream in (
+            (RPC_INFERENCE, self.handler.rpc_inference, True),
+            (RPC_FORWARD, self.handler.rpc_forward, True),
+            (RPC_INFO, self.handler.rpc_info, False),
+        ):
+            await p2p.add_protobuf_handler(name, method, runtime_pb2.ExpertRequest, stream_input=stream, stream_output=stream)
+        return p2p
+
+    async def _serve_until_stopped(self) -> None:
+        """Refreshes the records every announce period and, with automatic blocks, checks for a better range."""
+        loop = asyncio.get_running_loop()
+        next_rebalance = loop.time() + self._rebalance_delay()
+        while not self._stop.is_set():
+            timeout = max(0.0, min(self.options.announce_period, next_rebalance - loop.time()))
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=timeout)
+            except asyncio.TimeoutError:
+                if loop.time() >= next_rebalance:
+                    await self._maybe_move()
+                    next_rebalance = loop.time() + self._rebalance_delay()
+                await self._announce()
 
     def _blocks_that_fit(self) -> int:
         """As many blocks as --max-memory-fraction of free memory holds, with their share of the KV cache."""
