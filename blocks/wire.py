@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 RPC_INFERENCE = "swarm.BlockService.rpc_inference"
 RPC_FORWARD = "swarm.BlockService.rpc_forward"
 RPC_INFO = "swarm.BlockService.rpc_info"
+RPC_ECHO = "swarm.BlockService.rpc_echo"  # returns its payload: peers measure their bandwidth with it
+ECHO_MAX_BYTES = 1536 * 1024
 
 # One message on a stream stays well below what the libp2p daemon accepts; longer inputs are chunked.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024

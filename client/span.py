@@ -9,7 +9,6 @@ from typing import AsyncIterator, Optional
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.utils.multiaddr import Multiaddr
 
 from blocks.checkpoint import parse_dtype
 from blocks.wire import (
@@ -28,6 +27,7 @@ from blocks.wire import (
 )
 from client.errors import BadRequestError, ModelMismatchError, ServerFailure, SwarmBusyError, SwarmError
 from client.routing import SpanPlan
+from dht.dialing import dial
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +50,11 @@ def to_client_error(peer_id: str, error: Exception) -> Exception:
 
 
 async def connect(p2p: P2P, plan: SpanPlan, timeout: float) -> PeerID:
-    """Dials the server at the addresses it announced (the DHT may not have told the daemon yet)."""
-    peer = PeerID.from_base58(plan.peer_id)
-    # The daemon wants transport addresses: drop the trailing /p2p/<peer id>.
-    addrs = [Multiaddr(a.split("/p2p/")[0]) for a in plan.info.record.addrs]
-    if addrs:
-        try:
-            await asyncio.wait_for(p2p._client.connect(peer, addrs), timeout)
-        except Exception as e:
-            raise ServerFailure(plan.peer_id, f"cannot connect: {e}") from e
-    return peer
+    """Dials the server of `plan`; a failure is the server's."""
+    try:
+        return await dial(p2p, plan.peer_id, plan.info.record.addrs, timeout)
+    except Exception as e:
+        raise ServerFailure(plan.peer_id, f"cannot connect: {e}") from e
 
 
 class _Stream:

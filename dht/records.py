@@ -79,6 +79,7 @@ class ServerRecord(_Wire):
     available: bool = True  # False outside the owner's working hours: takes no new sessions
     addrs: tuple[str, ...] = Field(default=(), max_length=16)
     announced_at: float = Field(default=0.0, ge=0)  # unix time of this announcement
+    network_mbps: Optional[float] = Field(default=None, ge=0)  # measured to other servers; None: not yet
 
     @model_validator(mode="after")
     def _check_range(self) -> "ServerRecord":

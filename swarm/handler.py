@@ -20,6 +20,7 @@ from hivemind.proto import runtime_pb2
 from blocks.checkpoint import dtype_name
 from blocks.span import BlockSpan
 from blocks.wire import (
+    ECHO_MAX_BYTES,
     ErrorKind,
     ForwardRequest,
     OpenSession,
@@ -71,6 +72,14 @@ class BlockHandler:
         self.accepting = accepting
         self.admit = admit
         self.open_sessions = 0
+
+    async def rpc_echo(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Sends the payload back, so another server can time a round trip of a known size."""
+        try:
+            payload = read_tensors(request, max_count=1, max_bytes=ECHO_MAX_BYTES)
+        except WireError as e:
+            return error_response(e)
+        return pack(None, payload, request=False)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return pack(

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
 from blocks.loading import load_span
 from blocks.span import BlockSpan
-from blocks.wire import RPC_FORWARD, RPC_INFERENCE, RPC_INFO
+from blocks.wire import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
@@ -28,6 +28,7 @@ from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
 from swarm.hardware import describe_device, free_memory
 from swarm.load_control import LoadControl, LoadPolicy
+from swarm.network import measure_bandwidth
 from swarm.selection import choose_start, coverage, rebalance_target
 from swarm.throughput import cached_throughput
 
@@ -68,6 +69,7 @@ class Server:
         )
         self.compute = ComputeThread()
         self.throughput: Optional[Throughput] = None
+        self.network_mbps: Optional[float] = None
         self.span: Optional[BlockSpan] = None
         self.dht: Optional[SwarmDHT] = None
         self.handler: Optional[BlockHandler] = None
@@ -108,6 +110,7 @@ class Server:
                 f"peer {self.dht.peer_id}, {self.throughput.inference:.1f} tokens/s",
                 flush=True,
             )
+            await self._measure_network(p2p)
             await self._serve_until_stopped()
             await self._drain()
         finally:
@@ -137,9 +140,24 @@ class Server:
             (RPC_INFERENCE, self.handler.rpc_inference, True),
             (RPC_FORWARD, self.handler.rpc_forward, True),
             (RPC_INFO, self.handler.rpc_info, False),
+            (RPC_ECHO, self.handler.rpc_echo, False),
         ):
             await p2p.add_protobuf_handler(name, method, runtime_pb2.ExpertRequest, stream_input=stream, stream_output=stream)
         return p2p
+
+    async def _measure_network(self, p2p: P2P) -> None:
+        """Bandwidth to a few other servers of the swarm (none yet: stays unknown until a restart)."""
+        try:
+            servers = await self.dht.fetch_servers(self.model_name, self.checkpoint.num_blocks)
+        except Exception:
+            logger.warning("could not read the swarm to measure bandwidth", exc_info=True)
+            return
+        others = {info.peer_id: info for block in servers for info in block.values()
+                  if info.peer_id != self.dht.peer_id and info.record.state == ServerState.ONLINE}
+        self.network_mbps = await measure_bandwidth(p2p, others.values())
+        if self.network_mbps is not None:
+            logger.info("network: %.0f Mbit/s to other servers", self.network_mbps)
+            await self._announce()
 
     async def _serve_until_stopped(self) -> None:
         """Refreshes the records every announce period and, with automatic blocks, checks for a better range."""
@@ -232,6 +250,7 @@ class Server:
             using_relay=False,
             available=self.load.available(),
             announced_at=time.time(),
+            network_mbps=self.network_mbps,
             addrs=tuple(self.dht.visible_maddrs()[:16]),
         )
 

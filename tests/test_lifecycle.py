@@ -80,6 +80,10 @@ def test_sigterm_announces_offline_and_exits_zero(reader, llama_swarm, llama_pat
     child = llama_swarm.add_server(0, 2)
     try:
         wait_until(lambda: len(fetch(reader, name, 4)[0]) == 2, 30, "the extra server's records")
+        # Other servers were online when it started: it measured its bandwidth to them.
+        record = wait_until(lambda: (fetch(reader, name, 4)[0].get(child.peer_id) or None), 30, "its record").record
+        wait_until(lambda: fetch(reader, name, 4)[0][child.peer_id].record.network_mbps, 30, "a bandwidth estimate")
+        assert record.start_block == 0
         child.signal(signal.SIGTERM)
         assert child.proc.wait(30) == 0
         states = {info.record.state for info in fetch(reader, name, 4)[0].values()}

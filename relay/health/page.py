@@ -71,7 +71,8 @@ def _server_row(row: ServerRow) -> str:
         f'<td title="{escape(row.peer_id)}">{name}</td>',
         f'<td class="state-{row.state.value}">{escape(state)}</td>',
         f"<td>{row.start_block}:{row.end_block}</td>",
-        f"<td>{row.throughput_inference:.1f} tok/s</td>",
+        f"<td>{row.throughput_inference:.1f} tok/s"
+        + (f" · {row.network_mbps:.0f} Mbit/s" if row.network_mbps is not None else "") + "</td>",
         f"<td>{row.cache_tokens_free}/{row.cache_tokens_total}</td>",
         f"<td>{escape(row.region) or '–'}</td>",
         f"<td>{escape(row.device_type)} · {escape(row.device_name)} {memory}</td>",

@@ -25,6 +25,7 @@ class ServerRow(BaseModel):
     end_block: int
     throughput_inference: float
     throughput_forward: float
+    network_mbps: Optional[float]
     cache_tokens_free: int
     cache_tokens_total: int
     region: str
@@ -73,6 +74,7 @@ def model_health(
             peer_id=info.peer_id, public_name=record.public_name, state=record.state, available=record.available,
             start_block=record.start_block, end_block=record.end_block,
             throughput_inference=record.throughput.inference, throughput_forward=record.throughput.forward,
+            network_mbps=record.network_mbps,
             cache_tokens_free=record.cache_tokens_free, cache_tokens_total=record.cache_tokens_total,
             region=record.region, device_type=record.hardware.device_type, device_name=record.hardware.device_name,
             memory_total=record.hardware.memory_total, version=record.version,
