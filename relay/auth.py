@@ -1,0 +1,113 @@
+"""Worker authentication (spec R5, seed 001): tokens stored hashed, HMAC-SHA256 request signatures
+over `METHOD:PATH:SHA256(body):TIMESTAMP`, stale-timestamp and replay refusal, account lockout.
+
+Pure except for the clock, which callers pass in; every comparison of secrets is constant-time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+
+ACCESS_TOKEN_TTL = 24 * 3600.0
+REFRESH_BEFORE_EXPIRY = 4 * 3600.0
+MAX_CLOCK_SKEW = 300.0
+MAX_FAILURES = 5
+LOCKOUT_SECONDS = 15 * 60.0
+
+
+class AuthError(Exception):
+    """Authentication failed; the message is safe to return to the caller (no secret in it)."""
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    """What is stored instead of a token: tokens are 256-bit random, so one SHA-256 suffices."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def secret_matches(secret: str, stored_hash: str) -> bool:
+    return hmac.compare_digest(hash_secret(secret), stored_hash)
+
+
+def needs_refresh(expires_at: float, now: float) -> bool:
+    """A worker refreshes its access token 4 h before it expires."""
+    return now >= expires_at - REFRESH_BEFORE_EXPIRY
+
+
+def signing_payload(method: str, path: str, body: bytes, timestamp: str) -> bytes:
+    return f"{method.upper()}:{path}:{hashlib.sha256(body).hexdigest()}:{timestamp}".encode()
+
+
+def sign(signing_secret: str, method: str, path: str, body: bytes, timestamp: str) -> str:
+    return hmac.new(signing_secret.encode(), signing_payload(method, path, body, timestamp), hashlib.sha256).hexdigest()
+
+
+class ReplayGuard:
+    """Remembers signatures seen within the allowed clock skew, so a captured request cannot be resent."""
+
+    def __init__(self, window: float = 2 * MAX_CLOCK_SKEW, capacity: int = 100_000):
+        self.window = window
+        self.capacity = capacity
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def check_and_remember(self, signature: str, now: float) -> None:
+        while self._seen and (next(iter(self._seen.values())) < now - self.window or len(self._seen) >= self.capacity):
+            self._seen.popitem(last=False)
+        if signature in self._seen:
+            raise AuthError("replayed request")
+        self._seen[signature] = now
+
+
+def verify_signature(
+    signing_secret: str, method: str, path: str, body: bytes, timestamp: str, signature: str,
+    now: float, replays: ReplayGuard,
+) -> None:
+    """Raises AuthError unless the signature is right, fresh and not seen before."""
+    try:
+        sent_at = float(timestamp)
+    except (TypeError, ValueError):
+        raise AuthError("X-Timestamp must be unix seconds") from None
+    if abs(now - sent_at) > MAX_CLOCK_SKEW:
+        raise AuthError(f"X-Timestamp is more than {MAX_CLOCK_SKEW:.0f} s away from the server's clock")
+    expected = sign(signing_secret, method, path, body, timestamp)
+    if not hmac.compare_digest(expected, signature or ""):
+        raise AuthError("bad X-Signature")
+    replays.check_and_remember(signature, now)
+
+
+@dataclass
+class _Account:
+    failures: int = 0
+    locked_until: float = 0.0
+
+
+class Lockout:
+    """5 failed authentications lock an account for 15 minutes; a success resets the count."""
+
+    def __init__(self, max_failures: int = MAX_FAILURES, seconds: float = LOCKOUT_SECONDS):
+        self.max_failures = max_failures
+        self.seconds = seconds
+        self._accounts: dict[str, _Account] = {}
+
+    def check(self, account: str, now: float) -> None:
+        entry = self._accounts.get(account)
+        if entry is not None and entry.locked_until > now:
+            raise AuthError(f"account locked after {self.max_failures} failed authentications; "
+                            f"retry in {entry.locked_until - now:.0f} s")
+
+    def failed(self, account: str, now: float) -> None:
+        entry = self._accounts.setdefault(account, _Account())
+        entry.failures += 1
+        if entry.failures >= self.max_failures:
+            entry.locked_until = now + self.seconds
+            entry.failures = 0
+
+    def succeeded(self, account: str) -> None:
+        self._accounts.pop(account, None)

@@ -1,0 +1,63 @@
+"""Reliability score of a worker in [0, 1] (spec R5): 40 % task success, 30 % uptime stability,
+20 % latency, 10 % long-term history. Pure functions of counters the relay keeps.
+
+Every component has a neutral prior (0.5) so a new worker is neither trusted nor shunned, and
+moves away from it as evidence accumulates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+WEIGHTS = {"success": 0.4, "stability": 0.3, "latency": 0.2, "history": 0.1}
+TARGET_SESSION_SECONDS = 3600.0  # an hour online without a drop counts as fully stable
+REFERENCE_LATENCY_MS = 200.0  # a step this slow scores 0.5
+HISTORY_WEIGHT_PER_UPDATE = 0.05
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    tasks_succeeded: int = 0
+    tasks_failed: int = 0
+    online_seconds: float = 0.0  # summed over the worker's online periods
+    online_periods: int = 0  # periods that ended or are running
+    unexpected_drops: int = 0  # periods that ended without a graceful offline
+    latency_ms: Optional[float] = None  # recent median step or heartbeat latency
+    history: float = 0.5  # slow moving average of past scores
+
+
+def success_rate(stats: WorkerStats) -> float:
+    """Share of successful tasks, with one imaginary success and failure (Laplace) as the prior."""
+    return (stats.tasks_succeeded + 1) / (stats.tasks_succeeded + stats.tasks_failed + 2)
+
+
+def stability(stats: WorkerStats) -> float:
+    """Long online periods and few unexpected drops."""
+    if stats.online_periods == 0:
+        return 0.5
+    mean_period = stats.online_seconds / stats.online_periods
+    length = min(mean_period / TARGET_SESSION_SECONDS, 1.0)
+    clean = 1.0 - stats.unexpected_drops / stats.online_periods
+    return 0.5 * length + 0.5 * max(clean, 0.0)
+
+
+def latency_score(stats: WorkerStats) -> float:
+    if stats.latency_ms is None:
+        return 0.5
+    return 1.0 / (1.0 + max(stats.latency_ms, 0.0) / REFERENCE_LATENCY_MS)
+
+
+def reliability_score(stats: WorkerStats) -> float:
+    score = (
+        WEIGHTS["success"] * success_rate(stats)
+        + WEIGHTS["stability"] * stability(stats)
+        + WEIGHTS["latency"] * latency_score(stats)
+        + WEIGHTS["history"] * min(max(stats.history, 0.0), 1.0)
+    )
+    return round(min(max(score, 0.0), 1.0), 6)
+
+
+def updated_history(history: float, score: float) -> float:
+    """The long-term component after one more observation of `score`."""
+    return (1 - HISTORY_WEIGHT_PER_UPDATE) * history + HISTORY_WEIGHT_PER_UPDATE * score

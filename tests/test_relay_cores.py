@@ -1,0 +1,87 @@
+"""The relay's pure cores: reliability scores and request authentication."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.auth import (
+    ACCESS_TOKEN_TTL,
+    AuthError,
+    Lockout,
+    ReplayGuard,
+    hash_secret,
+    needs_refresh,
+    new_secret,
+    secret_matches,
+    sign,
+    signing_payload,
+    verify_signature,
+)
+from relay.reliability import WorkerStats, reliability_score, updated_history
+
+
+def test_new_worker_scores_neutral_and_weights_add_up():
+    assert reliability_score(WorkerStats()) == pytest.approx(0.5)
+    perfect = WorkerStats(tasks_succeeded=10_000, online_seconds=10 * 3600, online_periods=10, latency_ms=0, history=1.0)
+    assert reliability_score(perfect) == pytest.approx(1.0, abs=1e-3)
+    awful = WorkerStats(tasks_failed=10_000, online_seconds=10, online_periods=10, unexpected_drops=10,
+                        latency_ms=1e9, history=0.0)
+    assert reliability_score(awful) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_each_component_has_its_weight():
+    base = WorkerStats(online_seconds=3600, online_periods=1, latency_ms=200, history=0.5)
+    # success 0.5 → 1.0 moves the score by 0.4 × 0.5
+    assert reliability_score(WorkerStats(**{**base.__dict__, "tasks_succeeded": 10**6})) - reliability_score(base) == pytest.approx(0.2, abs=1e-3)
+    # one unexpected drop in one period: stability 1.0 → 0.5, i.e. −0.3 × 0.5
+    dropped = WorkerStats(**{**base.__dict__, "unexpected_drops": 1})
+    assert reliability_score(base) - reliability_score(dropped) == pytest.approx(0.15)
+    # latency 200 ms scores 0.5; 0 ms scores 1.0: +0.2 × 0.5
+    fast = WorkerStats(**{**base.__dict__, "latency_ms": 0})
+    assert reliability_score(fast) - reliability_score(base) == pytest.approx(0.1)
+    assert reliability_score(WorkerStats(**{**base.__dict__, "history": 1.0})) - reliability_score(base) == pytest.approx(0.05)
+    assert updated_history(0.5, 1.0) == pytest.approx(0.525)
+
+
+def test_tokens_are_stored_hashed_and_compared_safely():
+    token = new_secret()
+    stored = hash_secret(token)
+    assert token not in stored and len(stored) == 64
+    assert secret_matches(token, stored) and not secret_matches(token + "x", stored)
+    assert not needs_refresh(1000 + ACCESS_TOKEN_TTL, 1000)
+    assert needs_refresh(1000 + ACCESS_TOKEN_TTL, 1000 + 20 * 3600)
+
+
+def test_signatures_cover_method_path_body_and_time():
+    secret, body, ts = "s3cret", b'{"status": "ok"}', "1700000000"
+    assert signing_payload("post", "/api/v1/workers/7/heartbeat", body, ts).startswith(b"POST:/api/v1/workers/7/heartbeat:")
+    signature = sign(secret, "POST", "/p", body, ts)
+    verify_signature(secret, "POST", "/p", body, ts, signature, now=1700000010, replays=ReplayGuard())
+    for tampered in [("GET", "/p", body, ts), ("POST", "/q", body, ts), ("POST", "/p", body + b" ", ts)]:
+        with pytest.raises(AuthError, match="bad X-Signature"):
+            verify_signature(secret, *tampered, signature, now=1700000010, replays=ReplayGuard())
+    with pytest.raises(AuthError, match="away from the server's clock"):
+        verify_signature(secret, "POST", "/p", body, ts, signature, now=1700000000 + 301, replays=ReplayGuard())
+    with pytest.raises(AuthError, match="unix seconds"):
+        verify_signature(secret, "POST", "/p", body, "yesterday", signature, now=1700000000, replays=ReplayGuard())
+    guard = ReplayGuard()
+    verify_signature(secret, "POST", "/p", body, ts, signature, now=1700000000, replays=guard)
+    with pytest.raises(AuthError, match="replayed"):
+        verify_signature(secret, "POST", "/p", body, ts, signature, now=1700000001, replays=guard)
+
+
+def test_five_failures_lock_an_account_for_fifteen_minutes():
+    lockout = Lockout()
+    for _ in range(4):
+        lockout.failed("w1", now=0)
+        lockout.check("w1", now=0)
+    lockout.failed("w1", now=0)
+    with pytest.raises(AuthError, match="locked after 5 failed"):
+        lockout.check("w1", now=899)
+    lockout.check("w1", now=901)
+    lockout.check("w2", now=0)  # other accounts are unaffected
+    lockout.failed("w3", now=0)
+    lockout.succeeded("w3")
+    for _ in range(4):
+        lockout.failed("w3", now=0)
+    lockout.check("w3", now=0)  # a success reset the count
