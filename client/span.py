@@ -122,6 +122,17 @@ class SpanSession:
             raise to_client_error(self.plan.peer_id, e) from e
 
     async def step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Sends new positions [batch, tokens, hidden] (in pieces within this server's chunk limit) and
+        returns the span's output for them. `mask` covers the session up to the new positions."""
+        limit = self.plan.info.record.max_chunk_tokens
+        outputs = []
+        for offset in range(0, hidden.shape[1], limit):
+            part = hidden[:, offset:offset + limit]
+            part_mask = mask[:, : self.position + part.shape[1]] if mask is not None else None
+            outputs.append(await self._step(part, part_mask))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         tensors = [hidden.to(self.dtype)] + ([mask] if mask is not None else [])
         self._step_id += 1
         try:

@@ -192,3 +192,18 @@ def test_stateless_forward_reroutes_around_a_failing_server(model6, ref6, tmp_pa
             assert len(model.remote.bans.banned()) == 1
     with torch.no_grad():
         torch.testing.assert_close(logits, ref6(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_failed_prefill_is_resent_within_the_replacements_chunk_limit(model6, ref6, tmp_path):
+    ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(9))
+    expected = ref6.generate(ids, max_new_tokens=12, do_sample=False)
+    with start_swarm(model6, [], tmp_path) as swarm:
+        faulty = swarm.add_server(0, 6, "--throughput", "10000", module="tests.faulty_server",
+                                  env={"FAULTY_SERVER_FAIL_AFTER": "0"})  # fails the 9-token prefill
+        spare = swarm.add_server(0, 6, "--throughput", "1", "--max-chunk-tokens", "2")
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5) as model:
+            with model.inference_session(max_length=32) as session:
+                output = model.generate(ids, max_new_tokens=12, session=session)
+                assert session.failovers == 1 and session.chain == [(spare.peer_id, 0, 6)]
+            assert faulty.peer_id in model.remote.bans.banned()
+    assert torch.equal(output, expected)
