@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -106,15 +107,14 @@ class Checkpoint:
 
     def block_bytes(self, index: int, dtype: torch.dtype) -> int:
         """Memory one block's weights take in `dtype`, from the files' headers (no tensor is read)."""
-        element = torch.empty(0, dtype=dtype).element_size()
-        total = 0
+        by_file: dict[Path, list[str]] = defaultdict(list)
         for name in self.block_tensor_names(index):
-            with safe_open(self.weight_map[name], framework="pt") as f:
-                numel = 1
-                for dim in f.get_slice(name).get_shape():
-                    numel *= dim
-            total += numel * element
-        return total
+            by_file[self.weight_map[name]].append(name)
+        numel = 0
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                numel += sum(math.prod(f.get_slice(name).get_shape()) for name in names)
+        return numel * torch.empty(0, dtype=dtype).element_size()
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """KV-cache memory of one token in one block."""

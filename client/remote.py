@@ -91,12 +91,11 @@ class RemoteModel:
         self.bans.ban(peer_id, reason)
         self.pings.forget(peer_id)
 
-    def chunk_tokens(self, batch_size: int, chain: list[SpanPlan]) -> int:
-        """Tokens per message: within every server's limit and the message size limit."""
+    def chunk_tokens(self, batch_size: int) -> int:
+        """Tokens per message within the client's limit and the message size limit (each span further
+        splits by its own server's announced limit)."""
         bytes_per_token = batch_size * self.checkpoint.hidden_size * 4
-        by_size = MAX_MESSAGE_BYTES // 2 // bytes_per_token
-        by_servers = min(plan.info.record.max_chunk_tokens for plan in chain)
-        return max(1, min(self.max_chunk_tokens, by_size, by_servers))
+        return max(1, min(self.max_chunk_tokens, MAX_MESSAGE_BYTES // 2 // bytes_per_token))
 
     async def aforward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Hidden states of all positions after every block, without keeping any cache."""
@@ -105,9 +104,9 @@ class RemoteModel:
         index, failures = 0, 0
         while index < len(chain):
             plan = chain[index]
-            chunk = self.chunk_tokens(hidden.shape[0], [plan])
             try:
-                hidden = await forward_span(self.p2p, self.model_name, plan, hidden, mask, chunk, self.request_timeout)
+                hidden = await forward_span(self.p2p, self.model_name, plan, hidden, mask,
+                                            self.chunk_tokens(hidden.shape[0]), self.request_timeout)
                 index += 1
             except (ServerFailure, SwarmBusyError) as e:
                 failures += 1

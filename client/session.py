@@ -89,7 +89,7 @@ class InferenceSession:
 
     async def _replay(self, spans: list[SpanSession], history: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Rebuilds the replacement servers' caches from the inputs the failed span had received."""
-        chunk = self.remote.chunk_tokens(history.shape[0], [span.plan for span in spans])
+        chunk = self.remote.chunk_tokens(history.shape[0])
         for offset in range(0, history.shape[1], chunk):
             part = history[:, offset:offset + chunk]
             part_mask = mask[:, : offset + part.shape[1]] if mask is not None else None
@@ -115,7 +115,7 @@ class InferenceSession:
                 f"session max_length is {self.max_length} tokens; {self.position} used, {tokens} more requested"
             )
         dtype = hidden.dtype
-        chunk = self.remote.chunk_tokens(batch, [span.plan for span in self.spans])
+        chunk = self.remote.chunk_tokens(batch)
         outputs = []
         for offset in range(0, tokens, chunk):
             part = hidden[:, offset:offset + chunk]

@@ -159,6 +159,7 @@ async def forward_span(
     stream = _Stream()
     dtype = parse_dtype(plan.info.record.dtype)
     batch, total = hidden.shape[:2]
+    chunk = min(chunk, plan.info.record.max_chunk_tokens)
     outputs = []
     try:
         peer = await connect(p2p, plan, timeout)
