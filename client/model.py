@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -43,12 +43,16 @@ class AutoDistributedModelForCausalLM:
         request_timeout: float = 30.0,
         max_chunk_tokens: int = 1024,
         max_retries: int = 5,
+        reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
+        min_reliability: float = 0.0,
     ) -> "AutoDistributedModelForCausalLM":
         """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`.
 
         `model_name` defaults to the name servers derive from the same checkpoint. `request_timeout`
         bounds every wait for a server (a hung server is replaced after it); `max_retries` bounds how
-        many times one step may be rerouted after failures.
+        many times one step may be rerouted after failures. With `reliability` (an async callable
+        giving scores per peer id, e.g. `client.reliability.RelayScores`), chains avoid servers scoring
+        below `min_reliability` whenever other servers cover their blocks.
         """
         checkpoint = Checkpoint(path)
         head = load_head(checkpoint, dtype=dtype, device=device)
@@ -57,7 +61,8 @@ class AutoDistributedModelForCausalLM:
         else:
             generation_config = GenerationConfig.from_model_config(checkpoint.config)
         remote = RemoteModel(checkpoint, initial_peers, model_name, request_timeout=request_timeout,
-                             max_chunk_tokens=max_chunk_tokens, max_retries=max_retries)
+                             max_chunk_tokens=max_chunk_tokens, max_retries=max_retries,
+                             reliability=reliability, min_reliability=min_reliability)
         return cls(checkpoint, head, remote, generation_config)
 
     @property

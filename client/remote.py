@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Collection, Optional, Sequence
+from typing import Awaitable, Callable, Collection, Mapping, Optional, Sequence
 
 import torch
 from hivemind.p2p import P2P
@@ -41,6 +41,8 @@ class RemoteModel:
         max_chunk_tokens: int = 1024,
         max_retries: int = 5,
         nat_port_map: bool = False,
+        reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
+        min_reliability: float = 0.0,
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one swarm peer")
@@ -51,6 +53,9 @@ class RemoteModel:
         self.max_chunk_tokens = max_chunk_tokens
         self.max_retries = max_retries
         self.bans = BanList()
+        self.reliability = reliability
+        self.min_reliability = min_reliability
+        self.failure_listeners: list[Callable[[str, str], None]] = []
         self.rng = random.Random()
         dht, validator = start_dht(initial_peers, client_mode=True, nat_port_map=nat_port_map)
         self.dht = SwarmDHT(dht, validator)
@@ -83,13 +88,33 @@ class RemoteModel:
         candidates = {info.peer_id: info for block in servers[start:end] for info in block.values()
                       if usable(info, exclude)}
         await self.pings.refresh(candidates.values())
-        return make_chain(self.model_name, servers, start, end, set(exclude) | self.bans.banned(),
-                          rtts=self.pings.rtts(), rng=self.rng)
+        excluded = set(exclude) | self.bans.banned()
+        unreliable = await self._unreliable()
+        if unreliable - excluded:
+            try:
+                return make_chain(self.model_name, servers, start, end, excluded | unreliable,
+                                  rtts=self.pings.rtts(), rng=self.rng)
+            except MissingBlocksError:
+                logger.info("only servers scoring below %.2f cover some blocks; using them", self.min_reliability)
+        return make_chain(self.model_name, servers, start, end, excluded, rtts=self.pings.rtts(), rng=self.rng)
+
+    async def _unreliable(self) -> set[str]:
+        """Peers whose reliability score (from a relay) is below `min_reliability`."""
+        if self.reliability is None or self.min_reliability <= 0:
+            return set()
+        try:
+            scores = await self.reliability()
+        except Exception as e:
+            logger.warning("could not read reliability scores (%s); routing without them", e)
+            return set()
+        return {peer for peer, score in scores.items() if score < self.min_reliability}
 
     def report_failure(self, peer_id: str, reason: str) -> None:
         """Bans a failed server with backoff and forgets its ping, so it is re-checked before reuse."""
         self.bans.ban(peer_id, reason)
         self.pings.forget(peer_id)
+        for listener in self.failure_listeners:
+            listener(peer_id, reason)
 
     def chunk_tokens(self, batch_size: int) -> int:
         """Tokens per message within the client's limit and the message size limit (each span further

@@ -38,6 +38,11 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+def env_prefix(schema: type[BaseModel]) -> str:
+    """`SWARM_` for most programs; a schema may set its own (the relay's options are `SWARM_RELAY_*`)."""
+    return getattr(schema, "ENV_PREFIX", ENV_PREFIX)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -50,7 +55,7 @@ def build_parser(schema: type[BaseModel], prog: str, description: str, epilog: s
     fields = sorted(schema.model_fields.items(), key=lambda item: not item[1].is_required())
     for name, field in fields:
         base, is_list = _base_type(field.annotation)
-        env = ENV_PREFIX + name.upper()
+        env = env_prefix(schema) + name.upper()
         default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
         help_text = f"{field.description or ''} [{default}; env {env}]"
         kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
@@ -72,12 +77,13 @@ def load_config(
     """Parses `argv`, merges environment and YAML values, and validates the result against `schema`."""
     environ = os.environ if environ is None else environ
     cli = vars(parser.parse_args(argv))
-    config_file = cli.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    prefix = env_prefix(schema)
+    config_file = cli.pop("config", None) or environ.get(prefix + "CONFIG")
     values: dict[str, Any] = {}
     if config_file:
         values.update(_read_yaml(Path(config_file), schema))
     for name, field in schema.model_fields.items():
-        raw = environ.get(ENV_PREFIX + name.upper())
+        raw = environ.get(prefix + name.upper())
         if raw is not None and raw != "":
             _, is_list = _base_type(field.annotation)
             values[name] = [item.strip() for item in raw.split(",") if item.strip()] if is_list else raw

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -104,6 +104,21 @@ class ServerOptions(NetworkOptions):
     public_name: str = Field("", max_length=64, description="name shown on the swarm's health page")
     announce_period: float = Field(30.0, gt=0, description="seconds between refreshes of this server's DHT records")
     record_ttl: float = Field(90.0, gt=0, description="seconds a DHT record lives unless refreshed")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="HTTP port of this server's Prometheus /metrics on --host (0 picks a free one)"
+    )
+    relay: Optional[str] = Field(
+        None, description="URL of a relay's API port to register with, e.g. http://127.0.0.1:8000 (optional)"
+    )
+    relay_join_token: Optional[str] = Field(None, description="join token the relay requires to register, if any")
+    relay_heartbeat_period: float = Field(30.0, gt=0, description="seconds between heartbeats to the relay")
+
+    @field_validator("relay")
+    @classmethod
+    def _check_relay(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.match(r"^https?://[^/\s]+/?$", value):
+            raise ValueError("must be the relay's base URL, e.g. http://127.0.0.1:8000")
+        return value.rstrip("/") if value else value
 
     @field_validator("blocks")
     @classmethod
@@ -176,3 +191,51 @@ class HealthOptions(_Schema):
     refresh_period: float = Field(10.0, gt=0, description="seconds between crawls of the DHT (and page refreshes)")
     nat_port_map: bool = Field(False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in")
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
+
+
+class RelayOptions(_Schema):
+    ENV_PREFIX: ClassVar[str] = "SWARM_RELAY_"
+
+    initial_peers: list[str] = Field(
+        default_factory=list, description="multiaddrs of swarm peers (default: none, the relay starts a new swarm others join)"
+    )
+    host: str = Field("127.0.0.1", description="address every port listens on (0.0.0.0 to accept other machines)")
+    mgmt_port: int = Field(1026, ge=0, le=65535, description="management port: probes, service info, instances")
+    obs_port: int = Field(1027, ge=0, le=65535, description="observability port: /metrics and the health page")
+    api_port: int = Field(8000, ge=0, le=65535, description="API port: workers, jobs and the OpenAI-compatible API")
+    dht_port: int = Field(0, ge=0, le=65535, description="TCP port of the relay's DHT node (0 picks a free one)")
+    db: str = Field("sqlite:///relay.db", description="sqlite:///PATH or postgresql://USER@HOST/DB where state is kept")
+    key_file: Optional[str] = Field(
+        None, description="file with the key sealing workers' signing secrets (default: relay.key beside a SQLite db, else ./relay.key)"
+    )
+    admin_token: Optional[str] = Field(
+        None, description="token guarding /v1/workers and management writes (default: generated once and printed)"
+    )
+    api_keys: list[str] = Field(default_factory=list, description="keys accepted by the jobs and OpenAI APIs (Bearer or X-API-Key)")
+    join_token: Optional[str] = Field(None, description="token a server must present to register (default: open registration)")
+    models: list[str] = Field(
+        default_factory=list, description="checkpoint directories served by the OpenAI-compatible API and jobs"
+    )
+    heartbeat_timeout: float = Field(90.0, gt=0, description="seconds without a heartbeat before a worker is not_ready")
+    refresh_period: float = Field(10.0, gt=0, description="seconds between DHT crawls and metrics scrapes")
+    min_reliability: float = Field(
+        0.0, ge=0, le=1, description="the relay's own requests avoid servers scoring below this (when others cover their blocks)"
+    )
+    request_timeout: float = Field(30.0, gt=0, description="seconds the relay waits for any server reply")
+    max_concurrent_generations: int = Field(4, gt=0, description="generations (API requests and jobs) run at once")
+    standby: bool = Field(False, description="start as the standby of a primary/standby pair (readiness answers 503)")
+    nat_port_map: bool = Field(False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in")
+    log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _split_keys(cls, value: list[str]) -> list[str]:
+        """`--api-keys K1,K2` and `--api-keys K1 K2` mean the same."""
+        return [key.strip() for item in value for key in item.split(",") if key.strip()]
+
+    @field_validator("db")
+    @classmethod
+    def _check_db(cls, value: str) -> str:
+        if not (value.startswith("sqlite:///") or value.startswith(("postgresql://", "postgres://"))):
+            raise ValueError("must be sqlite:///PATH or postgresql://...")
+        return value

@@ -83,6 +83,15 @@ class SwarmDHT:
     def visible_maddrs(self) -> list[str]:
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
 
+    @property
+    def port(self) -> int:
+        """The TCP port this node listens on (0 if it has none, e.g. a client-mode node)."""
+        for addr in self.visible_maddrs():
+            parts = addr.split("/")
+            if "tcp" in parts:
+                return int(parts[parts.index("tcp") + 1])
+        return 0
+
     async def announce(
         self, model: str, record: ServerRecord, ttl: float = DEFAULT_TTL
     ) -> None:

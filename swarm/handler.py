@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
@@ -37,6 +38,7 @@ from blocks.wire import (
 )
 from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
+from swarm.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class BlockHandler:
         state: Callable[[], str],
         accepting: Callable[[], bool],
         admit: Callable[[int], None] = lambda open_sessions: None,
+        metrics: Optional[ServerMetrics] = None,
     ):
         self.model = model
         self.span = span
@@ -71,6 +74,7 @@ class BlockHandler:
         self.state = state
         self.accepting = accepting
         self.admit = admit
+        self.metrics = metrics
         self.open_sessions = 0
 
     async def rpc_echo(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -118,6 +122,8 @@ class BlockHandler:
     async def _session(self, requests, context: P2PContext, persistent: bool):
         reservation = None
         session_id = "-"
+        timing = None
+        failed = False  # a session the client closes (even abruptly) succeeded; one answered with an error failed
         try:
             first = await self._next(requests)
             if first is None:
@@ -132,6 +138,7 @@ class BlockHandler:
             start, end = self._check_open(header, batch, max_length)
             reservation = self.budget.reserve(batch * max_length)
             self.open_sessions += 1
+            timing = self.metrics.session(prompt_only=not persistent) if self.metrics is not None else None
             logger.debug("session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
                          session_id, context.remote_id, start, end, batch, max_length)
             cache = self.span.new_cache()
@@ -144,7 +151,10 @@ class BlockHandler:
             while message is not None:
                 step = read_header(message, Step) if message is not first else Step(position=0)
                 hidden, mask = self._check_step(read_tensors(message, max_count=2), batch, position, max_length, step)
+                began = time.perf_counter()
                 output = await self.compute.run(self.span.forward, hidden, cache, mask, start, end)
+                if timing is not None:
+                    timing.step(hidden.shape[1], time.perf_counter() - began)
                 position += hidden.shape[1]
                 yield pack(StepDone(position=position, step_id=step.step_id), [output], request=False)
                 if not persistent and position == max_length:
@@ -153,19 +163,24 @@ class BlockHandler:
             if not persistent:
                 raise bad_request(f"stream ended after {position} of {max_length} tokens")
         except WireError as e:
+            failed = True
             logger.info("session %s from %s refused: %s: %s", session_id, context.remote_id, e.kind.value, e.message)
             yield error_response(e)
         except asyncio.TimeoutError:
+            failed = True
             logger.info("session %s from %s closed after %.0f s idle", session_id, context.remote_id,
                         self.limits.session_timeout)
             yield error_response(bad_request(f"session idle for more than {self.limits.session_timeout:.0f} s"))
         except Exception as e:
+            failed = True
             logger.exception("session %s from %s failed", session_id, context.remote_id)
             yield error_response(WireError(ErrorKind.SERVER_ERROR, f"{type(e).__name__}: {e}"))
         finally:
             if reservation is not None:
                 reservation.release()
                 self.open_sessions -= 1
+            if timing is not None:
+                timing.finished(ok=not failed)
 
     async def _next(self, requests) -> Optional[runtime_pb2.ExpertRequest]:
         return await asyncio.wait_for(anext(requests, None), timeout=self.limits.session_timeout)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 import random
 import signal
+import socket
 import sys
 import time
 from typing import Optional
@@ -26,9 +28,11 @@ from swarm import __version__
 from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
-from swarm.hardware import describe_device, free_memory
+from swarm.hardware import describe_device, free_memory, probe_status
 from swarm.load_control import LoadControl, LoadPolicy
+from swarm.metrics import ServerMetrics
 from swarm.network import measure_bandwidth
+from swarm.relay_link import RelayLink, credentials_file
 from swarm.selection import choose_start, coverage, rebalance_target
 from swarm.throughput import cached_throughput
 
@@ -68,6 +72,14 @@ class Server:
             session_timeout=options.session_timeout,
         )
         self.compute = ComputeThread()
+        self.metrics = ServerMetrics(
+            self.model_name, on_gpu=options.device.startswith("cuda"),
+            open_sessions=lambda: self.handler.open_sessions if self.handler else 0,
+            waiting=lambda: self.compute.waiting,
+            cache_usage=lambda: 1.0 - self.budget.free / self.budget.total,
+        )
+        self.metrics_port: Optional[int] = None
+        self.relay: Optional[RelayLink] = None
         self.throughput: Optional[Throughput] = None
         self.network_mbps: Optional[float] = None
         self.span: Optional[BlockSpan] = None
@@ -94,6 +106,8 @@ class Server:
             loop.add_signal_handler(sig, self.stop)
         self.dht = SwarmDHT(dht, validator)
         p2p = None
+        metrics_runner = None
+        relay_task = None
         try:
             if self.auto_blocks:
                 await self._choose_blocks()
@@ -102,19 +116,78 @@ class Server:
                 return
             self.throughput = await self._throughput()
             p2p = await self._open_handlers(dht)
+            metrics_runner, self.metrics_port = await self.metrics.serve(opts.host, opts.metrics_port)
             await self._announce()
             self.state = ServerState.ONLINE
             await self._announce()
             print(
                 f"swarm.serve online: model {self.model_name}, blocks {self.start_block}:{self.end_block}, "
-                f"peer {self.dht.peer_id}, {self.throughput.inference:.1f} tokens/s",
+                f"peer {self.dht.peer_id}, {self.throughput.inference:.1f} tokens/s, "
+                f"metrics http://{opts.host}:{self.metrics_port}/metrics",
                 flush=True,
             )
+            if opts.relay:
+                relay_task = asyncio.create_task(self._relay_link().run(self._stop, lambda: self.state.value))
             await self._measure_network(p2p)
             await self._serve_until_stopped()
             await self._drain()
         finally:
+            if relay_task is not None:
+                relay_task.cancel()
+                await asyncio.gather(relay_task, return_exceptions=True)
+                await self.relay.goodbye()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
             await self._leave(p2p)
+
+    def _relay_link(self) -> RelayLink:
+        opts = self.options
+        self.relay = RelayLink(
+            opts.relay, credentials_file(cache_dir(), opts.relay, self.dht.peer_id),
+            registration=self._relay_registration, heartbeat=self._relay_heartbeat, apply_config=self._apply_config,
+            period=opts.relay_heartbeat_period, join_token=opts.relay_join_token,
+        )
+        return self.relay
+
+    async def _relay_registration(self) -> dict:
+        hostname = socket.gethostname()
+        return {
+            "name": self.options.public_name or f"{hostname}-{self.dht.peer_id[-8:]}",
+            "hostname": hostname,
+            "port": self.dht.port,
+            "peer_id": self.dht.peer_id,
+            "model": self.model_name,
+            "role": "mixed",
+            "region": self.options.region,
+            "labels": {"os": platform.system().lower(), "arch": platform.machine().lower()},
+            "status": (await asyncio.to_thread(probe_status, self.options.device)).model_dump(mode="json"),
+            "metrics_port": self.metrics_port,
+        }
+
+    async def _relay_heartbeat(self) -> dict:
+        return {
+            "load": {
+                "open_sessions": self.handler.open_sessions if self.handler else 0,
+                "cache_tokens_free": self.budget.free,
+                "cache_tokens_total": self.budget.total,
+                "start_block": self.start_block,
+                "end_block": self.end_block,
+            },
+            "hardware": (await asyncio.to_thread(probe_status, self.options.device)).model_dump(mode="json"),
+            "latency_ms": self.metrics.median_step_ms(),
+            "metrics_port": self.metrics_port,
+        }
+
+    async def _apply_config(self, config: dict) -> None:
+        """Load control pushed by the relay replaces the local settings until the next restart."""
+        hours = config.get("working_hours")
+        self.load.policy = LoadPolicy(
+            acceptance_rate=float(config.get("acceptance_rate", 1.0)),
+            max_concurrent_sessions=config.get("max_concurrent_sessions"),
+            max_sessions_per_hour=config.get("max_sessions_per_hour"),
+            working_hours=WorkingHours.parse(hours) if hours else None,
+        )
+        await self._announce()
 
     async def _throughput(self) -> Throughput:
         if self.options.throughput:
@@ -134,6 +207,7 @@ class Server:
             state=lambda: self.state.value,
             accepting=lambda: self.state == ServerState.ONLINE,
             admit=self.load.admit,
+            metrics=self.metrics,
         )
         p2p = await dht.replicate_p2p()
         for name, method, stream in (

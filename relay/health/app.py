@@ -31,6 +31,12 @@ async def state(request: web.Request) -> web.Response:
 
 def make_app(crawler: Crawler) -> web.Application:
     app = web.Application()
+    add_health_routes(app, crawler)
+    return app
+
+
+def add_health_routes(app: web.Application, crawler: Crawler) -> None:
+    """The page at `/` and its JSON at `/api/v1/state`, crawling in the background while `app` runs."""
     app[CRAWLER] = crawler
     app.router.add_get("/", index)
     app.router.add_get("/api/v1/state", state)
@@ -41,4 +47,3 @@ def make_app(crawler: Crawler) -> web.Application:
         task.cancel()
 
     app.cleanup_ctx.append(crawl_in_background)
-    return app

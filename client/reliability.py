@@ -1,0 +1,44 @@
+"""Reliability scores from a relay, for clients that prefer servers with a good record.
+
+    scores = RelayScores("http://127.0.0.1:8000", api_key="K1")
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, peers, reliability=scores, min_reliability=0.5)
+
+Scores are cached for `period` seconds; a relay that cannot be reached leaves routing as it would be
+without scores (the relay is optional).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping, Optional
+
+import aiohttp
+
+
+class RelayScores:
+    def __init__(self, relay_url: str, api_key: str, period: float = 30.0, timeout: float = 5.0):
+        self.url = relay_url.rstrip("/") + "/api/v1/reliability"
+        self.api_key = api_key
+        self.period = period
+        self.timeout = timeout
+        self._scores: Mapping[str, float] = {}
+        self._fetched_at: Optional[float] = None
+
+    async def __call__(self) -> Mapping[str, float]:
+        now = time.monotonic()
+        if self._fetched_at is None or now - self._fetched_at >= self.period:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
+                async with session.get(self.url, headers={"X-API-Key": self.api_key}) as response:
+                    response.raise_for_status()
+                    body = await response.json()
+            self._scores = {item["peer_id"]: float(item["score"]) for item in body["data"]}
+            self._fetched_at = now
+        return self._scores
+
+    async def report(self, peer_id: str, success: bool, latency_ms: Optional[float] = None) -> None:
+        """Tells the relay how a session with `peer_id` went (feeds its success-rate component)."""
+        url = self.url.rsplit("/", 1)[0] + "/reports"
+        body = {"peer_id": peer_id, "success": success, "latency_ms": latency_ms}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
+            async with session.post(url, json=body, headers={"X-API-Key": self.api_key}) as response:
+                response.raise_for_status()

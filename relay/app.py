@@ -1,0 +1,208 @@
+"""The relay process: state, its three HTTP ports, its DHT node and its background loops.
+
+    management (1026): probes, service info, instances, primary/standby
+    observability (1027): /metrics, the health page
+    API (8000): workers, jobs, the OpenAI-compatible API, /openapi.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+from aiohttp import web
+
+from configs.schema import RelayOptions
+from dht.swarm_dht import SwarmDHT, start_dht
+from relay.api import ApiRoutes
+from relay.auth import hash_secret, secret_matches
+from relay.generation import ModelService
+from relay.health.app import add_health_routes
+from relay.health.crawler import Crawler
+from relay.http import HTTPError, make_app
+from relay.instances import Instances
+from relay.jobs import JobQueue
+from relay.management import ManagementRoutes
+from relay.observability import ObservabilityRoutes
+from relay.openai_api import OpenAIRoutes
+from relay.store import Store
+from relay.workers import WorkerRegistry, bearer_token, load_or_create_key
+
+logger = logging.getLogger(__name__)
+
+try:
+    from importlib.metadata import version as _version
+
+    VERSION = _version("swarm-inference")
+except Exception:  # a source tree that was not installed
+    VERSION = "0.0.0+source"
+
+ADMIN_SETTING = "admin_token_sha256"
+
+
+class Relay:
+    def __init__(self, options: RelayOptions):
+        self.options = options
+        self.version = VERSION
+        self.store = Store(options.db)
+        self.started = False
+        self.is_master = not options.standby
+        self.instances = Instances()
+        self.services: dict[str, ModelService] = {}
+        self.api_key_hashes = [hash_secret(key) for key in options.api_keys]
+        self.admin_hash: Optional[str] = None
+        self.generated_admin_token: Optional[str] = None
+        self.workers: Optional[WorkerRegistry] = None
+        self.jobs: Optional[JobQueue] = None
+        self.crawler: Optional[Crawler] = None
+        self.dht: Optional[SwarmDHT] = None
+        self.ports: dict[str, int] = {}
+        self._recv_flow = 0
+        self._scores: dict[str, float] = {}
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task] = []
+        self._p2p = None
+        self._executor = ThreadPoolExecutor(max_workers=options.max_concurrent_generations,
+                                            thread_name_prefix="relay-generate")
+
+    # ---- authentication ----------------------------------------------------------------------
+
+    def check_admin(self, request: web.Request) -> None:
+        token = bearer_token(request.headers)
+        if token is None or self.admin_hash is None or not secret_matches(token, self.admin_hash):
+            raise HTTPError(401, "this endpoint needs the relay's admin token: Authorization: Bearer <token>",
+                            {"WWW-Authenticate": "Bearer"})
+
+    def check_api_key(self, request: web.Request) -> None:
+        presented = [key for key in (request.headers.get("X-API-Key"), bearer_token(request.headers)) if key]
+        for key in presented:
+            digest = hash_secret(key)
+            if any(hmac.compare_digest(digest, known) for known in self.api_key_hashes):
+                return
+        raise HTTPError(401, "this endpoint needs an API key: X-API-Key: <key> or Authorization: Bearer <key>",
+                        {"WWW-Authenticate": "Bearer"})
+
+    def take_recv_flow(self) -> int:
+        flow, self._recv_flow = self._recv_flow, 0
+        return flow
+
+    async def model_ready(self, name: str) -> Optional[bool]:
+        """Whether every block of `name` has an online server; None if the swarm has no such model."""
+        for _ in range(2):
+            state = self.crawler.state if self.crawler is not None else None
+            for model in state.models if state is not None else ():
+                if model.name == name:
+                    return model.healthy
+            if self.crawler is None:
+                return None
+            await self.crawler.crawl()  # maybe it appeared since the last crawl
+        return None
+
+    async def _scores_for_routing(self) -> dict[str, float]:
+        return self._scores
+
+    def _record_outcome(self, loop: asyncio.AbstractEventLoop, peer_id: str, success: bool) -> None:
+        """Called from generation threads: counts the outcome on the relay's loop."""
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.workers.record_outcome(peer_id, success)))
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def _admin_token(self) -> None:
+        stored = await self.store.get_setting(ADMIN_SETTING)
+        if self.options.admin_token:
+            self.admin_hash = hash_secret(self.options.admin_token)
+            if stored != self.admin_hash:
+                await self.store.set_setting(ADMIN_SETTING, self.admin_hash)
+        elif stored:
+            self.admin_hash = stored
+        else:
+            self.generated_admin_token = "swarm_" + secrets.token_urlsafe(32)
+            self.admin_hash = hash_secret(self.generated_admin_token)
+            await self.store.set_setting(ADMIN_SETTING, self.admin_hash)
+
+    def _key_path(self) -> Path:
+        if self.options.key_file:
+            return Path(self.options.key_file)
+        sqlite = self.store.sqlite_path
+        if sqlite is not None and str(sqlite) != ":memory:":
+            return sqlite.with_name(sqlite.name + ".key")
+        return Path("relay.key")
+
+    async def start(self) -> None:
+        opts = self.options
+        await self.store.open()
+        await self._admin_token()
+        self.workers = WorkerRegistry(self.store, load_or_create_key(self._key_path()), opts.heartbeat_timeout,
+                                      opts.join_token)
+        self.workers.offline_ids = self.instances.offline
+        dht, validator = start_dht(opts.initial_peers, host=opts.host, port=opts.dht_port,
+                                   nat_port_map=opts.nat_port_map)
+        self.dht = SwarmDHT(dht, validator)
+        self._p2p = await dht.replicate_p2p()
+        self.crawler = Crawler(self.dht, self._p2p, opts.refresh_period)
+        peers = list(opts.initial_peers) or self.dht.visible_maddrs()
+        loop = asyncio.get_running_loop()
+        for path in opts.models:
+            service = await asyncio.to_thread(
+                ModelService, path, peers, self._executor, opts.request_timeout, self._scores_for_routing,
+                opts.min_reliability, lambda peer, ok: self._record_outcome(loop, peer, ok))
+            self.services[service.name] = service
+            logger.info("serving model %s from %s", service.name, path)
+        self.jobs = JobQueue(self.store, self.services, opts.max_concurrent_generations)
+        await self.jobs.start()
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+        management, observability, api = make_app(), make_app(), make_app()
+        ManagementRoutes(self).add_to(management)
+        ObservabilityRoutes(self).add_to(observability)
+        add_health_routes(observability, self.crawler)
+        ApiRoutes(self).add_to(api)
+        OpenAIRoutes(self.services, self.check_api_key).add_to(api)
+        api.middlewares.append(self._count_requests)
+        for name, app, port in (("mgmt", management, opts.mgmt_port), ("obs", observability, opts.obs_port),
+                                ("api", api, opts.api_port)):
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, opts.host, port)
+            await site.start()
+            self._runners.append(runner)
+            self.ports[name] = site._server.sockets[0].getsockname()[1]
+        self.started = True
+
+    @web.middleware
+    async def _count_requests(self, request: web.Request, handler):
+        self._recv_flow += 1
+        return await handler(request)
+
+    async def _housekeeping(self) -> None:
+        """Marks lost workers and refreshes the scores the relay's own routing uses."""
+        while True:
+            try:
+                await self.workers.sweep()
+                self._scores = await self.workers.scores()
+            except Exception:
+                logger.warning("housekeeping failed; will retry", exc_info=True)
+            await asyncio.sleep(min(self.options.refresh_period, self.options.heartbeat_timeout / 3))
+
+    async def stop(self) -> None:
+        self.started = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.jobs is not None:
+            await self.jobs.stop()
+        for runner in self._runners:
+            await runner.cleanup()
+        for service in self.services.values():
+            await asyncio.to_thread(service.shutdown)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._p2p is not None:
+            await self._p2p.shutdown()
+        if self.dht is not None:
+            self.dht.dht.shutdown()
+        await self.store.close()

@@ -1,0 +1,194 @@
+"""Text generation through the swarm for the relay's OpenAI-compatible API and its jobs.
+
+Each served model is a client of the swarm (`AutoDistributedModelForCausalLM`) plus its tokenizer.
+Generation is blocking torch work, so it runs on a bounded thread pool; text reaches the event loop
+as deltas through a queue. Stop strings end generation early (the session is closed at once), and
+every session's outcome feeds the servers' reliability scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable, Mapping, Optional, Sequence
+
+import torch
+from transformers import AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
+
+from client import AutoDistributedModelForCausalLM
+from client.errors import SwarmError
+from relay.http import HTTPError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class _Stopped(Exception):
+    """Raised inside generation to end it: a stop string appeared or the caller went away."""
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class Result:
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "length"
+    chain: list[str] = field(default_factory=list)
+
+
+class _DeltaStreamer(BaseStreamer):
+    """Turns generated token ids into text deltas, holding back what might be the start of a stop string."""
+
+    def __init__(self, tokenizer, request: Request, emit: Callable[[str], None], cancelled: Callable[[], bool]):
+        self.tokenizer = tokenizer
+        self.request = request
+        self.emit = emit
+        self.cancelled = cancelled
+        self.ids: list[int] = []
+        self.sent = 0
+        self.text = ""
+        self.stopped = False
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first passes the prompt
+            self._prompt_seen = True
+            return
+        if self.cancelled():
+            raise _Stopped("cancelled")
+        self.ids.extend(int(t) for t in value.reshape(-1))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for stop in self.request.stop:
+            at = text.find(stop)
+            if at >= 0:
+                self.text = text[:at]
+                self.stopped = True
+                self._flush(len(self.text))
+                raise _Stopped("stop string")
+        self.text = text
+        self._flush(self._safe_length(text))
+
+    def _safe_length(self, text: str) -> int:
+        safe = len(text)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character
+            safe = len(text.rstrip("\ufffd"))
+        for stop in self.request.stop:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        return safe
+
+    def _flush(self, upto: int) -> None:
+        if upto > self.sent:
+            self.emit(self.text[self.sent:upto])
+            self.sent = upto
+
+    def end(self) -> None:
+        if not self.stopped:
+            self._flush(len(self.text))
+
+
+class ModelService:
+    """One model the relay serves: its swarm client, tokenizer and chat formatting."""
+
+    def __init__(self, path: str | Path, initial_peers: Sequence[str], executor: ThreadPoolExecutor,
+                 request_timeout: float, scores: Callable[[], Awaitable[Mapping[str, float]]], min_reliability: float,
+                 outcome: Callable[[str, bool], None]):
+        self.path = Path(path)
+        self.model = AutoDistributedModelForCausalLM.from_pretrained(
+            self.path, initial_peers, request_timeout=request_timeout, reliability=scores, min_reliability=min_reliability)
+        self.model.remote.failure_listeners.append(lambda peer, _reason: outcome(peer, False))
+        self.outcome = outcome
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.executor = executor
+        self.created = int(time.time())
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def name(self) -> str:
+        return self.model.model_name
+
+    def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
+        """The tokenizer's chat template, or a plain `role: text` transcript for models without one."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": role, "content": text} for role, text in messages], add_generation_prompt=True, tokenize=False)
+        return "".join(f"{role}: {text}\n" for role, text in messages) + "assistant:"
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def make_request(self, prompt: str, max_tokens: Optional[int], temperature: Optional[float],
+                     top_p: Optional[float], stop: Sequence[str]) -> Request:
+        ids = self.encode(prompt)
+        if not ids:
+            raise HTTPError(400, "the prompt is empty after tokenization")
+        room = self.context_length - len(ids)
+        if room < 1:
+            raise HTTPError(400, f"the prompt has {len(ids)} tokens; this model's context is {self.context_length} tokens")
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, room)
+        elif max_tokens > room:
+            raise HTTPError(400, f"this model's maximum context length is {self.context_length} tokens: the prompt "
+                                 f"has {len(ids)}, so max_tokens may be at most {room} (got {max_tokens})")
+        return Request(ids, max_tokens, 1.0 if temperature is None else temperature,
+                       1.0 if top_p is None else top_p, tuple(stop))
+
+    async def generate(self, request: Request, on_delta: Optional[Callable[[str], None]] = None,
+                       cancelled: Callable[[], bool] = lambda: False) -> Result:
+        loop = asyncio.get_running_loop()
+
+        def emit(delta: str) -> None:
+            if on_delta is not None:
+                loop.call_soon_threadsafe(on_delta, delta)
+
+        try:
+            return await loop.run_in_executor(self.executor, self._generate, request, emit, cancelled)
+        except SwarmError as e:
+            raise HTTPError(503, f"the swarm could not run {self.name}: {e}") from None
+
+    def _generate(self, request: Request, emit: Callable[[str], None], cancelled: Callable[[], bool]) -> Result:
+        streamer = _DeltaStreamer(self.tokenizer, request, emit, cancelled)
+        ids = torch.tensor([request.prompt_ids], dtype=torch.long)
+        sampling = dict(do_sample=False) if request.temperature == 0 else dict(
+            do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
+        result = Result(prompt_tokens=len(request.prompt_ids))
+        session_id = uuid.uuid4().hex[:8]
+        with self.model.inference_session(max_length=len(request.prompt_ids) + request.max_tokens) as session:
+            try:
+                output = self.model.generate(ids, session=session, streamer=streamer,
+                                             max_new_tokens=request.max_tokens, **sampling)
+                generated = output[0, len(request.prompt_ids):].tolist()
+                eos = self.model.generation_config.eos_token_id
+                eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+                result.finish_reason = "stop" if generated and generated[-1] in eos_ids else "length"
+            except _Stopped:
+                result.finish_reason = "stop"
+            result.chain = [peer for peer, _, _ in session.chain]
+        for peer in result.chain:
+            self.outcome(peer, True)
+        result.text = streamer.text
+        result.completion_tokens = len(streamer.ids)
+        logger.info("generation %s on %s: %d prompt + %d new tokens (%s)", session_id, self.name,
+                    result.prompt_tokens, result.completion_tokens, result.finish_reason)
+        return result
+
+    def shutdown(self) -> None:
+        self.model.shutdown()

@@ -1,0 +1,334 @@
+"""Workers of the pool: registration, authenticated heartbeats, pushed config, token rotation,
+reliability bookkeeping, and the GPUStack-shaped views of them.
+
+Access and refresh tokens are stored as SHA-256 hashes. A worker's signing secret must be known to
+verify its HMAC signatures, so it is stored sealed (Fernet) with a key kept outside the database:
+a copy of the database alone can neither authenticate as a worker nor sign for one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from cryptography.fernet import Fernet, InvalidToken
+
+from relay.auth import (
+    ACCESS_TOKEN_TTL,
+    AuthError,
+    Lockout,
+    ReplayGuard,
+    hash_secret,
+    new_secret,
+    secret_matches,
+    verify_signature,
+)
+from relay.http import HTTPError
+from relay.reliability import WorkerStats, reliability_score, updated_history
+from relay.schemas import HeartbeatRequest, LoadConfig, RegisterRequest
+from relay.store import Store, dumps, loads
+
+logger = logging.getLogger(__name__)
+
+
+def iso(timestamp: Optional[float]) -> Optional[str]:
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The sealing key, created (mode 0600) on first start."""
+    if path.exists():
+        key = path.read_bytes().strip()
+        try:
+            Fernet(key)
+        except ValueError:
+            raise ValueError(f"{path} does not hold a valid relay key") from None
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Fernet.generate_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    logger.info("created the relay key file %s (keep it with the database)", path)
+    return key
+
+
+def stats_of(row: dict[str, Any], now: float) -> WorkerStats:
+    """Reliability counters of a worker row, counting its running online period so far."""
+    online_seconds = row["online_seconds"]
+    if row["online_since"] is not None:
+        online_seconds += max(0.0, now - row["online_since"])
+    return WorkerStats(
+        tasks_succeeded=row["tasks_succeeded"],
+        tasks_failed=row["tasks_failed"],
+        online_seconds=online_seconds,
+        online_periods=row["online_periods"],
+        unexpected_drops=row["unexpected_drops"],
+        latency_ms=row["latency_ms"],
+        history=row["history"],
+    )
+
+
+class WorkerRegistry:
+    def __init__(self, store: Store, key: bytes, heartbeat_timeout: float, join_token: Optional[str] = None,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.fernet = Fernet(key)
+        self.heartbeat_timeout = heartbeat_timeout
+        self.join_token_hash = hash_secret(join_token) if join_token else None
+        self.clock = clock
+        self.lockout = Lockout()
+        self.replays = ReplayGuard()
+        self.offline_ids: set[int] = set()  # taken offline by the operator (POST /v1/instances/offline)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def register(self, body: RegisterRequest, ip: str, join_token: Optional[str]) -> dict[str, Any]:
+        if self.join_token_hash is not None:
+            if not join_token or not secret_matches(join_token, self.join_token_hash):
+                raise HTTPError(401, "registration requires the relay's join token (X-Join-Token header)")
+        now = self.clock()
+        token, refresh, signing = new_secret(), new_secret(), new_secret()
+        expires = now + ACCESS_TOKEN_TTL
+        worker_id = await self.store.insert("workers", {
+            "name": body.name, "hostname": body.hostname or body.name, "ip": ip, "port": body.port,
+            "peer_id": body.peer_id, "model": body.model, "role": body.role, "region": body.region,
+            "labels": dumps(body.labels), "system_reserved": dumps({"ram": 0, "vram": 0, **body.system_reserved}),
+            "status": dumps(body.status), "load": dumps({}),
+            "metrics_url": self._metrics_url(ip, body.metrics_port),
+            "state": "not_ready", "state_message": "registered; waiting for the first heartbeat",
+            "token_hash": hash_secret(token), "refresh_hash": hash_secret(refresh),
+            "signing_secret": self.fernet.encrypt(signing.encode()).decode(), "token_expires_at": expires,
+            "config": dumps(LoadConfig().model_dump()), "config_version": 1,
+            "created_at": now, "updated_at": now,
+        }, returning="id")
+        logger.info("worker %d registered: %s (peer %s, model %s)", worker_id, body.name, body.peer_id, body.model)
+        return {"worker_id": worker_id, "token": token, "refresh_token": refresh, "signing_secret": signing,
+                "token_expires_at": iso(expires), "config_version": 1}
+
+    @staticmethod
+    def _metrics_url(ip: str, port: Optional[int]) -> Optional[str]:
+        """Only the address the worker connected from is ever scraped (no request to a third party)."""
+        if port is None:
+            return None
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"http://{host}:{port}/metrics"
+
+    async def row(self, worker_id: int) -> dict[str, Any]:
+        row = await self.store.fetch_one("SELECT * FROM workers WHERE id = ?", worker_id)
+        if row is None:
+            raise HTTPError(404, f"no such worker: {worker_id}")
+        return row
+
+    async def authenticate(self, worker_id: int, method: str, path: str, body: bytes, headers) -> dict[str, Any]:
+        """Checks the Bearer token and the HMAC signature of a worker's request; counts failures."""
+        now = self.clock()
+        account = f"worker:{worker_id}"
+        try:
+            self.lockout.check(account, now)
+        except AuthError as e:
+            raise HTTPError(423, str(e)) from None
+        row = await self.row(worker_id)
+        try:
+            token = bearer_token(headers)
+            if token is None or not secret_matches(token, row["token_hash"]):
+                raise AuthError("missing or wrong access token")
+            if row["token_expires_at"] <= now:
+                raise AuthError("access token expired; refresh it")
+            signing = self._signing_secret(row)
+            verify_signature(signing, method, path, body, headers.get("X-Timestamp", ""),
+                             headers.get("X-Signature", ""), now, self.replays)
+        except AuthError as e:
+            self.lockout.failed(account, now)
+            logger.warning("worker %d: authentication failed: %s", worker_id, e)
+            raise HTTPError(401, str(e)) from None
+        self.lockout.succeeded(account)
+        return row
+
+    def _signing_secret(self, row: dict[str, Any]) -> str:
+        try:
+            return self.fernet.decrypt(row["signing_secret"].encode()).decode()
+        except InvalidToken:
+            raise AuthError("this worker's signing secret cannot be read with the relay's key file; register again") from None
+
+    async def refresh(self, worker_id: int, refresh_token: str, method: str, path: str, body: bytes, headers) -> dict[str, Any]:
+        """New access and refresh tokens; the old refresh token stops working (rotation)."""
+        now = self.clock()
+        account = f"worker:{worker_id}"
+        try:
+            self.lockout.check(account, now)
+        except AuthError as e:
+            raise HTTPError(423, str(e)) from None
+        row = await self.row(worker_id)
+        try:
+            if not secret_matches(refresh_token, row["refresh_hash"]):
+                raise AuthError("wrong refresh token")
+            verify_signature(self._signing_secret(row), method, path, body, headers.get("X-Timestamp", ""),
+                             headers.get("X-Signature", ""), now, self.replays)
+        except AuthError as e:
+            self.lockout.failed(account, now)
+            logger.warning("worker %d: token refresh refused: %s", worker_id, e)
+            raise HTTPError(401, str(e)) from None
+        self.lockout.succeeded(account)
+        token, refresh = new_secret(), new_secret()
+        expires = now + ACCESS_TOKEN_TTL
+        await self.store.update("workers", "id", worker_id, {
+            "token_hash": hash_secret(token), "refresh_hash": hash_secret(refresh),
+            "token_expires_at": expires, "updated_at": now})
+        logger.info("worker %d: tokens rotated", worker_id)
+        return {"worker_id": worker_id, "token": token, "refresh_token": refresh, "token_expires_at": iso(expires)}
+
+    async def heartbeat(self, row: dict[str, Any], body: HeartbeatRequest, ip: str) -> dict[str, Any]:
+        now = self.clock()
+        values: dict[str, Any] = {"heartbeat_time": now, "updated_at": now, "load": dumps(body.load), "ip": ip}
+        if body.hardware is not None:
+            values["status"] = dumps(body.hardware)
+        if body.metrics_port is not None:
+            values["metrics_url"] = self._metrics_url(ip, body.metrics_port)
+        if body.latency_ms is not None:
+            values["latency_ms"] = body.latency_ms
+        online_since = row["online_since"]
+        if body.status == "offline":
+            if online_since is not None:
+                values["online_seconds"] = row["online_seconds"] + max(0.0, now - online_since)
+                values["online_since"] = None
+            values.update(state="not_ready", state_message="went offline gracefully", offline=1)
+        else:
+            if online_since is None:
+                values["online_since"] = now
+                values["online_periods"] = row["online_periods"] + 1
+            ready = body.status == "online"
+            values.update(state="ready" if ready else "not_ready",
+                          state_message=None if ready else "draining: finishing open sessions", offline=0)
+        merged = {**row, **values}
+        score = reliability_score(stats_of(merged, now))
+        values["history"] = updated_history(row["history"], score)
+        await self.store.update("workers", "id", row["id"], values)
+        return {"config_changed": body.config_version != row["config_version"],
+                "config_version": row["config_version"], "reliability_score": score,
+                "token_expires_at": iso(row["token_expires_at"])}
+
+    async def get_config(self, worker_id: int) -> dict[str, Any]:
+        row = await self.row(worker_id)
+        return {"worker_id": worker_id, "config_version": row["config_version"], "config": loads(row["config"], {})}
+
+    async def put_config(self, worker_id: int, config: LoadConfig) -> dict[str, Any]:
+        row = await self.row(worker_id)
+        version = row["config_version"] + 1
+        await self.store.update("workers", "id", worker_id, {
+            "config": dumps(config.model_dump()), "config_version": version, "updated_at": self.clock()})
+        logger.info("worker %d: config version %d pushed", worker_id, version)
+        return {"worker_id": worker_id, "config_version": version, "config": config.model_dump()}
+
+    # ---- liveness and reliability ------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Ends the online period of every worker whose heartbeats stopped: an unexpected drop."""
+        now = self.clock()
+        cutoff = now - self.heartbeat_timeout
+        lost = await self.store.fetch(
+            "SELECT * FROM workers WHERE online_since IS NOT NULL AND heartbeat_time < ?", cutoff)
+        for row in lost:
+            await self.store.update("workers", "id", row["id"], {
+                "online_seconds": row["online_seconds"] + max(0.0, row["heartbeat_time"] - row["online_since"]),
+                "online_since": None, "unexpected_drops": row["unexpected_drops"] + 1,
+                "state": "not_ready", "updated_at": now,
+                "state_message": f"heartbeat lost: none for over {self.heartbeat_timeout:.0f} s"})
+            logger.warning("worker %d (%s): heartbeat lost", row["id"], row["name"])
+        return len(lost)
+
+    async def record_outcome(self, peer_id: str, success: bool, latency_ms: Optional[float] = None) -> int:
+        """Counts a session outcome for every worker registered with this peer id; returns how many."""
+        rows = await self.store.fetch("SELECT * FROM workers WHERE peer_id = ?", peer_id)
+        for row in rows:
+            values: dict[str, Any] = {"tasks_succeeded" if success else "tasks_failed":
+                                      row["tasks_succeeded" if success else "tasks_failed"] + 1}
+            if latency_ms is not None:
+                previous = row["latency_ms"]
+                values["latency_ms"] = latency_ms if previous is None else 0.8 * previous + 0.2 * latency_ms
+            await self.store.update("workers", "id", row["id"], values)
+        return len(rows)
+
+    async def scores(self) -> dict[str, float]:
+        """Reliability score per peer id (the latest registration of a peer wins)."""
+        now = self.clock()
+        result: dict[str, float] = {}
+        for row in await self.store.fetch("SELECT * FROM workers ORDER BY id"):
+            result[row["peer_id"]] = reliability_score(stats_of(row, now))
+        return result
+
+    # ---- views -------------------------------------------------------------------------------
+
+    def _state(self, row: dict[str, Any], now: float) -> tuple[str, Optional[str]]:
+        if row["id"] in self.offline_ids:
+            return "not_ready", "taken offline by the operator"
+        if row["state"] == "ready" and (row["heartbeat_time"] is None or row["heartbeat_time"] < now - self.heartbeat_timeout):
+            return "not_ready", f"heartbeat lost: none for over {self.heartbeat_timeout:.0f} s"
+        return row["state"], row["state_message"]
+
+    def gpustack_item(self, row: dict[str, Any], now: float) -> dict[str, Any]:
+        """One worker exactly as GPUStack's `/v1/workers` lists it."""
+        state, message = self._state(row, now)
+        labels = {"worker-name": row["name"], **loads(row["labels"], {})}
+        return {
+            "id": row["id"],
+            "name": row["name"],
+            "hostname": row["hostname"],
+            "ip": row["ip"],
+            "port": row["port"],
+            "labels": labels,
+            "system_reserved": loads(row["system_reserved"], {"ram": 0, "vram": 0}),
+            "state": state,
+            "state_message": message,
+            "status": loads(row["status"], {}),
+            "unreachable": state != "ready",
+            "heartbeat_time": iso(row["heartbeat_time"]),
+            "created_at": iso(row["created_at"]),
+            "updated_at": iso(row["updated_at"]),
+        }
+
+    async def page(self, page: int, per_page: int) -> dict[str, Any]:
+        now = self.clock()
+        total = (await self.store.fetch_one("SELECT COUNT(*) AS n FROM workers"))["n"]
+        rows = await self.store.fetch("SELECT * FROM workers ORDER BY id LIMIT ? OFFSET ?", per_page, (page - 1) * per_page)
+        return {
+            "items": [self.gpustack_item(row, now) for row in rows],
+            "pagination": {"page": page, "perPage": per_page, "total": total,
+                           "totalPage": math.ceil(total / per_page) if total else 0},
+        }
+
+    async def detail(self, worker_id: int) -> dict[str, Any]:
+        row = await self.row(worker_id)
+        now = self.clock()
+        stats = stats_of(row, now)
+        item = self.gpustack_item(row, now)
+        item.update(peer_id=row["peer_id"], model=row["model"], role=row["role"], region=row["region"],
+                    load=loads(row["load"], {}), config_version=row["config_version"],
+                    reliability={"score": reliability_score(stats), "tasks_succeeded": stats.tasks_succeeded,
+                                 "tasks_failed": stats.tasks_failed, "online_seconds": round(stats.online_seconds, 3),
+                                 "online_periods": stats.online_periods, "unexpected_drops": stats.unexpected_drops,
+                                 "latency_ms": stats.latency_ms})
+        return item
+
+    async def all_rows(self) -> list[dict[str, Any]]:
+        return await self.store.fetch("SELECT * FROM workers ORDER BY id")
+
+    async def counts(self) -> dict[str, int]:
+        now = self.clock()
+        rows = await self.all_rows()
+        ready = sum(1 for row in rows if self._state(row, now)[0] == "ready")
+        return {"ready": ready, "total": len(rows)}
+
+
+def bearer_token(headers) -> Optional[str]:
+    value = headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
