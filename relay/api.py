@@ -52,7 +52,7 @@ class ApiRoutes:
         r.add_get("/api/v1/queue/stats", self.queue_stats)
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return json_reply(openapi_document(self.relay.version))
+        return json_reply(openapi_document(self.relay.version, tuple(sorted(self.relay.services))))
 
     async def list_workers(self, request: web.Request) -> web.Response:
         self.relay.check_admin(request)

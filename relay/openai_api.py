@@ -115,7 +115,11 @@ class OpenAIRoutes:
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
+            gone = True
+            logger.info("%s: the client went away; generation stopped", request.path)
+            return response
+        except asyncio.CancelledError:
             gone = True
             raise
         except HTTPError as e:

@@ -54,9 +54,13 @@ def _path_param(name: str, kind: str = "integer") -> dict[str, Any]:
 
 
 @lru_cache(maxsize=4)
-def openapi_document(version: str) -> dict[str, Any]:
+def openapi_document(version: str, models: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The document; `models` (the names the relay serves) become examples of every `model` field."""
     _, defs = models_json_schema([(m, "validation") for m in _BODIES], ref_template="#/components/schemas/{model}")
     schemas = dict(defs.get("$defs", {}))
+    for name in ("JobRequest", "CompletionRequest", "ChatCompletionRequest"):
+        if models:
+            schemas[name]["properties"]["model"]["examples"] = list(models)
     schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                                          "code": {"type": "integer"}}}}}

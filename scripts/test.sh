@@ -5,14 +5,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
-# The health page is tested in a real headless Chromium (Debian's packages).
+# The health page is tested in a real headless Chromium, the relay's storage in a real PostgreSQL
+# (Debian's packages; the PostgreSQL test is skipped only where they cannot be installed).
+missing=""
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  missing="chromium chromium-driver"
+fi
+if ! command -v pg_ctl >/dev/null && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  missing="$missing postgresql"
+fi
+if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "test: installing chromium and chromium-driver (Debian packages)" >&2
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 ||
-      echo "test: could not install chromium; the health-page test will fail" >&2
+    echo "test: installing$missing (Debian packages)" >&2
+    # shellcheck disable=SC2086
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; } \
+      >/dev/null 2>&1 || echo "test: could not install$missing" >&2
   else
-    echo "test: chromium and chromedriver are missing (sudo apt-get install chromium chromium-driver)" >&2
+    echo "test: missing Debian packages:$missing (sudo apt-get install$missing)" >&2
   fi
 fi
 mkdir -p artifacts

@@ -64,6 +64,7 @@ class RelayLink:
         join_token: Optional[str] = None,
         clock: Callable[[], float] = time.time,
     ):
+        """`clock` decides when tokens need refreshing (requests are always stamped with the real time)."""
         self.url = url.rstrip("/")
         self.credentials_path = credentials_path
         self.registration = registration
@@ -106,7 +107,7 @@ class RelayLink:
         headers = {"Content-Type": "application/json"}
         if signed:
             creds = self.credentials
-            headers.update(signature_headers(creds.signing_secret, method, path, data, self.clock()))
+            headers.update(signature_headers(creds.signing_secret, method, path, data, time.time()))
             headers["Authorization"] = f"Bearer {creds.token}"
         elif self.join_token:
             headers["X-Join-Token"] = self.join_token

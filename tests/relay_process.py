@@ -1,0 +1,78 @@
+"""A real `python -m relay` subprocess on 127.0.0.1 for tests, and small HTTP helpers to talk to it."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from swarm.local import Child, _child_env
+
+READY = re.compile(r"relay ready: management http://([\d.]+):(\d+)/, observability http://[\d.]+:(\d+)/metrics, "
+                   r"api http://[\d.]+:(\d+)/v1")
+
+
+class RelayProcess:
+    def __init__(self, workdir: Path, args: Sequence[str], name: str = "relay", api_port: int = 0):
+        """`api_port`: fix it when servers must find the relay again after a restart."""
+        self.workdir = workdir
+        self.args = list(args)
+        self.api_port = api_port
+        self.name = name
+        self.child: Optional[Child] = None
+        self.mgmt = self.obs = self.api = ""
+        self.starts = 0
+
+    def start(self, timeout: float = 120.0) -> "RelayProcess":
+        self.starts += 1
+        self.child = Child(self.name, [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--mgmt-port", "0",
+                                       "--obs-port", "0", "--api-port", str(self.api_port), *self.args],
+                           self.workdir / f"{self.name}-{self.starts}.log", env=_child_env({}))
+        match = READY.match(self.child.wait_for_line(lambda line: line.startswith("relay ready:"), timeout))
+        host, mgmt, obs, api = match.groups()
+        self.mgmt, self.obs, self.api = (f"http://{host}:{port}" for port in (mgmt, obs, api))
+        return self
+
+    def stop(self) -> Optional[int]:
+        return self.child.stop() if self.child is not None else None
+
+
+def http(method: str, url: str, body: Any = None, headers: Optional[dict[str, str]] = None,
+         raw: Optional[bytes] = None, timeout: float = 60.0) -> tuple[int, Any, dict[str, str]]:
+    """(status, parsed JSON or text, headers) of one request; error statuses are returned, not raised."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
+                                                                             **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, payload, response_headers = response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        status, payload, response_headers = e.code, e.read(), dict(e.headers)
+    text = payload.decode(errors="replace")
+    try:
+        return status, json.loads(text) if text else None, response_headers
+    except json.JSONDecodeError:
+        return status, text, response_headers
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
