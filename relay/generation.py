@@ -22,12 +22,14 @@ from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 from client import AutoDistributedModelForCausalLM
-from client.errors import SwarmError
+from client.errors import BadRequestError, SwarmError
+from client.routing import usable
 from relay.http import HTTPError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
+LIMIT_MAX_AGE = 30.0  # seconds the swarm's session-length limit is trusted before it is read again
 
 
 class _Stopped(Exception):
@@ -120,6 +122,7 @@ class ModelService:
         self.executor = executor
         self.created = int(time.time())
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self._limit: Optional[tuple[float, int]] = None  # (when read, longest session the swarm can hold)
 
     @property
     def name(self) -> str:
@@ -135,18 +138,32 @@ class ModelService:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def make_request(self, prompt: str, max_tokens: Optional[int], temperature: Optional[float],
-                     top_p: Optional[float], stop: Sequence[str]) -> Request:
+    async def context_limit(self) -> int:
+        """The longest session possible: the model's context, capped by what the servers accept (for
+        every block, its most generous usable server's `max_length`)."""
+        now = time.monotonic()
+        if self._limit is None or now - self._limit[0] > LIMIT_MAX_AGE:
+            remote = self.model.remote
+            servers = await asyncio.to_thread(
+                remote.runtime.run, remote.dht.fetch_servers(self.name, remote.num_blocks), remote.request_timeout)
+            per_block = [max((i.record.max_length for i in block.values() if usable(i, ())), default=0) for block in servers]
+            swarm = min(per_block, default=0)
+            self._limit = (now, min(self.context_length, swarm) if swarm else self.context_length)
+        return self._limit[1]
+
+    async def make_request(self, prompt: str, max_tokens: Optional[int], temperature: Optional[float],
+                           top_p: Optional[float], stop: Sequence[str]) -> Request:
         ids = self.encode(prompt)
         if not ids:
             raise HTTPError(400, "the prompt is empty after tokenization")
-        room = self.context_length - len(ids)
+        limit = await self.context_limit()
+        room = limit - len(ids)
         if room < 1:
-            raise HTTPError(400, f"the prompt has {len(ids)} tokens; this model's context is {self.context_length} tokens")
+            raise HTTPError(400, f"the prompt has {len(ids)} tokens; this model's context in the swarm is {limit} tokens")
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, room)
         elif max_tokens > room:
-            raise HTTPError(400, f"this model's maximum context length is {self.context_length} tokens: the prompt "
+            raise HTTPError(400, f"this model's maximum context length in the swarm is {limit} tokens: the prompt "
                                  f"has {len(ids)}, so max_tokens may be at most {room} (got {max_tokens})")
         return Request(ids, max_tokens, 1.0 if temperature is None else temperature,
                        1.0 if top_p is None else top_p, tuple(stop))
@@ -161,6 +178,8 @@ class ModelService:
 
         try:
             return await loop.run_in_executor(self.executor, self._generate, request, emit, cancelled)
+        except BadRequestError as e:  # the servers judged the request itself wrong: the caller's to fix
+            raise HTTPError(400, f"the swarm refused this request: {e}") from None
         except SwarmError as e:
             raise HTTPError(503, f"the swarm could not run {self.name}: {e}") from None
 

@@ -47,7 +47,7 @@ class JobQueue:
         if service is None:
             raise HTTPError(404, f"the model {body.model!r} is not served by this relay (served: {', '.join(sorted(self.services)) or 'none'})")
         prompt = service.chat_prompt([(m.role, m.text()) for m in body.messages])
-        service.make_request(prompt, body.max_tokens, body.temperature, body.top_p, ())  # validate lengths now
+        await service.make_request(prompt, body.max_tokens, body.temperature, body.top_p, ())  # validate lengths now
         job_id = uuid.uuid4().hex
         now = time.time()
         await self.store.insert("jobs", {"id": job_id, "type": body.type, "model": body.model, "status": "queued",
@@ -97,7 +97,7 @@ class JobQueue:
             if service is None:
                 raise HTTPError(404, f"the model {body.model!r} is no longer served by this relay")
             prompt = service.chat_prompt([(m.role, m.text()) for m in body.messages])
-            request = service.make_request(prompt, body.max_tokens, body.temperature, body.top_p, ())
+            request = await service.make_request(prompt, body.max_tokens, body.temperature, body.top_p, ())
             result = await service.generate(request)
             values = {"status": "completed", "result": dumps({
                 "text": result.text, "finish_reason": result.finish_reason,

@@ -45,7 +45,7 @@ class OpenAIRoutes:
         self.check_key(request)
         body = await read_body(request, CompletionRequest)
         service = self.service(body.model)
-        gen = service.make_request(body.prompt, body.max_tokens, body.temperature, body.top_p, body.stop_list())
+        gen = await service.make_request(body.prompt, body.max_tokens, body.temperature, body.top_p, body.stop_list())
         ident = f"cmpl-{uuid.uuid4().hex}"
 
         def chunk(text: str, finish: Optional[str]) -> dict[str, Any]:
@@ -65,7 +65,7 @@ class OpenAIRoutes:
         service = self.service(body.model)
         prompt = service.chat_prompt([(m.role, m.text()) for m in body.messages])
         max_tokens = body.max_completion_tokens or body.max_tokens
-        gen = service.make_request(prompt, max_tokens, body.temperature, body.top_p, body.stop_list())
+        gen = await service.make_request(prompt, max_tokens, body.temperature, body.top_p, body.stop_list())
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         first = True
 

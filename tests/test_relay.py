@@ -229,6 +229,9 @@ def test_chat_completions_match_transformers(relay, model_name, llama_ref, token
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=100_000)
+    # the model's context is 512 tokens, but these servers hold sessions of at most 256 (--max-length)
+    with pytest.raises(openai.BadRequestError, match="256 tokens"):
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=300)
 
 
 def test_completions_stream_and_stop_strings(relay, model_name, llama_ref, tokenizer):
