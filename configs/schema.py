@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Annotated, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _BLOCKS_RE = re.compile(r"^(\d+):(\d+)$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -37,6 +37,16 @@ class WorkingHours:
 
     def __str__(self) -> str:
         return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
+def _valid_hours(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        WorkingHours.parse(value)
+    return value
+
+
+HoursText = Annotated[Optional[str], AfterValidator(_valid_hours)]
+"""Working hours as text (`09:00-18:00`), checked on the way in."""
 
 
 class _Schema(BaseModel):
@@ -93,7 +103,7 @@ class ServerOptions(NetworkOptions):
     acceptance_rate: float = Field(1.0, gt=0, le=1, description="fraction of new sessions to accept (load control)")
     max_concurrent_sessions: Optional[int] = Field(None, gt=0, description="most sessions open at once (default: no limit)")
     max_sessions_per_hour: Optional[int] = Field(None, gt=0, description="most new sessions per hour (default: no limit)")
-    working_hours: Optional[str] = Field(
+    working_hours: HoursText = Field(
         None, description="daily window in local time when the server takes sessions, e.g. 09:00-18:00 (default: always)"
     )
     max_memory_fraction: float = Field(
@@ -135,13 +145,6 @@ class ServerOptions(NetworkOptions):
     def _check_dtype(cls, value: str) -> str:
         if value not in ("float32", "bfloat16", "float16"):
             raise ValueError("must be float32, bfloat16 or float16")
-        return value
-
-    @field_validator("working_hours")
-    @classmethod
-    def _check_hours(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None:
-            WorkingHours.parse(value)
         return value
 
     @model_validator(mode="after")

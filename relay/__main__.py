@@ -36,6 +36,9 @@ async def serve(options: RelayOptions) -> int:
     if relay.generated_admin_token:
         print(f"relay: generated admin token (shown once; pass --admin-token to choose one): {relay.generated_admin_token}",
               flush=True)
+    if not options.api_keys:
+        print("relay: warning: no --api-keys given, so the jobs and OpenAI-compatible APIs refuse every request",
+              file=sys.stderr, flush=True)
     host = options.host
     print(f"relay: database {relay.store.describe()}", flush=True)
     print(f"relay: dht {' '.join(relay.dht.visible_maddrs()[:2])}", flush=True)

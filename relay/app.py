@@ -66,6 +66,7 @@ class Relay:
         self._scores: dict[str, float] = {}
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []
+        self._outcomes: set[asyncio.Task] = set()  # held until done, so none is garbage-collected mid-write
         self._p2p = None
         self._executor = ThreadPoolExecutor(max_workers=options.max_concurrent_generations,
                                             thread_name_prefix="relay-generate")
@@ -108,7 +109,17 @@ class Relay:
 
     def _record_outcome(self, loop: asyncio.AbstractEventLoop, peer_id: str, success: bool) -> None:
         """Called from generation threads: counts the outcome on the relay's loop."""
-        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.workers.record_outcome(peer_id, success)))
+        def record() -> None:
+            task = asyncio.ensure_future(self.workers.record_outcome(peer_id, success))
+            self._outcomes.add(task)
+            task.add_done_callback(self._outcome_done)
+
+        loop.call_soon_threadsafe(record)
+
+    def _outcome_done(self, task: asyncio.Task) -> None:
+        self._outcomes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("could not record a session outcome: %s", task.exception())
 
     # ---- lifecycle ---------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from configs.schema import WorkingHours
+from configs.schema import HoursText
 
 Role = Literal["prefill", "decode", "mixed"]
 WorkerStatus = Literal["online", "draining", "offline"]
@@ -42,14 +42,7 @@ class LoadConfig(_Body):
     acceptance_rate: float = Field(1.0, gt=0, le=1)
     max_concurrent_sessions: Optional[int] = Field(None, gt=0, le=1_000_000)
     max_sessions_per_hour: Optional[int] = Field(None, gt=0, le=100_000_000)
-    working_hours: Optional[str] = Field(None, max_length=32)
-
-    @field_validator("working_hours")
-    @classmethod
-    def _check_hours(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None:
-            WorkingHours.parse(value)
-        return value
+    working_hours: HoursText = Field(None, max_length=32)
 
 
 class HeartbeatRequest(_Body):

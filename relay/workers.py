@@ -129,6 +129,19 @@ class WorkerRegistry:
 
     async def authenticate(self, worker_id: int, method: str, path: str, body: bytes, headers) -> dict[str, Any]:
         """Checks the Bearer token and the HMAC signature of a worker's request; counts failures."""
+
+        def access_token(row: dict[str, Any], now: float) -> None:
+            token = bearer_token(headers)
+            if token is None or not secret_matches(token, row["token_hash"]):
+                raise AuthError("missing or wrong access token")
+            if row["token_expires_at"] <= now:
+                raise AuthError("access token expired; refresh it")
+
+        return await self._verified(worker_id, access_token, method, path, body, headers)
+
+    async def _verified(self, worker_id: int, credential: Callable[[dict[str, Any], float], None], method: str,
+                        path: str, body: bytes, headers) -> dict[str, Any]:
+        """The worker's row once `credential` and the request signature check out; 5 failures lock it (423)."""
         now = self.clock()
         account = f"worker:{worker_id}"
         try:
@@ -137,13 +150,8 @@ class WorkerRegistry:
             raise HTTPError(423, str(e)) from None
         row = await self.row(worker_id)
         try:
-            token = bearer_token(headers)
-            if token is None or not secret_matches(token, row["token_hash"]):
-                raise AuthError("missing or wrong access token")
-            if row["token_expires_at"] <= now:
-                raise AuthError("access token expired; refresh it")
-            signing = self._signing_secret(row)
-            verify_signature(signing, method, path, body, headers.get("X-Timestamp", ""),
+            credential(row, now)
+            verify_signature(self._signing_secret(row), method, path, body, headers.get("X-Timestamp", ""),
                              headers.get("X-Signature", ""), now, self.replays)
         except AuthError as e:
             self.lockout.failed(account, now)
@@ -160,23 +168,13 @@ class WorkerRegistry:
 
     async def refresh(self, worker_id: int, refresh_token: str, method: str, path: str, body: bytes, headers) -> dict[str, Any]:
         """New access and refresh tokens; the old refresh token stops working (rotation)."""
-        now = self.clock()
-        account = f"worker:{worker_id}"
-        try:
-            self.lockout.check(account, now)
-        except AuthError as e:
-            raise HTTPError(423, str(e)) from None
-        row = await self.row(worker_id)
-        try:
+
+        def refresh_credential(row: dict[str, Any], now: float) -> None:
             if not secret_matches(refresh_token, row["refresh_hash"]):
                 raise AuthError("wrong refresh token")
-            verify_signature(self._signing_secret(row), method, path, body, headers.get("X-Timestamp", ""),
-                             headers.get("X-Signature", ""), now, self.replays)
-        except AuthError as e:
-            self.lockout.failed(account, now)
-            logger.warning("worker %d: token refresh refused: %s", worker_id, e)
-            raise HTTPError(401, str(e)) from None
-        self.lockout.succeeded(account)
+
+        await self._verified(worker_id, refresh_credential, method, path, body, headers)
+        now = self.clock()
         token, refresh = new_secret(), new_secret()
         expires = now + ACCESS_TOKEN_TTL
         await self.store.update("workers", "id", worker_id, {
