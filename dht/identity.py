@@ -6,6 +6,7 @@ record's subkey, so nobody can announce records on behalf of another server.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -61,3 +62,27 @@ def peer_id_of_subkey(subkey: object) -> Optional[str]:
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
     digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))
     return PeerID(digest).to_base58()
+
+
+def registration_message(peer_id: str, signed_at: int) -> bytes:
+    """What a server signs to register with a relay as `peer_id` (fresh, so it cannot be reused later)."""
+    return f"swarm-relay-register:{peer_id}:{signed_at}".encode()
+
+
+def ownership_proof(validator: RSASignatureValidator, message: bytes) -> tuple[str, str]:
+    """(public key as `[owner:…]` text, base64 signature of `message`): shows a third party (the relay)
+    that whoever sends `message` holds this peer's identity key."""
+    signature = validator._private_key.sign(message)  # hivemind keeps the key private but offers no signer
+    return validator.local_public_key.decode(), base64.b64encode(signature).decode()
+
+
+def proves_ownership(peer_id: str, public_key: str, message: bytes, signature: str) -> bool:
+    """Whether `public_key` is `peer_id`'s identity key and signed `message`."""
+    owner = public_key.encode()
+    if peer_id_of_subkey(owner) != peer_id:
+        return False
+    match = _OWNER_RE.match(owner)
+    try:
+        return RSAPublicKey.from_bytes(match.group(1)).verify(message, base64.b64decode(signature, validate=True))
+    except (ValueError, TypeError):
+        return False

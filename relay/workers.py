@@ -18,8 +18,10 @@ from typing import Any, Callable, Optional
 
 from cryptography.fernet import Fernet, InvalidToken
 
+from dht.identity import proves_ownership, registration_message
 from relay.auth import (
     ACCESS_TOKEN_TTL,
+    MAX_CLOCK_SKEW,
     AuthError,
     Lockout,
     ReplayGuard,
@@ -95,6 +97,7 @@ class WorkerRegistry:
             if not join_token or not secret_matches(join_token, self.join_token_hash):
                 raise HTTPError(401, "registration requires the relay's join token (X-Join-Token header)")
         now = self.clock()
+        self._check_ownership(body, now)
         token, refresh, signing = new_secret(), new_secret(), new_secret()
         expires = now + ACCESS_TOKEN_TTL
         worker_id = await self.store.insert("workers", {
@@ -112,6 +115,18 @@ class WorkerRegistry:
         logger.info("worker %d registered: %s (peer %s, model %s)", worker_id, body.name, body.peer_id, body.model)
         return {"worker_id": worker_id, "token": token, "refresh_token": refresh, "signing_secret": signing,
                 "token_expires_at": iso(expires), "config_version": 1}
+
+    def _check_ownership(self, body: RegisterRequest, now: float) -> None:
+        """Only the holder of a peer's identity key may register as that peer (its score is at stake)."""
+        if abs(now - body.signed_at) > MAX_CLOCK_SKEW:
+            raise HTTPError(401, f"signed_at is more than {MAX_CLOCK_SKEW:.0f} s away from the relay's clock")
+        if not proves_ownership(body.peer_id, body.peer_public_key, registration_message(body.peer_id, body.signed_at),
+                                body.peer_signature):
+            raise HTTPError(401, "peer_signature does not prove that the sender holds the identity key of peer_id")
+        try:
+            self.replays.check_and_remember(body.peer_signature, now)
+        except AuthError as e:
+            raise HTTPError(401, f"registration {e}") from None
 
     @staticmethod
     def _metrics_url(ip: str, port: Optional[int]) -> Optional[str]:

@@ -22,6 +22,7 @@ from blocks.span import BlockSpan
 from blocks.wire import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
+from dht.identity import ownership_proof, registration_message
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import SwarmDHT, start_dht
 from swarm import __version__
@@ -151,11 +152,16 @@ class Server:
 
     async def _relay_registration(self) -> dict:
         hostname = socket.gethostname()
+        signed_at = int(time.time())
+        public_key, signature = ownership_proof(self.dht.validator, registration_message(self.dht.peer_id, signed_at))
         return {
             "name": self.options.public_name or f"{hostname}-{self.dht.peer_id[-8:]}",
             "hostname": hostname,
             "port": self.dht.port,
             "peer_id": self.dht.peer_id,
+            "peer_public_key": public_key,
+            "peer_signature": signature,
+            "signed_at": signed_at,
             "model": self.model_name,
             "role": "mixed",
             "region": self.options.region,

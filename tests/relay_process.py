@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -76,3 +77,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def signed_registration(name: str, model: str = "m", signed_at: Optional[int] = None, **extra: Any) -> dict[str, Any]:
+    """A registration body for a new peer identity, signed as `swarm.serve` signs it."""
+    from dht.identity import ensure_identity, make_validator, ownership_proof, peer_id_of_subkey, registration_message
+
+    validator = make_validator(ensure_identity(Path(tempfile.mkdtemp(prefix="swarm-test-peer-")) / "identity.key"))
+    peer_id = peer_id_of_subkey(validator.local_public_key)
+    signed_at = int(time.time()) if signed_at is None else signed_at
+    public_key, signature = ownership_proof(validator, registration_message(peer_id, signed_at))
+    return {"name": name, "peer_id": peer_id, "peer_public_key": public_key, "peer_signature": signature,
+            "signed_at": signed_at, "model": model, **extra}

@@ -22,7 +22,7 @@ from client import AutoDistributedModelForCausalLM
 from client.reliability import RelayScores
 from swarm.local import LocalSwarm
 from swarm.relay_link import RelayLink, signature_headers
-from tests.relay_process import RelayProcess, free_port, http, wait_until
+from tests.relay_process import RelayProcess, free_port, http, signed_registration, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -319,7 +319,7 @@ def test_metrics_are_aggregated_from_every_server(relay_swarm, model_name):
 
 
 def register(relay: RelayProcess, **extra) -> dict:
-    body = {"name": "manual", "peer_id": "QmManualPeer", "model": "m", **extra}
+    body = signed_registration(**{"name": "manual", **extra})
     status, reply, _ = http("POST", f"{relay.api}/api/v1/workers/register", body, {"X-Join-Token": JOIN})
     assert status == 201, reply
     return reply
@@ -333,10 +333,22 @@ def signed(relay: RelayProcess, creds: dict, method: str, path: str, body: dict,
     return http(method, relay.api + path, raw=raw, headers=headers)
 
 
-def test_registration_needs_the_join_token(relay):
-    body = {"name": "x", "peer_id": "QmX", "model": "m"}
-    assert http("POST", f"{relay.api}/api/v1/workers/register", body)[0] == 401
-    assert http("POST", f"{relay.api}/api/v1/workers/register", body, {"X-Join-Token": "wrong"})[0] == 401
+def test_registration_needs_the_join_token_and_the_peers_own_key(relay):
+    url = f"{relay.api}/api/v1/workers/register"
+    body = signed_registration("x")
+    assert http("POST", url, body)[0] == 401
+    assert http("POST", url, body, {"X-Join-Token": "wrong"})[0] == 401
+    join = {"X-Join-Token": JOIN}
+    other = signed_registration("y")
+    for forged in ({**body, "peer_id": other["peer_id"]},  # someone else's peer id, signed with my key
+                   {**body, "peer_signature": other["peer_signature"]},
+                   {**body, "signed_at": body["signed_at"] - 1},
+                   {**signed_registration("z", signed_at=int(time.time()) - 3600)}):
+        status, reply, _ = http("POST", url, forged, join)
+        assert status == 401, forged
+    assert http("POST", url, body, join)[0] == 201
+    status, reply, _ = http("POST", url, body, join)  # the same signed registration again
+    assert status == 401 and "replay" in reply["error"]["message"]
     reply = register(relay)
     assert set(reply) >= {"worker_id", "token", "refresh_token", "signing_secret", "token_expires_at"}
     expires = dt.datetime.fromisoformat(reply["token_expires_at"].replace("Z", "+00:00"))
@@ -551,7 +563,7 @@ def test_server_link_refreshes_tokens_before_they_expire(relay, tmp_path):
     applied, now = [], [time.time()]
 
     async def registration():
-        return {"name": "link", "peer_id": "QmLinkPeer", "model": "m"}
+        return signed_registration("link")
 
     async def heartbeat():
         return {"load": {"open_sessions": 0}}

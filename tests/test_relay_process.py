@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.relay_process import RelayProcess, free_port, http
+from tests.relay_process import RelayProcess, free_port, http, signed_registration
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def test_a_database_that_cannot_be_opened_is_a_clear_error(tmp_path):
 def registered_worker_survives_restart(relay: RelayProcess, admin: str) -> None:
     headers = {"Authorization": f"Bearer {admin}"}
     status, creds, _ = http("POST", f"{relay.api}/api/v1/workers/register",
-                            {"name": "w1", "peer_id": "QmPeer", "model": "m", "labels": {"gpu": "none"}})
+                            signed_registration("w1", labels={"gpu": "none"}))
     assert status == 201
     assert http("PUT", f"{relay.api}/api/v1/workers/{creds['worker_id']}/config", {"acceptance_rate": 0.5}, headers)[0] == 200
     assert relay.stop() == 0
