@@ -44,7 +44,7 @@ def start_relay(workdir: Path, peers: list[str], model: Path) -> tuple[Child, st
                             "--api-keys", "bench", "--models", str(model), "--log-level", "warning"],
                   workdir / "relay.log", env=_child_env({}))
     line = relay.wait_for_line(lambda text: text.startswith("relay ready:"), 180)
-    return relay, re.search(r"api (http://\S+)", line).group(1)
+    return relay, re.search(r"api (http://[\d.]+:\d+)", line).group(1)
 
 
 def main() -> None:

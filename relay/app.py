@@ -43,6 +43,7 @@ except Exception:  # a source tree that was not installed
     VERSION = "0.0.0+source"
 
 ADMIN_SETTING = "admin_token_sha256"
+INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/api/v1/jobs"})  # what `recv_flow` counts
 
 
 class Relay:
@@ -93,16 +94,19 @@ class Relay:
         return flow
 
     async def model_ready(self, name: str) -> Optional[bool]:
-        """Whether every block of `name` has an online server; None if the swarm has no such model."""
-        for _ in range(2):
-            state = self.crawler.state if self.crawler is not None else None
-            for model in state.models if state is not None else ():
-                if model.name == name:
-                    return model.healthy
-            if self.crawler is None:
-                return None
-            await self.crawler.crawl()  # maybe it appeared since the last crawl
-        return None
+        """Whether every block of `name` has an online server; None if the swarm has no such model.
+
+        Anything but a healthy answer from the last crawl is checked again with a fresh crawl."""
+        if self.crawler is None:
+            return None
+        for fresh in (False, True):
+            if fresh:
+                await self.crawler.crawl()
+            state = self.crawler.state
+            found = next((m for m in state.models if m.name == name), None) if state is not None else None
+            if found is not None and found.healthy:
+                return True
+        return None if found is None else False
 
     async def _scores_for_routing(self) -> dict[str, float]:
         return self._scores
@@ -187,7 +191,9 @@ class Relay:
 
     @web.middleware
     async def _count_requests(self, request: web.Request, handler):
-        self._recv_flow += 1
+        """Counts inference requests (not heartbeats or status reads) for `GET /recvs_info`."""
+        if request.method == "POST" and request.path in INFERENCE_PATHS:
+            self._recv_flow += 1
         return await handler(request)
 
     async def _housekeeping(self) -> None:

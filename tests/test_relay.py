@@ -117,7 +117,7 @@ def test_probes_and_service_info(relay, model_name):
     dt.datetime.fromisoformat(info["timestamp"])
 
 
-def test_standby_answers_readiness_503_and_recvs_info(relay):
+def test_standby_answers_readiness_503_and_recvs_info(relay, model_name):
     assert http("POST", f"{relay.mgmt}/backup_info", {"is_master": False, "is_abnormal": False})[0] == 401
     try:
         status, body, _ = http("POST", f"{relay.mgmt}/backup_info", {"is_master": False, "is_abnormal": False}, ADMIN_H)
@@ -132,8 +132,9 @@ def test_standby_answers_readiness_503_and_recvs_info(relay):
     finally:
         http("POST", f"{relay.mgmt}/backup_info", {"is_master": True, "is_abnormal": False}, ADMIN_H)
     assert http("GET", f"{relay.mgmt}/readiness")[0] == 200
-    http("GET", f"{relay.api}/v1/models", headers=KEY_H)
-    http("GET", f"{relay.api}/v1/models", headers=KEY_H)
+    for _ in range(2):  # inference requests count; heartbeats and status reads do not
+        http("POST", f"{relay.api}/v1/completions", {"model": model_name, "prompt": "a", "max_tokens": 1}, KEY_H)
+        http("GET", f"{relay.api}/v1/models", headers=KEY_H)
     assert http("GET", f"{relay.mgmt}/recvs_info")[1] == {"is_master": True, "recv_flow": 2}
 
 
@@ -252,7 +253,8 @@ def test_completions_stream_and_stop_strings(relay, model_name, llama_ref, token
     assert streamed == cut
 
     sampled = client.completions.create(model=model_name, prompt="The swarm", max_tokens=5, temperature=1.2, top_p=0.9)
-    assert sampled.usage.completion_tokens == 5
+    choice, used = sampled.choices[0], sampled.usage.completion_tokens
+    assert 1 <= used <= 5 and (used == 5 or choice.finish_reason == "stop")  # sampling may draw </s> early
 
 
 def test_jobs_run_through_the_swarm(relay, model_name, llama_ref, tokenizer):
@@ -281,13 +283,15 @@ def samples(text: str, name: str) -> dict[tuple, float]:
 
 def test_metrics_are_aggregated_from_every_server(relay_swarm, model_name):
     swarm, relay = relay_swarm
+    body = {"model": model_name, "prompt": "metrics", "max_tokens": 3, "temperature": 0}
+    assert http("POST", f"{relay.api}/v1/completions", body, KEY_H)[0] == 200
     ids = {w["id"] for w in workers(relay)}
     instance = http("GET", f"{relay.obs}/metrics?type=instance")[1]
     received = samples(instance, "request_received_total")
     assert {dict(labels)["instance_id"] for labels in received} == {str(i) for i in ids}
     assert {dict(labels)["role"] for labels in received} == {"mixed"}
     assert all(dict(labels)["model_name"] == model_name for labels in received)
-    assert sum(received.values()) >= 6  # earlier tests generated through two servers at least three times
+    assert sum(received.values()) >= 2  # the completion above opened a session on two servers
 
     full = http("GET", f"{relay.obs}/metrics")[1]
     assert samples(full, "request_received_total") == {(("model_name", model_name),): sum(received.values())}
@@ -401,14 +405,16 @@ def test_clients_avoid_servers_with_low_reliability(relay_swarm, llama_path):
     scores then never routes through it (and still works)."""
     swarm, relay = relay_swarm
     bad, good = swarm.servers[0].peer_id, swarm.servers[1].peer_id
-    for _ in range(40):
-        assert http("POST", f"{relay.api}/api/v1/reports", {"peer_id": bad, "success": False}, KEY_H)[0] == 200
+    for _ in range(60):
+        for peer, success in ((bad, False), (good, True)):
+            assert http("POST", f"{relay.api}/api/v1/reports", {"peer_id": peer, "success": success}, KEY_H)[0] == 200
     assert http("POST", f"{relay.api}/api/v1/reports", {"peer_id": "QmNobody", "success": True}, KEY_H)[0] == 404
     scores = {item["peer_id"]: item["score"] for item in http("GET", f"{relay.api}/api/v1/reliability", headers=KEY_H)[1]["data"]}
-    assert scores[bad] < 0.5 <= scores[good]
+    assert scores[good] - scores[bad] > 0.2  # success rate is 40 % of the score
+    threshold = (scores[bad] + scores[good]) / 2
 
     with AutoDistributedModelForCausalLM.from_pretrained(
-            llama_path, swarm.initial_peers, reliability=RelayScores(relay.api, KEYS[0]), min_reliability=0.5) as model:
+            llama_path, swarm.initial_peers, reliability=RelayScores(relay.api, KEYS[0]), min_reliability=threshold) as model:
         for _ in range(4):
             with model.inference_session(max_length=8) as session:
                 model.generate(torch.tensor([[5, 6, 7]]), session=session, max_new_tokens=2)
