@@ -12,6 +12,7 @@ import hmac
 import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
 
@@ -36,10 +37,8 @@ from relay.workers import WorkerRegistry, bearer_token, load_or_create_key
 logger = logging.getLogger(__name__)
 
 try:
-    from importlib.metadata import version as _version
-
-    VERSION = _version("swarm-inference")
-except Exception:  # a source tree that was not installed
+    VERSION = version("swarm-inference")
+except PackageNotFoundError:  # a source tree that was not installed
     VERSION = "0.0.0+source"
 
 ADMIN_SETTING = "admin_token_sha256"
