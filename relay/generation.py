@@ -144,8 +144,12 @@ class ModelService:
         now = time.monotonic()
         if self._limit is None or now - self._limit[0] > LIMIT_MAX_AGE:
             remote = self.model.remote
-            servers = await asyncio.to_thread(
-                remote.runtime.run, remote.dht.fetch_servers(self.name, remote.num_blocks), remote.request_timeout)
+            try:
+                servers = await asyncio.to_thread(
+                    remote.runtime.run, remote.dht.fetch_servers(self.name, remote.num_blocks), remote.request_timeout)
+            except Exception as e:  # the generation itself will say what is wrong with the swarm
+                logger.warning("could not read %s's servers from the DHT: %s", self.name, e)
+                return self.context_length
             per_block = [max((i.record.max_length for i in block.values() if usable(i, ())), default=0) for block in servers]
             swarm = min(per_block, default=0)
             self._limit = (now, min(self.context_length, swarm) if swarm else self.context_length)
