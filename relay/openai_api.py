@@ -118,7 +118,7 @@ class OpenAIRoutes:
         except ConnectionResetError:
             gone = True
             logger.info("%s: the client went away; generation stopped", request.path)
-            return response
+            return response if response is not None else web.Response(status=499)  # nobody reads it
         except asyncio.CancelledError:
             gone = True
             raise
