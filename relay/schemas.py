@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from configs.schema import HoursText
 
 Role = Literal["prefill", "decode", "mixed"]
-WorkerStatus = Literal["online", "draining", "offline"]
+WorkerStatus = Literal["joining", "online", "draining", "offline"]  # a server's own states
 _ID = Field(ge=0, lt=2**63)
 
 

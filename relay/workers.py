@@ -218,8 +218,8 @@ class WorkerRegistry:
                 values["online_since"] = now
                 values["online_periods"] = row["online_periods"] + 1
             ready = body.status == "online"
-            values.update(state="ready" if ready else "not_ready",
-                          state_message=None if ready else "draining: finishing open sessions", offline=0)
+            message = {"joining": "joining: loading blocks", "draining": "draining: finishing open sessions"}
+            values.update(state="ready" if ready else "not_ready", state_message=message.get(body.status), offline=0)
         merged = {**row, **values}
         score = reliability_score(stats_of(merged, now))
         values["history"] = updated_history(row["history"], score)

@@ -389,7 +389,9 @@ def test_refresh_rotates_tokens(relay):
     status, rotated, _ = signed(relay, creds, "POST", refresh_path, {"refresh_token": creds["refresh_token"]})
     assert status == 200 and rotated["token"] != creds["token"]
     new = {**creds, **rotated}
-    assert signed(relay, new, "POST", f"/api/v1/workers/{wid}/heartbeat", {"status": "online"})[0] == 200
+    assert signed(relay, new, "POST", f"/api/v1/workers/{wid}/heartbeat", {"status": "joining"})[0] == 200
+    detail = http("GET", f"{relay.api}/api/v1/workers/{wid}", headers=ADMIN_H)[1]
+    assert (detail["state"], detail["state_message"]) == ("not_ready", "joining: loading blocks")
     assert signed(relay, creds, "POST", f"/api/v1/workers/{wid}/heartbeat", {"status": "online"})[0] == 401
     assert signed(relay, new, "POST", refresh_path, {"refresh_token": creds["refresh_token"]})[0] == 401
     status, config, _ = signed(relay, new, "GET", f"/api/v1/workers/{wid}/config", None)
