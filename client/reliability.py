@@ -17,7 +17,7 @@ import aiohttp
 
 class RelayScores:
     def __init__(self, relay_url: str, api_key: str, period: float = 30.0, timeout: float = 5.0):
-        self.url = relay_url.rstrip("/") + "/api/v1/reliability"
+        self.base = relay_url.rstrip("/") + "/api/v1"
         self.api_key = api_key
         self.period = period
         self.timeout = timeout
@@ -28,7 +28,7 @@ class RelayScores:
         now = time.monotonic()
         if self._fetched_at is None or now - self._fetched_at >= self.period:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
-                async with session.get(self.url, headers={"X-API-Key": self.api_key}) as response:
+                async with session.get(f"{self.base}/reliability", headers={"X-API-Key": self.api_key}) as response:
                     response.raise_for_status()
                     body = await response.json()
             self._scores = {item["peer_id"]: float(item["score"]) for item in body["data"]}
@@ -37,8 +37,7 @@ class RelayScores:
 
     async def report(self, peer_id: str, success: bool, latency_ms: Optional[float] = None) -> None:
         """Tells the relay how a session with `peer_id` went (feeds its success-rate component)."""
-        url = self.url.rsplit("/", 1)[0] + "/reports"
         body = {"peer_id": peer_id, "success": success, "latency_ms": latency_ms}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
-            async with session.post(url, json=body, headers={"X-API-Key": self.api_key}) as response:
+            async with session.post(f"{self.base}/reports", json=body, headers={"X-API-Key": self.api_key}) as response:
                 response.raise_for_status()

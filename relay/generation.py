@@ -25,6 +25,7 @@ from client import AutoDistributedModelForCausalLM
 from client.errors import BadRequestError, SwarmError
 from client.routing import usable
 from relay.http import HTTPError
+from relay.schemas import ChatMessage
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,15 @@ class _DeltaStreamer(BaseStreamer):
             self._flush(len(self.text))
 
 
+def find_service(services: Mapping[str, "ModelService"], name: str) -> "ModelService":
+    """The served model called `name`, or a 404 naming the ones that are served."""
+    service = services.get(name)
+    if service is None:
+        known = ", ".join(sorted(services)) or "none"
+        raise HTTPError(404, f"the model {name!r} is not served by this relay (served: {known})")
+    return service
+
+
 class ModelService:
     """One model the relay serves: its swarm client, tokenizer and chat formatting."""
 
@@ -128,12 +138,16 @@ class ModelService:
     def name(self) -> str:
         return self.model.model_name
 
-    def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The tokenizer's chat template, or a plain `role: text` transcript for models without one."""
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
-                [{"role": role, "content": text} for role, text in messages], add_generation_prompt=True, tokenize=False)
-        return "".join(f"{role}: {text}\n" for role, text in messages) + "assistant:"
+                [{"role": m.role, "content": m.text()} for m in messages], add_generation_prompt=True, tokenize=False)
+        return "".join(f"{m.role}: {m.text()}\n" for m in messages) + "assistant:"
+
+    async def chat_request(self, messages: Sequence[ChatMessage], max_tokens: Optional[int],
+                           temperature: Optional[float], top_p: Optional[float], stop: Sequence[str] = ()) -> Request:
+        return await self.make_request(self.chat_prompt(messages), max_tokens, temperature, top_p, stop)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Mapping, Optional
 
-from relay.generation import ModelService
+from relay.generation import ModelService, Request, find_service
 from relay.http import HTTPError
 from relay.schemas import JobRequest
 from relay.store import Store, dumps, loads
@@ -43,11 +43,7 @@ class JobQueue:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def submit(self, body: JobRequest) -> dict[str, Any]:
-        service = self.services.get(body.model)
-        if service is None:
-            raise HTTPError(404, f"the model {body.model!r} is not served by this relay (served: {', '.join(sorted(self.services)) or 'none'})")
-        prompt = service.chat_prompt([(m.role, m.text()) for m in body.messages])
-        await service.make_request(prompt, body.max_tokens, body.temperature, body.top_p, ())  # validate lengths now
+        await self._request(body)  # refuse an unknown model or a too long job now, not when it runs
         job_id = uuid.uuid4().hex
         now = time.time()
         await self.store.insert("jobs", {"id": job_id, "type": body.type, "model": body.model, "status": "queued",
@@ -89,15 +85,14 @@ class JobQueue:
                 continue
             await self._run(row)
 
+    async def _request(self, body: JobRequest) -> tuple[ModelService, Request]:
+        service = find_service(self.services, body.model)
+        return service, await service.chat_request(body.messages, body.max_tokens, body.temperature, body.top_p)
+
     async def _run(self, row: dict[str, Any]) -> None:
         values: dict[str, Any]
         try:
-            body = JobRequest.model_validate(loads(row["request"]))
-            service = self.services.get(body.model)
-            if service is None:
-                raise HTTPError(404, f"the model {body.model!r} is no longer served by this relay")
-            prompt = service.chat_prompt([(m.role, m.text()) for m in body.messages])
-            request = await service.make_request(prompt, body.max_tokens, body.temperature, body.top_p, ())
+            service, request = await self._request(JobRequest.model_validate(loads(row["request"])))
             result = await service.generate(request)
             values = {"status": "completed", "result": dumps({
                 "text": result.text, "finish_reason": result.finish_reason,

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from aiohttp import web
 
-from relay.generation import ModelService, Result
+from relay.generation import ModelService, Result, find_service
 from relay.http import HTTPError, json_reply, read_body
 from relay.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -29,13 +29,6 @@ class OpenAIRoutes:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
 
-    def service(self, name: str) -> ModelService:
-        service = self.services.get(name)
-        if service is None:
-            known = ", ".join(sorted(self.services)) or "none"
-            raise HTTPError(404, f"the model {name!r} does not exist on this relay (served: {known})")
-        return service
-
     async def models(self, request: web.Request) -> web.Response:
         self.check_key(request)
         data = [{"id": name, "object": "model", "created": s.created, "owned_by": "swarm"} for name, s in self.services.items()]
@@ -44,7 +37,7 @@ class OpenAIRoutes:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.check_key(request)
         body = await read_body(request, CompletionRequest)
-        service = self.service(body.model)
+        service = find_service(self.services, body.model)
         gen = await service.make_request(body.prompt, body.max_tokens, body.temperature, body.top_p, body.stop_list())
         ident = f"cmpl-{uuid.uuid4().hex}"
 
@@ -62,10 +55,9 @@ class OpenAIRoutes:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self.check_key(request)
         body = await read_body(request, ChatCompletionRequest)
-        service = self.service(body.model)
-        prompt = service.chat_prompt([(m.role, m.text()) for m in body.messages])
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        gen = await service.make_request(prompt, max_tokens, body.temperature, body.top_p, body.stop_list())
+        service = find_service(self.services, body.model)
+        gen = await service.chat_request(body.messages, body.max_completion_tokens or body.max_tokens, body.temperature,
+                                         body.top_p, body.stop_list())
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         first = True
 
