@@ -19,8 +19,8 @@ from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
 
+from blocks.architecture import Architecture
 from blocks.errors import CheckpointError
 from blocks.family import Family, get_family
 
@@ -52,9 +52,7 @@ class Checkpoint:
         self.path = Path(path).expanduser()
         if not (self.path / "config.json").is_file():
             raise CheckpointError(f"{self.path} is not a checkpoint directory: config.json not found")
-        self.config: PretrainedConfig = AutoConfig.from_pretrained(self.path)
-        # transformers leaves this unset when layers are built by hand; sdpa matches the full model's default.
-        self.config._attn_implementation = "sdpa"
+        self.config: Architecture = Architecture.from_file(self.path / "config.json")
         self.family: Family = get_family(self.config)
 
     @property
@@ -119,17 +117,12 @@ class Checkpoint:
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """KV-cache memory of one token in one block."""
         config = self.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+        return 2 * config.num_key_value_heads * config.head_dim * torch.empty(0, dtype=dtype).element_size()
 
     @cached_property
     def config_digest(self) -> str:
         """Digest of the architecture: servers and clients compare it to know they run the same model."""
-        config = self.config.to_dict()
-        for volatile in ("_name_or_path", "transformers_version", "_attn_implementation", "dtype", "torch_dtype"):
-            config.pop(volatile, None)
-        return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+        return self.config.digest
 
     @cached_property
     def fingerprint(self) -> str:

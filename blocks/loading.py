@@ -10,6 +10,7 @@ import torch
 
 from blocks.checkpoint import Checkpoint
 from blocks.errors import CheckpointError
+from blocks.layers import DecoderLayer, RMSNorm, Rotary
 from blocks.span import BlockSpan
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def load_span(
         tensors = checkpoint.read(names, dtype=dtype, device=device)
         prefix = family.layer_prefix(index)
         with torch.device("meta"):
-            layer = family.layer_class(config, layer_idx=index)
+            layer = DecoderLayer(config)
         try:
             layer.load_state_dict({name[len(prefix):]: t for name, t in tensors.items()}, strict=True, assign=True)
         except RuntimeError as e:
@@ -41,7 +42,7 @@ def load_span(
         layers.append(layer.eval().requires_grad_(False))
         if progress is not None:
             progress(index)
-    rotary = family.rotary_class(config=config).to(device)
+    rotary = Rotary(config).to(device)
     return BlockSpan(config, layers, rotary, start)
 
 
@@ -66,13 +67,13 @@ class ModelHead:
 def load_head(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ModelHead:
     config, family = checkpoint.config, checkpoint.family
     tied = family.lm_head_name not in checkpoint.weight_map
-    if tied and not getattr(config, "tie_word_embeddings", False):
+    if tied and not config.tie_word_embeddings:
         raise CheckpointError(f"checkpoint {checkpoint.path} has no {family.lm_head_name} and does not tie embeddings")
     names = [family.embed_name, family.norm_name] + ([] if tied else [family.lm_head_name])
     tensors = checkpoint.read(names, dtype=dtype, device=device)
     embed = torch.nn.Embedding.from_pretrained(tensors[family.embed_name], freeze=True)
     with torch.device("meta"):
-        norm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
     norm.load_state_dict({"weight": tensors[family.norm_name]}, strict=True, assign=True)
     lm_weight = tensors[family.embed_name] if tied else tensors[family.lm_head_name]
     lm_head = torch.nn.Linear(lm_weight.shape[1], lm_weight.shape[0], bias=False, device="meta")

@@ -5,32 +5,26 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import DynamicCache, PretrainedConfig
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from blocks.family import FULL_ATTENTION, SLIDING_ATTENTION, attention_kind
+from blocks.architecture import SLIDING_ATTENTION, Architecture
+from blocks.layers import DecoderLayer, KVCache, Rotary
 
 logger = logging.getLogger(__name__)
-
-_MASK_BUILDERS = {FULL_ATTENTION: create_causal_mask, SLIDING_ATTENTION: create_sliding_window_causal_mask}
 
 
 class BlockSpan:
     """Layers `[start, end)` of a model, their rotary embedding, and nothing else.
 
-    Each layer is built with its global index (so a family picks sliding or full attention as the
-    full model does) and then addresses the span's own cache by its local index.
+    A span's cache holds one entry per layer of the span, addressed by the layer's local index.
     """
 
-    def __init__(self, config: PretrainedConfig, layers: list[torch.nn.Module], rotary: torch.nn.Module, start: int):
+    def __init__(self, config: Architecture, layers: list[DecoderLayer], rotary: Rotary, start: int):
         self.config = config
         self.layers = layers
         self.rotary = rotary
         self.start = start
         self.end = start + len(layers)
-        self.kinds = [attention_kind(config, start + i) for i in range(len(layers))]
-        for local_index, layer in enumerate(layers):
-            layer.self_attn.layer_idx = local_index
+        self.kinds = [config.attention_kind(start + i) for i in range(len(layers))]
         first = next(layers[0].parameters())
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
@@ -38,21 +32,20 @@ class BlockSpan:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache()
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.layers))
 
-    def cache_length(self, cache: DynamicCache | None, block: int | None = None) -> int:
+    def cache_length(self, cache: KVCache | None, block: int | None = None) -> int:
         """Tokens already in `cache` for `block` (default: the span's first block)."""
         if cache is None:
             return 0
-        local = (self.start if block is None else block) - self.start
-        return cache.get_seq_length(local) if local < len(cache.layers) else 0
+        return cache.length((self.start if block is None else block) - self.start)
 
     @torch.inference_mode()
     def forward(
         self,
         hidden: torch.Tensor,
-        cache: DynamicCache | None = None,
+        cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         start: int | None = None,
         end: int | None = None,
@@ -70,27 +63,45 @@ class BlockSpan:
         hidden = hidden.to(device=self.device, dtype=self.dtype)
         past = self.cache_length(cache, first + self.start)
         position_ids = _position_ids(hidden, past, attention_mask)
-        mask_args = dict(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-            layer_idx=first,
-        )
         kinds = self.kinds[first:last]
-        masks = {kind: _MASK_BUILDERS[kind](**mask_args) for kind in set(kinds)}
-        position_embeddings = self.rotary(hidden, position_ids)
-        for layer, kind in zip(self.layers[first:last], kinds):
-            hidden = layer(
-                hidden,
-                attention_mask=masks[kind],
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-                position_embeddings=position_embeddings,
-            )
+        window = self.config.sliding_window
+        masks = {kind: causal_mask(hidden.shape[0], hidden.shape[1], past, attention_mask, hidden.device,
+                                   window if kind == SLIDING_ATTENTION else None)
+                 for kind in set(kinds)}
+        cos_sin = self.rotary(hidden, position_ids)
+        for index, (layer, kind) in enumerate(zip(self.layers[first:last], kinds), start=first):
+            hidden = layer(hidden, cos_sin, masks[kind], cache, index)
         return hidden
+
+
+def causal_mask(
+    batch: int, tokens: int, past: int, attention_mask: torch.Tensor | None, device: torch.device,
+    window: int | None = None,
+) -> torch.Tensor | None:
+    """Boolean [batch, 1, tokens, past + tokens] mask (True = attend), or None where plain causal
+    attention is the same (then SDPA's `is_causal` is used, as transformers does)."""
+    kv_length = past + tokens
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask.to(device=device, dtype=torch.bool)
+        if padding.shape[-1] < kv_length:
+            padding = torch.nn.functional.pad(padding, (0, kv_length - padding.shape[-1]))
+        padding = padding[:, :kv_length]
+    if window is None or kv_length < window:
+        no_padding = padding is None or bool(padding.all())
+        if (tokens == 1 or kv_length == tokens) and no_padding:
+            return None
+        if past == 0 and (padding is None or (bool(padding[:, :tokens].all()) and not bool(padding[:, tokens:].any()))):
+            return None
+    q_index = torch.arange(past, kv_length, device=device)[:, None]
+    kv_index = torch.arange(kv_length, device=device)[None, :]
+    mask = kv_index <= q_index
+    if window is not None:
+        mask = mask & (kv_index > q_index - window)
+    mask = mask[None, None].expand(batch, 1, tokens, kv_length)
+    if padding is not None:
+        mask = mask & padding[:, None, None, :]
+    return mask
 
 
 def _position_ids(hidden: torch.Tensor, past: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -101,5 +112,3 @@ def _position_ids(hidden: torch.Tensor, past: int, attention_mask: torch.Tensor 
     positions = attention_mask.long().cumsum(-1) - 1
     positions = positions.masked_fill(attention_mask == 0, 1)
     return positions[:, -tokens:].to(hidden.device)
-
-

@@ -26,8 +26,10 @@ def make_random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
+    **config_overrides,
 ) -> Path:
-    """Writes `config.json` + safetensors of a randomly initialised model to `path` and returns it."""
+    """Writes `config.json` + safetensors of a randomly initialised model to `path` and returns it;
+    `config_overrides` are further config fields (rope scaling, sliding windows, biases…)."""
     path = Path(path)
     config = AutoConfig.for_model(
         model_type,
@@ -39,6 +41,7 @@ def make_random_checkpoint(
         vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
+        **config_overrides,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -13,7 +13,6 @@ import threading
 
 from configs.loader import cli_options
 from configs.schema import BootstrapOptions
-from dht.swarm_dht import start_dht
 
 logger = logging.getLogger("bootstrap")
 
@@ -27,6 +26,8 @@ across restarts."""
 
 def main(argv: list[str] | None = None) -> int:
     options = cli_options(BootstrapOptions, "python -m bootstrap", "Run a bootstrap node of a Swarm DHT.", EPILOG, argv)
+    from dht.swarm_dht import start_dht  # hivemind: only once the options are known to be good
+
     try:
         dht, _ = start_dht(
             options.initial_peers,

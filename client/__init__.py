@@ -1,25 +1,37 @@
-"""Swarm client: run a model whose transformer blocks are served by peers of a swarm."""
+"""Swarm client: run a model whose transformer blocks are served by peers of a swarm.
 
-from client.errors import (
-    BadRequestError,
-    MissingBlocksError,
-    ModelMismatchError,
-    RetriesExhaustedError,
-    ServerFailure,
-    SwarmBusyError,
-    SwarmError,
-)
-from client.model import AutoDistributedModelForCausalLM
-from client.session import InferenceSession
+Names are imported on first use (PEP 562), so `python -m client.generate --help` answers without
+importing torch, transformers or hivemind.
+"""
 
-__all__ = [
-    "AutoDistributedModelForCausalLM",
-    "InferenceSession",
-    "SwarmError",
-    "MissingBlocksError",
-    "ModelMismatchError",
-    "SwarmBusyError",
-    "BadRequestError",
-    "RetriesExhaustedError",
-    "ServerFailure",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "AutoDistributedModelForCausalLM": "client.model",
+    "InferenceSession": "client.session",
+    "SwarmError": "client.errors",
+    "MissingBlocksError": "client.errors",
+    "ModelMismatchError": "client.errors",
+    "SwarmBusyError": "client.errors",
+    "BadRequestError": "client.errors",
+    "RetriesExhaustedError": "client.errors",
+    "ServerFailure": "client.errors",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from client.errors import (BadRequestError, MissingBlocksError, ModelMismatchError, RetriesExhaustedError,
+                               ServerFailure, SwarmBusyError, SwarmError)
+    from client.model import AutoDistributedModelForCausalLM
+    from client.session import InferenceSession
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'client' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from transformers import AutoTokenizer, TextStreamer
-
-from blocks.errors import BlocksError
-from client.errors import SwarmError
-from client.model import AutoDistributedModelForCausalLM
 from configs.loader import cli_options
 from configs.schema import GenerateOptions
 
@@ -24,6 +19,13 @@ The checkpoint directory must also hold the tokenizer."""
 def main(argv: list[str] | None = None) -> int:
     options = cli_options(GenerateOptions, "python -m client.generate",
                           "Generate text with a model whose blocks are served by a swarm.", EPILOG, argv)
+    # torch, transformers and hivemind only once the options are known to be good: --help and a bad flag answer at once.
+    from transformers import AutoTokenizer, TextStreamer
+
+    from blocks.errors import BlocksError
+    from client.errors import SwarmError
+    from client.model import AutoDistributedModelForCausalLM
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(options.model)
     except (OSError, ValueError) as e:

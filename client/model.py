@@ -59,7 +59,7 @@ class AutoDistributedModelForCausalLM:
         if (checkpoint.path / "generation_config.json").is_file():
             generation_config = GenerationConfig.from_pretrained(checkpoint.path)
         else:
-            generation_config = GenerationConfig.from_model_config(checkpoint.config)
+            generation_config = GenerationConfig.from_model_config(dict(checkpoint.config.raw))
         remote = RemoteModel(checkpoint, initial_peers, model_name, request_timeout=request_timeout,
                              max_chunk_tokens=max_chunk_tokens, max_retries=max_retries,
                              reliability=reliability, min_reliability=min_reliability)

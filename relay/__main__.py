@@ -8,8 +8,6 @@ import sys
 
 from configs.loader import cli_options
 from configs.schema import RelayOptions
-from relay.app import Relay
-from relay.store import StoreError
 
 EPILOG = """\
 example:
@@ -23,6 +21,10 @@ starts a new swarm: servers join it through the DHT address it prints."""
 
 
 async def serve(options: RelayOptions) -> int:
+    # torch, transformers and hivemind only once the options are known to be good: --help and a bad flag answer at once.
+    from relay.app import Relay
+    from relay.store import StoreError
+
     relay = Relay(options)
     try:
         await relay.start()

@@ -8,7 +8,7 @@ import sys
 from blocks.errors import BlocksError
 from configs.loader import cli_options
 from configs.schema import ServerOptions
-from swarm.server import Server
+from swarm.preflight import check_model_and_blocks
 
 EPILOG = """\
 example:
@@ -22,6 +22,13 @@ then announces itself offline and exits 0."""
 def main(argv: list[str] | None = None) -> int:
     options = cli_options(ServerOptions, "python -m swarm.serve",
                           "Host transformer blocks [START:END) of a model and serve them to Swarm clients.", EPILOG, argv)
+    try:
+        check_model_and_blocks(options)
+    except (BlocksError, ValueError, OSError) as e:
+        print(f"swarm.serve: error: {e}", file=sys.stderr)
+        return 2
+    from swarm.server import Server  # torch and hivemind: only once the options are known to be good
+
     try:
         server = Server(options)
     except (BlocksError, ValueError, OSError) as e:

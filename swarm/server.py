@@ -33,6 +33,7 @@ from swarm.hardware import describe_device, free_memory, probe_status
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
 from swarm.network import measure_bandwidth
+from swarm.preflight import check_model_and_blocks
 from swarm.relay_link import RelayLink, credentials_file
 from swarm.selection import choose_start, coverage, rebalance_target
 from swarm.throughput import cached_throughput
@@ -44,21 +45,16 @@ class Server:
     def __init__(self, options: ServerOptions):
         self.options = options
         self.state = ServerState.JOINING
+        check_model_and_blocks(options)
         self.checkpoint = Checkpoint(options.model)
         self.model_name = validate_model_name(options.model_name or self.checkpoint.default_model_name)
         self.dtype = parse_dtype(options.dtype)
         self.auto_blocks = options.block_range is None
         if self.auto_blocks:
             self.length = options.num_blocks or self._blocks_that_fit()
-            if self.length > self.checkpoint.num_blocks:
-                raise ValueError(f"--num-blocks {self.length} exceeds the model's {self.checkpoint.num_blocks} blocks")
             self.start_block, self.end_block = 0, self.length  # until the swarm has been looked at
         else:
             self.start_block, self.end_block = options.block_range
-            if self.end_block > self.checkpoint.num_blocks:
-                raise ValueError(
-                    f"--blocks {options.blocks} is outside the model: it has {self.checkpoint.num_blocks} blocks (0:{self.checkpoint.num_blocks})"
-                )
         self.budget = CacheBudget(options.cache_tokens)
         self.load = LoadControl(LoadPolicy(
             acceptance_rate=options.acceptance_rate,

@@ -50,6 +50,52 @@ def test_spans_match_the_full_model(tmp_path, model_type, tied):
         torch.testing.assert_close(head.logits(hidden), ref(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+VARIANTS = {
+    "llama3-rope": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                                        high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "yarn-rope": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                     original_max_position_embeddings=16))),
+    "llama-biases": ("llama", dict(attention_bias=True, mlp_bias=True, head_dim=32)),
+    "mistral-window": ("mistral", dict(sliding_window=4)),
+    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)),
+    "qwen3-window-bias": ("qwen3", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1, attention_bias=True,
+                                        head_dim=8)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_architecture_variants_match_the_full_model(tmp_path, variant):
+    """config.json is read without transformers: rotary scalings, sliding windows (prompt + generation
+    longer than the window), biases and head sizes must still compute what transformers computes."""
+    model_type, overrides = VARIANTS[variant]
+    path = make_random_checkpoint(tmp_path / variant, model_type, num_layers=4, seed=6, **overrides)
+    ref = reference_model(path)
+    checkpoint = Checkpoint(path)
+    head = load_head(checkpoint)
+    spans = [load_span(checkpoint, 0, 1), load_span(checkpoint, 1, 4)]
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    assert torch.equal(run_chain(head, spans, ids, 12), expected)
+    assert torch.equal(run_chain(head, spans, ids, 12, chunk=3), expected)
+    hidden = head.embed_tokens(ids)
+    for span in spans:
+        hidden = span.forward(hidden)
+    with torch.no_grad():
+        torch.testing.assert_close(head.logits(hidden), ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_malformed_config_is_a_clear_error(tmp_path):
+    path = make_random_checkpoint(tmp_path / "llama", "llama", num_layers=2)
+    config = json.loads((path / "config.json").read_text())
+    for bad, message in [({"num_key_value_heads": 3}, "not a multiple"), ({"hidden_size": "wide"}, "hidden_size"),
+                         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
+                         ({"hidden_act": "mish"}, "'mish' is not supported")]:
+        (path / "config.json").write_text(json.dumps({**config, **bad}))
+        with pytest.raises((CheckpointError, UnsupportedModelError), match=message):
+            Checkpoint(path)
+
+
 def test_sub_range_of_a_span_keeps_its_own_cache_positions(tmp_path):
     path = make_random_checkpoint(tmp_path / "qwen2", "qwen2", num_layers=4)
     ref = reference_model(path)

@@ -38,6 +38,35 @@ def test_help_explains_every_flag(module, flags):
     assert "SWARM_" in result.stdout and "example:" in result.stdout
 
 
+HEAVY = ("torch", "transformers", "hivemind", "aiohttp")
+# Runs a CLI module in-process and reports, at exit, which heavy packages it imported.
+_PROBE = """
+import atexit, runpy, sys
+atexit.register(lambda: print("IMPORTED", [m for m in {heavy!r} if m in sys.modules], file=sys.stderr))
+sys.argv = ["prog", *{argv!r}]
+runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module", ["swarm.serve", "bootstrap", "client.generate", "relay", "relay.health"])
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--no-such-flag"], 2)])
+def test_help_and_bad_flags_answer_without_heavy_imports(module, argv, code):
+    """--help and a wrong flag need neither torch, transformers nor hivemind (seconds of imports each)."""
+    result = run("-c", _PROBE.format(heavy=HEAVY, argv=argv, module=module))
+    assert result.returncode == code, result.stderr
+    assert "IMPORTED []" in result.stderr
+    assert ("usage:" in result.stdout) if code == 0 else ("unrecognized arguments: --no-such-flag" in result.stderr)
+
+
+def test_serve_rejects_bad_paths_and_ranges_without_heavy_imports(tmp_path, llama_path):
+    for argv, message in [(["--model", str(tmp_path / "nowhere"), "--blocks", "0:1"], "config.json not found"),
+                          (["--model", str(llama_path), "--blocks", "0:9"], "it has 4 blocks"),
+                          (["--model", str(llama_path), "--num-blocks", "5"], "exceeds the model's 4 blocks")]:
+        result = run("-c", _PROBE.format(heavy=HEAVY, argv=argv, module="swarm.serve"))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "IMPORTED []" in result.stderr
+
+
 def test_serve_rejects_bad_configuration_naming_the_key(tmp_path, llama_path):
     config = tmp_path / "server.yaml"
     config.write_text("cache_tokens: 100\nblocks_typo: 0:2\n")

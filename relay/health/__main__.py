@@ -9,13 +9,8 @@ import asyncio
 import signal
 import sys
 
-from aiohttp import web
-
 from configs.loader import cli_options
 from configs.schema import HealthOptions
-from dht.swarm_dht import SwarmDHT, start_dht
-from relay.health.app import make_app
-from relay.health.crawler import Crawler
 
 EPILOG = """\
 example:
@@ -24,6 +19,13 @@ then open http://127.0.0.1:8080/ (HTML) or http://127.0.0.1:8080/api/v1/state (J
 
 
 async def serve(options: HealthOptions) -> None:
+    # hivemind and aiohttp only once the options are known to be good: --help and a bad flag answer at once.
+    from aiohttp import web
+
+    from dht.swarm_dht import SwarmDHT, start_dht
+    from relay.health.app import make_app
+    from relay.health.crawler import Crawler
+
     dht, validator = start_dht(options.initial_peers, host=options.host, client_mode=True,
                                nat_port_map=options.nat_port_map)
     stop = asyncio.Event()
