@@ -45,6 +45,7 @@ class AutoDistributedModelForCausalLM:
         max_retries: int = 5,
         reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
         min_reliability: float = 0.0,
+        ban_seconds: float = 5.0,
     ) -> "AutoDistributedModelForCausalLM":
         """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`.
 
@@ -52,7 +53,8 @@ class AutoDistributedModelForCausalLM:
         bounds every wait for a server (a hung server is replaced after it); `max_retries` bounds how
         many times one step may be rerouted after failures. With `reliability` (an async callable
         giving scores per peer id, e.g. `client.reliability.RelayScores`), chains avoid servers scoring
-        below `min_reliability` whenever other servers cover their blocks.
+        below `min_reliability` whenever other servers cover their blocks. A server that fails is
+        banned for `ban_seconds`, doubling with each further failure (at most 300 s).
         """
         checkpoint = Checkpoint(path)
         head = load_head(checkpoint, dtype=dtype, device=device)
@@ -62,7 +64,7 @@ class AutoDistributedModelForCausalLM:
             generation_config = GenerationConfig.from_model_config(dict(checkpoint.config.raw))
         remote = RemoteModel(checkpoint, initial_peers, model_name, request_timeout=request_timeout,
                              max_chunk_tokens=max_chunk_tokens, max_retries=max_retries,
-                             reliability=reliability, min_reliability=min_reliability)
+                             reliability=reliability, min_reliability=min_reliability, ban_seconds=ban_seconds)
         return cls(checkpoint, head, remote, generation_config)
 
     @property

@@ -43,6 +43,7 @@ class RemoteModel:
         nat_port_map: bool = False,
         reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
         min_reliability: float = 0.0,
+        ban_seconds: float = 5.0,
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one swarm peer")
@@ -52,7 +53,7 @@ class RemoteModel:
         self.request_timeout = request_timeout
         self.max_chunk_tokens = max_chunk_tokens
         self.max_retries = max_retries
-        self.bans = BanList()
+        self.bans = BanList(base=ban_seconds)
         self.reliability = reliability
         self.min_reliability = min_reliability
         self.failure_listeners: list[Callable[[str, str], None]] = []

@@ -1,22 +1,27 @@
 """A local swarm of real processes on 127.0.0.1: one bootstrap node and block servers.
 
 Used by the demo, the tests and the benches. Every child is tracked by pid and stopped on exit;
-each process's stderr goes to a log file in `workdir`.
+each process's stderr goes to a log file in `workdir`. Children are forked from one preloaded
+process (`swarm.forker`) so that each starts without paying for the imports of torch and hivemind
+again; they are still separate processes, killed and stopped like any other.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import IO, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +38,143 @@ class ProcessFailed(RuntimeError):
     """A child process exited or did not report readiness in time."""
 
 
-class Child:
-    """A subprocess whose stdout lines are collected by a thread, so reading never blocks forever."""
+class ForkedProcess:
+    """The part of `subprocess.Popen` that `Child` uses, for a process forked by a `Forker`."""
 
-    def __init__(self, name: str, args: Sequence[str], log_path: Path, env: Optional[dict] = None):
+    def __init__(self, forker: "Forker", pid: int, stdout: IO[str]):
+        self.forker, self.pid, self.stdout = forker, pid, stdout
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.forker.exit_codes.get(self.pid)
+
+    def poll(self) -> Optional[int]:
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            if not self.forker.alive():
+                raise ProcessFailed(f"the forker of process {self.pid} died; its exit code is unknown")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Forker:
+    """One `python -m swarm.forker` process, preloaded with torch and hivemind, that forks children on request."""
+
+    def __init__(self, env: Optional[dict] = None):
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "swarm.forker", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )
+        theirs.close()
+        self.sock = ours
+        self.exit_codes: dict[int, int] = {}
+        self._replies: "queue.Queue[dict]" = queue.Queue()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.sock.makefile("r", encoding="utf-8"):
+            message = json.loads(line)
+            if "exit" in message:
+                self.exit_codes[message["exit"]] = message["code"]
+            else:
+                self._replies.put(message)
+        self._replies.put({"error": "the forker exited"})
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, module: str, args: Sequence[str], stderr: IO, env: dict, timeout: float = 120.0) -> ForkedProcess:
+        """Forks `python -m module args…` with `env`, stdin from /dev/null, stderr to `stderr`, stdout to a pipe."""
+        read_end, write_end = os.pipe()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        request = {"module": module, "args": list(args), "env": env, "cwd": os.getcwd()}
+        try:
+            with self._lock:
+                socket.send_fds(self.sock, [json.dumps(request).encode()], [devnull, write_end, stderr.fileno()])
+                try:
+                    reply = self._replies.get(timeout=timeout)
+                except queue.Empty:
+                    raise ProcessFailed(f"the forker did not start {module} in {timeout:.0f} s") from None
+        except OSError as e:
+            os.close(read_end)
+            raise ProcessFailed(f"the forker is gone: {e}") from e
+        finally:
+            os.close(write_end)
+            os.close(devnull)
+        if "pid" not in reply:
+            os.close(read_end)
+            raise ProcessFailed(f"the forker could not start {module}: {reply.get('error')}")
+        return ForkedProcess(self, reply["pid"], os.fdopen(read_end, "r", encoding="utf-8", errors="replace"))
+
+    def close(self) -> None:
+        """Ends the forker; children still running are killed with it."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the reader's file object keeps the socket open past close()
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_shared: Optional[Forker] = None
+_shared_lock = threading.Lock()
+
+
+def shared_forker() -> Forker:
+    """This process's forker, started on first use (and again if it died), closed at exit."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or not _shared.alive():
+            _shared = Forker(_child_env({}))
+            atexit.register(_shared.close)
+        return _shared
+
+
+class Child:
+    """A subprocess whose stdout lines are collected by a thread, so reading never blocks forever.
+
+    With a `forker`, `args` must be `[python, "-m", module, …]` and the process is forked from it.
+    """
+
+    def __init__(self, name: str, args: Sequence[str], log_path: Path, env: Optional[dict] = None,
+                 forker: Optional[Forker] = None):
         self.name = name
         self.peer_id: Optional[str] = None
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            list(args), stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, env=env, text=True,
-            start_new_session=True,  # its own process group: kill() takes its DHT child and p2pd daemon too
-        )
+        if forker is not None:
+            if list(args[1:2]) != ["-m"]:
+                raise ValueError("a forked child runs a module: args must be [python, '-m', module, ...]")
+            self.proc = forker.spawn(args[2], args[3:], self._log, env if env is not None else dict(os.environ))
+        else:
+            self.proc = subprocess.Popen(
+                list(args), stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, env=env, text=True,
+                start_new_session=True,  # its own process group: kill() takes its DHT child and p2pd daemon too
+            )
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.stdout: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -114,7 +244,9 @@ class LocalSwarm:
         workdir: Optional[str | Path] = None,
         start_timeout: float = 180.0,
         env: Optional[dict[str, str]] = None,
+        fork: bool = True,
     ):
+        """`fork=False` starts every child with a fresh interpreter (slower: each imports torch and hivemind)."""
         self.model = str(model)
         self.splits = list(splits)
         self.server_args = list(server_args)
@@ -122,6 +254,7 @@ class LocalSwarm:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.start_timeout = start_timeout
         self.env = _child_env(env or {})
+        self.fork = fork
         self.bootstrap: Optional[Child] = None
         self.servers: list[Child] = []
         self.initial_peers: list[str] = []
@@ -134,6 +267,7 @@ class LocalSwarm:
                  "--identity", str(self.workdir / "bootstrap.key"), "--log-level", "warning"],
                 self.workdir / "bootstrap.log",
                 env=self.env,
+                forker=self._forker(),
             )
             self.initial_peers = [self.bootstrap.wait_for_line(lambda line: "/p2p/" in line, self.start_timeout)]
             for start, end in self.splits:
@@ -160,11 +294,15 @@ class LocalSwarm:
              "--identity", str(self.workdir / f"server{index}.key"), *self.server_args, *extra],
             self.workdir / f"server{index}.log",
             env={**self.env, **(env or {})},
+            forker=self._forker(),
         )
         self.servers.append(child)
         if wait:
             self.wait_online(child)
         return child
+
+    def _forker(self) -> Optional[Forker]:
+        return shared_forker() if self.fork else None
 
     def wait_online(self, child: Child) -> None:
         """Blocks until `child` reports it is online, and learns its peer id."""

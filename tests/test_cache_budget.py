@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,17 +122,17 @@ def test_memory_returned_after_hundreds_of_broken_sessions(llama_client, llama_s
 def test_idle_sessions_expire(llama_swarm, llama_path, tmp_path):
     from client import AutoDistributedModelForCausalLM
 
-    child = llama_swarm.add_server(0, 4, "--session-timeout", "1.5", "--throughput", "100000", "--model-name", "idle-test")
+    # The session must outlive one step and one info call (a fraction of a second, even on a slow day).
+    child = llama_swarm.add_server(0, 4, "--session-timeout", "8", "--throughput", "100000", "--model-name", "idle-test")
     try:
         with AutoDistributedModelForCausalLM.from_pretrained(llama_path, llama_swarm.initial_peers,
                                                              model_name="idle-test") as model:
             session = model.inference_session(max_length=100)
             session.step(torch.randn(1, 3, 64))
             assert model.remote.runtime.run(info(model), 30).open_sessions == 1
-            time.sleep(3)
-            assert wait_for_full_budget(model, timeout=10).open_sessions == 0
+            assert wait_for_full_budget(model, timeout=180).open_sessions == 0
             session.close()
-        assert "closed after 2 s idle" in child.log_path.read_text()
+        assert re.search(r"closed after \d+ s idle", child.log_path.read_text())
     finally:
         child.stop()
         llama_swarm.servers.remove(child)

@@ -48,7 +48,7 @@ def relay_swarm(llama_path, tmp_path_factory):
     swarm = LocalSwarm(llama_path, [], server_args=["--throughput", "100", "--max-length", "256"], workdir=workdir)
     relay = RelayProcess(workdir, [
         "--db", f"sqlite:///{workdir / 'relay.db'}", "--admin-token", ADMIN, "--api-keys", ",".join(KEYS),
-        "--join-token", JOIN, "--models", str(llama_path), "--heartbeat-timeout", "6", "--refresh-period", "1"],
+        "--join-token", JOIN, "--models", str(llama_path), "--heartbeat-timeout", "20", "--refresh-period", "1"],
         api_port=free_port())
     try:
         swarm.start()
@@ -59,7 +59,10 @@ def relay_swarm(llama_path, tmp_path_factory):
                              "--relay-heartbeat-period", "1", wait=False)
         for server in swarm.servers:
             swarm.wait_online(server)
-        wait_until(lambda: sum(w["state"] == "ready" for w in workers(relay)) == 3, 60, what="3 workers ready")
+        wait_until(lambda: sum(w["state"] == "ready" for w in workers(relay)) == 3, 180, what="3 workers ready")
+        name = http("GET", f"{relay.api}/v1/models", headers=KEY_H)[1]["data"][0]["id"]
+        wait_until(lambda: http("GET", f"{relay.mgmt}/v2/models/{name}/ready")[0] == 200, 180,
+                   what="the relay seeing every block of the model served")
         yield swarm, relay
     finally:
         relay.stop()
@@ -193,13 +196,13 @@ def test_pushed_config_reaches_the_server(relay_swarm, model_name):
         rows = [s for m in state.get("models", []) for s in m["servers"] if s["peer_id"] == last.peer_id]
         return rows and rows[0]["available"]
 
-    wait_until(lambda: availability() is False, 30, what="server announcing itself unavailable")
+    wait_until(lambda: availability() is False, 180, what="server announcing itself unavailable")
     chat = {"model": model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     status, body, _ = http("POST", f"{relay.api}/v1/chat/completions", chat, KEY_H)
     assert status == 503 and "block" in body["error"]["message"]
 
     assert http("PUT", path, {}, ADMIN_H)[0] == 200
-    wait_until(lambda: availability() is True, 30, what="server available again")
+    wait_until(lambda: availability() is True, 180, what="server available again")
     assert http("POST", f"{relay.api}/v1/chat/completions", chat, KEY_H)[0] == 200
 
 
@@ -264,7 +267,7 @@ def test_jobs_run_through_the_swarm(relay, model_name, llama_ref, tokenizer):
     status, job, _ = http("POST", f"{relay.api}/api/v1/jobs", body, KEY_H)
     assert status == 201 and job["status"] == "queued"
     done = wait_until(lambda: (j := http("GET", f"{relay.api}/api/v1/jobs/{job['job_id']}", headers=KEY_H)[1])["status"]
-                      in ("completed", "failed") and j, 60, what="job finished")
+                      in ("completed", "failed") and j, 180, what="job finished")
     assert done["status"] == "completed", done
     assert done["result"]["text"] == expected and done["result"]["usage"]["completion_tokens"] == 6
     status, stats, _ = http("GET", f"{relay.api}/api/v1/queue/stats", headers={"Authorization": f"Bearer {KEYS[0]}"})
@@ -546,7 +549,7 @@ def test_state_survives_a_restart_and_servers_do_not_need_the_relay(relay_swarm,
                                                                 "messages": [{"role": "user", "content": "z"}]}, KEY_H)
     assert status == 201
     wait_until(lambda: http("GET", f"{relay.api}/api/v1/jobs/{job['job_id']}", headers=KEY_H)[1]["status"] == "completed",
-               60, what="job completed")
+               180, what="job completed")
     assert relay.stop() == 0
 
     # the swarm keeps serving while the relay is away
@@ -560,7 +563,7 @@ def test_state_survives_a_restart_and_servers_do_not_need_the_relay(relay_swarm,
     assert http("GET", f"{relay.api}/api/v1/jobs/{job['job_id']}", headers=KEY_H)[1]["status"] == "completed"
     first = max(w["heartbeat_time"] for w in after.values() if w["heartbeat_time"])
     wait_until(lambda: sum(w["state"] == "ready" and w["heartbeat_time"] > first for w in workers(relay)) == 3,
-               30, what="servers heartbeating to the restarted relay")
+               180, what="servers heartbeating to the restarted relay")
     assert all(server.proc.poll() is None for server in swarm.servers)
 
 
