@@ -86,10 +86,11 @@ class RemoteModel:
         await self.check_model()
         end = self.num_blocks if end is None else end
         servers = await self.dht.fetch_servers(self.model_name, self.num_blocks)
-        candidates = {info.peer_id: info for block in servers[start:end] for info in block.values()
-                      if usable(info, exclude)}
-        await self.pings.refresh(candidates.values())
         excluded = set(exclude) | self.bans.banned()
+        # A banned server is not pinged: a hung one would cost another timeout for nothing.
+        candidates = {info.peer_id: info for block in servers[start:end] for info in block.values()
+                      if usable(info, excluded)}
+        await self.pings.refresh(candidates.values())
         unreliable = await self._unreliable()
         if unreliable - excluded:
             try:

@@ -12,12 +12,7 @@ import logging
 import sys
 import time
 
-from transformers import AutoTokenizer, TextStreamer
-
-from blocks.checkpoint import Checkpoint
-from blocks.embedded import ensure_embedded_checkpoint
-from client import AutoDistributedModelForCausalLM
-from swarm.local import LocalSwarm, even_splits
+from swarm.local import LocalSwarm, even_splits, shared_forker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default: 48)")
     parser.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     args = parser.parse_args(argv)
+    # The servers' preloaded parent imports torch and hivemind while this process prepares the model.
+    shared_forker()
+    from transformers import AutoTokenizer, TextStreamer
+
+    from blocks.checkpoint import Checkpoint
+    from blocks.embedded import ensure_embedded_checkpoint
+    from client import AutoDistributedModelForCausalLM
+
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def say(text: str) -> None:

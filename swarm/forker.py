@@ -103,6 +103,8 @@ def run_child(request: dict) -> None:
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = [request["module"], *request["args"]]
+    for name in (request["module"], request["module"] + ".__main__"):
+        sys.modules.pop(name, None)  # it runs afresh as __main__; its imports stay preloaded
     runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
 
 

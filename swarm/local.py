@@ -314,7 +314,12 @@ class LocalSwarm:
         return next(child for child in self.servers if child.peer_id == peer_id)
 
     def stop(self) -> None:
-        for child in self.servers + ([self.bootstrap] if self.bootstrap else []):
+        """Stops every child: all are asked at once (each drains and says goodbye), then waited for."""
+        children = self.servers + ([self.bootstrap] if self.bootstrap else [])
+        for child in children:
+            child.signal(signal.SIGCONT)
+            child.signal(signal.SIGTERM)
+        for child in children:
             child.stop()
 
     def __enter__(self) -> "LocalSwarm":
