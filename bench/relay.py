@@ -33,7 +33,7 @@ from blocks.checkpoint import Checkpoint  # noqa: E402
 from blocks.embedded import ensure_embedded_checkpoint  # noqa: E402
 from blocks.synthetic import make_char_tokenizer, make_random_checkpoint  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.local import Child, LocalSwarm, _child_env, even_splits  # noqa: E402
+from swarm.local import Child, LocalSwarm, child_env, even_splits  # noqa: E402
 
 PROMPT = "The swarm of servers"
 
@@ -42,7 +42,7 @@ def start_relay(workdir: Path, peers: list[str], model: Path) -> tuple[Child, st
     relay = Child("relay", [sys.executable, "-m", "relay", "--initial-peers", *peers, "--host", "127.0.0.1",
                             "--mgmt-port", "0", "--obs-port", "0", "--api-port", "0", "--db", f"sqlite:///{workdir / 'relay.db'}",
                             "--api-keys", "bench", "--models", str(model), "--log-level", "warning"],
-                  workdir / "relay.log", env=_child_env({}))
+                  workdir / "relay.log", env=child_env({}))
     line = relay.wait_for_line(lambda text: text.startswith("relay ready:"), 180)
     return relay, re.search(r"api (http://[\d.]+:\d+)", line).group(1)
 

@@ -1,4 +1,4 @@
-"""A preloaded parent that forks the processes of a local swarm (`python -m swarm.forker`).
+"""A preloaded parent that forks the processes of a local swarm (`python -m swarm.forker FD [MODULE…]`).
 
 Every server and bootstrap process of a local swarm imports torch and hivemind, seconds of CPU each
 on a small machine, and most of a test suite's or demo's start-up. This process imports them once,
@@ -9,7 +9,8 @@ SIGKILL, SIGSTOP and exit codes behave as with `subprocess`. Only `swarm.local` 
 Protocol over a Unix socket pair: the parent sends one JSON request with three file descriptors
 (stdin, stdout, stderr of the child) at a time; this process answers `{"pid": …}` (or
 `{"error": …}`), and later `{"exit": pid, "code": …}` when a child ends (negative: killed by that
-signal). When the parent goes away, every remaining child's process group is killed.
+signal). When the parent goes away, every remaining child's process group is killed. The modules
+to preload are the arguments after FD (default: what servers and bootstrap nodes import).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ PRELOAD = ("torch", "hivemind", "swarm.server", "swarm.serve", "bootstrap.__main
 _MAX_REQUEST = 1 << 20
 
 
-def _preload() -> None:
+def _preload(modules: list[str]) -> None:
     import importlib
 
-    for module in PRELOAD:
+    for module in modules:
         importlib.import_module(module)
 
 
@@ -112,7 +113,7 @@ _zygote_pid = os.getpid()
 
 if __name__ == "__main__":
     fd = int(sys.argv[1])
-    _preload()
+    _preload(sys.argv[2:] or list(PRELOAD))
     control_socket = socket.socket(fileno=fd)
     child_request = serve(control_socket)
     if child_request is None:

@@ -78,10 +78,11 @@ class ForkedProcess:
 class Forker:
     """One `python -m swarm.forker` process, preloaded with torch and hivemind, that forks children on request."""
 
-    def __init__(self, env: Optional[dict] = None):
+    def __init__(self, env: Optional[dict] = None, preload: Sequence[str] = ()):
+        """`preload`: modules to import once for all children (default: those of servers and bootstrap nodes)."""
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarm.forker", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+            [sys.executable, "-m", "swarm.forker", str(theirs.fileno()), *preload], pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
         theirs.close()
@@ -149,7 +150,7 @@ def shared_forker() -> Forker:
     global _shared
     with _shared_lock:
         if _shared is None or not _shared.alive():
-            _shared = Forker(_child_env({}))
+            _shared = Forker(child_env({}))
             atexit.register(_shared.close)
         return _shared
 
@@ -253,7 +254,7 @@ class LocalSwarm:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="swarm-local-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.start_timeout = start_timeout
-        self.env = _child_env(env or {})
+        self.env = child_env(env or {})
         self.fork = fork
         self.bootstrap: Optional[Child] = None
         self.servers: list[Child] = []
@@ -329,7 +330,7 @@ class LocalSwarm:
         self.stop()
 
 
-def _child_env(overrides: dict[str, str]) -> dict[str, str]:
+def child_env(overrides: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # several processes share few cores; oversubscription only slows them
     # Idle OpenMP threads otherwise spin for a while after each step, stealing the cores that the

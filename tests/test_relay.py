@@ -45,7 +45,7 @@ def workers(relay: RelayProcess, per_page: int = 100) -> list[dict]:
 def relay_swarm(llama_path, tmp_path_factory):
     """Servers [0:2], [0:2], [2:4] registered with a relay that requires a join token."""
     workdir = tmp_path_factory.mktemp("relay")
-    swarm = LocalSwarm(llama_path, [], server_args=["--throughput", "100", "--max-length", "96"], workdir=workdir)
+    swarm = LocalSwarm(llama_path, [], server_args=["--throughput", "100", "--max-length", "48"], workdir=workdir)
     relay = RelayProcess(workdir, [
         "--db", f"sqlite:///{workdir / 'relay.db'}", "--admin-token", ADMIN, "--api-keys", ",".join(KEYS),
         "--join-token", JOIN, "--models", str(llama_path), "--heartbeat-timeout", "20", "--refresh-period", "1"],
@@ -232,9 +232,9 @@ def test_chat_completions_match_transformers(relay, model_name, llama_ref, token
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=100_000)
-    # the model's context is 512 tokens, but these servers hold sessions of at most 96 (--max-length)
-    with pytest.raises(openai.BadRequestError, match="96 tokens"):
-        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=120)
+    # the model's context is 512 tokens, but these servers hold sessions of at most 48 (--max-length)
+    with pytest.raises(openai.BadRequestError, match="48 tokens"):
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=60)
 
 
 def test_completions_stream_and_stop_strings(relay, model_name, llama_ref, tokenizer):
