@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -58,10 +59,14 @@ class ReplayGuard:
         self._seen: OrderedDict[str, float] = OrderedDict()
 
     def check_and_remember(self, signature: str, now: float) -> None:
-        while self._seen and (next(iter(self._seen.values())) < now - self.window or len(self._seen) >= self.capacity):
+        """Forgets only signatures older than the window: evicting a fresher one would let it be replayed,
+        so when the guard is full of fresh signatures new requests are refused until some age out."""
+        while self._seen and next(iter(self._seen.values())) < now - self.window:
             self._seen.popitem(last=False)
         if signature in self._seen:
             raise AuthError("replayed request")
+        if len(self._seen) >= self.capacity:
+            raise AuthError("too many signed requests in the replay window; retry shortly")
         self._seen[signature] = now
 
 
@@ -74,6 +79,8 @@ def verify_signature(
         sent_at = float(timestamp)
     except (TypeError, ValueError):
         raise AuthError("X-Timestamp must be unix seconds") from None
+    if not math.isfinite(sent_at):  # nan compares false with everything: it would pass the skew check
+        raise AuthError("X-Timestamp must be unix seconds")
     if abs(now - sent_at) > MAX_CLOCK_SKEW:
         raise AuthError(f"X-Timestamp is more than {MAX_CLOCK_SKEW:.0f} s away from the server's clock")
     expected = sign(signing_secret, method, path, body, timestamp)

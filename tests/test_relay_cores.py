@@ -62,12 +62,25 @@ def test_signatures_cover_method_path_body_and_time():
             verify_signature(secret, *tampered, signature, now=1700000010, replays=ReplayGuard())
     with pytest.raises(AuthError, match="away from the server's clock"):
         verify_signature(secret, "POST", "/p", body, ts, signature, now=1700000000 + 301, replays=ReplayGuard())
-    with pytest.raises(AuthError, match="unix seconds"):
-        verify_signature(secret, "POST", "/p", body, "yesterday", signature, now=1700000000, replays=ReplayGuard())
+    for bad_time in ("yesterday", "nan", "NaN", "inf", "-inf"):
+        with pytest.raises(AuthError, match="unix seconds"):
+            verify_signature(secret, "POST", "/p", body, bad_time, sign(secret, "POST", "/p", body, bad_time),
+                             now=1700000000, replays=ReplayGuard())
     guard = ReplayGuard()
     verify_signature(secret, "POST", "/p", body, ts, signature, now=1700000000, replays=guard)
     with pytest.raises(AuthError, match="replayed"):
         verify_signature(secret, "POST", "/p", body, ts, signature, now=1700000001, replays=guard)
+
+
+def test_a_full_replay_guard_refuses_instead_of_forgetting_fresh_signatures():
+    guard = ReplayGuard(window=600, capacity=2)
+    guard.check_and_remember("a", now=1000)
+    guard.check_and_remember("b", now=1001)
+    with pytest.raises(AuthError, match="too many signed requests"):
+        guard.check_and_remember("c", now=1002)
+    with pytest.raises(AuthError, match="replayed"):  # "a" is still remembered: it cannot be resent
+        guard.check_and_remember("a", now=1003)
+    guard.check_and_remember("c", now=1000 + 601)  # once "a" has aged out, there is room again
 
 
 def test_five_failures_lock_an_account_for_fifteen_minutes():
