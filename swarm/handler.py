@@ -137,6 +137,13 @@ class BlockHandler:
                 batch, max_length = header.batch_size, header.total_tokens
             start, end = self._check_open(header, batch, max_length)
             reservation = self.budget.reserve(batch * max_length)
+            try:
+                # Load control last: a session refused as busy (no cache room) uses none of the hourly quota.
+                self.admit(self.open_sessions)
+            except WireError:
+                reservation.release()
+                reservation = None
+                raise
             self.open_sessions += 1
             timing = self.metrics.session(prompt_only=not persistent) if self.metrics is not None else None
             logger.debug("session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
@@ -199,7 +206,6 @@ class BlockHandler:
             raise bad_request(f"batch size {batch} exceeds this server's limit of {self.limits.max_batch_size}")
         if max_length > self.limits.max_length:
             raise bad_request(f"length {max_length} exceeds this server's limit of {self.limits.max_length} tokens")
-        self.admit(self.open_sessions)
         return header.start_block, header.end_block
 
     def _check_step(

@@ -14,7 +14,8 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from blocks.wire import RPC_INFERENCE, RPC_INFO, OpenSession, ServerInfoReply, Step, pack, read_header
+from blocks.wire import (RPC_INFERENCE, RPC_INFO, ErrorKind, OpenSession, ServerInfoReply, SessionOpened, Step,
+                         WireError, pack, read_header)
 from client.span import connect
 
 pytestmark = pytest.mark.slow
@@ -133,6 +134,73 @@ def test_idle_sessions_expire(llama_swarm, llama_path, tmp_path):
             assert wait_for_full_budget(model, timeout=180).open_sessions == 0
             session.close()
         assert re.search(r"closed after \d+ s idle", child.log_path.read_text())
+    finally:
+        child.stop()
+        llama_swarm.servers.remove(child)
+
+
+
+async def open_session(client, plan, peer, max_length: int):
+    """Opens a session on `peer`: (its first reply's header, or the WireError it answered; a close() coroutine)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    queue.put_nowait(pack(OpenSession(model=client.model_name, start_block=plan.start, end_block=plan.end,
+                                      max_length=max_length, batch_size=1), request=True))
+
+    async def requests():
+        while (message := await queue.get()) is not None:
+            yield message
+
+    replies = await asyncio.wait_for(client.remote.p2p.iterate_protobuf_handler(
+        peer, RPC_INFERENCE, requests(), runtime_pb2.ExpertResponse), 60)
+
+    async def close():
+        queue.put_nowait(None)
+        await replies.aclose()
+
+    try:
+        return read_header(await asyncio.wait_for(anext(replies), 60), SessionOpened), close
+    except WireError as e:
+        await close()
+        return e, close
+
+
+def wait_for_free_cache(client, peer, timeout: float = 180) -> None:
+    """Polls one server's info until every cache token is free (sessions are released asynchronously)."""
+    async def free() -> bool:
+        reply = read_header(await client.remote.p2p.call_protobuf_handler(
+            peer, RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse), ServerInfoReply)
+        return reply.open_sessions == 0 and reply.cache_tokens_free == reply.cache_tokens_total
+
+    deadline = time.monotonic() + timeout
+    while not client.remote.runtime.run(free(), 60):
+        assert time.monotonic() < deadline, "the cache was not returned"
+        time.sleep(0.2)
+
+
+def test_sessions_refused_as_busy_use_none_of_the_hourly_quota(llama_swarm, llama_path):
+    from client import AutoDistributedModelForCausalLM
+
+    child = llama_swarm.add_server(0, 4, "--cache-tokens", "40", "--max-sessions-per-hour", "2", "--throughput", "100",
+                                   "--model-name", "quota-test")
+    try:
+        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, llama_swarm.initial_peers,
+                                                             model_name="quota-test") as model:
+            run = model.remote.runtime.run
+            plan, peer = run(first_server(model), 60)
+            first, close_first = run(open_session(model, plan, peer, 40), 120)
+            assert isinstance(first, SessionOpened)  # it holds the whole cache: the first of 2 sessions this hour
+            for _ in range(3):
+                refused, _ = run(open_session(model, plan, peer, 40), 120)
+                assert isinstance(refused, WireError) and refused.kind == ErrorKind.BUSY
+                assert "cache" in refused.message  # refused for room, not for the quota
+            run(close_first(), 60)
+            wait_for_free_cache(model, peer)
+            second, close_second = run(open_session(model, plan, peer, 40), 120)
+            assert isinstance(second, SessionOpened)  # the refusals above used none of the quota
+            run(close_second(), 60)
+            wait_for_free_cache(model, peer)
+            third, _ = run(open_session(model, plan, peer, 40), 120)
+            assert isinstance(third, WireError) and "2 new sessions per hour" in third.message
     finally:
         child.stop()
         llama_swarm.servers.remove(child)
