@@ -51,6 +51,14 @@ def bad_request(message: str) -> WireError:
     return WireError(ErrorKind.BAD_REQUEST, message)
 
 
+class MalformedMessage(WireError):
+    """A message that could not be parsed. From a client, the request is bad; from a server, the server
+    is at fault (its reply is garbage), so a client routes around it."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorKind.BAD_REQUEST, message)
+
+
 class _Header(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -136,11 +144,11 @@ def error_response(error: WireError) -> runtime_pb2.ExpertResponse:
 def read_header(message: Any, model: type[_Header]) -> _Header:
     """Parses a message's header as `model`; an `ErrorReply` header is raised as a `WireError`."""
     if len(message.metadata) > MAX_HEADER_BYTES:
-        raise bad_request(f"header of {len(message.metadata)} bytes exceeds {MAX_HEADER_BYTES}")
+        raise MalformedMessage(f"header of {len(message.metadata)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         raw = msgpack.unpackb(message.metadata, raw=False) if message.metadata else {}
     except (ValueError, msgpack.UnpackException) as e:
-        raise bad_request(f"header is not valid msgpack: {e}") from None
+        raise MalformedMessage(f"header is not valid msgpack: {e}") from None
     if isinstance(raw, dict) and "error" in raw and model is not ErrorReply:
         try:
             reply = ErrorReply.model_validate(raw)
@@ -150,27 +158,27 @@ def read_header(message: Any, model: type[_Header]) -> _Header:
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise bad_request(f"invalid {model.__name__}: {_first_error(e)}") from None
+        raise MalformedMessage(f"invalid {model.__name__}: {_first_error(e)}") from None
 
 
 def read_tensors(message: Any, max_count: int, max_bytes: int = MAX_MESSAGE_BYTES) -> list[torch.Tensor]:
     """Deserializes a message's tensors after checking their declared sizes, dtypes and count."""
     if len(message.tensors) > max_count:
-        raise bad_request(f"expected at most {max_count} tensors, got {len(message.tensors)}")
+        raise MalformedMessage(f"expected at most {max_count} tensors, got {len(message.tensors)}")
     total = 0
     for proto in message.tensors:
         if proto.dtype not in _ELEMENT_SIZE:
-            raise bad_request(f"unsupported tensor dtype {proto.dtype!r}")
+            raise MalformedMessage(f"unsupported tensor dtype {proto.dtype!r}")
         if len(proto.size) > 4 or any(dim < 0 for dim in proto.size):
-            raise bad_request(f"unsupported tensor shape {list(proto.size)}")
+            raise MalformedMessage(f"unsupported tensor shape {list(proto.size)}")
         if proto.compression != runtime_pb2.CompressionType.NONE:
-            raise bad_request("compressed tensors are not accepted")
+            raise MalformedMessage("compressed tensors are not accepted")
         expected = math.prod(proto.size) * _ELEMENT_SIZE[proto.dtype]
         if expected != len(proto.buffer):
-            raise bad_request(f"tensor of shape {list(proto.size)} has {len(proto.buffer)} bytes, expected {expected}")
+            raise MalformedMessage(f"tensor of shape {list(proto.size)} has {len(proto.buffer)} bytes, expected {expected}")
         total += expected
     if total > max_bytes:
-        raise bad_request(f"message carries {total} bytes of tensors, limit is {max_bytes}")
+        raise MalformedMessage(f"message carries {total} bytes of tensors, limit is {max_bytes}")
     return [deserialize_torch_tensor(proto) for proto in message.tensors]
 
 

@@ -7,7 +7,7 @@ import logging
 from typing import AsyncIterator, Optional
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from blocks.checkpoint import parse_dtype
@@ -16,6 +16,7 @@ from blocks.wire import (
     RPC_INFERENCE,
     ErrorKind,
     ForwardRequest,
+    MalformedMessage,
     OpenSession,
     SessionOpened,
     Step,
@@ -25,28 +26,60 @@ from blocks.wire import (
     read_header,
     read_tensors,
 )
-from client.errors import BadRequestError, ModelMismatchError, ServerFailure, SwarmBusyError, SwarmError
+from client.errors import BadRequestError, ServerFailure, SwarmBusyError, SwarmError
 from client.routing import SpanPlan
 from dht.dialing import dial
 
 logger = logging.getLogger(__name__)
 
 
-def to_client_error(peer_id: str, error: Exception) -> Exception:
-    """Maps what went wrong on one server to the error type that says what the caller should do."""
+# What a failing link or peer raises: the server's fault (or its network's), never the caller's.
+TRANSPORT_ERRORS = (ConnectionError, OSError, EOFError, P2PDaemonError, P2PHandlerError, asyncio.IncompleteReadError)
+
+
+def to_client_error(peer_id: str, error: BaseException) -> BaseException:
+    """Maps what went wrong talking to one server to the error type that says what the caller should do.
+
+    Only what the server or the link to it did is a `ServerFailure` (ban, reroute): transport errors,
+    timeouts, errors the server reports as its own, a reply that cannot be parsed, and a server that no
+    longer serves what its record says (it has just moved blocks). Anything else is this process's own
+    bug and is returned as it is, so that it propagates at once and bans nobody.
+    """
     if isinstance(error, SwarmError):
         return error
+    if isinstance(error, MalformedMessage):
+        return ServerFailure(peer_id, f"malformed reply: {error.message}")
     if isinstance(error, WireError):
         if error.kind == ErrorKind.BAD_REQUEST:
             return BadRequestError(f"server {peer_id} refused the request: {error.message}")
         if error.kind == ErrorKind.BUSY:
             return SwarmBusyError(f"server {peer_id} is busy: {error.message}", peer_id=peer_id)
         if error.kind == ErrorKind.WRONG_MODEL:
-            return ModelMismatchError(f"server {peer_id}: {error.message}")
+            return ServerFailure(peer_id, f"serves other blocks than it announced: {error.message}")
         return ServerFailure(peer_id, error.message)
     if isinstance(error, asyncio.TimeoutError):
         return ServerFailure(peer_id, "timed out")
-    return ServerFailure(peer_id, f"{type(error).__name__}: {error}")
+    if isinstance(error, TRANSPORT_ERRORS):
+        return ServerFailure(peer_id, f"{type(error).__name__}: {error}")
+    return error
+
+
+def raise_for_server(peer_id: str, error: BaseException) -> None:
+    """Raises what `to_client_error` maps `error` to (the error itself, traceback kept, if it is ours)."""
+    mapped = to_client_error(peer_id, error)
+    if mapped is error:
+        raise error
+    raise mapped from error
+
+
+def check_output(peer_id: str, output: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A span's output must have its input's shape, the announced dtype and finite values, or the server failed."""
+    if output.shape != like.shape or output.dtype != dtype:
+        raise ServerFailure(peer_id, f"reply of shape {list(output.shape)} and dtype {output.dtype}, "
+                                     f"expected {list(like.shape)} and {dtype}")
+    if not bool(torch.isfinite(output).all()):
+        raise ServerFailure(peer_id, "reply holds NaN or infinite values")
+    return output
 
 
 async def connect(p2p: P2P, plan: SpanPlan, timeout: float) -> PeerID:
@@ -119,7 +152,7 @@ class SpanSession:
             read_header(await self._stream.receive(self.timeout), SessionOpened)
         except Exception as e:
             await self._stream.close()
-            raise to_client_error(self.plan.peer_id, e) from e
+            raise_for_server(self.plan.peer_id, e)
 
     async def step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Sends new positions [batch, tokens, hidden] (in pieces within this server's chunk limit) and
@@ -139,11 +172,12 @@ class SpanSession:
             self._stream.send(pack(Step(position=self.position, step_id=self._step_id), tensors, request=True))
             reply = await self._stream.receive(self.timeout)
             done = read_header(reply, StepDone)
-            (output,) = read_tensors(reply, max_count=1)
+            outputs = read_tensors(reply, max_count=1)
         except Exception as e:
-            raise to_client_error(self.plan.peer_id, e) from e
-        if done.position != self.position + hidden.shape[1] or output.shape != hidden.shape:
-            raise ServerFailure(self.plan.peer_id, f"inconsistent reply: position {done.position}, shape {list(output.shape)}")
+            raise_for_server(self.plan.peer_id, e)
+        if done.position != self.position + hidden.shape[1] or len(outputs) != 1:
+            raise ServerFailure(self.plan.peer_id, f"inconsistent reply: position {done.position}, {len(outputs)} tensors")
+        output = check_output(self.plan.peer_id, outputs[0], hidden, self.dtype)
         self.position = done.position
         self._inputs.append(hidden)
         return output
@@ -172,9 +206,12 @@ async def forward_span(
             stream.send(pack(header, tensors, request=True))
             reply = await stream.receive(timeout)
             read_header(reply, StepDone)
-            outputs.extend(read_tensors(reply, max_count=1))
+            replied = read_tensors(reply, max_count=1)
+            if len(replied) != 1:
+                raise ServerFailure(plan.peer_id, f"inconsistent reply: {len(replied)} tensors")
+            outputs.append(check_output(plan.peer_id, replied[0], part, dtype))
     except Exception as e:
-        raise to_client_error(plan.peer_id, e) from e
+        raise_for_server(plan.peer_id, e)
     finally:
         await stream.close()
     return torch.cat(outputs, dim=1)

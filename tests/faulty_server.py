@@ -1,16 +1,21 @@
-"""A real `swarm.serve` whose block computation starts failing after FAULTY_SERVER_FAIL_AFTER forward calls.
+"""A real `swarm.serve` whose block computation goes wrong after FAULTY_SERVER_FAIL_AFTER forward calls.
 
-It answers every later step with a server-error reply through the real handler, as a server with a
-broken GPU would; the client's failover is what the tests exercise.
+FAULTY_SERVER_MODE says how: `error` (default) raises, so the real handler answers every later step
+with a server-error reply, as a server with a broken GPU would; `nan` returns outputs full of NaN,
+and `dtype` returns float64 outputs (replies that parse but are wrong). The client's failover is
+what the tests exercise.
 """
 
 import os
 import sys
 
+import torch
+
 from blocks.span import BlockSpan
 from swarm.serve import main
 
 _fail_after = int(os.environ.get("FAULTY_SERVER_FAIL_AFTER", "0"))
+_mode = os.environ.get("FAULTY_SERVER_MODE", "error")
 _forward = BlockSpan.forward
 _calls = 0
 
@@ -18,9 +23,13 @@ _calls = 0
 def _failing_forward(self, *args, **kwargs):
     global _calls
     _calls += 1
-    if _calls > _fail_after:
-        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
-    return _forward(self, *args, **kwargs)
+    if _calls <= _fail_after:
+        return _forward(self, *args, **kwargs)
+    if _mode == "nan":
+        return torch.full_like(_forward(self, *args, **kwargs), float("nan"))
+    if _mode == "dtype":
+        return _forward(self, *args, **kwargs).to(torch.float64)
+    raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
 
 
 BlockSpan.forward = _failing_forward

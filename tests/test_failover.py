@@ -113,6 +113,24 @@ def test_server_that_starts_answering_errors_is_replaced(model6, ref6, tmp_path)
         assert "illegal memory access" in faulty.log_path.read_text()
 
 
+@pytest.mark.parametrize("mode", ["nan", "dtype"])
+def test_a_server_replying_garbage_is_banned_and_replaced(model6, ref6, tmp_path, mode):
+    """Replies that parse but are wrong (non-finite values, another dtype) are the server's failure."""
+    ids = prompt(8)
+    expected = ref6.generate(ids, max_new_tokens=12, do_sample=False)
+    with start_swarm(model6, [(0, 3), (3, 6)], tmp_path) as swarm:
+        faulty = swarm.add_server(0, 6, "--throughput", "10000", module="tests.faulty_server",
+                                  env={"FAULTY_SERVER_FAIL_AFTER": "3", "FAULTY_SERVER_MODE": mode})
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5,
+                                                             ban_seconds=3600) as model:
+            with model.inference_session(max_length=32) as session:
+                assert session.failovers == 0
+                output = model.generate(ids, max_new_tokens=12, session=session)
+                assert session.failovers == 1 and faulty.peer_id not in [peer for peer, _, _ in session.chain]
+            assert faulty.peer_id in model.remote.bans.banned()
+    assert torch.equal(output, expected)
+
+
 def test_only_server_of_some_blocks_dies_gives_a_clear_error(model6, tmp_path):
     with start_swarm(model6, [(0, 3), (3, 6)], tmp_path) as swarm:
         with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5) as model:
