@@ -42,6 +42,7 @@ class InferenceSession:
         self.token_ids: Optional[torch.Tensor] = None  # every token of the session, fed or not yet fed
         self.attention_mask: Optional[torch.Tensor] = None
         self.closed = False
+        self.broken: Optional[str] = None  # why the servers' caches may no longer match this session
         self.failovers = 0
 
     @property
@@ -103,10 +104,17 @@ class InferenceSession:
         """
         if self.closed:
             raise SwarmError("inference session is closed")
+        if self.broken is not None:
+            raise SwarmError(f"inference session is broken by an earlier failed step ({self.broken}); "
+                             f"open a new session and send its tokens again")
         batch, tokens = hidden.shape[:2]
-        if self.batch_size is None:
+        if not self.spans:
             self.batch_size = batch
-            self.spans = await self._connect(0, self.remote.num_blocks, None, None)
+            try:
+                self.spans = await self._connect(0, self.remote.num_blocks, None, None)
+            except BaseException:
+                self.batch_size = None  # nothing was sent: the session can still be used
+                raise
             logger.info("session %s: chain %s", self.session_id, self._describe())
         elif batch != self.batch_size:
             raise ValueError(f"session was opened with batch size {self.batch_size}, got {batch}")
@@ -117,10 +125,16 @@ class InferenceSession:
         dtype = hidden.dtype
         chunk = self.remote.chunk_tokens(batch)
         outputs = []
-        for offset in range(0, tokens, chunk):
-            part = hidden[:, offset:offset + chunk]
-            part_mask = mask[:, : self.position + offset + part.shape[1]] if mask is not None else None
-            outputs.append(await self._through_chain(part, part_mask))
+        try:
+            for offset in range(0, tokens, chunk):
+                part = hidden[:, offset:offset + chunk]
+                part_mask = mask[:, : self.position + offset + part.shape[1]] if mask is not None else None
+                outputs.append(await self._through_chain(part, part_mask))
+        except BaseException as e:
+            # Some spans (or chunks) may have advanced and others not: resending these tokens would
+            # duplicate them in the caches that did, so every later call fails clearly instead.
+            self.broken = f"{type(e).__name__}: {e}"
+            raise
         self.position += tokens
         return torch.cat(outputs, dim=1).to(dtype)
 

@@ -131,6 +131,26 @@ def test_a_server_replying_garbage_is_banned_and_replaced(model6, ref6, tmp_path
     assert torch.equal(output, expected)
 
 
+@pytest.mark.parametrize("fail_after", [0, 3], ids=["prefill", "decode"])
+def test_a_step_failing_in_the_second_span_breaks_the_session_clearly(model6, tmp_path, fail_after):
+    """The first span has taken the step's tokens, the second fails and has no replacement: resending the
+    tokens would duplicate them upstream, so the session refuses every later call with a clear error."""
+    from client import SwarmError
+
+    with start_swarm(model6, [(0, 3)], tmp_path) as swarm:
+        swarm.add_server(3, 6, "--throughput", "100", module="tests.faulty_server",
+                         env={"FAULTY_SERVER_FAIL_AFTER": str(fail_after)})
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5,
+                                                             max_retries=1, ban_seconds=3600) as model:
+            with model.inference_session(max_length=32) as session:
+                with pytest.raises(SwarmError) as first:
+                    model.generate(prompt(9), max_new_tokens=6, session=session)
+                assert not isinstance(first.value, SwarmBusyError)
+                assert session.position == (0 if fail_after == 0 else prompt(9).shape[1] + fail_after - 1)
+                with pytest.raises(SwarmError, match="session is broken by an earlier failed step"):
+                    model.generate(None, max_new_tokens=1, session=session)
+
+
 def test_only_server_of_some_blocks_dies_gives_a_clear_error(model6, tmp_path):
     with start_swarm(model6, [(0, 3), (3, 6)], tmp_path) as swarm:
         with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5) as model:
