@@ -64,7 +64,7 @@ def inverse_frequencies(rope: Rope, head_dim: int, max_position_embeddings: int)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
     inv_freq = 1.0 / (rope.theta ** exponents)
     if rope.rope_type == "default":
-        return 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        return inv_freq, 1.0
     if rope.rope_type == "linear":
         return inv_freq / rope.factor, 1.0
     if rope.rope_type == "llama3":
