@@ -141,18 +141,20 @@ class Forker:
             self.proc.wait()
 
 
-_shared: Optional[Forker] = None
+_shared: dict[tuple[str, ...], Forker] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_forker() -> Forker:
-    """This process's forker, started on first use (and again if it died), closed at exit."""
-    global _shared
+def shared_forker(preload: Sequence[str] = ()) -> Forker:
+    """This process's forker preloaded with `preload` (default: what servers and bootstrap nodes import),
+    started on first use (and again if it died), closed at exit."""
+    key = tuple(preload)
     with _shared_lock:
-        if _shared is None or not _shared.alive():
-            _shared = Forker(child_env({}))
-            atexit.register(_shared.close)
-        return _shared
+        forker = _shared.get(key)
+        if forker is None or not forker.alive():
+            forker = _shared[key] = Forker(child_env({}), preload=key)
+            atexit.register(forker.close)
+        return forker
 
 
 class Child:
@@ -176,6 +178,7 @@ class Child:
                 list(args), stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, env=env, text=True,
                 start_new_session=True,  # its own process group: kill() takes its DHT child and p2pd daemon too
             )
+        self._asked_to_stop = False
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.stdout: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -211,11 +214,17 @@ class Child:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def ask_to_stop(self) -> None:
+        """SIGCONT and one SIGTERM, once: a second SIGTERM would make a server skip its drain."""
+        if self.proc.poll() is None and not self._asked_to_stop:
+            self._asked_to_stop = True
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+
     def stop(self, timeout: float = 15.0) -> Optional[int]:
         """SIGTERM, then SIGKILL to its process group if it has not exited in `timeout` seconds."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
+            self.ask_to_stop()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -318,8 +327,7 @@ class LocalSwarm:
         """Stops every child: all are asked at once (each drains and says goodbye), then waited for."""
         children = self.servers + ([self.bootstrap] if self.bootstrap else [])
         for child in children:
-            child.signal(signal.SIGCONT)
-            child.signal(signal.SIGTERM)
+            child.ask_to_stop()
         for child in children:
             child.stop()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import re
 import socket
@@ -14,18 +13,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from swarm.local import Child, Forker, child_env
+from swarm.local import Child, child_env, shared_forker
 
-_forker: Optional[Forker] = None
-
-
-def relay_forker() -> Forker:
-    """One parent preloaded with the relay's imports forks every relay process of the test session."""
-    global _forker
-    if _forker is None or not _forker.alive():
-        _forker = Forker(child_env({}), preload=("torch", "hivemind", "relay.app", "relay.__main__"))
-        atexit.register(_forker.close)
-    return _forker
+# One parent preloaded with the relay's imports forks every relay process of the test session.
+RELAY_PRELOAD = ("torch", "hivemind", "relay.app", "relay.__main__")
 
 READY = re.compile(r"relay ready: management http://([\d.]+):(\d+)/, observability http://[\d.]+:(\d+)/metrics, "
                    r"api http://[\d.]+:(\d+)/v1")
@@ -46,7 +37,7 @@ class RelayProcess:
         self.starts += 1
         self.child = Child(self.name, [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--mgmt-port", "0",
                                        "--obs-port", "0", "--api-port", str(self.api_port), *self.args],
-                           self.workdir / f"{self.name}-{self.starts}.log", env=child_env({}), forker=relay_forker())
+                           self.workdir / f"{self.name}-{self.starts}.log", env=child_env({}), forker=shared_forker(RELAY_PRELOAD))
         match = READY.match(self.child.wait_for_line(lambda line: line.startswith("relay ready:"), timeout))
         host, mgmt, obs, api = match.groups()
         self.mgmt, self.obs, self.api = (f"http://{host}:{port}" for port in (mgmt, obs, api))

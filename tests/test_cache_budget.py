@@ -37,8 +37,10 @@ async def first_server(client):
     return plan, await connect(client.remote.p2p, plan, 10)
 
 
-async def info(client) -> ServerInfoReply:
-    _, peer = await first_server(client)
+async def info(client, peer=None) -> ServerInfoReply:
+    """The info reply of `peer`, or of the first server the client routes to."""
+    if peer is None:
+        _, peer = await first_server(client)
     reply = await client.remote.p2p.call_protobuf_handler(peer, RPC_INFO, runtime_pb2.ExpertRequest(),
                                                           runtime_pb2.ExpertResponse)
     return read_header(reply, ServerInfoReply)
@@ -81,10 +83,11 @@ async def broken_session(client, plan, peer, pattern: int) -> bool:
             await replies.aclose()
 
 
-def wait_for_full_budget(client, timeout: float = 60) -> ServerInfoReply:
+def wait_for_full_budget(client, timeout: float = 60, peer=None) -> ServerInfoReply:
+    """Polls until the server (`peer`, or the first one routed to) has every cache token free again."""
     deadline = time.monotonic() + timeout
     while True:
-        reply = client.remote.runtime.run(info(client), 30)
+        reply = client.remote.runtime.run(info(client, peer), 30)
         if reply.open_sessions == 0 and reply.cache_tokens_free == reply.cache_tokens_total:
             return reply
         if time.monotonic() > deadline:
@@ -164,19 +167,6 @@ async def open_session(client, plan, peer, max_length: int):
         return e, close
 
 
-def wait_for_free_cache(client, peer, timeout: float = 180) -> None:
-    """Polls one server's info until every cache token is free (sessions are released asynchronously)."""
-    async def free() -> bool:
-        reply = read_header(await client.remote.p2p.call_protobuf_handler(
-            peer, RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse), ServerInfoReply)
-        return reply.open_sessions == 0 and reply.cache_tokens_free == reply.cache_tokens_total
-
-    deadline = time.monotonic() + timeout
-    while not client.remote.runtime.run(free(), 60):
-        assert time.monotonic() < deadline, "the cache was not returned"
-        time.sleep(0.2)
-
-
 def test_sessions_refused_as_busy_use_none_of_the_hourly_quota(llama_swarm, llama_path):
     from client import AutoDistributedModelForCausalLM
 
@@ -194,11 +184,11 @@ def test_sessions_refused_as_busy_use_none_of_the_hourly_quota(llama_swarm, llam
                 assert isinstance(refused, WireError) and refused.kind == ErrorKind.BUSY
                 assert "cache" in refused.message  # refused for room, not for the quota
             run(close_first(), 60)
-            wait_for_free_cache(model, peer)
+            wait_for_full_budget(model, timeout=180, peer=peer)
             second, close_second = run(open_session(model, plan, peer, 40), 120)
             assert isinstance(second, SessionOpened)  # the refusals above used none of the quota
             run(close_second(), 60)
-            wait_for_free_cache(model, peer)
+            wait_for_full_budget(model, timeout=180, peer=peer)
             third, _ = run(open_session(model, plan, peer, 40), 120)
             assert isinstance(third, WireError) and "2 new sessions per hour" in third.message
     finally:
