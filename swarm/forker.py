@@ -15,7 +15,10 @@ to preload are the arguments after FD (default: what servers and bootstrap nodes
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
+import logging
 import os
 import runpy
 import selectors
@@ -106,7 +109,36 @@ def run_child(request: dict) -> None:
     sys.argv = [request["module"], *request["args"]]
     for name in (request["module"], request["module"] + ".__main__"):
         sys.modules.pop(name, None)  # it runs afresh as __main__; its imports stay preloaded
-    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = _exit_status(e.code)
+    _exit_without_teardown(code)
+
+
+def _exit_status(code) -> int:
+    """What the interpreter would exit with for `SystemExit(code)` (a message is printed, status 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _exit_without_teardown(code: int) -> None:
+    """Runs the atexit handlers and flushes, then exits without the interpreter's final garbage
+    collection: in a forked child that walks (and so copies) the whole preloaded heap of torch and
+    hivemind, more than a second per process on a small machine."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 _zygote_pid = os.getpid()
@@ -114,6 +146,7 @@ _zygote_pid = os.getpid()
 if __name__ == "__main__":
     fd = int(sys.argv[1])
     _preload(sys.argv[2:] or list(PRELOAD))
+    gc.freeze()  # the preloaded objects are shared with every child: its collections skip them, copying no page
     control_socket = socket.socket(fileno=fd)
     child_request = serve(control_socket)
     if child_request is None:
