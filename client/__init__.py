@@ -19,13 +19,14 @@ _EXPORTS = {
     "BadRequestError": "client.errors",
     "RetriesExhaustedError": "client.errors",
     "ServerFailure": "client.errors",
+    "StepTimeoutError": "client.errors",
 }
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from client.errors import (BadRequestError, MissingBlocksError, ModelMismatchError, RetriesExhaustedError,
-                               ServerFailure, SwarmBusyError, SwarmError)
+                               ServerFailure, StepTimeoutError, SwarmBusyError, SwarmError)
     from client.model import AutoDistributedModelForCausalLM
     from client.session import InferenceSession
 

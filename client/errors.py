@@ -36,6 +36,10 @@ class RetriesExhaustedError(SwarmError):
     """Every attempt to find a working chain failed; the message names the last cause."""
 
 
+class StepTimeoutError(SwarmError):
+    """One step (or one stateless forward) did not finish within `step_timeout`, retries included."""
+
+
 class ServerFailure(SwarmError):
     """A server failed, timed out or disconnected."""
 

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         input_ids = tokenizer(options.prompt, return_tensors="pt").input_ids
     try:
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            options.model, options.initial_peers, model_name=options.model_name, request_timeout=options.request_timeout
+            options.model, options.initial_peers, model_name=options.model_name, request_timeout=options.request_timeout,
+            step_timeout=options.step_timeout,
         )
     except (BlocksError, SwarmError, ValueError, OSError) as e:
         print(f"client.generate: error: {e}", file=sys.stderr)

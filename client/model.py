@@ -43,6 +43,7 @@ class AutoDistributedModelForCausalLM:
         request_timeout: float = 30.0,
         max_chunk_tokens: int = 1024,
         max_retries: int = 5,
+        step_timeout: Optional[float] = 300.0,
         reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
         min_reliability: float = 0.0,
         ban_seconds: float = 5.0,
@@ -51,7 +52,9 @@ class AutoDistributedModelForCausalLM:
 
         `model_name` defaults to the name servers derive from the same checkpoint. `request_timeout`
         bounds every wait for a server (a hung server is replaced after it); `max_retries` bounds how
-        many times one step may be rerouted after failures. With `reliability` (an async callable
+        many server failures one step (a whole prompt, or one new token) may survive, reconnections and
+        cache replays included; `step_timeout` is that step's one deadline, all of it included
+        (`StepTimeoutError`; None: no deadline). With `reliability` (an async callable
         giving scores per peer id, e.g. `client.reliability.RelayScores`), chains avoid servers scoring
         below `min_reliability` whenever other servers cover their blocks. A server that fails is
         banned for `ban_seconds`, doubling with each further failure (at most 300 s).
@@ -63,7 +66,7 @@ class AutoDistributedModelForCausalLM:
         else:
             generation_config = GenerationConfig.from_model_config(dict(checkpoint.config.raw))
         remote = RemoteModel(checkpoint, initial_peers, model_name, request_timeout=request_timeout,
-                             max_chunk_tokens=max_chunk_tokens, max_retries=max_retries,
+                             max_chunk_tokens=max_chunk_tokens, max_retries=max_retries, step_timeout=step_timeout,
                              reliability=reliability, min_reliability=min_reliability, ban_seconds=ban_seconds)
         return cls(checkpoint, head, remote, generation_config)
 

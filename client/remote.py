@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
-from typing import Awaitable, Callable, Collection, Mapping, Optional, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Collection, Mapping, Optional, Sequence
 
 import torch
 from hivemind.p2p import P2P
@@ -16,16 +18,45 @@ from client.errors import (
     ModelMismatchError,
     RetriesExhaustedError,
     ServerFailure,
+    StepTimeoutError,
     SwarmBusyError,
+    SwarmError,
 )
 from client.bans import BanList
 from client.pings import PingCache
 from client.routing import SpanPlan, make_chain, usable
 from client.runtime import LoopThread
 from client.span import forward_span
-from dht.swarm_dht import SwarmDHT, start_dht
+from dht.swarm_dht import DHTUnavailableError, SwarmDHT, agreed_meta, start_dht
 
 logger = logging.getLogger(__name__)
+
+
+class FailureBudget:
+    """The server failures one step may survive, wherever they happen (a step, a reconnect, a replay):
+    one count, so nested retries cannot multiply into (retries + 1)² attempts."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+
+    def add(self, error: ServerFailure) -> None:
+        self.count += 1
+        if self.count > self.limit:
+            raise RetriesExhaustedError(f"gave up after {self.count} server failures; last: {error}") from error
+
+
+@contextlib.asynccontextmanager
+async def step_deadline(seconds: Optional[float], what: str) -> AsyncIterator[None]:
+    """Raises StepTimeoutError if the body runs past `seconds` (None: no deadline)."""
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            yield
+    except TimeoutError as e:
+        if not deadline.expired():
+            raise
+        raise StepTimeoutError(f"the {what} did not finish within step_timeout={seconds:g} s "
+                               f"(retries and failovers included)") from e
 
 
 class RemoteModel:
@@ -40,6 +71,7 @@ class RemoteModel:
         request_timeout: float = 30.0,
         max_chunk_tokens: int = 1024,
         max_retries: int = 5,
+        step_timeout: Optional[float] = 300.0,
         nat_port_map: bool = False,
         reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
         min_reliability: float = 0.0,
@@ -53,6 +85,9 @@ class RemoteModel:
         self.request_timeout = request_timeout
         self.max_chunk_tokens = max_chunk_tokens
         self.max_retries = max_retries
+        if step_timeout is not None and not step_timeout > 0:
+            raise ValueError(f"step_timeout must be a positive number of seconds or None, got {step_timeout}")
+        self.step_timeout = step_timeout
         self.bans = BanList(base=ban_seconds)
         self.reliability = reliability
         self.min_reliability = min_reliability
@@ -66,26 +101,35 @@ class RemoteModel:
         self._meta_checked = False
 
     async def check_model(self) -> None:
-        """Fails clearly if the swarm's servers announce another model under this name."""
+        """Fails clearly if the swarm's servers announce another model under this name.
+
+        The model record that most serving servers sign wins: one stranger's record cannot make
+        every client fail."""
         if self._meta_checked:
             return
-        records = await self.dht.fetch_meta(self.model_name)
-        if not records:
+        metas = await self._read_dht(self.dht.fetch_meta(self.model_name))
+        agreed = agreed_meta(metas, await self._read_dht(self.dht.fetch_servers(self.model_name, self.num_blocks)))
+        if agreed is None:
             raise MissingBlocksError(self.model_name, list(range(self.num_blocks)))
-        for record in records:
-            if record.config_digest != self.checkpoint.config_digest or record.num_blocks != self.num_blocks:
-                raise ModelMismatchError(
-                    f"servers announce a different model as {self.model_name!r} ({record.family}, {record.num_blocks} "
-                    f"blocks, config {record.config_digest[:12]}) than the local checkpoint "
-                    f"({self.checkpoint.family.model_type}, {self.num_blocks} blocks, config {self.checkpoint.config_digest[:12]})"
-                )
+        if agreed.config_digest != self.checkpoint.config_digest or agreed.num_blocks != self.num_blocks:
+            raise ModelMismatchError(
+                f"servers announce a different model as {self.model_name!r} ({agreed.family}, {agreed.num_blocks} "
+                f"blocks, config {agreed.config_digest[:12]}) than the local checkpoint "
+                f"({self.checkpoint.family.model_type}, {self.num_blocks} blocks, config {self.checkpoint.config_digest[:12]})"
+            )
         self._meta_checked = True
+
+    async def _read_dht(self, read: Awaitable):
+        try:
+            return await read
+        except DHTUnavailableError as e:
+            raise SwarmError(f"cannot read the swarm's DHT: {e}") from e
 
     async def make_chain(self, start: int = 0, end: Optional[int] = None, exclude: Collection[str] = ()) -> list[SpanPlan]:
         """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`."""
         await self.check_model()
         end = self.num_blocks if end is None else end
-        servers = await self.dht.fetch_servers(self.model_name, self.num_blocks)
+        servers = await self._read_dht(self.dht.fetch_servers(self.model_name, self.num_blocks))
         excluded = set(exclude) | self.bans.banned()
         # A banned server is not pinged: a hung one would cost another timeout for nothing.
         candidates = {info.peer_id: info for block in servers[start:end] for info in block.values()
@@ -126,6 +170,10 @@ class RemoteModel:
 
     async def aforward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Hidden states of all positions after every block, without keeping any cache."""
+        async with step_deadline(self.step_timeout, "forward pass"):
+            return await self._forward(hidden, mask)
+
+    async def _forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         chain = await self.make_chain()
         dtype = hidden.dtype
         index, failures = 0, 0

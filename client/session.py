@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from client.errors import MissingBlocksError, RetriesExhaustedError, ServerFailure, SwarmBusyError, SwarmError
-from client.remote import RemoteModel
+from client.errors import MissingBlocksError, ServerFailure, SwarmBusyError, SwarmError
+from client.remote import FailureBudget, RemoteModel, step_deadline
 from client.span import SpanSession
 
 logger = logging.getLogger(__name__)
@@ -50,12 +50,16 @@ class InferenceSession:
         """(peer id, start, end) of every span in use."""
         return [(span.plan.peer_id, span.plan.start, span.plan.end) for span in self.spans]
 
-    async def _connect(self, start: int, end: int, history: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> list[SpanSession]:
-        """Opens sessions for blocks [start, end) and replays `history` (inputs of block `start` so far)."""
+    async def _connect(self, start: int, end: int, history: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                       failures: FailureBudget) -> list[SpanSession]:
+        """Opens sessions for blocks [start, end) and replays `history` (inputs of block `start` so far).
+
+        Server failures count toward the step's one `failures` budget; servers that answer "busy"
+        are skipped, so the loop ends when no other server is left."""
         batch = self.batch_size
         busy: set[str] = set()
         last_error: Optional[Exception] = None
-        for _ in range(self.remote.max_retries + 1):
+        while True:
             try:
                 chain = await self.remote.make_chain(start, end, exclude=busy)
             except MissingBlocksError:
@@ -79,14 +83,15 @@ class InferenceSession:
                 busy.add(e.peer_id)
                 last_error = e
             except ServerFailure as e:
+                await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
                 self.remote.report_failure(e.peer_id, str(e))
+                failures.add(e)
                 last_error = e
+                continue
             except BaseException:
                 await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
                 raise
             await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
-        raise RetriesExhaustedError(f"no working chain for blocks {start}-{end - 1} after "
-                                    f"{self.remote.max_retries + 1} attempts; last error: {last_error}")
 
     async def _replay(self, spans: list[SpanSession], history: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Rebuilds the replacement servers' caches from the inputs the failed span had received."""
@@ -108,20 +113,26 @@ class InferenceSession:
             raise SwarmError(f"inference session is broken by an earlier failed step ({self.broken}); "
                              f"open a new session and send its tokens again")
         batch, tokens = hidden.shape[:2]
-        if not self.spans:
-            self.batch_size = batch
-            try:
-                self.spans = await self._connect(0, self.remote.num_blocks, None, None)
-            except BaseException:
-                self.batch_size = None  # nothing was sent: the session can still be used
-                raise
-            logger.info("session %s: chain %s", self.session_id, self._describe())
-        elif batch != self.batch_size:
+        if self.spans and batch != self.batch_size:
             raise ValueError(f"session was opened with batch size {self.batch_size}, got {batch}")
         if self.position + tokens > self.max_length:
             raise ValueError(
                 f"session max_length is {self.max_length} tokens; {self.position} used, {tokens} more requested"
             )
+        async with step_deadline(self.remote.step_timeout, "step"):
+            return await self._step(hidden, mask)
+
+    async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        batch, tokens = hidden.shape[:2]
+        failures = FailureBudget(self.remote.max_retries)
+        if not self.spans:
+            self.batch_size = batch
+            try:
+                self.spans = await self._connect(0, self.remote.num_blocks, None, None, failures)
+            except BaseException:
+                self.batch_size = None  # nothing was sent: the session can still be used
+                raise
+            logger.info("session %s: chain %s", self.session_id, self._describe())
         dtype = hidden.dtype
         chunk = self.remote.chunk_tokens(batch)
         outputs = []
@@ -129,7 +140,7 @@ class InferenceSession:
             for offset in range(0, tokens, chunk):
                 part = hidden[:, offset:offset + chunk]
                 part_mask = mask[:, : self.position + offset + part.shape[1]] if mask is not None else None
-                outputs.append(await self._through_chain(part, part_mask))
+                outputs.append(await self._through_chain(part, part_mask, failures))
         except BaseException as e:
             # Some spans (or chunks) may have advanced and others not: resending these tokens would
             # duplicate them in the caches that did, so every later call fails clearly instead.
@@ -138,21 +149,19 @@ class InferenceSession:
         self.position += tokens
         return torch.cat(outputs, dim=1).to(dtype)
 
-    async def _through_chain(self, part: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        index, failures = 0, 0
+    async def _through_chain(self, part: torch.Tensor, mask: Optional[torch.Tensor], failures: FailureBudget) -> torch.Tensor:
+        index = 0
         while index < len(self.spans):
             span = self.spans[index]
             try:
                 output = await span.step(part, mask)
             except ServerFailure as e:
-                failures += 1
                 self.remote.report_failure(e.peer_id, str(e))
                 await span.close()
-                if failures > self.remote.max_retries:
-                    raise RetriesExhaustedError(f"gave up after {failures} server failures; last: {e}") from e
+                failures.add(e)
                 history = span.history()
                 history_mask = mask[:, : history.shape[1]] if mask is not None and history is not None else None
-                replacement = await self._connect(span.plan.start, span.plan.end, history, history_mask)
+                replacement = await self._connect(span.plan.start, span.plan.end, history, history_mask, failures)
                 self.spans[index:index + 1] = replacement
                 self.failovers += 1
                 logger.warning("session %s: replaced %s for blocks %d:%d; chain now %s", self.session_id,

@@ -178,6 +178,8 @@ class GenerateOptions(_Schema):
     top_p: float = Field(1.0, gt=0, le=1, description="sample among the most likely tokens whose probability sums to p")
     repetition_penalty: float = Field(1.0, gt=0, description="penalty for repeating tokens (1.0: none)")
     request_timeout: float = Field(60.0, gt=0, description="seconds to wait for any server reply")
+    step_timeout: float = Field(300.0, gt=0, description="seconds one step through the swarm may take in all, "
+                                                          "retries and failovers included")
     log_level: str = Field("warning", description=f"one of {', '.join(LOG_LEVELS)}")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 MAX_RECORD_BYTES = 8192
 META_KEY_SUFFIX = "_meta"
+MAX_BLOCKS = 4096  # more blocks than any model has: a record claiming more is not believed
+WireDtype = Literal["float32", "bfloat16", "float16"]  # what a server may compute and send in
 
 
 class ServerState(str, enum.Enum):
@@ -63,14 +65,14 @@ class ServerRecord(_Wire):
     """One server's announcement, stored under every block key it serves."""
 
     state: ServerState
-    start_block: int = Field(ge=0)
-    end_block: int = Field(gt=0)
+    start_block: int = Field(ge=0, lt=MAX_BLOCKS)
+    end_block: int = Field(gt=0, le=MAX_BLOCKS)
     throughput: Throughput
     cache_tokens_free: int = Field(ge=0)
     cache_tokens_total: int = Field(ge=0)
     max_length: int = Field(gt=0)
     max_chunk_tokens: int = Field(default=2048, gt=0)
-    dtype: str = Field(max_length=16)
+    dtype: WireDtype
     hardware: HardwareSummary
     region: str = Field(default="", max_length=64)
     version: str = Field(max_length=32)
@@ -93,10 +95,14 @@ class ServerRecord(_Wire):
 class ModelRecord(_Wire):
     """Model metadata under `M._meta`, so a client can check it talks to the model it loaded."""
 
-    num_blocks: int = Field(gt=0, le=100_000)
+    num_blocks: int = Field(gt=0, le=MAX_BLOCKS)
     family: str = Field(max_length=32)
     config_digest: str = Field(min_length=64, max_length=64)
-    hidden_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0, le=1 << 20)
+
+    def identity(self) -> tuple:
+        """What must agree between servers (and with the client's checkpoint) for them to be one model."""
+        return self.num_blocks, self.family, self.config_digest, self.hidden_size
 
 
 class ModelEntry(_Wire):

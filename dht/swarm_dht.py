@@ -7,6 +7,7 @@ record, and readers learn the writer's peer id from the subkey itself.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
@@ -20,6 +21,7 @@ from hivemind.utils import get_dht_time
 
 from dht.identity import ensure_identity, make_validator, peer_id_of_subkey
 from dht.records import (
+    MAX_BLOCKS,
     MODELS_KEY,
     ModelEntry,
     ModelRecord,
@@ -34,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 90.0
 DEFAULT_REFRESH_PERIOD = 30.0
+DEFAULT_DHT_TIMEOUT = 30.0
+
+
+class DHTUnavailableError(RuntimeError):
+    """A DHT read or write did not finish in time (no reachable peer, or a stalled DHT process)."""
 
 
 def start_dht(
@@ -75,13 +82,23 @@ def start_dht(
 class SwarmDHT:
     """Typed announce/fetch of server and model records on top of a running hivemind DHT."""
 
-    def __init__(self, dht: hivemind.DHT, validator: RSASignatureValidator):
+    def __init__(self, dht: hivemind.DHT, validator: RSASignatureValidator, timeout: float = DEFAULT_DHT_TIMEOUT):
         self.dht = dht
         self.validator = validator
+        self.timeout = timeout
         self.peer_id: str = dht.peer_id.to_base58()
+        # Read once, here, before any event loop runs: hivemind answers this only synchronously.
+        self._maddrs = [str(addr) for addr in dht.get_visible_maddrs()]
 
     def visible_maddrs(self) -> list[str]:
-        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+        return list(self._maddrs)
+
+    async def _run(self, what: str, fn):
+        """Runs `fn` in the DHT process without blocking this event loop, bounded by `timeout`."""
+        try:
+            return await asyncio.wait_for(self.dht.run_coroutine(fn, return_future=True), self.timeout)
+        except asyncio.TimeoutError:
+            raise DHTUnavailableError(f"DHT {what} did not finish within {self.timeout:g} s") from None
 
     @property
     def port(self) -> int:
@@ -97,25 +114,19 @@ class SwarmDHT:
     ) -> None:
         """Stores `record` under every block key it covers, signed under this peer's own subkey."""
         keys = [block_key(model, i) for i in range(record.start_block, record.end_block)]
-        await self.dht.run_coroutine(
-            partial(_store_many, keys=keys, subkey=self.validator.local_public_key, value=record.to_wire(),
-                    expiration_time=get_dht_time() + ttl),
-            return_future=True,
-        )
+        await self._run("announce", partial(_store_many, keys=keys, subkey=self.validator.local_public_key,
+                                            value=record.to_wire(), expiration_time=get_dht_time() + ttl))
 
     async def announce_meta(self, model: str, meta: ModelRecord, ttl: float = DEFAULT_TTL) -> None:
         """Model metadata under `M._meta`, and this server's entry in the swarm-wide model list."""
         expiration = get_dht_time() + ttl
         for key, value in ((meta_key(model), meta.to_wire()), (MODELS_KEY, ModelEntry(model=model).to_wire())):
-            await self.dht.run_coroutine(
-                partial(_store_many, keys=[key], subkey=self.validator.local_public_key, value=value,
-                        expiration_time=expiration),
-                return_future=True,
-            )
+            await self._run("announce", partial(_store_many, keys=[key], subkey=self.validator.local_public_key,
+                                                value=value, expiration_time=expiration))
 
     async def fetch_models(self) -> list[str]:
         """Names of every model some live server announces, sorted."""
-        raw = await self.dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY]), return_future=True)
+        raw = await self._run("read", partial(_get_many, keys=[MODELS_KEY]))
         names = set()
         for subkey, (value, _) in raw.get(MODELS_KEY, {}).items():
             entry = ModelEntry.from_wire(value) if peer_id_of_subkey(subkey) else None
@@ -125,8 +136,10 @@ class SwarmDHT:
 
     async def fetch_servers(self, model: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
         """For each block, the valid records of the servers that announce it, keyed by peer id."""
+        if not 0 <= num_blocks <= MAX_BLOCKS:
+            raise ValueError(f"num_blocks must be within 0..{MAX_BLOCKS}, got {num_blocks}")
         keys = [block_key(model, i) for i in range(num_blocks)]
-        raw = await self.dht.run_coroutine(partial(_get_many, keys=keys), return_future=True)
+        raw = await self._run("read", partial(_get_many, keys=keys)) if keys else {}
         result = []
         for key in keys:
             servers = {}
@@ -137,20 +150,34 @@ class SwarmDHT:
             result.append(servers)
         return result
 
-    async def fetch_meta(self, model: str) -> list[ModelRecord]:
-        """The model records announced for `model` (normally all equal)."""
-        raw = await self.dht.run_coroutine(partial(_get_many, keys=[meta_key(model)]), return_future=True)
-        records = []
+    async def fetch_meta(self, model: str) -> dict[str, ModelRecord]:
+        """The model records announced for `model`, keyed by the peer id that signed each (normally all equal)."""
+        raw = await self._run("read", partial(_get_many, keys=[meta_key(model)]))
+        records = {}
         for subkey, (value, _) in raw.get(meta_key(model), {}).items():
-            if peer_id_of_subkey(subkey) is None:
-                continue
-            record = ModelRecord.from_wire(value)
+            peer_id = peer_id_of_subkey(subkey)
+            record = ModelRecord.from_wire(value) if peer_id is not None else None
             if record is not None:
-                records.append(record)
+                records[peer_id] = record
         return records
 
     def shutdown(self) -> None:
         self.dht.shutdown()
+
+
+def agreed_meta(metas: dict[str, ModelRecord], servers: list[dict[str, ServerInfo]]) -> Optional[ModelRecord]:
+    """The model record that most of the servers actually announcing blocks sign (ties: the first seen).
+
+    A stranger can write a `_meta` record of its own but cannot make it the majority's: records of
+    peers that serve no block count only when no serving peer wrote one."""
+    serving = {peer for block in servers for peer in block}
+    voters = {peer: meta for peer, meta in metas.items() if peer in serving} or metas
+    votes: dict[tuple, list[ModelRecord]] = {}
+    for meta in voters.values():
+        votes.setdefault(meta.identity(), []).append(meta)
+    if not votes:
+        return None
+    return max(votes.values(), key=len)[0]
 
 
 async def _store_many(dht, node, keys, subkey, value, expiration_time) -> None:

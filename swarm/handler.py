@@ -19,6 +19,7 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from blocks.checkpoint import dtype_name
+from blocks.layers import KVCache
 from blocks.span import BlockSpan
 from blocks.wire import (
     ECHO_MAX_BYTES,
@@ -36,11 +37,20 @@ from blocks.wire import (
     read_header,
     read_tensors,
 )
-from swarm.cache import CacheBudget
+from swarm.cache import CacheBudget, Reservation
 from swarm.compute import ComputeThread
 from swarm.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _OpenSession:
+    """What an open session holds; `closed` says why the server ended it (its cache is gone then)."""
+
+    cache: Optional[KVCache]
+    reservation: Reservation
+    closed: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class BlockHandler:
         metrics: Optional[ServerMetrics] = None,
     ):
         self.model = model
-        self.span = span
+        self.span: Optional[BlockSpan] = span  # None while the server moves to other blocks
         self.budget = budget
         self.compute = compute
         self.limits = limits
@@ -75,7 +85,25 @@ class BlockHandler:
         self.accepting = accepting
         self.admit = admit
         self.metrics = metrics
-        self.open_sessions = 0
+        self._sessions: set[_OpenSession] = set()
+
+    @property
+    def open_sessions(self) -> int:
+        return sum(1 for session in self._sessions if session.closed is None)
+
+    def retire_span(self, reason: str) -> int:
+        """Stops serving the current span: every session still open is closed (its next message is
+        answered with `reason`, its cache and budget are freed now) and nothing references the
+        span's weights any more. Returns how many sessions were closed."""
+        closed = 0
+        for session in self._sessions:
+            if session.closed is None:
+                closed += 1
+                session.closed = reason
+                session.cache = None
+                session.reservation.release()
+        self.span = None
+        return closed
 
     async def rpc_echo(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Sends the payload back, so another server can time a round trip of a known size."""
@@ -86,6 +114,8 @@ class BlockHandler:
         return pack(None, payload, request=False)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        if self.span is None:
+            return error_response(WireError(ErrorKind.BUSY, "server is moving to other blocks"))
         return pack(
             ServerInfoReply(
                 model=self.model,
@@ -121,6 +151,7 @@ class BlockHandler:
 
     async def _session(self, requests, context: P2PContext, persistent: bool):
         reservation = None
+        session: Optional[_OpenSession] = None
         session_id = "-"
         timing = None
         failed = False  # a session the client closes (even abruptly) succeeded; one answered with an error failed
@@ -144,11 +175,11 @@ class BlockHandler:
                 reservation.release()
                 reservation = None
                 raise
-            self.open_sessions += 1
+            session = _OpenSession(cache=self.span.new_cache(), reservation=reservation)
+            self._sessions.add(session)
             timing = self.metrics.session(prompt_only=not persistent) if self.metrics is not None else None
             logger.debug("session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
                          session_id, context.remote_id, start, end, batch, max_length)
-            cache = self.span.new_cache()
             position = 0
             if persistent:
                 yield pack(SessionOpened(session_id=session_id, max_length=max_length), request=False)
@@ -156,10 +187,12 @@ class BlockHandler:
             else:
                 message = first
             while message is not None:
+                if session.closed is not None:
+                    raise WireError(ErrorKind.WRONG_MODEL, session.closed)
                 step = read_header(message, Step) if message is not first else Step(position=0)
                 hidden, mask = self._check_step(read_tensors(message, max_count=2), batch, position, max_length, step)
                 began = time.perf_counter()
-                output = await self.compute.run(self.span.forward, hidden, cache, mask, start, end)
+                output = await self.compute.run(self.span.forward, hidden, session.cache, mask, start, end)
                 if timing is not None:
                     timing.step(hidden.shape[1], time.perf_counter() - began)
                 position += hidden.shape[1]
@@ -185,7 +218,7 @@ class BlockHandler:
         finally:
             if reservation is not None:
                 reservation.release()
-                self.open_sessions -= 1
+            self._sessions.discard(session)
             if timing is not None:
                 timing.finished(ok=not failed)
 
@@ -195,6 +228,8 @@ class BlockHandler:
     def _check_open(self, header: OpenSession | ForwardRequest, batch: int, max_length: int) -> tuple[int, int]:
         if header.model != self.model:
             raise WireError(ErrorKind.WRONG_MODEL, f"this server serves {self.model!r}, not {header.model!r}")
+        if self.span is None:
+            raise WireError(ErrorKind.BUSY, "server is moving to other blocks and accepts no new sessions")
         if not self.span.start <= header.start_block < header.end_block <= self.span.end:
             raise WireError(
                 ErrorKind.WRONG_MODEL,

@@ -4,6 +4,7 @@ the field names of GPUStack's worker `status` object (seed gpustack-workers-api)
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import os
 import platform
@@ -25,6 +26,13 @@ def free_memory(device: str) -> int:
     if dev.type == "cuda":
         return torch.cuda.mem_get_info(dev.index if dev.index is not None else torch.cuda.current_device())[0]
     return psutil.virtual_memory().available
+
+
+def release_memory(device: str) -> None:
+    """Returns what dropped tensors held to the system (CPU) or to the device's free pool (CUDA)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def describe_device(device: str) -> HardwareSummary:

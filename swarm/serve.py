@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swarm.serve: error: {e}", file=sys.stderr)
         return 2
     asyncio.run(server.run())
-    return 0
+    return server.exit_code
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from swarm import __version__
 from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
-from swarm.hardware import describe_device, free_memory, probe_status
+from swarm.hardware import describe_device, free_memory, probe_status, release_memory
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
 from swarm.network import measure_bandwidth
@@ -84,6 +84,7 @@ class Server:
         self.handler: Optional[BlockHandler] = None
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
+        self.exit_code = 0  # what `python -m swarm.serve` exits with once `run()` returns
 
     def stop(self) -> None:
         """First call: drain, then leave. A second call (another Ctrl-C) skips the drain."""
@@ -292,10 +293,32 @@ class Server:
         await self._wait_for_sessions()
         self.state = ServerState.OFFLINE
         await self._announce()
+        # Free the old blocks before loading the new ones: holding both could exhaust the memory that
+        # automatic sizing counted for one span. Sessions left after the drain end with a clear error.
+        closed = self.handler.retire_span(f"server moved from blocks {old[0]}:{old[1]} to other blocks; "
+                                          f"open the session again elsewhere")
+        if closed:
+            logger.warning("closed %d session(s) still open after the drain", closed)
+        self.span = None
+        await self.compute.run(release_memory, self.options.device)
         self.start_block, self.end_block = target, target + self.length
         self.state = ServerState.JOINING
         await self._announce()
-        self.span = await self.compute.run(self._load)
+        try:
+            self.span = await self.compute.run(self._load)
+        except Exception as e:
+            logger.error("could not load blocks %d:%d (%s: %s); loading blocks %d:%d again",
+                         self.start_block, self.end_block, type(e).__name__, e, *old)
+            self.start_block, self.end_block = old
+            await self.compute.run(release_memory, self.options.device)
+            try:
+                self.span = await self.compute.run(self._load)
+            except Exception:
+                logger.exception("could not load blocks %d:%d again either; leaving the swarm", *old)
+                self.exit_code = 1
+                self._stop.set()
+                self._force_stop.set()
+                return
         self.handler.span = self.span
         self.state = ServerState.ONLINE
         await self._announce()
@@ -373,7 +396,7 @@ class Server:
                 pass
 
     async def _leave(self, p2p) -> None:
-        if self.span is not None and self.throughput is not None:
+        if self.throughput is not None:  # it has announced itself (a server that never loaded has not)
             self.state = ServerState.OFFLINE
             await self._announce()
             logger.info("announced offline; shutting down")

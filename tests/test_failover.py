@@ -214,19 +214,42 @@ def test_sixteen_concurrent_sessions_from_several_processes(llama_swarm, llama_p
 
 
 def test_retries_are_bounded_with_a_clear_error(model6, tmp_path):
+    """One failure budget per step: the failure of the chosen server and those of the replacements
+    whose cache replay fails count together (nested retries once made it (retries + 1)²)."""
     from client import RetriesExhaustedError
 
     with LocalSwarm(model6, [], workdir=tmp_path / "swarm") as swarm:
-        for _ in range(3):
+        first = swarm.add_server(0, 6, "--throughput", "10000", module="tests.faulty_server",
+                                 env={"FAULTY_SERVER_FAIL_AFTER": "2"}, wait=False)  # fails the second new token
+        for _ in range(2):
             swarm.add_server(0, 6, "--throughput", "100", module="tests.faulty_server",
-                             env={"FAULTY_SERVER_FAIL_AFTER": "0"}, wait=False)
+                             env={"FAULTY_SERVER_FAIL_AFTER": "0"}, wait=False)  # fail the replay
         for child in swarm.servers:
             swarm.wait_online(child)
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=5,
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=30,
                                                              max_retries=1, ban_seconds=3600) as model:
             with pytest.raises(RetriesExhaustedError, match="gave up after 2 server failures.*illegal memory access"):
                 model.generate(prompt(6), max_new_tokens=5)
-            assert len(model.remote.bans.banned()) == 2
+            banned = model.remote.bans.banned()
+            assert len(banned) == 2 and first.peer_id in banned
+
+
+def test_a_step_has_one_deadline_however_long_each_wait_may_be(model6, tmp_path):
+    from client import StepTimeoutError, SwarmError
+
+    with start_swarm(model6, [(0, 6)], tmp_path) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=3600,
+                                                             step_timeout=2, ban_seconds=3600) as model:
+            with model.inference_session(max_length=32) as session:
+                model.generate(prompt(6), max_new_tokens=2, session=session)
+                swarm.servers[0].signal(signal.SIGSTOP)  # hung: it would never reply within request_timeout
+                with pytest.raises(StepTimeoutError, match="step_timeout=2 s"):
+                    model.generate(None, max_new_tokens=1, session=session)
+                with pytest.raises(SwarmError, match="broken"):
+                    model.generate(None, max_new_tokens=1, session=session)
+            with pytest.raises(StepTimeoutError, match="forward pass"):
+                model(prompt(6))
+            assert model.remote.bans.banned() == set()  # a deadline names nobody at fault
 
 
 def test_stateless_forward_reroutes_around_a_failing_server(model6, ref6, tmp_path):

@@ -12,7 +12,7 @@ from hivemind.p2p import P2P
 from client.bans import BanList
 from client.pings import PingCache
 from dht.records import ServerState
-from dht.swarm_dht import SwarmDHT
+from dht.swarm_dht import SwarmDHT, agreed_meta
 from relay.health.state import SwarmState, iso_time, model_health
 
 logger = logging.getLogger(__name__)
@@ -29,13 +29,15 @@ class Crawler:
         models = []
         for name in await self.dht.fetch_models():
             metas = await self.dht.fetch_meta(name)
-            num_blocks = metas[0].num_blocks if metas else 0
-            servers = await self.dht.fetch_servers(name, num_blocks)
+            # Records are validated (at most MAX_BLOCKS blocks), so the widest claim bounds this read.
+            servers = await self.dht.fetch_servers(name, max((m.num_blocks for m in metas.values()), default=0))
+            meta = agreed_meta(metas, servers)
+            servers = servers[: meta.num_blocks] if meta is not None else []
             online = {info.peer_id: info for block in servers for info in block.values()
                       if info.record.state == ServerState.ONLINE}
             await self.pings.refresh(online.values())
             rtts = {peer: rtt for peer, rtt in self.pings.rtts().items() if peer in online}
-            models.append(model_health(name, metas[0] if metas else None, servers, rtts))
+            models.append(model_health(name, meta, servers, rtts))
         self.state = SwarmState(updated_at=iso_time(time.time()), models=models)
         return self.state
 

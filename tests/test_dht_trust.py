@@ -1,0 +1,79 @@
+"""Readers trust only what is signed and sane: forged, unsigned and minority records change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+
+import hivemind
+import pytest
+from hivemind.dht.routing import DHTID
+from hivemind.utils import get_dht_time
+from hivemind.utils.serializer import MSGPackSerializer
+
+from blocks.checkpoint import Checkpoint
+from client import AutoDistributedModelForCausalLM
+from dht.records import ModelRecord, block_key
+from dht.swarm_dht import SwarmDHT, start_dht
+from swarm.local import LocalSwarm
+from tests.client_worker import prompt
+
+pytestmark = pytest.mark.slow
+
+
+async def _plant(dht, node, keys, subkey, value, expiration_time) -> None:
+    """Runs in the stranger's DHT process: puts a record straight into its own storage, as a node
+    that ignores validation would, so that it serves the record to anyone who asks."""
+    for key in keys:
+        node.protocol.storage.store_subkey(DHTID.generate(source=key), subkey, value, expiration_time)
+
+
+def _raw_node(initial_peers) -> hivemind.DHT:
+    """A DHT node without any record validator: it stores and believes anything."""
+    return hivemind.DHT(initial_peers=initial_peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                        nat_port_map=False, use_auto_relay=False, auto_nat=False)
+
+
+def test_forged_unsigned_and_minority_records_are_ignored(llama_path, llama_ref, tmp_path):
+    name = Checkpoint(llama_path).default_model_name
+    keys = [block_key(name, i) for i in range(4)]
+    with LocalSwarm(llama_path, [(0, 4)], server_args=["--throughput", "100"], workdir=tmp_path / "swarm") as swarm:
+        peers = swarm.initial_peers
+        dht, validator = start_dht(peers, client_mode=True)
+        reader = SwarmDHT(dht, validator)
+        stranger = _raw_node(peers)
+        liar, liar_validator = start_dht(peers)
+        try:
+            [genuine] = asyncio.run(reader.fetch_servers(name, 4))[0].values()
+            victim_subkey, entry = next(iter(dht.get(keys[0], latest=True).value.items()))
+            # 1. A record under the victim's key that the victim did not sign (a "faster" copy of its record).
+            forged = dict(entry.value, throughput={"inference": 1e6, "forward": 1e6})
+            stranger.run_coroutine(partial(_plant, keys=keys, subkey=victim_subkey, expiration_time=get_dht_time() + 300,
+                                           value=MSGPackSerializer.dumps(forged)))
+            # 2. An unsigned record under a subkey that names no key at all (honest nodes store those).
+            assert stranger.store(keys[1], dict(entry.value, start_block=1), get_dht_time() + 300, subkey=b"evil")
+            # 3. A validly signed model record of the liar's own, that disagrees with every server's.
+            liar_swarm = SwarmDHT(liar, liar_validator)
+            fake_meta = ModelRecord(num_blocks=4, family="llama", config_digest="f" * 64, hidden_size=64)
+            asyncio.run(liar_swarm.announce_meta(name, fake_meta, ttl=300))
+
+            # The forgeries are really out there: a node that validates nothing believes them.
+            believed = stranger.get(keys[0], latest=True).value
+            assert believed[victim_subkey].value["throughput"]["inference"] == 1e6
+            assert b"evil" in stranger.get(keys[1], latest=True).value
+
+            blocks = asyncio.run(reader.fetch_servers(name, 4))
+            for servers in blocks:
+                assert set(servers) == {genuine.peer_id}
+                assert servers[genuine.peer_id].record == genuine.record
+            metas = asyncio.run(reader.fetch_meta(name))
+            assert metas[liar_swarm.peer_id] == fake_meta and metas[genuine.peer_id] != fake_meta
+
+            with AutoDistributedModelForCausalLM.from_pretrained(llama_path, peers, request_timeout=60) as model:
+                ids = prompt(3)
+                assert model.generate(ids, max_new_tokens=4).tolist() == \
+                    llama_ref.generate(ids, max_new_tokens=4, do_sample=False).tolist()
+        finally:
+            for node in (dht, stranger, liar):
+                node.shutdown()
+
