@@ -47,7 +47,7 @@ def test_servers_choose_missing_blocks_and_rebalance(tmp_path):
         dht, validator = start_dht(swarm.initial_peers, client_mode=True)
         reader = SwarmDHT(dht, validator)
         try:
-            with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, request_timeout=10) as model:
+            with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, request_timeout=60) as model:
                 assert torch.equal(model.generate(ids, max_new_tokens=12), expected)
 
                 mover = swarm.add_server(None, None, "--num-blocks", "2", "--rebalance-period", "1")

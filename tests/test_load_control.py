@@ -90,7 +90,7 @@ def test_servers_apply_load_control_from_flags_env_and_yaml(tmp_path):
         limited = swarm.add_server(0, 4, "--config", str(yaml_file))
         sleeping = swarm.add_server(0, 4, "--throughput", "1000", env={"SWARM_WORKING_HOURS": closed_window})
         normal = swarm.add_server(0, 4, "--throughput", "1")
-        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, request_timeout=10) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, request_timeout=60) as model:
             with model.inference_session(30) as first, model.inference_session(30) as second:
                 assert torch.equal(model.generate(ids, max_new_tokens=8, session=first), expected)
                 assert torch.equal(model.generate(ids, max_new_tokens=8, session=second), expected)
