@@ -217,7 +217,12 @@ class RelayOptions(_Schema):
         None, description="token guarding /v1/workers and management writes (default: generated once and printed)"
     )
     api_keys: list[str] = Field(default_factory=list, description="keys accepted by the jobs and OpenAI APIs (Bearer or X-API-Key)")
-    join_token: Optional[str] = Field(None, description="token a server must present to register (default: open registration)")
+    join_token: Optional[str] = Field(
+        None, description="token a server must present to register (default: generated once and printed)"
+    )
+    open_registration: bool = Field(
+        False, description="let any server register without a join token (anyone could then add workers)"
+    )
     models: list[str] = Field(
         default_factory=list, description="checkpoint directories served by the OpenAI-compatible API and jobs"
     )
@@ -228,6 +233,7 @@ class RelayOptions(_Schema):
     )
     request_timeout: float = Field(30.0, gt=0, description="seconds the relay waits for any server reply")
     max_concurrent_generations: int = Field(4, gt=0, description="generations (API requests and jobs) run at once")
+    max_queued_jobs: int = Field(1000, gt=0, description="jobs waiting at most; more are refused with 429 and Retry-After")
     standby: bool = Field(False, description="start as the standby of a primary/standby pair (readiness answers 503)")
     nat_port_map: bool = Field(False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in")
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")

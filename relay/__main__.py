@@ -38,6 +38,9 @@ async def serve(options: RelayOptions) -> int:
     if relay.generated_admin_token:
         print(f"relay: generated admin token (shown once; pass --admin-token to choose one): {relay.generated_admin_token}",
               flush=True)
+    if relay.generated_join_token:
+        print(f"relay: generated join token for servers' --relay-join-token (shown once; pass --join-token to choose "
+              f"one, or --open-registration to need none): {relay.generated_join_token}", flush=True)
     if not options.api_keys:
         print("relay: warning: no --api-keys given, so the jobs and OpenAI-compatible APIs refuse every request",
               file=sys.stderr, flush=True)

@@ -73,7 +73,8 @@ class ApiRoutes:
     async def _signed(self, request: web.Request) -> tuple[dict, bytes]:
         worker_id = path_int(request, "worker_id")
         raw = await request.read()
-        row = await self.relay.workers.authenticate(worker_id, request.method, request.path, raw, request.headers)
+        row = await self.relay.workers.authenticate(worker_id, request.method, request.path, raw, request.headers,
+                                                    request.remote or "")
         return row, raw
 
     async def heartbeat(self, request: web.Request) -> web.Response:
@@ -101,7 +102,7 @@ class ApiRoutes:
         raw = await request.read()
         body = await read_body(request, RefreshRequest)
         reply = await self.relay.workers.refresh(worker_id, body.refresh_token, request.method, request.path, raw,
-                                                 request.headers)
+                                                 request.headers, request.remote or "")
         return json_reply(reply)
 
     async def reliability(self, request: web.Request) -> web.Response:

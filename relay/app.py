@@ -42,6 +42,7 @@ except PackageNotFoundError:  # a source tree that was not installed
     VERSION = "0.0.0+source"
 
 ADMIN_SETTING = "admin_token_sha256"
+JOIN_SETTING = "join_token_sha256"
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/api/v1/jobs"})  # what `recv_flow` counts
 
 
@@ -57,6 +58,7 @@ class Relay:
         self.api_key_hashes = [hash_secret(key) for key in options.api_keys]
         self.admin_hash: Optional[str] = None
         self.generated_admin_token: Optional[str] = None
+        self.generated_join_token: Optional[str] = None
         self.workers: Optional[WorkerRegistry] = None
         self.jobs: Optional[JobQueue] = None
         self.crawler: Optional[Crawler] = None
@@ -126,18 +128,30 @@ class Relay:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
+    async def _stored_secret(self, setting: str, given: Optional[str]) -> tuple[str, Optional[str]]:
+        """The hash of `given` (kept), else the hash kept from an earlier start, else of a new secret
+        made now (returned too, so it can be shown once)."""
+        stored = await self.store.get_setting(setting)
+        if given:
+            digest = hash_secret(given)
+            if stored != digest:
+                await self.store.set_setting(setting, digest)
+            return digest, None
+        if stored:
+            return stored, None
+        generated = "swarm_" + secrets.token_urlsafe(32)
+        await self.store.set_setting(setting, hash_secret(generated))
+        return hash_secret(generated), generated
+
     async def _admin_token(self) -> None:
-        stored = await self.store.get_setting(ADMIN_SETTING)
-        if self.options.admin_token:
-            self.admin_hash = hash_secret(self.options.admin_token)
-            if stored != self.admin_hash:
-                await self.store.set_setting(ADMIN_SETTING, self.admin_hash)
-        elif stored:
-            self.admin_hash = stored
-        else:
-            self.generated_admin_token = "swarm_" + secrets.token_urlsafe(32)
-            self.admin_hash = hash_secret(self.generated_admin_token)
-            await self.store.set_setting(ADMIN_SETTING, self.admin_hash)
+        self.admin_hash, self.generated_admin_token = await self._stored_secret(ADMIN_SETTING, self.options.admin_token)
+
+    async def _join_token_hash(self) -> Optional[str]:
+        """None only with --open-registration; otherwise servers must present the join token."""
+        if self.options.open_registration:
+            return None
+        digest, self.generated_join_token = await self._stored_secret(JOIN_SETTING, self.options.join_token)
+        return digest
 
     def _key_path(self) -> Path:
         if self.options.key_file:
@@ -152,7 +166,7 @@ class Relay:
         await self.store.open()
         await self._admin_token()
         self.workers = WorkerRegistry(self.store, load_or_create_key(self._key_path()), opts.heartbeat_timeout,
-                                      opts.join_token)
+                                      await self._join_token_hash())
         self.workers.offline_ids = self.instances.offline
         dht, validator = start_dht(opts.initial_peers, host=opts.host, port=opts.dht_port,
                                    nat_port_map=opts.nat_port_map)
@@ -167,7 +181,7 @@ class Relay:
                 opts.min_reliability, lambda peer, ok: self._record_outcome(loop, peer, ok))
             self.services[service.name] = service
             logger.info("serving model %s from %s", service.name, path)
-        self.jobs = JobQueue(self.store, self.services, opts.max_concurrent_generations)
+        self.jobs = JobQueue(self.store, self.services, opts.max_concurrent_generations, opts.max_queued_jobs)
         await self.jobs.start()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
 

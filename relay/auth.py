@@ -10,18 +10,24 @@ import hashlib
 import hmac
 import math
 import secrets
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Optional
 
 ACCESS_TOKEN_TTL = 24 * 3600.0
 REFRESH_BEFORE_EXPIRY = 4 * 3600.0
 MAX_CLOCK_SKEW = 300.0
 MAX_FAILURES = 5
 LOCKOUT_SECONDS = 15 * 60.0
+SOURCE_FAILURES_PER_MINUTE = 30
 
 
 class AuthError(Exception):
     """Authentication failed; the message is safe to return to the caller (no secret in it)."""
+
+
+class ReplayWindowFull(AuthError):
+    """The replay guard holds as many fresh signatures as it may: nobody's fault, retry shortly."""
 
 
 def new_secret() -> str:
@@ -66,7 +72,7 @@ class ReplayGuard:
         if signature in self._seen:
             raise AuthError("replayed request")
         if len(self._seen) >= self.capacity:
-            raise AuthError("too many signed requests in the replay window; retry shortly")
+            raise ReplayWindowFull("too many signed requests in the replay window; retry shortly")
         self._seen[signature] = now
 
 
@@ -118,3 +124,28 @@ class Lockout:
 
     def succeeded(self, account: str) -> None:
         self._accounts.pop(account, None)
+
+
+class FailureThrottle:
+    """Failed authentications per source address over a sliding window. Requests that present no valid
+    credential count here, never toward a worker's lockout, so nobody can lock a worker out by
+    sending junk in its name; a source past `limit` failures gets its failures refused with 429."""
+
+    def __init__(self, limit: int = SOURCE_FAILURES_PER_MINUTE, window: float = 60.0, max_sources: int = 10_000):
+        self.limit = limit
+        self.window = window
+        self.max_sources = max_sources
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def failed(self, source: str, now: float) -> Optional[float]:
+        """Counts one failure; returns the seconds the source should wait if it is now over the limit."""
+        times = self._failures.pop(source, None) or deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        times.append(now)
+        self._failures[source] = times  # most recently failing last
+        while len(self._failures) > self.max_sources:
+            self._failures.popitem(last=False)
+        if len(times) > self.limit:
+            return max(1.0, times[0] + self.window - now)
+        return None

@@ -22,13 +22,15 @@ STATUSES = ("queued", "running", "completed", "failed")
 
 
 class JobQueue:
-    def __init__(self, store: Store, services: Mapping[str, ModelService], runners: int):
+    def __init__(self, store: Store, services: Mapping[str, ModelService], runners: int, max_queued: int = 1000):
         self.store = store
         self.services = services
         self.runners = runners
+        self.max_queued = max_queued
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._claim = asyncio.Lock()
+        self._admit = asyncio.Lock()
 
     async def start(self) -> None:
         requeued = await self.store.execute("UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running'")
@@ -46,8 +48,13 @@ class JobQueue:
         await self._request(body)  # refuse an unknown model or a too long job now, not when it runs
         job_id = uuid.uuid4().hex
         now = time.time()
-        await self.store.insert("jobs", {"id": job_id, "type": body.type, "model": body.model, "status": "queued",
-                                         "request": dumps(body.model_dump()), "created_at": now})
+        async with self._admit:  # count and insert as one: concurrent submissions cannot overshoot the cap
+            row = await self.store.fetch_one("SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued'")
+            if row["n"] >= self.max_queued:
+                raise HTTPError(429, f"the job queue is full ({row['n']} jobs waiting); retry later",
+                                headers={"Retry-After": "30"})
+            await self.store.insert("jobs", {"id": job_id, "type": body.type, "model": body.model, "status": "queued",
+                                             "request": dumps(body.model_dump()), "created_at": now})
         self._wake.set()
         return {"job_id": job_id, "status": "queued", "created_at": iso(now)}
 

@@ -23,8 +23,10 @@ from relay.auth import (
     ACCESS_TOKEN_TTL,
     MAX_CLOCK_SKEW,
     AuthError,
+    FailureThrottle,
     Lockout,
     ReplayGuard,
+    ReplayWindowFull,
     hash_secret,
     new_secret,
     secret_matches,
@@ -79,14 +81,16 @@ def stats_of(row: dict[str, Any], now: float) -> WorkerStats:
 
 
 class WorkerRegistry:
-    def __init__(self, store: Store, key: bytes, heartbeat_timeout: float, join_token: Optional[str] = None,
+    def __init__(self, store: Store, key: bytes, heartbeat_timeout: float, join_token_hash: Optional[str] = None,
                  clock: Callable[[], float] = time.time):
+        """`join_token_hash`: SHA-256 of the token registrations must present (None: open registration)."""
         self.store = store
         self.fernet = Fernet(key)
         self.heartbeat_timeout = heartbeat_timeout
-        self.join_token_hash = hash_secret(join_token) if join_token else None
+        self.join_token_hash = join_token_hash
         self.clock = clock
         self.lockout = Lockout()
+        self.throttle = FailureThrottle()
         self.replays = ReplayGuard()
         self.offline_ids: set[int] = set()  # taken offline by the operator (POST /v1/instances/offline)
 
@@ -100,7 +104,7 @@ class WorkerRegistry:
         self._check_ownership(body, now)
         token, refresh, signing = new_secret(), new_secret(), new_secret()
         expires = now + ACCESS_TOKEN_TTL
-        worker_id = await self.store.insert("workers", {
+        values = {
             "name": body.name, "hostname": body.hostname or body.name, "ip": ip, "port": body.port,
             "peer_id": body.peer_id, "model": body.model, "role": body.role, "region": body.region,
             "labels": dumps(body.labels), "system_reserved": dumps({"ram": 0, "vram": 0, **body.system_reserved}),
@@ -109,12 +113,24 @@ class WorkerRegistry:
             "state": "not_ready", "state_message": "registered; waiting for the first heartbeat",
             "token_hash": hash_secret(token), "refresh_hash": hash_secret(refresh),
             "signing_secret": self.fernet.encrypt(signing.encode()).decode(), "token_expires_at": expires,
-            "config": dumps(LoadConfig().model_dump()), "config_version": 1,
-            "created_at": now, "updated_at": now,
-        }, returning="id")
-        logger.info("worker %d registered: %s (peer %s, model %s)", worker_id, body.name, body.peer_id, body.model)
+            "updated_at": now,
+        }
+        # A peer registering again (a restart, lost credentials) gets its row back with new credentials:
+        # its reliability record and pushed config stay, and the old credentials stop working.
+        existing = await self.store.fetch_one(
+            "SELECT id, config_version FROM workers WHERE peer_id = ? ORDER BY id LIMIT 1", body.peer_id)
+        if existing is not None:
+            worker_id, config_version = existing["id"], existing["config_version"]
+            await self.store.update("workers", "id", worker_id, values)
+            logger.info("worker %d registered again: %s (peer %s, model %s)", worker_id, body.name, body.peer_id, body.model)
+        else:
+            config_version = 1
+            worker_id = await self.store.insert("workers", {
+                **values, "config": dumps(LoadConfig().model_dump()), "config_version": config_version,
+                "created_at": now}, returning="id")
+            logger.info("worker %d registered: %s (peer %s, model %s)", worker_id, body.name, body.peer_id, body.model)
         return {"worker_id": worker_id, "token": token, "refresh_token": refresh, "signing_secret": signing,
-                "token_expires_at": iso(expires), "config_version": 1}
+                "token_expires_at": iso(expires), "config_version": config_version}
 
     def _check_ownership(self, body: RegisterRequest, now: float) -> None:
         """Only the holder of a peer's identity key may register as that peer (its score is at stake)."""
@@ -142,8 +158,8 @@ class WorkerRegistry:
             raise HTTPError(404, f"no such worker: {worker_id}")
         return row
 
-    async def authenticate(self, worker_id: int, method: str, path: str, body: bytes, headers) -> dict[str, Any]:
-        """Checks the Bearer token and the HMAC signature of a worker's request; counts failures."""
+    async def authenticate(self, worker_id: int, method: str, path: str, body: bytes, headers, source: str) -> dict[str, Any]:
+        """Checks the Bearer token and the HMAC signature of a worker's request (from address `source`)."""
 
         def access_token(row: dict[str, Any], now: float) -> None:
             token = bearer_token(headers)
@@ -152,22 +168,36 @@ class WorkerRegistry:
             if row["token_expires_at"] <= now:
                 raise AuthError("access token expired; refresh it")
 
-        return await self._verified(worker_id, access_token, method, path, body, headers)
+        return await self._verified(worker_id, access_token, method, path, body, headers, source)
 
     async def _verified(self, worker_id: int, credential: Callable[[dict[str, Any], float], None], method: str,
-                        path: str, body: bytes, headers) -> dict[str, Any]:
-        """The worker's row once `credential` and the request signature check out; 5 failures lock it (423)."""
+                        path: str, body: bytes, headers, source: str) -> dict[str, Any]:
+        """The worker's row once `credential` and the request signature check out.
+
+        Only failures that presented the worker's valid credential count toward its lockout (5 lock it
+        for 15 minutes: 423); anything else is junk, counted against the sending address instead."""
         now = self.clock()
+        try:
+            row = await self.row(worker_id)
+            credential(row, now)
+        except (AuthError, HTTPError) as e:
+            wait = self.throttle.failed(source, now)
+            if wait is not None:
+                raise HTTPError(429, "too many failed authentications from this address; slow down",
+                                headers={"Retry-After": str(math.ceil(wait))}) from None
+            if isinstance(e, HTTPError):
+                raise
+            raise HTTPError(401, str(e)) from None
         account = f"worker:{worker_id}"
         try:
             self.lockout.check(account, now)
         except AuthError as e:
             raise HTTPError(423, str(e)) from None
-        row = await self.row(worker_id)
         try:
-            credential(row, now)
             verify_signature(self._signing_secret(row), method, path, body, headers.get("X-Timestamp", ""),
                              headers.get("X-Signature", ""), now, self.replays)
+        except ReplayWindowFull as e:
+            raise HTTPError(429, str(e), headers={"Retry-After": "5"}) from None
         except AuthError as e:
             self.lockout.failed(account, now)
             logger.warning("worker %d: authentication failed: %s", worker_id, e)
@@ -181,14 +211,15 @@ class WorkerRegistry:
         except InvalidToken:
             raise AuthError("this worker's signing secret cannot be read with the relay's key file; register again") from None
 
-    async def refresh(self, worker_id: int, refresh_token: str, method: str, path: str, body: bytes, headers) -> dict[str, Any]:
+    async def refresh(self, worker_id: int, refresh_token: str, method: str, path: str, body: bytes, headers,
+                      source: str) -> dict[str, Any]:
         """New access and refresh tokens; the old refresh token stops working (rotation)."""
 
         def refresh_credential(row: dict[str, Any], now: float) -> None:
             if not secret_matches(refresh_token, row["refresh_hash"]):
                 raise AuthError("wrong refresh token")
 
-        await self._verified(worker_id, refresh_credential, method, path, body, headers)
+        await self._verified(worker_id, refresh_credential, method, path, body, headers, source)
         now = self.clock()
         token, refresh = new_secret(), new_secret()
         expires = now + ACCESS_TOKEN_TTL
@@ -233,10 +264,13 @@ class WorkerRegistry:
         return {"worker_id": worker_id, "config_version": row["config_version"], "config": loads(row["config"], {})}
 
     async def put_config(self, worker_id: int, config: LoadConfig) -> dict[str, Any]:
-        row = await self.row(worker_id)
-        version = row["config_version"] + 1
-        await self.store.update("workers", "id", worker_id, {
-            "config": dumps(config.model_dump()), "config_version": version, "updated_at": self.clock()})
+        # One statement: two concurrent pushes get two versions, never the same one twice.
+        rows = await self.store.fetch(
+            "UPDATE workers SET config = ?, config_version = config_version + 1, updated_at = ? WHERE id = ? "
+            "RETURNING config_version", dumps(config.model_dump()), self.clock(), worker_id)
+        if not rows:
+            raise HTTPError(404, f"no such worker: {worker_id}")
+        version = rows[0]["config_version"]
         logger.info("worker %d: config version %d pushed", worker_id, version)
         return {"worker_id": worker_id, "config_version": version, "config": config.model_dump()}
 
@@ -259,15 +293,14 @@ class WorkerRegistry:
 
     async def record_outcome(self, peer_id: str, success: bool, latency_ms: Optional[float] = None) -> int:
         """Counts a session outcome for every worker registered with this peer id; returns how many."""
-        rows = await self.store.fetch("SELECT * FROM workers WHERE peer_id = ?", peer_id)
-        for row in rows:
-            values: dict[str, Any] = {"tasks_succeeded" if success else "tasks_failed":
-                                      row["tasks_succeeded" if success else "tasks_failed"] + 1}
-            if latency_ms is not None:
-                previous = row["latency_ms"]
-                values["latency_ms"] = latency_ms if previous is None else 0.8 * previous + 0.2 * latency_ms
-            await self.store.update("workers", "id", row["id"], values)
-        return len(rows)
+        # One statement per outcome (counters incremented in place): concurrent reports are all counted.
+        column = "tasks_succeeded" if success else "tasks_failed"
+        if latency_ms is None:
+            return await self.store.execute(f"UPDATE workers SET {column} = {column} + 1 WHERE peer_id = ?", peer_id)
+        return await self.store.execute(
+            f"UPDATE workers SET {column} = {column} + 1, "
+            "latency_ms = CASE WHEN latency_ms IS NULL THEN ? ELSE 0.8 * latency_ms + 0.2 * ? END WHERE peer_id = ?",
+            latency_ms, latency_ms, peer_id)
 
     async def scores(self) -> dict[str, float]:
         """Reliability score per peer id (the latest registration of a peer wins)."""

@@ -24,10 +24,15 @@ def raw_session(client, messages: list) -> list:
         (plan, *_) = await client.remote.make_chain()
         peer = await connect(client.remote.p2p, plan, 10)
 
+        read_all = asyncio.Event()
+
         async def requests():
             for message in messages:
                 yield message
                 await asyncio.sleep(0.05)
+            # Keep our side open until the replies are read: ending it races the server's own close
+            # after an error reply, and the loser of that race sees a reset instead of the reply.
+            await read_all.wait()
 
         replies = await client.remote.p2p.iterate_protobuf_handler(
             peer, RPC_INFERENCE, requests(), runtime_pb2.ExpertResponse
@@ -37,6 +42,7 @@ def raw_session(client, messages: list) -> list:
             received.append(reply)
             if b"error" in reply.metadata or len(received) == len(messages):
                 break  # the server ends the stream after an error reply
+        read_all.set()
         await replies.aclose()
         return received
 

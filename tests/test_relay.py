@@ -361,6 +361,22 @@ def test_registration_needs_the_join_token_and_the_peers_own_key(relay):
     assert abs((expires - dt.datetime.now(dt.timezone.utc)).total_seconds() - 24 * 3600) < 120
 
 
+def test_a_peer_registering_again_gets_its_row_back_with_new_credentials(relay, tmp_path):
+    identity = tmp_path / "identity.key"
+    first = register(relay, name="again", identity=identity)
+    wid = first["worker_id"]
+    path = f"/api/v1/workers/{wid}/heartbeat"
+    assert signed(relay, first, "POST", path, {"status": "online"})[0] == 200
+    pushed = http("PUT", f"{relay.api}/api/v1/workers/{wid}/config", {"acceptance_rate": 0.5}, ADMIN_H)[1]
+    second = register(relay, name="again", identity=identity, signed_at=int(time.time()) - 1)
+    assert second["worker_id"] == wid and second["config_version"] == pushed["config_version"]
+    assert signed(relay, first, "POST", path, {"status": "online"})[0] == 401  # the old credentials are dead
+    assert signed(relay, second, "POST", path, {"status": "online"})[0] == 200
+    rows = [w for w in http("GET", f"{relay.api}/v1/workers?perPage=100", headers=ADMIN_H)[1]["items"]
+            if w["name"] == "again"]
+    assert len(rows) == 1
+
+
 def test_signed_heartbeats_refuse_forgery_replay_and_stale_requests(relay):
     creds = register(relay)
     path = f"/api/v1/workers/{creds['worker_id']}/heartbeat"
@@ -378,9 +394,14 @@ def test_signed_heartbeats_refuse_forgery_replay_and_stale_requests(relay):
     assert status == 401 and "X-Timestamp" in body["error"]["message"]
     tampered = {**headers, "X-Timestamp": str(time.time())}
     assert http("POST", relay.api + path, raw=raw, headers=tampered)[0] == 401
-    assert signed(relay, creds, "POST", path, {}, token="not-the-token")[0] == 401
-    # four failures so far; the fifth locks the worker, after which even a correct request is refused
-    assert signed(relay, creds, "POST", path, {}, token="not-the-token")[0] == 401
+    # Requests without the worker's valid token are anyone's junk: they never lock the worker out.
+    for _ in range(6):
+        assert signed(relay, creds, "POST", path, {}, token="not-the-token")[0] == 401
+    assert signed(relay, creds, "POST", path, {"status": "online", "config_version": 1})[0] == 200
+    # Failures that present its valid token (a stolen token without the signing secret) do: the fifth
+    # in a row locks it, after which even a correct request is refused.
+    for _ in range(5):
+        assert http("POST", relay.api + path, raw=raw, headers=tampered)[0] == 401
     status, body, _ = signed(relay, creds, "POST", path, {"status": "online", "config_version": 1})
     assert status == 423 and "locked" in body["error"]["message"]
 

@@ -7,8 +7,10 @@ import pytest
 from relay.auth import (
     ACCESS_TOKEN_TTL,
     AuthError,
+    FailureThrottle,
     Lockout,
     ReplayGuard,
+    ReplayWindowFull,
     hash_secret,
     needs_refresh,
     new_secret,
@@ -76,7 +78,7 @@ def test_a_full_replay_guard_refuses_instead_of_forgetting_fresh_signatures():
     guard = ReplayGuard(window=600, capacity=2)
     guard.check_and_remember("a", now=1000)
     guard.check_and_remember("b", now=1001)
-    with pytest.raises(AuthError, match="too many signed requests"):
+    with pytest.raises(ReplayWindowFull, match="too many signed requests"):  # nobody's fault: no lockout
         guard.check_and_remember("c", now=1002)
     with pytest.raises(AuthError, match="replayed"):  # "a" is still remembered: it cannot be resent
         guard.check_and_remember("a", now=1003)
@@ -98,3 +100,15 @@ def test_five_failures_lock_an_account_for_fifteen_minutes():
     for _ in range(4):
         lockout.failed("w3", now=0)
     lockout.check("w3", now=0)  # a success reset the count
+
+
+def test_failures_without_a_valid_credential_are_throttled_per_source_over_a_sliding_window():
+    throttle = FailureThrottle(limit=3, window=60)
+    assert [throttle.failed("10.0.0.1", now=t) for t in (0, 1, 2)] == [None, None, None]
+    assert throttle.failed("10.0.0.1", now=3) == 57  # the oldest failure leaves the window at t=60
+    assert throttle.failed("10.0.0.2", now=3) is None  # other sources are unaffected
+    assert throttle.failed("10.0.0.1", now=70) is None  # old failures age out
+    small = FailureThrottle(limit=1, window=60, max_sources=2)
+    for source in ("a", "b", "c"):
+        small.failed(source, now=0)
+    assert small.failed("a", now=1) is None  # the least recently failing source was forgotten first

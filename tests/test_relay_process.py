@@ -22,6 +22,7 @@ def test_help_names_every_option_and_its_environment_variable():
     run = subprocess.run([sys.executable, "-m", "relay", "--help"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0
     for flag in ("--mgmt-port", "--obs-port", "--api-port", "--db", "--admin-token", "--api-keys", "--join-token",
+                 "--open-registration", "--max-queued-jobs",
                  "--models", "--initial-peers"):
         assert flag in run.stdout
     assert "SWARM_RELAY_ADMIN_TOKEN" in run.stdout and "default: 1026" in run.stdout
@@ -37,10 +38,11 @@ def test_a_database_that_cannot_be_opened_is_a_clear_error(tmp_path):
     assert "cannot open the relay database" in run.stderr and "Traceback" not in run.stderr
 
 
-def registered_worker_survives_restart(relay: RelayProcess, admin: str) -> None:
+def registered_worker_survives_restart(relay: RelayProcess, admin: str, join: str) -> None:
     headers = {"Authorization": f"Bearer {admin}"}
-    status, creds, _ = http("POST", f"{relay.api}/api/v1/workers/register",
-                            signed_registration("w1", labels={"gpu": "none"}))
+    url = f"{relay.api}/api/v1/workers/register"
+    assert http("POST", url, signed_registration("w0"))[0] == 401  # registration is closed by default
+    status, creds, _ = http("POST", url, signed_registration("w1", labels={"gpu": "none"}), {"X-Join-Token": join})
     assert status == 201
     assert http("PUT", f"{relay.api}/api/v1/workers/{creds['worker_id']}/config", {"acceptance_rate": 0.5}, headers)[0] == 200
     assert relay.stop() == 0
@@ -60,20 +62,21 @@ def test_environment_configures_the_relay_and_a_generated_admin_token_is_kept(tm
     try:
         relay.start()
         printed = [line for line in relay.child.stdout if "generated admin token" in line]
-        assert len(printed) == 1
-        admin = printed[0].rsplit(" ", 1)[1]
+        joins = [line for line in relay.child.stdout if "generated join token" in line]
+        assert len(printed) == 1 and len(joins) == 1
+        admin, join = printed[0].rsplit(" ", 1)[1], joins[0].rsplit(" ", 1)[1]
         assert http("GET", f"{relay.api}/v1/models", headers={"X-API-Key": "env-key"})[0] == 200
         assert http("GET", f"{relay.api}/v1/workers", headers={"Authorization": f"Bearer {admin}"})[0] == 200
-        registered_worker_survives_restart(relay, admin)
-        assert not [line for line in relay.child.stdout if "generated admin token" in line]
+        registered_worker_survives_restart(relay, admin, join)
+        assert not [line for line in relay.child.stdout if "generated" in line]  # both kept, not made anew
         stored = db.read_bytes() + (tmp_path / "relay.db.key").read_bytes()
-        assert admin.encode() not in stored  # only its hash is kept
+        assert admin.encode() not in stored and join.encode() not in stored  # only their hashes are kept
     finally:
         os.environ.pop("SWARM_RELAY_API_KEYS", None)
         relay.stop()
     assert (tmp_path / "relay.db.key").stat().st_mode & 0o777 == 0o600
     log = "".join(p.read_text() for p in tmp_path.glob("relay-*.log"))
-    assert admin not in log
+    assert admin not in log and join not in log
 
 
 def _postgres_bin() -> Path | None:
@@ -111,11 +114,11 @@ def postgres():
 
 
 def test_postgresql_storage_works_the_same(postgres, tmp_path):
-    relay = RelayProcess(tmp_path, ["--db", postgres, "--admin-token", "pg-admin", "--key-file", str(tmp_path / "k")],
-                         api_port=free_port())
+    relay = RelayProcess(tmp_path, ["--db", postgres, "--admin-token", "pg-admin", "--join-token", "pg-join",
+                                    "--key-file", str(tmp_path / "k")], api_port=free_port())
     try:
         relay.start()
         assert any("database postgresql://swarm@127.0.0.1" in line for line in relay.child.stdout)
-        registered_worker_survives_restart(relay, "pg-admin")
+        registered_worker_survives_restart(relay, "pg-admin", "pg-join")
     finally:
         relay.stop()

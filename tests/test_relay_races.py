@@ -1,0 +1,59 @@
+"""The relay under concurrent writes and floods: every write counted, every queue bounded."""
+
+from __future__ import annotations
+
+import asyncio
+
+from cryptography.fernet import Fernet
+
+from relay.http import HTTPError
+from relay.jobs import JobQueue
+from relay.schemas import JobRequest, LoadConfig, RegisterRequest
+from relay.store import Store
+from relay.workers import WorkerRegistry
+from tests.relay_process import signed_registration
+
+
+async def test_concurrent_outcomes_and_config_pushes_are_all_counted(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'relay.db'}")
+    await store.open()
+    try:
+        registry = WorkerRegistry(store, Fernet.generate_key(), heartbeat_timeout=60)
+        body = RegisterRequest(**signed_registration("racer"))
+        worker_id = (await registry.register(body, "127.0.0.1", None))["worker_id"]
+
+        await asyncio.gather(*(registry.record_outcome(body.peer_id, True, latency_ms=100) for _ in range(30)),
+                             *(registry.record_outcome(body.peer_id, False) for _ in range(10)))
+        row = await registry.row(worker_id)
+        assert (row["tasks_succeeded"], row["tasks_failed"]) == (30, 10)
+        assert row["latency_ms"] == 100
+
+        pushes = await asyncio.gather(*(registry.put_config(worker_id, LoadConfig(acceptance_rate=0.5))
+                                        for _ in range(20)))
+        assert sorted(push["config_version"] for push in pushes) == list(range(2, 22))
+        assert (await registry.row(worker_id))["config_version"] == 21
+    finally:
+        await store.close()
+
+
+class _AcceptingService:
+    """Stands in for a model service at submission time: the queue's admission is what is tested."""
+
+    async def chat_request(self, *args):
+        return None
+
+
+async def test_a_full_job_queue_refuses_with_429_and_retry_after(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'relay.db'}")
+    await store.open()
+    try:
+        queue = JobQueue(store, {"m": _AcceptingService()}, runners=1, max_queued=5)  # not started: nothing runs
+        body = JobRequest(type="llm", model="m", messages=[{"role": "user", "content": "hi"}])
+        results = await asyncio.gather(*(queue.submit(body) for _ in range(8)), return_exceptions=True)
+        refused = [r for r in results if isinstance(r, HTTPError)]
+        assert len(results) - len(refused) == 5 and len(refused) == 3
+        assert all(e.status == 429 and e.headers == {"Retry-After": "30"} and "queue is full" in e.message
+                   for e in refused)
+        assert (await queue.stats())["queued"] == 5
+    finally:
+        await store.close()
