@@ -11,9 +11,12 @@ import enum
 import math
 from typing import Any, Optional, Sequence
 
+import asyncio
+
 import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +29,9 @@ ECHO_MAX_BYTES = 1536 * 1024
 # One message on a stream stays well below what the libp2p daemon accepts; longer inputs are chunked.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
+
+# What one incoming stream message may declare: the tensors' cap plus room for the protobuf framing.
+MAX_STREAM_MESSAGE_BYTES = MAX_MESSAGE_BYTES + MAX_HEADER_BYTES + 64 * 1024
 
 # hivemind sends bfloat16 as float32 bytes (numpy has no bfloat16).
 _ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 4, "int64": 8, "bool": 1}
@@ -186,3 +192,22 @@ def _first_error(error: ValidationError) -> str:
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"]) or "header"
     return f"{location}: {first['msg']}"
+
+
+class MessageTooLarge(ValueError):
+    """A peer declared a stream message longer than MAX_STREAM_MESSAGE_BYTES."""
+
+
+async def _receive_capped(reader: asyncio.StreamReader) -> bytes:
+    header = await reader.readexactly(P2P.HEADER_LEN)
+    length = int.from_bytes(header, P2P.BYTEORDER)
+    if length > MAX_STREAM_MESSAGE_BYTES:
+        raise MessageTooLarge(f"a peer declared a {length}-byte message; at most {MAX_STREAM_MESSAGE_BYTES} are read")
+    return await reader.readexactly(length)
+
+
+def cap_incoming_messages() -> None:
+    """Makes this process refuse a stream message whose declared length is over the cap before
+    reading any of it. hivemind's reader would otherwise buffer whatever length a peer declares
+    (up to 2^64 bytes) before `read_tensors` could check a thing; the stream is closed instead."""
+    P2P.receive_raw_data = staticmethod(_receive_capped)

@@ -12,7 +12,7 @@ import torch
 from hivemind.p2p import P2P
 
 from blocks.checkpoint import Checkpoint
-from blocks.wire import MAX_MESSAGE_BYTES
+from blocks.wire import MAX_MESSAGE_BYTES, cap_incoming_messages
 from client.errors import (
     MissingBlocksError,
     ModelMismatchError,
@@ -96,6 +96,7 @@ class RemoteModel:
         dht, validator = start_dht(initial_peers, client_mode=True, nat_port_map=nat_port_map)
         self.dht = SwarmDHT(dht, validator)
         self.runtime = LoopThread()
+        cap_incoming_messages()  # a server's reply cannot make this process buffer more than the cap either
         self.p2p: P2P = self.runtime.run(dht.replicate_p2p(), timeout=request_timeout)
         self.pings = PingCache(self.p2p, self.bans, timeout=min(request_timeout, 5.0))
         self._meta_checked = False

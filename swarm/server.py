@@ -19,7 +19,7 @@ from tqdm import tqdm
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
 from blocks.loading import load_span
 from blocks.span import BlockSpan
-from blocks.wire import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO
+from blocks.wire import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, cap_incoming_messages
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
 from dht.identity import ownership_proof, registration_message
@@ -200,6 +200,7 @@ class Server:
 
     async def _open_handlers(self, dht) -> P2P:
         """Registers the RPC handlers on the DHT's libp2p daemon; returns the P2P handle to close later."""
+        cap_incoming_messages()
         self.handler = BlockHandler(
             model=self.model_name,
             span=self.span,

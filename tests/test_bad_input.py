@@ -141,3 +141,25 @@ def test_info_call_reports_what_the_server_serves(llama_client):
     assert info.state == "online" and info.dtype == "float32" and info.hidden_size == 64
     assert info.max_length == 256 and info.cache_tokens_free == info.cache_tokens_total == 16384
     assert info.open_sessions == 0
+
+
+def test_a_declared_message_length_over_the_cap_is_refused_before_buffering(llama_client, llama_ref):
+    """A peer that declares a 1 TiB message gets its stream closed at once; nothing waits for the bytes."""
+    from hivemind.p2p import P2P
+
+    from blocks.wire import MAX_STREAM_MESSAGE_BYTES
+
+    async def go():
+        (plan, *_) = await llama_client.remote.make_chain()
+        peer = await connect(llama_client.remote.p2p, plan, 10)
+        _, reader, writer = await llama_client.remote.p2p.call_binary_stream_handler(peer, RPC_INFERENCE)
+        writer.write(P2P.MESSAGE_MARKER + (1 << 40).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + b"\0" * 4096)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), 60)  # the server closes the stream: EOF
+        finally:
+            writer.close()
+
+    assert (1 << 40) > MAX_STREAM_MESSAGE_BYTES
+    assert llama_client.remote.runtime.run(go()) == b""
+    assert_still_serves(llama_client, llama_ref)
