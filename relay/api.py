@@ -111,9 +111,9 @@ class ApiRoutes:
         return json_reply({"object": "list", "data": [{"peer_id": p, "score": s} for p, s in sorted(scores.items())]})
 
     async def report(self, request: web.Request) -> web.Response:
-        self.relay.check_api_key(request)
+        reporter = self.relay.check_api_key(request)
         body = await read_body(request, ReportRequest)
-        counted = await self.relay.workers.record_outcome(body.peer_id, body.success, body.latency_ms)
+        counted = await self.relay.workers.record_report(reporter, body.peer_id, body.success, body.latency_ms)
         if not counted:
             raise HTTPError(404, f"no registered worker has peer id {body.peer_id!r}")
         return json_reply({"recorded": counted})

@@ -81,12 +81,13 @@ class Relay:
             raise HTTPError(401, "this endpoint needs the relay's admin token: Authorization: Bearer <token>",
                             {"WWW-Authenticate": "Bearer"})
 
-    def check_api_key(self, request: web.Request) -> None:
+    def check_api_key(self, request: web.Request) -> str:
+        """The SHA-256 of the valid API key the request presents (who is asking), or a 401."""
         presented = [key for key in (request.headers.get("X-API-Key"), bearer_token(request.headers)) if key]
         for key in presented:
             digest = hash_secret(key)
             if any(hmac.compare_digest(digest, known) for known in self.api_key_hashes):
-                return
+                return digest
         raise HTTPError(401, "this endpoint needs an API key: X-API-Key: <key> or Authorization: Bearer <key>",
                         {"WWW-Authenticate": "Bearer"})
 

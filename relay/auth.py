@@ -126,26 +126,25 @@ class Lockout:
         self._accounts.pop(account, None)
 
 
-class FailureThrottle:
-    """Failed authentications per source address over a sliding window. Requests that present no valid
-    credential count here, never toward a worker's lockout, so nobody can lock a worker out by
-    sending junk in its name; a source past `limit` failures gets its failures refused with 429."""
+class WindowLimit:
+    """Events per key over a sliding window (failed authentications per source address, reports per
+    API key and worker); past `limit` events in the window, the caller refuses with 429."""
 
-    def __init__(self, limit: int = SOURCE_FAILURES_PER_MINUTE, window: float = 60.0, max_sources: int = 10_000):
+    def __init__(self, limit: int = SOURCE_FAILURES_PER_MINUTE, window: float = 60.0, max_keys: int = 10_000):
         self.limit = limit
         self.window = window
-        self.max_sources = max_sources
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self.max_keys = max_keys
+        self._events: OrderedDict[object, deque[float]] = OrderedDict()
 
-    def failed(self, source: str, now: float) -> Optional[float]:
-        """Counts one failure; returns the seconds the source should wait if it is now over the limit."""
-        times = self._failures.pop(source, None) or deque()
+    def hit(self, key: object, now: float) -> Optional[float]:
+        """Counts one event; returns the seconds to wait if `key` is now over the limit, else None."""
+        times = self._events.pop(key, None) or deque()
         while times and times[0] <= now - self.window:
             times.popleft()
         times.append(now)
-        self._failures[source] = times  # most recently failing last
-        while len(self._failures) > self.max_sources:
-            self._failures.popitem(last=False)
+        self._events[key] = times  # most recently active last
+        while len(self._events) > self.max_keys:
+            self._events.popitem(last=False)
         if len(times) > self.limit:
             return max(1.0, times[0] + self.window - now)
         return None

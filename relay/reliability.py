@@ -14,12 +14,15 @@ WEIGHTS = {"success": 0.4, "stability": 0.3, "latency": 0.2, "history": 0.1}
 TARGET_SESSION_SECONDS = 3600.0  # an hour online without a drop counts as fully stable
 REFERENCE_LATENCY_MS = 200.0  # a step this slow scores 0.5
 HISTORY_WEIGHT_PER_UPDATE = 0.05
+REPORT_WEIGHT = 0.25  # a client's report, which the relay cannot check, counts a quarter of its own observation
 
 
 @dataclass(frozen=True)
 class WorkerStats:
     tasks_succeeded: int = 0
     tasks_failed: int = 0
+    reports_succeeded: int = 0  # outcomes reported by API-key holders
+    reports_failed: int = 0
     online_seconds: float = 0.0  # summed over the worker's online periods
     online_periods: int = 0  # periods that ended or are running
     unexpected_drops: int = 0  # periods that ended without a graceful offline
@@ -28,8 +31,11 @@ class WorkerStats:
 
 
 def success_rate(stats: WorkerStats) -> float:
-    """Share of successful tasks, with one imaginary success and failure (Laplace) as the prior."""
-    return (stats.tasks_succeeded + 1) / (stats.tasks_succeeded + stats.tasks_failed + 2)
+    """Share of successful tasks, with one imaginary success and failure (Laplace) as the prior;
+    reported outcomes weigh REPORT_WEIGHT of the relay's own."""
+    succeeded = stats.tasks_succeeded + REPORT_WEIGHT * stats.reports_succeeded
+    failed = stats.tasks_failed + REPORT_WEIGHT * stats.reports_failed
+    return (succeeded + 1) / (succeeded + failed + 2)
 
 
 def stability(stats: WorkerStats) -> float:

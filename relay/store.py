@@ -45,6 +45,8 @@ _SCHEMA = [
         config_version INTEGER NOT NULL,
         tasks_succeeded BIGINT NOT NULL DEFAULT 0,
         tasks_failed BIGINT NOT NULL DEFAULT 0,
+        reports_succeeded BIGINT NOT NULL DEFAULT 0,
+        reports_failed BIGINT NOT NULL DEFAULT 0,
         online_seconds REAL NOT NULL DEFAULT 0,
         online_periods INTEGER NOT NULL DEFAULT 0,
         unexpected_drops INTEGER NOT NULL DEFAULT 0,
@@ -69,6 +71,12 @@ _SCHEMA = [
         finished_at REAL
     )""",
     """CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)""",
+]
+
+# Columns added after a release: databases created before them get them on open.
+_ADDED_COLUMNS = [
+    ("workers", "reports_succeeded", "BIGINT NOT NULL DEFAULT 0"),
+    ("workers", "reports_failed", "BIGINT NOT NULL DEFAULT 0"),
 ]
 
 
@@ -108,8 +116,15 @@ class Store:
                 serial = "BIGSERIAL PRIMARY KEY"
             for statement in _SCHEMA:
                 self._conn.execute(statement.format(serial=serial))
+            for table, column, kind in _ADDED_COLUMNS:
+                if column not in self._columns(table):
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except Exception as e:
             raise StoreError(f"cannot open the relay database {self.describe()}: {e}") from e
+
+    def _columns(self, table: str) -> set[str]:
+        cursor = self._conn.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+        return {column[0] for column in cursor.description}
 
     def describe(self) -> str:
         """The URL without any password, for logs."""

@@ -23,17 +23,17 @@ from relay.auth import (
     ACCESS_TOKEN_TTL,
     MAX_CLOCK_SKEW,
     AuthError,
-    FailureThrottle,
     Lockout,
     ReplayGuard,
     ReplayWindowFull,
+    WindowLimit,
     hash_secret,
     new_secret,
     secret_matches,
     verify_signature,
 )
 from relay.http import HTTPError
-from relay.reliability import WorkerStats, reliability_score, updated_history
+from relay.reliability import REPORT_WEIGHT, WorkerStats, reliability_score, updated_history
 from relay.schemas import HeartbeatRequest, LoadConfig, RegisterRequest
 from relay.store import Store, dumps, loads
 
@@ -72,12 +72,17 @@ def stats_of(row: dict[str, Any], now: float) -> WorkerStats:
     return WorkerStats(
         tasks_succeeded=row["tasks_succeeded"],
         tasks_failed=row["tasks_failed"],
+        reports_succeeded=row["reports_succeeded"],
+        reports_failed=row["reports_failed"],
         online_seconds=online_seconds,
         online_periods=row["online_periods"],
         unexpected_drops=row["unexpected_drops"],
         latency_ms=row["latency_ms"],
         history=row["history"],
     )
+
+
+REPORTS_PER_HOUR = 20  # per API key and worker
 
 
 class WorkerRegistry:
@@ -90,7 +95,8 @@ class WorkerRegistry:
         self.join_token_hash = join_token_hash
         self.clock = clock
         self.lockout = Lockout()
-        self.throttle = FailureThrottle()
+        self.failures_by_source = WindowLimit()  # junk credentials, per address
+        self.report_quota = WindowLimit(limit=REPORTS_PER_HOUR, window=3600.0)
         self.replays = ReplayGuard()
         self.offline_ids: set[int] = set()  # taken offline by the operator (POST /v1/instances/offline)
 
@@ -181,7 +187,7 @@ class WorkerRegistry:
             row = await self.row(worker_id)
             credential(row, now)
         except (AuthError, HTTPError) as e:
-            wait = self.throttle.failed(source, now)
+            wait = self.failures_by_source.hit(source, now)
             if wait is not None:
                 raise HTTPError(429, "too many failed authentications from this address; slow down",
                                 headers={"Retry-After": str(math.ceil(wait))}) from None
@@ -292,8 +298,8 @@ class WorkerRegistry:
         return len(lost)
 
     async def record_outcome(self, peer_id: str, success: bool, latency_ms: Optional[float] = None) -> int:
-        """Counts a session outcome for every worker registered with this peer id; returns how many."""
-        # One statement per outcome (counters incremented in place): concurrent reports are all counted.
+        """Counts an outcome the relay saw itself for every worker registered with this peer id; returns how many."""
+        # One statement per outcome (counters incremented in place): concurrent outcomes are all counted.
         column = "tasks_succeeded" if success else "tasks_failed"
         if latency_ms is None:
             return await self.store.execute(f"UPDATE workers SET {column} = {column} + 1 WHERE peer_id = ?", peer_id)
@@ -301,6 +307,21 @@ class WorkerRegistry:
             f"UPDATE workers SET {column} = {column} + 1, "
             "latency_ms = CASE WHEN latency_ms IS NULL THEN ? ELSE 0.8 * latency_ms + 0.2 * ? END WHERE peer_id = ?",
             latency_ms, latency_ms, peer_id)
+
+    async def record_report(self, reporter: str, peer_id: str, success: bool, latency_ms: Optional[float] = None) -> int:
+        """Counts an outcome an API-key holder reports (weighed less: the relay cannot check it), at most
+        REPORTS_PER_HOUR per reporter and worker; returns how many workers it counted for."""
+        wait = self.report_quota.hit((reporter, peer_id), self.clock())
+        if wait is not None:
+            raise HTTPError(429, f"this key has reported on {peer_id} {self.report_quota.limit} times in the last "
+                                 f"hour; further reports are not counted", headers={"Retry-After": str(math.ceil(wait))})
+        column = "reports_succeeded" if success else "reports_failed"
+        if latency_ms is None:
+            return await self.store.execute(f"UPDATE workers SET {column} = {column} + 1 WHERE peer_id = ?", peer_id)
+        step = 0.2 * REPORT_WEIGHT  # a reported latency moves the average a quarter as far as a measured one
+        return await self.store.execute(
+            f"UPDATE workers SET {column} = {column} + 1, latency_ms = CASE WHEN latency_ms IS NULL THEN ? "
+            f"ELSE {1 - step} * latency_ms + {step} * ? END WHERE peer_id = ?", latency_ms, latency_ms, peer_id)
 
     async def scores(self) -> dict[str, float]:
         """Reliability score per peer id (the latest registration of a peer wins)."""

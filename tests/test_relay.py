@@ -430,12 +430,16 @@ def test_clients_avoid_servers_with_low_reliability(relay_swarm, llama_path):
     scores then never routes through it (and still works)."""
     swarm, relay = relay_swarm
     bad, good = swarm.servers[0].peer_id, swarm.servers[1].peer_id
-    for _ in range(60):
+    for _ in range(20):
         for peer, success in ((bad, False), (good, True)):
             assert http("POST", f"{relay.api}/api/v1/reports", {"peer_id": peer, "success": success}, KEY_H)[0] == 200
+    # One key can move one worker's score only so far per hour.
+    status, body, headers = http("POST", f"{relay.api}/api/v1/reports", {"peer_id": bad, "success": False}, KEY_H)
+    assert status == 429 and int(headers["Retry-After"]) > 0 and "20 times in the last hour" in body["error"]["message"]
     assert http("POST", f"{relay.api}/api/v1/reports", {"peer_id": "QmNobody", "success": True}, KEY_H)[0] == 404
     scores = {item["peer_id"]: item["score"] for item in http("GET", f"{relay.api}/api/v1/reliability", headers=KEY_H)[1]["data"]}
-    assert scores[good] - scores[bad] > 0.2  # success rate is 40 % of the score
+    # Reports weigh a quarter of what the relay saw itself (these servers served its earlier generations).
+    assert scores[good] - scores[bad] > 0.05
     threshold = (scores[bad] + scores[good]) / 2
 
     with AutoDistributedModelForCausalLM.from_pretrained(

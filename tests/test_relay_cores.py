@@ -7,10 +7,10 @@ import pytest
 from relay.auth import (
     ACCESS_TOKEN_TTL,
     AuthError,
-    FailureThrottle,
     Lockout,
     ReplayGuard,
     ReplayWindowFull,
+    WindowLimit,
     hash_secret,
     needs_refresh,
     new_secret,
@@ -19,7 +19,7 @@ from relay.auth import (
     signing_payload,
     verify_signature,
 )
-from relay.reliability import WorkerStats, reliability_score, updated_history
+from relay.reliability import WorkerStats, reliability_score, success_rate, updated_history
 
 
 def test_new_worker_scores_neutral_and_weights_add_up():
@@ -43,6 +43,13 @@ def test_each_component_has_its_weight():
     assert reliability_score(fast) - reliability_score(base) == pytest.approx(0.1)
     assert reliability_score(WorkerStats(**{**base.__dict__, "history": 1.0})) - reliability_score(base) == pytest.approx(0.05)
     assert updated_history(0.5, 1.0) == pytest.approx(0.525)
+
+
+def test_a_reported_outcome_weighs_a_quarter_of_one_the_relay_saw():
+    seen = WorkerStats(tasks_failed=3)
+    reported = WorkerStats(reports_failed=12)
+    assert success_rate(seen) == pytest.approx(success_rate(reported)) == pytest.approx(1 / 5)
+    assert success_rate(WorkerStats(reports_failed=3)) > success_rate(seen)
 
 
 def test_tokens_are_stored_hashed_and_compared_safely():
@@ -103,12 +110,12 @@ def test_five_failures_lock_an_account_for_fifteen_minutes():
 
 
 def test_failures_without_a_valid_credential_are_throttled_per_source_over_a_sliding_window():
-    throttle = FailureThrottle(limit=3, window=60)
-    assert [throttle.failed("10.0.0.1", now=t) for t in (0, 1, 2)] == [None, None, None]
-    assert throttle.failed("10.0.0.1", now=3) == 57  # the oldest failure leaves the window at t=60
-    assert throttle.failed("10.0.0.2", now=3) is None  # other sources are unaffected
-    assert throttle.failed("10.0.0.1", now=70) is None  # old failures age out
-    small = FailureThrottle(limit=1, window=60, max_sources=2)
+    throttle = WindowLimit(limit=3, window=60)
+    assert [throttle.hit("10.0.0.1", now=t) for t in (0, 1, 2)] == [None, None, None]
+    assert throttle.hit("10.0.0.1", now=3) == 57  # the oldest failure leaves the window at t=60
+    assert throttle.hit("10.0.0.2", now=3) is None  # other sources are unaffected
+    assert throttle.hit("10.0.0.1", now=70) is None  # old failures age out
+    small = WindowLimit(limit=1, window=60, max_keys=2)
     for source in ("a", "b", "c"):
-        small.failed(source, now=0)
-    assert small.failed("a", now=1) is None  # the least recently failing source was forgotten first
+        small.hit(source, now=0)
+    assert small.hit("a", now=1) is None  # the least recently failing source was forgotten first

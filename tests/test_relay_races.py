@@ -1,4 +1,5 @@
-"""The relay under concurrent writes and floods: every write counted, every queue bounded."""
+"""The relay's storage under concurrent writes and floods: every write counted, every queue bounded,
+older databases upgraded."""
 
 from __future__ import annotations
 
@@ -55,5 +56,21 @@ async def test_a_full_job_queue_refuses_with_429_and_retry_after(tmp_path):
         assert all(e.status == 429 and e.headers == {"Retry-After": "30"} and "queue is full" in e.message
                    for e in refused)
         assert (await queue.stats())["queued"] == 5
+    finally:
+        await store.close()
+
+
+async def test_a_database_from_before_the_report_counters_gets_them_on_open(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE workers (id INTEGER PRIMARY KEY AUTOINCREMENT, peer_id TEXT, tasks_failed BIGINT)")
+        old.execute("INSERT INTO workers (peer_id, tasks_failed) VALUES ('QmOld', 3)")
+    store = Store(f"sqlite:///{path}")
+    await store.open()
+    try:
+        row = await store.fetch_one("SELECT * FROM workers WHERE peer_id = 'QmOld'")
+        assert (row["tasks_failed"], row["reports_succeeded"], row["reports_failed"]) == (3, 0, 0)
     finally:
         await store.close()
