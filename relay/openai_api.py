@@ -47,7 +47,7 @@ class OpenAIRoutes:
 
         if body.stream:
             return await self._stream(request, service, gen, chunk)
-        result = await service.generate(gen)
+        result = await service.generate(gen, cancelled=_client_gone(request))
         reply = chunk(result.text, result.finish_reason)
         reply["usage"] = _usage(result)
         return json_reply(reply)
@@ -72,7 +72,7 @@ class OpenAIRoutes:
 
         if body.stream:
             return await self._stream(request, service, gen, chunk)
-        result = await service.generate(gen)
+        result = await service.generate(gen, cancelled=_client_gone(request))
         return json_reply({
             "id": ident, "object": "chat.completion", "created": int(time.time()), "model": service.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -124,6 +124,17 @@ class OpenAIRoutes:
             if not task.done():  # the caller went away or writing failed: end the generation too
                 gone = True
                 await asyncio.gather(task, return_exceptions=True)
+
+
+def _client_gone(request: web.Request) -> Callable[[], bool]:
+    """Whether the HTTP client has closed its connection: a generation nobody will read stops at
+    its next token (aiohttp does not cancel a handler when its client leaves)."""
+
+    def gone() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    return gone
 
 
 async def _open_stream(request: web.Request) -> web.StreamResponse:

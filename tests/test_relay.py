@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -257,6 +258,25 @@ def test_completions_stream_and_stop_strings(relay, model_name, llama_ref, token
     sampled = client.completions.create(model=model_name, prompt="The swarm", max_tokens=5, temperature=1.2, top_p=0.9)
     choice, used = sampled.choices[0], sampled.usage.completion_tokens
     assert 1 <= used <= 5 and (used == 5 or choice.finish_reason == "stop")  # sampling may draw </s> early
+
+
+def test_a_request_whose_client_leaves_stops_generating(relay, model_name):
+    """Non-streaming too: a client that hangs up does not keep the swarm busy for tokens nobody reads."""
+    def finished() -> list[str]:
+        return [line for line in relay.child.log_path.read_text().splitlines() if " new tokens (" in line]
+
+    body = {"model": model_name, "prompt": "Leaving", "max_tokens": 40, "temperature": 0}
+    status, reply, _ = http("POST", f"{relay.api}/v1/completions", body, KEY_H)
+    assert status == 200 and reply["usage"]["completion_tokens"] == 40  # what the same request costs when read
+    before = len(finished())
+    raw = json.dumps(body).encode()
+    host, port = relay.api.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+                     + f"X-API-Key: {KEYS[1]}\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    # the connection is closed at once: the generation ends early, with what it had
+    line = wait_until(lambda: finished()[before:], 180, what="the abandoned generation to end")[0]
+    assert "+ 40 new tokens" not in line and line.endswith("(stop)")
 
 
 def test_jobs_run_through_the_swarm(relay, model_name, llama_ref, tokenizer):
