@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "AutoDistributedModelForCausalLM": "client.model",
     "InferenceSession": "client.session",
+    "PingCache": "client.pings",
     "SwarmError": "client.errors",
     "MissingBlocksError": "client.errors",
     "ModelMismatchError": "client.errors",
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from client.errors import (BadRequestError, MissingBlocksError, ModelMismatchError, RetriesExhaustedError,
                                ServerFailure, StepTimeoutError, SwarmBusyError, SwarmError)
     from client.model import AutoDistributedModelForCausalLM
+    from client.pings import PingCache
     from client.session import InferenceSession
 
 

@@ -78,6 +78,15 @@ class AutoDistributedModelForCausalLM:
     def model_name(self) -> str:
         return self.remote.model_name
 
+    def on_server_failure(self, callback: Callable[[str, str], None]) -> None:
+        """Calls `callback(peer_id, reason)` whenever a server fails this client (and is banned)."""
+        self.remote.failure_listeners.append(callback)
+
+    def longest_session(self) -> int:
+        """The longest session (prompt + new tokens) the swarm's usable servers accept now; 0 if some
+        block has none. Raises SwarmError if the DHT cannot be read."""
+        return self.remote.runtime.run(self.remote.longest_session(), timeout=self.remote.request_timeout)
+
     def inference_session(self, max_length: int) -> InferenceSession:
         """A session whose server-side KV caches live until it is closed (use it as a context manager)."""
         return InferenceSession(self.remote, max_length)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from blocks.wire import RPC_INFO
-from client.bans import BanList
 from client.routing import SpanPlan
 from client.span import connect
 from dht.records import ServerInfo
@@ -20,9 +19,12 @@ logger = logging.getLogger(__name__)
 
 
 class PingCache:
-    def __init__(self, p2p: P2P, bans: BanList, max_age: float = 60.0, timeout: float = 3.0):
+    """`unreachable(peer_id, reason)` is called for a server that does not answer (a client bans it)."""
+
+    def __init__(self, p2p: P2P, unreachable: Callable[[str, str], None] = lambda peer, reason: None,
+                 max_age: float = 60.0, timeout: float = 3.0):
         self.p2p = p2p
-        self.bans = bans
+        self.unreachable = unreachable
         self.max_age = max_age
         self.timeout = timeout
         self._rtts: dict[str, tuple[float, float]] = {}  # peer -> (rtt, measured at)
@@ -35,7 +37,7 @@ class PingCache:
         return {peer: rtt for peer, (rtt, _) in self._rtts.items()}
 
     async def refresh(self, servers: Iterable[ServerInfo]) -> None:
-        """Pings, concurrently, every server whose measurement is missing or stale; bans the unreachable."""
+        """Pings, concurrently, every server whose measurement is missing or stale."""
         now = time.monotonic()
         stale = {info.peer_id: info for info in servers
                  if info.peer_id not in self._rtts or now - self._rtts[info.peer_id][1] > self.max_age}
@@ -52,7 +54,7 @@ class PingCache:
             )
         except Exception as e:
             self.forget(info.peer_id)
-            self.bans.ban(info.peer_id, f"ping failed: {type(e).__name__}: {e}")
+            self.unreachable(info.peer_id, f"ping failed: {type(e).__name__}: {e}")
             return None
         rtt = time.monotonic() - started
         self._rtts[info.peer_id] = (rtt, time.monotonic())

@@ -98,7 +98,7 @@ class RemoteModel:
         self.runtime = LoopThread()
         cap_incoming_messages()  # a server's reply cannot make this process buffer more than the cap either
         self.p2p: P2P = self.runtime.run(dht.replicate_p2p(), timeout=request_timeout)
-        self.pings = PingCache(self.p2p, self.bans, timeout=min(request_timeout, 5.0))
+        self.pings = PingCache(self.p2p, self.bans.ban, timeout=min(request_timeout, 5.0))
         self._meta_checked = False
 
     async def check_model(self) -> None:
@@ -144,6 +144,15 @@ class RemoteModel:
             except MissingBlocksError:
                 logger.info("only servers scoring below %.2f cover some blocks; using them", self.min_reliability)
         return make_chain(self.model_name, servers, start, end, excluded, rtts=self.pings.rtts(), rng=self.rng)
+
+    async def longest_session(self) -> int:
+        """The longest session the swarm can hold now: for every block, its most generous usable
+        server's `max_length`, and the least of those (0 if some block has no usable server)."""
+        servers = await self._read_dht(self.dht.fetch_servers(self.model_name, self.num_blocks))
+        banned = self.bans.banned()
+        per_block = [max((info.record.max_length for info in block.values() if usable(info, banned)), default=0)
+                     for block in servers]
+        return min(per_block, default=0)
 
     async def _unreliable(self) -> set[str]:
         """Peers whose reliability score (from a relay) is below `min_reliability`."""

@@ -64,11 +64,6 @@ def peer_id_of_subkey(subkey: object) -> Optional[str]:
     return PeerID(digest).to_base58()
 
 
-def registration_message(peer_id: str, signed_at: int) -> bytes:
-    """What a server signs to register with a relay as `peer_id` (fresh, so it cannot be reused later)."""
-    return f"swarm-relay-register:{peer_id}:{signed_at}".encode()
-
-
 def ownership_proof(validator: RSASignatureValidator, message: bytes) -> tuple[str, str]:
     """(public key as `[owner:…]` text, base64 signature of `message`): shows a third party (the relay)
     that whoever sends `message` holds this peer's identity key."""

@@ -3,17 +3,15 @@ scores and reports, jobs, the OpenAI-compatible API and the OpenAPI document of 
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from relay.context import RelayContext
 from relay.http import HTTPError, json_reply, path_int, read_body
 from relay.openapi import openapi_document
 from relay.schemas import HeartbeatRequest, JobRequest, LoadConfig, RefreshRequest, RegisterRequest, ReportRequest
-
-if TYPE_CHECKING:
-    from relay.app import Relay
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +30,7 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
 
 
 class ApiRoutes:
-    def __init__(self, relay: "Relay"):
+    def __init__(self, relay: RelayContext):
         self.relay = relay
 
     def add_to(self, app: web.Application) -> None:
@@ -62,8 +60,10 @@ class ApiRoutes:
 
     async def register(self, request: web.Request) -> web.Response:
         body = await read_body(request, RegisterRequest)
+        signed = json.loads(await request.read())  # valid JSON: read_body parsed it
         join_token = request.headers.get("X-Join-Token") or body.join_token
-        reply = await self.relay.workers.register(body, request.remote or "", join_token)
+        reply = await self.relay.workers.register(body, signed, f"{request.scheme}://{request.host}",
+                                                  request.remote or "", join_token)
         return json_reply(reply, status=201)
 
     async def worker_detail(self, request: web.Request) -> web.Response:

@@ -21,9 +21,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
-from client import AutoDistributedModelForCausalLM
-from client.errors import BadRequestError, SwarmError
-from client.routing import usable
+from client import AutoDistributedModelForCausalLM, BadRequestError, SwarmError
 from relay.http import HTTPError
 from relay.schemas import ChatMessage
 
@@ -126,7 +124,7 @@ class ModelService:
         self.path = Path(path)
         self.model = AutoDistributedModelForCausalLM.from_pretrained(
             self.path, initial_peers, request_timeout=request_timeout, reliability=scores, min_reliability=min_reliability)
-        self.model.remote.failure_listeners.append(lambda peer, _reason: outcome(peer, False))
+        self.model.on_server_failure(lambda peer, _reason: outcome(peer, False))
         self.outcome = outcome
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.executor = executor
@@ -157,15 +155,11 @@ class ModelService:
         every block, its most generous usable server's `max_length`)."""
         now = time.monotonic()
         if self._limit is None or now - self._limit[0] > LIMIT_MAX_AGE:
-            remote = self.model.remote
             try:
-                servers = await asyncio.to_thread(
-                    remote.runtime.run, remote.dht.fetch_servers(self.name, remote.num_blocks), remote.request_timeout)
+                swarm = await asyncio.to_thread(self.model.longest_session)
             except Exception as e:  # the generation itself will say what is wrong with the swarm
                 logger.warning("could not read %s's servers from the DHT: %s", self.name, e)
                 return self.context_length
-            per_block = [max((i.record.max_length for i in block.values() if usable(i, ())), default=0) for block in servers]
-            swarm = min(per_block, default=0)
             self._limit = (now, min(self.context_length, swarm) if swarm else self.context_length)
         return self._limit[1]
 

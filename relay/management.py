@@ -6,15 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from relay.context import RelayContext
 from relay.http import HTTPError, json_reply, read_body
 from relay.schemas import BackupInfo, InstanceIds, QueryTasksRequest, QueryWorkerInfoRequest, RefreshInstancesRequest
-
-if TYPE_CHECKING:
-    from relay.app import Relay
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +41,7 @@ def _now() -> str:
 
 
 class ManagementRoutes:
-    def __init__(self, relay: "Relay"):
+    def __init__(self, relay: RelayContext):
         self.relay = relay
 
     def add_to(self, app: web.Application) -> None:

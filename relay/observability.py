@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from relay import metrics
+from relay.context import RelayContext
 from relay.http import HTTPError, json_reply
-
-if TYPE_CHECKING:
-    from relay.app import Relay
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +22,7 @@ TYPES = ("full", "instance", "role")
 
 
 class ObservabilityRoutes:
-    def __init__(self, relay: "Relay"):
+    def __init__(self, relay: RelayContext):
         self.relay = relay
 
     def add_to(self, app: web.Application) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from dht.identity import proves_ownership, registration_message
+from dht.identity import proves_ownership
+from dht.registration import registration_message, relay_address
 from relay.auth import (
     ACCESS_TOKEN_TTL,
     MAX_CLOCK_SKEW,
@@ -102,12 +103,14 @@ class WorkerRegistry:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def register(self, body: RegisterRequest, ip: str, join_token: Optional[str]) -> dict[str, Any]:
+    async def register(self, body: RegisterRequest, signed: dict[str, Any], relay_url: str, ip: str,
+                       join_token: Optional[str]) -> dict[str, Any]:
+        """`signed` is the body as sent (what the peer signed), `relay_url` how the peer reached this relay."""
         if self.join_token_hash is not None:
             if not join_token or not secret_matches(join_token, self.join_token_hash):
                 raise HTTPError(401, "registration requires the relay's join token (X-Join-Token header)")
         now = self.clock()
-        self._check_ownership(body, now)
+        self._check_ownership(body, signed, relay_url, now)
         token, refresh, signing = new_secret(), new_secret(), new_secret()
         expires = now + ACCESS_TOKEN_TTL
         values = {
@@ -138,13 +141,15 @@ class WorkerRegistry:
         return {"worker_id": worker_id, "token": token, "refresh_token": refresh, "signing_secret": signing,
                 "token_expires_at": iso(expires), "config_version": config_version}
 
-    def _check_ownership(self, body: RegisterRequest, now: float) -> None:
-        """Only the holder of a peer's identity key may register as that peer (its score is at stake)."""
+    def _check_ownership(self, body: RegisterRequest, signed: dict[str, Any], relay_url: str, now: float) -> None:
+        """Only the holder of a peer's identity key may register as that peer (its score is at stake),
+        with this very body, at this relay."""
         if abs(now - body.signed_at) > MAX_CLOCK_SKEW:
             raise HTTPError(401, f"signed_at is more than {MAX_CLOCK_SKEW:.0f} s away from the relay's clock")
-        if not proves_ownership(body.peer_id, body.peer_public_key, registration_message(body.peer_id, body.signed_at),
+        if not proves_ownership(body.peer_id, body.peer_public_key, registration_message(relay_url, signed),
                                 body.peer_signature):
-            raise HTTPError(401, "peer_signature does not prove that the sender holds the identity key of peer_id")
+            raise HTTPError(401, "peer_signature does not prove that the sender holds the identity key of peer_id "
+                                 f"and signed this registration for the relay at {relay_address(relay_url)}")
         try:
             self.replays.check_and_remember(body.peer_signature, now)
         except AuthError as e:

@@ -57,14 +57,15 @@ class RelayLink:
         self,
         url: str,
         credentials_path: Path,
-        registration: Callable[[], Awaitable[dict[str, Any]]],
+        registration: Callable[[str], Awaitable[dict[str, Any]]],
         heartbeat: Callable[[], Awaitable[dict[str, Any]]],
         apply_config: Callable[[dict[str, Any]], Awaitable[None]],
         period: float = 30.0,
         join_token: Optional[str] = None,
         clock: Callable[[], float] = time.time,
     ):
-        """`clock` decides when tokens need refreshing (requests are always stamped with the real time)."""
+        """`registration(url)` makes the signed registration body for the relay at `url`; `clock` decides
+        when tokens need refreshing (requests are always stamped with the real time)."""
         self.url = url.rstrip("/")
         self.credentials_path = credentials_path
         self.registration = registration
@@ -124,7 +125,7 @@ class RelayLink:
             return reply
 
     async def register(self) -> None:
-        reply = await self._request("POST", "/api/v1/workers/register", await self.registration(), signed=False)
+        reply = await self._request("POST", "/api/v1/workers/register", await self.registration(self.url), signed=False)
         self._take(reply)
         self.config_version = 0
         logger.info("registered with the relay %s as worker %d", self.url, self.credentials.worker_id)

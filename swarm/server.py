@@ -22,7 +22,7 @@ from blocks.span import BlockSpan
 from blocks.wire import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, cap_incoming_messages
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
-from dht.identity import ownership_proof, registration_message
+from dht.registration import sign_registration
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import SwarmDHT, start_dht
 from swarm import __version__
@@ -147,25 +147,21 @@ class Server:
         )
         return self.relay
 
-    async def _relay_registration(self) -> dict:
+    async def _relay_registration(self, relay_url: str) -> dict:
         hostname = socket.gethostname()
-        signed_at = int(time.time())
-        public_key, signature = ownership_proof(self.dht.validator, registration_message(self.dht.peer_id, signed_at))
-        return {
+        return sign_registration(self.dht.validator, relay_url, {
             "name": self.options.public_name or f"{hostname}-{self.dht.peer_id[-8:]}",
             "hostname": hostname,
             "port": self.dht.port,
             "peer_id": self.dht.peer_id,
-            "peer_public_key": public_key,
-            "peer_signature": signature,
-            "signed_at": signed_at,
+            "signed_at": int(time.time()),
             "model": self.model_name,
             "role": "mixed",
             "region": self.options.region,
             "labels": {"os": platform.system().lower(), "arch": platform.machine().lower()},
             "status": (await asyncio.to_thread(probe_status, self.options.device)).model_dump(mode="json"),
             "metrics_port": self.metrics_port,
-        }
+        })
 
     async def _relay_heartbeat(self) -> dict:
         return {

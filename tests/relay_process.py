@@ -82,15 +82,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def signed_registration(name: str, model: str = "m", signed_at: Optional[int] = None, identity: Optional[Path] = None,
-                        **extra: Any) -> dict[str, Any]:
-    """A registration body for the peer whose key is in `identity` (default: a new one), signed as `swarm.serve` signs it."""
-    from dht.identity import ensure_identity, make_validator, ownership_proof, peer_id_of_subkey, registration_message
+def signed_registration(name: str, relay: str, model: str = "m", signed_at: Optional[int] = None,
+                        identity: Optional[Path] = None, **extra: Any) -> dict[str, Any]:
+    """A registration body for the relay at URL `relay`, by the peer whose key is in `identity` (default:
+    a new one), signed as `swarm.serve` signs it."""
+    from dht.identity import ensure_identity, make_validator, peer_id_of_subkey
+    from dht.registration import sign_registration
 
     identity = identity or Path(tempfile.mkdtemp(prefix="swarm-test-peer-")) / "identity.key"
     validator = make_validator(ensure_identity(identity))
     peer_id = peer_id_of_subkey(validator.local_public_key)
     signed_at = int(time.time()) if signed_at is None else signed_at
-    public_key, signature = ownership_proof(validator, registration_message(peer_id, signed_at))
-    return {"name": name, "peer_id": peer_id, "peer_public_key": public_key, "peer_signature": signature,
-            "signed_at": signed_at, "model": model, **extra}
+    return sign_registration(validator, relay, {"name": name, "peer_id": peer_id, "signed_at": signed_at,
+                                                "model": model, **extra})

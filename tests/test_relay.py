@@ -345,7 +345,7 @@ def test_metrics_are_aggregated_from_every_server(relay_swarm, model_name):
 
 
 def register(relay: RelayProcess, **extra) -> dict:
-    body = signed_registration(**{"name": "manual", **extra})
+    body = signed_registration(**{"name": "manual", "relay": relay.api, **extra})
     status, reply, _ = http("POST", f"{relay.api}/api/v1/workers/register", body, {"X-Join-Token": JOIN})
     assert status == 201, reply
     return reply
@@ -361,15 +361,17 @@ def signed(relay: RelayProcess, creds: dict, method: str, path: str, body: dict,
 
 def test_registration_needs_the_join_token_and_the_peers_own_key(relay):
     url = f"{relay.api}/api/v1/workers/register"
-    body = signed_registration("x")
+    body = signed_registration("x", relay.api)
     assert http("POST", url, body)[0] == 401
     assert http("POST", url, body, {"X-Join-Token": "wrong"})[0] == 401
     join = {"X-Join-Token": JOIN}
-    other = signed_registration("y")
+    other = signed_registration("y", relay.api)
     for forged in ({**body, "peer_id": other["peer_id"]},  # someone else's peer id, signed with my key
                    {**body, "peer_signature": other["peer_signature"]},
                    {**body, "signed_at": body["signed_at"] - 1},
-                   {**signed_registration("z", signed_at=int(time.time()) - 3600)}):
+                   {**body, "model": "another-model"},  # the signature covers the whole body
+                   signed_registration("x", "http://127.0.0.1:1"),  # made for another relay
+                   {**signed_registration("z", relay.api, signed_at=int(time.time()) - 3600)}):
         status, reply, _ = http("POST", url, forged, join)
         assert status == 401, forged
     assert http("POST", url, body, join)[0] == 201
@@ -617,8 +619,8 @@ def test_server_link_refreshes_tokens_before_they_expire(relay, tmp_path):
     moved to 3.5 h before the access token expires."""
     applied, now = [], [time.time()]
 
-    async def registration():
-        return signed_registration("link")
+    async def registration(relay_url):
+        return signed_registration("link", relay_url)
 
     async def heartbeat():
         return {"load": {"open_sessions": 0}}

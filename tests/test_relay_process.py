@@ -41,8 +41,8 @@ def test_a_database_that_cannot_be_opened_is_a_clear_error(tmp_path):
 def registered_worker_survives_restart(relay: RelayProcess, admin: str, join: str) -> None:
     headers = {"Authorization": f"Bearer {admin}"}
     url = f"{relay.api}/api/v1/workers/register"
-    assert http("POST", url, signed_registration("w0"))[0] == 401  # registration is closed by default
-    status, creds, _ = http("POST", url, signed_registration("w1", labels={"gpu": "none"}), {"X-Join-Token": join})
+    assert http("POST", url, signed_registration("w0", relay.api))[0] == 401  # registration is closed by default
+    status, creds, _ = http("POST", url, signed_registration("w1", relay.api, labels={"gpu": "none"}), {"X-Join-Token": join})
     assert status == 201
     assert http("PUT", f"{relay.api}/api/v1/workers/{creds['worker_id']}/config", {"acceptance_rate": 0.5}, headers)[0] == 200
     assert relay.stop() == 0

@@ -20,8 +20,9 @@ async def test_concurrent_outcomes_and_config_pushes_are_all_counted(tmp_path):
     await store.open()
     try:
         registry = WorkerRegistry(store, Fernet.generate_key(), heartbeat_timeout=60)
-        body = RegisterRequest(**signed_registration("racer"))
-        worker_id = (await registry.register(body, "127.0.0.1", None))["worker_id"]
+        signed = signed_registration("racer", "http://127.0.0.1:8000")
+        body = RegisterRequest(**signed)
+        worker_id = (await registry.register(body, signed, "http://127.0.0.1:8000", "127.0.0.1", None))["worker_id"]
 
         await asyncio.gather(*(registry.record_outcome(body.peer_id, True, latency_ms=100) for _ in range(30)),
                              *(registry.record_outcome(body.peer_id, False) for _ in range(10)))

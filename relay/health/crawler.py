@@ -9,8 +9,7 @@ from typing import Optional
 
 from hivemind.p2p import P2P
 
-from client.bans import BanList
-from client.pings import PingCache
+from client import PingCache
 from dht.records import ServerState
 from dht.swarm_dht import SwarmDHT, agreed_meta
 from relay.health.state import SwarmState, iso_time, model_health
@@ -22,7 +21,7 @@ class Crawler:
     def __init__(self, dht: SwarmDHT, p2p: P2P, period: float):
         self.dht = dht
         self.period = period
-        self.pings = PingCache(p2p, BanList(), max_age=period / 2, timeout=min(period, 5.0))
+        self.pings = PingCache(p2p, max_age=period / 2, timeout=min(period, 5.0))
         self.state: Optional[SwarmState] = None
 
     async def crawl(self) -> SwarmState:
