@@ -43,6 +43,7 @@ except PackageNotFoundError:  # a source tree that was not installed
 
 ADMIN_SETTING = "admin_token_sha256"
 JOIN_SETTING = "join_token_sha256"
+FRESH_CRAWL_MIN_INTERVAL = 2.0
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/api/v1/jobs"})  # what `recv_flow` counts
 
 
@@ -65,6 +66,8 @@ class Relay:
         self.dht: Optional[SwarmDHT] = None
         self.ports: dict[str, int] = {}
         self._recv_flow = 0
+        self._crawling = asyncio.Lock()
+        self._last_fresh_crawl = float("-inf")
         self._scores: dict[str, float] = {}
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []
@@ -103,12 +106,21 @@ class Relay:
             return None
         for fresh in (False, True):
             if fresh:
-                await self.crawler.crawl()
+                await self._fresh_crawl()
             state = self.crawler.state
             found = next((m for m in state.models if m.name == name), None) if state is not None else None
             if found is not None and found.healthy:
                 return True
         return None if found is None else False
+
+    async def _fresh_crawl(self) -> None:
+        """A crawl now, unless one finished within FRESH_CRAWL_MIN_INTERVAL: readiness probes (anyone may
+        send them) share crawls instead of each costing a DHT read and a ping of every server."""
+        async with self._crawling:
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._last_fresh_crawl >= FRESH_CRAWL_MIN_INTERVAL:
+                await self.crawler.crawl()
+                self._last_fresh_crawl = loop.time()
 
     async def _scores_for_routing(self) -> dict[str, float]:
         return self._scores

@@ -18,12 +18,16 @@ from relay.http import HTTPError, json_reply
 logger = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT = 3.0
+SCRAPE_MAX_AGE = 2.0  # requests within this of a scrape share it: no fan-out per anonymous request
+MAX_METRICS_BYTES = 1 << 20  # a worker's /metrics larger than this is left out
 TYPES = ("full", "instance", "role")
 
 
 class ObservabilityRoutes:
     def __init__(self, relay: RelayContext):
         self.relay = relay
+        self._scraped: Optional[tuple[float, list[metrics.InstanceMetrics]]] = None
+        self._scraping = asyncio.Lock()
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/metrics", self.metrics)
@@ -31,7 +35,16 @@ class ObservabilityRoutes:
         app.router.add_get("/health", self.health)
 
     async def scrape(self) -> list[metrics.InstanceMetrics]:
-        """Every registered server's own /metrics, fetched now (a server that does not answer is left out)."""
+        """Every registered server's own /metrics, at most SCRAPE_MAX_AGE old: concurrent requests wait
+        for one scrape instead of each fanning out to every worker."""
+        async with self._scraping:
+            now = asyncio.get_running_loop().time()
+            if self._scraped is None or now - self._scraped[0] > SCRAPE_MAX_AGE:
+                self._scraped = (now, await self._scrape_now())
+            return self._scraped[1]
+
+    async def _scrape_now(self) -> list[metrics.InstanceMetrics]:
+        """Fetched now; a server that does not answer, or answers more than MAX_METRICS_BYTES, is left out."""
         rows = [row for row in await self.relay.workers.all_rows() if row["metrics_url"] and not row["offline"]]
         timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -43,9 +56,16 @@ class ObservabilityRoutes:
     async def _fetch(session: aiohttp.ClientSession, url: str) -> Optional[str]:
         try:
             async with session.get(url) as response:
-                if response.status == 200:
-                    return await response.text()
-                logger.debug("metrics of %s: HTTP %d", url, response.status)
+                if response.status != 200:
+                    logger.debug("metrics of %s: HTTP %d", url, response.status)
+                    return None
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(1 << 16):
+                    body += chunk
+                    if len(body) > MAX_METRICS_BYTES:
+                        logger.warning("metrics of %s are over %d bytes; left out", url, MAX_METRICS_BYTES)
+                        return None
+                return body.decode("utf-8", errors="replace")
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             logger.debug("metrics of %s unreachable: %s", url, e)
         return None

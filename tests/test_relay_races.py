@@ -75,3 +75,45 @@ async def test_a_database_from_before_the_report_counters_gets_them_on_open(tmp_
         assert (row["tasks_failed"], row["reports_succeeded"], row["reports_failed"]) == (3, 0, 0)
     finally:
         await store.close()
+
+
+async def test_metrics_scrapes_are_shared_between_requests_and_capped_in_size():
+    """Many /metrics requests at once cost each worker one scrape, and a worker answering megabytes is left out."""
+    from types import SimpleNamespace
+
+    from aiohttp import web
+
+    from relay.observability import MAX_METRICS_BYTES, ObservabilityRoutes
+
+    hits = {"small": 0, "huge": 0}
+
+    async def small(request):
+        hits["small"] += 1
+        await asyncio.sleep(0.2)  # a slow worker: concurrent requests arrive during the scrape
+        return web.Response(text="swarm_up 1\n")
+
+    async def huge(request):
+        hits["huge"] += 1
+        return web.Response(body=b"#" * (MAX_METRICS_BYTES + 10))
+
+    app = web.Application()
+    app.router.add_get("/small", small)
+    app.router.add_get("/huge", huge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    rows = [{"id": 1, "role": "mixed", "offline": 0, "metrics_url": f"http://127.0.0.1:{port}/small"},
+            {"id": 2, "role": "mixed", "offline": 0, "metrics_url": f"http://127.0.0.1:{port}/huge"}]
+
+    async def all_rows():
+        return rows
+
+    routes = ObservabilityRoutes(SimpleNamespace(workers=SimpleNamespace(all_rows=all_rows)))
+    try:
+        results = await asyncio.gather(*(routes.scrape() for _ in range(20)))
+        assert hits == {"small": 1, "huge": 1}
+        assert all([m.instance_id for m in result] == ["1"] for result in results)
+    finally:
+        await runner.cleanup()
