@@ -26,8 +26,16 @@ class AuthError(Exception):
     """Authentication failed; the message is safe to return to the caller (no secret in it)."""
 
 
-class ReplayWindowFull(AuthError):
-    """The replay guard holds as many fresh signatures as it may: nobody's fault, retry shortly."""
+class RetryableAuthError(AuthError):
+    """A refusal that is nobody's fault: it never counts toward a lockout; signing again helps."""
+
+
+class ReplayWindowFull(RetryableAuthError):
+    """The replay guard holds as many fresh signatures as it may: retry shortly."""
+
+
+class SignedBeforeStart(RetryableAuthError):
+    """Signed before this relay process started: its replay guard cannot know whether it was seen."""
 
 
 def new_secret() -> str:
@@ -59,14 +67,19 @@ def sign(signing_secret: str, method: str, path: str, body: bytes, timestamp: st
 class ReplayGuard:
     """Remembers signatures seen within the allowed clock skew, so a captured request cannot be resent."""
 
-    def __init__(self, window: float = 2 * MAX_CLOCK_SKEW, capacity: int = 100_000):
+    def __init__(self, window: float = 2 * MAX_CLOCK_SKEW, capacity: int = 100_000, not_before: float = -math.inf):
+        """`not_before`: when this guard started remembering (the process's start). What was signed
+        earlier may have been seen by a previous process, so it is refused: a restart opens no replay window."""
         self.window = window
         self.capacity = capacity
+        self.not_before = not_before
         self._seen: OrderedDict[str, float] = OrderedDict()
 
-    def check_and_remember(self, signature: str, now: float) -> None:
+    def check_and_remember(self, signature: str, now: float, signed_at: Optional[float] = None) -> None:
         """Forgets only signatures older than the window: evicting a fresher one would let it be replayed,
         so when the guard is full of fresh signatures new requests are refused until some age out."""
+        if signed_at is not None and signed_at < self.not_before:
+            raise SignedBeforeStart("signed before the relay started; sign it again with the current time")
         while self._seen and next(iter(self._seen.values())) < now - self.window:
             self._seen.popitem(last=False)
         if signature in self._seen:
@@ -92,7 +105,7 @@ def verify_signature(
     expected = sign(signing_secret, method, path, body, timestamp)
     if not hmac.compare_digest(expected, signature or ""):
         raise AuthError("bad X-Signature")
-    replays.check_and_remember(signature, now)
+    replays.check_and_remember(signature, now, signed_at=sent_at)
 
 
 @dataclass

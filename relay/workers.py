@@ -27,6 +27,7 @@ from relay.auth import (
     Lockout,
     ReplayGuard,
     ReplayWindowFull,
+    RetryableAuthError,
     WindowLimit,
     hash_secret,
     new_secret,
@@ -98,7 +99,7 @@ class WorkerRegistry:
         self.lockout = Lockout()
         self.failures_by_source = WindowLimit()  # junk credentials, per address
         self.report_quota = WindowLimit(limit=REPORTS_PER_HOUR, window=3600.0)
-        self.replays = ReplayGuard()
+        self.replays = ReplayGuard(not_before=clock())
         self.offline_ids: set[int] = set()  # taken offline by the operator (POST /v1/instances/offline)
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -151,7 +152,8 @@ class WorkerRegistry:
             raise HTTPError(401, "peer_signature does not prove that the sender holds the identity key of peer_id "
                                  f"and signed this registration for the relay at {relay_address(relay_url)}")
         try:
-            self.replays.check_and_remember(body.peer_signature, now)
+            # signed_at is in whole seconds: the signature may be up to a second younger than it says
+            self.replays.check_and_remember(body.peer_signature, now, signed_at=body.signed_at + 1)
         except AuthError as e:
             raise HTTPError(401, f"registration {e}") from None
 
@@ -209,6 +211,8 @@ class WorkerRegistry:
                              headers.get("X-Signature", ""), now, self.replays)
         except ReplayWindowFull as e:
             raise HTTPError(429, str(e), headers={"Retry-After": "5"}) from None
+        except RetryableAuthError as e:
+            raise HTTPError(401, str(e)) from None
         except AuthError as e:
             self.lockout.failed(account, now)
             logger.warning("worker %d: authentication failed: %s", worker_id, e)

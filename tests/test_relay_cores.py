@@ -10,6 +10,7 @@ from relay.auth import (
     Lockout,
     ReplayGuard,
     ReplayWindowFull,
+    SignedBeforeStart,
     WindowLimit,
     hash_secret,
     needs_refresh,
@@ -90,6 +91,18 @@ def test_a_full_replay_guard_refuses_instead_of_forgetting_fresh_signatures():
     with pytest.raises(AuthError, match="replayed"):  # "a" is still remembered: it cannot be resent
         guard.check_and_remember("a", now=1003)
     guard.check_and_remember("c", now=1000 + 601)  # once "a" has aged out, there is room again
+
+
+def test_a_restarted_guard_refuses_what_was_signed_before_it_started():
+    """A new process remembers nothing: whatever was signed earlier may have been seen by the last one."""
+    guard = ReplayGuard(not_before=1000)
+    with pytest.raises(SignedBeforeStart, match="signed before the relay started"):
+        guard.check_and_remember("old", now=1001, signed_at=999.5)
+    guard.check_and_remember("new", now=1001, signed_at=1000.5)
+    secret, body = "s3cret", b"{}"
+    stale = sign(secret, "POST", "/p", body, "999.0")
+    with pytest.raises(SignedBeforeStart):
+        verify_signature(secret, "POST", "/p", body, "999.0", stale, now=1001, replays=guard)
 
 
 def test_five_failures_lock_an_account_for_fifteen_minutes():
