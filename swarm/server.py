@@ -243,8 +243,9 @@ class Server:
                 await asyncio.wait_for(self._stop.wait(), timeout=timeout)
             except asyncio.TimeoutError:
                 if loop.time() >= next_rebalance:
-                    await self._maybe_move()
-                    next_rebalance = loop.time() + self._rebalance_delay()
+                    moved = await self._maybe_move()
+                    # After a move that could not load its blocks, wait longer before trying again.
+                    next_rebalance = loop.time() + self._rebalance_delay() * (1 if moved is not False else 10)
                 await self._announce()
 
     def _blocks_that_fit(self) -> int:
@@ -274,15 +275,17 @@ class Server:
             return float("inf")
         return self.options.rebalance_period * random.uniform(0.5, 1.5)
 
-    async def _maybe_move(self) -> None:
+    async def _maybe_move(self) -> Optional[bool]:
+        """Moves to the blocks the swarm needs more, if any: True when it moved, False when loading the
+        new blocks failed (it serves its old ones again), None when it stayed."""
         try:
             target = rebalance_target(await self._coverage_without_me(), self.start_block, self.length,
                                       self.throughput.inference, self.options.rebalance_threshold)
         except Exception:
             logger.warning("could not read the swarm to rebalance; will retry", exc_info=True)
-            return
+            return None
         if target is None:
-            return
+            return None
         old = (self.start_block, self.end_block)
         logger.info("moving from blocks %d:%d to %d:%d: the swarm needs them more", *old, target, target + self.length)
         self.state = ServerState.DRAINING
@@ -315,12 +318,15 @@ class Server:
                 self.exit_code = 1
                 self._stop.set()
                 self._force_stop.set()
-                return
+                return False
         self.handler.span = self.span
         self.state = ServerState.ONLINE
         await self._announce()
+        if (self.start_block, self.end_block) == old:
+            return False
         print(f"swarm.serve moved: model {self.model_name}, blocks {self.start_block}:{self.end_block}, "
               f"peer {self.dht.peer_id}", flush=True)
+        return True
 
     def _load(self) -> BlockSpan:
         with tqdm(total=self.end_block - self.start_block, desc=f"loading blocks {self.start_block}:{self.end_block}",

@@ -4,6 +4,9 @@ FAULTY_SERVER_MODE says how: `error` (default) raises, so the real handler answe
 with a server-error reply, as a server with a broken GPU would; `nan` returns outputs full of NaN,
 and `dtype` returns float64 outputs (replies that parse but are wrong). The client's failover is
 what the tests exercise.
+
+FAULTY_SERVER_LOAD_FAIL makes loading blocks fail as running out of memory would: a comma-separated
+list of `start:end` ranges whose loading fails, or `*` for every load after the first.
 """
 
 import os
@@ -11,6 +14,7 @@ import sys
 
 import torch
 
+import swarm.server as server_module
 from blocks.span import BlockSpan
 from swarm.serve import main
 
@@ -33,6 +37,21 @@ def _failing_forward(self, *args, **kwargs):
 
 
 BlockSpan.forward = _failing_forward
+
+_load_fail = os.environ.get("FAULTY_SERVER_LOAD_FAIL", "")
+_load_span = server_module.load_span
+_loads = 0
+
+
+def _failing_load(checkpoint, start, end, *args, **kwargs):
+    global _loads
+    _loads += 1
+    if (_load_fail == "*" and _loads > 1) or f"{start}:{end}" in _load_fail.split(","):
+        raise RuntimeError(f"out of memory loading blocks {start}:{end} (injected)")
+    return _load_span(checkpoint, start, end, *args, **kwargs)
+
+
+server_module.load_span = _failing_load
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -64,6 +64,40 @@ def test_servers_choose_missing_blocks_and_rebalance(tmp_path):
             dht.shutdown()
 
 
+def test_a_server_whose_move_fails_to_load_keeps_its_blocks_or_leaves_cleanly(tmp_path):
+    """Moving frees the old blocks first; if the new ones cannot be loaded, the server loads its old
+    blocks again, and if even that fails it announces offline and exits with status 1."""
+    path = make_random_checkpoint(tmp_path / "llama6", "llama", num_layers=6, seed=10)
+    name = Checkpoint(path).default_model_name
+    with LocalSwarm(path, [], server_args=FAST_RECORDS, workdir=tmp_path / "swarm") as swarm:
+        first = [swarm.add_server(None, None, "--num-blocks", "2") for _ in range(3)]
+        movers = {how: swarm.add_server(None, None, "--num-blocks", "2", "--rebalance-period", "1",
+                                        module="tests.faulty_server", env={"FAULTY_SERVER_LOAD_FAIL": how})
+                  for how in ("4:6", "*")}
+        keeper, leaver = movers["4:6"], movers["*"]
+        home = blocks_of(keeper)
+        dht, validator = start_dht(swarm.initial_peers, client_mode=True)
+        reader = SwarmDHT(dht, validator)
+        try:
+            next(child for child in first if blocks_of(child) == (4, 6)).kill()
+            assert leaver.proc.wait(120) == 1
+            assert "leaving the swarm" in leaver.log_path.read_text()
+            deadline = time.monotonic() + 120
+            while "could not load blocks 4:6" not in keeper.log_path.read_text():
+                assert time.monotonic() < deadline, "the keeper never tried to move"
+                time.sleep(0.5)
+            while True:  # back online on its old blocks
+                info = asyncio.run(reader.fetch_servers(name, 6))[home[0]].get(keeper.peer_id)
+                if info is not None and info.record.state == ServerState.ONLINE:
+                    assert (info.record.start_block, info.record.end_block) == home
+                    break
+                assert time.monotonic() < deadline, f"the keeper's record under its blocks: {info}"
+                time.sleep(0.5)
+            assert keeper.proc.poll() is None
+        finally:
+            dht.shutdown()
+
+
 def test_num_blocks_defaults_to_what_fits_in_memory(tmp_path):
     path = make_random_checkpoint(tmp_path / "llama3", "llama", num_layers=3, seed=9)
     with LocalSwarm(path, [], server_args=["--throughput", "100"], workdir=tmp_path / "swarm") as swarm:

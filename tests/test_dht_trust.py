@@ -77,3 +77,28 @@ def test_forged_unsigned_and_minority_records_are_ignored(llama_path, llama_ref,
             for node in (dht, stranger, liar):
                 node.shutdown()
 
+
+
+class _StalledDHT:
+    """A hivemind DHT whose process never answers (the code around it is what is tested)."""
+
+    class peer_id:  # noqa: N801 - mimics hivemind's attribute
+        @staticmethod
+        def to_base58() -> str:
+            return "QmStalled"
+
+    def get_visible_maddrs(self):
+        return []
+
+    def run_coroutine(self, fn, return_future=False):
+        return asyncio.get_running_loop().create_future()  # never done
+
+
+async def test_a_dht_that_does_not_answer_is_a_bounded_wait_and_a_typed_error():
+    from dht.swarm_dht import DHTUnavailableError
+
+    reader = SwarmDHT(_StalledDHT(), validator=None, timeout=0.2)
+    with pytest.raises(DHTUnavailableError, match="did not finish within 0.2 s"):
+        await reader.fetch_servers("m", 4)
+    with pytest.raises(DHTUnavailableError):
+        await reader.fetch_meta("m")

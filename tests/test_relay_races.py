@@ -117,3 +117,25 @@ async def test_metrics_scrapes_are_shared_between_requests_and_capped_in_size():
         assert all([m.instance_id for m in result] == ["1"] for result in results)
     finally:
         await runner.cleanup()
+
+
+async def test_readiness_probes_share_fresh_crawls(tmp_path):
+    """Anyone may probe readiness: a burst of probes costs one crawl of the DHT, not one each."""
+    from types import SimpleNamespace
+
+    from configs.schema import RelayOptions
+    from relay.app import Relay
+
+    class CountingCrawler:
+        def __init__(self):
+            self.crawls = 0
+            self.state = SimpleNamespace(models=[])
+
+        async def crawl(self):
+            self.crawls += 1
+            await asyncio.sleep(0.05)
+
+    relay = Relay(RelayOptions(db=f"sqlite:///{tmp_path / 'relay.db'}"))
+    relay.crawler = CountingCrawler()
+    answers = await asyncio.gather(*(relay.model_ready("nobody-serves-this") for _ in range(20)))
+    assert answers == [None] * 20 and relay.crawler.crawls == 1

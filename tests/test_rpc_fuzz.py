@@ -80,8 +80,18 @@ def _tensors(rng: random.Random) -> list[runtime_pb2.Tensor]:
     return bad
 
 
+WAIT = 10.0  # for an answer to one garbage stream; the server being alive and well afterwards is what counts
+
+
 async def _exchange(p2p: P2P, peer, handler: str, messages: list, settle: float = 0.01) -> list:
-    """Sends `messages` on one stream and reads replies until the server ends it (bounded)."""
+    """Sends `messages` on one stream and reads replies until the server ends it (bounded by WAIT)."""
+    try:
+        return await asyncio.wait_for(_talk(p2p, peer, handler, messages, settle), WAIT)
+    except asyncio.TimeoutError:
+        return []
+
+
+async def _talk(p2p: P2P, peer, handler: str, messages: list, settle: float) -> list:
     done = asyncio.Event()
 
     async def requests():
@@ -106,13 +116,13 @@ async def _exchange(p2p: P2P, peer, handler: str, messages: list, settle: float 
 
 async def _raw(p2p: P2P, peer, handler: str, data: bytes, close: bool = True) -> None:
     """Writes bytes below the protobuf layer (framing included, or not) and waits for the server's close."""
-    _, reader, writer = await p2p.call_binary_stream_handler(peer, handler)
+    _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer, handler), WAIT)
     try:
         writer.write(data)
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), WAIT)
         if close:
             writer.write_eof()
-        await asyncio.wait_for(reader.read(), 30)
+        await asyncio.wait_for(reader.read(), WAIT)
     except (ConnectionError, OSError, asyncio.TimeoutError):
         pass
     finally:
@@ -149,8 +159,8 @@ async def _fuzz(model, rng: random.Random) -> int:
     for _ in range(5):  # sessions that open, take a step, then vanish without a word
         stream = await p2p.iterate_protobuf_handler(peer, RPC_INFERENCE, _forever([opened, step]),
                                                     runtime_pb2.ExpertResponse)
-        await anext(stream)
-        await anext(stream)
+        await asyncio.wait_for(anext(stream), WAIT)
+        await asyncio.wait_for(anext(stream), WAIT)
         task = asyncio.ensure_future(anext(stream))
         await asyncio.sleep(0.01)
         task.cancel()
@@ -160,7 +170,7 @@ async def _fuzz(model, rng: random.Random) -> int:
         for header in _headers(rng, name)[:6]:
             request = runtime_pb2.ExpertRequest(uid="", metadata=header, tensors=_tensors(rng)[:2])
             try:
-                await asyncio.wait_for(p2p.call_protobuf_handler(peer, handler, request, runtime_pb2.ExpertResponse), 30)
+                await asyncio.wait_for(p2p.call_protobuf_handler(peer, handler, request, runtime_pb2.ExpertResponse), WAIT)
             except Exception:
                 pass
             count += 1
