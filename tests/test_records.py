@@ -38,6 +38,9 @@ def test_round_trip_and_unknown_fields_are_ignored():
         record_wire(cache_tokens_free="lots"),
         record_wire(throughput={"inference": -1, "forward": 1}),
         record_wire(public_name="x" * 1000),
+        record_wire(dtype="float64"),  # no server computes in it: a client would fail mid-generation
+        record_wire(dtype=32),
+        record_wire(start_block=0, end_block=100_000),  # more blocks than any model has
         record_wire(addrs=["/ip4/1.2.3.4/" + "a" * 300]),
         record_wire(region="r" * (MAX_RECORD_BYTES + 1)),
     ],
@@ -54,6 +57,9 @@ def test_entries_without_an_owner_are_dropped():
 
 def test_model_record_requires_a_full_digest():
     assert ModelRecord.from_wire({"num_blocks": 4, "family": "llama", "config_digest": "ab", "hidden_size": 8}) is None
+    # a fake block count cannot make a crawler read 100 000 keys
+    assert ModelRecord.from_wire({"num_blocks": 100_000, "family": "llama", "config_digest": "a" * 64,
+                                  "hidden_size": 8}) is None
     assert ModelRecord.from_wire({"num_blocks": 4, "family": "llama", "config_digest": "a" * 64, "hidden_size": 8})
 
 
