@@ -103,6 +103,11 @@ def run_child(request: dict) -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+    mpfuture = sys.modules.get("hivemind.utils.mpfuture")
+    if mpfuture is not None:
+        # hivemind's MPFuture locks are process-shared semaphores made when this forker imported it:
+        # without fresh ones, a sibling SIGKILLed while holding one would block every other child forever.
+        mpfuture.MPFuture.reset_backend()
     sys.stdin = open(0, closefd=False)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
