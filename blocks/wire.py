@@ -30,8 +30,9 @@ ECHO_MAX_BYTES = 1536 * 1024
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 
-# What one incoming stream message may declare: the tensors' cap plus room for the protobuf framing.
-MAX_STREAM_MESSAGE_BYTES = MAX_MESSAGE_BYTES + MAX_HEADER_BYTES + 64 * 1024
+# What one incoming stream message may declare before the stream is cut unread: twice the tensors'
+# cap, so that a message a little over it is still read and refused with a clear error.
+MAX_STREAM_MESSAGE_BYTES = 2 * MAX_MESSAGE_BYTES
 
 # hivemind sends bfloat16 as float32 bytes (numpy has no bfloat16).
 _ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 4, "int64": 8, "bool": 1}
