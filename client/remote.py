@@ -27,6 +27,7 @@ from client.pings import PingCache
 from client.routing import SpanPlan, make_chain, usable
 from client.runtime import LoopThread
 from client.span import forward_span
+from dht.records import ServerInfo
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, agreed_meta, start_dht
 
 logger = logging.getLogger(__name__)
@@ -101,15 +102,14 @@ class RemoteModel:
         self.pings = PingCache(self.p2p, self.bans.ban, timeout=min(request_timeout, 5.0))
         self._meta_checked = False
 
-    async def check_model(self) -> None:
-        """Fails clearly if the swarm's servers announce another model under this name.
+    async def _check_model(self, servers: list[dict[str, ServerInfo]]) -> None:
+        """Fails clearly if the swarm's servers (`servers`, as just read) announce another model under this name.
 
         The model record that most serving servers sign wins: one stranger's record cannot make
         every client fail."""
         if self._meta_checked:
             return
-        metas = await self._read_dht(self.dht.fetch_meta(self.model_name))
-        agreed = agreed_meta(metas, await self._read_dht(self.dht.fetch_servers(self.model_name, self.num_blocks)))
+        agreed = agreed_meta(await self._read_dht(self.dht.fetch_meta(self.model_name)), servers)
         if agreed is None:
             raise MissingBlocksError(self.model_name, list(range(self.num_blocks)))
         if agreed.config_digest != self.checkpoint.config_digest or agreed.num_blocks != self.num_blocks:
@@ -128,9 +128,9 @@ class RemoteModel:
 
     async def make_chain(self, start: int = 0, end: Optional[int] = None, exclude: Collection[str] = ()) -> list[SpanPlan]:
         """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`."""
-        await self.check_model()
-        end = self.num_blocks if end is None else end
         servers = await self._read_dht(self.dht.fetch_servers(self.model_name, self.num_blocks))
+        await self._check_model(servers)
+        end = self.num_blocks if end is None else end
         excluded = set(exclude) | self.bans.banned()
         # A banned server is not pinged: a hung one would cost another timeout for nothing.
         candidates = {info.peer_id: info for block in servers[start:end] for info in block.values()

@@ -79,19 +79,16 @@ class InferenceSession:
                 for span in opened:
                     self.remote.bans.succeeded(span.plan.peer_id)
                 return opened
-            except SwarmBusyError as e:
-                busy.add(e.peer_id)
-                last_error = e
-            except ServerFailure as e:
+            except BaseException as e:
                 await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
-                self.remote.report_failure(e.peer_id, str(e))
-                failures.add(e)
+                if isinstance(e, SwarmBusyError):
+                    busy.add(e.peer_id)
+                elif isinstance(e, ServerFailure):
+                    self.remote.report_failure(e.peer_id, str(e))
+                    failures.add(e)
+                else:
+                    raise
                 last_error = e
-                continue
-            except BaseException:
-                await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
-                raise
-            await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
 
     async def _replay(self, spans: list[SpanSession], history: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Rebuilds the replacement servers' caches from the inputs the failed span had received."""
