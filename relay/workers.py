@@ -85,6 +85,7 @@ def stats_of(row: dict[str, Any], now: float) -> WorkerStats:
 
 
 REPORTS_PER_HOUR = 20  # per API key and worker
+LATENCY_STEP = 0.2  # how far one measured latency moves a worker's moving average
 
 
 class WorkerRegistry:
@@ -308,14 +309,7 @@ class WorkerRegistry:
 
     async def record_outcome(self, peer_id: str, success: bool, latency_ms: Optional[float] = None) -> int:
         """Counts an outcome the relay saw itself for every worker registered with this peer id; returns how many."""
-        # One statement per outcome (counters incremented in place): concurrent outcomes are all counted.
-        column = "tasks_succeeded" if success else "tasks_failed"
-        if latency_ms is None:
-            return await self.store.execute(f"UPDATE workers SET {column} = {column} + 1 WHERE peer_id = ?", peer_id)
-        return await self.store.execute(
-            f"UPDATE workers SET {column} = {column} + 1, "
-            "latency_ms = CASE WHEN latency_ms IS NULL THEN ? ELSE 0.8 * latency_ms + 0.2 * ? END WHERE peer_id = ?",
-            latency_ms, latency_ms, peer_id)
+        return await self._count("tasks_succeeded" if success else "tasks_failed", peer_id, latency_ms, LATENCY_STEP)
 
     async def record_report(self, reporter: str, peer_id: str, success: bool, latency_ms: Optional[float] = None) -> int:
         """Counts an outcome an API-key holder reports (weighed less: the relay cannot check it), at most
@@ -324,10 +318,15 @@ class WorkerRegistry:
         if wait is not None:
             raise HTTPError(429, f"this key has reported on {peer_id} {self.report_quota.limit} times in the last "
                                  f"hour; further reports are not counted", headers={"Retry-After": str(math.ceil(wait))})
-        column = "reports_succeeded" if success else "reports_failed"
+        # a reported latency moves the average a quarter as far as a measured one
+        return await self._count("reports_succeeded" if success else "reports_failed", peer_id, latency_ms,
+                                 LATENCY_STEP * REPORT_WEIGHT)
+
+    async def _count(self, column: str, peer_id: str, latency_ms: Optional[float], step: float) -> int:
+        """One statement per outcome (counters incremented in place), so concurrent outcomes are all
+        counted; `latency_ms` moves the average by `step` of the way."""
         if latency_ms is None:
             return await self.store.execute(f"UPDATE workers SET {column} = {column} + 1 WHERE peer_id = ?", peer_id)
-        step = 0.2 * REPORT_WEIGHT  # a reported latency moves the average a quarter as far as a measured one
         return await self.store.execute(
             f"UPDATE workers SET {column} = {column} + 1, latency_ms = CASE WHEN latency_ms IS NULL THEN ? "
             f"ELSE {1 - step} * latency_ms + {step} * ? END WHERE peer_id = ?", latency_ms, latency_ms, peer_id)
