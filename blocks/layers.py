@@ -9,6 +9,8 @@ server seconds of start-up. Tensor names match the checkpoints' (`self_attn.q_pr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,22 @@ class KVCache:
             values = torch.cat([self.values[layer], values], dim=2)
         self.keys[layer], self.values[layer] = keys, values
         return keys, values
+
+
+@dataclass
+class Segment:
+    """One caller's rows in a packed batch: `batch × tokens` rows with their own positions, masks
+    (boolean [batch, 1, tokens, kv] per attention kind, or None for plain causal) and cache."""
+
+    batch: int
+    tokens: int
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[str, Optional[torch.Tensor]]
+    cache: Any
+
+    @property
+    def size(self) -> int:
+        return self.batch * self.tokens
 
 
 def inverse_frequencies(rope: Rope, head_dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
@@ -143,22 +161,31 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
         self.qk_norm = arch.qk_norm
 
-    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
-        """`mask`: boolean [batch, 1, tokens, kv] (True = attend), or None for plain causal attention."""
-        shape = (*hidden.shape[:-1], -1, self.head_dim)
-        query, key = self.q_proj(hidden).view(shape), self.k_proj(hidden).view(shape)
+    def forward(self, hidden: torch.Tensor, segments: "list[Segment]", kind: str, layer: int) -> torch.Tensor:
+        """`hidden` [tokens, hidden_size]: the rows of every segment, one after the other. Projections
+        run over all of them at once; rotary, cache and attention run per segment."""
+        heads_shape = (hidden.shape[0], -1, self.head_dim)
+        queries, keys = self.q_proj(hidden).view(heads_shape), self.k_proj(hidden).view(heads_shape)
         if self.qk_norm:
-            query, key = self.q_norm(query), self.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        value = self.v_proj(hidden).view(shape).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in cos_sin)
-        query = query * cos + _rotate_half(query) * sin
-        key = key * cos + _rotate_half(key) * sin
-        if cache is not None:
-            key, value = cache.update(layer, key, value)
-        output = _sdpa(query, key, value, mask, self.groups, self.scaling)
-        return self.o_proj(output.reshape(*hidden.shape[:-1], -1).contiguous())
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        values = self.v_proj(hidden).view(heads_shape)
+        outputs = []
+        offset = 0
+        for segment in segments:
+            rows = slice(offset, offset + segment.size)
+            offset += segment.size
+            shape = (segment.batch, segment.tokens, -1, self.head_dim)
+            query, key = queries[rows].view(shape).transpose(1, 2), keys[rows].view(shape).transpose(1, 2)
+            value = values[rows].view(shape).transpose(1, 2)
+            cos, sin = (t.unsqueeze(1) for t in segment.cos_sin)
+            query = query * cos + _rotate_half(query) * sin
+            key = key * cos + _rotate_half(key) * sin
+            if segment.cache is not None:
+                key, value = segment.cache.update(layer, key, value)
+            output = _sdpa(query, key, value, segment.masks[kind], self.groups, self.scaling)
+            outputs.append(output.reshape(segment.size, -1))
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return self.o_proj(output)
 
 
 def _sdpa(query, key, value, mask, groups: int, scaling: float) -> torch.Tensor:
@@ -203,6 +230,6 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, hidden, cos_sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, mask, cache, layer)
+    def forward(self, hidden: torch.Tensor, segments: "list[Segment]", kind: str, layer: int) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), segments, kind, layer)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 
 from blocks.architecture import SLIDING_ATTENTION, Architecture
-from blocks.layers import DecoderLayer, KVCache, Rotary
+from blocks.kv_pool import KVPool
+from blocks.layers import DecoderLayer, KVCache, Rotary, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -41,37 +44,66 @@ class BlockSpan:
             return 0
         return cache.length((self.start if block is None else block) - self.start)
 
-    @torch.inference_mode()
+    def new_pool(self, tokens: int) -> KVPool:
+        """Preallocated KV memory for `tokens` tokens in every layer of the span."""
+        return KVPool(len(self.layers), self.config.num_key_value_heads, self.config.head_dim, tokens,
+                      self.dtype, self.device)
+
     def forward(
         self,
         hidden: torch.Tensor,
-        cache: KVCache | None = None,
+        cache=None,
         attention_mask: torch.Tensor | None = None,
         start: int | None = None,
         end: int | None = None,
     ) -> torch.Tensor:
         """Runs `hidden` [batch, tokens, hidden_size] through blocks `[start, end)` (global indices,
-        default: the whole span), appending to `cache` if given.
+        default: the whole span), appending to `cache` (a `KVCache` or `PooledCache`) if given.
 
         `attention_mask` [batch, past + tokens] (1 = real token, 0 = padding) follows transformers'
         convention: positions are counted over real tokens only, as `generate()` does.
         """
+        return self.forward_batch([SpanInput(hidden, cache, attention_mask)], start, end)[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, inputs: Sequence[SpanInput], start: int | None = None, end: int | None = None) -> list[torch.Tensor]:
+        """Runs several callers' steps through blocks `[start, end)` as one batch: their rows are packed
+        into one tensor for every projection and MLP, while each keeps its own positions, mask and
+        cache in attention. Each output is what `forward` would return for that input alone."""
         first = (self.start if start is None else start) - self.start
         last = (self.end if end is None else end) - self.start
         if not 0 <= first < last <= len(self.layers):
             raise ValueError(f"blocks {start}:{end} are not within this span {self.start}:{self.end}")
-        hidden = hidden.to(device=self.device, dtype=self.dtype)
-        past = self.cache_length(cache, first + self.start)
-        position_ids = _position_ids(hidden, past, attention_mask)
         kinds = self.kinds[first:last]
         window = self.config.sliding_window
-        masks = {kind: causal_mask(hidden.shape[0], hidden.shape[1], past, attention_mask, hidden.device,
-                                   window if kind == SLIDING_ATTENTION else None)
-                 for kind in set(kinds)}
-        cos_sin = self.rotary(hidden, position_ids)
+        segments, rows = [], []
+        for item in inputs:
+            hidden = item.hidden.to(device=self.device, dtype=self.dtype)
+            batch, tokens = hidden.shape[:2]
+            past = self.cache_length(item.cache, first + self.start)
+            masks = {kind: causal_mask(batch, tokens, past, item.attention_mask, hidden.device,
+                                       window if kind == SLIDING_ATTENTION else None)
+                     for kind in set(kinds)}
+            cos_sin = self.rotary(hidden, _position_ids(hidden, past, item.attention_mask))
+            segments.append(Segment(batch, tokens, cos_sin, masks, item.cache))
+            rows.append(hidden.reshape(batch * tokens, -1))
+        packed = rows[0] if len(rows) == 1 else torch.cat(rows)
         for index, (layer, kind) in enumerate(zip(self.layers[first:last], kinds), start=first):
-            hidden = layer(hidden, cos_sin, masks[kind], cache, index)
-        return hidden
+            packed = layer(packed, segments, kind, index)
+        outputs, offset = [], 0
+        for segment in segments:
+            outputs.append(packed[offset:offset + segment.size].view(segment.batch, segment.tokens, -1))
+            offset += segment.size
+        return outputs
+
+
+@dataclass(frozen=True)
+class SpanInput:
+    """One caller's step: hidden states [batch, tokens, hidden_size], its cache and attention mask."""
+
+    hidden: torch.Tensor
+    cache: Any = None
+    attention_mask: Optional[torch.Tensor] = None
 
 
 def causal_mask(

@@ -96,6 +96,11 @@ class ServerOptions(NetworkOptions):
     )
     max_batch_size: int = Field(16, gt=0, description="largest batch a session may use")
     max_chunk_tokens: int = Field(2048, gt=0, description="most tokens per sequence in one step message")
+    max_batch_tokens: int = Field(
+        2048, gt=0,
+        description="most tokens (rows × tokens) in one batched forward of all sessions' pending steps; "
+                    "a longer prompt runs in chunks of this size between the other sessions' steps",
+    )
     session_timeout: float = Field(300.0, gt=0, description="seconds a session may stay idle before the server closes it")
     drain_timeout: float = Field(
         60.0, ge=0, description="on SIGTERM, seconds open sessions may take to finish before the server exits"

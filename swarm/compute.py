@@ -11,20 +11,10 @@ from typing import Any, Callable
 class ComputeThread:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
-        self.pending = 0  # submitted and not finished (one of them may be running)
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
-        self.pending += 1
-        try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
-        finally:
-            self.pending -= 1
-
-    @property
-    def waiting(self) -> int:
-        """Jobs queued behind the one running: the server's `num_requests_waiting`."""
-        return max(0, self.pending - 1)
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -19,7 +19,7 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from blocks.checkpoint import dtype_name
-from blocks.layers import KVCache
+from blocks.kv_pool import PooledCache
 from blocks.span import BlockSpan
 from blocks.wire import (
     ECHO_MAX_BYTES,
@@ -37,8 +37,8 @@ from blocks.wire import (
     read_header,
     read_tensors,
 )
+from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget, Reservation
-from swarm.compute import ComputeThread
 from swarm.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 class _OpenSession:
     """What an open session holds; `closed` says why the server ended it (its cache is gone then)."""
 
-    cache: Optional[KVCache]
+    cache: Optional[PooledCache]
     reservation: Reservation
     closed: Optional[str] = None
 
@@ -67,7 +67,7 @@ class BlockHandler:
         model: str,
         span: BlockSpan,
         budget: CacheBudget,
-        compute: ComputeThread,
+        scheduler: StepScheduler,
         limits: Limits,
         version: str,
         state: Callable[[], str],
@@ -76,9 +76,9 @@ class BlockHandler:
         metrics: Optional[ServerMetrics] = None,
     ):
         self.model = model
-        self.span: Optional[BlockSpan] = span  # None while the server moves to other blocks
+        self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
         self.budget = budget
-        self.compute = compute
+        self.scheduler = scheduler
         self.limits = limits
         self.version = version
         self.state = state
@@ -86,10 +86,18 @@ class BlockHandler:
         self.admit = admit
         self.metrics = metrics
         self._sessions: set[_OpenSession] = set()
+        self.serve_span(span)
 
     @property
     def open_sessions(self) -> int:
         return sum(1 for session in self._sessions if session.closed is None)
+
+    def serve_span(self, span: BlockSpan) -> None:
+        """Starts serving `span`, with a fresh KV pool for it."""
+        self.span = None
+        self.budget.unbind()  # the old pool goes before the new one is allocated
+        self.budget.bind(span.new_pool(self.budget.total))
+        self.span = span
 
     def retire_span(self, reason: str) -> int:
         """Stops serving the current span: every session still open is closed (its next message is
@@ -103,6 +111,7 @@ class BlockHandler:
                 session.cache = None
                 session.reservation.release()
         self.span = None
+        self.budget.unbind()
         return closed
 
     async def rpc_echo(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -167,7 +176,7 @@ class BlockHandler:
                 header = read_header(first, ForwardRequest)
                 batch, max_length = header.batch_size, header.total_tokens
             start, end = self._check_open(header, batch, max_length)
-            reservation = self.budget.reserve(batch * max_length)
+            reservation = self.budget.reserve(batch, max_length)
             try:
                 # Load control last: a session refused as busy (no cache room) uses none of the hourly quota.
                 self.admit(self.open_sessions)
@@ -175,7 +184,7 @@ class BlockHandler:
                 reservation.release()
                 reservation = None
                 raise
-            session = _OpenSession(cache=self.span.new_cache(), reservation=reservation)
+            session = _OpenSession(cache=reservation.cache, reservation=reservation)
             self._sessions.add(session)
             timing = self.metrics.session(prompt_only=not persistent) if self.metrics is not None else None
             logger.debug("session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
@@ -192,7 +201,7 @@ class BlockHandler:
                 step = read_header(message, Step) if message is not first else Step(position=0)
                 hidden, mask = self._check_step(read_tensors(message, max_count=2), batch, position, max_length, step)
                 began = time.perf_counter()
-                output = await self.compute.run(self.span.forward, hidden, session.cache, mask, start, end)
+                output = await self.scheduler.run(self.span, hidden, session.cache, mask, start, end)
                 if timing is not None:
                     timing.step(hidden.shape[1], time.perf_counter() - began)
                 position += hidden.shape[1]

@@ -26,6 +26,7 @@ from dht.registration import sign_registration
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import SwarmDHT, start_dht
 from swarm import __version__
+from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
@@ -69,10 +70,11 @@ class Server:
             session_timeout=options.session_timeout,
         )
         self.compute = ComputeThread()
+        self.scheduler = StepScheduler(self.compute, options.max_batch_tokens)
         self.metrics = ServerMetrics(
             self.model_name, on_gpu=options.device.startswith("cuda"),
             open_sessions=lambda: self.handler.open_sessions if self.handler else 0,
-            waiting=lambda: self.compute.waiting,
+            waiting=lambda: self.scheduler.waiting,
             cache_usage=lambda: 1.0 - self.budget.free / self.budget.total,
         )
         self.metrics_port: Optional[int] = None
@@ -201,7 +203,7 @@ class Server:
             model=self.model_name,
             span=self.span,
             budget=self.budget,
-            compute=self.compute,
+            scheduler=self.scheduler,
             limits=self.limits,
             version=__version__,
             state=lambda: self.state.value,
@@ -319,7 +321,7 @@ class Server:
                 self._stop.set()
                 self._force_stop.set()
                 return False
-        self.handler.span = self.span
+        self.handler.serve_span(self.span)
         self.state = ServerState.ONLINE
         await self._announce()
         if (self.start_block, self.end_block) == old:
@@ -406,4 +408,5 @@ class Server:
         if p2p is not None:
             await p2p.shutdown()
         self.dht.shutdown()
+        self.scheduler.close()
         self.compute.shutdown()

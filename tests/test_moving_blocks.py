@@ -14,6 +14,7 @@ from blocks.checkpoint import Checkpoint
 from blocks.loading import load_span
 from blocks.wire import ErrorKind, OpenSession, SessionOpened, Step, StepDone, WireError, pack, read_header
 from swarm.cache import CacheBudget
+from swarm.batching import StepScheduler
 from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
 
@@ -24,7 +25,8 @@ async def test_sessions_left_on_a_retired_span_end_with_a_clear_error_and_free_e
     hidden_size = span.config.hidden_size
     budget = CacheBudget(1000)
     compute = ComputeThread()
-    handler = BlockHandler("m", span, budget, compute, Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64,
+    scheduler = StepScheduler(compute, max_batch_tokens=64)
+    handler = BlockHandler("m", span, budget, scheduler, Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64,
                                                               session_timeout=60),
                            version="test", state=lambda: "online", accepting=lambda: True)
     queue: asyncio.Queue = asyncio.Queue()
@@ -62,4 +64,5 @@ async def test_sessions_left_on_a_retired_span_end_with_a_clear_error_and_free_e
             read_header(await anext(fresh), SessionOpened)
         assert error.value.kind == ErrorKind.BUSY and budget.free == 1000
     finally:
+        scheduler.close()
         compute.shutdown()

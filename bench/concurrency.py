@@ -1,0 +1,263 @@
+"""Many users at once: aggregate tokens/s of concurrent sessions through one server chain.
+
+One session alone, then 4 and 16 at once (different prompts), as threads of one client process
+(as the relay runs them) or as separate client processes. Reports aggregate tokens/s, per-session
+p50/p99 time per token and time to first token, whether every session's output equals
+single-process `transformers` on the same prompt, and the servers' resident memory at step 10 and
+step 1000 of a long session. Prints one JSON object. Examples:
+  .venv/bin/python bench/concurrency.py                      # random Llama 768 × 8, 2 servers, threads
+  .venv/bin/python bench/concurrency.py --clients processes  # 16 client processes instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blocks.checkpoint import Checkpoint  # noqa: E402
+from blocks.synthetic import make_random_checkpoint  # noqa: E402
+from client import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.local import LocalSwarm, even_splits  # noqa: E402
+
+
+class TokenClock(BaseStreamer):
+    """Times each generated token (the first `put` is the prompt)."""
+
+    def __init__(self, on_token=None):
+        self.started = time.perf_counter()
+        self.times: list[float] = []
+        self._prompt_seen = False
+        self._on_token = on_token
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        if self._on_token is not None:
+            self._on_token(len(self.times))
+
+    def end(self) -> None:
+        pass
+
+
+def prompts(count: int, vocab: int) -> list[torch.Tensor]:
+    """Different prompts of different lengths (8 to 38 tokens)."""
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(3, vocab, (1, 8 + (index * 7) % 31), generator=generator) for index in range(count)]
+
+
+def run_one(model, ids: torch.Tensor, new_tokens: int) -> dict:
+    clock = TokenClock()
+    output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
+    gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    return {"output": output, "started": clock.started, "finished": clock.times[-1],
+            "ttft": clock.times[0] - clock.started, "gaps": gaps}
+
+
+class CpuMeter:
+    """CPU seconds spent by the client, the servers and the libp2p daemons (where the cores go)."""
+
+    def __init__(self, swarm: LocalSwarm):
+        me = psutil.Process()
+        servers = [psutil.Process(server.proc.pid) for server in swarm.servers]
+        self.groups = {"client": [me], "servers": servers,
+                       "daemons_and_dht": [child for proc in [me, *servers] for child in proc.children(recursive=True)]}
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        totals = {}
+        for name, procs in self.groups.items():
+            totals[name] = sum(sum(proc.cpu_times()[:2]) for proc in procs)
+        return totals
+
+    def seconds(self) -> dict[str, float]:
+        now = self._read()
+        return {name: round(now[name] - self.start[name], 2) for name in now}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(runs: list[dict], references: list[torch.Tensor], new_tokens: int) -> dict:
+    wall = max(run["finished"] for run in runs) - min(run["started"] for run in runs)
+    gaps = [gap for run in runs for gap in run["gaps"]]
+    return {
+        "sessions": len(runs),
+        "aggregate_tokens_per_s": round(len(runs) * new_tokens / wall, 2),
+        "time_per_token_ms_p50": round(1000 * statistics.median(gaps), 1),
+        "time_per_token_ms_p99": round(1000 * percentile(gaps, 0.99), 1),
+        "ttft_ms_p50": round(1000 * statistics.median(run["ttft"] for run in runs), 1),
+        "ttft_ms_max": round(1000 * max(run["ttft"] for run in runs), 1),
+        "identical_outputs": all(torch.equal(run["output"], ref) for run, ref in zip(runs, references)),
+    }
+
+
+def threads_round(model, batch: list[torch.Tensor], new_tokens: int) -> list[dict]:
+    results: list[dict] = [{}] * len(batch)
+
+    def work(index: int) -> None:
+        results[index] = run_one(model, batch[index], new_tokens)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(batch))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def processes_round(args, path: Path, peers: list[str], batch: list[torch.Tensor], workdir: Path) -> list[dict]:
+    """Each session in its own client process; they start generating together once all are connected."""
+    go = workdir / "go"
+    go.unlink(missing_ok=True)
+    procs = []
+    for index, ids in enumerate(batch):
+        torch.save(ids, workdir / f"prompt{index}.pt")
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(path), str(workdir / f"prompt{index}.pt"), str(go),
+             str(args.new_tokens), *peers],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        ))
+    while not all((workdir / f"prompt{index}.pt.ready").exists() for index in range(len(batch))):
+        if any(proc.poll() not in (None, 0) for proc in procs):
+            raise RuntimeError("a client process failed")
+        time.sleep(0.1)
+    go.touch()
+    for proc in procs:
+        if proc.wait(timeout=1800) != 0:
+            raise RuntimeError("a client process failed")
+    return [torch.load(workdir / f"prompt{index}.pt.result", weights_only=False) for index in range(len(batch))]
+
+
+def worker(path: str, prompt: str, go: str, new_tokens: str, *peers: str) -> None:
+    ids = torch.load(prompt)
+    with AutoDistributedModelForCausalLM.from_pretrained(path, list(peers)) as model:
+        model.generation_config.eos_token_id = None
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+        Path(prompt + ".ready").touch()
+        while not Path(go).exists():
+            time.sleep(0.01)
+        torch.save(run_one(model, ids, int(new_tokens)), prompt + ".result")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def memory_over_a_long_session(model, swarm: LocalSwarm, vocab: int, steps: int) -> dict:
+    pids = [server.proc.pid for server in swarm.servers]
+    seen: dict[int, list[float]] = {}
+
+    def on_token(count: int) -> None:
+        if count in (10, steps):
+            seen[count] = [rss_mib(pid) for pid in pids]
+
+    ids = torch.randint(3, vocab, (1, 8), generator=torch.Generator().manual_seed(2))
+    model.generate(ids, max_new_tokens=steps, do_sample=False, streamer=TokenClock(on_token))
+    return {
+        "steps": steps,
+        "server_rss_mib_at_step_10": [round(value, 1) for value in seen[10]],
+        f"server_rss_mib_at_step_{steps}": [round(value, 1) for value in seen[steps]],
+        "max_change_percent": round(max(100 * abs(b - a) / a for a, b in zip(seen[10], seen[steps])), 2),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[4, 16], help="concurrent sessions to measure")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--clients", choices=["threads", "processes"], default="threads")
+    parser.add_argument("--server-threads", type=int, default=os.cpu_count() or 1, help="torch threads per server")
+    parser.add_argument("--memory-steps", type=int, default=1000, help="length of the long session (0: skip)")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra swarm.serve flag (repeatable)")
+    args = parser.parse_args()
+    logging.basicConfig(level="WARNING")
+
+    workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-concurrency-"))
+    path = make_random_checkpoint(
+        workdir / "model", "llama", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
+        max_position_embeddings=4096,
+    )
+    checkpoint = Checkpoint(path)
+    all_prompts = prompts(max(args.sessions), args.vocab)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    reference.generation_config.eos_token_id = None
+    params = sum(p.numel() for p in reference.parameters())
+    with torch.no_grad():
+        references = [reference.generate(ids, max_new_tokens=args.new_tokens, do_sample=False) for ids in all_prompts]
+        started = time.perf_counter()
+        reference.generate(all_prompts[0], max_new_tokens=args.new_tokens, do_sample=False)
+        local_rate = args.new_tokens / (time.perf_counter() - started)
+    del reference
+
+    splits = even_splits(checkpoint.num_blocks, args.servers)
+    report: dict = {
+        "model": "random-llama", "parameters_m": round(params / 1e6, 1), "layers": checkpoint.num_blocks,
+        "hidden_size": args.hidden, "servers": len(splits), "clients": args.clients, "new_tokens": args.new_tokens,
+        "server_threads": args.server_threads, "single_process_tokens_per_s": round(local_rate, 2),
+    }
+    server_args = ["--throughput", "1", "--max-length", "2048", *args.server_arg]
+    with LocalSwarm(path, splits, server_args=server_args, workdir=workdir / "swarm",
+                    env={"OMP_NUM_THREADS": str(args.server_threads)}) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as model:
+            model.generation_config.eos_token_id = None
+            model.generate(all_prompts[0], max_new_tokens=4, do_sample=False)
+            meter = CpuMeter(swarm)
+            solo = summarize([run_one(model, all_prompts[0], args.new_tokens)], references[:1], args.new_tokens)
+            solo["cpu_seconds"] = meter.seconds()
+            report["one_session"] = solo
+            report["one_session_ratio_to_single_process"] = round(solo["aggregate_tokens_per_s"] / local_rate, 3)
+            for count in args.sessions:
+                batch = all_prompts[:count]
+                meter = CpuMeter(swarm)
+                if args.clients == "threads":
+                    runs = threads_round(model, batch, args.new_tokens)
+                else:
+                    runs = processes_round(args, path, swarm.initial_peers, batch, workdir)
+                summary = summarize(runs, references[:count], args.new_tokens)
+                summary["cpu_seconds"] = meter.seconds()
+                summary["speedup_over_one_session"] = round(
+                    summary["aggregate_tokens_per_s"] / solo["aggregate_tokens_per_s"], 2)
+                report[f"sessions_{count}"] = summary
+            if args.memory_steps:
+                report["memory"] = memory_over_a_long_session(model, swarm, args.vocab, args.memory_steps)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

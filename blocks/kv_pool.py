@@ -1,0 +1,109 @@
+"""A span's KV cache as one preallocated tensor: sessions get contiguous slices and write in place.
+
+The pool is allocated (and touched) once, when a server starts serving a span, so the cache budget
+is memory the process already holds: a long generation or hundreds of sessions neither grow nor
+fragment the heap. A session's slice is `batch × max_length` tokens; a step writes its keys and
+values at their positions, and attention reads a view of the tokens written so far.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+import torch
+
+
+class PoolFull(Exception):
+    """No contiguous run of free tokens is long enough (the caller answers BUSY)."""
+
+
+class KVPool:
+    """Storage `[layers, 2, kv_heads, tokens, head_dim]` and a first-fit allocator over its tokens."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, tokens: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.num_layers = num_layers
+        self.tokens = tokens
+        # zeros, not empty: the pages are touched now, so the budget is resident from the start.
+        self.storage = torch.zeros(num_layers, 2, kv_heads, tokens, head_dim, dtype=dtype, device=device)
+        self._free: list[tuple[int, int]] = [(0, tokens)]  # sorted (start, length) runs
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()
+
+    def allocate(self, batch: int, max_length: int) -> "PooledCache":
+        size = batch * max_length
+        with self._lock:
+            for index, (start, length) in enumerate(self._free):
+                if length >= size:
+                    if length == size:
+                        del self._free[index]
+                    else:
+                        self._free[index] = (start + size, length - size)
+                    return PooledCache(self, start, batch, max_length)
+        raise PoolFull(f"no contiguous run of {size} cache tokens is free")
+
+    def largest_free_run(self) -> int:
+        with self._lock:
+            return max((length for _, length in self._free), default=0)
+
+    def _give_back(self, start: int, size: int) -> None:
+        with self._lock:
+            index = bisect.bisect(self._free, (start, size))
+            self._free.insert(index, (start, size))
+            merged: list[tuple[int, int]] = []
+            for run_start, run_length in self._free:
+                if merged and merged[-1][0] + merged[-1][1] == run_start:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + run_length)
+                else:
+                    merged.append((run_start, run_length))
+            self._free = merged
+
+
+class PooledCache:
+    """One session's slice of the pool; the same `update`/`length` interface as `blocks.layers.KVCache`."""
+
+    def __init__(self, pool: KVPool, start: int, batch: int, max_length: int):
+        self._pool = pool
+        self._start = start
+        self._size = batch * max_length
+        self.max_length = max_length
+        region = pool.storage[:, :, :, start:start + self._size]  # [layers, 2, kv_heads, batch·max_length, head_dim]
+        layers, _, kv_heads, _, head_dim = region.shape
+        # [layers, 2, batch, kv_heads, max_length, head_dim]: a view, nothing is copied.
+        self._views = region.view(layers, 2, kv_heads, batch, max_length, head_dim).permute(0, 1, 3, 2, 4, 5)
+        self._lengths = [0] * layers
+        self._released = False
+
+    def length(self, layer: int) -> int:
+        return self._lengths[layer]
+
+    def lengths(self) -> list[int]:
+        return list(self._lengths)
+
+    def restore(self, lengths: list[int]) -> None:
+        """Forgets tokens written after `lengths` was taken (their slots are simply overwritten later)."""
+        self._lengths = list(lengths)
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past = self._lengths[layer]
+        end = past + keys.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"{end} tokens exceed the session's {self.max_length} cache slots")
+        if self._released:
+            raise RuntimeError("the session's cache was given back")
+        stored = self._views[layer]
+        stored[0, :, :, past:end] = keys
+        stored[1, :, :, past:end] = values
+        self._lengths[layer] = end
+        return stored[0, :, :, :end], stored[1, :, :, :end]
+
+    def release(self) -> None:
+        """Gives the slice back to the pool, once."""
+        if not self._released:
+            self._released = True
+            self._views = None
+            self._pool._give_back(self._start, self._size)

@@ -1,0 +1,189 @@
+"""Continuous batching: the pending steps of every session run as one forward per round.
+
+A one-token step reads every weight of the span for one row; sixteen sessions' steps in one packed
+forward read them once. Sessions join and leave between rounds. A round takes steps oldest first
+while they fit in `max_batch_tokens` (rows × tokens); a prompt longer than that runs in chunks, one
+per round, so it never holds the decoders up for more than one chunk. Each step keeps its own
+positions, mask and cache (see `BlockSpan.forward_batch`), so its output is what it would be alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from blocks.span import BlockSpan, SpanInput
+from swarm.compute import ComputeThread
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Step:
+    span: BlockSpan
+    start: int
+    end: int
+    hidden: torch.Tensor
+    cache: Any
+    mask: Optional[torch.Tensor]
+    future: asyncio.Future
+    done: int = 0  # tokens of this step already computed (a long prompt runs in chunks)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[1]
+
+
+class StepScheduler:
+    def __init__(self, compute: ComputeThread, max_batch_tokens: int):
+        self.compute = compute
+        self.max_batch_tokens = max_batch_tokens
+        self._pending: list[_Step] = []
+        self._wake: Optional[asyncio.Event] = None
+        self._driver: Optional[asyncio.Task] = None
+        self.rounds = 0
+        self.batched_steps = 0  # steps that ran in a round with at least one other step
+
+    @property
+    def waiting(self) -> int:
+        """Steps queued for a later round: the server's `num_requests_waiting`."""
+        return sum(1 for step in self._pending if not step.future.done())
+
+    async def run(self, span: BlockSpan, hidden: torch.Tensor, cache: Any, mask: Optional[torch.Tensor],
+                  start: int, end: int) -> torch.Tensor:
+        """Runs one session's step in the next round that has room for it; returns its output."""
+        if self._driver is None or self._driver.done():
+            self._wake = asyncio.Event()
+            self._driver = asyncio.create_task(self._drive(), name="swarm-batching")
+        step = _Step(span, start, end, hidden, cache, mask, asyncio.get_running_loop().create_future())
+        self._pending.append(step)
+        self._wake.set()
+        return await step.future
+
+    def close(self) -> None:
+        if self._driver is not None:
+            self._driver.cancel()
+        for step in self._pending:
+            if not step.future.done():
+                step.future.cancel()
+        self._pending.clear()
+
+    async def _drive(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while await self._one_round():
+                pass
+
+    async def _one_round(self) -> bool:
+        """Runs the next round; False when nothing is pending. (Its own frame: nothing of a finished
+        round, such as a retired span, stays referenced while the driver waits.)"""
+        chosen = self._take_round()
+        if not chosen:
+            return False
+        try:
+            results = await self.compute.run(_run_round, chosen)
+        except Exception as e:  # _run_round answers per step; this is a failure of the thread itself
+            results = [e] * len(chosen)
+        self.rounds += 1
+        if len(chosen) > 1:
+            self.batched_steps += len(chosen)
+        for (step, _), result in zip(chosen, results):
+            self._finish_chunk(step, result)
+        return True
+
+    def _take_round(self) -> list[tuple[_Step, int]]:
+        """Oldest first, each step whole while it fits; only a step that fits in no round runs in chunks."""
+        self._pending = [step for step in self._pending if not step.future.done()]
+        budget = self.max_batch_tokens
+        chosen: list[tuple[_Step, int]] = []
+        for step in self._pending:
+            remaining = step.tokens - step.done
+            if remaining * step.rows <= budget:
+                take = remaining
+            elif not chosen:
+                take = max(1, budget // step.rows)  # longer than a whole round: this round holds one chunk
+            else:
+                continue
+            chosen.append((step, take))
+            budget -= take * step.rows
+            if budget <= 0:
+                break
+        taken = {id(step) for step, _ in chosen}
+        # Steps still to finish go back in line after those that waited: chunks do not jump the queue.
+        self._pending = [step for step in self._pending if id(step) not in taken] + [step for step, _ in chosen]
+        return chosen
+
+    def _finish_chunk(self, step: _Step, result: torch.Tensor | BaseException) -> None:
+        if isinstance(result, BaseException):
+            self._drop(step)
+            if not step.future.done():
+                step.future.set_exception(result)
+            return
+        step.outputs.append(result)
+        step.done += result.shape[1]
+        if step.done >= step.tokens:
+            self._drop(step)
+            if not step.future.done():
+                step.future.set_result(step.outputs[0] if len(step.outputs) == 1 else torch.cat(step.outputs, dim=1))
+
+    def _drop(self, step: _Step) -> None:
+        try:
+            self._pending.remove(step)
+        except ValueError:
+            pass
+
+
+def _run_round(chosen: list[tuple[_Step, int]]) -> list[torch.Tensor | BaseException]:
+    """Runs on the compute thread: one packed forward per (span, block range). If a batch fails, each
+    of its steps runs again alone from where it began, so one step's failure is its own."""
+    results: dict[int, torch.Tensor | BaseException] = {}
+    groups: dict[tuple[int, int, int], list[tuple[_Step, int]]] = defaultdict(list)
+    for step, take in chosen:
+        groups[(id(step.span), step.start, step.end)].append((step, take))
+    for group in groups.values():
+        snapshots = [_lengths(step.cache) for step, _ in group]
+        try:
+            outputs = _forward(group)
+        except Exception as e:
+            if len(group) == 1 or any(snapshot is None for snapshot in snapshots):
+                for step, _ in group:
+                    results[id(step)] = e
+                continue
+            logger.warning("a batch of %d steps failed (%s: %s); running them one by one", len(group), type(e).__name__, e)
+            outputs = []
+            for (step, take), snapshot in zip(group, snapshots):
+                step.cache.restore(snapshot)
+                try:
+                    outputs.append(_forward([(step, take)])[0])
+                except Exception as alone:
+                    outputs.append(alone)
+        for (step, _), output in zip(group, outputs):
+            results[id(step)] = output
+    return [results[id(step)] for step, _ in chosen]
+
+
+def _forward(group: list[tuple[_Step, int]]) -> list[torch.Tensor]:
+    span, start, end = group[0][0].span, group[0][0].start, group[0][0].end
+    inputs = []
+    for step, take in group:
+        hidden = step.hidden if take == step.tokens else step.hidden[:, step.done:step.done + take]
+        mask = step.mask
+        if mask is not None and step.cache is not None:
+            mask = mask[:, :span.cache_length(step.cache, start) + take]
+        inputs.append(SpanInput(hidden, step.cache, mask))
+    return span.forward_batch(inputs, start, end)
+
+
+def _lengths(cache: Any) -> Optional[list[int]]:
+    return cache.lengths() if hasattr(cache, "lengths") else None
