@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -45,9 +45,11 @@ class _Step:
 
 
 class StepScheduler:
-    def __init__(self, compute: ComputeThread, max_batch_tokens: int):
+    def __init__(self, compute: ComputeThread, max_batch_tokens: int,
+                 on_round: Callable[[int], None] = lambda steps: None):
         self.compute = compute
         self.max_batch_tokens = max_batch_tokens
+        self.on_round = on_round  # told how many steps each round computed (a metric)
         self._pending: list[_Step] = []
         self._wake: Optional[asyncio.Event] = None
         self._driver: Optional[asyncio.Task] = None
@@ -98,6 +100,7 @@ class StepScheduler:
         self.rounds += 1
         if len(chosen) > 1:
             self.batched_steps += len(chosen)
+        self.on_round(len(chosen))
         for (step, _), result in zip(chosen, results):
             self._finish_chunk(step, result)
         return True

@@ -167,6 +167,7 @@ class Child:
                  forker: Optional[Forker] = None):
         self.name = name
         self.peer_id: Optional[str] = None
+        self.metrics_url: Optional[str] = None  # the server's Prometheus endpoint, once online
         self.log_path = log_path
         self._log = open(log_path, "wb")
         if forker is not None:
@@ -318,6 +319,7 @@ class LocalSwarm:
         """Blocks until `child` reports it is online, and learns its peer id."""
         line = child.wait_for_line(lambda line: line.startswith(ONLINE_MARKER), self.start_timeout)
         child.peer_id = line.split(" peer ", 1)[1].split(",", 1)[0]
+        child.metrics_url = line.rsplit(" metrics ", 1)[1].strip()
 
     def server(self, peer_id: str) -> Child:
         """The server process with this peer id."""

@@ -28,6 +28,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5)
 E2E_BUCKETS = (1, 2.5, 5, 10, 15, 20, 30, 40, 50, 60)
 TOKEN_BUCKETS = (10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class ServerMetrics:
@@ -74,6 +75,8 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", E2E_BUCKETS)
         self.request_prompt = histogram("request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS)
         self.request_generation = histogram("request_generation_tokens", "Number of generation tokens processed.", TOKEN_BUCKETS)
+        self.batch_steps = histogram("batch_steps", "Sessions' steps computed together in one batched forward.",
+                                     BATCH_BUCKETS)
         self._recent_step_ms: list[float] = []
 
     def _rate(self, tokens: str, seconds: str) -> float:
@@ -86,6 +89,9 @@ class ServerMetrics:
     def session(self, prompt_only: bool = False) -> "SessionMetrics":
         self.received.inc()
         return SessionMetrics(self, prompt_only)
+
+    def batch_round(self, steps: int) -> None:
+        self.batch_steps.observe(steps)
 
     def median_step_ms(self) -> float | None:
         """Median compute time of recent steps, reported to the relay as this server's latency."""

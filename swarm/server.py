@@ -70,13 +70,13 @@ class Server:
             session_timeout=options.session_timeout,
         )
         self.compute = ComputeThread()
-        self.scheduler = StepScheduler(self.compute, options.max_batch_tokens)
         self.metrics = ServerMetrics(
             self.model_name, on_gpu=options.device.startswith("cuda"),
             open_sessions=lambda: self.handler.open_sessions if self.handler else 0,
             waiting=lambda: self.scheduler.waiting,
             cache_usage=lambda: 1.0 - self.budget.free / self.budget.total,
         )
+        self.scheduler = StepScheduler(self.compute, options.max_batch_tokens, on_round=self.metrics.batch_round)
         self.metrics_port: Optional[int] = None
         self.relay: Optional[RelayLink] = None
         self.throughput: Optional[Throughput] = None
