@@ -22,8 +22,8 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from blocks.loading import ModelHead
 from client.session import InferenceSession
+from client.shared_head import SharedHead
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _eos_ids(config: GenerationConfig) -> Optional[torch.Tensor]:
 
 
 def decode(
-    head: ModelHead,
+    head: SharedHead,
     session: InferenceSession,
     new_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor],

@@ -20,6 +20,7 @@ from blocks.loading import ModelHead, load_head
 from client.generation import decode, prepare_config
 from client.remote import RemoteModel
 from client.session import InferenceSession
+from client.shared_head import SharedHead
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 class AutoDistributedModelForCausalLM:
     def __init__(self, checkpoint: Checkpoint, head: ModelHead, remote: RemoteModel, generation_config: GenerationConfig):
         self.checkpoint = checkpoint
-        self.head = head
+        self.head = SharedHead(head)
         self.remote = remote
         self.generation_config = generation_config
 

@@ -1,4 +1,4 @@
-"""A real `swarm.serve` whose block computation goes wrong after FAULTY_SERVER_FAIL_AFTER forward calls.
+"""A real `swarm.serve` whose block computation goes wrong after FAULTY_SERVER_FAIL_AFTER sessions' steps.
 
 FAULTY_SERVER_MODE says how: `error` (default) raises, so the real handler answers every later step
 with a server-error reply, as a server with a broken GPU would; `nan` returns outputs full of NaN,
@@ -20,23 +20,24 @@ from swarm.serve import main
 
 _fail_after = int(os.environ.get("FAULTY_SERVER_FAIL_AFTER", "0"))
 _mode = os.environ.get("FAULTY_SERVER_MODE", "error")
-_forward = BlockSpan.forward
+_forward_batch = BlockSpan.forward_batch
 _calls = 0
 
 
-def _failing_forward(self, *args, **kwargs):
+def _failing_forward_batch(self, inputs, *args, **kwargs):
+    """Counts each session's step in a batch as one call; a batch holding a step past the limit fails."""
     global _calls
-    _calls += 1
+    _calls += len(inputs)
     if _calls <= _fail_after:
-        return _forward(self, *args, **kwargs)
+        return _forward_batch(self, inputs, *args, **kwargs)
     if _mode == "nan":
-        return torch.full_like(_forward(self, *args, **kwargs), float("nan"))
+        return [torch.full_like(output, float("nan")) for output in _forward_batch(self, inputs, *args, **kwargs)]
     if _mode == "dtype":
-        return _forward(self, *args, **kwargs).to(torch.float64)
+        return [output.to(torch.float64) for output in _forward_batch(self, inputs, *args, **kwargs)]
     raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
 
 
-BlockSpan.forward = _failing_forward
+BlockSpan.forward_batch = _failing_forward_batch
 
 _load_fail = os.environ.get("FAULTY_SERVER_LOAD_FAIL", "")
 _load_span = server_module.load_span

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from blocks.checkpoint import Checkpoint
-from blocks.loading import load_span
+from blocks.loading import load_head, load_span
 from blocks.span import SpanInput
 from blocks.synthetic import make_random_checkpoint
 from client import AutoDistributedModelForCausalLM
+from client.shared_head import SharedHead
 from swarm.batching import StepScheduler
 from swarm.compute import ComputeThread
 from swarm.local import LocalSwarm
@@ -152,9 +154,9 @@ def batched_steps(metrics_url: str) -> float:
     text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
     counts = {}
     for line in text.splitlines():
-        if line.startswith("batch_steps_bucket"):
+        if line.startswith("swarm_batch_steps_bucket"):
             counts[line.split('le="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
-        if line.startswith("batch_steps_sum"):
+        if line.startswith("swarm_batch_steps_sum"):
             total = float(line.rsplit(" ", 1)[1])
     return total - counts["1.0"]
 
@@ -299,3 +301,44 @@ def test_server_memory_stays_flat_over_a_long_session_and_hundreds_of_sessions(t
             wave(13)
             wave(13)
             assert abs(rss_mib(pid) - before) <= 0.05 * before
+
+
+def test_concurrent_lm_head_calls_of_one_client_share_one_product(llama_path):
+    real = load_head(Checkpoint(llama_path))
+    started, release = threading.Event(), threading.Event()
+
+    class FirstCallWaits:
+        """The real head, whose first call waits until the others have queued behind it."""
+
+        calls: list[int] = []
+
+        def logits(self, hidden):
+            self.calls.append(hidden.shape[0])
+            if len(self.calls) == 1:
+                started.set()
+                release.wait(timeout=30)
+            return real.logits(hidden)
+
+    head = SharedHead(FirstCallWaits())
+    generator = torch.Generator().manual_seed(4)
+    rows = [torch.randn(n, real.lm_head.in_features, generator=generator) for n in (1, 2, 1, 3)]
+    results: list = [None] * len(rows)
+
+    def call(index):
+        results[index] = head.logits(rows[index])
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    assert started.wait(timeout=30)
+    others = [threading.Thread(target=call, args=(index,)) for index in range(1, len(rows))]
+    for thread in others:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(head.queued()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in [first, *others]:
+        thread.join(timeout=30)
+    assert FirstCallWaits.calls == [1, 6]  # the three callers that queued went together
+    for hidden, got in zip(rows, results):
+        torch.testing.assert_close(got, real.logits(hidden), atol=ATOL, rtol=0)
