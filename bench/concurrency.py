@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -79,8 +80,9 @@ class CpuMeter:
     def __init__(self, swarm: LocalSwarm):
         me = psutil.Process()
         servers = [psutil.Process(server.proc.pid) for server in swarm.servers]
-        self.groups = {"client": [me], "servers": servers,
-                       "daemons_and_dht": [child for proc in [me, *servers] for child in proc.children(recursive=True)]}
+        helpers = [child for proc in servers for child in proc.children(recursive=True)]
+        helpers += [child for child in me.children(recursive=True) if child.name() == "p2pd"]
+        self.groups = {"client": [me], "servers": servers, "daemons_and_dht": helpers}
         self.start = self._read()
 
     def _read(self) -> dict[str, float]:
@@ -92,6 +94,21 @@ class CpuMeter:
     def seconds(self) -> dict[str, float]:
         now = self._read()
         return {name: round(now[name] - self.start[name], 2) for name in now}
+
+
+def steps_per_round(swarm: LocalSwarm) -> list[float]:
+    """Each server's (steps, rounds) so far, from its `swarm_batch_steps` histogram."""
+    counts = []
+    for server in swarm.servers:
+        text = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
+        total = rounds = 0.0
+        for line in text.splitlines():
+            if line.startswith("swarm_batch_steps_sum"):
+                total = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("swarm_batch_steps_count"):
+                rounds = float(line.rsplit(" ", 1)[1])
+        counts.append((total, rounds))
+    return counts
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -245,12 +262,16 @@ def main() -> None:
             for count in args.sessions:
                 batch = all_prompts[:count]
                 meter = CpuMeter(swarm)
+                batching = steps_per_round(swarm)
                 if args.clients == "threads":
                     runs = threads_round(model, batch, args.new_tokens)
                 else:
                     runs = processes_round(args, path, swarm.initial_peers, batch, workdir)
                 summary = summarize(runs, references[:count], args.new_tokens)
                 summary["cpu_seconds"] = meter.seconds()
+                summary["server_steps_per_round"] = [
+                    round((steps - steps0) / max(rounds - rounds0, 1), 2)
+                    for (steps, rounds), (steps0, rounds0) in zip(steps_per_round(swarm), batching)]
                 summary["speedup_over_one_session"] = round(
                     summary["aggregate_tokens_per_s"] / solo["aggregate_tokens_per_s"], 2)
                 report[f"sessions_{count}"] = summary

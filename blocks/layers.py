@@ -62,12 +62,11 @@ class KVCache:
 
 @dataclass
 class Segment:
-    """One caller's rows in a packed batch: `batch × tokens` rows with their own positions, masks
-    (boolean [batch, 1, tokens, kv] per attention kind, or None for plain causal) and cache."""
+    """One caller's rows in a packed batch: `batch × tokens` rows with their own masks (boolean
+    [batch, 1, tokens, kv] per attention kind, or None for plain causal) and cache."""
 
     batch: int
     tokens: int
-    cos_sin: tuple[torch.Tensor, torch.Tensor]
     masks: dict[str, Optional[torch.Tensor]]
     cache: Any
 
@@ -161,14 +160,19 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
         self.qk_norm = arch.qk_norm
 
-    def forward(self, hidden: torch.Tensor, segments: "list[Segment]", kind: str, layer: int) -> torch.Tensor:
-        """`hidden` [tokens, hidden_size]: the rows of every segment, one after the other. Projections
-        run over all of them at once; rotary, cache and attention run per segment."""
+    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], segments: "list[Segment]",
+                kind: str, layer: int) -> torch.Tensor:
+        """`hidden` [rows, hidden_size]: the rows of every segment, one after the other, and `cos_sin`
+        [rows, head_dim] their rotary embedding. Projections and rotary run over all rows at once;
+        cache and attention run per segment."""
         heads_shape = (hidden.shape[0], -1, self.head_dim)
         queries, keys = self.q_proj(hidden).view(heads_shape), self.k_proj(hidden).view(heads_shape)
         if self.qk_norm:
             queries, keys = self.q_norm(queries), self.k_norm(keys)
         values = self.v_proj(hidden).view(heads_shape)
+        cos, sin = (t.unsqueeze(1) for t in cos_sin)
+        queries = queries * cos + _rotate_half(queries) * sin
+        keys = keys * cos + _rotate_half(keys) * sin
         outputs = []
         offset = 0
         for segment in segments:
@@ -177,9 +181,6 @@ class Attention(nn.Module):
             shape = (segment.batch, segment.tokens, -1, self.head_dim)
             query, key = queries[rows].view(shape).transpose(1, 2), keys[rows].view(shape).transpose(1, 2)
             value = values[rows].view(shape).transpose(1, 2)
-            cos, sin = (t.unsqueeze(1) for t in segment.cos_sin)
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
             if segment.cache is not None:
                 key, value = segment.cache.update(layer, key, value)
             output = _sdpa(query, key, value, segment.masks[kind], self.groups, self.scaling)
@@ -230,6 +231,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, segments: "list[Segment]", kind: str, layer: int) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), segments, kind, layer)
+    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], segments: "list[Segment]",
+                kind: str, layer: int) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, segments, kind, layer)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))

@@ -76,7 +76,7 @@ class BlockSpan:
             raise ValueError(f"blocks {start}:{end} are not within this span {self.start}:{self.end}")
         kinds = self.kinds[first:last]
         window = self.config.sliding_window
-        segments, rows = [], []
+        segments, rows, cos, sin = [], [], [], []
         for item in inputs:
             hidden = item.hidden.to(device=self.device, dtype=self.dtype)
             batch, tokens = hidden.shape[:2]
@@ -84,12 +84,17 @@ class BlockSpan:
             masks = {kind: causal_mask(batch, tokens, past, item.attention_mask, hidden.device,
                                        window if kind == SLIDING_ATTENTION else None)
                      for kind in set(kinds)}
-            cos_sin = self.rotary(hidden, _position_ids(hidden, past, item.attention_mask))
-            segments.append(Segment(batch, tokens, cos_sin, masks, item.cache))
+            item_cos, item_sin = self.rotary(hidden, _position_ids(hidden, past, item.attention_mask))
+            cos.append(item_cos.reshape(batch * tokens, -1))
+            sin.append(item_sin.reshape(batch * tokens, -1))
+            segments.append(Segment(batch, tokens, masks, item.cache))
             rows.append(hidden.reshape(batch * tokens, -1))
-        packed = rows[0] if len(rows) == 1 else torch.cat(rows)
+        if len(rows) == 1:
+            packed, cos_sin = rows[0], (cos[0], sin[0])
+        else:
+            packed, cos_sin = torch.cat(rows), (torch.cat(cos), torch.cat(sin))
         for index, (layer, kind) in enumerate(zip(self.layers[first:last], kinds), start=first):
-            packed = layer(packed, segments, kind, index)
+            packed = layer(packed, cos_sin, segments, kind, index)
         outputs, offset = [], 0
         for segment in segments:
             outputs.append(packed[offset:offset + segment.size].view(segment.batch, segment.tokens, -1))
