@@ -4,6 +4,7 @@ Prints one JSON object. Examples:
   .venv/bin/python bench/generate.py                       # random Llama, ~220 M parameters, 2 servers
   .venv/bin/python bench/generate.py --model embedded      # SmolLM2-135M-Instruct, 3 servers
   .venv/bin/python bench/generate.py --layers 24 --servers 3 --dtype bfloat16
+  .venv/bin/python bench/generate.py --servers 4 --link-delay-ms 25   # every server behind a 25 ms link
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
+    parser.add_argument("--link-delay-ms", type=float, default=0.0,
+                        help="one-way delay of every link to a server (a delay proxy in front of each)")
     args = parser.parse_args()
     logging.basicConfig(level="WARNING")
     torch.set_num_threads(args.threads)
@@ -84,7 +87,8 @@ def main() -> None:
 
     splits = even_splits(checkpoint.num_blocks, args.servers)
     with LocalSwarm(path, splits, server_args=["--dtype", args.dtype, "--throughput", "1"],
-                    workdir=workdir / "swarm", env={"OMP_NUM_THREADS": str(args.threads)}) as swarm:
+                    workdir=workdir / "swarm", env={"OMP_NUM_THREADS": str(args.threads)},
+                    link_delay_ms=args.link_delay_ms) as swarm:
         with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, dtype=dtype) as model:
             model.generation_config.eos_token_id = None
             model.generate(ids, max_new_tokens=4)
@@ -104,6 +108,8 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "threads_per_process": args.threads,
+        "link_delay_ms": args.link_delay_ms,
+        "swarm_ms_per_token": round(1000 * swarm_time / args.new_tokens, 1),
         "single_process_tokens_per_s": round(local_rate, 2),
         "swarm_tokens_per_s": round(swarm_rate, 2),
         "ratio": round(swarm_rate / local_rate, 3),

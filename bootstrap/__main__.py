@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             port=options.port,
             identity_path=options.identity,
             nat_port_map=options.nat_port_map,
+            announce_maddrs=options.announce_maddrs,
         )
     except Exception as e:
         print(f"bootstrap: error: could not start the DHT node: {e}", file=sys.stderr)

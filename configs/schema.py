@@ -48,6 +48,24 @@ def _valid_hours(value: Optional[str]) -> Optional[str]:
 HoursText = Annotated[Optional[str], AfterValidator(_valid_hours)]
 """Working hours as text (`09:00-18:00`), checked on the way in."""
 
+_TRANSPORT_MADDR_RE = re.compile(r"^/(ip4|ip6|dns|dns4|dns6)/[^/]+/tcp/([0-9]{1,5})$")
+
+
+def _valid_announce_maddrs(values: list[str]) -> list[str]:
+    """`--announce-maddrs A B` and `--announce-maddrs A,B` mean the same; each must name a host and a
+    real TCP port (peers dial exactly what is announced)."""
+    addrs = [addr.strip() for value in values for addr in value.split(",") if addr.strip()]
+    for addr in addrs:
+        match = _TRANSPORT_MADDR_RE.match(addr)
+        if match is None or not 0 < int(match.group(2)) <= 65535:
+            raise ValueError(f"{addr!r} is not an address like /ip4/203.0.113.5/tcp/31337 (a host and a TCP port)")
+    return addrs
+
+
+AnnounceMaddrs = Annotated[list[str], AfterValidator(_valid_announce_maddrs)]
+ANNOUNCE_MADDRS_HELP = ("multiaddrs other peers dial instead of the listen address, for a port forward or a proxy "
+                        "in front of this node, e.g. /ip4/203.0.113.5/tcp/31337 (default: the listen address)")
+
 
 class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -60,6 +78,7 @@ class NetworkOptions(_Schema):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 to accept other machines)")
     port: int = Field(0, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)")
     identity: Optional[str] = Field(None, description="private key file giving a stable peer id (created if absent)")
+    announce_maddrs: AnnounceMaddrs = Field(default_factory=list, description=ANNOUNCE_MADDRS_HELP)
     nat_port_map: bool = Field(
         False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in"
     )
@@ -214,6 +233,8 @@ class RelayOptions(_Schema):
     obs_port: int = Field(1027, ge=0, le=65535, description="observability port: /metrics and the health page")
     api_port: int = Field(8000, ge=0, le=65535, description="API port: workers, jobs and the OpenAI-compatible API")
     dht_port: int = Field(0, ge=0, le=65535, description="TCP port of the relay's DHT node (0 picks a free one)")
+    announce_maddrs: AnnounceMaddrs = Field(default_factory=list, description=ANNOUNCE_MADDRS_HELP.replace(
+        "this node", "the relay's DHT node"))
     db: str = Field("sqlite:///relay.db", description="sqlite:///PATH or postgresql://USER@HOST/DB where state is kept")
     key_file: Optional[str] = Field(
         None, description="file with the key sealing workers' signing secrets (default: relay.key beside a SQLite db, else ./relay.key)"

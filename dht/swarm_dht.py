@@ -51,11 +51,13 @@ def start_dht(
     identity_path: Optional[str] = None,
     client_mode: bool = False,
     nat_port_map: bool = False,
+    announce_maddrs: Sequence[str] = (),
 ) -> tuple[hivemind.DHT, RSASignatureValidator]:
     """Starts a DHT node whose libp2p identity is also its record-signing key.
 
     Without `identity_path` a fresh identity is made in a private temp file. NAT port mapping (UPnP /
-    NAT-PMP probes of the LAN gateway) stays off unless the operator opts in.
+    NAT-PMP probes of the LAN gateway) stays off unless the operator opts in. `announce_maddrs`
+    (transport addresses, no /p2p part) replace the listen address in what peers learn and dial.
     """
     fresh_identity = identity_path is None or not os.path.exists(identity_path)
     if identity_path is None:
@@ -75,6 +77,7 @@ def start_dht(
         # A key made just now cannot be in use elsewhere: skip hivemind's network check for it.
         check_if_identity_free=not fresh_identity,
         host_maddrs=[f"/{family}/{host}/tcp/{0 if client_mode else port}"],
+        announce_maddrs=list(announce_maddrs) or None,
     )
     return dht, validator
 

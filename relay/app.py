@@ -182,7 +182,7 @@ class Relay:
                                       await self._join_token_hash())
         self.workers.offline_ids = self.instances.offline
         dht, validator = start_dht(opts.initial_peers, host=opts.host, port=opts.dht_port,
-                                   nat_port_map=opts.nat_port_map)
+                                   nat_port_map=opts.nat_port_map, announce_maddrs=opts.announce_maddrs)
         self.dht = SwarmDHT(dht, validator)
         self._p2p = await dht.replicate_p2p()
         self.crawler = Crawler(self.dht, self._p2p, opts.refresh_period)

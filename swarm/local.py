@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import IO, Optional, Sequence
 
+from swarm.delay_proxy import DelayProxyThread, free_port
+
 logger = logging.getLogger(__name__)
 
 ONLINE_MARKER = "swarm.serve online:"
@@ -256,8 +258,11 @@ class LocalSwarm:
         start_timeout: float = 180.0,
         env: Optional[dict[str, str]] = None,
         fork: bool = True,
+        link_delay_ms: float = 0.0,
     ):
-        """`fork=False` starts every child with a fresh interpreter (slower: each imports torch and hivemind)."""
+        """`fork=False` starts every child with a fresh interpreter (slower: each imports torch and hivemind).
+        `link_delay_ms` puts a `DelayProxy` in front of every server, announced with `--announce-maddrs`,
+        so that every connection to a server crosses a link of that one-way delay."""
         self.model = str(model)
         self.splits = list(splits)
         self.server_args = list(server_args)
@@ -266,6 +271,8 @@ class LocalSwarm:
         self.start_timeout = start_timeout
         self.env = child_env(env or {})
         self.fork = fork
+        self.link_delay_ms = link_delay_ms
+        self.proxies: list[DelayProxyThread] = []
         self.bootstrap: Optional[Child] = None
         self.servers: list[Child] = []
         self.initial_peers: list[str] = []
@@ -298,10 +305,16 @@ class LocalSwarm:
         so a wrapper of swarm.serve may inject faults in tests."""
         index = len(self.servers)
         blocks = ["--blocks", f"{start}:{end}"] if start is not None else []
+        listen = ["--port", "0"]
+        if self.link_delay_ms > 0:
+            port = free_port()
+            proxy = DelayProxyThread(port, self.link_delay_ms / 1000)
+            self.proxies.append(proxy)
+            listen = ["--port", str(port), "--announce-maddrs", f"/ip4/127.0.0.1/tcp/{proxy.port}"]
         child = Child(
             f"server {index} ({start}:{end})" if blocks else f"server {index} (auto)",
             [sys.executable, "-m", module, "--model", self.model, *blocks,
-             "--initial-peers", *self.initial_peers, "--host", "127.0.0.1", "--port", "0",
+             "--initial-peers", *self.initial_peers, "--host", "127.0.0.1", *listen,
              "--identity", str(self.workdir / f"server{index}.key"), *self.server_args, *extra],
             self.workdir / f"server{index}.log",
             env={**self.env, **(env or {})},
@@ -332,6 +345,9 @@ class LocalSwarm:
             child.ask_to_stop()
         for child in children:
             child.stop()
+        for proxy in self.proxies:
+            proxy.close()
+        self.proxies.clear()
 
     def __enter__(self) -> "LocalSwarm":
         return self.start()

@@ -99,7 +99,8 @@ class Server:
         # The DHT forks a child process: start it before torch spins up its thread pools, and before
         # installing signal handlers that the child must not inherit.
         dht, validator = start_dht(
-            opts.initial_peers, host=opts.host, port=opts.port, identity_path=opts.identity, nat_port_map=opts.nat_port_map
+            opts.initial_peers, host=opts.host, port=opts.port, identity_path=opts.identity, nat_port_map=opts.nat_port_map,
+            announce_maddrs=opts.announce_maddrs,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
