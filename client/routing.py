@@ -53,16 +53,20 @@ def make_chain(
     """The fastest chain over usable servers; raises MissingBlocksError naming uncovered blocks."""
     end = len(servers) if end is None else end
     rtts = rtts or {}
-    missing = [b for b in range(start, end) if not any(usable(i, exclude) for i in servers[b].values())]
-    if missing:
-        raise MissingBlocksError(model, missing)
-
-    candidates: dict[str, ServerInfo] = {}
+    # What the search needs of each record, computed once per record (a record sits under every block it serves).
+    records: dict[int, Optional[ServerInfo]] = {}
     for block in range(start, end):
         for info in servers[block].values():
-            if usable(info, exclude):
-                candidates[info.peer_id] = info
-    noise = {peer: 1.0 + (rng.random() * jitter if rng else 0.0) for peer in sorted(candidates)}
+            if id(info) not in records:
+                records[id(info)] = info if usable(info, exclude) else None
+    missing = [b for b in range(start, end) if not any(records[id(i)] for i in servers[b].values())]
+    if missing:
+        raise MissingBlocksError(model, missing)
+    peers = sorted({info.peer_id for info in records.values() if info is not None})
+    noise = {peer: 1.0 + (rng.random() * jitter if rng else 0.0) for peer in peers}
+    facts = {key: (info.peer_id, seconds_per_block(info) * noise[info.peer_id],
+                   rtts.get(info.peer_id, DEFAULT_RTT) * noise[info.peer_id])
+             for key, info in records.items() if info is not None}
 
     # best[j]: fastest way to have blocks [start, j) done. For each server, keep the best block i at
     # which to enter it (minimising best[i] - i * per_block), updated as j moves right: O(blocks × servers).
@@ -72,27 +76,29 @@ def make_chain(
     entry: dict[str, tuple[float, int]] = {}
     for j in range(start + 1, end + 1):
         present = set()
+        best_before = best[j - 1]
         for info in servers[j - 1].values():
             # A peer that moved may still have an old record under other blocks: judge each record alone.
-            if not usable(info, exclude):
+            known_facts = facts.get(id(info))
+            if known_facts is None:
                 continue
-            peer = info.peer_id
+            peer, per_block, rtt = known_facts
             present.add(peer)
-            per_block = seconds_per_block(info) * noise[peer]
-            i = j - 1
-            if best[i] < math.inf:
-                value = best[i] - i * per_block
-                if peer not in entry or value < entry[peer][0]:
-                    entry[peer] = (value, i)
-            if peer not in entry:
-                continue
-            value, i = entry[peer]
-            cost = value + j * per_block + rtts.get(peer, DEFAULT_RTT) * noise[peer]
+            if best_before < math.inf:
+                value = best_before - (j - 1) * per_block
+                known = entry.get(peer)
+                if known is None or value < known[0]:
+                    entry[peer] = known = (value, j - 1)
+            else:
+                known = entry.get(peer)
+                if known is None:
+                    continue
+            cost = known[0] + j * per_block + rtt
             if cost < best[j]:
-                best[j], came_from[j] = cost, (i, info)
+                best[j], came_from[j] = cost, (known[1], info)
         # a server can only be extended over consecutive blocks it serves
-        for peer in list(entry):
-            if peer not in present:
+        if len(entry) > len(present):
+            for peer in [peer for peer in entry if peer not in present]:
                 del entry[peer]
 
     chain, j = [], end
