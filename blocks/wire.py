@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import asyncio
 
@@ -18,12 +18,13 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 RPC_INFERENCE = "swarm.BlockService.rpc_inference"
 RPC_FORWARD = "swarm.BlockService.rpc_forward"
 RPC_INFO = "swarm.BlockService.rpc_info"
 RPC_ECHO = "swarm.BlockService.rpc_echo"  # returns its payload: peers measure their bandwidth with it
+RPC_PUSH = "swarm.BlockService.rpc_push"  # the previous server of a chain hands a step's output straight on
 ECHO_MAX_BYTES = 1536 * 1024
 
 # One message on a stream stays well below what the libp2p daemon accepts; longer inputs are chunked.
@@ -86,15 +87,44 @@ class SessionOpened(_Header):
     max_length: int
 
 
+class Hop(_Header):
+    """A later server of the chain: where a step's output goes next, in which of its sessions, in which dtype."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    session_id: str = Field(min_length=16, max_length=64)
+    addrs: tuple[str, ...] = Field(default=(), max_length=16)
+    dtype: Literal["float32", "bfloat16", "float16"]
+
+    @field_validator("addrs")
+    @classmethod
+    def _short_addrs(cls, addrs: tuple[str, ...]) -> tuple[str, ...]:
+        if any(len(addr) > 256 for addr in addrs):
+            raise ValueError("multiaddr too long")
+        return addrs
+
+
 class Step(_Header):
     """One step of a session: hidden states [batch, tokens, hidden] (+ optional 2D attention mask).
 
     `position` is how many tokens the client believes the server already holds; a mismatch is an
-    error instead of silently wrong output.
+    error instead of silently wrong output. With a `route`, the server pushes its output to the
+    first hop (which pushes to the next, and so on) as well as replying to the client.
     """
 
     position: int = Field(ge=0)
     step_id: int = Field(default=0, ge=0)
+    route: tuple[Hop, ...] = Field(default=(), max_length=64)
+
+
+class Push(Step):
+    """A step pushed by the previous server of a chain into session `session_id`, which the client
+    opened here; the server treats it as if the client had sent it."""
+
+    session_id: str = Field(min_length=16, max_length=64)
+
+
+class PushAccepted(_Header):
+    session_id: str
 
 
 class StepDone(_Header):

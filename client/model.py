@@ -48,6 +48,7 @@ class AutoDistributedModelForCausalLM:
         reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
         min_reliability: float = 0.0,
         ban_seconds: float = 5.0,
+        push: bool = True,
     ) -> "AutoDistributedModelForCausalLM":
         """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`.
 
@@ -58,7 +59,10 @@ class AutoDistributedModelForCausalLM:
         (`StepTimeoutError`; None: no deadline). With `reliability` (an async callable
         giving scores per peer id, e.g. `client.reliability.RelayScores`), chains avoid servers scoring
         below `min_reliability` whenever other servers cover their blocks. A server that fails is
-        banned for `ban_seconds`, doubling with each further failure (at most 300 s).
+        banned for `ban_seconds`, doubling with each further failure (at most 300 s). With `push` (the
+        default), each server of a chain sends a step's output straight to the next one
+        (client → server 1 → … → server S → client); `push=False` makes every output come back to the
+        client, which sends it on (2·S network legs per step instead of S + 1).
         """
         checkpoint = Checkpoint(path)
         head = load_head(checkpoint, dtype=dtype, device=device)
@@ -68,7 +72,8 @@ class AutoDistributedModelForCausalLM:
             generation_config = GenerationConfig.from_model_config(dict(checkpoint.config.raw))
         remote = RemoteModel(checkpoint, initial_peers, model_name, request_timeout=request_timeout,
                              max_chunk_tokens=max_chunk_tokens, max_retries=max_retries, step_timeout=step_timeout,
-                             reliability=reliability, min_reliability=min_reliability, ban_seconds=ban_seconds)
+                             reliability=reliability, min_reliability=min_reliability, ban_seconds=ban_seconds,
+                             push=push)
         return cls(checkpoint, head, remote, generation_config)
 
     @property

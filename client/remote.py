@@ -77,6 +77,7 @@ class RemoteModel:
         reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
         min_reliability: float = 0.0,
         ban_seconds: float = 5.0,
+        push: bool = True,
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one swarm peer")
@@ -86,6 +87,7 @@ class RemoteModel:
         self.request_timeout = request_timeout
         self.max_chunk_tokens = max_chunk_tokens
         self.max_retries = max_retries
+        self.push = push  # servers hand each step's output to the next server of the chain
         if step_timeout is not None and not step_timeout > 0:
             raise ValueError(f"step_timeout must be a positive number of seconds or None, got {step_timeout}")
         self.step_timeout = step_timeout

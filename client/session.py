@@ -44,6 +44,7 @@ class InferenceSession:
         self.closed = False
         self.broken: Optional[str] = None  # why the servers' caches may no longer match this session
         self.failovers = 0
+        self._step_id = 0
 
     @property
     def chain(self) -> list[tuple[str, int, int]]:
@@ -73,7 +74,7 @@ class InferenceSession:
                 for plan in chain:
                     span = SpanSession(plan, self.remote.request_timeout)
                     opened.append(span)
-                    await span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length, self.session_id)
+                    await span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length)
                 if history is not None:
                     await self._replay(opened, history, mask)
                 for span in opened:
@@ -132,6 +133,8 @@ class InferenceSession:
             logger.info("session %s: chain %s", self.session_id, self._describe())
         dtype = hidden.dtype
         chunk = self.remote.chunk_tokens(batch)
+        if self.remote.push:
+            chunk = min([chunk] + [span.max_chunk_tokens for span in self.spans])  # one message per span
         outputs = []
         try:
             for offset in range(0, tokens, chunk):
@@ -147,11 +150,25 @@ class InferenceSession:
         return torch.cat(outputs, dim=1).to(dtype)
 
     async def _through_chain(self, part: torch.Tensor, mask: Optional[torch.Tensor], failures: FailureBudget) -> torch.Tensor:
-        index = 0
+        """One chunk through every span. With push, the client sends it to the first span only, with
+        the route of the others; each server pushes its output to the next, and the client reads every
+        span's output from its own stream as it comes (it keeps them to rebuild a replacement's cache).
+        After a failover the client sends the step itself to the replacement, which pushes it on."""
+        self._step_id += 1
+        index, send_to = 0, 0
         while index < len(self.spans):
             span = self.spans[index]
             try:
-                output = await span.step(part, mask)
+                if index == send_to:
+                    later = self.spans[index + 1:]
+                    if self.remote.push and all(part.shape[1] <= other.max_chunk_tokens for other in later):
+                        span.send(part, mask, self._step_id, [other.hop() for other in later])
+                        output = await span.receive(part)
+                    else:
+                        output = await span.step(part, mask)
+                        send_to = index + 1
+                else:
+                    output = await span.receive(part)
             except ServerFailure as e:
                 self.remote.report_failure(e.peer_id, str(e))
                 await span.close()
@@ -161,6 +178,7 @@ class InferenceSession:
                 replacement = await self._connect(span.plan.start, span.plan.end, history, history_mask, failures)
                 self.spans[index:index + 1] = replacement
                 self.failovers += 1
+                send_to = index
                 logger.warning("session %s: replaced %s for blocks %d:%d; chain now %s", self.session_id,
                                e.peer_id, span.plan.start, span.plan.end, self._describe())
                 continue

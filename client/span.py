@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Optional
+import uuid
+from typing import AsyncIterator, Optional, Sequence
 
 import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
@@ -16,6 +17,7 @@ from blocks.wire import (
     RPC_INFERENCE,
     ErrorKind,
     ForwardRequest,
+    Hop,
     MalformedMessage,
     OpenSession,
     SessionOpened,
@@ -133,21 +135,31 @@ class SpanSession:
         self.timeout = timeout
         self.dtype = parse_dtype(plan.info.record.dtype)
         self.position = 0
+        self.key = uuid.uuid4().hex  # this server's id of the session: only the client and the previous server know it
         self._stream = _Stream()
         self._step_id = 0
         self._inputs: list[torch.Tensor] = []  # what this server has received, to rebuild its cache elsewhere
+
+    @property
+    def max_chunk_tokens(self) -> int:
+        return self.plan.info.record.max_chunk_tokens
+
+    def hop(self) -> Hop:
+        """Where the previous server of the chain pushes this span's input."""
+        record = self.plan.info.record
+        return Hop(peer_id=self.plan.peer_id, session_id=self.key, addrs=record.addrs, dtype=record.dtype)
 
     def history(self) -> Optional[torch.Tensor]:
         """Inputs of block `plan.start` at every position this span has processed ([batch, position, hidden]),
         or None before its first step."""
         return torch.cat(self._inputs, dim=1) if self._inputs else None
 
-    async def open(self, p2p: P2P, model: str, batch_size: int, max_length: int, session_id: str) -> None:
+    async def open(self, p2p: P2P, model: str, batch_size: int, max_length: int) -> None:
         try:
             peer = await connect(p2p, self.plan, self.timeout)
             await asyncio.wait_for(self._stream.open(p2p, peer, RPC_INFERENCE), self.timeout)
             self._stream.send(pack(OpenSession(model=model, start_block=self.plan.start, end_block=self.plan.end,
-                                               max_length=max_length, batch_size=batch_size, session_id=session_id),
+                                               max_length=max_length, batch_size=batch_size, session_id=self.key),
                                    request=True))
             read_header(await self._stream.receive(self.timeout), SessionOpened)
         except Exception as e:
@@ -166,10 +178,20 @@ class SpanSession:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        tensors = [hidden.to(self.dtype)] + ([mask] if mask is not None else [])
         self._step_id += 1
+        self.send(hidden, mask, self._step_id)
+        return await self.receive(hidden)
+
+    def send(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], step_id: int, route: Sequence[Hop] = ()) -> None:
+        """Sends one step (within this server's chunk limit); with a `route`, the server pushes its
+        output along it. The reply is read by `receive`."""
+        tensors = [hidden.to(self.dtype)] + ([mask] if mask is not None else [])
+        self._stream.send(pack(Step(position=self.position, step_id=step_id, route=tuple(route)), tensors, request=True))
+
+    async def receive(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This span's output for the step whose input was `hidden` (sent by us, or pushed to the server
+        by the previous one); the input is kept to rebuild the cache elsewhere."""
         try:
-            self._stream.send(pack(Step(position=self.position, step_id=self._step_id), tensors, request=True))
             reply = await self._stream.receive(self.timeout)
             done = read_header(reply, StepDone)
             outputs = read_tensors(reply, max_count=1)

@@ -11,21 +11,24 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
-from blocks.checkpoint import dtype_name
+from blocks.checkpoint import dtype_name, parse_dtype
 from blocks.kv_pool import PooledCache
 from blocks.span import BlockSpan
 from blocks.wire import (
     ECHO_MAX_BYTES,
     ErrorKind,
     ForwardRequest,
+    Hop,
     OpenSession,
+    Push,
+    PushAccepted,
     ServerInfoReply,
     SessionOpened,
     Step,
@@ -44,12 +47,23 @@ from swarm.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 
+# Pushed steps waiting in one session; more means the pusher is not waiting for the session's replies.
+MAX_QUEUED_PUSHES = 4
+
+
 @dataclass(eq=False)
 class _OpenSession:
-    """What an open session holds; `closed` says why the server ended it (its cache is gone then)."""
+    """What an open session holds; `closed` says why the server ended it (its cache is gone then).
+
+    `inbox` holds the session's next messages as (pushed, message): from the client's stream or
+    pushed by the previous server; `last_step` is (step_id, position) of the last step computed, so that a step arriving
+    twice (pushed and, after a failover, pushed again by a replacement) is computed once."""
 
     cache: Optional[PooledCache]
     reservation: Reservation
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    pushed: int = 0
+    last_step: Optional[tuple[int, int]] = None
     closed: Optional[str] = None
 
 
@@ -74,6 +88,7 @@ class BlockHandler:
         accepting: Callable[[], bool],
         admit: Callable[[int], None] = lambda open_sessions: None,
         metrics: Optional[ServerMetrics] = None,
+        push: Optional[Callable[[Hop, runtime_pb2.ExpertRequest], Awaitable[None]]] = None,
     ):
         self.model = model
         self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
@@ -85,7 +100,10 @@ class BlockHandler:
         self.accepting = accepting
         self.admit = admit
         self.metrics = metrics
+        self.push = push  # sends a step to a later server of the chain (None: steps with a route are refused)
         self._sessions: set[_OpenSession] = set()
+        self._keyed: dict[str, _OpenSession] = {}  # sessions by the id their client gave, for pushes
+        self._pushes: set[asyncio.Task] = set()
         self.serve_span(span)
 
     @property
@@ -121,6 +139,27 @@ class BlockHandler:
         except WireError as e:
             return error_response(e)
         return pack(None, payload, request=False)
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A step pushed by the previous server of a chain, for a session its client opened here.
+
+        Accepted once its header parses and names an open session; the session checks it like a
+        step from its client (position, shape, dtype, values) and answers on the client's stream."""
+        try:
+            header = read_header(request, Push)
+            session = self._keyed.get(header.session_id)
+            if session is None or session.closed is not None:
+                raise bad_request("no open session with this id here")
+            if session.pushed >= MAX_QUEUED_PUSHES:
+                raise WireError(ErrorKind.BUSY, f"{MAX_QUEUED_PUSHES} pushed steps already wait in this session")
+        except WireError as e:
+            logger.info("push from %s refused: %s: %s", context.remote_id, e.kind.value, e.message)
+            return error_response(e)
+        session.pushed += 1
+        session.inbox.put_nowait((True, request))
+        if self.metrics is not None:
+            self.metrics.pushed_steps.inc()
+        return pack(PushAccepted(session_id=header.session_id), request=False)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         if self.span is None:
@@ -163,6 +202,7 @@ class BlockHandler:
         session: Optional[_OpenSession] = None
         session_id = "-"
         timing = None
+        reader: Optional[asyncio.Task] = None
         failed = False  # a session the client closes (even abruptly) succeeded; one answered with an error failed
         try:
             first = await self._next(requests)
@@ -172,6 +212,8 @@ class BlockHandler:
                 header = read_header(first, OpenSession)
                 batch, max_length = header.batch_size, header.max_length
                 session_id = header.session_id or uuid.uuid4().hex[:12]
+                if header.session_id and header.session_id in self._keyed:
+                    raise bad_request("a session with this id is already open here")
             else:
                 header = read_header(first, ForwardRequest)
                 batch, max_length = header.batch_size, header.total_tokens
@@ -186,29 +228,41 @@ class BlockHandler:
                 raise
             session = _OpenSession(cache=reservation.cache, reservation=reservation)
             self._sessions.add(session)
+            if persistent and header.session_id:
+                self._keyed[header.session_id] = session
             timing = self.metrics.session(prompt_only=not persistent) if self.metrics is not None else None
             logger.debug("session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
                          session_id, context.remote_id, start, end, batch, max_length)
             position = 0
             if persistent:
                 yield pack(SessionOpened(session_id=session_id, max_length=max_length), request=False)
-                message = await self._next(requests)
+                reader = asyncio.create_task(_forward_messages(requests, session.inbox))
+                message = await self._next_in(session)
             else:
                 message = first
             while message is not None:
                 if session.closed is not None:
                     raise WireError(ErrorKind.WRONG_MODEL, session.closed)
                 step = read_header(message, Step) if message is not first else Step(position=0)
+                if step.step_id and session.last_step == (step.step_id, step.position):
+                    logger.debug("session %s: step %d arrived again; computed once", session_id, step.step_id)
+                    message = await self._next_in(session)
+                    continue
+                if step.route and self.push is None:
+                    raise bad_request("this server does not push steps to other servers")
                 hidden, mask = self._check_step(read_tensors(message, max_count=2), batch, position, max_length, step)
                 began = time.perf_counter()
                 output = await self.scheduler.run(self.span, hidden, session.cache, mask, start, end)
                 if timing is not None:
                     timing.step(hidden.shape[1], time.perf_counter() - began)
+                session.last_step = (step.step_id, position)
                 position += hidden.shape[1]
+                if step.route:
+                    self._push_on(step, output, mask, session_id)
                 yield pack(StepDone(position=position, step_id=step.step_id), [output], request=False)
                 if not persistent and position == max_length:
                     return
-                message = await self._next(requests)
+                message = await (self._next_in(session) if persistent else self._next(requests))
             if not persistent:
                 raise bad_request(f"stream ended after {position} of {max_length} tokens")
         except WireError as e:
@@ -225,11 +279,40 @@ class BlockHandler:
             logger.exception("session %s from %s failed", session_id, context.remote_id)
             yield error_response(WireError(ErrorKind.SERVER_ERROR, f"{type(e).__name__}: {e}"))
         finally:
+            if reader is not None:
+                reader.cancel()
             if reservation is not None:
                 reservation.release()
             self._sessions.discard(session)
+            if persistent and session is not None and self._keyed.get(session_id) is session:
+                del self._keyed[session_id]
             if timing is not None:
                 timing.finished(ok=not failed)
+
+    def _push_on(self, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor], session_id: str) -> None:
+        """Sends the output to the route's first hop, in its dtype, with the rest of the route; in the
+        background, so that the reply to the client is not held up by it. A failed push is only
+        logged: the client notices the next server's silence and fails over as for any failure."""
+        hop = step.route[0]
+        tensors = [output.to(parse_dtype(hop.dtype))] + ([mask] if mask is not None else [])
+        message = pack(Push(position=step.position, step_id=step.step_id, route=step.route[1:],
+                            session_id=hop.session_id), tensors, request=True)
+
+        async def push() -> None:
+            try:
+                await self.push(hop, message)
+            except Exception as e:
+                logger.warning("session %s: push to %s failed: %s: %s", session_id, hop.peer_id, type(e).__name__, e)
+
+        task = asyncio.create_task(push())
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+
+    async def _next_in(self, session: _OpenSession) -> Optional[runtime_pb2.ExpertRequest]:
+        pushed, message = await asyncio.wait_for(session.inbox.get(), timeout=self.limits.session_timeout)
+        if pushed:
+            session.pushed -= 1
+        return message
 
     async def _next(self, requests) -> Optional[runtime_pb2.ExpertRequest]:
         return await asyncio.wait_for(anext(requests, None), timeout=self.limits.session_timeout)
@@ -283,3 +366,12 @@ class BlockHandler:
             if ((mask != 0) & (mask != 1)).any():
                 raise bad_request("attention mask may hold only 0 and 1")
         return hidden, mask
+
+
+async def _forward_messages(requests, inbox: asyncio.Queue) -> None:
+    """Moves the client's stream messages into the session's inbox; None once the stream ends."""
+    try:
+        async for message in requests:
+            inbox.put_nowait((False, message))
+    finally:
+        inbox.put_nowait((False, None))

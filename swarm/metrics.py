@@ -75,6 +75,8 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", E2E_BUCKETS)
         self.request_prompt = histogram("request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS)
         self.request_generation = histogram("request_generation_tokens", "Number of generation tokens processed.", TOKEN_BUCKETS)
+        self.pushed_steps = counter("swarm_pushed_steps_total",
+                                    "Steps received from the previous server of a chain (not a MindIE name).")
         self.batch_steps = histogram(
             "swarm_batch_steps", "Sessions' steps computed together in one batched forward (not a MindIE name).",
             BATCH_BUCKETS)

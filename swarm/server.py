@@ -19,10 +19,21 @@ from tqdm import tqdm
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
 from blocks.loading import load_span
 from blocks.span import BlockSpan
-from blocks.wire import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, cap_incoming_messages
+from blocks.wire import (
+    RPC_ECHO,
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    RPC_INFO,
+    RPC_PUSH,
+    Hop,
+    PushAccepted,
+    cap_incoming_messages,
+    read_header,
+)
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
 from dht.registration import sign_registration
+from dht.dialing import dial
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import SwarmDHT, start_dht
 from swarm import __version__
@@ -84,6 +95,7 @@ class Server:
         self.span: Optional[BlockSpan] = None
         self.dht: Optional[SwarmDHT] = None
         self.handler: Optional[BlockHandler] = None
+        self.p2p: Optional[P2P] = None
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
         self.exit_code = 0  # what `python -m swarm.serve` exits with once `run()` returns
@@ -211,16 +223,26 @@ class Server:
             accepting=lambda: self.state == ServerState.ONLINE,
             admit=self.load.admit,
             metrics=self.metrics,
+            push=self._push,
         )
-        p2p = await dht.replicate_p2p()
+        p2p = self.p2p = await dht.replicate_p2p()
         for name, method, stream in (
             (RPC_INFERENCE, self.handler.rpc_inference, True),
             (RPC_FORWARD, self.handler.rpc_forward, True),
             (RPC_INFO, self.handler.rpc_info, False),
             (RPC_ECHO, self.handler.rpc_echo, False),
+            (RPC_PUSH, self.handler.rpc_push, False),
         ):
             await p2p.add_protobuf_handler(name, method, runtime_pb2.ExpertRequest, stream_input=stream, stream_output=stream)
         return p2p
+
+    async def _push(self, hop: Hop, message: runtime_pb2.ExpertRequest) -> None:
+        """Hands a step to the next server of a client's chain (server-to-server push)."""
+        timeout = self.options.session_timeout
+        peer = await dial(self.p2p, hop.peer_id, hop.addrs, timeout)
+        reply = await asyncio.wait_for(
+            self.p2p.call_protobuf_handler(peer, RPC_PUSH, message, runtime_pb2.ExpertResponse), timeout)
+        read_header(reply, PushAccepted)
 
     async def _measure_network(self, p2p: P2P) -> None:
         """Bandwidth to a few other servers of the swarm (none yet: stays unknown until a restart)."""

@@ -36,7 +36,8 @@ def values(text: str, name: str) -> dict[tuple, float]:
 def test_a_server_exports_the_mindie_metric_names():
     text = server_text([(10, 4, True), (3, 0, False)], 0.25)
     families = {f.name for f in text_string_to_metric_families(text)}
-    assert families == MINDIE_NAMES | {"swarm_batch_steps"}  # the MindIE names, and how well steps batch
+    # The MindIE names, how well steps batch and how many arrive pushed by another server.
+    assert families == MINDIE_NAMES | {"swarm_batch_steps", "swarm_pushed_steps"}
     assert values(text, "request_received_total") == {(("model_name", "m"),): 2.0}
     assert values(text, "request_success_total") == {(("model_name", "m"),): 1.0}
     assert values(text, "prompt_tokens_total") == {(("model_name", "m"),): 13.0}

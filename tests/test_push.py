@@ -1,0 +1,153 @@
+"""Server-to-server push: a step goes client → server 1 → … → server S → client, outputs unchanged,
+failover intact, and a server accepts pushes only into sessions a client opened there."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+import uuid
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from blocks.checkpoint import Checkpoint
+from blocks.loading import load_span
+from blocks.synthetic import make_random_checkpoint
+from blocks.wire import (
+    RPC_PUSH,
+    ErrorKind,
+    OpenSession,
+    Push,
+    PushAccepted,
+    SessionOpened,
+    Step,
+    StepDone,
+    WireError,
+    pack,
+    read_header,
+    read_tensors,
+)
+from client import AutoDistributedModelForCausalLM
+from dht.dialing import dial
+from swarm.batching import StepScheduler
+from swarm.cache import CacheBudget
+from swarm.compute import ComputeThread
+from swarm.handler import BlockHandler, Limits
+from swarm.local import LocalSwarm
+from tests.conftest import reference_model
+from tests.test_failover import AtToken
+
+
+def pushed_steps(metrics_url: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("swarm_pushed_steps_total"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("push", [True, False])
+def test_generation_with_and_without_push_matches_transformers(qwen2_swarm, qwen2_path, qwen2_ref, push):
+    """Three servers; with push the second and third get every step from the server before them."""
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # the mask travels with pushed steps too
+    expected = qwen2_ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    before = [pushed_steps(server.metrics_url) for server in qwen2_swarm.servers]
+    with AutoDistributedModelForCausalLM.from_pretrained(qwen2_path, qwen2_swarm.initial_peers, request_timeout=60,
+                                                         push=push) as model:
+        output = model.generate(ids, attention_mask=mask, max_new_tokens=10)
+    assert torch.equal(output, expected)
+    received = [pushed_steps(server.metrics_url) - count for server, count in zip(qwen2_swarm.servers, before)]
+    if push:
+        # 11 steps (prompt + 10 tokens, the last token not sent) reach servers 2 and 3 by push, none server 1.
+        assert received == [0, 10, 10]
+    else:
+        assert received == [0, 0, 0]
+
+
+@pytest.mark.slow
+def test_a_middle_server_dies_with_push_on_and_the_output_is_unchanged(tmp_path):
+    path = make_random_checkpoint(tmp_path / "llama6", "llama", num_layers=6, seed=12)
+    ref = reference_model(path)
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(12))
+    expected = ref.generate(ids, max_new_tokens=30, do_sample=False)
+    with LocalSwarm(path, [(0, 2), (2, 4), (2, 4), (4, 6)], server_args=["--throughput", "100"],
+                    workdir=tmp_path / "swarm") as swarm:
+        # A stream to a killed server sometimes sees no reset and waits out its timeout: keep it short.
+        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, request_timeout=15) as model:
+            with model.inference_session(max_length=ids.shape[1] + 30) as session:
+                victims = []
+
+                def kill_middle():
+                    victims.append(session.chain[1][0])
+                    swarm.server(victims[0]).kill()
+
+                output = model.generate(ids, max_new_tokens=30, session=session, streamer=AtToken(10, kill_middle))
+            assert torch.equal(output, expected)
+            assert session.failovers >= 1 and victims[0] not in [peer for peer, _, _ in session.chain]
+            assert len(session.chain) == 3
+
+
+@pytest.mark.slow
+def test_a_push_into_a_session_nobody_opened_is_refused(llama_client, llama_swarm):
+    remote = llama_client.remote
+    server = llama_swarm.servers[1]
+    servers = remote.runtime.run(remote.dht.fetch_servers(llama_client.model_name, remote.num_blocks), 30)
+    record = servers[2][server.peer_id].record
+
+    async def push():
+        peer = await dial(remote.p2p, server.peer_id, record.addrs, 30)
+        message = pack(Push(position=0, step_id=1, session_id=uuid.uuid4().hex),
+                       [torch.zeros(1, 1, llama_client.config.hidden_size)], request=True)
+        reply = await remote.p2p.call_protobuf_handler(peer, RPC_PUSH, message, runtime_pb2.ExpertResponse)
+        return read_header(reply, PushAccepted)
+
+    with pytest.raises(WireError) as error:
+        remote.runtime.run(push(), 60)
+    assert error.value.kind == ErrorKind.BAD_REQUEST and "no open session" in error.value.message
+
+
+async def test_a_step_pushed_twice_is_computed_once_and_the_session_goes_on(llama_path):
+    """After a failover the replacement pushes a step the next server may already have had."""
+    span = load_span(Checkpoint(llama_path), 0, 2, torch.float32, "cpu")
+    size = span.config.hidden_size
+    compute = ComputeThread()
+    scheduler = StepScheduler(compute, max_batch_tokens=64)
+    handler = BlockHandler("m", span, CacheBudget(1000), scheduler,
+                           Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
+                           version="test", state=lambda: "online", accepting=lambda: True)
+    queue: asyncio.Queue = asyncio.Queue()
+    other_queue: asyncio.Queue = asyncio.Queue()
+
+    async def requests(source=queue):
+        while (message := await source.get()) is not None:
+            yield message
+
+    key = uuid.uuid4().hex
+    replies = handler.rpc_inference(requests(), SimpleNamespace(remote_id="client"))
+    context = SimpleNamespace(remote_id="previous-server")
+    try:
+        queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1,
+                                          session_id=key), request=True))
+        read_header(await anext(replies), SessionOpened)
+        prompt = torch.randn(1, 3, size)
+        pushed = pack(Push(position=0, step_id=7, session_id=key), [prompt], request=True)
+        for _ in range(2):
+            read_header(await handler.rpc_push(pushed, context), PushAccepted)
+        first = await asyncio.wait_for(anext(replies), 60)
+        assert read_header(first, StepDone).position == 3
+        torch.testing.assert_close(read_tensors(first, max_count=1)[0], span.forward(prompt), atol=1e-5, rtol=0)
+        # The duplicate was dropped: the next reply is the client's own next step.
+        queue.put_nowait(pack(Step(position=3, step_id=8), [torch.randn(1, 1, size)], request=True))
+        assert read_header(await asyncio.wait_for(anext(replies), 60), StepDone).position == 4
+        # Another client cannot open a session under the same id.
+        other = handler.rpc_inference(requests(other_queue), SimpleNamespace(remote_id="someone-else"))
+        other_queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1,
+                                          session_id=key), request=True))
+        with pytest.raises(WireError, match="already open"):
+            read_header(await asyncio.wait_for(anext(other), 60), SessionOpened)
+    finally:
+        queue.put_nowait(None)
+        scheduler.close()
+        compute.shutdown()
