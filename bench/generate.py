@@ -1,5 +1,7 @@
 """Greedy decoding speed through a local swarm vs single-process transformers on the same model.
 
+The swarm is measured with server-to-server push (the default) and without it.
+
 Prints one JSON object. Examples:
   .venv/bin/python bench/generate.py                       # random Llama, ~220 M parameters, 2 servers
   .venv/bin/python bench/generate.py --model embedded      # SmolLM2-135M-Instruct, 3 servers
@@ -89,11 +91,15 @@ def main() -> None:
     with LocalSwarm(path, splits, server_args=["--dtype", args.dtype, "--throughput", "1"],
                     workdir=workdir / "swarm", env={"OMP_NUM_THREADS": str(args.threads)},
                     link_delay_ms=args.link_delay_ms) as swarm:
-        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, dtype=dtype) as model:
-            model.generation_config.eos_token_id = None
-            model.generate(ids, max_new_tokens=4)
-            swarm_runs = [timed_generate(model.generate, ids, args.new_tokens) for _ in range(args.repeats)]
-    swarm_time, swarm_output = min(swarm_runs, key=lambda run: run[0])
+        swarm_runs = {}
+        for push in (True, False):
+            with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, dtype=dtype, push=push) as model:
+                model.generation_config.eos_token_id = None
+                model.generate(ids, max_new_tokens=4)
+                runs = [timed_generate(model.generate, ids, args.new_tokens) for _ in range(args.repeats)]
+            swarm_runs[push] = min(runs, key=lambda run: run[0])
+    swarm_time, swarm_output = swarm_runs[True]
+    star_time, star_output = swarm_runs[False]
 
     local_rate = args.new_tokens / local_time
     swarm_rate = args.new_tokens / swarm_time
@@ -110,10 +116,12 @@ def main() -> None:
         "threads_per_process": args.threads,
         "link_delay_ms": args.link_delay_ms,
         "swarm_ms_per_token": round(1000 * swarm_time / args.new_tokens, 1),
+        "swarm_without_push_ms_per_token": round(1000 * star_time / args.new_tokens, 1),
+        "swarm_without_push_tokens_per_s": round(args.new_tokens / star_time, 2),
         "single_process_tokens_per_s": round(local_rate, 2),
         "swarm_tokens_per_s": round(swarm_rate, 2),
         "ratio": round(swarm_rate / local_rate, 3),
-        "identical_output": bool(torch.equal(local_output, swarm_output)),
+        "identical_output": bool(torch.equal(local_output, swarm_output) and torch.equal(local_output, star_output)),
     }))
 
 

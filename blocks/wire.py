@@ -25,6 +25,7 @@ RPC_FORWARD = "swarm.BlockService.rpc_forward"
 RPC_INFO = "swarm.BlockService.rpc_info"
 RPC_ECHO = "swarm.BlockService.rpc_echo"  # returns its payload: peers measure their bandwidth with it
 RPC_PUSH = "swarm.BlockService.rpc_push"  # the previous server of a chain hands a step's output straight on
+RPC_PUSH_STREAM = "swarm.BlockService.rpc_push_stream"  # the same, one stream per session and next server
 ECHO_MAX_BYTES = 1536 * 1024
 
 # One message on a stream stays well below what the libp2p daemon accepts; longer inputs are chunked.

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import torch
 from hivemind.p2p import P2PContext
@@ -43,6 +43,7 @@ from blocks.wire import (
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget, Reservation
 from swarm.metrics import ServerMetrics
+from swarm.push import PushStream
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class _OpenSession:
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     pushed: int = 0
     last_step: Optional[tuple[int, int]] = None
+    push_streams: dict[tuple[str, str], PushStream] = field(default_factory=dict)  # to later servers
     closed: Optional[str] = None
 
 
@@ -88,7 +90,7 @@ class BlockHandler:
         accepting: Callable[[], bool],
         admit: Callable[[int], None] = lambda open_sessions: None,
         metrics: Optional[ServerMetrics] = None,
-        push: Optional[Callable[[Hop, runtime_pb2.ExpertRequest], Awaitable[None]]] = None,
+        push: Optional[Callable[[Hop], PushStream]] = None,
     ):
         self.model = model
         self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
@@ -100,10 +102,9 @@ class BlockHandler:
         self.accepting = accepting
         self.admit = admit
         self.metrics = metrics
-        self.push = push  # sends a step to a later server of the chain (None: steps with a route are refused)
+        self.push = push  # opens a stream to a later server of the chain (None: steps with a route are refused)
         self._sessions: set[_OpenSession] = set()
         self._keyed: dict[str, _OpenSession] = {}  # sessions by the id their client gave, for pushes
-        self._pushes: set[asyncio.Task] = set()
         self.serve_span(span)
 
     @property
@@ -146,20 +147,38 @@ class BlockHandler:
         Accepted once its header parses and names an open session; the session checks it like a
         step from its client (position, shape, dtype, values) and answers on the client's stream."""
         try:
-            header = read_header(request, Push)
-            session = self._keyed.get(header.session_id)
-            if session is None or session.closed is not None:
-                raise bad_request("no open session with this id here")
-            if session.pushed >= MAX_QUEUED_PUSHES:
-                raise WireError(ErrorKind.BUSY, f"{MAX_QUEUED_PUSHES} pushed steps already wait in this session")
+            session_id = self._accept_push(request)
         except WireError as e:
             logger.info("push from %s refused: %s: %s", context.remote_id, e.kind.value, e.message)
             return error_response(e)
+        return pack(PushAccepted(session_id=session_id), request=False)
+
+    async def rpc_push_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """`rpc_push` for every message of a stream (the previous server's steps of one session), with
+        one reply when the stream ends: a reply per step would double the messages on the way.
+        Refused pushes are logged here; the client notices the silence and fails over."""
+        session_id = ""
+        async for request in requests:
+            try:
+                session_id = self._accept_push(request)
+            except WireError as e:
+                logger.info("push from %s refused: %s: %s", context.remote_id, e.kind.value, e.message)
+        return pack(PushAccepted(session_id=session_id), request=False)
+
+    def _accept_push(self, request: runtime_pb2.ExpertRequest) -> str:
+        header = read_header(request, Push)
+        session = self._keyed.get(header.session_id)
+        if session is None or session.closed is not None:
+            raise bad_request("no open session with this id here")
+        if session.pushed >= MAX_QUEUED_PUSHES:
+            raise WireError(ErrorKind.BUSY, f"{MAX_QUEUED_PUSHES} pushed steps already wait in this session")
         session.pushed += 1
         session.inbox.put_nowait((True, request))
         if self.metrics is not None:
             self.metrics.pushed_steps.inc()
-        return pack(PushAccepted(session_id=header.session_id), request=False)
+        return header.session_id
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         if self.span is None:
@@ -258,7 +277,7 @@ class BlockHandler:
                 session.last_step = (step.step_id, position)
                 position += hidden.shape[1]
                 if step.route:
-                    self._push_on(step, output, mask, session_id)
+                    self._push_on(session, step, output, mask)
                 yield pack(StepDone(position=position, step_id=step.step_id), [output], request=False)
                 if not persistent and position == max_length:
                     return
@@ -281,6 +300,9 @@ class BlockHandler:
         finally:
             if reader is not None:
                 reader.cancel()
+            if session is not None:
+                for stream in session.push_streams.values():
+                    stream.close()
             if reservation is not None:
                 reservation.release()
             self._sessions.discard(session)
@@ -289,24 +311,17 @@ class BlockHandler:
             if timing is not None:
                 timing.finished(ok=not failed)
 
-    def _push_on(self, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor], session_id: str) -> None:
-        """Sends the output to the route's first hop, in its dtype, with the rest of the route; in the
-        background, so that the reply to the client is not held up by it. A failed push is only
-        logged: the client notices the next server's silence and fails over as for any failure."""
+    def _push_on(self, session: _OpenSession, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        """Sends the output to the route's first hop, in its dtype, with the rest of the route, on the
+        session's stream to that server; the reply to the client is not held up by it."""
         hop = step.route[0]
         tensors = [output.to(parse_dtype(hop.dtype))] + ([mask] if mask is not None else [])
         message = pack(Push(position=step.position, step_id=step.step_id, route=step.route[1:],
                             session_id=hop.session_id), tensors, request=True)
-
-        async def push() -> None:
-            try:
-                await self.push(hop, message)
-            except Exception as e:
-                logger.warning("session %s: push to %s failed: %s: %s", session_id, hop.peer_id, type(e).__name__, e)
-
-        task = asyncio.create_task(push())
-        self._pushes.add(task)
-        task.add_done_callback(self._pushes.discard)
+        key = (hop.peer_id, hop.session_id)
+        if key not in session.push_streams:
+            session.push_streams[key] = self.push(hop)
+        session.push_streams[key].send(message)
 
     async def _next_in(self, session: _OpenSession) -> Optional[runtime_pb2.ExpertRequest]:
         pushed, message = await asyncio.wait_for(session.inbox.get(), timeout=self.limits.session_timeout)

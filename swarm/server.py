@@ -25,15 +25,13 @@ from blocks.wire import (
     RPC_INFERENCE,
     RPC_INFO,
     RPC_PUSH,
+    RPC_PUSH_STREAM,
     Hop,
-    PushAccepted,
     cap_incoming_messages,
-    read_header,
 )
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
 from dht.registration import sign_registration
-from dht.dialing import dial
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import SwarmDHT, start_dht
 from swarm import __version__
@@ -44,6 +42,7 @@ from swarm.handler import BlockHandler, Limits
 from swarm.hardware import describe_device, free_memory, probe_status, release_memory
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
+from swarm.push import PushStream
 from swarm.network import measure_bandwidth
 from swarm.preflight import check_model_and_blocks
 from swarm.relay_link import RelayLink, credentials_file
@@ -234,15 +233,13 @@ class Server:
             (RPC_PUSH, self.handler.rpc_push, False),
         ):
             await p2p.add_protobuf_handler(name, method, runtime_pb2.ExpertRequest, stream_input=stream, stream_output=stream)
+        await p2p.add_protobuf_handler(RPC_PUSH_STREAM, self.handler.rpc_push_stream, runtime_pb2.ExpertRequest,
+                                       stream_input=True, stream_output=False)
         return p2p
 
-    async def _push(self, hop: Hop, message: runtime_pb2.ExpertRequest) -> None:
-        """Hands a step to the next server of a client's chain (server-to-server push)."""
-        timeout = self.options.session_timeout
-        peer = await dial(self.p2p, hop.peer_id, hop.addrs, timeout)
-        reply = await asyncio.wait_for(
-            self.p2p.call_protobuf_handler(peer, RPC_PUSH, message, runtime_pb2.ExpertResponse), timeout)
-        read_header(reply, PushAccepted)
+    def _push(self, hop: Hop) -> PushStream:
+        """A stream to the next server of a client's chain (server-to-server push)."""
+        return PushStream(self.p2p, hop, self.options.session_timeout)
 
     async def _measure_network(self, p2p: P2P) -> None:
         """Bandwidth to a few other servers of the swarm (none yet: stays unknown until a restart)."""

@@ -1,0 +1,53 @@
+"""Server-to-server push: one stream from this server to the next server of a client's chain per
+session, carrying each step's output as soon as it is computed.
+
+A stream, not a call per step: opening a libp2p stream costs a negotiation each time, which on
+loopback made a pushed chain slower than the client relaying outputs itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
+
+from blocks.wire import RPC_PUSH_STREAM, Hop, PushAccepted, WireError, read_header
+from dht.dialing import dial
+
+logger = logging.getLogger(__name__)
+
+
+class PushStream:
+    """Steps of one session to one later server, in order; failures are logged, not raised (the client
+    notices the next server's silence and fails over as for any failure)."""
+
+    def __init__(self, p2p: P2P, hop: Hop, timeout: float):
+        self.hop = hop
+        self._p2p = p2p
+        self._timeout = timeout
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name=f"push to {hop.peer_id[-6:]}")
+
+    def send(self, message: runtime_pb2.ExpertRequest) -> None:
+        self._queue.put_nowait(message)
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def _requests(self):
+        while (message := await self._queue.get()) is not None:
+            yield message
+
+    async def _run(self) -> None:
+        try:
+            peer = await dial(self._p2p, self.hop.peer_id, self.hop.addrs, self._timeout)
+            replies = await asyncio.wait_for(
+                self._p2p.iterate_protobuf_handler(peer, RPC_PUSH_STREAM, self._requests(), runtime_pb2.ExpertResponse),
+                self._timeout)
+            async for reply in replies:
+                read_header(reply, PushAccepted)
+        except WireError as e:
+            logger.warning("push to %s refused: %s: %s", self.hop.peer_id, e.kind.value, e.message)
+        except Exception as e:
+            logger.warning("push to %s failed: %s: %s", self.hop.peer_id, type(e).__name__, e)
