@@ -96,7 +96,7 @@ class InferenceSession:
         chunk = self.remote.chunk_tokens(history.shape[0])
         for offset in range(0, history.shape[1], chunk):
             part = history[:, offset:offset + chunk]
-            part_mask = mask[:, : offset + part.shape[1]] if mask is not None else None
+            part_mask = mask[:, offset:offset + part.shape[1]] if mask is not None else None
             for span in spans:
                 part = await span.step(part, part_mask)
 
@@ -150,22 +150,25 @@ class InferenceSession:
         return torch.cat(outputs, dim=1).to(dtype)
 
     async def _through_chain(self, part: torch.Tensor, mask: Optional[torch.Tensor], failures: FailureBudget) -> torch.Tensor:
-        """One chunk through every span. With push, the client sends it to the first span only, with
+        """One chunk through every span (`mask`: the session's attention mask up to the chunk's end;
+        only the chunk's columns travel, servers keep the rest). With push, the client sends it to the first span only, with
         the route of the others; each server pushes its output to the next, and the client reads every
         span's output from its own stream as it comes (it keeps them to rebuild a replacement's cache).
         After a failover the client sends the step itself to the replacement, which pushes it on."""
         self._step_id += 1
+        new_mask = mask[:, -part.shape[1]:] if mask is not None else None
         index, send_to = 0, 0
         while index < len(self.spans):
             span = self.spans[index]
             try:
                 if index == send_to:
                     later = self.spans[index + 1:]
-                    if self.remote.push and all(part.shape[1] <= other.max_chunk_tokens for other in later):
-                        span.send(part, mask, self._step_id, [other.hop() for other in later])
+                    fits = all(part.shape[1] <= other.max_chunk_tokens for other in self.spans[index:])
+                    if self.remote.push and fits:
+                        span.send(part, new_mask, self._step_id, [other.hop() for other in later])
                         output = await span.receive(part)
                     else:
-                        output = await span.step(part, mask)
+                        output = await span.step(part, new_mask)
                         send_to = index + 1
                 else:
                     output = await span.receive(part)

@@ -168,12 +168,13 @@ class SpanSession:
 
     async def step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Sends new positions [batch, tokens, hidden] (in pieces within this server's chunk limit) and
-        returns the span's output for them. `mask` covers the session up to the new positions."""
+        returns the span's output for them. `mask` [batch, tokens] covers the new positions only:
+        the server keeps the session's mask."""
         limit = self.plan.info.record.max_chunk_tokens
         outputs = []
         for offset in range(0, hidden.shape[1], limit):
             part = hidden[:, offset:offset + limit]
-            part_mask = mask[:, : self.position + part.shape[1]] if mask is not None else None
+            part_mask = mask[:, offset:offset + part.shape[1]] if mask is not None else None
             outputs.append(await self._step(part, part_mask))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
@@ -222,7 +223,7 @@ async def forward_span(
         await asyncio.wait_for(stream.open(p2p, peer, RPC_FORWARD), timeout)
         for position in range(0, total, chunk):
             part = hidden[:, position:position + chunk].to(dtype)
-            tensors = [part] + ([mask[:, :position + part.shape[1]]] if mask is not None else [])
+            tensors = [part] + ([mask[:, position:position + part.shape[1]]] if mask is not None else [])
             header = (ForwardRequest(model=model, start_block=plan.start, end_block=plan.end, batch_size=batch,
                                      total_tokens=total) if position == 0 else Step(position=position))
             stream.send(pack(header, tensors, request=True))

@@ -66,7 +66,19 @@ class _OpenSession:
     pushed: int = 0
     last_step: Optional[tuple[int, int]] = None
     push_streams: dict[tuple[str, str], PushStream] = field(default_factory=dict)  # to later servers
+    mask: Optional[torch.Tensor] = None  # [batch, max_length] attention mask, once a step has sent one
     closed: Optional[str] = None
+
+    def extend_mask(self, new: Optional[torch.Tensor], batch: int, position: int, tokens: int,
+                    max_length: int) -> Optional[torch.Tensor]:
+        """The attention mask of positions [0, position + tokens), kept here: steps carry only the new
+        tokens' columns (none: all real tokens). None while no step has sent a mask."""
+        if new is None and self.mask is None:
+            return None
+        if self.mask is None:
+            self.mask = torch.ones(batch, max_length, dtype=torch.bool)
+        self.mask[:, position:position + tokens] = True if new is None else new.bool()
+        return self.mask[:, :position + tokens]
 
 
 @dataclass(frozen=True)
@@ -270,8 +282,9 @@ class BlockHandler:
                 if step.route and self.push is None:
                     raise bad_request("this server does not push steps to other servers")
                 hidden, mask = self._check_step(read_tensors(message, max_count=2), batch, position, max_length, step)
+                full_mask = session.extend_mask(mask, batch, position, hidden.shape[1], max_length)
                 began = time.perf_counter()
-                output = await self.scheduler.run(self.span, hidden, session.cache, mask, start, end)
+                output = await self.scheduler.run(self.span, hidden, session.cache, full_mask, start, end)
                 if timing is not None:
                     timing.step(hidden.shape[1], time.perf_counter() - began)
                 session.last_step = (step.step_id, position)
@@ -373,9 +386,9 @@ class BlockHandler:
         mask = None
         if len(tensors) == 2:
             mask = tensors[1]
-            if mask.dtype not in (torch.int64, torch.bool) or tuple(mask.shape) != (batch, position + tokens):
+            if mask.dtype not in (torch.int64, torch.bool) or tuple(mask.shape) != (batch, tokens):
                 raise bad_request(
-                    f"attention mask must be int64 or bool of shape [{batch}, {position + tokens}], "
+                    f"attention mask of the step's new tokens must be int64 or bool of shape [{batch}, {tokens}], "
                     f"got {str(mask.dtype).removeprefix('torch.')} {list(mask.shape)}"
                 )
             if ((mask != 0) & (mask != 1)).any():

@@ -151,3 +151,44 @@ async def test_a_step_pushed_twice_is_computed_once_and_the_session_goes_on(llam
         queue.put_nowait(None)
         scheduler.close()
         compute.shutdown()
+
+
+async def test_the_attention_mask_stays_on_the_server_and_steps_carry_only_new_columns(llama_path):
+    span = load_span(Checkpoint(llama_path), 0, 2, torch.float32, "cpu")
+    size = span.config.hidden_size
+    compute = ComputeThread()
+    scheduler = StepScheduler(compute, max_batch_tokens=64)
+    handler = BlockHandler("m", span, CacheBudget(1000), scheduler,
+                           Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
+                           version="test", state=lambda: "online", accepting=lambda: True)
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def requests():
+        while (message := await queue.get()) is not None:
+            yield message
+
+    replies = handler.rpc_inference(requests(), SimpleNamespace(remote_id="client"))
+    generator = torch.Generator().manual_seed(3)
+    prompt, token = torch.randn(2, 4, size, generator=generator), torch.randn(2, 1, size, generator=generator)
+    padding = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    try:
+        queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=2,
+                                          session_id=uuid.uuid4().hex), request=True))
+        read_header(await anext(replies), SessionOpened)
+        queue.put_nowait(pack(Step(position=0, step_id=1), [prompt, padding], request=True))
+        read_header(await asyncio.wait_for(anext(replies), 60), StepDone)
+        # The next step sends no mask at all: the server still knows the first row starts with padding.
+        queue.put_nowait(pack(Step(position=4, step_id=2), [token], request=True))
+        reply = await asyncio.wait_for(anext(replies), 60)
+        reference_cache = span.new_cache()
+        span.forward(prompt, reference_cache, padding)
+        want = span.forward(token, reference_cache, torch.cat([padding, torch.ones(2, 1, dtype=torch.int64)], dim=1))
+        torch.testing.assert_close(read_tensors(reply, max_count=1)[0], want, atol=1e-5, rtol=0)
+        # A mask of the whole session so far is not what a step carries any more: a clear error.
+        queue.put_nowait(pack(Step(position=5, step_id=3), [token, torch.ones(2, 6, dtype=torch.int64)], request=True))
+        with pytest.raises(WireError, match=r"new tokens must be .* shape \[2, 1\]"):
+            read_header(await asyncio.wait_for(anext(replies), 60), StepDone)
+    finally:
+        queue.put_nowait(None)
+        scheduler.close()
+        compute.shutdown()
