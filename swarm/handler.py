@@ -43,7 +43,7 @@ from blocks.wire import (
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget, Reservation
 from swarm.metrics import ServerMetrics
-from swarm.push import PushStream
+from swarm.push import LocalPush, PushStream
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class _OpenSession:
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     pushed: int = 0
     last_step: Optional[tuple[int, int]] = None
-    push_streams: dict[tuple[str, str], PushStream] = field(default_factory=dict)  # to later servers
+    push_streams: dict[tuple[str, str], PushStream | LocalPush] = field(default_factory=dict)  # to later servers
     mask: Optional[torch.Tensor] = None  # [batch, max_length] attention mask, once a step has sent one
     closed: Optional[str] = None
 
@@ -102,7 +102,7 @@ class BlockHandler:
         accepting: Callable[[], bool],
         admit: Callable[[int], None] = lambda open_sessions: None,
         metrics: Optional[ServerMetrics] = None,
-        push: Optional[Callable[[Hop], PushStream]] = None,
+        push: Optional[Callable[[Hop], PushStream | LocalPush]] = None,
     ):
         self.model = model
         self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
@@ -159,7 +159,7 @@ class BlockHandler:
         Accepted once its header parses and names an open session; the session checks it like a
         step from its client (position, shape, dtype, values) and answers on the client's stream."""
         try:
-            session_id = self._accept_push(request)
+            session_id = self.accept_push(request)
         except WireError as e:
             logger.info("push from %s refused: %s: %s", context.remote_id, e.kind.value, e.message)
             return error_response(e)
@@ -174,12 +174,13 @@ class BlockHandler:
         session_id = ""
         async for request in requests:
             try:
-                session_id = self._accept_push(request)
+                session_id = self.accept_push(request)
             except WireError as e:
                 logger.info("push from %s refused: %s: %s", context.remote_id, e.kind.value, e.message)
         return pack(PushAccepted(session_id=session_id), request=False)
 
-    def _accept_push(self, request: runtime_pb2.ExpertRequest) -> str:
+    def accept_push(self, request: runtime_pb2.ExpertRequest) -> str:
+        """Queues a pushed step in the session it names; returns that session's id."""
         header = read_header(request, Push)
         session = self._keyed.get(header.session_id)
         if session is None or session.closed is not None:

@@ -42,7 +42,7 @@ from swarm.handler import BlockHandler, Limits
 from swarm.hardware import describe_device, free_memory, probe_status, release_memory
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
-from swarm.push import PushStream
+from swarm.push import LocalPush, PushStream
 from swarm.network import measure_bandwidth
 from swarm.preflight import check_model_and_blocks
 from swarm.relay_link import RelayLink, credentials_file
@@ -237,8 +237,10 @@ class Server:
                                        stream_input=True, stream_output=False)
         return p2p
 
-    def _push(self, hop: Hop) -> PushStream:
+    def _push(self, hop: Hop) -> PushStream | LocalPush:
         """A stream to the next server of a client's chain (server-to-server push)."""
+        if hop.peer_id == self.dht.peer_id:
+            return LocalPush(hop, self.handler.accept_push)
         return PushStream(self.p2p, hop, self.options.session_timeout)
 
     async def _measure_network(self, p2p: P2P) -> None:

@@ -30,9 +30,10 @@ async def test_sessions_left_on_a_retired_span_end_with_a_clear_error_and_free_e
                                                               session_timeout=60),
                            version="test", state=lambda: "online", accepting=lambda: True)
     queue: asyncio.Queue = asyncio.Queue()
+    fresh_queue: asyncio.Queue = asyncio.Queue()
 
-    async def requests():
-        while (message := await queue.get()) is not None:
+    async def requests(source=queue):
+        while (message := await source.get()) is not None:
             yield message
 
     replies = handler.rpc_inference(requests(), SimpleNamespace(remote_id="a-peer"))
@@ -57,8 +58,8 @@ async def test_sessions_left_on_a_retired_span_end_with_a_clear_error_and_free_e
         assert error.value.kind == ErrorKind.WRONG_MODEL and "moved from blocks 0:2" in error.value.message
 
         # While no span is loaded, a new session is refused as busy (the client goes elsewhere).
-        fresh = handler.rpc_inference(requests(), SimpleNamespace(remote_id="b-peer"))
-        queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1),
+        fresh = handler.rpc_inference(requests(fresh_queue), SimpleNamespace(remote_id="b-peer"))
+        fresh_queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1),
                               request=True))
         with pytest.raises(WireError) as error:
             read_header(await anext(fresh), SessionOpened)

@@ -192,3 +192,19 @@ async def test_the_attention_mask_stays_on_the_server_and_steps_carry_only_new_c
         queue.put_nowait(None)
         scheduler.close()
         compute.shutdown()
+
+
+@pytest.mark.slow
+def test_a_chain_that_uses_one_server_for_two_spans_pushes_within_it(llama_path, llama_ref, tmp_path):
+    """After B dies, A serves both spans (A[0:2] → A[2:4]): A pushes into its own other session."""
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(13))
+    expected = llama_ref.generate(ids, max_new_tokens=16, do_sample=False)
+    with LocalSwarm(llama_path, [], workdir=tmp_path / "swarm") as swarm:
+        a = swarm.add_server(0, 4, "--throughput", "1")
+        b = swarm.add_server(2, 4, "--throughput", "100000")  # so fast that the chain switches to it at block 2
+        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, swarm.initial_peers, request_timeout=15) as model:
+            with model.inference_session(max_length=ids.shape[1] + 16) as session:
+                output = model.generate(ids, max_new_tokens=16, session=session, streamer=AtToken(5, b.kill))
+                assert session.chain == [(a.peer_id, 0, 2), (a.peer_id, 2, 4)]
+        assert pushed_steps(a.metrics_url) > 0
+    assert torch.equal(output, expected)
