@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 # Pushed steps waiting in one session; more means the pusher is not waiting for the session's replies.
 MAX_QUEUED_PUSHES = 4
+# Client messages read ahead of the one being computed (the rest wait in the stream: backpressure).
+MAX_QUEUED_CLIENT_MESSAGES = 2
 
 
 @dataclass(eq=False)
@@ -57,12 +59,14 @@ class _OpenSession:
     """What an open session holds; `closed` says why the server ended it (its cache is gone then).
 
     `inbox` holds the session's next messages as (pushed, message): from the client's stream or
-    pushed by the previous server; `last_step` is (step_id, position) of the last step computed, so that a step arriving
-    twice (pushed and, after a failover, pushed again by a replacement) is computed once."""
+    pushed by the previous server. `last_step` is (step_id, position) of the last step computed, so
+    that a step arriving twice (pushed, then pushed again by a replacement after a failover) is
+    computed once."""
 
     cache: Optional[PooledCache]
     reservation: Reservation
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    client_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_QUEUED_CLIENT_MESSAGES))
     pushed: int = 0
     last_step: Optional[tuple[int, int]] = None
     push_streams: dict[tuple[str, str], PushStream | LocalPush] = field(default_factory=dict)  # to later servers
@@ -268,7 +272,7 @@ class BlockHandler:
             position = 0
             if persistent:
                 yield pack(SessionOpened(session_id=session_id, max_length=max_length), request=False)
-                reader = asyncio.create_task(_forward_messages(requests, session.inbox))
+                reader = asyncio.create_task(_forward_messages(requests, session))
                 message = await self._next_in(session)
             else:
                 message = first
@@ -341,6 +345,8 @@ class BlockHandler:
         pushed, message = await asyncio.wait_for(session.inbox.get(), timeout=self.limits.session_timeout)
         if pushed:
             session.pushed -= 1
+        else:
+            session.client_slots.release()
         return message
 
     async def _next(self, requests) -> Optional[runtime_pb2.ExpertRequest]:
@@ -397,10 +403,12 @@ class BlockHandler:
         return hidden, mask
 
 
-async def _forward_messages(requests, inbox: asyncio.Queue) -> None:
-    """Moves the client's stream messages into the session's inbox; None once the stream ends."""
+async def _forward_messages(requests, session: _OpenSession) -> None:
+    """Moves the client's stream messages into the session's inbox, a few at most ahead of the one
+    being computed; None once the stream ends."""
     try:
         async for message in requests:
-            inbox.put_nowait((False, message))
+            await session.client_slots.acquire()
+            session.inbox.put_nowait((False, message))
     finally:
-        inbox.put_nowait((False, None))
+        session.inbox.put_nowait((False, None))
