@@ -36,8 +36,10 @@ MAX_HEADER_BYTES = 64 * 1024
 # cap, so that a message a little over it is still read and refused with a clear error.
 MAX_STREAM_MESSAGE_BYTES = 2 * MAX_MESSAGE_BYTES
 
-# hivemind sends bfloat16 as float32 bytes (numpy has no bfloat16).
-_ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 4, "int64": 8, "bool": 1}
+# hivemind sends bfloat16 as float32 bytes (numpy has no bfloat16): twice the bytes, half of them
+# zeros. `pack` sends its two bytes as they are, under a dtype of our own; both forms are read.
+BF16_BITS = "bfloat16_bits"
+_ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 4, BF16_BITS: 2, "int64": 8, "bool": 1}
 
 
 class ErrorKind(str, enum.Enum):
@@ -169,7 +171,7 @@ class ErrorReply(_Header):
 
 def pack(header: Optional[_Header], tensors: Sequence[torch.Tensor] = (), *, request: bool) -> Any:
     metadata = msgpack.packb(header.model_dump(mode="json"), use_bin_type=True) if header is not None else b""
-    serialized = [serialize_torch_tensor(t.detach().cpu()) for t in tensors]
+    serialized = [_serialize(t.detach().cpu()) for t in tensors]
     if request:
         return runtime_pb2.ExpertRequest(uid="", tensors=serialized, metadata=metadata)
     return runtime_pb2.ExpertResponse(tensors=serialized, metadata=metadata)
@@ -217,7 +219,22 @@ def read_tensors(message: Any, max_count: int, max_bytes: int = MAX_MESSAGE_BYTE
         total += expected
     if total > max_bytes:
         raise MalformedMessage(f"message carries {total} bytes of tensors, limit is {max_bytes}")
-    return [deserialize_torch_tensor(proto) for proto in message.tensors]
+    return [_deserialize(proto) for proto in message.tensors]
+
+
+def _serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    if tensor.dtype != torch.bfloat16:
+        return serialize_torch_tensor(tensor)
+    proto = serialize_torch_tensor(tensor.contiguous().view(torch.int16))
+    proto.dtype = BF16_BITS
+    return proto
+
+
+def _deserialize(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    if proto.dtype != BF16_BITS:
+        return deserialize_torch_tensor(proto)
+    bits = torch.frombuffer(bytearray(proto.buffer), dtype=torch.int16) if proto.buffer else torch.empty(0, dtype=torch.int16)
+    return bits.view(torch.bfloat16).reshape(list(proto.size))
 
 
 def _first_error(error: ValidationError) -> str:

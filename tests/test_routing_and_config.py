@@ -197,3 +197,21 @@ def test_example_yaml_documents_every_option_and_loads():
     assert options.model == "/path/to/checkpoint" and options.cache_tokens == 16384
     for name in ServerOptions.model_fields:
         assert f"\n{name}:" in path.read_text()
+
+
+def test_bfloat16_travels_as_two_bytes_per_value_and_the_four_byte_form_is_still_read():
+    from hivemind.compression import serialize_torch_tensor
+
+    values = torch.randn(2, 3, 8).to(torch.bfloat16)
+    message = pack(Step(position=0), [values], request=True)
+    assert len(message.tensors[0].buffer) == values.numel() * 2
+    (read,) = read_tensors(message, max_count=1)
+    assert read.dtype == torch.bfloat16 and torch.equal(read, values)
+    message.tensors[0].CopyFrom(serialize_torch_tensor(values))  # what hivemind's serializer sends: fp32 bytes
+    assert len(message.tensors[0].buffer) == values.numel() * 4
+    (read,) = read_tensors(message, max_count=1)
+    assert read.dtype == torch.bfloat16 and torch.equal(read, values)
+    message = pack(Step(position=0), [values], request=True)
+    message.tensors[0].buffer = message.tensors[0].buffer[:-2]
+    with pytest.raises(WireError, match="expected 96$"):
+        read_tensors(message, max_count=1)
