@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
+from transformers import AutoModelForCausalLM
 
 from blocks.checkpoint import Checkpoint
 from blocks.loading import load_span
@@ -207,4 +208,19 @@ def test_a_chain_that_uses_one_server_for_two_spans_pushes_within_it(llama_path,
                 output = model.generate(ids, max_new_tokens=16, session=session, streamer=AtToken(5, b.kill))
                 assert session.chain == [(a.peer_id, 0, 2), (a.peer_id, 2, 4)]
         assert pushed_steps(a.metrics_url) > 0
+    assert torch.equal(output, expected)
+
+
+@pytest.mark.slow
+def test_a_bfloat16_chain_with_push_matches_transformers_in_bfloat16(llama_path, tmp_path):
+    """bf16 steps travel as two bytes per value, client → server → server → client."""
+    ref = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(14))
+    expected = ref.generate(ids, max_new_tokens=12, do_sample=False)
+    with LocalSwarm(llama_path, [(0, 2), (2, 4)], server_args=["--throughput", "100", "--dtype", "bfloat16"],
+                    workdir=tmp_path / "swarm") as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, swarm.initial_peers, request_timeout=60,
+                                                             dtype=torch.bfloat16) as model:
+            output = model.generate(ids, max_new_tokens=12)
+        assert pushed_steps(swarm.servers[1].metrics_url) > 0
     assert torch.equal(output, expected)
