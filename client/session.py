@@ -151,10 +151,12 @@ class InferenceSession:
 
     async def _through_chain(self, part: torch.Tensor, mask: Optional[torch.Tensor], failures: FailureBudget) -> torch.Tensor:
         """One chunk through every span (`mask`: the session's attention mask up to the chunk's end;
-        only the chunk's columns travel, servers keep the rest). With push, the client sends it to the first span only, with
-        the route of the others; each server pushes its output to the next, and the client reads every
-        span's output from its own stream as it comes (it keeps them to rebuild a replacement's cache).
-        After a failover the client sends the step itself to the replacement, which pushes it on."""
+        only the chunk's columns travel, servers keep the rest).
+
+        With push, the client sends the chunk to the first span only, with the route of the others;
+        each server pushes its output to the next, and the client reads every span's output from its
+        own stream as it comes (it keeps them to rebuild a replacement's cache). After a failover the
+        client sends the step itself to the replacement, which pushes it on."""
         self._step_id += 1
         new_mask = mask[:, -part.shape[1]:] if mask is not None else None
         index, send_to = 0, 0
