@@ -130,6 +130,13 @@ class PushAccepted(_Header):
     session_id: str
 
 
+class Expect(_Header):
+    """From the client: step `step_id` will arrive pushed by the previous server. The server ignores
+    it; writing it makes a dead server's stream fail now rather than after `request_timeout`."""
+
+    expect_step: int = Field(ge=0)
+
+
 class StepDone(_Header):
     position: int  # tokens held after this step
     step_id: int

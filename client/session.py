@@ -168,6 +168,8 @@ class InferenceSession:
                     fits = all(part.shape[1] <= other.max_chunk_tokens for other in self.spans[index:])
                     if self.remote.push and fits:
                         span.send(part, new_mask, self._step_id, [other.hop() for other in later])
+                        for other in later:
+                            other.expect(self._step_id)
                         output = await span.receive(part)
                     else:
                         output = await span.step(part, new_mask)

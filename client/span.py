@@ -16,6 +16,7 @@ from blocks.wire import (
     RPC_FORWARD,
     RPC_INFERENCE,
     ErrorKind,
+    Expect,
     ForwardRequest,
     Hop,
     MalformedMessage,
@@ -188,6 +189,11 @@ class SpanSession:
         output along it. The reply is read by `receive`."""
         tensors = [hidden.to(self.dtype)] + ([mask] if mask is not None else [])
         self._stream.send(pack(Step(position=self.position, step_id=step_id, route=tuple(route)), tensors, request=True))
+
+    def expect(self, step_id: int) -> None:
+        """Tells the server that step `step_id` comes pushed by the previous one: nothing to compute,
+        but a write on a dead server's stream fails at once instead of after the read timeout."""
+        self._stream.send(pack(Expect(expect_step=step_id), request=True))
 
     async def receive(self, hidden: torch.Tensor) -> torch.Tensor:
         """This span's output for the step whose input was `hidden` (sent by us, or pushed to the server

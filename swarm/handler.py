@@ -24,6 +24,7 @@ from blocks.span import BlockSpan
 from blocks.wire import (
     ECHO_MAX_BYTES,
     ErrorKind,
+    Expect,
     ForwardRequest,
     Hop,
     OpenSession,
@@ -279,6 +280,9 @@ class BlockHandler:
             while message is not None:
                 if session.closed is not None:
                     raise WireError(ErrorKind.WRONG_MODEL, session.closed)
+                if persistent and _is_expect(message):
+                    message = await self._next_in(session)
+                    continue
                 step = read_header(message, Step) if message is not first else Step(position=0)
                 if step.step_id and session.last_step == (step.step_id, step.position):
                     logger.debug("session %s: step %d arrived again; computed once", session_id, step.step_id)
@@ -401,6 +405,14 @@ class BlockHandler:
             if ((mask != 0) & (mask != 1)).any():
                 raise bad_request("attention mask may hold only 0 and 1")
         return hidden, mask
+
+
+def _is_expect(message: runtime_pb2.ExpertRequest) -> bool:
+    try:
+        read_header(message, Expect)
+    except WireError:
+        return False
+    return True
 
 
 async def _forward_messages(requests, session: _OpenSession) -> None:
