@@ -109,24 +109,42 @@ def test_a_push_into_a_session_nobody_opened_is_refused(llama_client, llama_swar
     assert error.value.kind == ErrorKind.BAD_REQUEST and "no open session" in error.value.message
 
 
+class InProcessServer:
+    """A BlockHandler on blocks 0:2 of a checkpoint, driven without sockets; `stream()` is one
+    client stream to it: (queue of requests to put, iterator of replies)."""
+
+    def __init__(self, path):
+        self.span = load_span(Checkpoint(path), 0, 2, torch.float32, "cpu")
+        self.compute = ComputeThread()
+        self.scheduler = StepScheduler(self.compute, max_batch_tokens=64)
+        self.handler = BlockHandler("m", self.span, CacheBudget(1000), self.scheduler,
+                                    Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
+                                    version="test", state=lambda: "online", accepting=lambda: True)
+        self.queues: list[asyncio.Queue] = []
+
+    def stream(self, peer: str):
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues.append(queue)
+
+        async def requests():
+            while (message := await queue.get()) is not None:
+                yield message
+
+        return queue, self.handler.rpc_inference(requests(), SimpleNamespace(remote_id=peer))
+
+    def close(self) -> None:
+        for queue in self.queues:
+            queue.put_nowait(None)
+        self.scheduler.close()
+        self.compute.shutdown()
+
+
 async def test_a_step_pushed_twice_is_computed_once_and_the_session_goes_on(llama_path):
     """After a failover the replacement pushes a step the next server may already have had."""
-    span = load_span(Checkpoint(llama_path), 0, 2, torch.float32, "cpu")
-    size = span.config.hidden_size
-    compute = ComputeThread()
-    scheduler = StepScheduler(compute, max_batch_tokens=64)
-    handler = BlockHandler("m", span, CacheBudget(1000), scheduler,
-                           Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
-                           version="test", state=lambda: "online", accepting=lambda: True)
-    queue: asyncio.Queue = asyncio.Queue()
-    other_queue: asyncio.Queue = asyncio.Queue()
-
-    async def requests(source=queue):
-        while (message := await source.get()) is not None:
-            yield message
-
+    server = InProcessServer(llama_path)
+    span, handler, size = server.span, server.handler, server.span.config.hidden_size
+    queue, replies = server.stream("client")
     key = uuid.uuid4().hex
-    replies = handler.rpc_inference(requests(), SimpleNamespace(remote_id="client"))
     context = SimpleNamespace(remote_id="previous-server")
     try:
         queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1,
@@ -143,32 +161,19 @@ async def test_a_step_pushed_twice_is_computed_once_and_the_session_goes_on(llam
         queue.put_nowait(pack(Step(position=3, step_id=8), [torch.randn(1, 1, size)], request=True))
         assert read_header(await asyncio.wait_for(anext(replies), 60), StepDone).position == 4
         # Another client cannot open a session under the same id.
-        other = handler.rpc_inference(requests(other_queue), SimpleNamespace(remote_id="someone-else"))
+        other_queue, other = server.stream("someone-else")
         other_queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1,
                                           session_id=key), request=True))
         with pytest.raises(WireError, match="already open"):
             read_header(await asyncio.wait_for(anext(other), 60), SessionOpened)
     finally:
-        queue.put_nowait(None)
-        scheduler.close()
-        compute.shutdown()
+        server.close()
 
 
 async def test_the_attention_mask_stays_on_the_server_and_steps_carry_only_new_columns(llama_path):
-    span = load_span(Checkpoint(llama_path), 0, 2, torch.float32, "cpu")
-    size = span.config.hidden_size
-    compute = ComputeThread()
-    scheduler = StepScheduler(compute, max_batch_tokens=64)
-    handler = BlockHandler("m", span, CacheBudget(1000), scheduler,
-                           Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
-                           version="test", state=lambda: "online", accepting=lambda: True)
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def requests():
-        while (message := await queue.get()) is not None:
-            yield message
-
-    replies = handler.rpc_inference(requests(), SimpleNamespace(remote_id="client"))
+    server = InProcessServer(llama_path)
+    span, size = server.span, server.span.config.hidden_size
+    queue, replies = server.stream("client")
     generator = torch.Generator().manual_seed(3)
     prompt, token = torch.randn(2, 4, size, generator=generator), torch.randn(2, 1, size, generator=generator)
     padding = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
@@ -190,9 +195,7 @@ async def test_the_attention_mask_stays_on_the_server_and_steps_carry_only_new_c
         with pytest.raises(WireError, match=r"new tokens must be .* shape \[2, 1\]"):
             read_header(await asyncio.wait_for(anext(replies), 60), StepDone)
     finally:
-        queue.put_nowait(None)
-        scheduler.close()
-        compute.shutdown()
+        server.close()
 
 
 @pytest.mark.slow
