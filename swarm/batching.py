@@ -54,7 +54,6 @@ class StepScheduler:
         self._wake: Optional[asyncio.Event] = None
         self._driver: Optional[asyncio.Task] = None
         self.rounds = 0
-        self.batched_steps = 0  # steps that ran in a round with at least one other step
 
     @property
     def waiting(self) -> int:
@@ -98,8 +97,6 @@ class StepScheduler:
         except Exception as e:  # _run_round answers per step; this is a failure of the thread itself
             results = [e] * len(chosen)
         self.rounds += 1
-        if len(chosen) > 1:
-            self.batched_steps += len(chosen)
         self.on_round(len(chosen))
         for (step, _), result in zip(chosen, results):
             self._finish_chunk(step, result)

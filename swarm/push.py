@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Callable
+
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
