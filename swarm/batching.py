@@ -53,12 +53,13 @@ class StepScheduler:
         self._pending: list[_Step] = []
         self._wake: Optional[asyncio.Event] = None
         self._driver: Optional[asyncio.Task] = None
+        self._in_round: set[int] = set()  # ids of the steps the running round computes
         self.rounds = 0
 
     @property
     def waiting(self) -> int:
         """Steps queued for a later round: the server's `num_requests_waiting`."""
-        return sum(1 for step in self._pending if not step.future.done())
+        return sum(1 for step in self._pending if not step.future.done() and id(step) not in self._in_round)
 
     async def run(self, span: BlockSpan, hidden: torch.Tensor, cache: Any, mask: Optional[torch.Tensor],
                   start: int, end: int) -> torch.Tensor:
@@ -92,10 +93,13 @@ class StepScheduler:
         chosen = self._take_round()
         if not chosen:
             return False
+        self._in_round = {id(step) for step, _ in chosen}
         try:
             results = await self.compute.run(_run_round, chosen)
         except Exception as e:  # _run_round answers per step; this is a failure of the thread itself
             results = [e] * len(chosen)
+        finally:
+            self._in_round = set()
         self.rounds += 1
         self.on_round(len(chosen))
         for (step, _), result in zip(chosen, results):
