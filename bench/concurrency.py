@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
@@ -101,13 +102,9 @@ def steps_per_round(swarm: LocalSwarm) -> list[float]:
     counts = []
     for server in swarm.servers:
         text = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
-        total = rounds = 0.0
-        for line in text.splitlines():
-            if line.startswith("swarm_batch_steps_sum"):
-                total = float(line.rsplit(" ", 1)[1])
-            elif line.startswith("swarm_batch_steps_count"):
-                rounds = float(line.rsplit(" ", 1)[1])
-        counts.append((total, rounds))
+        samples = {sample.name: sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples}
+        counts.append((samples.get("swarm_batch_steps_sum", 0.0), samples.get("swarm_batch_steps_count", 0.0)))
     return counts
 
 
@@ -179,10 +176,7 @@ def worker(path: str, prompt: str, go: str, new_tokens: str, push: str, *peers: 
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 def memory_over_a_long_session(model, swarm: LocalSwarm, vocab: int, steps: int) -> dict:

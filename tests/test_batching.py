@@ -7,8 +7,8 @@ import asyncio
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -23,6 +23,7 @@ from swarm.batching import StepScheduler
 from swarm.compute import ComputeThread
 from swarm.local import LocalSwarm
 from tests.conftest import reference_model
+from tests.test_relay_metrics import values
 
 # Packing rows into one matrix product may change the last bits of a float sum; nothing more.
 ATOL = 1e-5
@@ -149,16 +150,15 @@ class TokenClock(BaseStreamer):
         pass
 
 
+def scrape(metrics_url: str, name: str) -> dict[tuple, float]:
+    """Samples `name` of a server's /metrics, by their labels."""
+    return values(urllib.request.urlopen(metrics_url, timeout=30).read().decode(), name)
+
+
 def batched_steps(metrics_url: str) -> float:
     """How many steps the server computed in rounds of two or more (from its Prometheus histogram)."""
-    text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
-    counts = {}
-    for line in text.splitlines():
-        if line.startswith("swarm_batch_steps_bucket"):
-            counts[line.split('le="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
-        if line.startswith("swarm_batch_steps_sum"):
-            total = float(line.rsplit(" ", 1)[1])
-    return total - counts["1.0"]
+    alone = sum(v for labels, v in scrape(metrics_url, "swarm_batch_steps_bucket").items() if ("le", "1.0") in labels)
+    return sum(scrape(metrics_url, "swarm_batch_steps_sum").values()) - alone
 
 
 @pytest.mark.slow
@@ -250,10 +250,7 @@ def test_one_session_fails_over_while_the_others_go_on(tmp_path):
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
+    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 @pytest.mark.slow

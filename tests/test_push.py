@@ -4,7 +4,6 @@ failover intact, and a server accepts pushes only into sessions a client opened 
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 import uuid
 from types import SimpleNamespace
 
@@ -38,12 +37,12 @@ from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
 from swarm.local import LocalSwarm
 from tests.conftest import reference_model
+from tests.test_batching import scrape
 from tests.test_failover import AtToken
 
 
 def pushed_steps(metrics_url: str) -> float:
-    text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("swarm_pushed_steps_total"))
+    return sum(scrape(metrics_url, "swarm_pushed_steps_total").values())
 
 
 @pytest.mark.slow

@@ -15,14 +15,15 @@ import time
 import openai
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from client import AutoDistributedModelForCausalLM
 from client.reliability import RelayScores
+from swarm.delay_proxy import free_port
 from swarm.local import LocalSwarm
 from swarm.relay_link import RelayLink, signature_headers
-from tests.relay_process import RelayProcess, free_port, http, signed_registration, wait_until
+from tests.relay_process import RelayProcess, http, signed_registration, wait_until
+from tests.test_relay_metrics import values
 
 pytestmark = pytest.mark.slow
 
@@ -298,38 +299,33 @@ def test_jobs_run_through_the_swarm(relay, model_name, llama_ref, tokenizer):
 # ---- metrics -------------------------------------------------------------------------------------
 
 
-def samples(text: str, name: str) -> dict[tuple, float]:
-    return {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
-            for s in f.samples if s.name == name}
-
-
 def test_metrics_are_aggregated_from_every_server(relay_swarm, model_name):
     swarm, relay = relay_swarm
     body = {"model": model_name, "prompt": "metrics", "max_tokens": 3, "temperature": 0}
     assert http("POST", f"{relay.api}/v1/completions", body, KEY_H)[0] == 200
     ids = {w["id"] for w in workers(relay)}
     instance = http("GET", f"{relay.obs}/metrics?type=instance")[1]
-    received = samples(instance, "request_received_total")
+    received = values(instance, "request_received_total")
     assert {dict(labels)["instance_id"] for labels in received} == {str(i) for i in ids}
     assert {dict(labels)["role"] for labels in received} == {"mixed"}
     assert all(dict(labels)["model_name"] == model_name for labels in received)
     assert sum(received.values()) >= 2  # the completion above opened a session on two servers
 
     full = http("GET", f"{relay.obs}/metrics")[1]
-    assert samples(full, "request_received_total") == {(("model_name", model_name),): sum(received.values())}
-    assert samples(full, "request_failed_total")[(("model_name", model_name),)] == sum(
-        samples(instance, "request_failed_total").values())
+    assert values(full, "request_received_total") == {(("model_name", model_name),): sum(received.values())}
+    assert values(full, "request_failed_total")[(("model_name", model_name),)] == sum(
+        values(instance, "request_failed_total").values())
     assert "python_info" in full  # the relay's own process metrics come first
-    buckets = samples(full, "time_to_first_token_seconds_bucket")
+    buckets = values(full, "time_to_first_token_seconds_bucket")
     assert {dict(labels)["le"] for labels in buckets} >= {"0.001", "0.1", "10.0", "+Inf"}
     for name in ("request_success_total", "num_requests_running", "num_requests_waiting", "prompt_tokens_total",
                  "generation_tokens_total", "cpu_cache_usage_perc", "npu_prefix_cache_hit_rate",
                  "time_per_output_token_seconds_count", "e2e_request_latency_seconds_count",
                  "request_prompt_tokens_count", "request_generation_tokens_count"):
-        assert samples(full, name), name
+        assert values(full, name), name
 
     role = http("GET", f"{relay.obs}/metrics?type=role")[1]
-    assert samples(role, "request_received_total") == {(("model_name", model_name), ("role", "mixed")): sum(received.values())}
+    assert values(role, "request_received_total") == {(("model_name", model_name), ("role", "mixed")): sum(received.values())}
     assert http("GET", f"{relay.obs}/metrics?type=role&role=prefill")[:2] == (200, None)  # no prefill-only servers
     assert http("GET", f"{relay.obs}/metrics?type=bogus")[0] == 400
     assert http("GET", f"{relay.obs}/metrics?type=full&role=decode")[0] == 400
@@ -338,7 +334,7 @@ def test_metrics_are_aggregated_from_every_server(relay_swarm, model_name):
 
     line = next(l for l in swarm.servers[0].stdout if "metrics http://" in l)
     own = http("GET", line.rsplit(" ", 1)[1])[1]
-    assert samples(own, "request_received_total")
+    assert values(own, "request_received_total")
 
 
 # ---- worker authentication -----------------------------------------------------------------------
