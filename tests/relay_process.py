@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -74,12 +73,6 @@ def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "co
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached in {timeout:.0f} s")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def signed_registration(name: str, relay: str, model: str = "m", signed_at: Optional[int] = None,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.relay_process import RelayProcess, free_port, http, signed_registration
+from swarm.delay_proxy import free_port
+from tests.relay_process import RelayProcess, http, signed_registration
 
 pytestmark = pytest.mark.slow
 
