@@ -42,7 +42,7 @@ from blocks.wire import (
     read_tensors,
 )
 from swarm.batching import StepScheduler
-from swarm.cache import CacheBudget, Reservation
+from swarm.cache import CacheBudget
 from swarm.metrics import ServerMetrics
 from swarm.push import LocalPush, PushStream
 
@@ -65,7 +65,6 @@ class _OpenSession:
     computed once."""
 
     cache: Optional[PooledCache]
-    reservation: Reservation
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     client_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_QUEUED_CLIENT_MESSAGES))
     pushed: int = 0
@@ -144,8 +143,8 @@ class BlockHandler:
             if session.closed is None:
                 closed += 1
                 session.closed = reason
+                session.cache.release()
                 session.cache = None
-                session.reservation.release()
         self.span = None
         self.budget.unbind()
         return closed
@@ -235,7 +234,7 @@ class BlockHandler:
             yield reply
 
     async def _session(self, requests, context: P2PContext, persistent: bool):
-        reservation = None
+        cache: Optional[PooledCache] = None
         session: Optional[_OpenSession] = None
         session_id = "-"
         timing = None
@@ -255,15 +254,15 @@ class BlockHandler:
                 header = read_header(first, ForwardRequest)
                 batch, max_length = header.batch_size, header.total_tokens
             start, end = self._check_open(header, batch, max_length)
-            reservation = self.budget.reserve(batch, max_length)
+            cache = self.budget.reserve(batch, max_length)
             try:
                 # Load control last: a session refused as busy (no cache room) uses none of the hourly quota.
                 self.admit(self.open_sessions)
             except WireError:
-                reservation.release()
-                reservation = None
+                cache.release()
+                cache = None
                 raise
-            session = _OpenSession(cache=reservation.cache, reservation=reservation)
+            session = _OpenSession(cache=cache)
             self._sessions.add(session)
             if persistent and header.session_id:
                 self._keyed[header.session_id] = session
@@ -325,8 +324,8 @@ class BlockHandler:
             if session is not None:
                 for stream in session.push_streams.values():
                     stream.close()
-            if reservation is not None:
-                reservation.release()
+            if cache is not None:
+                cache.release()
             self._sessions.discard(session)
             if persistent and session is not None and self._keyed.get(session_id) is session:
                 del self._keyed[session_id]
@@ -408,6 +407,10 @@ class BlockHandler:
 
 
 def _is_expect(message: runtime_pb2.ExpertRequest) -> bool:
+    """Only a message without tensors can be an Expect (a step always carries its hidden states): a
+    step's header is not decoded twice."""
+    if message.tensors:
+        return False
     try:
         read_header(message, Expect)
     except WireError:
