@@ -46,6 +46,12 @@ class KVPool:
                     return PooledCache(self, start, batch, max_length)
         raise PoolFull(f"no contiguous run of {size} cache tokens is free")
 
+    @property
+    def free(self) -> int:
+        """Tokens not in any session's slice (perhaps in several runs)."""
+        with self._lock:
+            return sum(length for _, length in self._free)
+
     def largest_free_run(self) -> int:
         with self._lock:
             return max((length for _, length in self._free), default=0)
