@@ -1,8 +1,9 @@
 """Time to choose a chain over a big swarm: synthetic records of N servers over a B-block model.
 
-Each server announces a random range (4 to 16 blocks), throughput and round trip; the bench times
-`make_chain` for the whole model and for one replacement span (a server of the chain excluded, its
-blocks routed again), as a client does on failover. Prints one JSON object. Example:
+Each server announces a random range (4 to 16 blocks), throughput and round trip. The bench times
+arranging one DHT read's records (`RouteIndex`, once per read), then `make_chain` over them for the
+whole model and for one replacement span (a server of the chain excluded, its blocks routed again),
+as a client does on failover, with every server's round trip known. Prints one JSON object. Example:
   .venv/bin/python bench/routing.py --servers 10000 --blocks 80
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.routing import make_chain  # noqa: E402
+from client.routing import RouteIndex, make_chain  # noqa: E402
 from dht.records import ServerInfo, ServerRecord  # noqa: E402
 
 
@@ -69,16 +70,20 @@ def main() -> None:
 
     blocks, rtts = synthetic_swarm(args.servers, args.blocks, args.seed)
     rng = random.Random(args.seed)
-    chain = make_chain("bench", blocks, rtts=rtts, rng=rng)
-    full = timed(lambda: make_chain("bench", blocks, rtts=rtts, rng=rng), args.repeats)
+    index_ms = timed(lambda: RouteIndex(blocks), max(1, args.repeats // 5))
+    index = RouteIndex(blocks)
+    chain = make_chain("bench", index, rtts=rtts, rng=rng)
+    full = timed(lambda: make_chain("bench", index, rtts=rtts, rng=rng), args.repeats)
     middle = chain[len(chain) // 2]
-    replacement = timed(lambda: make_chain("bench", blocks, middle.start, middle.end, exclude={middle.peer_id},
+    replacement = timed(lambda: make_chain("bench", index, middle.start, middle.end, exclude={middle.peer_id},
                                            rtts=rtts, rng=rng), args.repeats)
     per_block = [len(servers) for servers in blocks]
     print(json.dumps({
         "servers": args.servers,
         "blocks": args.blocks,
         "servers_per_block_median": statistics.median(per_block),
+        "records": len(index.infos),
+        "index_ms_p50": round(statistics.median(index_ms), 2),
         "chain_spans": len(chain),
         "full_chain_ms_p50": round(statistics.median(full), 2),
         "full_chain_ms_p99": round(percentile(full, 0.99), 2),

@@ -24,7 +24,7 @@ from client.errors import (
 )
 from client.bans import BanList
 from client.pings import PingCache
-from client.routing import SpanPlan, make_chain, usable
+from client.routing import RouteIndex, SpanPlan, make_chain, usable
 from client.runtime import LoopThread
 from client.span import forward_span
 from dht.records import ServerInfo
@@ -134,18 +134,17 @@ class RemoteModel:
         await self._check_model(servers)
         end = self.num_blocks if end is None else end
         excluded = set(exclude) | self.bans.banned()
+        index = RouteIndex(servers)
         # A banned server is not pinged: a hung one would cost another timeout for nothing.
-        candidates = {info.peer_id: info for block in servers[start:end] for info in block.values()
-                      if usable(info, excluded)}
-        await self.pings.refresh(candidates.values())
+        await self.pings.refresh(index.candidates(start, end, excluded).values())
         unreliable = await self._unreliable()
         if unreliable - excluded:
             try:
-                return make_chain(self.model_name, servers, start, end, excluded | unreliable,
+                return make_chain(self.model_name, index, start, end, excluded | unreliable,
                                   rtts=self.pings.rtts(), rng=self.rng)
             except MissingBlocksError:
                 logger.info("only servers scoring below %.2f cover some blocks; using them", self.min_reliability)
-        return make_chain(self.model_name, servers, start, end, excluded, rtts=self.pings.rtts(), rng=self.rng)
+        return make_chain(self.model_name, index, start, end, excluded, rtts=self.pings.rtts(), rng=self.rng)
 
     async def longest_session(self) -> int:
         """The longest session the swarm can hold now: for every block, its most generous usable

@@ -4,14 +4,19 @@ The chain minimises the estimated time of one decode step: for every hop, the ro
 server plus the compute time of the blocks it runs, from the throughput it announces. A server may
 be used for part of its range, so a chain can switch servers at any block. A little random jitter
 (`rng`) spreads clients over near-equal choices instead of piling them on one server.
+
+A `RouteIndex` arranges one DHT read's records once (a swarm of 10 000 servers has about 100 000
+(block, record) pairs, too many to walk in Python for every search); each search over it is a
+dynamic program over blocks, vectorised over the records present at each block.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Collection, Mapping, Optional
+
+import numpy as np
 
 from client.errors import MissingBlocksError
 from dht.records import ServerInfo, ServerState
@@ -40,9 +45,68 @@ def seconds_per_block(info: ServerInfo) -> float:
     return 1.0 / (max(record.throughput.inference, 1e-6) * (record.end_block - record.start_block))
 
 
+class RouteIndex:
+    """The records of one read of `servers` (per block, {peer: record}), arranged for many searches.
+
+    A record counts only over consecutive blocks where it is stored and that it claims to serve, so
+    a moved server's stale records elsewhere, or a record planted under a block it does not serve,
+    are never routed to."""
+
+    def __init__(self, servers: list[dict[str, ServerInfo]]):
+        self.num_blocks = len(servers)
+        runs: dict[tuple[str, int, int], int] = {}
+        current: dict[str, tuple[ServerInfo, int, int]] = {}  # peer -> (record object, its run, its end) as last seen
+        infos: list[ServerInfo] = []
+        first: list[int] = []
+        last: list[int] = []
+        for block, entries in enumerate(servers):
+            previous = block - 1
+            for peer, info in entries.items():
+                seen = current.get(peer)
+                if seen is not None and seen[0] is info:
+                    run = seen[1]
+                    if last[run] == previous and block < seen[2]:
+                        last[run] = block  # the same record object as one block before: most pairs
+                        continue
+                record = info.record
+                if info.peer_id != peer or not record.start_block <= block < record.end_block:
+                    continue
+                key = (peer, record.start_block, record.end_block)
+                run = runs.get(key)
+                if run is None or last[run] != previous:
+                    run = runs[key] = len(infos)
+                    infos.append(info)
+                    first.append(block)
+                    last.append(block)
+                else:
+                    last[run] = block
+                current[peer] = (info, run, record.end_block)
+        self.infos = infos
+        self.peers = sorted({info.peer_id for info in infos})
+        self.position = {peer: i for i, peer in enumerate(self.peers)}
+        self.peer_of = np.array([self.position[info.peer_id] for info in infos], dtype=np.int64)
+        self.runs_of: dict[str, list[int]] = {}
+        for run, info in enumerate(infos):
+            self.runs_of.setdefault(info.peer_id, []).append(run)
+        self.per_block = np.array([seconds_per_block(info) for info in infos], dtype=np.float64)
+        self.open = np.array([usable(info, ()) for info in infos], dtype=bool)
+        self.first, self.last = np.array(first, dtype=np.int64), np.array(last, dtype=np.int64)
+        self.present = [np.flatnonzero((self.first <= block) & (self.last >= block)) for block in range(self.num_blocks)]
+
+    def candidates(self, start: int, end: int, exclude: Collection[str]) -> dict[str, ServerInfo]:
+        """One usable record per peer present in blocks [start, end) (the servers worth pinging)."""
+        runs = np.flatnonzero(self.open & (self.first < end) & (self.last >= start))
+        chosen: dict[str, ServerInfo] = {}
+        for run in runs:
+            info = self.infos[run]
+            if info.peer_id not in exclude:
+                chosen.setdefault(info.peer_id, info)
+        return chosen
+
+
 def make_chain(
     model: str,
-    servers: list[dict[str, ServerInfo]],
+    servers: list[dict[str, ServerInfo]] | RouteIndex,
     start: int = 0,
     end: Optional[int] = None,
     exclude: Collection[str] = (),
@@ -51,59 +115,50 @@ def make_chain(
     jitter: float = 0.1,
 ) -> list[SpanPlan]:
     """The fastest chain over usable servers; raises MissingBlocksError naming uncovered blocks."""
-    end = len(servers) if end is None else end
-    rtts = rtts or {}
-    # What the search needs of each record, computed once per record (a record sits under every block it serves).
-    records: dict[int, Optional[ServerInfo]] = {}
-    for block in range(start, end):
-        for info in servers[block].values():
-            if id(info) not in records:
-                records[id(info)] = info if usable(info, exclude) else None
-    missing = [b for b in range(start, end) if not any(records[id(i)] for i in servers[b].values())]
+    index = servers if isinstance(servers, RouteIndex) else RouteIndex(servers)
+    end = index.num_blocks if end is None else end
+    ok = index.open.copy()
+    for peer in exclude:
+        ok[index.runs_of.get(peer, [])] = False
+    missing = [block for block in range(start, end) if not ok[index.present[block]].any()]
     if missing:
         raise MissingBlocksError(model, missing)
-    peers = sorted({info.peer_id for info in records.values() if info is not None})
-    noise = {peer: 1.0 + (rng.random() * jitter if rng else 0.0) for peer in peers}
-    facts = {key: (info.peer_id, seconds_per_block(info) * noise[info.peer_id],
-                   rtts.get(info.peer_id, DEFAULT_RTT) * noise[info.peer_id])
-             for key, info in records.items() if info is not None}
 
-    # best[j]: fastest way to have blocks [start, j) done. For each server, keep the best block i at
-    # which to enter it (minimising best[i] - i * per_block), updated as j moves right: O(blocks × servers).
-    best = [math.inf] * (end + 1)
-    best[start] = 0.0
-    came_from: list[Optional[tuple[int, ServerInfo]]] = [None] * (end + 1)
-    entry: dict[str, tuple[float, int]] = {}
+    peer_rtt = np.full(len(index.peers), DEFAULT_RTT)
+    for peer, rtt in (rtts or {}).items():
+        if peer in index.position:
+            peer_rtt[index.position[peer]] = rtt
+    noise = np.ones(len(index.peers))
+    if rng is not None:
+        noise += np.random.default_rng(rng.getrandbits(64)).random(len(index.peers)) * jitter
+    per_block = index.per_block * noise[index.peer_of]
+    # An unusable record costs an infinite round trip: it is never chosen, and the arrays keep their shape.
+    rtt = np.where(ok, peer_rtt[index.peer_of] * noise[index.peer_of], np.inf)
+
+    # best[j]: fastest way to have blocks [start, j) done. entry[r]: the least best[i] - i * per_block[r]
+    # over the blocks i at which record r could have been entered so far (entered_at[r] is that i).
+    best = [0.0] * (end + 1)
+    came_from: list[tuple[int, int]] = [(0, 0)] * (end + 1)
+    entry = np.full(len(index.infos), np.inf)
+    entered_at = np.zeros(len(index.infos), dtype=np.int64)
     for j in range(start + 1, end + 1):
-        present = set()
-        best_before = best[j - 1]
-        for info in servers[j - 1].values():
-            # A peer that moved may still have an old record under other blocks: judge each record alone.
-            known_facts = facts.get(id(info))
-            if known_facts is None:
-                continue
-            peer, per_block, rtt = known_facts
-            present.add(peer)
-            if best_before < math.inf:
-                value = best_before - (j - 1) * per_block
-                known = entry.get(peer)
-                if known is None or value < known[0]:
-                    entry[peer] = known = (value, j - 1)
-            else:
-                known = entry.get(peer)
-                if known is None:
-                    continue
-            cost = known[0] + j * per_block + rtt
-            if cost < best[j]:
-                best[j], came_from[j] = cost, (known[1], info)
-        # a server can only be extended over consecutive blocks it serves
-        if len(entry) > len(present):
-            for peer in [peer for peer in entry if peer not in present]:
-                del entry[peer]
+        here = index.present[j - 1]
+        slope = per_block[here]
+        entering = best[j - 1] - (j - 1) * slope
+        known = entry[here]
+        better = entering < known
+        known = np.where(better, entering, known)
+        entry[here] = known
+        since = np.where(better, j - 1, entered_at[here])
+        entered_at[here] = since
+        cost = known + j * slope + rtt[here]
+        k = int(cost.argmin())
+        best[j], came_from[j] = float(cost[k]), (int(since[k]), int(here[k]))
 
     chain, j = [], end
     while j > start:
-        i, info = came_from[j]
+        i, run = came_from[j]
+        info = index.infos[run]
         chain.append(SpanPlan(info.peer_id, i, j, info))
         j = i
     return chain[::-1]

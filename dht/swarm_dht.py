@@ -144,10 +144,16 @@ class SwarmDHT:
         keys = [block_key(model, i) for i in range(num_blocks)]
         raw = await self._run("read", partial(_get_many, keys=keys)) if keys else {}
         result = []
+        # A server stores one record under every block it serves: parse each distinct one once (a big
+        # swarm has ~10x more (block, record) pairs than records), and routing sees one shared object.
+        parsed: dict[tuple, Optional[ServerInfo]] = {}
         for key in keys:
             servers = {}
             for subkey, (value, expiration) in raw.get(key, {}).items():
-                info = parse_server_entry(peer_id_of_subkey(subkey), value, expiration)
+                seen = (subkey, expiration, repr(value))
+                if seen not in parsed:
+                    parsed[seen] = parse_server_entry(peer_id_of_subkey(subkey), value, expiration)
+                info = parsed[seen]
                 if info is not None:
                     servers[info.peer_id] = info
             result.append(servers)

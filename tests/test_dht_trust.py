@@ -66,6 +66,7 @@ def test_forged_unsigned_and_minority_records_are_ignored(llama_path, llama_ref,
             for servers in blocks:
                 assert set(servers) == {genuine.peer_id}
                 assert servers[genuine.peer_id].record == genuine.record
+                assert servers[genuine.peer_id] is blocks[0][genuine.peer_id]  # parsed once, not once per block
             metas = asyncio.run(reader.fetch_meta(name))
             assert metas[liar_swarm.peer_id] == fake_meta and metas[genuine.peer_id] != fake_meta
 

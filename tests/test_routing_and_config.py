@@ -10,7 +10,7 @@ import torch
 from blocks.kv_pool import KVPool, PoolFull
 from blocks.wire import ErrorKind, Step, WireError, pack, read_header, read_tensors
 from client.errors import MissingBlocksError
-from client.routing import estimated_step_time, make_chain
+from client.routing import RouteIndex, estimated_step_time, make_chain, seconds_per_block, usable
 from configs.loader import ConfigError, build_parser, load_config
 from configs.schema import ServerOptions
 from dht.records import ServerInfo, ServerRecord
@@ -68,6 +68,63 @@ def test_chain_skips_unusable_servers_and_names_missing_blocks():
     with pytest.raises(MissingBlocksError, match=r"0-3"):
         make_chain("m", servers(("a", 0, 4), ("d", 4, 8)), exclude={"a"})
     assert chain_of(servers(("a", 0, 8), ("b", 0, 8)), exclude={"a"}) == [("b", 0, 8)]
+
+
+def fastest_by_brute_force(blocks, start, end, exclude, rtts):
+    """The least estimated step time over every chain, by trying every (entry, exit, server) triple:
+    a server may run [i, j) if its record is usable, claims those blocks and sits under each of them."""
+    best = {start: 0.0}
+    for j in range(start + 1, end + 1):
+        options = []
+        for i in range(start, j):
+            for peer, info in blocks[i].items():
+                rec = info.record
+                if i in best and usable(info, exclude) and rec.start_block <= i and j <= rec.end_block and all(
+                        (other := blocks[b].get(peer)) is not None and
+                        (other.record.start_block, other.record.end_block) == (rec.start_block, rec.end_block)
+                        for b in range(i, j)):
+                    options.append(best[i] + rtts.get(peer, 0.05) + (j - i) * seconds_per_block(info))
+        if options:
+            best[j] = min(options)
+    return best.get(end)
+
+
+def test_chain_is_the_fastest_of_all_chains_on_random_swarms():
+    """The indexed search against exhaustive search, on swarms with unusable servers, records planted
+    under blocks they do not claim, and holes where a server's record is missing under one block."""
+    checked = 0
+    for seed in range(80):
+        rng = random.Random(seed)
+        specs = []
+        for index in range(rng.randint(5, 12)):
+            start = rng.randrange(0, 11)
+            specs.append((f"p{index}", start, rng.randint(start + 1, 12), rng.choice(["online"] * 4 + ["draining"]),
+                          rng.choice([0, 100, 100, 100]), rng.uniform(1, 50)))
+        blocks = servers(*specs, num_blocks=12)
+        for _ in range(rng.randint(0, 3)):
+            block = rng.randrange(12)
+            if blocks[block]:
+                del blocks[block][rng.choice(sorted(blocks[block]))]  # a hole in one server's run
+        planted = servers(("x", 0, 2, "online", 100, 1000.0), num_blocks=12)[0]["x"]
+        blocks[rng.randrange(2, 12)]["x"] = planted  # a very fast record under a block it does not serve
+        rtts = {peer: rng.uniform(0.001, 0.2) for peer, *_ in specs if rng.random() < 0.7}
+        exclude = {rng.choice(specs)[0]} if rng.random() < 0.3 else set()
+        start = rng.randrange(0, 6)
+        end = rng.randint(start + 1, 12)
+        expected = fastest_by_brute_force(blocks, start, end, exclude, rtts)
+        index = RouteIndex(blocks)
+        if expected is None:
+            with pytest.raises(MissingBlocksError):
+                make_chain("m", index, start, end, exclude=exclude, rtts=rtts)
+            continue
+        chain = make_chain("m", index, start, end, exclude=exclude, rtts=rtts)
+        assert chain[0].start == start and chain[-1].end == end
+        assert all(a.end == b.start for a, b in zip(chain, chain[1:]))
+        assert all(plan.peer_id not in exclude and plan.info.record.start_block <= plan.start
+                   and plan.end <= plan.info.record.end_block for plan in chain)
+        assert estimated_step_time(chain, rtts) == pytest.approx(expected)
+        checked += 1
+    assert checked >= 40  # most random swarms are coverable, so the comparison really ran
 
 
 def test_cache_budget_refuses_when_full_and_releases_once():
