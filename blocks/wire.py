@@ -110,13 +110,16 @@ class Step(_Header):
     """One step of a session: hidden states [batch, tokens, hidden] (+ optional 2D attention mask).
 
     `position` is how many tokens the client believes the server already holds; a mismatch is an
-    error instead of silently wrong output. With a `route`, the server pushes its output to the
-    first hop (which pushes to the next, and so on) as well as replying to the client.
+    error instead of silently wrong output. With `rewind`, `position` may be lower: the server forgets
+    the tokens from `position` on first (a client rolls back what a wrong server made it compute).
+    With a `route`, the server pushes its output to the first hop (which pushes to the next, and so
+    on) as well as replying to the client.
     """
 
     position: int = Field(ge=0)
     step_id: int = Field(default=0, ge=0)
     route: tuple[Hop, ...] = Field(default=(), max_length=64)
+    rewind: bool = False
 
 
 class Push(Step):

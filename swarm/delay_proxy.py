@@ -7,9 +7,14 @@ way. Data keeps its order and is never dropped; bandwidth is not limited. Loopba
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
+import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Optional
@@ -94,25 +99,60 @@ class DelayProxy:
             writer.close()
 
 
-class DelayProxyThread:
-    """`DelayProxy` on its own event loop thread, for synchronous callers such as `LocalSwarm`."""
+class DelayProxyProcess:
+    """`DelayProxy` in a process of its own, for synchronous callers such as `LocalSwarm`.
 
-    def __init__(self, target_port: int, delay: float, port: int = 0):
-        self.proxy = DelayProxy(target_port, delay, port=port)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="delay-proxy", daemon=True)
-        self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self.proxy.start(), self._loop).result(timeout=30)
+    Not a thread of the caller: a proxy that waits for the caller's GIL delays every byte by however
+    long the caller's Python runs (measured: a round trip over 25 ms links took 88 ms with one busy
+    thread beside a proxy thread, 62 ms beside a proxy process, 51 ms with no busy thread)."""
+
+    def __init__(self, target_port: int, delay: float, port: int = 0, start_timeout: float = 60.0):
+        if delay < 0:
+            raise ValueError("delay must be >= 0")
+        self.target_port = target_port
+        self._lock = threading.Lock()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "swarm.delay_proxy", "--target-port", str(target_port),
+             "--delay-ms", repr(delay * 1000), "--port", str(port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_raise_priority,
+        )
+        try:
+            self.port = int(self._answer(start_timeout))
+        except BaseException:
+            self.close()
+            raise
+
+    def _answer(self, timeout: float) -> str:
+        ready, _, _ = select.select([self._process.stdout], [], [], timeout)
+        line = self._process.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"delay proxy for port {self.target_port} did not answer (exit code {self._process.poll()})")
+        return line.strip()
 
     @property
     def bytes_forwarded(self) -> int:
-        return self.proxy.bytes_forwarded
+        with self._lock:
+            self._process.stdin.write("bytes\n")
+            return int(self._answer(30))
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.proxy.close(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        self._loop.close()
+        """Closing its stdin ends the proxy (so it also ends when this process dies)."""
+        try:
+            self._process.stdin.close()
+            self._process.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self._process.kill()
+            self._process.wait()
+        self._process.stdout.close()
+
+
+def _raise_priority() -> None:
+    """A link needs no CPU: where permitted (root), the proxy runs before busy servers on a loaded
+    machine, so a byte is not late because a core was taken."""
+    try:
+        os.nice(-10)
+    except OSError:
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -120,3 +160,34 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+async def _serve(target_port: int, delay: float, port: int) -> None:
+    """Serves until stdin closes; answers each "bytes" line on stdin with the bytes forwarded so far."""
+    proxy = DelayProxy(target_port, delay, port=port)
+    print(await proxy.start(), flush=True)
+    loop = asyncio.get_running_loop()
+    try:
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            if line.strip() == "bytes":
+                print(proxy.bytes_forwarded, flush=True)
+    finally:
+        await proxy.close()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m swarm.delay_proxy",
+        description="Forward 127.0.0.1:PORT to 127.0.0.1:TARGET_PORT, delaying every byte by a fixed one-way time. "
+                    "Prints the port it listens on; runs until its stdin closes.")
+    parser.add_argument("--target-port", type=int, required=True, help="the local port to forward to")
+    parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay of each direction, in ms")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
+    args = parser.parse_args(argv)
+    if args.delay_ms < 0:
+        parser.error("--delay-ms must be >= 0")
+    asyncio.run(_serve(args.target_port, args.delay_ms / 1000, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -289,6 +289,9 @@ class BlockHandler:
                     continue
                 if step.route and self.push is None:
                     raise bad_request("this server does not push steps to other servers")
+                if step.rewind and persistent and step.position < position:
+                    session.cache.restore([step.position] * len(session.cache.lengths()))
+                    position = step.position
                 hidden, mask = self._check_step(read_tensors(message, max_count=2), batch, position, max_length, step)
                 full_mask = session.extend_mask(mask, batch, position, hidden.shape[1], max_length)
                 began = time.perf_counter()
@@ -337,7 +340,7 @@ class BlockHandler:
         session's stream to that server; the reply to the client is not held up by it."""
         hop = step.route[0]
         tensors = [output.to(parse_dtype(hop.dtype))] + ([mask] if mask is not None else [])
-        message = pack(Push(position=step.position, step_id=step.step_id, route=step.route[1:],
+        message = pack(Push(position=step.position, step_id=step.step_id, route=step.route[1:], rewind=step.rewind,
                             session_id=hop.session_id), tensors, request=True)
         key = (hop.peer_id, hop.session_id)
         if key not in session.push_streams:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import IO, Optional, Sequence
 
-from swarm.delay_proxy import DelayProxyThread, free_port
+from swarm.delay_proxy import DelayProxyProcess, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class LocalSwarm:
         self.env = child_env(env or {})
         self.fork = fork
         self.link_delay_ms = link_delay_ms
-        self.proxies: list[DelayProxyThread] = []
+        self.proxies: list[DelayProxyProcess] = []
         self.bootstrap: Optional[Child] = None
         self.servers: list[Child] = []
         self.initial_peers: list[str] = []
@@ -308,7 +308,7 @@ class LocalSwarm:
         listen = ["--port", "0"]
         if self.link_delay_ms > 0:
             port = free_port()
-            proxy = DelayProxyThread(port, self.link_delay_ms / 1000)
+            proxy = DelayProxyProcess(port, self.link_delay_ms / 1000)
             self.proxies.append(proxy)
             listen = ["--port", str(port), "--announce-maddrs", f"/ip4/127.0.0.1/tcp/{proxy.port}"]
         child = Child(

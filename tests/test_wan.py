@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from client import AutoDistributedModelForCausalLM
-from swarm.delay_proxy import DelayProxy, DelayProxyThread, free_port
+from swarm.delay_proxy import DelayProxy, DelayProxyProcess, free_port
 from swarm.local import LocalSwarm
 
 
@@ -73,10 +73,10 @@ def test_servers_behind_delay_proxies_are_dialed_at_their_announced_addresses(ll
 
 
 def test_a_bootstrap_node_prints_its_announced_address():
-    proxy = DelayProxyThread(free_port(), delay=0.0)
+    proxy = DelayProxyProcess(free_port(), delay=0.0)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", str(proxy.proxy.target_port),
+            [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", str(proxy.target_port),
              "--announce-maddrs", f"/ip4/127.0.0.1/tcp/{proxy.port}", "--log-level", "warning"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
