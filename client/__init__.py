@@ -21,13 +21,16 @@ _EXPORTS = {
     "RetriesExhaustedError": "client.errors",
     "ServerFailure": "client.errors",
     "StepTimeoutError": "client.errors",
+    "ServerProvenWrongError": "client.errors",
+    "WrongResultWarning": "client.errors",
 }
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from client.errors import (BadRequestError, MissingBlocksError, ModelMismatchError, RetriesExhaustedError,
-                               ServerFailure, StepTimeoutError, SwarmBusyError, SwarmError)
+                               ServerFailure, ServerProvenWrongError, StepTimeoutError, SwarmBusyError, SwarmError,
+                               WrongResultWarning)
     from client.model import AutoDistributedModelForCausalLM
     from client.pings import PingCache
     from client.session import InferenceSession

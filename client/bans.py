@@ -23,12 +23,19 @@ class BanList:
 
     def ban(self, peer_id: str, reason: str) -> float:
         """Bans `peer_id` for base × 2^(strikes - 1) seconds (capped); returns the duration."""
+        if self._until.get(peer_id) == float("inf"):
+            return float("inf")
         strikes = self._strikes.get(peer_id, 0) + 1
         self._strikes[peer_id] = strikes
         duration = min(self.base * 2 ** (strikes - 1), self.maximum)
         self._until[peer_id] = self._clock() + duration
         logger.warning("banning server %s for %.0f s: %s", peer_id, duration, reason)
         return duration
+
+    def ban_forever(self, peer_id: str, reason: str) -> None:
+        """For a server proven to return wrong results: never used again by this process."""
+        self._until[peer_id] = float("inf")
+        logger.warning("banning server %s for good: %s", peer_id, reason)
 
     def succeeded(self, peer_id: str) -> None:
         """A server that works again starts from a clean slate."""

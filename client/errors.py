@@ -40,6 +40,15 @@ class StepTimeoutError(SwarmError):
     """One step (or one stateless forward) did not finish within `step_timeout`, retries included."""
 
 
+class ServerProvenWrongError(SwarmError):
+    """A spot check proved that a server of this session returned wrong results: the session's
+    outputs after the position named are void (`generate()` handles this itself)."""
+
+
+class WrongResultWarning(UserWarning):
+    """Tokens already streamed came from a server since proven wrong; they are generated again."""
+
+
 class ServerFailure(SwarmError):
     """A server failed, timed out or disconnected."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -22,7 +23,8 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from client.session import InferenceSession
+from client.errors import ServerProvenWrongError, WrongResultWarning
+from client.session import InferenceSession, Rollback
 from client.shared_head import SharedHead
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,28 @@ def _eos_ids(config: GenerationConfig) -> Optional[torch.Tensor]:
     return torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
 
 
+def _roll_back(session: InferenceSession, rollback: Rollback, all_ids: torch.Tensor, mask: Optional[torch.Tensor],
+               prompt_length: int, eos: Optional[torch.Tensor], streamer: Optional[BaseStreamer]):
+    """Drops the tokens that rest on outputs of a server proven wrong and rewinds the session to the
+    last position verified for it (never into the caller's own tokens). Returns the kept tokens,
+    their mask and which rows are still unfinished."""
+    keep = min(max(rollback.position + 1, prompt_length), all_ids.shape[1])
+    message = (f"server(s) {', '.join(rollback.peers)} returned wrong results; "
+               f"{all_ids.shape[1] - keep} generated token(s) are generated again")
+    logger.warning(message)
+    if streamer is not None:
+        warnings.warn(f"{message}: tokens already streamed from position {keep} on were wrong", WrongResultWarning,
+                      stacklevel=3)
+    session.rewind(rollback.position)
+    all_ids = all_ids[:, :keep]
+    mask = mask[:, :keep] if mask is not None else None
+    if eos is None:
+        unfinished = torch.ones(all_ids.shape[0], dtype=torch.bool)
+    else:
+        unfinished = ~torch.isin(all_ids[:, prompt_length:], eos).any(dim=1)
+    return all_ids, mask, unfinished
+
+
 def decode(
     head: SharedHead,
     session: InferenceSession,
@@ -104,26 +128,37 @@ def decode(
         streamer.put(new_ids.cpu())
 
     try:
-        for _ in range(max(max_new, 0)):
-            feed = all_ids[:, session.position:]
-            hidden = session.step(head.embed_tokens(feed), mask)
-            logits = head.logits(hidden[:, -1])
-            scores = processors(all_ids, logits)
-            if config.do_sample:
-                next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                next_tokens = scores.argmax(dim=-1)
-            if eos is not None:
-                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-            all_ids = torch.cat([all_ids, next_tokens[:, None]], dim=1)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            if streamer is not None:
-                streamer.put(next_tokens.cpu())
-            if eos is not None:
-                unfinished &= ~torch.isin(next_tokens, eos)
-                if not unfinished.any():
-                    break
+        while True:
+            while all_ids.shape[1] - prompt_length < max_new and unfinished.any():
+                rollback = session.take_rollback()
+                if rollback is not None:
+                    all_ids, mask, unfinished = _roll_back(session, rollback, all_ids, mask, prompt_length, eos, streamer)
+                    continue
+                feed = all_ids[:, session.position:]
+                try:
+                    hidden = session.step(head.embed_tokens(feed), mask)
+                except ServerProvenWrongError:
+                    continue  # a check finished just before the step, which sent nothing: roll back first
+                logits = head.logits(hidden[:, -1])
+                scores = processors(all_ids, logits)
+                if config.do_sample:
+                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    next_tokens = scores.argmax(dim=-1)
+                if eos is not None:
+                    next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+                all_ids = torch.cat([all_ids, next_tokens[:, None]], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                if streamer is not None:
+                    streamer.put(next_tokens.cpu())
+                if eos is not None:
+                    unfinished &= ~torch.isin(next_tokens, eos)
+            # The result is returned only once the spot checks in flight have judged what it rests on.
+            rollback = session.settle()
+            if rollback is None:
+                break
+            all_ids, mask, unfinished = _roll_back(session, rollback, all_ids, mask, prompt_length, eos, streamer)
     finally:
         session.token_ids, session.attention_mask = all_ids, mask
         if streamer is not None:

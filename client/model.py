@@ -21,6 +21,7 @@ from client.generation import decode, prepare_config
 from client.remote import RemoteModel
 from client.session import InferenceSession
 from client.shared_head import SharedHead
+from client.verify import DEFAULT_VERIFY_RATE, Evidence
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class AutoDistributedModelForCausalLM:
         min_reliability: float = 0.0,
         ban_seconds: float = 5.0,
         push: bool = True,
+        verify: float = DEFAULT_VERIFY_RATE,
     ) -> "AutoDistributedModelForCausalLM":
         """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`.
 
@@ -63,6 +65,12 @@ class AutoDistributedModelForCausalLM:
         default), each server of a chain sends a step's output straight to the next one
         (client → server 1 → … → server S → client); `push=False` makes every output come back to the
         client, which sends it on (2·S network legs per step instead of S + 1).
+
+        `verify` is the spot-check rate (0 turns checks off): after each span's first step, and after
+        a `verify` fraction of later steps, each span's new outputs are recomputed by other servers
+        of its blocks (or by this process, from `path`, when they fit in its memory) and compared. A
+        server proven wrong is banned for good and `generate()` rolls back and recomputes what it
+        touched, so the text it returns does not depend on it.
         """
         checkpoint = Checkpoint(path)
         head = load_head(checkpoint, dtype=dtype, device=device)
@@ -73,7 +81,7 @@ class AutoDistributedModelForCausalLM:
         remote = RemoteModel(checkpoint, initial_peers, model_name, request_timeout=request_timeout,
                              max_chunk_tokens=max_chunk_tokens, max_retries=max_retries, step_timeout=step_timeout,
                              reliability=reliability, min_reliability=min_reliability, ban_seconds=ban_seconds,
-                             push=push)
+                             push=push, verify=verify)
         return cls(checkpoint, head, remote, generation_config)
 
     @property
@@ -87,6 +95,15 @@ class AutoDistributedModelForCausalLM:
     def on_server_failure(self, callback: Callable[[str, str], None]) -> None:
         """Calls `callback(peer_id, reason)` whenever a server fails this client (and is banned)."""
         self.remote.failure_listeners.append(callback)
+
+    def on_wrong_result(self, callback: Callable[[Evidence], None]) -> None:
+        """Calls `callback(evidence)` when a spot check proves a server wrong (`client.verify.Evidence`)."""
+        self.remote.fault_listeners.append(callback)
+
+    @property
+    def convicted(self) -> dict[str, Evidence]:
+        """Servers proven wrong so far (peer id → evidence); this process never uses them again."""
+        return dict(self.remote.convicted)
 
     def longest_session(self) -> int:
         """The longest session (prompt + new tokens) the swarm's usable servers accept now; 0 if some

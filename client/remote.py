@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import random
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Awaitable, Callable, Collection, Mapping, Optional, Sequence
 
 import torch
 from hivemind.p2p import P2P
 
-from blocks.checkpoint import Checkpoint
+from blocks.checkpoint import Checkpoint, parse_dtype
 from blocks.wire import MAX_MESSAGE_BYTES, cap_incoming_messages
 from client.errors import (
     MissingBlocksError,
@@ -27,6 +29,7 @@ from client.pings import PingCache
 from client.routing import RouteIndex, SpanPlan, make_chain, usable
 from client.runtime import LoopThread
 from client.span import forward_span
+from client.verify import DEFAULT_VERIFY_RATE, TOLERANCE, Claim, Evidence, LocalReferee, Recomputation, SpotChecker
 from dht.records import ServerInfo
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, agreed_meta, start_dht
 
@@ -78,6 +81,7 @@ class RemoteModel:
         min_reliability: float = 0.0,
         ban_seconds: float = 5.0,
         push: bool = True,
+        verify: float = DEFAULT_VERIFY_RATE,
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one swarm peer")
@@ -95,6 +99,12 @@ class RemoteModel:
         self.reliability = reliability
         self.min_reliability = min_reliability
         self.failure_listeners: list[Callable[[str, str], None]] = []
+        self.fault_listeners: list[Callable[[Evidence], None]] = []
+        self.convicted: dict[str, Evidence] = {}
+        self.sessions: weakref.WeakSet = weakref.WeakSet()  # open inference sessions, to roll back on a conviction
+        self._referee_executor = ThreadPoolExecutor(1, thread_name_prefix="referee")
+        self.verifier: Optional[SpotChecker] = (
+            SpotChecker(verify, self.recompute, LocalReferee(checkpoint, self._referee_executor)) if verify > 0 else None)
         self.rng = random.Random()
         dht, validator = start_dht(initial_peers, client_mode=True, nat_port_map=nat_port_map)
         self.dht = SwarmDHT(dht, validator)
@@ -173,6 +183,44 @@ class RemoteModel:
         for listener in self.failure_listeners:
             listener(peer_id, reason)
 
+    def convict(self, evidence: Evidence) -> None:
+        """A server proven to return wrong results: banned for good, and every session that used it
+        rolls back to the last position verified for it."""
+        peer = evidence.peer_id
+        first = peer not in self.convicted
+        self.convicted.setdefault(peer, evidence)
+        reason = (f"returned wrong results for blocks {evidence.start_block}:{evidence.end_block} (relative error "
+                  f"{evidence.claimed_error:.2g} > {evidence.tolerance:.2g} against {evidence.referee})")
+        self.bans.ban_forever(peer, reason)
+        self.pings.forget(peer)
+        for session in list(self.sessions):
+            session.server_proven_wrong(peer)
+        if first:
+            for listener in self.failure_listeners:
+                listener(peer, reason)
+            for fault_listener in self.fault_listeners:
+                fault_listener(evidence)
+
+    async def recompute(self, claim: Claim, avoid: frozenset[str]) -> Optional[Recomputation]:
+        """A claim's outputs recomputed by a chain of other servers (none of `avoid`), as one stateless
+        prefill of its whole input history; None if no such chain exists."""
+        try:
+            chain = await self.make_chain(claim.start, claim.end, exclude=avoid)
+        except MissingBlocksError:
+            return None
+        hidden = claim.inputs
+        for plan in chain:
+            try:
+                hidden = await forward_span(self.p2p, self.model_name, plan, hidden, claim.mask,
+                                            self.chunk_tokens(hidden.shape[0]), self.request_timeout)
+            except ServerFailure as e:
+                self.report_failure(plan.peer_id, str(e))
+                raise
+        dtypes = [parse_dtype(plan.info.record.dtype) for plan in chain]
+        least_precise = max(dtypes, key=lambda dtype: TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16]))
+        return Recomputation(by=" → ".join(plan.peer_id for plan in chain), peers=frozenset(p.peer_id for p in chain),
+                             outputs=hidden, dtype=least_precise)
+
     def chunk_tokens(self, batch_size: int) -> int:
         """Tokens per message within the client's limit and the message size limit (each span further
         splits by its own server's announced limit)."""
@@ -210,3 +258,4 @@ class RemoteModel:
             logger.debug("p2p shutdown failed", exc_info=True)
         self.runtime.stop()
         self.dht.shutdown()
+        self._referee_executor.shutdown(wait=False, cancel_futures=True)

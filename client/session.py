@@ -11,15 +11,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from client.errors import MissingBlocksError, ServerFailure, SwarmBusyError, SwarmError
+from client.errors import MissingBlocksError, ServerFailure, ServerProvenWrongError, SwarmBusyError, SwarmError
 from client.remote import FailureBudget, RemoteModel, step_deadline
 from client.span import SpanSession
+from client.verify import Claim
 
 logger = logging.getLogger(__name__)
+
+MAX_CHECK_LAG = 4  # steps a session may run ahead of a spot check in flight
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Positions from `position` on were computed with a server proven wrong (`peers`) and are void."""
+
+    position: int
+    peers: tuple[str, ...]
 
 
 class InferenceSession:
@@ -45,6 +57,13 @@ class InferenceSession:
         self.broken: Optional[str] = None  # why the servers' caches may no longer match this session
         self.failovers = 0
         self._step_id = 0
+        self._mask: Optional[torch.Tensor] = None  # the attention mask of positions [0, position), if padded
+        self._checks: set[asyncio.Task] = set()
+        self._check_steps: dict[asyncio.Task, int] = {}  # check in flight -> the step after which it started
+        self._steps = 0
+        self._rollback: Optional[Rollback] = None
+        self._retired: list[tuple[str, int]] = []  # (peer, verified position) of spans replaced after a failure
+        remote.sessions.add(self)
 
     @property
     def chain(self) -> list[tuple[str, int, int]]:
@@ -72,7 +91,7 @@ class InferenceSession:
             opened: list[SpanSession] = []
             try:
                 for plan in chain:
-                    span = SpanSession(plan, self.remote.request_timeout)
+                    span = SpanSession(plan, self.remote.request_timeout, keep_outputs=self.remote.verifier is not None)
                     opened.append(span)
                     await span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length)
                 if history is not None:
@@ -110,6 +129,11 @@ class InferenceSession:
         if self.broken is not None:
             raise SwarmError(f"inference session is broken by an earlier failed step ({self.broken}); "
                              f"open a new session and send its tokens again")
+        await self._wait_for_lagging_checks()
+        if self._rollback is not None:
+            raise ServerProvenWrongError(
+                f"server(s) {', '.join(self._rollback.peers)} returned wrong results: this session's outputs from "
+                f"position {self._rollback.position} on are void; call rewind({self._rollback.position}) and resend")
         batch, tokens = hidden.shape[:2]
         if self.spans and batch != self.batch_size:
             raise ValueError(f"session was opened with batch size {self.batch_size}, got {batch}")
@@ -147,7 +171,112 @@ class InferenceSession:
             self.broken = f"{type(e).__name__}: {e}"
             raise
         self.position += tokens
+        self._steps += 1
+        if mask is not None:
+            self._mask = mask[:, :self.position]
+        self._start_checks()
         return torch.cat(outputs, dim=1).to(dtype)
+
+    def _start_checks(self) -> None:
+        """Spot-checks each span's outputs since its last check: always after its first step, then
+        at the verifier's rate (one draw per step for the whole chain). Checks run in the background;
+        one span has at most one check in flight."""
+        verifier = self.remote.verifier
+        if verifier is None:
+            return
+        sampled = verifier.sample()
+        for span in self.spans:
+            if span.checking or span.position <= span.verified or not (sampled or span.checks == 0):
+                continue
+            claim = Claim(peer_id=span.plan.peer_id, start=span.plan.start, end=span.plan.end, dtype=span.dtype,
+                          inputs=span.history(), outputs=span.outputs(), mask=self._mask, verified=span.verified)
+            span.checks += 1
+            span.checking = True
+            task = asyncio.create_task(self._check(span, claim, span.rewinds))
+            self._checks.add(task)
+            self._check_steps[task] = self._steps
+            task.add_done_callback(self._check_done)
+
+    def _check_done(self, task: asyncio.Task) -> None:
+        self._checks.discard(task)
+        self._check_steps.pop(task, None)
+
+    async def _wait_for_lagging_checks(self) -> None:
+        """A session runs at most MAX_CHECK_LAG steps ahead of its oldest check in flight: a wrong server
+        is caught within that many tokens even where checks are slower than steps, and a rollback
+        never throws away more than that much work done since."""
+        lagging = [task for task, started in self._check_steps.items() if self._steps - started >= MAX_CHECK_LAG]
+        if lagging:
+            await asyncio.wait(lagging)
+
+    async def _check(self, span: SpanSession, claim: Claim, rewinds: int) -> None:
+        try:
+            verdict = await self.remote.verifier.check(claim)
+        except Exception:
+            logger.exception("session %s: spot check of %s failed", self.session_id, claim.peer_id)
+            return
+        finally:
+            span.checking = False
+        if verdict.verified and span.rewinds == rewinds:
+            span.verified = max(span.verified, claim.outputs.shape[1])
+        for evidence in verdict.wrong:
+            self.remote.convict(evidence)
+
+    def server_proven_wrong(self, peer_id: str) -> None:
+        """Called for every session when a server is proven wrong: positions computed with it after its
+        last verified one are void, and the next step starts there."""
+        positions = [span.verified for span in self.spans if span.plan.peer_id == peer_id]
+        positions += [verified for peer, verified in self._retired if peer == peer_id]
+        if not positions:
+            return
+        position = min(positions)
+        if self._rollback is not None:
+            position = min(position, self._rollback.position)
+            peer_ids = tuple(sorted(set(self._rollback.peers) | {peer_id}))
+        else:
+            peer_ids = (peer_id,)
+        self._rollback = Rollback(position, peer_ids)
+        logger.warning("session %s: server %s was proven wrong; rolling back to position %d",
+                       self.session_id, peer_id, position)
+
+    def take_rollback(self) -> Optional[Rollback]:
+        """The pending rollback, if a server of this session was proven wrong (the caller rewinds)."""
+        return self._rollback
+
+    async def asettle(self) -> Optional[Rollback]:
+        """Waits for this session's spot checks in flight; returns the rollback they call for, if any."""
+        while self._checks:
+            await asyncio.gather(*list(self._checks), return_exceptions=True)
+        return self._rollback
+
+    def settle(self) -> Optional[Rollback]:
+        return self.remote.runtime.run(self.asettle())
+
+    async def arewind(self, position: int) -> None:
+        """Makes the session hold only positions [0, position): servers proven wrong are replaced (their
+        replacements rebuild the cache from the inputs before `position`), the others forget the rest."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to position {position}: the session holds {self.position}")
+        failures = FailureBudget(self.remote.max_retries)
+        mask = self._mask[:, :position] if self._mask is not None and position else None
+        spans: list[SpanSession] = []
+        for span in self.spans:
+            if span.plan.peer_id in self.remote.convicted:
+                history = span.history()
+                await span.close()
+                spans += await self._connect(span.plan.start, span.plan.end,
+                                             history[:, :position] if position else None, mask, failures)
+            else:
+                span.rewind(position)
+                spans.append(span)
+        self.spans = spans
+        self.position = position
+        self._mask = mask
+        self._rollback = None
+        logger.info("session %s: rewound to position %d; chain now %s", self.session_id, position, self._describe())
+
+    def rewind(self, position: int) -> None:
+        self.remote.runtime.run(self.arewind(position))
 
     async def _through_chain(self, part: torch.Tensor, mask: Optional[torch.Tensor], failures: FailureBudget) -> torch.Tensor:
         """One chunk through every span (`mask`: the session's attention mask up to the chunk's end;
@@ -167,7 +296,8 @@ class InferenceSession:
                     later = self.spans[index + 1:]
                     fits = all(part.shape[1] <= other.max_chunk_tokens for other in self.spans[index:])
                     if self.remote.push and fits:
-                        span.send(part, new_mask, self._step_id, [other.hop() for other in later])
+                        span.send(part, new_mask, self._step_id, [other.hop() for other in later],
+                                  rewind=any(other.rewinding for other in later))
                         for other in later:
                             other.expect(self._step_id)
                         output = await span.receive(part)
@@ -184,6 +314,7 @@ class InferenceSession:
                 history_mask = mask[:, : history.shape[1]] if mask is not None and history is not None else None
                 replacement = await self._connect(span.plan.start, span.plan.end, history, history_mask, failures)
                 self.spans[index:index + 1] = replacement
+                self._retired.append((span.plan.peer_id, span.verified))
                 self.failovers += 1
                 send_to = index
                 logger.warning("session %s: replaced %s for blocks %d:%d; chain now %s", self.session_id,
@@ -202,6 +333,9 @@ class InferenceSession:
     async def aclose(self) -> None:
         if not self.closed:
             self.closed = True
+            for task in self._checks:
+                task.cancel()
+            self.remote.sessions.discard(self)
             await asyncio.gather(*(span.close() for span in self.spans), return_exceptions=True)
 
     def close(self) -> None:

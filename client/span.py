@@ -131,8 +131,9 @@ class _Stream:
 class SpanSession:
     """Blocks [plan.start, plan.end) on server plan.peer_id, with the KV cache kept there."""
 
-    def __init__(self, plan: SpanPlan, timeout: float):
+    def __init__(self, plan: SpanPlan, timeout: float, keep_outputs: bool = False):
         self.plan = plan
+        self.keep_outputs = keep_outputs
         self.timeout = timeout
         self.dtype = parse_dtype(plan.info.record.dtype)
         self.position = 0
@@ -140,6 +141,12 @@ class SpanSession:
         self._stream = _Stream()
         self._step_id = 0
         self._inputs: list[torch.Tensor] = []  # what this server has received, to rebuild its cache elsewhere
+        self._outputs: list[torch.Tensor] = []  # what it answered, for spot checks
+        self.verified = 0  # positions [0, verified) of its outputs agreed with a recomputation
+        self.checks = 0  # spot checks started on this span
+        self.checking = False  # one is in flight
+        self.rewinds = 0
+        self._rewind = False
 
     @property
     def max_chunk_tokens(self) -> int:
@@ -154,6 +161,21 @@ class SpanSession:
         """Inputs of block `plan.start` at every position this span has processed ([batch, position, hidden]),
         or None before its first step."""
         return torch.cat(self._inputs, dim=1) if self._inputs else None
+
+    def outputs(self) -> Optional[torch.Tensor]:
+        """This span's outputs at every position it has processed, as the client received them (kept
+        only with `keep_outputs`, for spot checks)."""
+        return torch.cat(self._outputs, dim=1) if self._outputs else None
+
+    def rewind(self, position: int) -> None:
+        """Forgets positions from `position` on; the next step tells the server to do the same."""
+        if position < self.position:
+            self._inputs = [self.history()[:, :position]] if position else []
+            self._outputs = [self.outputs()[:, :position]] if position else []
+            self.position = position
+            self.verified = min(self.verified, position)
+            self.rewinds += 1
+            self._rewind = True
 
     async def open(self, p2p: P2P, model: str, batch_size: int, max_length: int) -> None:
         try:
@@ -184,11 +206,20 @@ class SpanSession:
         self.send(hidden, mask, self._step_id)
         return await self.receive(hidden)
 
-    def send(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], step_id: int, route: Sequence[Hop] = ()) -> None:
+    @property
+    def rewinding(self) -> bool:
+        """The server still holds positions this span has forgotten (see `rewind`)."""
+        return self._rewind
+
+    def send(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], step_id: int, route: Sequence[Hop] = (),
+             rewind: bool = False) -> None:
         """Sends one step (within this server's chunk limit); with a `route`, the server pushes its
-        output along it. The reply is read by `receive`."""
+        output along it (with `rewind`, every server on the way first forgets what follows the
+        step's position). The reply is read by `receive`."""
         tensors = [hidden.to(self.dtype)] + ([mask] if mask is not None else [])
-        self._stream.send(pack(Step(position=self.position, step_id=step_id, route=tuple(route)), tensors, request=True))
+        header = Step(position=self.position, step_id=step_id, route=tuple(route), rewind=rewind or self._rewind)
+        self._stream.send(pack(header, tensors, request=True))
+        self._rewind = False
 
     def expect(self, step_id: int) -> None:
         """Tells the server that step `step_id` comes pushed by the previous one: nothing to compute,
@@ -209,6 +240,9 @@ class SpanSession:
         output = check_output(self.plan.peer_id, outputs[0], hidden, self.dtype)
         self.position = done.position
         self._inputs.append(hidden)
+        if self.keep_outputs:
+            self._outputs.append(output)
+        self._rewind = False  # the server holds exactly this position now
         return output
 
     async def close(self) -> None:

@@ -1,0 +1,223 @@
+"""Spot checks: a sample of every span's outputs is recomputed elsewhere and compared.
+
+Servers are strangers: one with a broken GPU, a cheaper model or a lower precision returns plausible
+hidden states that nothing else would notice. After a sampled step (and always after a span's first
+step), the client sends the span's whole input history, as one stateless prefill, to other servers
+of the same blocks (or runs it itself when it can hold those blocks) and compares the span's outputs
+since its last check with the recomputation, position by position.
+
+A disagreement is settled by a referee: the client itself when its checkpoint holds the blocks and
+its memory allows (in float32), otherwise a third chain that avoids both servers. Whoever disagrees
+with the referee is proven wrong. A session whose server is proven wrong rolls back to the last
+position verified for that server.
+
+The comparison is the largest relative L2 error over positions, with a tolerance for the less
+precise of the two dtypes, measured on honest servers (see `TOLERANCE`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import random
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Optional
+
+import psutil
+import torch
+
+from blocks.checkpoint import Checkpoint
+from blocks.loading import load_span
+from client.errors import SwarmError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VERIFY_RATE = 0.1
+
+# Largest relative L2 error per position that honest servers of this dtype reach against a float32
+# recomputation, with margin. Measured (`tests/test_verify.py` keeps the random-model figures honest):
+# float32 KV-cached vs stateless ≤ 3.2e-6; float16 ≤ 7.4e-3 and bfloat16 ≤ 5.1e-2 over spans of
+# 1–30 blocks of SmolLM2-135M and a random Llama. A float32 server computing with bfloat16 or float16
+# weights or activations is 9e-4 or more away.
+TOLERANCE = {torch.float32: 3e-4, torch.float16: 3e-2, torch.bfloat16: 0.15}
+MEASURED_BLOCKS = 30  # deeper spans than measured get a tolerance growing with sqrt(depth)
+
+
+def tolerance(first: torch.dtype, second: torch.dtype, blocks: int) -> float:
+    base = max(TOLERANCE.get(first, TOLERANCE[torch.bfloat16]), TOLERANCE.get(second, TOLERANCE[torch.bfloat16]))
+    return base * math.sqrt(max(1.0, blocks / MEASURED_BLOCKS))
+
+
+def discrepancy(claimed: torch.Tensor, reference: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
+    """Largest relative L2 error over positions [batch, tokens, hidden]; padding (mask 0) is ignored."""
+    claimed, reference = claimed.float(), reference.float()
+    errors = (claimed - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-6)
+    if mask is not None:
+        errors = errors[mask.bool()]
+    return float(errors.max()) if errors.numel() else 0.0
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (as float32), for evidence."""
+    return hashlib.sha256(tensor.detach().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class Evidence:
+    """What proves a server wrong: the disputed span and positions, digests of its input and of each
+    party's output, their errors against the referee, and who refereed."""
+
+    peer_id: str
+    start_block: int
+    end_block: int
+    positions: tuple[int, int]
+    input_digest: str
+    claimed_digest: str
+    verifier_id: str
+    verifier_digest: str
+    referee: str
+    referee_digest: str
+    claimed_error: float
+    verifier_error: float
+    tolerance: float
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One span's outputs to check: positions [verified, end) of `outputs`, computed by `peer_id` in `dtype`
+    from `inputs` (every position so far, [batch, end, hidden])."""
+
+    peer_id: str
+    start: int
+    end: int
+    dtype: torch.dtype
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    mask: Optional[torch.Tensor]
+    verified: int
+
+
+@dataclass(frozen=True)
+class Recomputation:
+    """A recomputation of a claim's outputs: by whom (peer ids, or "client"), in which dtype."""
+
+    by: str
+    peers: frozenset[str]
+    outputs: torch.Tensor
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """`wrong`: peers proven wrong (with evidence); `verified`: the claim held (up to its end)."""
+
+    verified: bool
+    wrong: tuple[Evidence, ...] = ()
+
+
+Recompute = Callable[[Claim, frozenset[str]], Awaitable[Optional[Recomputation]]]
+
+
+class LocalReferee:
+    """Recomputes a span on this machine, in float32, from the client's own checkpoint, when its
+    blocks fit in the memory available (with room to spare); None otherwise."""
+
+    def __init__(self, checkpoint: Checkpoint, executor: Executor, memory_fraction: float = 0.5):
+        self.checkpoint = checkpoint
+        self.executor = executor
+        self.memory_fraction = memory_fraction
+
+    def can_hold(self, start: int, end: int) -> bool:
+        needed = sum(self.checkpoint.block_bytes(index, torch.float32) for index in range(start, end))
+        return needed <= psutil.virtual_memory().available * self.memory_fraction
+
+    async def __call__(self, claim: Claim, avoid: frozenset[str]) -> Optional[Recomputation]:
+        if not self.can_hold(claim.start, claim.end):
+            return None
+        outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self._compute, claim)
+        return Recomputation("client", frozenset(), outputs, torch.float32)
+
+    def _compute(self, claim: Claim) -> torch.Tensor:
+        span = load_span(self.checkpoint, claim.start, claim.end, torch.float32)
+        return span.forward(claim.inputs.float(), attention_mask=claim.mask)
+
+
+class SpotChecker:
+    """Decides which steps to check and settles what a check finds.
+
+    `recompute(claim, avoid)` asks servers (none of `avoid`) for a recomputation; `referee` is the
+    local one, or None. A claim that cannot be recomputed (no other server, no room here) stays
+    unverified: the check is skipped, not failed."""
+
+    def __init__(self, rate: float, recompute: Recompute, referee: Optional[LocalReferee],
+                 rng: Optional[random.Random] = None):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"verify rate must be within [0, 1], got {rate}")
+        self.rate = rate
+        self.recompute = recompute
+        self.referee = referee
+        self.rng = rng or random.Random()
+        self.checks = 0
+        self.disputes = 0
+
+    def sample(self) -> bool:
+        return self.rate > 0 and self.rng.random() < self.rate
+
+    async def check(self, claim: Claim) -> Verdict:
+        self.checks += 1
+        first = await self._recompute(claim, frozenset({claim.peer_id}))
+        if first is None:
+            return Verdict(verified=False)
+        tol = tolerance(claim.dtype, first.dtype, claim.end - claim.start)
+        window = slice(claim.verified, claim.outputs.shape[1])
+        claimed = claim.outputs[:, window]
+        mask = claim.mask[:, window] if claim.mask is not None else None
+        if discrepancy(claimed, first.outputs[:, window], mask) <= tol:
+            return Verdict(verified=True)
+
+        self.disputes += 1
+        avoid = frozenset({claim.peer_id}) | first.peers
+        referee = await self._recompute(claim, avoid, local=first.by != "client", prefer_local=True)
+        if referee is None:
+            logger.warning("span %d:%d of %s disagrees with %s and no referee is available; not judged",
+                           claim.start, claim.end, claim.peer_id, first.by)
+            return Verdict(verified=False)
+        claimed_error = discrepancy(claimed, referee.outputs[:, window], mask)
+        verifier_error = discrepancy(first.outputs[:, window], referee.outputs[:, window], mask)
+        claimed_tol = tolerance(claim.dtype, referee.dtype, claim.end - claim.start)
+        verifier_tol = tolerance(first.dtype, referee.dtype, claim.end - claim.start)
+        wrong = []
+        accused = [(claim.peer_id, claimed_error > claimed_tol)] + [(peer, verifier_error > verifier_tol)
+                                                                    for peer in sorted(first.peers)]
+        for peer, is_wrong in accused:
+            if is_wrong:
+                wrong.append(Evidence(
+                    peer_id=peer, start_block=claim.start, end_block=claim.end,
+                    positions=(claim.verified, claim.outputs.shape[1]), input_digest=digest(claim.inputs),
+                    claimed_digest=digest(claimed), verifier_id=first.by, verifier_digest=digest(first.outputs[:, window]),
+                    referee=referee.by, referee_digest=digest(referee.outputs[:, window]),
+                    claimed_error=claimed_error, verifier_error=verifier_error, tolerance=claimed_tol,
+                ))
+        return Verdict(verified=claimed_error <= claimed_tol, wrong=tuple(wrong))
+
+    async def _recompute(self, claim: Claim, avoid: frozenset[str], local: bool = True,
+                         prefer_local: bool = False) -> Optional[Recomputation]:
+        """From servers avoiding `avoid`, or from the local referee (if `local`: first if
+        `prefer_local`, else as the fallback when no other server can do it)."""
+        sources: list[Recompute] = [self.recompute]
+        if self.referee is not None and local:
+            sources.insert(0 if prefer_local else 1, self.referee)
+        for source in sources:
+            try:
+                result = await source(claim, avoid)
+            except (SwarmError, MemoryError) as e:  # a failing verifier is not evidence against the claim
+                logger.info("recomputing span %d:%d failed: %s: %s", claim.start, claim.end, type(e).__name__, e)
+                continue
+            if result is not None:
+                return result
+        return None

@@ -1,0 +1,178 @@
+"""Spot checks: servers that return wrong results are caught, banned and their work redone; honest
+servers of any dtype are never accused."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from blocks.synthetic import make_random_checkpoint
+from client import AutoDistributedModelForCausalLM, WrongResultWarning
+from client.verify import TOLERANCE, Claim, Recomputation, SpotChecker, discrepancy, tolerance
+from swarm.local import LocalSwarm
+from tests.client_worker import prompt
+from tests.conftest import reference_model
+
+NEW_TOKENS = 16
+
+
+class Counter(BaseStreamer):
+    """Counts new tokens (the prompt is the first put)."""
+
+    def __init__(self):
+        self.puts = 0
+
+    def put(self, value):
+        self.puts += 1
+
+    def end(self):
+        pass
+
+    @property
+    def tokens(self) -> int:
+        return max(self.puts - 1, 0)
+
+
+# --- the comparison and the verdicts, on their own ---------------------------------------------------
+
+def test_discrepancy_is_the_worst_position_and_ignores_padding():
+    reference = torch.ones(2, 3, 4)
+    claimed = reference.clone()
+    claimed[1, 2, 0] += 0.5  # one position off by 25 % of its norm (2)
+    assert discrepancy(claimed, reference) == pytest.approx(0.25)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert discrepancy(claimed, reference, mask) == 0.0
+    assert tolerance(torch.float32, torch.float32, 4) == TOLERANCE[torch.float32]
+    assert tolerance(torch.float32, torch.bfloat16, 4) == TOLERANCE[torch.bfloat16]
+    assert tolerance(torch.bfloat16, torch.bfloat16, 120) == pytest.approx(2 * TOLERANCE[torch.bfloat16])
+
+
+def _claim(outputs, inputs, verified=0):
+    return Claim(peer_id="A", start=0, end=2, dtype=torch.float32, inputs=inputs, outputs=outputs, mask=None,
+                 verified=verified)
+
+
+def _checker(verifier_outputs, referee_outputs):
+    async def recompute(claim, avoid):
+        assert "A" in avoid
+        if "B" in avoid:  # the second opinion must come from someone else
+            return None if referee_outputs is None else Recomputation("C", frozenset({"C"}), referee_outputs, torch.float32)
+        return Recomputation("B", frozenset({"B"}), verifier_outputs, torch.float32)
+    return SpotChecker(1.0, recompute, referee=None)
+
+
+async def test_a_verdict_convicts_whoever_disagrees_with_the_referee():
+    inputs = torch.randn(1, 6, 8)
+    truth = torch.randn(1, 6, 8)
+    wrong = truth + 0.1 * torch.randn(1, 6, 8)
+    # Agreement: verified, nobody accused, no referee asked.
+    verdict = await _checker(truth.clone(), None).check(_claim(truth, inputs))
+    assert verdict.verified and not verdict.wrong
+    # The claim is wrong: the referee sides with the verifier.
+    verdict = await _checker(truth, truth).check(_claim(wrong, inputs))
+    assert not verdict.verified and [e.peer_id for e in verdict.wrong] == ["A"]
+    evidence = verdict.wrong[0]
+    assert evidence.referee == "C" and evidence.claimed_error > evidence.tolerance and evidence.verifier_error == 0
+    assert len(evidence.input_digest) == 64 and evidence.claimed_digest != evidence.referee_digest
+    # The verifier is wrong: the claim stands, the verifier is accused.
+    verdict = await _checker(wrong, truth).check(_claim(truth, inputs))
+    assert verdict.verified and [e.peer_id for e in verdict.wrong] == ["B"]
+    # Nobody to settle it: neither is judged.
+    verdict = await _checker(wrong, None).check(_claim(truth, inputs))
+    assert not verdict.verified and not verdict.wrong
+    # Only positions since the last check are judged (earlier ones were verified already).
+    early_wrong = truth.clone()
+    early_wrong[:, :3] += 1.0
+    verdict = await _checker(truth, truth).check(_claim(early_wrong, inputs, verified=3))
+    assert verdict.verified and not verdict.wrong
+
+
+# --- a real swarm with a lying server ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model6(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("verify") / "llama6", "llama", num_layers=6, seed=7)
+
+
+@pytest.fixture(scope="module")
+def ref6(model6):
+    return reference_model(model6)
+
+
+@pytest.fixture(scope="module")
+def honest_swarm(model6, tmp_path_factory):
+    with LocalSwarm(model6, [(0, 3), (3, 6)], server_args=["--throughput", "100"],
+                    workdir=tmp_path_factory.mktemp("verify-swarm")) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("verify-other") / "llama6", "llama", num_layers=6, seed=8)
+
+
+LIARS = {
+    "always wrong": ({}, 1.0),
+    "wrong 30 % of steps": ({"LYING_SERVER_PROBABILITY": "0.3"}, 0.5),
+    "wrong after 6 steps": ({"LYING_SERVER_AFTER": "6"}, 0.5),
+    "wrong in every other session": ({"LYING_SERVER_SESSIONS": "odd"}, 0.5),
+    "another checkpoint": ({"LYING_SERVER_MODE": "checkpoint"}, 0.1),
+    "lower precision": ({"LYING_SERVER_MODE": "precision"}, 0.1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(LIARS))
+def test_a_lying_server_is_caught_banned_and_its_work_redone(kind, model6, ref6, honest_swarm, other_checkpoint):
+    env, rate = LIARS[kind]
+    env = {**env, "LYING_SERVER_CHECKPOINT": str(other_checkpoint)}
+    # The liar announces the whole model at a high throughput: every chain starts with it.
+    liar = honest_swarm.add_server(0, 6, "--throughput", "10000", module="tests.lying_server", env=env)
+    try:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, honest_swarm.initial_peers, request_timeout=60,
+                                                             verify=rate) as model:
+            caught_at = []
+            streamer = Counter()
+            model.on_wrong_result(lambda evidence: caught_at.append(streamer.tokens))
+            outputs = []
+            with warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                for seed in range(3):  # several sessions, for the liar that lies in some of them only
+                    ids = prompt(seed)
+                    outputs.append((model.generate(ids, max_new_tokens=NEW_TOKENS, streamer=streamer), ids))
+            assert liar.peer_id in model.convicted, f"{kind}: not caught"
+            evidence = model.convicted[liar.peer_id]
+            assert evidence.claimed_error > evidence.tolerance and evidence.referee == "client"
+            assert liar.peer_id in model.remote.bans.banned()
+            if kind == "always wrong":
+                assert caught_at[0] <= 5
+            assert any(issubclass(w.category, WrongResultWarning) and liar.peer_id in str(w.message) for w in warned)
+        for output, ids in outputs:
+            assert torch.equal(output, ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)), kind
+    finally:
+        liar.stop()
+
+
+@pytest.mark.slow
+def test_honest_bf16_and_fp32_servers_of_the_same_blocks_are_never_accused(model6, tmp_path):
+    """A float32 claim checked by a bfloat16 server and a bfloat16 claim checked by a float32 one, at
+    every step: no dispute at all, so no referee is even asked."""
+    with LocalSwarm(model6, [], workdir=tmp_path / "swarm") as swarm:
+        fast_fp32 = swarm.add_server(0, 3, "--throughput", "1000", "--dtype", "float32")
+        swarm.add_server(0, 3, "--throughput", "100", "--dtype", "bfloat16")
+        fast_bf16 = swarm.add_server(3, 6, "--throughput", "1000", "--dtype", "bfloat16")
+        swarm.add_server(3, 6, "--throughput", "100", "--dtype", "float32")
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60,
+                                                             verify=1.0) as model:
+            for seed in range(4):
+                with model.inference_session(max_length=64) as session:
+                    model.generate(prompt(seed), max_new_tokens=NEW_TOKENS, session=session)
+                    assert [peer for peer, _, _ in session.chain] == [fast_fp32.peer_id, fast_bf16.peer_id]
+            verifier = model.remote.verifier
+            # Every step of both spans, but for steps taken while that span's previous check was in flight.
+            assert verifier.checks >= 4 * 2 * 3
+            assert verifier.disputes == 0 and not model.convicted
