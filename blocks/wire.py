@@ -8,6 +8,7 @@ models below. Readers validate headers and tensor shapes before allocating anyth
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 from typing import Any, Literal, Optional, Sequence
 
@@ -143,6 +144,15 @@ class Expect(_Header):
 class StepDone(_Header):
     position: int  # tokens held after this step
     step_id: int
+    # SHA-256 of the input the server computed on: with push, the client learns whether the previous
+    # server pushed what it returned to the client (what the client would check the step against).
+    input_digest: str = Field(default="", max_length=64)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes in its own dtype (bfloat16 included)."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
 
 
 class ForwardRequest(_Header):

@@ -66,3 +66,12 @@ def _ranges(blocks: list[int]) -> str:
             parts.append(str(start) if start == block else f"{start}-{block}")
             start = None
     return ", ".join(parts)
+
+
+class InputMismatch(ServerFailure):
+    """A server computed a pushed step on another input than the previous server returned to the client:
+    one of the two lies. The session stops using push and rebuilds that server's cache."""
+
+    def __init__(self, peer_id: str, previous_peer_id: str):
+        self.previous_peer_id = previous_peer_id
+        super().__init__(peer_id, f"computed on another input than server {previous_peer_id} returned")

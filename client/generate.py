@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = AutoDistributedModelForCausalLM.from_pretrained(
             options.model, options.initial_peers, model_name=options.model_name, request_timeout=options.request_timeout,
-            step_timeout=options.step_timeout,
+            step_timeout=options.step_timeout, verify=options.verify,
         )
     except (BlocksError, SwarmError, ValueError, OSError) as e:
         print(f"client.generate: error: {e}", file=sys.stderr)

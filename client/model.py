@@ -21,7 +21,8 @@ from client.generation import decode, prepare_config
 from client.remote import RemoteModel
 from client.session import InferenceSession
 from client.shared_head import SharedHead
-from client.verify import DEFAULT_VERIFY_RATE, Evidence
+from client.verify import Evidence
+from configs.schema import DEFAULT_VERIFY_RATE
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from client.pings import PingCache
 from client.routing import RouteIndex, SpanPlan, make_chain, usable
 from client.runtime import LoopThread
 from client.span import forward_span
-from client.verify import DEFAULT_VERIFY_RATE, TOLERANCE, Claim, Evidence, LocalReferee, Recomputation, SpotChecker
+from client.verify import TOLERANCE, Claim, Evidence, LocalReferee, Recomputation, SpotChecker
+from configs.schema import DEFAULT_VERIFY_RATE
 from dht.records import ServerInfo
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, agreed_meta, start_dht
 

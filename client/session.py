@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from client.errors import MissingBlocksError, ServerFailure, ServerProvenWrongError, SwarmBusyError, SwarmError
+from client.errors import (InputMismatch, MissingBlocksError, ServerFailure, ServerProvenWrongError, SwarmBusyError,
+                           SwarmError)
 from client.remote import FailureBudget, RemoteModel, step_deadline
 from client.span import SpanSession
 from client.verify import Claim
@@ -56,6 +57,7 @@ class InferenceSession:
         self.closed = False
         self.broken: Optional[str] = None  # why the servers' caches may no longer match this session
         self.failovers = 0
+        self.push = remote.push
         self._step_id = 0
         self._mask: Optional[torch.Tensor] = None  # the attention mask of positions [0, position), if padded
         self._checks: set[asyncio.Task] = set()
@@ -157,7 +159,7 @@ class InferenceSession:
             logger.info("session %s: chain %s", self.session_id, self._describe())
         dtype = hidden.dtype
         chunk = self.remote.chunk_tokens(batch)
-        if self.remote.push:
+        if self.push:
             chunk = min([chunk] + [span.max_chunk_tokens for span in self.spans])  # one message per span
         outputs = []
         try:
@@ -295,7 +297,7 @@ class InferenceSession:
                 if index == send_to:
                     later = self.spans[index + 1:]
                     fits = all(part.shape[1] <= other.max_chunk_tokens for other in self.spans[index:])
-                    if self.remote.push and fits:
+                    if self.push and fits:
                         span.send(part, new_mask, self._step_id, [other.hop() for other in later],
                                   rewind=any(other.rewinding for other in later))
                         for other in later:
@@ -305,9 +307,16 @@ class InferenceSession:
                         output = await span.step(part, new_mask)
                         send_to = index + 1
                 else:
-                    output = await span.receive(part)
+                    output = await span.receive(part, self.spans[index - 1].plan.peer_id)
             except ServerFailure as e:
-                self.remote.report_failure(e.peer_id, str(e))
+                if isinstance(e, InputMismatch):
+                    # One of the two lies, and the client cannot tell which: it stops using push, so
+                    # that every server computes on what the client holds (what spot checks judge),
+                    # and rebuilds this span's cache from it (the same server may serve it again).
+                    logger.warning("session %s: %s; sending every step itself from now on", self.session_id, e)
+                    self.push = False
+                else:
+                    self.remote.report_failure(e.peer_id, str(e))
                 await span.close()
                 failures.add(e)
                 history = span.history()

@@ -28,8 +28,9 @@ from blocks.wire import (
     pack,
     read_header,
     read_tensors,
+    tensor_digest,
 )
-from client.errors import BadRequestError, ServerFailure, SwarmBusyError, SwarmError
+from client.errors import BadRequestError, InputMismatch, ServerFailure, SwarmBusyError, SwarmError
 from client.routing import SpanPlan
 from dht.dialing import dial
 
@@ -226,9 +227,9 @@ class SpanSession:
         but a write on a dead server's stream fails at once instead of after the read timeout."""
         self._stream.send(pack(Expect(expect_step=step_id), request=True))
 
-    async def receive(self, hidden: torch.Tensor) -> torch.Tensor:
+    async def receive(self, hidden: torch.Tensor, previous_peer_id: str = "") -> torch.Tensor:
         """This span's output for the step whose input was `hidden` (sent by us, or pushed to the server
-        by the previous one); the input is kept to rebuild the cache elsewhere."""
+        by the previous one, `previous_peer_id`); the input is kept to rebuild the cache elsewhere."""
         try:
             reply = await self._stream.receive(self.timeout)
             done = read_header(reply, StepDone)
@@ -237,6 +238,8 @@ class SpanSession:
             raise_for_server(self.plan.peer_id, e)
         if done.position != self.position + hidden.shape[1] or len(outputs) != 1:
             raise ServerFailure(self.plan.peer_id, f"inconsistent reply: position {done.position}, {len(outputs)} tensors")
+        if done.input_digest and done.input_digest != tensor_digest(hidden.to(self.dtype)):
+            raise InputMismatch(self.plan.peer_id, previous_peer_id or "(none: the client sent it)")
         output = check_output(self.plan.peer_id, outputs[0], hidden, self.dtype)
         self.position = done.position
         self._inputs.append(hidden)

@@ -36,8 +36,6 @@ from client.errors import SwarmError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_VERIFY_RATE = 0.1
-
 # Largest relative L2 error per position that honest servers of this dtype reach against a float32
 # recomputation, with margin. Measured (`tests/test_verify.py` keeps the random-model figures honest):
 # float32 KV-cached vs stateless ≤ 3.2e-6; float16 ≤ 7.4e-3 and bfloat16 ≤ 5.1e-2 over spans of

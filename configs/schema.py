@@ -11,6 +11,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 _BLOCKS_RE = re.compile(r"^(\d+):(\d+)$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_VERIFY_RATE = 0.1  # the clients' spot-check rate (client/verify.py)
+VERIFY_HELP = ("fraction of steps after which every span's new outputs are recomputed by other servers and compared "
+               "(a span's first step is always checked; 0: no checks)")
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ class GenerateOptions(_Schema):
     request_timeout: float = Field(60.0, gt=0, description="seconds to wait for any server reply")
     step_timeout: float = Field(300.0, gt=0, description="seconds one step through the swarm may take in all, "
                                                           "retries and failovers included")
+    verify: float = Field(DEFAULT_VERIFY_RATE, ge=0, le=1, description=VERIFY_HELP)
     log_level: str = Field("warning", description=f"one of {', '.join(LOG_LEVELS)}")
 
 
@@ -258,6 +262,7 @@ class RelayOptions(_Schema):
         0.0, ge=0, le=1, description="the relay's own requests avoid servers scoring below this (when others cover their blocks)"
     )
     request_timeout: float = Field(30.0, gt=0, description="seconds the relay waits for any server reply")
+    verify: float = Field(DEFAULT_VERIFY_RATE, ge=0, le=1, description=f"the relay's own generations: {VERIFY_HELP}")
     max_concurrent_generations: int = Field(4, gt=0, description="generations (API requests and jobs) run at once")
     max_queued_jobs: int = Field(1000, gt=0, description="jobs waiting at most; more are refused with 429 and Retry-After")
     standby: bool = Field(False, description="start as the standby of a primary/standby pair (readiness answers 503)")

@@ -191,7 +191,7 @@ class Relay:
         for path in opts.models:
             service = await asyncio.to_thread(
                 ModelService, path, peers, self._executor, opts.request_timeout, self._scores_for_routing,
-                opts.min_reliability, lambda peer, ok: self._record_outcome(loop, peer, ok))
+                opts.min_reliability, lambda peer, ok: self._record_outcome(loop, peer, ok), opts.verify)
             self.services[service.name] = service
             logger.info("serving model %s from %s", service.name, path)
         self.jobs = JobQueue(self.store, self.services, opts.max_concurrent_generations, opts.max_queued_jobs)

@@ -120,10 +120,11 @@ class ModelService:
 
     def __init__(self, path: str | Path, initial_peers: Sequence[str], executor: ThreadPoolExecutor,
                  request_timeout: float, scores: Callable[[], Awaitable[Mapping[str, float]]], min_reliability: float,
-                 outcome: Callable[[str, bool], None]):
+                 outcome: Callable[[str, bool], None], verify: float):
         self.path = Path(path)
         self.model = AutoDistributedModelForCausalLM.from_pretrained(
-            self.path, initial_peers, request_timeout=request_timeout, reliability=scores, min_reliability=min_reliability)
+            self.path, initial_peers, request_timeout=request_timeout, reliability=scores, min_reliability=min_reliability,
+            verify=verify)
         self.model.on_server_failure(lambda peer, _reason: outcome(peer, False))
         self.outcome = outcome
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)

@@ -40,6 +40,7 @@ from blocks.wire import (
     pack,
     read_header,
     read_tensors,
+    tensor_digest,
 )
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
@@ -302,7 +303,8 @@ class BlockHandler:
                 position += hidden.shape[1]
                 if step.route:
                     self._push_on(session, step, output, mask)
-                yield pack(StepDone(position=position, step_id=step.step_id), [output], request=False)
+                yield pack(StepDone(position=position, step_id=step.step_id, input_digest=tensor_digest(hidden)),
+                           [output], request=False)
                 if not persistent and position == max_length:
                     return
                 message = await (self._next_in(session) if persistent else self._next(requests))

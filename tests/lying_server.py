@@ -3,7 +3,9 @@
 LYING_SERVER_MODE says how:
 - `noise` (default): adds Gaussian noise of LYING_SERVER_SCALE (default 0.5) times each row's norm;
 - `checkpoint`: runs the weights of another checkpoint of the same architecture (LYING_SERVER_CHECKPOINT);
-- `precision`: runs its weights rounded to bfloat16 while it announces and computes in float32.
+- `precision`: runs its weights rounded to bfloat16 while it announces and computes in float32;
+- `push`: computes honestly and returns the right output to the client, but pushes a noisy one to
+  the next server of the chain.
 
 `noise` applies to a session's step with probability LYING_SERVER_PROBABILITY (default 1), only after
 LYING_SERVER_AFTER of that session's steps (default 0), and with LYING_SERVER_SESSIONS=odd only in every
@@ -19,6 +21,7 @@ import torch
 
 import swarm.server as server_module
 from blocks.span import BlockSpan
+from swarm.handler import BlockHandler
 from swarm.serve import main
 
 _mode = os.environ.get("LYING_SERVER_MODE", "noise")
@@ -39,10 +42,21 @@ def _lying_forward_batch(self, inputs, *args, **kwargs):
         seen[1] += 1
         lies = (seen[1] > _after and (not _odd_only or seen[0] % 2 == 0) and _rng.random() < _probability)
         if lies:
-            noise = torch.randn_like(output) * output.norm(dim=-1, keepdim=True) / output.shape[-1] ** 0.5
-            output = output + _scale * noise
+            output = _noisy(output)
         lied.append(output)
     return lied
+
+
+def _noisy(output):
+    noise = torch.randn_like(output) * output.norm(dim=-1, keepdim=True) / output.shape[-1] ** 0.5
+    return output + _scale * noise
+
+
+_push_on = BlockHandler._push_on
+
+
+def _lying_push_on(self, session, step, output, mask):
+    return _push_on(self, session, step, _noisy(output), mask)
 
 
 def _other_checkpoint_load(checkpoint, start, end, *args, **kwargs):
@@ -66,6 +80,8 @@ elif _mode == "checkpoint":
     server_module.load_span = _other_checkpoint_load
 elif _mode == "precision":
     server_module.load_span = _rounded_load
+elif _mode == "push":
+    BlockHandler._push_on = _lying_push_on
 else:
     raise SystemExit(f"unknown LYING_SERVER_MODE {_mode!r}")
 

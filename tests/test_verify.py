@@ -176,3 +176,23 @@ def test_honest_bf16_and_fp32_servers_of_the_same_blocks_are_never_accused(model
             # Every step of both spans, but for steps taken while that span's previous check was in flight.
             assert verifier.checks >= 4 * 2 * 3
             assert verifier.disputes == 0 and not model.convicted
+
+
+@pytest.mark.slow
+def test_a_server_that_pushes_other_outputs_than_it_returns_does_not_get_the_next_one_accused(
+        model6, ref6, honest_swarm):
+    """The next server reports a digest of the input it computed on; the client sees that it is not what
+    the previous server returned, stops pushing, rebuilds that cache, and nobody honest is convicted."""
+    liar = honest_swarm.add_server(0, 3, "--throughput", "10000", module="tests.lying_server",
+                                   env={"LYING_SERVER_MODE": "push"})
+    try:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, honest_swarm.initial_peers, request_timeout=60,
+                                                             verify=1.0) as model:
+            ids = prompt(3)
+            with model.inference_session(max_length=64) as session:
+                output = model.generate(ids, max_new_tokens=NEW_TOKENS, session=session)
+                assert session.chain[0][0] == liar.peer_id and not session.push and session.failovers >= 1
+            assert not model.convicted
+        assert torch.equal(output, ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False))
+    finally:
+        liar.stop()
