@@ -147,6 +147,8 @@ class StepDone(_Header):
     # SHA-256 of the input the server computed on: with push, the client learns whether the previous
     # server pushed what it returned to the client (what the client would check the step against).
     input_digest: str = Field(default="", max_length=64)
+    output_digest: str = Field(default="", max_length=64)
+    receipt: str = Field(default="", max_length=128)  # the server's signature of the step (dht.receipts)
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

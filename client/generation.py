@@ -78,7 +78,7 @@ def _roll_back(session: InferenceSession, rollback: Rollback, all_ids: torch.Ten
     logger.warning(message)
     if streamer is not None:
         warnings.warn(f"{message}: tokens already streamed from position {keep} on were wrong", WrongResultWarning,
-                      stacklevel=3)
+                      stacklevel=4)
     session.rewind(rollback.position)
     all_ids = all_ids[:, :keep]
     mask = mask[:, :keep] if mask is not None else None

@@ -33,6 +33,7 @@ from blocks.wire import (
 from client.errors import BadRequestError, InputMismatch, ServerFailure, SwarmBusyError, SwarmError
 from client.routing import SpanPlan
 from dht.dialing import dial
+from dht.receipts import Receipt, verify
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ class SpanSession:
         self._step_id = 0
         self._inputs: list[torch.Tensor] = []  # what this server has received, to rebuild its cache elsewhere
         self._outputs: list[torch.Tensor] = []  # what it answered, for spot checks
+        self.receipts: list[Receipt] = []  # its signatures of each step, for evidence against it
+        self.model = ""
         self.verified = 0  # positions [0, verified) of its outputs agreed with a recomputation
         self.checks = 0  # spot checks started on this span
         self.checking = False  # one is in flight
@@ -172,13 +175,15 @@ class SpanSession:
         """Forgets positions from `position` on; the next step tells the server to do the same."""
         if position < self.position:
             self._inputs = [self.history()[:, :position]] if position else []
-            self._outputs = [self.outputs()[:, :position]] if position else []
+            self._outputs = [self.outputs()[:, :position]] if position and self._outputs else []
+            self.receipts = [receipt for receipt in self.receipts if receipt.position + receipt.tokens <= position]
             self.position = position
             self.verified = min(self.verified, position)
             self.rewinds += 1
             self._rewind = True
 
     async def open(self, p2p: P2P, model: str, batch_size: int, max_length: int) -> None:
+        self.model = model
         try:
             peer = await connect(p2p, self.plan, self.timeout)
             await asyncio.wait_for(self._stream.open(p2p, peer, RPC_INFERENCE), self.timeout)
@@ -238,15 +243,31 @@ class SpanSession:
             raise_for_server(self.plan.peer_id, e)
         if done.position != self.position + hidden.shape[1] or len(outputs) != 1:
             raise ServerFailure(self.plan.peer_id, f"inconsistent reply: position {done.position}, {len(outputs)} tensors")
-        if done.input_digest and done.input_digest != tensor_digest(hidden.to(self.dtype)):
+        sent = tensor_digest(hidden.to(self.dtype))
+        if done.input_digest and done.input_digest != sent:
             raise InputMismatch(self.plan.peer_id, previous_peer_id or "(none: the client sent it)")
+        receipt = self._receipt(done, sent, hidden.shape[1], outputs[0])
         output = check_output(self.plan.peer_id, outputs[0], hidden, self.dtype)
         self.position = done.position
         self._inputs.append(hidden)
         if self.keep_outputs:
             self._outputs.append(output)
+            if receipt is not None:
+                self.receipts.append(receipt)
         self._rewind = False  # the server holds exactly this position now
         return output
+
+    def _receipt(self, done: StepDone, sent: str, tokens: int, output: torch.Tensor) -> Optional[Receipt]:
+        """The step's receipt, checked: a server that announces a receipt key must sign every step, over
+        the digests of what the client sent (`sent`) and what it received."""
+        key = self.plan.info.record.receipt_key
+        if not key:
+            return None
+        receipt = Receipt(self.position, tokens, done.input_digest, done.output_digest, done.receipt)
+        if (done.input_digest != sent or done.output_digest != tensor_digest(output)
+                or not verify(key, receipt.message(self.model, self.plan.start, self.plan.end, self.key), done.receipt)):
+            raise ServerFailure(self.plan.peer_id, "reply without a valid receipt of the step")
+        return receipt
 
     async def close(self) -> None:
         await self._stream.close()

@@ -15,6 +15,7 @@ from typing import Optional
 
 import multihash
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
@@ -81,3 +82,11 @@ def proves_ownership(peer_id: str, public_key: str, message: bytes, signature: s
         return RSAPublicKey.from_bytes(match.group(1)).verify(message, base64.b64decode(signature, validate=True))
     except (ValueError, TypeError):
         return False
+
+
+def receipt_signer(validator: RSASignatureValidator) -> Ed25519PrivateKey:
+    """The Ed25519 key that signs a server's step receipts (`dht.receipts`), derived from its identity
+    key: the same across restarts, so evidence outlives the process that made it."""
+    der = validator._private_key._private_key.private_bytes(  # hivemind offers no accessor
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"swarm step receipts v1" + der).digest())

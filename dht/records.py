@@ -82,6 +82,7 @@ class ServerRecord(_Wire):
     addrs: tuple[str, ...] = Field(default=(), max_length=16)
     announced_at: float = Field(default=0.0, ge=0)  # unix time of this announcement
     network_mbps: Optional[float] = Field(default=None, ge=0)  # measured to other servers; None: not yet
+    receipt_key: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")  # Ed25519 key of its step receipts (hex)
 
     @model_validator(mode="after")
     def _check_range(self) -> "ServerRecord":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
@@ -42,6 +43,7 @@ from blocks.wire import (
     read_tensors,
     tensor_digest,
 )
+from dht.receipts import receipt_message, sign
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.metrics import ServerMetrics
@@ -108,6 +110,7 @@ class BlockHandler:
         admit: Callable[[int], None] = lambda open_sessions: None,
         metrics: Optional[ServerMetrics] = None,
         push: Optional[Callable[[Hop], PushStream | LocalPush]] = None,
+        signer: Optional[Ed25519PrivateKey] = None,
     ):
         self.model = model
         self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
@@ -120,6 +123,7 @@ class BlockHandler:
         self.admit = admit
         self.metrics = metrics
         self.push = push  # opens a stream to a later server of the chain (None: steps with a route are refused)
+        self.signer = signer  # signs a receipt of every session step (None: no receipts)
         self._sessions: set[_OpenSession] = set()
         self._keyed: dict[str, _OpenSession] = {}  # sessions by the id their client gave, for pushes
         self.serve_span(span)
@@ -303,8 +307,8 @@ class BlockHandler:
                 position += hidden.shape[1]
                 if step.route:
                     self._push_on(session, step, output, mask)
-                yield pack(StepDone(position=position, step_id=step.step_id, input_digest=tensor_digest(hidden)),
-                           [output], request=False)
+                yield pack(self._step_done(session_id if persistent else "", start, end, position - hidden.shape[1],
+                                           step.step_id, hidden, output), [output], request=False)
                 if not persistent and position == max_length:
                     return
                 message = await (self._next_in(session) if persistent else self._next(requests))
@@ -336,6 +340,17 @@ class BlockHandler:
                 del self._keyed[session_id]
             if timing is not None:
                 timing.finished(ok=not failed)
+
+    def _step_done(self, session_id: str, start: int, end: int, position: int, step_id: int, hidden: torch.Tensor,
+                   output: torch.Tensor) -> StepDone:
+        """The reply header: digests of the step's input and output and, in a session, their signed receipt."""
+        input_digest, output_digest = tensor_digest(hidden), tensor_digest(output)
+        receipt = ""
+        if self.signer is not None and session_id:
+            receipt = sign(self.signer, receipt_message(self.model, start, end, session_id, position, hidden.shape[1],
+                                                        input_digest, output_digest))
+        return StepDone(position=position + hidden.shape[1], step_id=step_id, input_digest=input_digest,
+                        output_digest=output_digest, receipt=receipt)
 
     def _push_on(self, session: _OpenSession, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Sends the output to the route's first hop, in its dtype, with the rest of the route, on the

@@ -31,6 +31,8 @@ from blocks.wire import (
 )
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
+from dht.identity import receipt_signer
+from dht.receipts import public_key_hex
 from dht.registration import sign_registration
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import SwarmDHT, start_dht
@@ -117,6 +119,7 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
         self.dht = SwarmDHT(dht, validator)
+        self.receipt_signer = receipt_signer(validator)
         p2p = None
         metrics_runner = None
         relay_task = None
@@ -223,6 +226,7 @@ class Server:
             admit=self.load.admit,
             metrics=self.metrics,
             push=self._push,
+            signer=self.receipt_signer,
         )
         p2p = self.p2p = await dht.replicate_p2p()
         for name, method, stream in (
@@ -378,6 +382,7 @@ class Server:
             announced_at=time.time(),
             network_mbps=self.network_mbps,
             addrs=tuple(self.dht.visible_maddrs()[:16]),
+            receipt_key=public_key_hex(self.receipt_signer),
         )
 
     async def _announce(self) -> None:
