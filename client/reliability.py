@@ -4,15 +4,18 @@
     model = AutoDistributedModelForCausalLM.from_pretrained(path, peers, reliability=scores, min_reliability=0.5)
 
 Scores are cached for `period` seconds; a relay that cannot be reached leaves routing as it would be
-without scores (the relay is optional).
+without scores (the relay is optional). A client with a relay also sends it the evidence against
+every server its spot checks prove wrong, which the relay re-checks before it counts.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import aiohttp
+
+from client.verify import Evidence, evidence_body
 
 
 class RelayScores:
@@ -41,3 +44,12 @@ class RelayScores:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
             async with session.post(f"{self.base}/reports", json=body, headers={"X-API-Key": self.api_key}) as response:
                 response.raise_for_status()
+
+    async def report_evidence(self, evidence: Evidence) -> dict[str, Any]:
+        """Sends the evidence against a server proven wrong; returns the relay's verdict (an error status
+        raises: the relay refuses evidence that does not hold)."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(self.timeout, 120.0))) as session:
+            async with session.post(f"{self.base}/evidence", json=evidence_body(evidence),
+                                    headers={"X-API-Key": self.api_key}) as response:
+                response.raise_for_status()
+                return await response.json()

@@ -26,6 +26,7 @@ from client.errors import (
 )
 from client.bans import BanList
 from client.pings import PingCache
+from client.reliability import RelayScores
 from client.routing import RouteIndex, SpanPlan, make_chain, usable
 from client.runtime import LoopThread
 from client.span import forward_span
@@ -102,6 +103,7 @@ class RemoteModel:
         self.failure_listeners: list[Callable[[str, str], None]] = []
         self.fault_listeners: list[Callable[[Evidence], None]] = []
         self.convicted: dict[str, Evidence] = {}
+        self._reports: set[asyncio.Task] = set()  # evidence on its way to the relay
         self.sessions: weakref.WeakSet = weakref.WeakSet()  # open inference sessions, to roll back on a conviction
         self._referee_executor = ThreadPoolExecutor(1, thread_name_prefix="referee")
         self.verifier: Optional[SpotChecker] = (
@@ -201,6 +203,17 @@ class RemoteModel:
                 listener(peer, reason)
             for fault_listener in self.fault_listeners:
                 fault_listener(evidence)
+            if isinstance(self.reliability, RelayScores) and evidence.receipts:
+                task = asyncio.get_running_loop().create_task(self._report(self.reliability, evidence))
+                self._reports.add(task)
+                task.add_done_callback(self._reports.discard)
+
+    async def _report(self, relay: RelayScores, evidence: Evidence) -> None:
+        try:
+            verdict = await relay.report_evidence(evidence)
+            logger.info("relay confirmed that %s returned wrong results: %s", evidence.peer_id, verdict)
+        except Exception as e:  # the relay is optional: a refusal or an outage changes nothing here
+            logger.warning("relay did not take the evidence against %s: %s: %s", evidence.peer_id, type(e).__name__, e)
 
     async def recompute(self, claim: Claim, avoid: frozenset[str]) -> Optional[Recomputation]:
         """A claim's outputs recomputed by a chain of other servers (none of `avoid`), as one stateless

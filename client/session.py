@@ -24,7 +24,10 @@ from client.verify import Claim
 
 logger = logging.getLogger(__name__)
 
-MAX_CHECK_LAG = 4  # steps a session may run ahead of a spot check in flight
+# Steps a session may run ahead of a spot check in flight: a span's first check (its prefill, small
+# and decisive against a server that is always wrong), then any later one (a longer history).
+FIRST_CHECK_LAG = 4
+CHECK_LAG = 16
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class InferenceSession:
         self._step_id = 0
         self._mask: Optional[torch.Tensor] = None  # the attention mask of positions [0, position), if padded
         self._checks: set[asyncio.Task] = set()
-        self._check_steps: dict[asyncio.Task, int] = {}  # check in flight -> the step after which it started
+        self._check_steps: dict[asyncio.Task, tuple[int, int]] = {}  # check in flight -> (step it followed, lag)
         self._steps = 0
         self._rollback: Optional[Rollback] = None
         self._retired: list[tuple[str, int]] = []  # (peer, verified position) of spans replaced after a failure
@@ -191,12 +194,13 @@ class InferenceSession:
             if span.checking or span.position <= span.verified or not (sampled or span.checks == 0):
                 continue
             claim = Claim(peer_id=span.plan.peer_id, start=span.plan.start, end=span.plan.end, dtype=span.dtype,
-                          inputs=span.history(), outputs=span.outputs(), mask=self._mask, verified=span.verified)
+                          inputs=span.history(), outputs=span.outputs(), mask=self._mask, verified=span.verified,
+                          model=span.model, session_id=span.key, receipts=tuple(span.receipts))
             span.checks += 1
             span.checking = True
             task = asyncio.create_task(self._check(span, claim, span.rewinds))
             self._checks.add(task)
-            self._check_steps[task] = self._steps
+            self._check_steps[task] = (self._steps, FIRST_CHECK_LAG if span.checks == 1 else CHECK_LAG)
             task.add_done_callback(self._check_done)
 
     def _check_done(self, task: asyncio.Task) -> None:
@@ -204,10 +208,10 @@ class InferenceSession:
         self._check_steps.pop(task, None)
 
     async def _wait_for_lagging_checks(self) -> None:
-        """A session runs at most MAX_CHECK_LAG steps ahead of its oldest check in flight: a wrong server
-        is caught within that many tokens even where checks are slower than steps, and a rollback
-        never throws away more than that much work done since."""
-        lagging = [task for task, started in self._check_steps.items() if self._steps - started >= MAX_CHECK_LAG]
+        """A session runs at most FIRST_CHECK_LAG steps ahead of a span's first check and CHECK_LAG
+        steps ahead of a later one: a server that is always wrong is caught within 5 tokens even where
+        checks are slower than steps, and a rollback never throws away more than that much work."""
+        lagging = [task for task, (started, lag) in self._check_steps.items() if self._steps - started >= lag]
         if lagging:
             await asyncio.wait(lagging)
 

@@ -18,6 +18,7 @@ precise of the two dtypes, measured on honest servers (see `TOLERANCE`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 import math
@@ -25,13 +26,16 @@ import random
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional, Sequence
 
 import psutil
+import safetensors.torch
 import torch
 
-from blocks.checkpoint import Checkpoint
+from blocks.checkpoint import Checkpoint, dtype_name
 from blocks.loading import load_span
+from blocks.wire import tensor_digest
+from dht.receipts import Receipt, verify
 from client.errors import SwarmError
 
 logger = logging.getLogger(__name__)
@@ -67,7 +71,9 @@ def digest(tensor: torch.Tensor) -> str:
 @dataclass
 class Evidence:
     """What proves a server wrong: the disputed span and positions, digests of its input and of each
-    party's output, their errors against the referee, and who refereed."""
+    party's output, their errors against the referee, and who refereed. With the server's signed
+    receipts and the tensors themselves (`inputs` at every position so far, its `outputs` at the
+    disputed ones), a third party can re-check it (`evidence_body`, `check_receipts`)."""
 
     peer_id: str
     start_block: int
@@ -82,7 +88,57 @@ class Evidence:
     claimed_error: float
     verifier_error: float
     tolerance: float
+    model: str = ""
+    session_id: str = ""
+    dtype: str = "float32"
+    receipts: tuple[Receipt, ...] = ()
+    inputs: Optional[torch.Tensor] = field(default=None, repr=False)
+    outputs: Optional[torch.Tensor] = field(default=None, repr=False)
+    mask: Optional[torch.Tensor] = field(default=None, repr=False)
     at: float = field(default_factory=time.time)
+
+
+def evidence_body(evidence: Evidence) -> dict:
+    """The JSON body of `POST /api/v1/evidence` on a relay: receipts, and the tensors as base64 safetensors."""
+    tensors = {"inputs": evidence.inputs.float().contiguous(), "outputs": evidence.outputs.contiguous()}
+    if evidence.mask is not None:
+        tensors["mask"] = evidence.mask.to(torch.int64).contiguous()
+    return {
+        "model": evidence.model, "peer_id": evidence.peer_id, "start_block": evidence.start_block,
+        "end_block": evidence.end_block, "dtype": evidence.dtype, "session_id": evidence.session_id,
+        "verified": evidence.positions[0],
+        "receipts": [{"position": r.position, "tokens": r.tokens, "input_digest": r.input_digest,
+                      "output_digest": r.output_digest, "signature": r.signature} for r in evidence.receipts],
+        "tensors": base64.b64encode(safetensors.torch.save(tensors)).decode(),
+    }
+
+
+def check_receipts(receipt_key: str, model: str, start: int, end: int, session_id: str, dtype: torch.dtype,
+                   receipts: Sequence[Receipt], inputs: torch.Tensor, outputs: torch.Tensor, verified: int) -> Optional[str]:
+    """Why signed receipts do not prove that the server computed `outputs` (its outputs at positions
+    [verified, end of inputs)) from exactly `inputs` (every position of the session from 0), or None
+    if they do: one receipt per step, contiguous from position 0, each signed by `receipt_key`, the
+    input digests over `inputs` in the server's dtype and the output digests over `outputs`."""
+    total = inputs.shape[1]
+    if outputs.shape[1] != total - verified:
+        return f"outputs cover {outputs.shape[1]} positions, not the {total - verified} from {verified} to {total}"
+    position = 0
+    for receipt in sorted(receipts, key=lambda r: r.position):
+        if receipt.position != position or receipt.tokens <= 0 or position + receipt.tokens > total:
+            return f"receipts are not one contiguous run of steps from position 0 to {total} (at {position})"
+        if position < verified < position + receipt.tokens:
+            return f"position {verified} is not where a step starts"
+        if not verify(receipt_key, receipt.message(model, start, end, session_id), receipt.signature):
+            return f"the receipt of positions {position}:{position + receipt.tokens} is not signed by the server"
+        if tensor_digest(inputs[:, position:position + receipt.tokens].to(dtype)) != receipt.input_digest:
+            return f"inputs at positions {position}:{position + receipt.tokens} are not what the server signed"
+        if position >= verified and tensor_digest(
+                outputs[:, position - verified:position - verified + receipt.tokens]) != receipt.output_digest:
+            return f"outputs at positions {position}:{position + receipt.tokens} are not what the server signed"
+        position += receipt.tokens
+    if position != total:
+        return f"receipts cover positions 0:{position}, the inputs 0:{total}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -98,6 +154,9 @@ class Claim:
     outputs: torch.Tensor
     mask: Optional[torch.Tensor]
     verified: int
+    model: str = ""
+    session_id: str = ""
+    receipts: tuple[Receipt, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,6 +259,9 @@ class SpotChecker:
                     claimed_digest=digest(claimed), verifier_id=first.by, verifier_digest=digest(first.outputs[:, window]),
                     referee=referee.by, referee_digest=digest(referee.outputs[:, window]),
                     claimed_error=claimed_error, verifier_error=verifier_error, tolerance=claimed_tol,
+                    **(dict(model=claim.model, session_id=claim.session_id, dtype=dtype_name(claim.dtype),
+                            receipts=claim.receipts, inputs=claim.inputs, outputs=claimed, mask=claim.mask)
+                       if peer == claim.peer_id else {}),
                 ))
         return Verdict(verified=claimed_error <= claimed_tol, wrong=tuple(wrong))
 

@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 _BLOCKS_RE = re.compile(r"^(\d+):(\d+)$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DEFAULT_VERIFY_RATE = 0.1  # the clients' spot-check rate (client/verify.py)
+DEFAULT_VERIFY_RATE = 0.05  # the clients' spot-check rate (client/verify.py)
 VERIFY_HELP = ("fraction of steps after which every span's new outputs are recomputed by other servers and compared "
                "(a span's first step is always checked; 0: no checks)")
 

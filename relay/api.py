@@ -11,7 +11,8 @@ from aiohttp import web
 from relay.context import RelayContext
 from relay.http import HTTPError, json_reply, path_int, read_body
 from relay.openapi import openapi_document
-from relay.schemas import HeartbeatRequest, JobRequest, LoadConfig, RefreshRequest, RegisterRequest, ReportRequest
+from relay.schemas import (EvidenceReport, HeartbeatRequest, JobRequest, LoadConfig, RefreshRequest, RegisterRequest,
+                           ReportRequest)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ApiRoutes:
         r.add_post("/api/v1/workers/{worker_id}/refresh", self.refresh)
         r.add_get("/api/v1/reliability", self.reliability)
         r.add_post("/api/v1/reports", self.report)
+        r.add_post("/api/v1/evidence", self.evidence)
         r.add_post("/api/v1/jobs", self.submit_job)
         r.add_get("/api/v1/jobs/{job_id}", self.get_job)
         r.add_get("/api/v1/queue/stats", self.queue_stats)
@@ -117,6 +119,11 @@ class ApiRoutes:
         if not counted:
             raise HTTPError(404, f"no registered worker has peer id {body.peer_id!r}")
         return json_reply({"recorded": counted})
+
+    async def evidence(self, request: web.Request) -> web.Response:
+        accuser = self.relay.check_api_key(request)
+        body = await read_body(request, EvidenceReport)
+        return json_reply(await self.relay.evidence.judge(accuser, body), status=201)
 
     async def submit_job(self, request: web.Request) -> web.Response:
         self.relay.check_api_key(request)

@@ -18,11 +18,13 @@ from typing import Optional
 
 from aiohttp import web
 
+from client.verify import Evidence, evidence_body
 from configs.schema import RelayOptions
 from dht.swarm_dht import SwarmDHT, start_dht
 from relay.api import ApiRoutes
 from relay.auth import hash_secret, secret_matches
 from relay.generation import ModelService
+from relay.evidence import OWN_ACCUSER, EvidenceJudge
 from relay.health.app import add_health_routes
 from relay.health.crawler import Crawler
 from relay.http import HTTPError, make_app
@@ -31,6 +33,7 @@ from relay.jobs import JobQueue
 from relay.management import ManagementRoutes
 from relay.observability import ObservabilityRoutes
 from relay.openai_api import OpenAIRoutes
+from relay.schemas import EvidenceReport
 from relay.store import Store
 from relay.workers import WorkerRegistry, bearer_token, load_or_create_key
 
@@ -62,6 +65,7 @@ class Relay:
         self.generated_join_token: Optional[str] = None
         self.workers: Optional[WorkerRegistry] = None
         self.jobs: Optional[JobQueue] = None
+        self.evidence: Optional[EvidenceJudge] = None
         self.crawler: Optional[Crawler] = None
         self.dht: Optional[SwarmDHT] = None
         self.ports: dict[str, int] = {}
@@ -121,6 +125,15 @@ class Relay:
             if loop.time() - self._last_fresh_crawl >= FRESH_CRAWL_MIN_INTERVAL:
                 await self.crawler.crawl()
                 self._last_fresh_crawl = loop.time()
+
+    def _own_evidence(self, loop: asyncio.AbstractEventLoop, evidence: Evidence) -> None:
+        """The relay's own generations prove servers wrong too: their evidence is judged like anyone's."""
+        if not evidence.receipts:
+            return
+        report = EvidenceReport.model_validate(evidence_body(evidence))
+        future = asyncio.run_coroutine_threadsafe(self.evidence.judge(OWN_ACCUSER, report), loop)
+        future.add_done_callback(lambda done: done.exception() and logger.warning(
+            "the relay's own evidence against %s was not counted: %s", evidence.peer_id, done.exception()))
 
     async def _scores_for_routing(self) -> dict[str, float]:
         return self._scores
@@ -195,6 +208,9 @@ class Relay:
             self.services[service.name] = service
             logger.info("serving model %s from %s", service.name, path)
         self.jobs = JobQueue(self.store, self.services, opts.max_concurrent_generations, opts.max_queued_jobs)
+        self.evidence = EvidenceJudge(self.store, self.services, lambda: self.dht, self._executor)
+        for service in self.services.values():
+            service.model.on_wrong_result(lambda evidence: self._own_evidence(loop, evidence))
         await self.jobs.start()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
 

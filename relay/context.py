@@ -7,6 +7,7 @@ from typing import Mapping, Optional, Protocol
 
 from aiohttp import web
 
+from relay.evidence import EvidenceJudge
 from relay.generation import ModelService
 from relay.instances import Instances
 from relay.jobs import JobQueue
@@ -21,6 +22,7 @@ class RelayContext(Protocol):
     services: Mapping[str, ModelService]
     workers: WorkerRegistry
     jobs: JobQueue
+    evidence: EvidenceJudge
 
     def check_admin(self, request: web.Request) -> None: ...
 

@@ -14,6 +14,7 @@ from pydantic.json_schema import models_json_schema
 from relay.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    EvidenceReport,
     HeartbeatRequest,
     JobRequest,
     LoadConfig,
@@ -22,7 +23,7 @@ from relay.schemas import (
     ReportRequest,
 )
 
-_BODIES = (RegisterRequest, HeartbeatRequest, LoadConfig, RefreshRequest, ReportRequest, JobRequest,
+_BODIES = (RegisterRequest, HeartbeatRequest, LoadConfig, RefreshRequest, ReportRequest, EvidenceReport, JobRequest,
            CompletionRequest, ChatCompletionRequest)
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _ADMIN = [{"adminToken": []}]
@@ -84,6 +85,8 @@ def openapi_document(version: str, models: tuple[str, ...] = ()) -> dict[str, An
             "Rotate a worker's tokens (signed)", 200, None, RefreshRequest, worker_id, (400, 401, 404, 423))},
         "/api/v1/reliability": {"get": _op("Reliability score per server peer id", 200, _API_KEY, errors=(401,))},
         "/api/v1/reports": {"post": _op("Report a session's outcome with a server", 200, _API_KEY, ReportRequest)},
+        "/api/v1/evidence": {"post": _op("Evidence that a server returned wrong results; re-checked before it counts",
+                                         201, _API_KEY, EvidenceReport, errors=(400, 401, 403, 404, 422, 503))},
         "/api/v1/jobs": {"post": _op("Submit an LLM job", 201, _API_KEY, JobRequest)},
         "/api/v1/jobs/{job_id}": {"get": _op("A job's status and result", 200, _API_KEY,
                                              params=[_path_param("job_id", "string")])},

@@ -1,5 +1,6 @@
 """Reliability score of a worker in [0, 1] (spec R5): 40 % task success, 30 % uptime stability,
-20 % latency, 10 % long-term history. Pure functions of counters the relay keeps.
+20 % latency, 10 % long-term history, times FAULT_FACTOR for every fault proven against it (wrong
+results, re-checked by the relay: far worse than a timeout). Pure functions of counters the relay keeps.
 
 Every component has a neutral prior (0.5) so a new worker is neither trusted nor shunned, and
 moves away from it as evidence accumulates.
@@ -15,6 +16,7 @@ TARGET_SESSION_SECONDS = 3600.0  # an hour online without a drop counts as fully
 REFERENCE_LATENCY_MS = 200.0  # a step this slow scores 0.5
 HISTORY_WEIGHT_PER_UPDATE = 0.05
 REPORT_WEIGHT = 0.25  # a client's report, which the relay cannot check, counts a quarter of its own observation
+FAULT_FACTOR = 0.1  # each proven wrong result divides the score by ten
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class WorkerStats:
     unexpected_drops: int = 0  # periods that ended without a graceful offline
     latency_ms: Optional[float] = None  # recent median step or heartbeat latency
     history: float = 0.5  # slow moving average of past scores
+    proven_faults: int = 0  # wrong results proven against it (relay.evidence)
 
 
 def success_rate(stats: WorkerStats) -> float:
@@ -60,7 +63,7 @@ def reliability_score(stats: WorkerStats) -> float:
         + WEIGHTS["stability"] * stability(stats)
         + WEIGHTS["latency"] * latency_score(stats)
         + WEIGHTS["history"] * min(max(stats.history, 0.0), 1.0)
-    )
+    ) * FAULT_FACTOR ** stats.proven_faults
     return round(min(max(score, 0.0), 1.0), 6)
 
 

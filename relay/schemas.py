@@ -70,6 +70,33 @@ class ReportRequest(_Body):
     latency_ms: Optional[float] = Field(None, ge=0, le=3_600_000)
 
 
+class ReceiptBody(_Body):
+    """A server's signature of one step (`dht.receipts`)."""
+
+    position: StrictInt = Field(ge=0, le=1 << 20)
+    tokens: StrictInt = Field(gt=0, le=1 << 20)
+    input_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    output_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class EvidenceReport(_Body):
+    """A client's evidence that a server returned wrong results (`client.verify.evidence_body`): the
+    server's receipts for every step of the session up to the disputed positions, and the tensors
+    (base64 safetensors: `inputs` float32 [batch, positions, hidden], the server's `outputs` at positions
+    [verified, positions) in its dtype, optional int64 `mask` [batch, positions])."""
+
+    model: str = Field(min_length=1, max_length=160)
+    peer_id: str = Field(min_length=1, max_length=128)
+    start_block: StrictInt = Field(ge=0)
+    end_block: StrictInt = Field(gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"]
+    session_id: str = Field(min_length=16, max_length=64)
+    verified: StrictInt = Field(ge=0)
+    receipts: list[ReceiptBody] = Field(min_length=1, max_length=8192)
+    tensors: str = Field(min_length=1)
+
+
 class Endpoint(_Body):
     id: StrictInt = _ID
     ip: str = Field(max_length=255)

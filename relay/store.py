@@ -71,6 +71,24 @@ _SCHEMA = [
         finished_at REAL
     )""",
     """CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)""",
+    """CREATE TABLE IF NOT EXISTS faults (
+        id {serial},
+        peer_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        start_block INTEGER NOT NULL,
+        end_block INTEGER NOT NULL,
+        relative_error REAL NOT NULL,
+        tolerance REAL NOT NULL,
+        accuser TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS faults_peer ON faults (peer_id)""",
+    """CREATE TABLE IF NOT EXISTS accusers (
+        key_hash TEXT PRIMARY KEY,
+        false_accusations INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL
+    )""",
 ]
 
 # Columns added after a release: databases created before them get them on open.

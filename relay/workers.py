@@ -66,8 +66,9 @@ def load_or_create_key(path: Path) -> bytes:
     return key
 
 
-def stats_of(row: dict[str, Any], now: float) -> WorkerStats:
-    """Reliability counters of a worker row, counting its running online period so far."""
+def stats_of(row: dict[str, Any], now: float, proven_faults: int = 0) -> WorkerStats:
+    """Reliability counters of a worker row, counting its running online period so far, and the
+    faults proven against its peer id (`relay.evidence`)."""
     online_seconds = row["online_seconds"]
     if row["online_since"] is not None:
         online_seconds += max(0.0, now - row["online_since"])
@@ -81,6 +82,7 @@ def stats_of(row: dict[str, Any], now: float) -> WorkerStats:
         unexpected_drops=row["unexpected_drops"],
         latency_ms=row["latency_ms"],
         history=row["history"],
+        proven_faults=proven_faults,
     )
 
 
@@ -268,7 +270,7 @@ class WorkerRegistry:
             message = {"joining": "joining: loading blocks", "draining": "draining: finishing open sessions"}
             values.update(state="ready" if ready else "not_ready", state_message=message.get(body.status), offline=0)
         merged = {**row, **values}
-        score = reliability_score(stats_of(merged, now))
+        score = reliability_score(stats_of(merged, now, await self._faults_of(row["peer_id"])))
         values["history"] = updated_history(row["history"], score)
         await self.store.update("workers", "id", row["id"], values)
         return {"config_changed": body.config_version != row["config_version"],
@@ -335,9 +337,14 @@ class WorkerRegistry:
         """Reliability score per peer id (the latest registration of a peer wins)."""
         now = self.clock()
         result: dict[str, float] = {}
+        faults = {row["peer_id"]: row["n"] for row in
+                  await self.store.fetch("SELECT peer_id, COUNT(*) AS n FROM faults GROUP BY peer_id")}
         for row in await self.store.fetch("SELECT * FROM workers ORDER BY id"):
-            result[row["peer_id"]] = reliability_score(stats_of(row, now))
+            result[row["peer_id"]] = reliability_score(stats_of(row, now, faults.get(row["peer_id"], 0)))
         return result
+
+    async def _faults_of(self, peer_id: str) -> int:
+        return (await self.store.fetch_one("SELECT COUNT(*) AS n FROM faults WHERE peer_id = ?", peer_id))["n"]
 
     # ---- views -------------------------------------------------------------------------------
 
@@ -382,14 +389,14 @@ class WorkerRegistry:
     async def detail(self, worker_id: int) -> dict[str, Any]:
         row = await self.row(worker_id)
         now = self.clock()
-        stats = stats_of(row, now)
+        stats = stats_of(row, now, await self._faults_of(row["peer_id"]))
         item = self.gpustack_item(row, now)
         item.update(peer_id=row["peer_id"], model=row["model"], role=row["role"], region=row["region"],
                     load=loads(row["load"], {}), config_version=row["config_version"],
                     reliability={"score": reliability_score(stats), "tasks_succeeded": stats.tasks_succeeded,
                                  "tasks_failed": stats.tasks_failed, "online_seconds": round(stats.online_seconds, 3),
                                  "online_periods": stats.online_periods, "unexpected_drops": stats.unexpected_drops,
-                                 "latency_ms": stats.latency_ms})
+                                 "latency_ms": stats.latency_ms, "proven_faults": stats.proven_faults})
         return item
 
     async def all_rows(self) -> list[dict[str, Any]]:

@@ -91,6 +91,24 @@ async def test_a_verdict_convicts_whoever_disagrees_with_the_referee():
     assert verdict.verified and not verdict.wrong
 
 
+def test_receipts_are_signed_by_a_key_derived_from_the_identity(tmp_path):
+    from dht.identity import ensure_identity, make_validator, receipt_signer
+    from dht.receipts import Receipt, public_key_hex, sign, verify
+
+    validator = make_validator(ensure_identity(tmp_path / "id.key"))
+    key = receipt_signer(validator)
+    assert public_key_hex(receipt_signer(make_validator(tmp_path / "id.key"))) == public_key_hex(key)  # stable
+    other = public_key_hex(receipt_signer(make_validator(ensure_identity(tmp_path / "other.key"))))
+    receipt = Receipt(4, 2, "a" * 64, "b" * 64, "")
+    message = receipt.message("m", 0, 2, "s" * 32)
+    signature = sign(key, message)
+    assert verify(public_key_hex(key), message, signature)
+    assert not verify(other, message, signature)
+    assert not verify(public_key_hex(key), receipt.message("m", 0, 2, "t" * 32), signature)  # another session
+    assert not verify(public_key_hex(key), message, "zz")  # malformed is simply not valid
+    assert not verify("00", message, signature)
+
+
 # --- a real swarm with a lying server ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -173,8 +191,9 @@ def test_honest_bf16_and_fp32_servers_of_the_same_blocks_are_never_accused(model
                     model.generate(prompt(seed), max_new_tokens=NEW_TOKENS, session=session)
                     assert [peer for peer, _, _ in session.chain] == [fast_fp32.peer_id, fast_bf16.peer_id]
             verifier = model.remote.verifier
-            # Every step of both spans, but for steps taken while that span's previous check was in flight.
-            assert verifier.checks >= 4 * 2 * 3
+            # At least each span's first step in each session (and every later step taken while no check
+            # of that span was in flight: how many depends on the machine's speed).
+            assert verifier.checks >= 4 * 2
             assert verifier.disputes == 0 and not model.convicted
 
 
