@@ -263,6 +263,10 @@ class RelayOptions(_Schema):
     )
     request_timeout: float = Field(30.0, gt=0, description="seconds the relay waits for any server reply")
     verify: float = Field(DEFAULT_VERIFY_RATE, ge=0, le=1, description=f"the relay's own generations: {VERIFY_HELP}")
+    verify_rate: float = Field(0.0, ge=0, le=1, description="canary checks: the chance, per server and refresh period, "
+                                                            "that the relay sends a server a few random tokens as a "
+                                                            "stateless forward and compares the answer with its own "
+                                                            "computation (0: none)")
     max_concurrent_generations: int = Field(4, gt=0, description="generations (API requests and jobs) run at once")
     max_queued_jobs: int = Field(1000, gt=0, description="jobs waiting at most; more are refused with 429 and Retry-After")
     standby: bool = Field(False, description="start as the standby of a primary/standby pair (readiness answers 503)")

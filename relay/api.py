@@ -47,6 +47,7 @@ class ApiRoutes:
         r.add_get("/api/v1/reliability", self.reliability)
         r.add_post("/api/v1/reports", self.report)
         r.add_post("/api/v1/evidence", self.evidence)
+        r.add_get("/api/v1/faults", self.faults)
         r.add_post("/api/v1/jobs", self.submit_job)
         r.add_get("/api/v1/jobs/{job_id}", self.get_job)
         r.add_get("/api/v1/queue/stats", self.queue_stats)
@@ -124,6 +125,10 @@ class ApiRoutes:
         accuser = self.relay.check_api_key(request)
         body = await read_body(request, EvidenceReport)
         return json_reply(await self.relay.evidence.judge(accuser, body), status=201)
+
+    async def faults(self, request: web.Request) -> web.Response:
+        self.relay.check_admin(request)
+        return json_reply({"object": "list", "data": await self.relay.evidence.faults()})
 
     async def submit_job(self, request: web.Request) -> web.Response:
         self.relay.check_api_key(request)

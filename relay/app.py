@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import random
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from client.verify import Evidence, evidence_body
 from configs.schema import RelayOptions
+from dht.records import ServerState
 from dht.swarm_dht import SwarmDHT, start_dht
 from relay.api import ApiRoutes
 from relay.auth import hash_secret, secret_matches
@@ -213,6 +215,8 @@ class Relay:
             service.model.on_wrong_result(lambda evidence: self._own_evidence(loop, evidence))
         await self.jobs.start()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        if opts.verify_rate > 0:
+            self._tasks.append(asyncio.create_task(self._canaries()))
 
         management, observability, api = make_app(), make_app(), make_app()
         ManagementRoutes(self).add_to(management)
@@ -247,6 +251,23 @@ class Relay:
             except Exception:
                 logger.warning("housekeeping failed; will retry", exc_info=True)
             await asyncio.sleep(min(self.options.refresh_period, self.options.heartbeat_timeout / 3))
+
+    async def _canaries(self) -> None:
+        """Every refresh period, each online server of a served model gets a canary with probability
+        `--verify-rate` (`EvidenceJudge.canary`)."""
+        rng = random.Random()
+        while True:
+            await asyncio.sleep(self.options.refresh_period)
+            try:
+                for service in list(self.services.values()):
+                    servers = await self.dht.fetch_servers(service.name, service.model.checkpoint.num_blocks)
+                    online = {info.peer_id: info for block in servers for info in block.values()
+                              if info.record.state == ServerState.ONLINE}
+                    for info in online.values():
+                        if rng.random() < self.options.verify_rate:
+                            await self.evidence.canary(service, info, self._p2p, self.options.request_timeout)
+            except Exception:
+                logger.warning("canary round failed; will retry", exc_info=True)
 
     async def stop(self) -> None:
         self.started = False

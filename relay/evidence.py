@@ -21,9 +21,14 @@ from typing import Callable, Mapping, Optional
 
 import safetensors.torch
 import torch
+from hivemind.p2p import P2P
 
+from client.errors import SwarmError
+from client.routing import SpanPlan
+from client.span import forward_span
 from client.verify import Claim, LocalReferee, check_receipts, discrepancy, tolerance
 from dht.receipts import Receipt
+from dht.records import ServerInfo
 from dht.swarm_dht import SwarmDHT
 from relay.generation import ModelService
 from relay.http import HTTPError
@@ -90,19 +95,58 @@ class EvidenceJudge:
                                              f"(relative error {error:.3g} within the tolerance {limit:.3g})")
         summary = {"session_id": report.session_id, "positions": [report.verified, inputs.shape[1]],
                    "dtype": report.dtype, "receipts": len(receipts)}
-        await self.store.insert("faults", {
-            "peer_id": report.peer_id, "model": report.model, "start_block": report.start_block,
-            "end_block": report.end_block, "relative_error": error, "tolerance": limit, "accuser": accuser,
-            "evidence": json.dumps(summary), "created_at": self.clock()})
-        count = await self.store.fetch_one("SELECT COUNT(*) AS n FROM faults WHERE peer_id = ?", report.peer_id)
-        logger.warning("proven fault of server %s on blocks %d:%d of %s (relative error %.3g > %.3g)", report.peer_id,
-                       report.start_block, report.end_block, report.model, error, limit)
+        count = await self.record_fault(report.peer_id, report.model, report.start_block, report.end_block, error,
+                                        limit, accuser, summary)
         return {"confirmed": True, "peer_id": report.peer_id, "relative_error": error, "tolerance": limit,
-                "proven_faults": count["n"]}
+                "proven_faults": count}
 
-    async def proven_faults(self) -> dict[str, int]:
-        return {row["peer_id"]: row["n"] for row in
-                await self.store.fetch("SELECT peer_id, COUNT(*) AS n FROM faults GROUP BY peer_id")}
+    async def record_fault(self, peer_id: str, model: str, start: int, end: int, error: float, limit: float,
+                           accuser: str, summary: dict) -> int:
+        """Stores a proven fault; returns how many are proven against `peer_id` now."""
+        await self.store.insert("faults", {
+            "peer_id": peer_id, "model": model, "start_block": start, "end_block": end, "relative_error": error,
+            "tolerance": limit, "accuser": accuser, "evidence": json.dumps(summary), "created_at": self.clock()})
+        logger.warning("proven fault of server %s on blocks %d:%d of %s (relative error %.3g > %.3g)", peer_id,
+                       start, end, model, error, limit)
+        return (await self.store.fetch_one("SELECT COUNT(*) AS n FROM faults WHERE peer_id = ?", peer_id))["n"]
+
+    async def faults(self) -> list[dict]:
+        """Every proven fault, newest first (the accuser as the first 8 characters of its key's hash)."""
+        rows = await self.store.fetch("SELECT * FROM faults ORDER BY id DESC")
+        return [{"peer_id": row["peer_id"], "model": row["model"], "blocks": [row["start_block"], row["end_block"]],
+                 "relative_error": row["relative_error"], "tolerance": row["tolerance"],
+                 "accuser": row["accuser"] if row["accuser"] == OWN_ACCUSER else row["accuser"][:8],
+                 "evidence": json.loads(row["evidence"]), "created_at": row["created_at"]} for row in rows]
+
+    async def canary(self, service: ModelService, info: ServerInfo, p2p: P2P, timeout: float, tokens: int = 8) -> bool:
+        """Sends one server a stateless forward of `tokens` random tokens' embeddings, as any client
+        would, and compares it with the relay's own computation; a wrong answer is a proven fault (the
+        relay saw it itself). Returns whether the server answered right (or could not be judged)."""
+        record = info.record
+        dtype = _DTYPES[record.dtype]
+        ids = torch.randint(0, service.model.config.vocab_size, (1, tokens))
+        hidden = service.model.head.embed_tokens(ids).float()
+        plan = SpanPlan(info.peer_id, record.start_block, record.end_block, info)
+        try:
+            output = await forward_span(p2p, service.name, plan, hidden, None, tokens, timeout)
+        except SwarmError as e:  # an absent or failing server is not a wrong one
+            logger.info("canary to %s got no answer: %s", info.peer_id, e)
+            return True
+        claim = Claim(peer_id=info.peer_id, start=record.start_block, end=record.end_block, dtype=dtype,
+                      inputs=hidden, outputs=output, mask=None, verified=0)
+        async with self._one_at_a_time:
+            reference = await LocalReferee(service.model.checkpoint, self.executor)(claim, frozenset())
+        if reference is None:
+            return True
+        error = discrepancy(output, reference.outputs)
+        limit = tolerance(dtype, torch.float32, record.end_block - record.start_block)
+        logger.info("canary to %s on blocks %d:%d: relative error %.3g (tolerance %.3g)", info.peer_id,
+                    record.start_block, record.end_block, error, limit)
+        if error <= limit:
+            return True
+        await self.record_fault(info.peer_id, service.name, record.start_block, record.end_block, error, limit,
+                                OWN_ACCUSER, {"canary": True, "tokens": tokens, "dtype": record.dtype})
+        return False
 
     def _tensors(self, report: EvidenceReport, hidden: int, dtype: torch.dtype):
         try:

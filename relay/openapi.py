@@ -87,6 +87,7 @@ def openapi_document(version: str, models: tuple[str, ...] = ()) -> dict[str, An
         "/api/v1/reports": {"post": _op("Report a session's outcome with a server", 200, _API_KEY, ReportRequest)},
         "/api/v1/evidence": {"post": _op("Evidence that a server returned wrong results; re-checked before it counts",
                                          201, _API_KEY, EvidenceReport, errors=(400, 401, 403, 404, 422, 503))},
+        "/api/v1/faults": {"get": _op("Wrong results proven against servers, newest first", 200, _ADMIN, errors=(401,))},
         "/api/v1/jobs": {"post": _op("Submit an LLM job", 201, _API_KEY, JobRequest)},
         "/api/v1/jobs/{job_id}": {"get": _op("A job's status and result", 200, _API_KEY,
                                              params=[_path_param("job_id", "string")])},

@@ -121,3 +121,34 @@ def test_a_proven_fault_reaches_the_relay_and_sinks_the_servers_score(relay_swar
         assert score[liar.peer_id] < 0.1 and all(score[peer] > 5 * score[liar.peer_id] for peer in honest)
     finally:
         liar.stop()
+
+
+def test_the_relays_canaries_catch_a_wrong_server_and_spare_honest_ones(relay_swarm, llama_path, tmp_path):
+    swarm, _ = relay_swarm
+    liar = swarm.add_server(0, 2, "--throughput", "100", module="tests.lying_server")
+    canary_relay = RelayProcess(tmp_path, [
+        "--initial-peers", *swarm.initial_peers, "--db", f"sqlite:///{tmp_path / 'canary.db'}", "--admin-token", ADMIN,
+        "--api-keys", KEYS[0], "--models", str(llama_path), "--refresh-period", "1", "--verify-rate", "1"],
+        name="canary-relay")
+    try:
+        canary_relay.start()
+
+        def faults() -> list[dict]:
+            status, body, _ = http("GET", f"{canary_relay.api}/api/v1/faults", headers=ADMIN_H)
+            assert status == 200, body
+            return body["data"]
+
+        found = wait_until(lambda: [f for f in faults() if f["peer_id"] == liar.peer_id], 120,
+                           what="a canary catching the liar")
+        assert found[0]["accuser"] == "relay" and found[0]["evidence"]["canary"] is True
+        assert found[0]["relative_error"] > found[0]["tolerance"]
+        # The honest servers got canaries too (the relay logs each), and not one of them was accused.
+        honest = [server.peer_id for server in swarm.servers[:2]]  # the fixture's own servers
+        log = canary_relay.child.log_path
+        wait_until(lambda: all(f"canary to {peer}" in log.read_text() for peer in honest), 120,
+                   what="canaries to every honest server")
+        assert {f["peer_id"] for f in faults()} == {liar.peer_id}
+        assert http("GET", f"{canary_relay.api}/api/v1/faults")[0] == 401  # operators only
+    finally:
+        canary_relay.stop()
+        liar.stop()
