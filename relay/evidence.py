@@ -41,7 +41,6 @@ MAX_FALSE_ACCUSATIONS = 3
 OWN_ACCUSER = "relay"  # the relay's own generations, in place of an API key's hash
 MAX_POSITIONS = 1 << 16
 MAX_BATCH = 64
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class EvidenceJudge:
@@ -69,7 +68,7 @@ class EvidenceJudge:
         if not report.start_block < report.end_block <= checkpoint.num_blocks:
             raise HTTPError(400, f"blocks {report.start_block}:{report.end_block} are not within the model's "
                                  f"0:{checkpoint.num_blocks}")
-        dtype = _DTYPES[report.dtype]
+        dtype = getattr(torch, report.dtype)  # one of the three names the schema allows
         inputs, outputs, mask = self._tensors(report, checkpoint.hidden_size, dtype)
         key = await self._receipt_key(report.model, checkpoint.num_blocks, report.peer_id)
         receipts = [Receipt(r.position, r.tokens, r.input_digest, r.output_digest, r.signature) for r in report.receipts]
@@ -123,7 +122,7 @@ class EvidenceJudge:
         would, and compares it with the relay's own computation; a wrong answer is a proven fault (the
         relay saw it itself). Returns whether the server answered right (or could not be judged)."""
         record = info.record
-        dtype = _DTYPES[record.dtype]
+        dtype = getattr(torch, record.dtype)  # one of the three names a record may hold
         ids = torch.randint(0, service.model.config.vocab_size, (1, tokens))
         hidden = service.model.head.embed_tokens(ids).float()
         plan = SpanPlan(info.peer_id, record.start_block, record.end_block, info)
