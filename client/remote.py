@@ -141,8 +141,11 @@ class RemoteModel:
         except DHTUnavailableError as e:
             raise SwarmError(f"cannot read the swarm's DHT: {e}") from e
 
-    async def make_chain(self, start: int = 0, end: Optional[int] = None, exclude: Collection[str] = ()) -> list[SpanPlan]:
-        """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`."""
+    async def make_chain(self, start: int = 0, end: Optional[int] = None, exclude: Collection[str] = (),
+                         avoid_owner: str = "") -> list[SpanPlan]:
+        """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`,
+        preferring servers with a good score and, with `avoid_owner`, servers of another owner (another
+        announced `public_name`) whenever such servers cover the blocks."""
         servers = await self._read_dht(self.dht.fetch_servers(self.model_name, self.num_blocks))
         await self._check_model(servers)
         end = self.num_blocks if end is None else end
@@ -150,13 +153,20 @@ class RemoteModel:
         index = RouteIndex(servers)
         # A banned server is not pinged: a hung one would cost another timeout for nothing.
         await self.pings.refresh(index.candidates(start, end, excluded).values())
+        preferences = []
+        if avoid_owner:
+            preferences.append(({info.peer_id for info in index.infos if info.record.public_name == avoid_owner},
+                                f"only servers of owner {avoid_owner!r} cover some blocks; using them"))
         unreliable = await self._unreliable()
         if unreliable - excluded:
+            preferences.append((unreliable, f"only servers scoring below {self.min_reliability:.2f} cover some "
+                                            f"blocks; using them"))
+        for avoided, fallback in preferences:
             try:
-                return make_chain(self.model_name, index, start, end, excluded | unreliable,
+                return make_chain(self.model_name, index, start, end, excluded | avoided,
                                   rtts=self.pings.rtts(), rng=self.rng)
             except MissingBlocksError:
-                logger.info("only servers scoring below %.2f cover some blocks; using them", self.min_reliability)
+                logger.info(fallback)
         return make_chain(self.model_name, index, start, end, excluded, rtts=self.pings.rtts(), rng=self.rng)
 
     async def longest_session(self) -> int:
@@ -219,7 +229,7 @@ class RemoteModel:
         """A claim's outputs recomputed by a chain of other servers (none of `avoid`), as one stateless
         prefill of its whole input history; None if no such chain exists."""
         try:
-            chain = await self.make_chain(claim.start, claim.end, exclude=avoid)
+            chain = await self.make_chain(claim.start, claim.end, exclude=avoid, avoid_owner=claim.owner)
         except MissingBlocksError:
             return None
         hidden = claim.inputs

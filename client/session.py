@@ -195,7 +195,8 @@ class InferenceSession:
                 continue
             claim = Claim(peer_id=span.plan.peer_id, start=span.plan.start, end=span.plan.end, dtype=span.dtype,
                           inputs=span.history(), outputs=span.outputs(), mask=self._mask, verified=span.verified,
-                          model=span.model, session_id=span.key, receipts=tuple(span.receipts))
+                          model=span.model, session_id=span.key, receipts=tuple(span.receipts),
+                          owner=span.plan.info.record.public_name)
             span.checks += 1
             span.checking = True
             task = asyncio.create_task(self._check(span, claim, span.rewinds))

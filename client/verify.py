@@ -157,6 +157,7 @@ class Claim:
     model: str = ""
     session_id: str = ""
     receipts: tuple[Receipt, ...] = ()
+    owner: str = ""  # the server's announced public_name: checks prefer servers of other owners
 
 
 @dataclass(frozen=True)

@@ -215,3 +215,22 @@ def test_a_server_that_pushes_other_outputs_than_it_returns_does_not_get_the_nex
         assert torch.equal(output, ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False))
     finally:
         liar.stop()
+
+
+@pytest.mark.slow
+def test_checks_prefer_servers_of_another_owner(model6, honest_swarm):
+    """A wrong server's sibling (same announced owner) is the fastest other server of its blocks, but
+    the check goes to another owner's servers."""
+    liar = honest_swarm.add_server(0, 6, "--throughput", "10000", "--public-name", "mallory",
+                                   module="tests.lying_server")
+    sibling = honest_swarm.add_server(0, 6, "--throughput", "5000", "--public-name", "mallory",
+                                      module="tests.lying_server", env={"LYING_SERVER_SEED": "1"})
+    try:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, honest_swarm.initial_peers, request_timeout=60,
+                                                             verify=1.0) as model:
+            model.generate(prompt(4), max_new_tokens=4)
+            evidence = model.convicted[liar.peer_id]
+            assert sibling.peer_id not in evidence.verifier_id and evidence.verifier_id
+    finally:
+        liar.stop()
+        sibling.stop()
