@@ -59,7 +59,6 @@ def start_dht(
     NAT-PMP probes of the LAN gateway) stays off unless the operator opts in. `announce_maddrs`
     (transport addresses, no /p2p part) replace the listen address in what peers learn and dial.
     """
-    fresh_identity = identity_path is None or not os.path.exists(identity_path)
     if identity_path is None:
         identity_path = os.path.join(tempfile.mkdtemp(prefix="swarm-identity-"), "identity.key")
     identity_path = str(ensure_identity(identity_path))
@@ -74,8 +73,11 @@ def start_dht(
         nat_port_map=nat_port_map,
         use_auto_relay=False,
         auto_nat=False,
-        # A key made just now cannot be in use elsewhere: skip hivemind's network check for it.
-        check_if_identity_free=not fresh_identity,
+        # hivemind's check that an existing identity is not in use starts a throwaway daemon with its own
+        # defaults, NAT port mapping (UPnP / NAT-PMP probes of the gateway) and AutoNAT included, whatever
+        # this node asks for: never run it. (Two processes sharing an identity file is an operator's
+        # mistake that libp2p reports as dial errors.)
+        check_if_identity_free=False,
         host_maddrs=[f"/{family}/{host}/tcp/{0 if client_mode else port}"],
         announce_maddrs=list(announce_maddrs) or None,
     )

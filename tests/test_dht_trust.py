@@ -8,6 +8,7 @@ from functools import partial
 import hivemind
 import pytest
 from hivemind.dht.routing import DHTID
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
@@ -103,3 +104,44 @@ async def test_a_dht_that_does_not_answer_is_a_bounded_wait_and_a_typed_error():
         await reader.fetch_servers("m", 4)
     with pytest.raises(DHTUnavailableError):
         await reader.fetch_meta("m")
+
+
+def test_a_node_restarted_with_its_identity_never_probes_the_gateway(tmp_path, monkeypatch):
+    """Every libp2p daemon a node starts has NAT port mapping and AutoNAT off, a restart with an
+    existing identity included (hivemind's own identity check would start one with both on)."""
+    launched = tmp_path / "daemons.txt"
+    make_args = P2P._make_process_args
+
+    def recording(*args, **kwargs):  # runs in the DHT's forked process too: it appends to a file
+        result = make_args(*args, **kwargs)
+        with open(launched, "a") as f:
+            f.write(" ".join(result) + "\n")
+        return result
+
+    monkeypatch.setattr(P2P, "_make_process_args", staticmethod(recording))
+    first, _ = start_dht(identity_path=str(tmp_path / "first.key"))
+    try:
+        peers = [str(addr) for addr in first.get_visible_maddrs()]
+        for _ in range(2):  # a new identity, then the same one again
+            node, _ = start_dht(peers, identity_path=str(tmp_path / "node.key"))
+            node.shutdown()
+    finally:
+        first.shutdown()
+    daemons = launched.read_text().splitlines()
+    assert len(daemons) == 3
+    assert all("-natPortMap=0" in daemon and "-autonat=0" in daemon for daemon in daemons), daemons
+
+
+def test_relayed_addresses_reach_the_daemon_as_multihashes():
+    """/p2p/ components go to the libp2p daemon as the peer id's multihash, as go-multiaddr writes
+    them (hivemind's library writes a CID, which the daemon cannot parse), so a relayed address
+    (/…/p2p/<relay>/p2p-circuit) can be dialed."""
+    import base58
+    from dht.dialing import daemon_maddr
+
+    relay = "QmPtAD8sbwDf2opM9VEjfQEFQtbuR459d4yCCpcd4U3Utm"
+    multihash = base58.b58decode(relay)
+    raw = daemon_maddr(f"/ip4/10.10.0.1/tcp/31337/p2p/{relay}/p2p-circuit").to_bytes()
+    assert raw == bytes.fromhex("040a0a0001067a69") + bytes.fromhex("a503") + bytes([len(multihash)]) + multihash \
+        + bytes.fromhex("a202")
+    assert daemon_maddr("/ip4/10.10.0.1/tcp/31337").to_bytes() == bytes.fromhex("040a0a0001067a69")
