@@ -154,7 +154,7 @@ def decode(
                     streamer.put(next_tokens.cpu())
                 if eos is not None:
                     unfinished &= ~torch.isin(next_tokens, eos)
-            # The result is returned only once the spot checks in flight have judged what it rests on.
+            # The result is returned only once spot checks have judged every step it rests on.
             rollback = session.settle()
             if rollback is None:
                 break

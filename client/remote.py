@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Awaitable, Callable, Collection, Mapping, Optional, Sequence
@@ -36,6 +37,8 @@ from dht.records import ServerInfo
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, agreed_meta, start_dht
 
 logger = logging.getLogger(__name__)
+
+CHECK_ROUTE_MAX_AGE = 10.0  # seconds a spot check may route on an earlier DHT read (bans still apply at once)
 
 
 class FailureBudget:
@@ -104,6 +107,7 @@ class RemoteModel:
         self.fault_listeners: list[Callable[[Evidence], None]] = []
         self.convicted: dict[str, Evidence] = {}
         self._reports: set[asyncio.Task] = set()  # evidence on its way to the relay
+        self._last_read: Optional[tuple[float, RouteIndex]] = None  # (when, what) of the latest DHT read
         self.sessions: weakref.WeakSet = weakref.WeakSet()  # open inference sessions, to roll back on a conviction
         self._referee_executor = ThreadPoolExecutor(1, thread_name_prefix="referee")
         self.verifier: Optional[SpotChecker] = (
@@ -142,15 +146,14 @@ class RemoteModel:
             raise SwarmError(f"cannot read the swarm's DHT: {e}") from e
 
     async def make_chain(self, start: int = 0, end: Optional[int] = None, exclude: Collection[str] = (),
-                         avoid_owner: str = "") -> list[SpanPlan]:
+                         avoid_owner: str = "", max_age: float = 0.0) -> list[SpanPlan]:
         """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`,
         preferring servers with a good score and, with `avoid_owner`, servers of another owner (another
-        announced `public_name`) whenever such servers cover the blocks."""
-        servers = await self._read_dht(self.dht.fetch_servers(self.model_name, self.num_blocks))
-        await self._check_model(servers)
+        announced `public_name`) whenever such servers cover the blocks. With `max_age`, a DHT read
+        that recent is used again instead of a new one."""
+        index = await self._route_index(max_age)
         end = self.num_blocks if end is None else end
         excluded = set(exclude) | self.bans.banned()
-        index = RouteIndex(servers)
         # A banned server is not pinged: a hung one would cost another timeout for nothing.
         await self.pings.refresh(index.candidates(start, end, excluded).values())
         preferences = []
@@ -168,6 +171,16 @@ class RemoteModel:
             except MissingBlocksError:
                 logger.info(fallback)
         return make_chain(self.model_name, index, start, end, excluded, rtts=self.pings.rtts(), rng=self.rng)
+
+    async def _route_index(self, max_age: float) -> RouteIndex:
+        now = time.monotonic()
+        if self._last_read is not None and now - self._last_read[0] <= max_age:
+            return self._last_read[1]
+        servers = await self._read_dht(self.dht.fetch_servers(self.model_name, self.num_blocks))
+        await self._check_model(servers)
+        index = RouteIndex(servers)
+        self._last_read = (now, index)
+        return index
 
     async def longest_session(self) -> int:
         """The longest session the swarm can hold now: for every block, its most generous usable
@@ -229,7 +242,8 @@ class RemoteModel:
         """A claim's outputs recomputed by a chain of other servers (none of `avoid`), as one stateless
         prefill of its whole input history; None if no such chain exists."""
         try:
-            chain = await self.make_chain(claim.start, claim.end, exclude=avoid, avoid_owner=claim.owner)
+            chain = await self.make_chain(claim.start, claim.end, exclude=avoid, avoid_owner=claim.owner,
+                                          max_age=CHECK_ROUTE_MAX_AGE)
         except MissingBlocksError:
             return None
         hidden = claim.inputs

@@ -182,14 +182,14 @@ class InferenceSession:
         self._start_checks()
         return torch.cat(outputs, dim=1).to(dtype)
 
-    def _start_checks(self) -> None:
+    def _start_checks(self, everything: bool = False) -> None:
         """Spot-checks each span's outputs since its last check: always after its first step, then
-        at the verifier's rate (one draw per step for the whole chain). Checks run in the background;
-        one span has at most one check in flight."""
+        at the verifier's rate (one draw per step for the whole chain), or now (`everything`). Checks
+        run in the background; one span has at most one check in flight."""
         verifier = self.remote.verifier
         if verifier is None:
             return
-        sampled = verifier.sample()
+        sampled = everything or verifier.sample()
         for span in self.spans:
             if span.checking or span.position <= span.verified or not (sampled or span.checks == 0):
                 continue
@@ -251,10 +251,17 @@ class InferenceSession:
         return self._rollback
 
     async def asettle(self) -> Optional[Rollback]:
-        """Waits for this session's spot checks in flight; returns the rollback they call for, if any."""
+        """Checks every output not checked yet (after the checks in flight) and waits for the verdicts;
+        returns the rollback they call for, if any. Outputs that nobody can recompute stay unchecked."""
+        await self._checks_done()
+        if self._rollback is None:
+            self._start_checks(everything=True)
+            await self._checks_done()
+        return self._rollback
+
+    async def _checks_done(self) -> None:
         while self._checks:
             await asyncio.gather(*list(self._checks), return_exceptions=True)
-        return self._rollback
 
     def settle(self) -> Optional[Rollback]:
         return self.remote.runtime.run(self.asettle())
