@@ -3,7 +3,6 @@ servers of any dtype are never accused."""
 
 from __future__ import annotations
 
-import asyncio
 import warnings
 
 import pytest
