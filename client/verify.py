@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import logging
 import math
 import random
@@ -63,15 +62,11 @@ def discrepancy(claimed: torch.Tensor, reference: torch.Tensor, mask: Optional[t
     return float(errors.max()) if errors.numel() else 0.0
 
 
-def digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes (as float32), for evidence."""
-    return hashlib.sha256(tensor.detach().float().contiguous().numpy().tobytes()).hexdigest()
-
-
 @dataclass
 class Evidence:
     """What proves a server wrong: the disputed span and positions, digests of its input and of each
-    party's output, their errors against the referee, and who refereed. With the server's signed
+    party's output, who refereed, the accused's error against the referee (`claimed_error`, over
+    `tolerance`) and the other party's (`verifier_error`). With the server's signed
     receipts and the tensors themselves (`inputs` at every position so far, its `outputs` at the
     disputed ones), a third party can re-check it (`evidence_body`, `check_receipts`)."""
 
@@ -249,21 +244,20 @@ class SpotChecker:
         verifier_error = discrepancy(first.outputs[:, window], referee.outputs[:, window], mask)
         claimed_tol = tolerance(claim.dtype, referee.dtype, claim.end - claim.start)
         verifier_tol = tolerance(first.dtype, referee.dtype, claim.end - claim.start)
+        common = dict(start_block=claim.start, end_block=claim.end, positions=(claim.verified, claim.outputs.shape[1]),
+                      input_digest=tensor_digest(claim.inputs), claimed_digest=tensor_digest(claimed),
+                      verifier_id=first.by, verifier_digest=tensor_digest(first.outputs[:, window]),
+                      referee=referee.by, referee_digest=tensor_digest(referee.outputs[:, window]))
         wrong = []
-        accused = [(claim.peer_id, claimed_error > claimed_tol)] + [(peer, verifier_error > verifier_tol)
-                                                                    for peer in sorted(first.peers)]
-        for peer, is_wrong in accused:
-            if is_wrong:
-                wrong.append(Evidence(
-                    peer_id=peer, start_block=claim.start, end_block=claim.end,
-                    positions=(claim.verified, claim.outputs.shape[1]), input_digest=digest(claim.inputs),
-                    claimed_digest=digest(claimed), verifier_id=first.by, verifier_digest=digest(first.outputs[:, window]),
-                    referee=referee.by, referee_digest=digest(referee.outputs[:, window]),
-                    claimed_error=claimed_error, verifier_error=verifier_error, tolerance=claimed_tol,
-                    **(dict(model=claim.model, session_id=claim.session_id, dtype=dtype_name(claim.dtype),
-                            receipts=claim.receipts, inputs=claim.inputs, outputs=claimed, mask=claim.mask)
-                       if peer == claim.peer_id else {}),
-                ))
+        if claimed_error > claimed_tol:
+            wrong.append(Evidence(
+                peer_id=claim.peer_id, claimed_error=claimed_error, verifier_error=verifier_error,
+                tolerance=claimed_tol, model=claim.model, session_id=claim.session_id, dtype=dtype_name(claim.dtype),
+                receipts=claim.receipts, inputs=claim.inputs, outputs=claimed, mask=claim.mask, **common))
+        if verifier_error > verifier_tol:  # the verifier's own answer is wrong (no receipts: a stateless forward)
+            wrong += [Evidence(peer_id=peer, claimed_error=verifier_error, verifier_error=claimed_error,
+                               tolerance=verifier_tol, dtype=dtype_name(first.dtype), **common)
+                      for peer in sorted(first.peers)]
         return Verdict(verified=claimed_error <= claimed_tol, wrong=tuple(wrong))
 
     async def _recompute(self, claim: Claim, avoid: frozenset[str], local: bool = True,
