@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from blocks.wire import RPC_INFERENCE, RPC_INFO, ErrorKind, OpenSession, ServerInfoReply, Step, WireError, pack, read_header
