@@ -6,13 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
 # The health page is tested in a real headless Chromium, the relay's storage in a real PostgreSQL
-# (Debian's packages; the PostgreSQL test is skipped only where they cannot be installed).
+# (Debian's packages; the PostgreSQL test is skipped only where they cannot be installed), NAT in
+# network namespaces with iptables.
 missing=""
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   missing="chromium chromium-driver"
 fi
 if ! command -v pg_ctl >/dev/null && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
   missing="$missing postgresql"
+fi
+# The NAT tests build network namespaces behind an iptables masquerade (root only; skipped elsewhere).
+if [ "$(id -u)" = 0 ] && ! command -v iptables >/dev/null; then
+  missing="$missing iptables"
 fi
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

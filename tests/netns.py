@@ -1,0 +1,112 @@
+"""Network namespaces for NAT tests: a public network, and a home network behind a router that
+masquerades outbound traffic and lets nothing in.
+
+    with NatTopology() as nat:
+        nat.popen("public", [...])   # a process on the public network, at PUBLIC_IP
+        nat.popen("home", [...])     # a process at home, at HOME_IP: it can dial out, nobody can dial in
+
+Every address is the test's own, inside namespaces it creates and deletes: the namespaces have no
+link to anything else, so nothing is routed outside them. The public network uses a public-looking
+range because libp2p treats private ranges as unroutable (a relay ignores them). Needs root, `ip`
+and `iptables`; `NatTopology.unavailable()` says why not where it cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+from typing import Optional, Sequence
+
+PUBLIC_IP = "11.0.0.1"
+ROUTER_PUBLIC_IP = "11.0.0.2"
+ROUTER_HOME_IP = "192.168.77.1"
+HOME_IP = "192.168.77.2"
+
+
+class NatTopology:
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.namespaces = {name: f"swarm-{name}-{tag}" for name in ("public", "router", "home")}
+        self._veths = (f"swp{tag}", f"swrp{tag}", f"swh{tag}", f"swrh{tag}")  # at most 15 characters
+
+    @staticmethod
+    def unavailable() -> Optional[str]:
+        """Why the topology cannot be built here, or None."""
+        if os.geteuid() != 0:
+            return "network namespaces need root (CI runs the tests as root)"
+        missing = [tool for tool in ("ip", "iptables") if shutil.which(tool) is None]
+        if missing:
+            return f"{' and '.join(missing)} not installed (Debian packages iproute2, iptables; scripts/test.sh installs them)"
+        probe = f"swarm-probe-{secrets.token_hex(3)}"
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+        if made.returncode != 0:
+            return f"cannot create a network namespace: {made.stderr.strip()}"
+        try:
+            nat = subprocess.run(["ip", "netns", "exec", probe, "iptables", "-t", "nat", "-L"], capture_output=True,
+                                 text=True)
+            if nat.returncode != 0:
+                return f"iptables cannot set up NAT here: {nat.stderr.strip()}"
+        finally:
+            subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return None
+
+    def __enter__(self) -> "NatTopology":
+        public, router, home = (self.namespaces[name] for name in ("public", "router", "home"))
+        pub_veth, router_pub_veth, home_veth, router_home_veth = self._veths
+        commands = [
+            *(["ip", "netns", "add", name] for name in (public, router, home)),
+            ["ip", "link", "add", pub_veth, "type", "veth", "peer", "name", router_pub_veth],
+            ["ip", "link", "add", home_veth, "type", "veth", "peer", "name", router_home_veth],
+            ["ip", "link", "set", pub_veth, "netns", public],
+            ["ip", "link", "set", router_pub_veth, "netns", router],
+            ["ip", "link", "set", home_veth, "netns", home],
+            ["ip", "link", "set", router_home_veth, "netns", router],
+            ["ip", "-n", public, "addr", "add", f"{PUBLIC_IP}/24", "dev", pub_veth],
+            ["ip", "-n", router, "addr", "add", f"{ROUTER_PUBLIC_IP}/24", "dev", router_pub_veth],
+            ["ip", "-n", router, "addr", "add", f"{ROUTER_HOME_IP}/24", "dev", router_home_veth],
+            ["ip", "-n", home, "addr", "add", f"{HOME_IP}/24", "dev", home_veth],
+            *(["ip", "-n", ns, "link", "set", "lo", "up"] for ns in (public, router, home)),
+            ["ip", "-n", public, "link", "set", pub_veth, "up"],
+            ["ip", "-n", router, "link", "set", router_pub_veth, "up"],
+            ["ip", "-n", router, "link", "set", router_home_veth, "up"],
+            ["ip", "-n", home, "link", "set", home_veth, "up"],
+            ["ip", "-n", home, "route", "add", "default", "via", ROUTER_HOME_IP],
+            ["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            ["ip", "netns", "exec", router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", router_pub_veth,
+             "-j", "MASQUERADE"],
+            ["ip", "netns", "exec", router, "iptables", "-A", "FORWARD", "-i", router_pub_veth, "-o", router_home_veth,
+             "-m", "state", "--state", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+            ["ip", "netns", "exec", router, "iptables", "-A", "FORWARD", "-i", router_pub_veth, "-o", router_home_veth,
+             "-j", "DROP"],
+        ]
+        try:
+            for command in commands:
+                subprocess.run(command, check=True, capture_output=True, text=True)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def popen(self, where: str, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+        """Starts `argv` in namespace `where` ("public", "router" or "home")."""
+        return subprocess.Popen(["ip", "netns", "exec", self.namespaces[where], *argv], **kwargs)
+
+    def run(self, where: str, argv: Sequence[str], timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.namespaces[where], *argv], timeout=timeout, **kwargs)
+
+    def close(self) -> None:
+        """Kills what still runs in the namespaces and deletes them (the veths go with them)."""
+        for name in self.namespaces.values():
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+    def __exit__(self, *exc) -> None:
+        self.close()
