@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
+import secrets
 import time
 from concurrent.futures import Executor
 from typing import Callable, Mapping, Optional
@@ -94,20 +96,29 @@ class EvidenceJudge:
                                              f"(relative error {error:.3g} within the tolerance {limit:.3g})")
         summary = {"session_id": report.session_id, "positions": [report.verified, inputs.shape[1]],
                    "dtype": report.dtype, "receipts": len(receipts)}
-        count = await self.record_fault(report.peer_id, report.model, report.start_block, report.end_block, error,
-                                        limit, accuser, summary)
+        # One fault per disputed stretch of one session, however often (and by whomever) it is sent.
+        fingerprint = hashlib.sha256(json.dumps([report.peer_id, report.model, report.start_block, report.end_block,
+                                                 report.session_id, report.verified]).encode()).hexdigest()
+        count, new = await self.record_fault(report.peer_id, report.model, report.start_block, report.end_block, error,
+                                             limit, accuser, summary, fingerprint)
         return {"confirmed": True, "peer_id": report.peer_id, "relative_error": error, "tolerance": limit,
-                "proven_faults": count}
+                "proven_faults": count, "already_known": not new}
 
     async def record_fault(self, peer_id: str, model: str, start: int, end: int, error: float, limit: float,
-                           accuser: str, summary: dict) -> int:
-        """Stores a proven fault; returns how many are proven against `peer_id` now."""
-        await self.store.insert("faults", {
-            "peer_id": peer_id, "model": model, "start_block": start, "end_block": end, "relative_error": error,
-            "tolerance": limit, "accuser": accuser, "evidence": json.dumps(summary), "created_at": self.clock()})
-        logger.warning("proven fault of server %s on blocks %d:%d of %s (relative error %.3g > %.3g)", peer_id,
-                       start, end, model, error, limit)
-        return (await self.store.fetch_one("SELECT COUNT(*) AS n FROM faults WHERE peer_id = ?", peer_id))["n"]
+                           accuser: str, summary: dict, fingerprint: Optional[str] = None) -> tuple[int, bool]:
+        """Stores a proven fault, unless one with the same `fingerprint` is stored (None: always new);
+        returns how many are proven against `peer_id` now and whether this one was new."""
+        fingerprint = fingerprint or secrets.token_hex(32)
+        known = await self.store.fetch_one("SELECT id FROM faults WHERE fingerprint = ?", fingerprint)
+        if known is None:
+            await self.store.insert("faults", {
+                "peer_id": peer_id, "model": model, "start_block": start, "end_block": end, "relative_error": error,
+                "tolerance": limit, "accuser": accuser, "evidence": json.dumps(summary), "fingerprint": fingerprint,
+                "created_at": self.clock()})
+            logger.warning("proven fault of server %s on blocks %d:%d of %s (relative error %.3g > %.3g)", peer_id,
+                           start, end, model, error, limit)
+        count = (await self.store.fetch_one("SELECT COUNT(*) AS n FROM faults WHERE peer_id = ?", peer_id))["n"]
+        return count, known is None
 
     async def faults(self) -> list[dict]:
         """Every proven fault, newest first (the accuser as the first 8 characters of its key's hash)."""

@@ -81,6 +81,7 @@ _SCHEMA = [
         tolerance REAL NOT NULL,
         accuser TEXT NOT NULL,
         evidence TEXT NOT NULL,
+        fingerprint TEXT NOT NULL UNIQUE,
         created_at REAL NOT NULL
     )""",
     """CREATE INDEX IF NOT EXISTS faults_peer ON faults (peer_id)""",

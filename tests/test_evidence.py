@@ -113,6 +113,10 @@ def test_a_proven_fault_reaches_the_relay_and_sinks_the_servers_score(relay_swar
             assert liar.peer_id in model.convicted
             wait_until(lambda: workers_by_peer(relay)[liar.peer_id]["reliability"]["proven_faults"] == 1, 120,
                        what="the relay confirming the fault")
+            # The same evidence again, from another key: confirmed, but counted once.
+            status, body, _ = http("POST", f"{relay.api}/api/v1/evidence", evidence_body(model.convicted[liar.peer_id]),
+                                   {"X-API-Key": KEYS[2]})
+            assert status == 201 and body["confirmed"] and body["already_known"] and body["proven_faults"] == 1, body
         assert torch.equal(output, llama_ref.generate(ids, max_new_tokens=8, do_sample=False))
         reply = http("GET", f"{relay.api}/api/v1/reliability", headers={"X-API-Key": KEYS[1]})[1]
         score = {item["peer_id"]: item["score"] for item in reply["data"]}
