@@ -63,8 +63,7 @@ class InferenceSession:
         self.push = remote.push
         self._step_id = 0
         self._mask: Optional[torch.Tensor] = None  # the attention mask of positions [0, position), if padded
-        self._checks: set[asyncio.Task] = set()
-        self._check_steps: dict[asyncio.Task, tuple[int, int]] = {}  # check in flight -> (step it followed, lag)
+        self._checks: dict[asyncio.Task, tuple[int, int]] = {}  # check in flight -> (step it followed, lag)
         self._steps = 0
         self._rollback: Optional[Rollback] = None
         self._retired: list[tuple[str, int]] = []  # (peer, verified position) of spans replaced after a failure
@@ -200,19 +199,14 @@ class InferenceSession:
             span.checks += 1
             span.checking = True
             task = asyncio.create_task(self._check(span, claim, span.rewinds))
-            self._checks.add(task)
-            self._check_steps[task] = (self._steps, FIRST_CHECK_LAG if span.checks == 1 else CHECK_LAG)
-            task.add_done_callback(self._check_done)
-
-    def _check_done(self, task: asyncio.Task) -> None:
-        self._checks.discard(task)
-        self._check_steps.pop(task, None)
+            self._checks[task] = (self._steps, FIRST_CHECK_LAG if span.checks == 1 else CHECK_LAG)
+            task.add_done_callback(lambda done: self._checks.pop(done, None))
 
     async def _wait_for_lagging_checks(self) -> None:
         """A session runs at most FIRST_CHECK_LAG steps ahead of a span's first check and CHECK_LAG
         steps ahead of a later one: a server that is always wrong is caught within 5 tokens even where
         checks are slower than steps, and a rollback never throws away more than that much work."""
-        lagging = [task for task, (started, lag) in self._check_steps.items() if self._steps - started >= lag]
+        lagging = [task for task, (started, lag) in self._checks.items() if self._steps - started >= lag]
         if lagging:
             await asyncio.wait(lagging)
 
@@ -354,7 +348,7 @@ class InferenceSession:
     async def aclose(self) -> None:
         if not self.closed:
             self.closed = True
-            for task in self._checks:
+            for task in list(self._checks):
                 task.cancel()
             self.remote.sessions.discard(self)
             await asyncio.gather(*(span.close() for span in self.spans), return_exceptions=True)
