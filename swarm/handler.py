@@ -343,14 +343,18 @@ class BlockHandler:
 
     def _step_done(self, session_id: str, start: int, end: int, position: int, step_id: int, hidden: torch.Tensor,
                    output: torch.Tensor) -> StepDone:
-        """The reply header: digests of the step's input and output and, in a session, their signed receipt."""
+        """The reply header; in a session, with digests of the step's input and output and their signed
+        receipt (a stateless forward's reply carries none: nobody checks it against anything)."""
+        done = position + hidden.shape[1]
+        if not session_id:
+            return StepDone(position=done, step_id=step_id)
         input_digest, output_digest = tensor_digest(hidden), tensor_digest(output)
         receipt = ""
-        if self.signer is not None and session_id:
+        if self.signer is not None:
             receipt = sign(self.signer, receipt_message(self.model, start, end, session_id, position, hidden.shape[1],
                                                         input_digest, output_digest))
-        return StepDone(position=position + hidden.shape[1], step_id=step_id, input_digest=input_digest,
-                        output_digest=output_digest, receipt=receipt)
+        return StepDone(position=done, step_id=step_id, input_digest=input_digest, output_digest=output_digest,
+                        receipt=receipt)
 
     def _push_on(self, session: _OpenSession, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Sends the output to the route's first hop, in its dtype, with the rest of the route, on the
