@@ -80,17 +80,13 @@ class EvidenceJudge:
         if problem is not None:
             raise await self._false(accuser, f"the evidence does not hold: {problem}")
 
-        async with self._one_at_a_time:
-            referee = LocalReferee(checkpoint, self.executor)
-            claim = Claim(peer_id=report.peer_id, start=report.start_block, end=report.end_block, dtype=dtype,
-                          inputs=inputs, outputs=outputs, mask=mask, verified=report.verified)
-            reference = await referee(claim, frozenset())
-        if reference is None:
+        judged = await self._error(service, Claim(
+            peer_id=report.peer_id, start=report.start_block, end=report.end_block, dtype=dtype, inputs=inputs,
+            outputs=outputs, mask=mask, verified=report.verified))
+        if judged is None:
             raise HTTPError(503, f"the relay cannot hold blocks {report.start_block}:{report.end_block} in memory "
                                  f"to re-check this evidence")
-        window_mask = mask[:, report.verified:] if mask is not None else None
-        error = discrepancy(outputs, reference.outputs[:, report.verified:], window_mask)
-        limit = tolerance(dtype, torch.float32, report.end_block - report.start_block)
+        error, limit = judged
         if error <= limit:
             raise await self._false(accuser, f"the server's signed outputs agree with the relay's recomputation "
                                              f"(relative error {error:.3g} within the tolerance {limit:.3g})")
@@ -142,14 +138,12 @@ class EvidenceJudge:
         except SwarmError as e:  # an absent or failing server is not a wrong one
             logger.info("canary to %s got no answer: %s", info.peer_id, e)
             return True
-        claim = Claim(peer_id=info.peer_id, start=record.start_block, end=record.end_block, dtype=dtype,
-                      inputs=hidden, outputs=output, mask=None, verified=0)
-        async with self._one_at_a_time:
-            reference = await LocalReferee(service.model.checkpoint, self.executor)(claim, frozenset())
-        if reference is None:
+        judged = await self._error(service, Claim(
+            peer_id=info.peer_id, start=record.start_block, end=record.end_block, dtype=dtype, inputs=hidden,
+            outputs=output, mask=None, verified=0))
+        if judged is None:
             return True
-        error = discrepancy(output, reference.outputs)
-        limit = tolerance(dtype, torch.float32, record.end_block - record.start_block)
+        error, limit = judged
         logger.info("canary to %s on blocks %d:%d: relative error %.3g (tolerance %.3g)", info.peer_id,
                     record.start_block, record.end_block, error, limit)
         if error <= limit:
@@ -157,6 +151,17 @@ class EvidenceJudge:
         await self.record_fault(info.peer_id, service.name, record.start_block, record.end_block, error, limit,
                                 OWN_ACCUSER, {"canary": True, "tokens": tokens, "dtype": record.dtype})
         return False
+
+    async def _error(self, service: ModelService, claim: Claim) -> Optional[tuple[float, float]]:
+        """(relative error, tolerance) of the claim's outputs (positions from `claim.verified` on)
+        against the relay's own float32 recomputation; None if the relay cannot hold the blocks."""
+        async with self._one_at_a_time:
+            reference = await LocalReferee(service.model.checkpoint, self.executor)(claim, frozenset())
+        if reference is None:
+            return None
+        mask = claim.mask[:, claim.verified:] if claim.mask is not None else None
+        error = discrepancy(claim.outputs, reference.outputs[:, claim.verified:], mask)
+        return error, tolerance(claim.dtype, torch.float32, claim.end - claim.start)
 
     def _tensors(self, report: EvidenceReport, hidden: int, dtype: torch.dtype):
         try:
