@@ -31,7 +31,7 @@ from client.reliability import RelayScores
 from client.routing import RouteIndex, SpanPlan, make_chain, usable
 from client.runtime import LoopThread
 from client.span import forward_span
-from client.verify import TOLERANCE, Claim, Evidence, LocalReferee, Recomputation, SpotChecker
+from client.verify import Claim, Evidence, LocalReferee, Recomputation, SpotChecker, least_precise
 from configs.schema import DEFAULT_VERIFY_RATE
 from dht.records import ServerInfo
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, agreed_meta, start_dht
@@ -254,10 +254,8 @@ class RemoteModel:
             except ServerFailure as e:
                 self.report_failure(plan.peer_id, str(e))
                 raise
-        dtypes = [parse_dtype(plan.info.record.dtype) for plan in chain]
-        least_precise = max(dtypes, key=lambda dtype: TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16]))
         return Recomputation(by=" → ".join(plan.peer_id for plan in chain), peers=frozenset(p.peer_id for p in chain),
-                             outputs=hidden, dtype=least_precise)
+                             outputs=hidden, dtype=least_precise([parse_dtype(plan.info.record.dtype) for plan in chain]))
 
     def chunk_tokens(self, batch_size: int) -> int:
         """Tokens per message within the client's limit and the message size limit (each span further

@@ -48,8 +48,13 @@ TOLERANCE = {torch.float32: 3e-4, torch.float16: 3e-2, torch.bfloat16: 0.15}
 MEASURED_BLOCKS = 30  # deeper spans than measured get a tolerance growing with sqrt(depth)
 
 
+def least_precise(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype of the largest tolerance (one not in the table counts as bfloat16)."""
+    return max(dtypes, key=lambda dtype: TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16]))
+
+
 def tolerance(first: torch.dtype, second: torch.dtype, blocks: int) -> float:
-    base = max(TOLERANCE.get(first, TOLERANCE[torch.bfloat16]), TOLERANCE.get(second, TOLERANCE[torch.bfloat16]))
+    base = TOLERANCE.get(least_precise([first, second]), TOLERANCE[torch.bfloat16])
     return base * math.sqrt(max(1.0, blocks / MEASURED_BLOCKS))
 
 
