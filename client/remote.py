@@ -107,6 +107,8 @@ class RemoteModel:
         self.fault_listeners: list[Callable[[Evidence], None]] = []
         self.convicted: dict[str, Evidence] = {}
         self._reports: set[asyncio.Task] = set()  # evidence on its way to the relay
+        self._checking: dict[str, set[asyncio.Task]] = {}  # server -> recomputations waiting on it
+        self._abandoned: set[asyncio.Task] = set()
         self._last_read: Optional[tuple[float, RouteIndex]] = None  # (when, what) of the latest DHT read
         self.sessions: weakref.WeakSet = weakref.WeakSet()  # open inference sessions, to roll back on a conviction
         self._referee_executor = ThreadPoolExecutor(1, thread_name_prefix="referee")
@@ -167,10 +169,10 @@ class RemoteModel:
         for avoided, fallback in preferences:
             try:
                 return make_chain(self.model_name, index, start, end, excluded | avoided,
-                                  rtts=self.pings.rtts(), rng=self.rng)
+                                  rtts=self.pings.route_rtts(), rng=self.rng)
             except MissingBlocksError:
                 logger.info(fallback)
-        return make_chain(self.model_name, index, start, end, excluded, rtts=self.pings.rtts(), rng=self.rng)
+        return make_chain(self.model_name, index, start, end, excluded, rtts=self.pings.route_rtts(), rng=self.rng)
 
     async def _route_index(self, max_age: float) -> RouteIndex:
         now = time.monotonic()
@@ -206,6 +208,9 @@ class RemoteModel:
         """Bans a failed server with backoff and forgets its ping, so it is re-checked before reuse."""
         self.bans.ban(peer_id, reason)
         self.pings.forget(peer_id)
+        for task in self._checking.pop(peer_id, ()):
+            self._abandoned.add(task)
+            task.cancel()
         for listener in self.failure_listeners:
             listener(peer_id, reason)
 
@@ -249,13 +254,37 @@ class RemoteModel:
         hidden = claim.inputs
         for plan in chain:
             try:
-                hidden = await forward_span(self.p2p, self.model_name, plan, hidden, claim.mask,
-                                            self.chunk_tokens(hidden.shape[0]), self.request_timeout)
+                hidden = await self._unless_failed(plan.peer_id, forward_span(
+                    self.p2p, self.model_name, plan, hidden, claim.mask, self.chunk_tokens(hidden.shape[0]),
+                    self.request_timeout))
             except ServerFailure as e:
-                self.report_failure(plan.peer_id, str(e))
+                if plan.peer_id not in self.bans.banned():  # an abandoned request's server is banned already
+                    self.report_failure(plan.peer_id, str(e))
                 raise
         return Recomputation(by=" → ".join(plan.peer_id for plan in chain), peers=frozenset(p.peer_id for p in chain),
                              outputs=hidden, dtype=least_precise([parse_dtype(plan.info.record.dtype) for plan in chain]))
+
+    async def _unless_failed(self, peer_id: str, request: Awaitable[torch.Tensor]) -> torch.Tensor:
+        """Awaits `request` to `peer_id`, abandoning it as soon as a session reports that server failed:
+        a server killed mid-request may leave the stream open, and a check must not wait out the whole
+        request timeout (sessions wait for lagging checks)."""
+        task = asyncio.ensure_future(request)
+        if peer_id in self.bans.banned():
+            task.cancel()
+            raise ServerFailure(peer_id, "failed in another request")
+        waiting = self._checking.setdefault(peer_id, set())
+        waiting.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if task not in self._abandoned:
+                raise
+            raise ServerFailure(peer_id, "failed in another request; its part of this check was abandoned") from None
+        finally:
+            waiting.discard(task)
+            if not waiting and self._checking.get(peer_id) is waiting:
+                del self._checking[peer_id]
+            self._abandoned.discard(task)
 
     def chunk_tokens(self, batch_size: int) -> int:
         """Tokens per message within the client's limit and the message size limit (each span further

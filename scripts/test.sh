@@ -31,8 +31,9 @@ if [ -n "$missing" ]; then
 fi
 mkdir -p artifacts
 # Two workers (SWARM_TEST_WORKERS), one test file each at a time: most multi-process tests spend
-# their time waiting on sockets and timers, so two files overlap well even on two cores.
-set -- -n "${SWARM_TEST_WORKERS:-2}" --dist loadfile "$@"
+# their time waiting on sockets and timers, so two files overlap well even on two cores. Short
+# tracebacks: CI keeps only the start of the output, and it should hold every failure.
+set -- -n "${SWARM_TEST_WORKERS:-2}" --dist loadfile --tb=short "$@"
 if [ "$(id -u)" = 0 ] && unshare -n true 2>/dev/null && command -v ip >/dev/null; then
   exec unshare -n sh -c 'ip link set lo up && exec .venv/bin/python -m pytest "$@"' pytest "$@"
 fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,16 @@ def qwen2_path(models_dir) -> Path:
 
 def reference_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def wait_for_route(model, *peers: str, timeout: float = 120) -> None:
+    """Waits (bounded) until routing starts every chain with `peers`: on a loaded machine a server
+    that has just started may miss its first ping and be routed around for a few seconds."""
+    remote = model.remote
+    deadline = time.monotonic() + timeout
+    while [plan.peer_id for plan in remote.runtime.run(remote.make_chain(), 60)][:len(peers)] != list(peers):
+        assert time.monotonic() < deadline, f"routing never chose {peers} in {timeout:.0f} s"
+        time.sleep(1)
 
 
 @pytest.fixture(scope="session")

@@ -256,6 +256,27 @@ def test_a_step_has_one_deadline_however_long_each_wait_may_be(model6, tmp_path)
             assert model.remote.bans.banned() == set()  # a deadline names nobody at fault
 
 
+def test_a_server_silent_at_ping_time_is_not_banned_and_stays_routable(model6, ref6, tmp_path):
+    """A loaded machine can be slow to answer its first ping: that alone must not hide the only
+    server of some blocks (a hung server is still caught by its session's own timeout)."""
+    ids = prompt(2)
+    with start_swarm(model6, [(0, 6)], tmp_path) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=2) as model:
+            remote = model.remote
+            only = swarm.servers[0]
+            only.signal(signal.SIGSTOP)  # its daemon accepts the dial; the server itself cannot answer
+            try:
+                chain = remote.runtime.run(remote.make_chain(), 60)
+            finally:
+                only.signal(signal.SIGCONT)
+            assert [plan.peer_id for plan in chain] == [only.peer_id]
+            assert remote.bans.banned() == set()
+            assert remote.pings.route_rtts()[only.peer_id] == remote.pings.timeout
+            assert only.peer_id not in remote.pings.rtts()  # no made-up measurement
+            assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS),
+                               ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False))
+
+
 def test_stateless_forward_reroutes_around_a_failing_server(model6, ref6, tmp_path):
     ids = prompt(7)
     with start_swarm(model6, [(0, 3), (3, 6)], tmp_path) as swarm:

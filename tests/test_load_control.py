@@ -77,7 +77,7 @@ def test_servers_apply_load_control_from_flags_env_and_yaml(tmp_path):
     from blocks.synthetic import make_random_checkpoint
     from client import AutoDistributedModelForCausalLM
     from swarm.local import LocalSwarm
-    from tests.conftest import reference_model
+    from tests.conftest import reference_model, wait_for_route
 
     path = make_random_checkpoint(tmp_path / "llama", "llama", num_layers=4, seed=12)
     ids = torch.randint(3, 100, (1, 5))
@@ -91,6 +91,7 @@ def test_servers_apply_load_control_from_flags_env_and_yaml(tmp_path):
         sleeping = swarm.add_server(0, 4, "--throughput", "1000", env={"SWARM_WORKING_HOURS": closed_window})
         normal = swarm.add_server(0, 4, "--throughput", "1")
         with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, request_timeout=60) as model:
+            wait_for_route(model, limited.peer_id)
             with model.inference_session(30) as first, model.inference_session(30) as second:
                 assert torch.equal(model.generate(ids, max_new_tokens=8, session=first), expected)
                 assert torch.equal(model.generate(ids, max_new_tokens=8, session=second), expected)

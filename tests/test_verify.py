@@ -3,6 +3,7 @@ servers of any dtype are never accused."""
 
 from __future__ import annotations
 
+import signal
 import warnings
 
 import pytest
@@ -10,11 +11,11 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from blocks.synthetic import make_random_checkpoint
-from client import AutoDistributedModelForCausalLM, WrongResultWarning
+from client import AutoDistributedModelForCausalLM, ServerFailure, WrongResultWarning
 from client.verify import TOLERANCE, Claim, Recomputation, SpotChecker, discrepancy, tolerance
 from swarm.local import LocalSwarm
 from tests.client_worker import prompt
-from tests.conftest import reference_model
+from tests.conftest import reference_model, wait_for_route
 
 NEW_TOKENS = 16
 
@@ -155,6 +156,7 @@ def test_a_lying_server_is_caught_banned_and_its_work_redone(kind, model6, ref6,
             caught_at = []
             streamer = Counter()
             model.on_wrong_result(lambda evidence: caught_at.append(streamer.tokens))
+            wait_for_route(model, liar.peer_id)
             outputs = []
             with warnings.catch_warnings(record=True) as warned:
                 warnings.simplefilter("always")
@@ -175,6 +177,29 @@ def test_a_lying_server_is_caught_banned_and_its_work_redone(kind, model6, ref6,
 
 
 @pytest.mark.slow
+def test_a_check_waiting_on_a_server_that_a_session_found_dead_is_abandoned(model6, tmp_path):
+    """A server killed mid-request may leave a check's stream open: once any request reports that
+    server failed, the check stops waiting for it (sessions wait for their lagging checks)."""
+    with LocalSwarm(model6, [(0, 6)], workdir=tmp_path / "swarm") as swarm:
+        verifier = swarm.servers[0]
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=3600,
+                                                             verify=1.0) as model:
+            remote = model.remote
+            inputs = torch.randn(1, 4, remote.checkpoint.hidden_size)
+            claim = Claim(peer_id="QmSomeOtherServer", start=0, end=6, dtype=torch.float32, inputs=inputs,
+                          outputs=inputs, mask=None, verified=0)
+            verifier.signal(signal.SIGSTOP)  # hung: it would hold the check for the whole request timeout
+            try:
+                remote.runtime.loop.call_soon_threadsafe(
+                    remote.runtime.loop.call_later, 8, remote.report_failure, verifier.peer_id, "step failed")
+                with pytest.raises(ServerFailure, match="failed in another request"):
+                    remote.runtime.run(remote.recompute(claim, frozenset({claim.peer_id})), 300)
+            finally:
+                verifier.signal(signal.SIGCONT)
+            assert verifier.peer_id in remote.bans.banned()
+
+
+@pytest.mark.slow
 def test_honest_bf16_and_fp32_servers_of_the_same_blocks_are_never_accused(model6, tmp_path):
     """A float32 claim checked by a bfloat16 server and a bfloat16 claim checked by a float32 one, at
     every step: no dispute at all, so no referee is even asked."""
@@ -185,6 +210,7 @@ def test_honest_bf16_and_fp32_servers_of_the_same_blocks_are_never_accused(model
         swarm.add_server(3, 6, "--throughput", "100", "--dtype", "float32")
         with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60,
                                                              verify=1.0) as model:
+            wait_for_route(model, fast_fp32.peer_id, fast_bf16.peer_id)
             for seed in range(4):
                 with model.inference_session(max_length=64) as session:
                     model.generate(prompt(seed), max_new_tokens=NEW_TOKENS, session=session)
@@ -206,6 +232,7 @@ def test_a_server_that_pushes_other_outputs_than_it_returns_does_not_get_the_nex
     try:
         with AutoDistributedModelForCausalLM.from_pretrained(model6, honest_swarm.initial_peers, request_timeout=60,
                                                              verify=1.0) as model:
+            wait_for_route(model, liar.peer_id)
             ids = prompt(3)
             with model.inference_session(max_length=64) as session:
                 output = model.generate(ids, max_new_tokens=NEW_TOKENS, session=session)
@@ -227,6 +254,7 @@ def test_checks_prefer_servers_of_another_owner(model6, honest_swarm):
     try:
         with AutoDistributedModelForCausalLM.from_pretrained(model6, honest_swarm.initial_peers, request_timeout=60,
                                                              verify=1.0) as model:
+            wait_for_route(model, liar.peer_id)
             model.generate(prompt(4), max_new_tokens=4)
             evidence = model.convicted[liar.peer_id]
             assert sibling.peer_id not in evidence.verifier_id and evidence.verifier_id
