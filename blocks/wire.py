@@ -97,9 +97,10 @@ class Hop(_Header):
     peer_id: str = Field(min_length=1, max_length=128)
     session_id: str = Field(min_length=16, max_length=64)
     addrs: tuple[str, ...] = Field(default=(), max_length=16)
+    relay_addrs: tuple[str, ...] = Field(default=(), max_length=4)  # set when it is reachable only through relays
     dtype: Literal["float32", "bfloat16", "float16"]
 
-    @field_validator("addrs")
+    @field_validator("addrs", "relay_addrs")
     @classmethod
     def _short_addrs(cls, addrs: tuple[str, ...]) -> tuple[str, ...]:
         if any(len(addr) > 256 for addr in addrs):

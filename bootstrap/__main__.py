@@ -6,10 +6,10 @@ then runs until SIGINT/SIGTERM. Servers and clients pass one of these lines as `
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
-import threading
 
 from configs.loader import cli_options
 from configs.schema import BootstrapOptions
@@ -26,31 +26,49 @@ across restarts."""
 
 def main(argv: list[str] | None = None) -> int:
     options = cli_options(BootstrapOptions, "python -m bootstrap", "Run a bootstrap node of a Swarm DHT.", EPILOG, argv)
-    from dht.swarm_dht import start_dht  # hivemind: only once the options are known to be good
+    from dht.swarm_dht import public_announce, start_dht  # hivemind: only once the options are known to be good
 
     try:
+        port, announce = public_announce(options.public_ip, options.host, options.port, options.announce_maddrs)
         dht, _ = start_dht(
             options.initial_peers,
             host=options.host,
-            port=options.port,
+            port=port,
             identity_path=options.identity,
             nat_port_map=options.nat_port_map,
-            announce_maddrs=options.announce_maddrs,
+            announce_maddrs=announce,
         )
     except Exception as e:
         print(f"bootstrap: error: could not start the DHT node: {e}", file=sys.stderr)
         return 1
-    # Installed only now: the DHT's forked child must keep the default handlers so that it can be stopped.
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    for addr in dht.get_visible_maddrs():
-        print(addr, flush=True)
-    logger.info("bootstrap node %s is up; Ctrl-C to stop", dht.peer_id)
-    stop.wait()
-    logger.info("shutting down")
-    dht.shutdown()
+    addrs = [str(addr) for addr in dht.get_visible_maddrs()]  # hivemind answers this only outside an event loop
+    try:
+        asyncio.run(serve(dht, options, addrs))
+    finally:
+        dht.shutdown()
     return 0
+
+
+async def serve(dht, options: BootstrapOptions, addrs: list[str]) -> None:
+    """Answers reachability checks and relays for servers behind NAT (unless --no-relay) until
+    SIGINT/SIGTERM. (Signal handlers only now: the DHT's forked child keeps the default ones.)"""
+    from dht.circuit import CircuitRelay, RelayLimits
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    p2p = await dht.replicate_p2p()
+    try:
+        await CircuitRelay(p2p, RelayLimits.of(options), relay=not options.no_relay).start()
+        for addr in addrs:
+            print(addr, flush=True)
+        logger.info("bootstrap node %s is up%s; Ctrl-C to stop", dht.peer_id,
+                    "" if options.no_relay else ", relaying for servers behind NAT")
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        await p2p.shutdown()
 
 
 if __name__ == "__main__":

@@ -52,9 +52,10 @@ class WrongResultWarning(UserWarning):
 class ServerFailure(SwarmError):
     """A server failed, timed out or disconnected."""
 
-    def __init__(self, peer_id: str, message: str):
+    def __init__(self, peer_id: str, message: str, relay: str = ""):
         self.peer_id = peer_id
-        super().__init__(f"server {peer_id}: {message}")
+        self.relay = relay  # the relay node the request went through, if any (it may be the one that failed)
+        super().__init__(f"server {peer_id}: {message}" + (f" (through relay {relay})" if relay else ""))
 
 
 def _ranges(blocks: list[int]) -> str:

@@ -13,6 +13,7 @@ from hivemind.proto import runtime_pb2
 from blocks.wire import RPC_INFO
 from client.routing import SpanPlan
 from client.span import connect
+from dht.circuit import call
 from dht.records import ServerInfo
 
 logger = logging.getLogger(__name__)
@@ -82,5 +83,5 @@ class PingCache:
 
     async def _call(self, plan: SpanPlan) -> None:
         # The dial's own limit is longer than the whole ping's, so a slow dial counts as silence.
-        peer = await connect(self.p2p, plan, 2 * self.timeout)
-        await self.p2p.call_protobuf_handler(peer, RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse)
+        target = await connect(self.p2p, plan, 2 * self.timeout)
+        await call(self.p2p, target, RPC_INFO, runtime_pb2.ExpertRequest())

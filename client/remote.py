@@ -38,6 +38,7 @@ from dht.swarm_dht import DHTUnavailableError, SwarmDHT, agreed_meta, start_dht
 
 logger = logging.getLogger(__name__)
 
+RELAY_AVOID_SECONDS = 60.0  # a relay node that failed is tried last for this long
 CHECK_ROUTE_MAX_AGE = 10.0  # seconds a spot check may route on an earlier DHT read (bans still apply at once)
 
 
@@ -108,6 +109,7 @@ class RemoteModel:
         self.convicted: dict[str, Evidence] = {}
         self._reports: set[asyncio.Task] = set()  # evidence on its way to the relay
         self._checking: dict[str, set[asyncio.Task]] = {}  # server -> recomputations waiting on it
+        self._failed_relays: dict[str, float] = {}  # relay address -> avoided until (monotonic)
         self._abandoned: set[asyncio.Task] = set()
         self._last_read: Optional[tuple[float, RouteIndex]] = None  # (when, what) of the latest DHT read
         self.sessions: weakref.WeakSet = weakref.WeakSet()  # open inference sessions, to roll back on a conviction
@@ -204,8 +206,18 @@ class RemoteModel:
             return set()
         return {peer for peer, score in scores.items() if score < self.min_reliability}
 
-    def report_failure(self, peer_id: str, reason: str) -> None:
-        """Bans a failed server with backoff and forgets its ping, so it is re-checked before reuse."""
+    def report_failure(self, peer_id: str, reason: str, relay: str = "") -> None:
+        """Bans a failed server with backoff and forgets its ping, so it is re-checked before reuse.
+
+        A failure through a relay node may be the relay's: that relay is avoided for a while, and the
+        server is banned only if it announces no other relay that has not failed lately."""
+        if relay:
+            now = time.monotonic()
+            self._failed_relays[relay] = now + RELAY_AVOID_SECONDS
+            if self._other_relay(peer_id, now):
+                logger.warning("server %s failed through relay %s; trying its other relays (%s)", peer_id, relay, reason)
+                self.pings.forget(peer_id)
+                return
         self.bans.ban(peer_id, reason)
         self.pings.forget(peer_id)
         for task in self._checking.pop(peer_id, ()):
@@ -213,6 +225,18 @@ class RemoteModel:
             task.cancel()
         for listener in self.failure_listeners:
             listener(peer_id, reason)
+
+    def relays_to_avoid(self) -> frozenset[str]:
+        """Relay nodes that failed in the last RELAY_AVOID_SECONDS."""
+        now = time.monotonic()
+        return frozenset(relay for relay, until in self._failed_relays.items() if until > now)
+
+    def _other_relay(self, peer_id: str, now: float) -> bool:
+        """Whether the latest read of `peer_id`'s record lists a relay that has not failed lately."""
+        if self._last_read is None:
+            return False
+        info = self._last_read[1].record_of(peer_id)
+        return info is not None and any(self._failed_relays.get(relay, 0.0) <= now for relay in info.record.relay_addrs)
 
     def convict(self, evidence: Evidence) -> None:
         """A server proven to return wrong results: banned for good, and every session that used it

@@ -37,7 +37,7 @@ class SpanPlan:
 def usable(info: ServerInfo, exclude: Collection[str]) -> bool:
     record = info.record
     return (info.peer_id not in exclude and record.state == ServerState.ONLINE and record.available
-            and record.cache_tokens_free > 0)
+            and record.cache_tokens_free > 0 and (record.reachable or bool(record.relay_addrs)))
 
 
 def seconds_per_block(info: ServerInfo) -> float:
@@ -92,6 +92,11 @@ class RouteIndex:
         self.open = np.array([usable(info, ()) for info in infos], dtype=bool)
         self.first, self.last = np.array(first, dtype=np.int64), np.array(last, dtype=np.int64)
         self.present = [np.flatnonzero((self.first <= block) & (self.last >= block)) for block in range(self.num_blocks)]
+
+    def record_of(self, peer_id: str) -> Optional[ServerInfo]:
+        """One of `peer_id`'s records in this read, or None."""
+        runs = self.runs_of.get(peer_id)
+        return self.infos[runs[0]] if runs else None
 
     def candidates(self, start: int, end: int, exclude: Collection[str]) -> dict[str, ServerInfo]:
         """One usable record per peer present in blocks [start, end) (the servers worth pinging)."""

@@ -97,7 +97,8 @@ class InferenceSession:
                 for plan in chain:
                     span = SpanSession(plan, self.remote.request_timeout, keep_outputs=self.remote.verifier is not None)
                     opened.append(span)
-                    await span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length)
+                    await span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length,
+                                    self.remote.relays_to_avoid())
                 if history is not None:
                     await self._replay(opened, history, mask)
                 for span in opened:
@@ -108,7 +109,7 @@ class InferenceSession:
                 if isinstance(e, SwarmBusyError):
                     busy.add(e.peer_id)
                 elif isinstance(e, ServerFailure):
-                    self.remote.report_failure(e.peer_id, str(e))
+                    self.remote.report_failure(e.peer_id, str(e), e.relay)
                     failures.add(e)
                 else:
                     raise
@@ -322,7 +323,7 @@ class InferenceSession:
                     logger.warning("session %s: %s; sending every step itself from now on", self.session_id, e)
                     self.push = False
                 else:
-                    self.remote.report_failure(e.peer_id, str(e))
+                    self.remote.report_failure(e.peer_id, str(e), e.relay)
                 await span.close()
                 failures.add(e)
                 history = span.history()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Collection, Optional, Sequence
 
 import torch
-from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
-from hivemind.proto import runtime_pb2
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError
 
 from blocks.checkpoint import parse_dtype
 from blocks.wire import (
@@ -32,7 +31,7 @@ from blocks.wire import (
 )
 from client.errors import BadRequestError, InputMismatch, ServerFailure, SwarmBusyError, SwarmError
 from client.routing import SpanPlan
-from dht.dialing import dial
+from dht.circuit import Target, iterate, reach
 from dht.receipts import Receipt, verify
 
 logger = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ logger = logging.getLogger(__name__)
 TRANSPORT_ERRORS = (ConnectionError, OSError, EOFError, P2PDaemonError, P2PHandlerError, asyncio.IncompleteReadError)
 
 
-def to_client_error(peer_id: str, error: BaseException) -> BaseException:
+def to_client_error(peer_id: str, error: BaseException, relay: str = "") -> BaseException:
     """Maps what went wrong talking to one server to the error type that says what the caller should do.
 
     Only what the server or the link to it did is a `ServerFailure` (ban, reroute): transport errors,
@@ -53,25 +52,25 @@ def to_client_error(peer_id: str, error: BaseException) -> BaseException:
     if isinstance(error, SwarmError):
         return error
     if isinstance(error, MalformedMessage):
-        return ServerFailure(peer_id, f"malformed reply: {error.message}")
+        return ServerFailure(peer_id, f"malformed reply: {error.message}", relay)
     if isinstance(error, WireError):
         if error.kind == ErrorKind.BAD_REQUEST:
             return BadRequestError(f"server {peer_id} refused the request: {error.message}")
         if error.kind == ErrorKind.BUSY:
             return SwarmBusyError(f"server {peer_id} is busy: {error.message}", peer_id=peer_id)
         if error.kind == ErrorKind.WRONG_MODEL:
-            return ServerFailure(peer_id, f"serves other blocks than it announced: {error.message}")
-        return ServerFailure(peer_id, error.message)
+            return ServerFailure(peer_id, f"serves other blocks than it announced: {error.message}", relay)
+        return ServerFailure(peer_id, error.message, relay)
     if isinstance(error, asyncio.TimeoutError):
-        return ServerFailure(peer_id, "timed out")
+        return ServerFailure(peer_id, "timed out", relay)
     if isinstance(error, TRANSPORT_ERRORS):
-        return ServerFailure(peer_id, f"{type(error).__name__}: {error}")
+        return ServerFailure(peer_id, f"{type(error).__name__}: {error}", relay)
     return error
 
 
-def raise_for_server(peer_id: str, error: BaseException) -> None:
+def raise_for_server(peer_id: str, error: BaseException, relay: str = "") -> None:
     """Raises what `to_client_error` maps `error` to (the error itself, traceback kept, if it is ours)."""
-    mapped = to_client_error(peer_id, error)
+    mapped = to_client_error(peer_id, error, relay)
     if mapped is error:
         raise error
     raise mapped from error
@@ -87,10 +86,13 @@ def check_output(peer_id: str, output: torch.Tensor, like: torch.Tensor, dtype: 
     return output
 
 
-async def connect(p2p: P2P, plan: SpanPlan, timeout: float) -> PeerID:
-    """Dials the server of `plan`; a failure is the server's."""
+async def connect(p2p: P2P, plan: SpanPlan, timeout: float, avoid_relays: Collection[str] = ()) -> Target:
+    """Dials the server of `plan`, or the first of its relay nodes that answers (those in `avoid_relays`,
+    which failed lately, only if no other is left); a failure is the server's."""
+    record = plan.info.record
+    relays = [addr for addr in record.relay_addrs if addr not in avoid_relays] or list(record.relay_addrs)
     try:
-        return await dial(p2p, plan.peer_id, plan.info.record.addrs, timeout)
+        return await reach(p2p, plan.peer_id, record.addrs, relays, timeout)
     except Exception as e:
         raise ServerFailure(plan.peer_id, f"cannot connect: {e}") from e
 
@@ -109,8 +111,8 @@ class _Stream:
                 return
             yield message
 
-    async def open(self, p2p: P2P, peer: PeerID, handler: str) -> None:
-        self.replies = await p2p.iterate_protobuf_handler(peer, handler, self._requests(), runtime_pb2.ExpertResponse)
+    async def open(self, p2p: P2P, target: Target, handler: str) -> None:
+        self.replies = await iterate(p2p, target, handler, self._requests())
 
     def send(self, message) -> None:
         self._queue.put_nowait(message)
@@ -151,6 +153,7 @@ class SpanSession:
         self.checking = False  # one is in flight
         self.rewinds = 0
         self._rewind = False
+        self.relay = ""  # the relay node this span's stream goes through, if the server is unreachable
 
     @property
     def max_chunk_tokens(self) -> int:
@@ -159,7 +162,8 @@ class SpanSession:
     def hop(self) -> Hop:
         """Where the previous server of the chain pushes this span's input."""
         record = self.plan.info.record
-        return Hop(peer_id=self.plan.peer_id, session_id=self.key, addrs=record.addrs, dtype=record.dtype)
+        return Hop(peer_id=self.plan.peer_id, session_id=self.key, addrs=record.addrs, relay_addrs=record.relay_addrs,
+                   dtype=record.dtype)
 
     def history(self) -> Optional[torch.Tensor]:
         """Inputs of block `plan.start` at every position this span has processed ([batch, position, hidden]),
@@ -182,18 +186,20 @@ class SpanSession:
             self.rewinds += 1
             self._rewind = True
 
-    async def open(self, p2p: P2P, model: str, batch_size: int, max_length: int) -> None:
+    async def open(self, p2p: P2P, model: str, batch_size: int, max_length: int,
+                   avoid_relays: Collection[str] = ()) -> None:
         self.model = model
         try:
-            peer = await connect(p2p, self.plan, self.timeout)
-            await asyncio.wait_for(self._stream.open(p2p, peer, RPC_INFERENCE), self.timeout)
+            target = await connect(p2p, self.plan, self.timeout, avoid_relays)
+            self.relay = target.relay
+            await asyncio.wait_for(self._stream.open(p2p, target, RPC_INFERENCE), self.timeout)
             self._stream.send(pack(OpenSession(model=model, start_block=self.plan.start, end_block=self.plan.end,
                                                max_length=max_length, batch_size=batch_size, session_id=self.key),
                                    request=True))
             read_header(await self._stream.receive(self.timeout), SessionOpened)
         except Exception as e:
             await self._stream.close()
-            raise_for_server(self.plan.peer_id, e)
+            raise_for_server(self.plan.peer_id, e, self.relay)
 
     async def step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Sends new positions [batch, tokens, hidden] (in pieces within this server's chunk limit) and
@@ -240,7 +246,7 @@ class SpanSession:
             done = read_header(reply, StepDone)
             outputs = read_tensors(reply, max_count=1)
         except Exception as e:
-            raise_for_server(self.plan.peer_id, e)
+            raise_for_server(self.plan.peer_id, e, self.relay)
         if done.position != self.position + hidden.shape[1] or len(outputs) != 1:
             raise ServerFailure(self.plan.peer_id, f"inconsistent reply: position {done.position}, {len(outputs)} tensors")
         sent = tensor_digest(hidden.to(self.dtype))
@@ -282,9 +288,11 @@ async def forward_span(
     batch, total = hidden.shape[:2]
     chunk = min(chunk, plan.info.record.max_chunk_tokens)
     outputs = []
+    relay = ""
     try:
-        peer = await connect(p2p, plan, timeout)
-        await asyncio.wait_for(stream.open(p2p, peer, RPC_FORWARD), timeout)
+        target = await connect(p2p, plan, timeout)
+        relay = target.relay
+        await asyncio.wait_for(stream.open(p2p, target, RPC_FORWARD), timeout)
         for position in range(0, total, chunk):
             part = hidden[:, position:position + chunk].to(dtype)
             tensors = [part] + ([mask[:, position:position + part.shape[1]]] if mask is not None else [])
@@ -298,7 +306,7 @@ async def forward_span(
                 raise ServerFailure(plan.peer_id, f"inconsistent reply: {len(replied)} tensors")
             outputs.append(check_output(plan.peer_id, replied[0], part, dtype))
     except Exception as e:
-        raise_for_server(plan.peer_id, e)
+        raise_for_server(plan.peer_id, e, relay)
     finally:
         await stream.close()
     return torch.cat(outputs, dim=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Optional
@@ -85,7 +86,24 @@ class NetworkOptions(_Schema):
     nat_port_map: bool = Field(
         False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in"
     )
+    public_ip: Optional[str] = Field(
+        None, description="this machine's public IP address: announce it (with --port) and skip the reachability "
+                          "check, for a port forward the operator set up")
+    no_relay: bool = Field(
+        False, description="neither relay RPC streams for servers behind NAT nor attach to a relay node when "
+                           "unreachable (not the coordinator's --relay)")
+    relay_max_servers: int = Field(16, ge=0, description="relay node: unreachable servers attached at most")
+    relay_hop_limit: int = Field(64, ge=0, description="relay node: relayed streams (circuits) open at once at most")
+    relay_max_mbytes: float = Field(1024.0, gt=0, description="relay node: megabytes one circuit may carry, both ways")
+    relay_max_seconds: float = Field(3600.0, gt=0, description="relay node: seconds one circuit may stay open")
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
+
+    @field_validator("public_ip")
+    @classmethod
+    def _check_ip(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            ipaddress.ip_address(value)  # ValueError: not an IP address
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -83,13 +83,18 @@ class ServerRecord(_Wire):
     announced_at: float = Field(default=0.0, ge=0)  # unix time of this announcement
     network_mbps: Optional[float] = Field(default=None, ge=0)  # measured to other servers; None: not yet
     receipt_key: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")  # Ed25519 key of its step receipts (hex)
+    reachable: bool = True  # False: other peers cannot dial it (behind NAT); reach it through relay_addrs
+    relay_addrs: tuple[str, ...] = Field(default=(), max_length=4)  # relay nodes it is attached to (/…/p2p/<relay>)
+    relay_node: bool = False  # it relays RPC streams for unreachable servers
 
     @model_validator(mode="after")
     def _check_range(self) -> "ServerRecord":
         if self.end_block <= self.start_block:
             raise ValueError(f"empty block range {self.start_block}:{self.end_block}")
-        if any(len(addr) > 256 for addr in self.addrs):
+        if any(len(addr) > 256 for addr in self.addrs + self.relay_addrs):
             raise ValueError("multiaddr too long")
+        if any("/p2p/" not in addr for addr in self.relay_addrs):
+            raise ValueError("a relay address must end with /p2p/<relay peer id>")
         return self
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import tempfile
 from functools import partial
 from typing import Optional, Sequence
@@ -82,6 +83,24 @@ def start_dht(
         announce_maddrs=list(announce_maddrs) or None,
     )
     return dht, validator
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` now (for a node whose port must be known before it starts)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def public_announce(public_ip: Optional[str], host: str, port: int,
+                    announce_maddrs: Sequence[str]) -> tuple[int, list[str]]:
+    """The port to listen on and the addresses to announce, given an operator's --public-ip (which
+    needs a known port: one is picked if --port is 0) and --announce-maddrs (which win)."""
+    if not public_ip or announce_maddrs:
+        return port, list(announce_maddrs)
+    port = port or free_port(host)
+    return port, [f"/{'ip6' if ':' in public_ip else 'ip4'}/{public_ip}/tcp/{port}"]
 
 
 class SwarmDHT:

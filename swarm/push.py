@@ -15,7 +15,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from blocks.wire import RPC_PUSH_STREAM, Hop, PushAccepted, WireError, read_header
-from dht.dialing import dial
+from dht.circuit import iterate, reach
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,9 @@ class PushStream:
 
     async def _run(self) -> None:
         try:
-            peer = await dial(self._p2p, self.hop.peer_id, self.hop.addrs, self._timeout)
-            replies = await asyncio.wait_for(
-                self._p2p.iterate_protobuf_handler(peer, RPC_PUSH_STREAM, self._requests(), runtime_pb2.ExpertResponse),
-                self._timeout)
+            target = await reach(self._p2p, self.hop.peer_id, self.hop.addrs, self.hop.relay_addrs, self._timeout)
+            replies = await asyncio.wait_for(iterate(self._p2p, target, RPC_PUSH_STREAM, self._requests()),
+                                             self._timeout)
             async for reply in replies:
                 read_header(reply, PushAccepted)
         except WireError as e:

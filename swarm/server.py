@@ -31,11 +31,12 @@ from blocks.wire import (
 )
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
+from dht.circuit import CircuitRelay, RelayAttachment, RelayLimits
 from dht.identity import receipt_signer
 from dht.receipts import public_key_hex
 from dht.registration import sign_registration
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
-from dht.swarm_dht import SwarmDHT, start_dht
+from dht.swarm_dht import SwarmDHT, free_port, public_announce, start_dht
 from swarm import __version__
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
@@ -45,6 +46,7 @@ from swarm.hardware import describe_device, free_memory, probe_status, release_m
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
 from swarm.push import LocalPush, PushStream
+from swarm.reachability import check_reachability, is_loopback
 from swarm.network import measure_bandwidth
 from swarm.preflight import check_model_and_blocks
 from swarm.relay_link import RelayLink, credentials_file
@@ -52,6 +54,8 @@ from swarm.selection import choose_start, coverage, rebalance_target
 from swarm.throughput import cached_throughput
 
 logger = logging.getLogger(__name__)
+
+FIRST_ATTACH_TIMEOUT = 60.0  # seconds an unreachable server waits for a relay node before going online anyway
 
 
 class Server:
@@ -97,6 +101,8 @@ class Server:
         self.dht: Optional[SwarmDHT] = None
         self.handler: Optional[BlockHandler] = None
         self.p2p: Optional[P2P] = None
+        self.reachable = True
+        self.attachment: Optional[RelayAttachment] = None  # when unreachable: the relay node it is attached to
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
         self.exit_code = 0  # what `python -m swarm.serve` exits with once `run()` returns
@@ -109,11 +115,12 @@ class Server:
 
     async def run(self) -> None:
         opts = self.options
+        port, announce = await self._reachability()
         # The DHT forks a child process: start it before torch spins up its thread pools, and before
         # installing signal handlers that the child must not inherit.
         dht, validator = start_dht(
-            opts.initial_peers, host=opts.host, port=opts.port, identity_path=opts.identity, nat_port_map=opts.nat_port_map,
-            announce_maddrs=opts.announce_maddrs,
+            opts.initial_peers, host=opts.host, port=port, identity_path=opts.identity, nat_port_map=opts.nat_port_map,
+            announce_maddrs=announce, client_mode=not self.reachable,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -123,6 +130,7 @@ class Server:
         p2p = None
         metrics_runner = None
         relay_task = None
+        attachment_task = None
         try:
             if self.auto_blocks:
                 await self._choose_blocks()
@@ -131,6 +139,7 @@ class Server:
                 return
             self.throughput = await self._throughput()
             p2p = await self._open_handlers(dht)
+            attachment_task = await self._start_relaying(p2p)
             metrics_runner, self.metrics_port = await self.metrics.serve(opts.host, opts.metrics_port)
             await self._announce()
             self.state = ServerState.ONLINE
@@ -147,6 +156,9 @@ class Server:
             await self._serve_until_stopped()
             await self._drain()
         finally:
+            if attachment_task is not None:
+                attachment_task.cancel()
+                await asyncio.gather(attachment_task, return_exceptions=True)
             if relay_task is not None:
                 relay_task.cancel()
                 await asyncio.gather(relay_task, return_exceptions=True)
@@ -241,6 +253,65 @@ class Server:
                                        stream_input=True, stream_output=False)
         return p2p
 
+    async def _reachability(self) -> tuple[int, list[str]]:
+        """The port to listen on and the addresses to announce; sets `reachable`. An operator's
+        --public-ip or --announce-maddrs is trusted; a loopback server is reachable by all its peers;
+        otherwise the initial peers are asked to dial this machine back."""
+        opts = self.options
+        port, announce = public_announce(opts.public_ip, opts.host, opts.port, opts.announce_maddrs)
+        if announce or is_loopback(opts.host) or not opts.initial_peers:
+            return port, announce
+        port = port or free_port(opts.host)
+        self.reachable = await check_reachability(opts.initial_peers, opts.host, port) is not False
+        return port, announce
+
+    async def _start_relaying(self, p2p: P2P) -> Optional[asyncio.Task]:
+        """A reachable server relays for unreachable ones (unless --no-relay); an unreachable one attaches
+        to a relay node and waits (bounded) for the first attachment, so that it goes online usable."""
+        opts = self.options
+        if self.reachable:
+            await CircuitRelay(p2p, RelayLimits.of(opts), relay=not opts.no_relay).start()
+            return None
+        if opts.no_relay:
+            logger.warning("this server is unreachable and --no-relay is set: no peer can use it")
+            return None
+        attached = asyncio.Event()
+
+        async def changed(relays: tuple[str, ...]) -> None:
+            if relays:
+                attached.set()
+            if self.throughput is not None:
+                await self._announce()
+
+        self.attachment = RelayAttachment(p2p, self._relay_candidates, changed)
+        task = asyncio.create_task(self.attachment.run(), name="relay attachment")
+        try:
+            await asyncio.wait_for(attached.wait(), FIRST_ATTACH_TIMEOUT)
+        except asyncio.TimeoutError:
+            logger.warning("no relay node accepted this server within %.0f s; it stays unusable until one does",
+                           FIRST_ATTACH_TIMEOUT)
+        return task
+
+    async def _relay_candidates(self) -> list[str]:
+        """Relay nodes to attach to: the initial peers (bootstrap nodes relay by default), then reachable
+        servers that announce they relay."""
+        candidates = list(self.options.initial_peers)
+        try:
+            servers = await self.dht.fetch_servers(self.model_name, self.checkpoint.num_blocks)
+        except Exception as e:
+            logger.info("could not read the swarm for relay nodes: %s", e)
+            return candidates
+        for block in servers:
+            for info in block.values():
+                record = info.record
+                if (info.peer_id != self.dht.peer_id and record.relay_node and record.reachable
+                        and record.state == ServerState.ONLINE and record.addrs):
+                    addr = record.addrs[0]
+                    addr = addr if "/p2p/" in addr else f"{addr}/p2p/{info.peer_id}"
+                    if addr not in candidates:
+                        candidates.append(addr)
+        return candidates
+
     def _push(self, hop: Hop) -> PushStream | LocalPush:
         """A stream to the next server of a client's chain (server-to-server push)."""
         if hop.peer_id == self.dht.peer_id:
@@ -255,7 +326,8 @@ class Server:
             logger.warning("could not read the swarm to measure bandwidth", exc_info=True)
             return
         others = {info.peer_id: info for block in servers for info in block.values()
-                  if info.peer_id != self.dht.peer_id and info.record.state == ServerState.ONLINE}
+                  if info.peer_id != self.dht.peer_id and info.record.state == ServerState.ONLINE
+                  and info.record.reachable}
         self.network_mbps = await measure_bandwidth(p2p, others.values())
         if self.network_mbps is not None:
             logger.info("network: %.0f Mbit/s to other servers", self.network_mbps)
@@ -377,13 +449,19 @@ class Server:
             region=self.options.region,
             version=__version__,
             public_name=self.options.public_name,
-            using_relay=False,
+            using_relay=bool(self._relay_addrs()),
+            reachable=self.reachable,
+            relay_addrs=self._relay_addrs(),
+            relay_node=self.reachable and not self.options.no_relay,
             available=self.load.available(),
             announced_at=time.time(),
             network_mbps=self.network_mbps,
             addrs=tuple(self.dht.visible_maddrs()[:16]),
             receipt_key=public_key_hex(self.receipt_signer),
         )
+
+    def _relay_addrs(self) -> tuple[str, ...]:
+        return self.attachment.relays if self.attachment is not None else ()
 
     async def _announce(self) -> None:
         try:

@@ -13,17 +13,22 @@ and `iptables`; `NatTopology.unavailable()` says why not where it cannot run.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 PUBLIC_IP = "11.0.0.1"
 ROUTER_PUBLIC_IP = "11.0.0.2"
 ROUTER_HOME_IP = "192.168.77.1"
 HOME_IP = "192.168.77.2"
+START_TIMEOUT = 240.0  # seconds a process may take to say it is up (slow days are slow)
 
 
 class NatTopology:
@@ -110,3 +115,58 @@ class NatTopology:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Process:
+    """A process in one namespace, in its own process group (killing it kills its daemons too), with
+    stdout read line by line and stderr in a log file."""
+
+    def __init__(self, nat: NatTopology, where: str, argv: list[str], log: Path, stdin: bool = False):
+        self.log = log
+        self.handle = nat.popen(where, [sys.executable, *argv], stdout=subprocess.PIPE, stderr=log.open("w"),
+                                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, text=True,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def line(self, accept, timeout: float = START_TIMEOUT) -> str:
+        """The first stdout line that `accept` takes (bounded: the process must not go quiet)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.handle.stdout.readline()
+            if not line:
+                raise AssertionError(f"{self.log.name}: exited ({self.handle.poll()}); log:\n{self.log.read_text()[-3000:]}")
+            if accept(line.strip()):
+                return line.strip()
+        raise AssertionError(f"{self.log.name}: no expected line in {timeout:.0f} s")
+
+    def json(self, key: str):
+        return json.loads(self.line(lambda line: line.startswith("{") and f'"{key}"' in line))[key]
+
+    def send(self, text: str) -> None:
+        self.handle.stdin.write(text + "\n")
+        self.handle.stdin.flush()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signals the whole process group (SIGKILL: the machine is gone; SIGTERM: a clean stop)."""
+        try:
+            os.killpg(self.handle.pid, sig)
+        except ProcessLookupError:
+            pass
+        self.handle.wait(timeout=30)
+
+
+def start_bootstrap(nat: NatTopology, tmp_path: Path, name: str, port: int, peers: list[str]) -> tuple[Process, str]:
+    """A bootstrap node on the public network; returns it and its multiaddr."""
+    argv = ["-m", "bootstrap", "--host", PUBLIC_IP, "--port", str(port), "--identity", str(tmp_path / f"{name}.key")]
+    if peers:
+        argv += ["--initial-peers", *peers]
+    process = Process(nat, "public", argv, tmp_path / f"{name}.log")
+    return process, process.line(lambda line: line.startswith("/ip4/"))
+
+
+def start_server(nat: NatTopology, tmp_path: Path, name: str, where: str, host: str, model: Path, blocks: str,
+                 peers: list[str], *extra: str) -> tuple[Process, str]:
+    """A `swarm.serve` process (default flags but a fixed throughput); returns it and its peer id."""
+    process = Process(nat, where, ["-m", "swarm.serve", "--model", str(model), "--blocks", blocks, "--host", host,
+                                   "--throughput", "100", "--initial-peers", *peers, *extra], tmp_path / f"{name}.log")
+    online = process.line(lambda line: line.startswith("swarm.serve online:"))
+    return process, online.split(" peer ")[1].split(",")[0]

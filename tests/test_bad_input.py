@@ -21,7 +21,7 @@ def raw_session(client, messages: list) -> list:
 
     async def go():
         (plan, *_) = await client.remote.make_chain()
-        peer = await connect(client.remote.p2p, plan, 10)
+        peer = (await connect(client.remote.p2p, plan, 10)).peer
 
         read_all = asyncio.Event()
 
@@ -125,7 +125,7 @@ def test_session_over_server_length_limit_is_a_client_error(llama_client, llama_
 def test_info_call_reports_what_the_server_serves(llama_client):
     async def go():
         (plan, *_) = await llama_client.remote.make_chain()
-        peer = await connect(llama_client.remote.p2p, plan, 10)
+        peer = (await connect(llama_client.remote.p2p, plan, 10)).peer
         return await llama_client.remote.p2p.call_protobuf_handler(
             peer, RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
         )
@@ -150,7 +150,7 @@ def test_a_declared_message_length_over_the_cap_is_refused_before_buffering(llam
 
     async def go():
         (plan, *_) = await llama_client.remote.make_chain()
-        peer = await connect(llama_client.remote.p2p, plan, 10)
+        peer = (await connect(llama_client.remote.p2p, plan, 10)).peer
         _, reader, writer = await llama_client.remote.p2p.call_binary_stream_handler(peer, RPC_INFERENCE)
         writer.write(P2P.MESSAGE_MARKER + (1 << 40).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + b"\0" * 4096)
         await writer.drain()

@@ -34,7 +34,7 @@ time.sleep(600)
 
 async def first_server(client):
     (plan, *_) = await client.remote.make_chain()
-    return plan, await connect(client.remote.p2p, plan, 10)
+    return plan, (await connect(client.remote.p2p, plan, 10)).peer
 
 
 async def info(client, peer=None) -> ServerInfoReply:

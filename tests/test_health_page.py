@@ -80,6 +80,7 @@ def test_health_page_shows_coverage_and_servers_and_refreshes(tmp_path, browser)
                 row = rows[server.peer_id]
                 assert row["state"] == "online" and row["reachable"] is True and row["region"] == "europe-west"
                 assert row["device_type"] == "cpu" and row["version"] and row["last_seen"]
+                assert row["direct"] is True and row["relay_addrs"] == []
 
             browser.get(url)
             cells = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f'section[data-model="{name}"] .cell'), 180, "the bar")

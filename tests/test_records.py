@@ -42,6 +42,8 @@ def test_round_trip_and_unknown_fields_are_ignored():
         record_wire(dtype=32),
         record_wire(start_block=0, end_block=100_000),  # more blocks than any model has
         record_wire(addrs=["/ip4/1.2.3.4/" + "a" * 300]),
+        record_wire(reachable=False, relay_addrs=["/ip4/1.2.3.4/tcp/1"]),  # a relay address names its relay peer
+        record_wire(reachable=False, relay_addrs=[f"/ip4/1.2.3.{i}/tcp/1/p2p/Qm" for i in range(5)]),
         record_wire(region="r" * (MAX_RECORD_BYTES + 1)),
     ],
 )
@@ -70,3 +72,19 @@ def test_owner_subkey_names_the_peer_that_holds_the_key(tmp_path):
     assert (path.stat().st_mode & 0o777) == 0o400
     for bad in [b"[owner:garbage]", b"plain", "text", None, 5]:
         assert peer_id_of_subkey(bad) is None
+
+
+def test_an_unreachable_server_is_routed_only_once_it_announces_a_relay_and_the_health_page_says_so():
+    from client.routing import usable
+    from relay.health.page import _server_row
+    from relay.health.state import model_health
+
+    relayed = parse_server_entry("QmHome", record_wire(reachable=False, relay_addrs=["/ip4/11.0.0.1/tcp/1/p2p/QmR"]), 9e9)
+    alone = parse_server_entry("QmHome", record_wire(reachable=False), 9e9)
+    direct = parse_server_entry("QmHome", record_wire(), 9e9)
+    assert usable(relayed, ()) and usable(direct, ()) and not usable(alone, ())
+    (row,) = model_health("m", None, [{"QmHome": relayed}] * 4, {"QmHome": 0.01}).servers
+    assert row.reachable is True and row.direct is False and row.relay_addrs == ["/ip4/11.0.0.1/tcp/1/p2p/QmR"]
+    assert "· relayed" in _server_row(row)
+    (row,) = model_health("m", None, [{"QmHome": direct}] * 4, {"QmHome": 0.01}).servers
+    assert row.direct is True and "relayed" not in _server_row(row)

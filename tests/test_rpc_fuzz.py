@@ -133,7 +133,7 @@ async def _fuzz(model, rng: random.Random) -> int:
     remote = model.remote
     (plan, *_) = await remote.make_chain()
     p2p = remote.p2p
-    peer = await connect(p2p, plan, 30)
+    peer = (await connect(p2p, plan, 30)).peer
     name = model.model_name
     opened = pack(OpenSession(model=name, start_block=0, end_block=4, max_length=16, batch_size=1), request=True)
     step = pack(Step(position=0), [torch.randn(1, 2, HIDDEN)], request=True)
@@ -186,7 +186,7 @@ async def _forever(messages):
 def _info(model) -> ServerInfoReply:
     async def go():
         (plan, *_) = await model.remote.make_chain()
-        peer = await connect(model.remote.p2p, plan, 30)
+        peer = (await connect(model.remote.p2p, plan, 30)).peer
         reply = await asyncio.wait_for(model.remote.p2p.call_protobuf_handler(
             peer, RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse), 30)
         return read_header(reply, ServerInfoReply)

@@ -65,6 +65,9 @@ def _server_row(row: ServerRow) -> str:
         reach = f"yes ({row.rtt_ms:.0f} ms)" if row.rtt_ms is not None else "yes"
     else:
         reach = '<span class="unreachable">no</span>'
+    if not row.direct:
+        relays = ", ".join(row.relay_addrs) or "none yet"
+        reach += f' <span class="relayed" title="behind NAT; relay nodes: {escape(relays)}">· relayed</span>'
     state = row.state.value if row.available or row.state.value != "online" else "online (off hours)"
     memory = f"{row.memory_total / 2**30:.0f} GiB" if row.memory_total else ""
     cells = [
