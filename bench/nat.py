@@ -84,7 +84,7 @@ def main() -> int:
                 line = client.line(lambda text: text.startswith("{"), timeout=600)
                 client.kill()
                 results[name] = json.loads(line)
-                second.kill(15)  # SIGTERM: it announces itself offline
+                second.kill(15, wait=False)  # SIGTERM: it drains, announced as such, then leaves
         finally:
             for process in reversed(processes):
                 process.kill()

@@ -145,13 +145,14 @@ class Process:
         self.handle.stdin.write(text + "\n")
         self.handle.stdin.flush()
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL, wait: bool = True) -> None:
         """Signals the whole process group (SIGKILL: the machine is gone; SIGTERM: a clean stop)."""
         try:
             os.killpg(self.handle.pid, sig)
         except ProcessLookupError:
             pass
-        self.handle.wait(timeout=30)
+        if wait:
+            self.handle.wait(timeout=30)
 
 
 def start_bootstrap(nat: NatTopology, tmp_path: Path, name: str, port: int, peers: list[str]) -> tuple[Process, str]:
