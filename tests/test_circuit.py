@@ -1,0 +1,114 @@
+"""A relay node's circuits on loopback, with real libp2p daemons: what it carries, what it refuses,
+and its bounds (the NAT test covers the same path behind a real NAT)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
+
+from dht.circuit import CircuitError, CircuitRelay, RelayAttachment, RelayLimits, Target, ask_dial_back, call, iterate
+from dht.dialing import dial
+from dht.swarm_dht import free_port
+
+HANDLER = "swarm.BlockService.rpc_test_echo"
+
+
+async def daemon(port: int = 0) -> P2P:
+    return await P2P.create(host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"], nat_port_map=False, auto_nat=False,
+                            use_relay=False, use_auto_relay=False, check_if_identity_free=False)
+
+
+async def echo(requests, context):
+    async for request in requests:
+        yield runtime_pb2.ExpertResponse(metadata=request.metadata)
+
+
+async def echo_once(request, context):
+    return runtime_pb2.ExpertResponse(metadata=request.metadata)
+
+
+async def attached(p2p: P2P, relay_addr: str) -> RelayAttachment:
+    changed = asyncio.Event()
+
+    async def on_change(relays):
+        if relays:
+            changed.set()
+
+    attachment = RelayAttachment(p2p, lambda: _as_list(relay_addr), on_change, want=1)
+    attachment.task = asyncio.create_task(attachment.run())
+    await asyncio.wait_for(changed.wait(), 30)
+    return attachment
+
+
+async def _as_list(addr: str) -> list[str]:
+    return [addr]
+
+
+@pytest.mark.asyncio
+async def test_a_relay_carries_swarm_rpcs_to_attached_servers_only_and_within_its_limits():
+    relay_port, client_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    relay = await daemon(relay_port)
+    home, other, client = await daemon(), await daemon(), await daemon(client_port)
+    relay_addr = f"/ip4/127.0.0.1/tcp/{relay_port}/p2p/{relay.peer_id.to_base58()}"
+    attachments = []
+    try:
+        node = CircuitRelay(relay, RelayLimits(max_servers=1, max_circuits=4, max_bytes=20_000, max_seconds=60))
+        await node.start()
+        for p2p in (home, other):
+            await p2p.add_protobuf_handler(HANDLER, echo, runtime_pb2.ExpertRequest, stream_input=True,
+                                           stream_output=True)
+            await p2p.add_protobuf_handler(HANDLER + "_unary", echo_once, runtime_pb2.ExpertRequest)
+        attachments.append(await attached(home, relay_addr))
+        assert node.attached.keys() == {home.peer_id.to_base58()}
+        await dial(client, relay.peer_id.to_base58(), [relay_addr], 30)
+        through = Target(home.peer_id.to_base58(), relay=relay_addr)
+
+        # A stream and a unary call reach the attached server through the relay, intact.
+        async def requests(*payloads):
+            for payload in payloads:
+                yield runtime_pb2.ExpertRequest(metadata=payload)
+
+        replies = [reply.metadata async for reply in await iterate(client, through, HANDLER, requests(b"a", b"bc"))]
+        assert replies == [b"a", b"bc"]
+        reply = await call(client, through, HANDLER + "_unary", runtime_pb2.ExpertRequest(metadata=b"info"))
+        assert reply.metadata == b"info"
+
+        # Refused: a server that is not attached, an RPC that is not the swarm's, a second attachment
+        # beyond max_servers.
+        with pytest.raises(CircuitError, match="not attached"):
+            await iterate(client, Target(other.peer_id.to_base58(), relay=relay_addr), HANDLER, requests(b"x"))
+        with pytest.raises(CircuitError, match="carries only swarm.BlockService"):
+            await call(client, Target(home.peer_id.to_base58(), relay=relay_addr), "hivemind.Other.rpc",
+                       runtime_pb2.ExpertRequest())
+        refused = RelayAttachment(other, lambda: _as_list(relay_addr), lambda relays: asyncio.sleep(0), want=1)
+        assert await refused._attach(relay_addr) is None
+        assert node.attached.keys() == {home.peer_id.to_base58()}
+
+        # A circuit that carries more than max_bytes is cut (the caller sees its stream end early).
+        replies = [reply async for reply in await iterate(client, through, HANDLER, requests(*[b"y" * 8000] * 5))]
+        assert len(replies) < 5
+        await asyncio.sleep(0.5)
+        assert node.circuits == 0  # every circuit is accounted for once it ends
+
+        # Dial-back: the relay reaches a listening port at the address it sees, not a closed one.
+        answer = await ask_dial_back(client, [relay_addr], [client_port])
+        assert answer.reachable is True and answer.observed_ip == "127.0.0.1"
+        answer = await ask_dial_back(client, [relay_addr], [free_port("127.0.0.1")])
+        assert answer.reachable is False
+
+        # The relay going away ends the attachment: the server notices and says it holds none.
+        attachment = attachments[0]
+        await relay.shutdown()
+        for _ in range(100):
+            if not attachment.relays:
+                break
+            await asyncio.sleep(0.1)
+        assert attachment.relays == ()
+    finally:
+        for attachment in attachments:
+            attachment.task.cancel()
+        for p2p in (client, other, home, relay):
+            await p2p.shutdown()
