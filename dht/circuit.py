@@ -166,6 +166,7 @@ class CircuitRelay:
             counted = True
             target = PeerID.from_base58(header.target)
             if header.unary:
+                await _send(writer, Reply(ok=True))
                 request = runtime_pb2.ExpertRequest.FromString(await _receive_blob(reader))
                 response = await asyncio.wait_for(self.p2p.call_protobuf_handler(
                     target, header.handler, request, runtime_pb2.ExpertResponse), self.limits.max_seconds)
@@ -455,10 +456,14 @@ async def call(p2p: P2P, target: Target, handler: str, request) -> runtime_pb2.E
         return await p2p.call_protobuf_handler(target.peer, handler, request, runtime_pb2.ExpertResponse)
     reader, writer = await _open_circuit(p2p, target, handler, unary=True)
     try:
-        await _send_blob(writer, request.SerializeToString())
-        reply = await _receive(reader, Reply)
-        if not reply.ok:
-            raise CircuitError(f"relay refused the circuit to {target.peer_id}: {reply.error}")
+        # Accepted first, then the request: a relay that refuses closes the stream, and a request
+        # written meanwhile could make the stream reset before its refusal is read.
+        for send in (True, False):
+            reply = await _receive(reader, Reply)
+            if not reply.ok:
+                raise CircuitError(f"relay refused the circuit to {target.peer_id}: {reply.error}")
+            if send:
+                await _send_blob(writer, request.SerializeToString())
         return runtime_pb2.ExpertResponse.FromString(await _receive_blob(reader))
     finally:
         _close(writer)
