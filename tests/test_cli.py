@@ -24,8 +24,11 @@ def run(*args: str, timeout: float = 120, env=None) -> subprocess.CompletedProce
     "module, flags",
     [
         ("swarm.serve", ["--model", "--blocks", "--initial-peers", "--host", "--port", "--device", "--dtype",
-                         "--cache-tokens", "--model-name", "--nat-port-map", "--max-length", "--session-timeout"]),
-        ("bootstrap", ["--host", "--port", "--identity", "--nat-port-map"]),
+                         "--cache-tokens", "--model-name", "--nat-port-map", "--max-length", "--session-timeout",
+                         "--public-ip", "--no-relay", "--relay-max-servers", "--relay-hop-limit", "--relay-max-mbytes",
+                         "--relay-max-seconds"]),
+        ("bootstrap", ["--host", "--port", "--identity", "--nat-port-map", "--public-ip", "--no-relay",
+                       "--relay-hop-limit"]),
         ("client.generate", ["--model", "--initial-peers", "--prompt", "--max-new-tokens", "--do-sample",
                              "--temperature", "--top-k", "--top-p"]),
     ],

@@ -87,3 +87,19 @@ def test_a_bootstrap_node_prints_its_announced_address():
             process.wait(timeout=60)
     finally:
         proxy.close()
+
+
+def test_a_bootstrap_node_with_a_public_ip_announces_it_and_a_bad_one_is_refused():
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", str(port), "--public-ip", "127.0.0.2",
+         "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith(f"/ip4/127.0.0.2/tcp/{port}/p2p/"), line  # announced, not the listen address
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    refused = subprocess.run([sys.executable, "-m", "bootstrap", "--public-ip", "203.0.113"], capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert refused.returncode == 2 and "public_ip" in refused.stderr.replace("-", "_")
