@@ -42,6 +42,8 @@ RELAYED_PREFIX = "swarm.BlockService."  # the only RPCs a circuit may carry
 MAX_HEADER_BYTES = 4096
 MAX_UNARY_BYTES = 1 << 20
 DIAL_BACK_TIMEOUT = 3.0
+OPEN_TIMEOUT = 10.0  # a relay node's wait for an attached server to accept a stream, or for a unary request
+UNARY_TIMEOUT = 60.0
 _COPY_BYTES = 1 << 16
 
 
@@ -167,13 +169,15 @@ class CircuitRelay:
             target = PeerID.from_base58(header.target)
             if header.unary:
                 await _send(writer, Reply(ok=True))
-                request = runtime_pb2.ExpertRequest.FromString(await _receive_blob(reader))
+                request = runtime_pb2.ExpertRequest.FromString(
+                    await asyncio.wait_for(_receive_blob(reader), OPEN_TIMEOUT))
                 response = await asyncio.wait_for(self.p2p.call_protobuf_handler(
-                    target, header.handler, request, runtime_pb2.ExpertResponse), self.limits.max_seconds)
+                    target, header.handler, request, runtime_pb2.ExpertResponse), min(UNARY_TIMEOUT, self.limits.max_seconds))
                 await _send(writer, Reply(ok=True))
                 await _send_blob(writer, response.SerializeToString())
                 return
-            _, their_reader, their_writer = await self.p2p.call_binary_stream_handler(target, header.handler)
+            _, their_reader, their_writer = await asyncio.wait_for(
+                self.p2p.call_binary_stream_handler(target, header.handler), OPEN_TIMEOUT)
             await _send(writer, Reply(ok=True))
             try:
                 await asyncio.wait_for(self._pipe(reader, writer, their_reader, their_writer), self.limits.max_seconds)
@@ -181,13 +185,13 @@ class CircuitRelay:
                 _close(their_writer)
         except CircuitError as e:
             with contextlib.suppress(Exception):
-                await _send(writer, Reply(ok=False, error=str(e)))
+                await _send(writer, Reply(ok=False, error=str(e)[:500]))
         except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
             logger.debug("circuit from %s ended: %s: %s", info.peer_id, type(e).__name__, e)
         except Exception as e:
             logger.warning("circuit from %s failed: %s: %s", info.peer_id, type(e).__name__, e)
             with contextlib.suppress(Exception):
-                await _send(writer, Reply(ok=False, error=f"{type(e).__name__}: {e}"))
+                await _send(writer, Reply(ok=False, error=f"{type(e).__name__}: {e}"[:500]))
         finally:
             if counted:
                 self.circuits -= 1
@@ -267,6 +271,13 @@ def split_relay_addr(addr: str) -> tuple[str, str]:
     return peer, head
 
 
+def _relay_id(addr: str) -> str:
+    try:
+        return split_relay_addr(addr)[0]
+    except ValueError:
+        return addr
+
+
 async def ask_dial_back(p2p: P2P, peers: Iterable[str], ports: list[int], timeout: float = 10.0) -> Optional[Reply]:
     """Asks the nodes at `peers` (full multiaddrs), in turn, whether they can dial this node back;
     the first answer, or None when none answers."""
@@ -327,10 +338,13 @@ class RelayAttachment:
     async def _top_up(self) -> None:
         if len(self._held) >= self.want:
             return
-        candidates = [addr for addr in await self.candidates() if addr not in self._held]
+        held = {split_relay_addr(addr)[0] for addr in self._held}
+        candidates = [addr for addr in await self.candidates() if _relay_id(addr) not in held]
         if not candidates and not self._held:
             logger.warning("no relay node to attach to yet; this server is unreachable until one appears")
         for addr in sorted(candidates, key=lambda addr: self._failed.get(addr, 0.0)):
+            if _relay_id(addr) in {split_relay_addr(held)[0] for held in self._held}:
+                continue  # another address of a relay node it holds already
             stream = await self._attach(addr)
             if stream is None:
                 continue

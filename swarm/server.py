@@ -305,11 +305,11 @@ class Server:
             for info in block.values():
                 record = info.record
                 if (info.peer_id != self.dht.peer_id and record.relay_node and record.reachable
-                        and record.state == ServerState.ONLINE and record.addrs):
-                    addr = record.addrs[0]
-                    addr = addr if "/p2p/" in addr else f"{addr}/p2p/{info.peer_id}"
-                    if addr not in candidates:
-                        candidates.append(addr)
+                        and record.state == ServerState.ONLINE):
+                    for addr in record.addrs:
+                        addr = addr if addr.endswith(f"/p2p/{info.peer_id}") else f"{addr}/p2p/{info.peer_id}"
+                        if addr not in candidates:
+                            candidates.append(addr)
         return candidates
 
     def _push(self, hop: Hop) -> PushStream | LocalPush:
