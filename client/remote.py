@@ -28,7 +28,7 @@ from client.errors import (
 from client.bans import BanList
 from client.pings import PingCache
 from client.reliability import RelayScores
-from client.routing import RouteIndex, SpanPlan, make_chain, usable
+from client.routing import RouteIndex, SpanPlan, chain_avoiding, make_chain, usable
 from client.runtime import LoopThread
 from client.span import forward_span
 from client.verify import Claim, Evidence, LocalReferee, Recomputation, SpotChecker, least_precise
@@ -169,11 +169,12 @@ class RemoteModel:
             preferences.append((unreliable, f"only servers scoring below {self.min_reliability:.2f} cover some "
                                             f"blocks; using them"))
         for avoided, fallback in preferences:
-            try:
-                return make_chain(self.model_name, index, start, end, excluded | avoided,
-                                  rtts=self.pings.route_rtts(), rng=self.rng)
-            except MissingBlocksError:
-                logger.info(fallback)
+            if avoided - excluded:
+                chain = chain_avoiding(self.model_name, index, start, end, excluded, avoided,
+                                       rtts=self.pings.route_rtts(), rng=self.rng)
+                if any(plan.peer_id in avoided for plan in chain):
+                    logger.info(fallback)
+                return chain
         return make_chain(self.model_name, index, start, end, excluded, rtts=self.pings.route_rtts(), rng=self.rng)
 
     async def _route_index(self, max_age: float) -> RouteIndex:

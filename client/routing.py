@@ -93,6 +93,10 @@ class RouteIndex:
         self.first, self.last = np.array(first, dtype=np.int64), np.array(last, dtype=np.int64)
         self.present = [np.flatnonzero((self.first <= block) & (self.last >= block)) for block in range(self.num_blocks)]
 
+    def serving(self, block: int) -> set[str]:
+        """Peers whose usable records cover `block`."""
+        return {self.infos[run].peer_id for run in self.present[block] if self.open[run]}
+
     def record_of(self, peer_id: str) -> Optional[ServerInfo]:
         """One of `peer_id`'s records in this read, or None."""
         runs = self.runs_of.get(peer_id)
@@ -167,6 +171,22 @@ def make_chain(
         chain.append(SpanPlan(info.peer_id, i, j, info))
         j = i
     return chain[::-1]
+
+
+def chain_avoiding(model: str, index: RouteIndex, start: int, end: int, exclude: Collection[str],
+                   avoid: Collection[str], rtts: Mapping[str, float] | None = None,
+                   rng: random.Random | None = None) -> list[SpanPlan]:
+    """The fastest chain that uses servers in `avoid` only for blocks that no other server covers
+    (so one block without an alternative does not bring every avoided server back)."""
+    avoid = set(avoid)
+    while True:
+        try:
+            return make_chain(model, index, start, end, set(exclude) | avoid, rtts=rtts, rng=rng)
+        except MissingBlocksError as e:
+            needed = {peer for block in e.blocks for peer in index.serving(block)} & avoid
+            if not needed:
+                raise
+            avoid -= needed
 
 
 def estimated_step_time(chain: list[SpanPlan], rtts: Mapping[str, float] | None = None) -> float:

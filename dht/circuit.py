@@ -180,7 +180,11 @@ class CircuitRelay:
                 self.p2p.call_binary_stream_handler(target, header.handler), OPEN_TIMEOUT)
             await _send(writer, Reply(ok=True))
             try:
+                # From here on the stream is the RPC's: a limit or a failure only cuts it, with no
+                # reply frame that the caller would read as the RPC's bytes.
                 await asyncio.wait_for(self._pipe(reader, writer, their_reader, their_writer), self.limits.max_seconds)
+            except Exception as e:
+                logger.info("circuit from %s to %s cut: %s: %s", info.peer_id, header.target, type(e).__name__, e)
             finally:
                 _close(their_writer)
         except CircuitError as e:

@@ -10,7 +10,7 @@ import torch
 from blocks.kv_pool import KVPool, PoolFull
 from blocks.wire import ErrorKind, Step, WireError, pack, read_header, read_tensors
 from client.errors import MissingBlocksError
-from client.routing import RouteIndex, estimated_step_time, make_chain, seconds_per_block, usable
+from client.routing import RouteIndex, chain_avoiding, estimated_step_time, make_chain, seconds_per_block, usable
 from configs.loader import ConfigError, build_parser, load_config
 from configs.schema import ServerOptions
 from dht.records import ServerInfo, ServerRecord
@@ -51,6 +51,17 @@ def test_chain_prefers_fast_servers_and_splits_overlapping_ranges():
     assert chain_of(blocks) == [("a", 0, 4), ("b", 4, 8)]
     assert chain_of(blocks, rtts={"a": 0.01, "b": 1.0}) == [("a", 0, 8)]
     assert estimated_step_time(make_chain("m", blocks)) == pytest.approx(0.05 + 4 / 8 + 0.05 + 4 / 400)
+
+
+def test_avoided_servers_are_used_only_for_blocks_nobody_else_covers():
+    # "low" and "high" serve 0:4; "only" alone serves 4:8. Avoiding both "low" and "only" (say, both
+    # score low) must still avoid "low", and use "only" just because nobody else has its blocks.
+    index = RouteIndex(servers(("low", 0, 4, "online", 100, 50.0), ("high", 0, 4), ("only", 4, 8)))
+    chain = [(plan.peer_id, plan.start, plan.end) for plan in chain_avoiding("m", index, 0, 8, (), {"low", "only"})]
+    assert chain == [("high", 0, 4), ("only", 4, 8)]
+    assert chain_avoiding("m", index, 0, 8, (), ())[0].peer_id == "low"  # the fastest, when nothing is avoided
+    with pytest.raises(MissingBlocksError):
+        chain_avoiding("m", index, 0, 8, {"only"}, {"low"})  # an excluded server stays excluded
 
 
 def test_jitter_spreads_clients_over_equal_servers():
