@@ -102,7 +102,7 @@ class Server:
         self.handler: Optional[BlockHandler] = None
         self.p2p: Optional[P2P] = None
         self.reachable = True
-        self.attachment: Optional[RelayAttachment] = None  # when unreachable: the relay node it is attached to
+        self.attachment: Optional[RelayAttachment] = None  # when unreachable: the relay nodes it is attached to
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
         self.exit_code = 0  # what `python -m swarm.serve` exits with once `run()` returns
