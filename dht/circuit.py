@@ -275,6 +275,12 @@ def split_relay_addr(addr: str) -> tuple[str, str]:
     return peer, head
 
 
+async def dial_relay(p2p: P2P, addr: str, timeout: float) -> PeerID:
+    """Connects to the relay node at `addr` (a multiaddr ending with /p2p/<relay id>)."""
+    relay_id, transport = split_relay_addr(addr)
+    return await dial(p2p, relay_id, [transport], timeout)
+
+
 def _relay_id(addr: str) -> str:
     try:
         return split_relay_addr(addr)[0]
@@ -287,8 +293,7 @@ async def ask_dial_back(p2p: P2P, peers: Iterable[str], ports: list[int], timeou
     the first answer, or None when none answers."""
     for addr in peers:
         try:
-            peer_id, transport = split_relay_addr(addr)
-            peer = await dial(p2p, peer_id, [transport], timeout)
+            peer = await dial_relay(p2p, addr, timeout)
             _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer, CIRCUIT_DIAL_BACK), timeout)
             try:
                 await _send(writer, DialBack(ports=tuple(ports[:4])))
@@ -297,7 +302,7 @@ async def ask_dial_back(p2p: P2P, peers: Iterable[str], ports: list[int], timeou
                 _close(writer)
             if reply.ok:
                 return reply
-            logger.info("%s could not check reachability: %s", peer_id, reply.error)
+            logger.info("%s could not check reachability: %s", addr, reply.error)
         except Exception as e:
             logger.info("no reachability answer from %s: %s: %s", addr, type(e).__name__, e)
     return None
@@ -342,17 +347,18 @@ class RelayAttachment:
     async def _top_up(self) -> None:
         if len(self._held) >= self.want:
             return
-        held = {split_relay_addr(addr)[0] for addr in self._held}
+        held = {_relay_id(addr) for addr in self._held}  # relay ids: a relay may announce several addresses
         candidates = [addr for addr in await self.candidates() if _relay_id(addr) not in held]
         if not candidates and not self._held:
             logger.warning("no relay node to attach to yet; this server is unreachable until one appears")
         for addr in sorted(candidates, key=lambda addr: self._failed.get(addr, 0.0)):
-            if _relay_id(addr) in {split_relay_addr(held)[0] for held in self._held}:
-                continue  # another address of a relay node it holds already
+            if _relay_id(addr) in held:
+                continue  # another address of a relay node it has just attached to
             stream = await self._attach(addr)
             if stream is None:
                 continue
             logger.info("attached to relay %s", addr)
+            held.add(_relay_id(addr))
             self._held[addr] = asyncio.create_task(self._hold(addr, *stream), name=f"relay {addr[-6:]}")
             await self.on_change(self.relays)
             if len(self._held) >= self.want:
@@ -374,8 +380,7 @@ class RelayAttachment:
 
     async def _attach(self, addr: str) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         try:
-            peer_id, transport = split_relay_addr(addr)
-            peer = await dial(self.p2p, peer_id, [transport], self.timeout)
+            peer = await dial_relay(self.p2p, addr, self.timeout)
             _, reader, writer = await asyncio.wait_for(self.p2p.call_binary_stream_handler(peer, CIRCUIT_ATTACH),
                                                        self.timeout)
             reply = await asyncio.wait_for(_receive(reader, Reply), self.timeout)
@@ -414,8 +419,7 @@ async def reach(p2p: P2P, peer_id: str, addrs: Iterable[str], relay_addrs: Itera
     errors = []
     for relay in relays:
         try:
-            relay_id, transport = split_relay_addr(relay)
-            await dial(p2p, relay_id, [transport], timeout)
+            await dial_relay(p2p, relay, timeout)
             return Target(peer_id, tuple(addrs), relay)
         except Exception as e:
             errors.append(f"{relay}: {type(e).__name__}: {e}")
