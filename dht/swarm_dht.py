@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import tempfile
 from functools import partial
 from typing import Optional, Sequence
@@ -21,6 +20,7 @@ from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.utils import get_dht_time
 
 from dht.identity import ensure_identity, make_validator, peer_id_of_subkey
+from dht.ports import free_port
 from dht.records import (
     MAX_BLOCKS,
     MODELS_KEY,
@@ -83,14 +83,6 @@ def start_dht(
         announce_maddrs=list(announce_maddrs) or None,
     )
     return dht, validator
-
-
-def free_port(host: str) -> int:
-    """A TCP port free on `host` now (for a node whose port must be known before it starts)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def public_announce(public_ip: Optional[str], host: str, port: int,

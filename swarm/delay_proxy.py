@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import select
-import socket
 import subprocess
 import sys
 import threading
@@ -153,13 +152,6 @@ def _raise_priority() -> None:
         os.nice(-10)
     except OSError:
         pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the caller binds it soon after)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 async def _serve(target_port: int, delay: float, port: int) -> None:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import IO, Optional, Sequence
 
-from swarm.delay_proxy import DelayProxyProcess, free_port
+from dht.ports import free_port
+from swarm.delay_proxy import DelayProxyProcess
 
 logger = logging.getLogger(__name__)
 

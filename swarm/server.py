@@ -36,7 +36,8 @@ from dht.identity import receipt_signer
 from dht.receipts import public_key_hex
 from dht.registration import sign_registration
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
-from dht.swarm_dht import SwarmDHT, free_port, public_announce, start_dht
+from dht.ports import free_port
+from dht.swarm_dht import SwarmDHT, public_announce, start_dht
 from swarm import __version__
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget

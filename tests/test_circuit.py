@@ -11,7 +11,7 @@ from hivemind.proto import runtime_pb2
 
 from dht.circuit import CircuitError, CircuitRelay, RelayAttachment, RelayLimits, Target, ask_dial_back, call, iterate
 from dht.dialing import dial
-from dht.swarm_dht import free_port
+from dht.ports import free_port
 
 HANDLER = "swarm.BlockService.rpc_test_echo"
 

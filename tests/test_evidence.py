@@ -11,7 +11,7 @@ import torch
 from client import AutoDistributedModelForCausalLM
 from client.reliability import RelayScores
 from client.verify import Evidence, evidence_body
-from swarm.delay_proxy import free_port
+from dht.ports import free_port
 from swarm.local import LocalSwarm
 from tests.client_worker import prompt
 from tests.relay_process import RelayProcess, http, wait_until

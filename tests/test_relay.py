@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from client import AutoDistributedModelForCausalLM
 from client.reliability import RelayScores
-from swarm.delay_proxy import free_port
+from dht.ports import free_port
 from swarm.local import LocalSwarm
 from swarm.relay_link import RelayLink, signature_headers
 from tests.relay_process import RelayProcess, http, signed_registration, wait_until

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.delay_proxy import free_port
+from dht.ports import free_port
 from tests.relay_process import RelayProcess, http, signed_registration
 
 pytestmark = pytest.mark.slow

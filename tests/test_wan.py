@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from client import AutoDistributedModelForCausalLM
-from swarm.delay_proxy import DelayProxy, DelayProxyProcess, free_port
+from dht.ports import free_port
+from swarm.delay_proxy import DelayProxy, DelayProxyProcess
 from swarm.local import LocalSwarm
 
 
