@@ -307,14 +307,12 @@ class InferenceSession:
                     if self.push and fits:
                         span.send(part, new_mask, self._step_id, [other.hop() for other in later],
                                   rewind=any(other.rewinding for other in later))
-                        for other in later:
-                            other.expect(self._step_id)
                         output = await span.receive(part)
                     else:
                         output = await span.step(part, new_mask)
                         send_to = index + 1
                 else:
-                    output = await span.receive(part, self.spans[index - 1].plan.peer_id)
+                    output = await span.receive(part, self.spans[index - 1].plan.peer_id, self._step_id)
             except ServerFailure as e:
                 if isinstance(e, InputMismatch):
                     # One of the two lies, and the client cannot tell which: it stops using push, so

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import AsyncIterator, Collection, Optional, Sequence
+from typing import AsyncIterator, Callable, Collection, Optional, Sequence
 
 import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError
@@ -36,6 +36,10 @@ from dht.receipts import Receipt, verify
 
 logger = logging.getLogger(__name__)
 
+
+# A pushed step's reply that takes longer than this makes the client write a small `Expect` on the
+# server's stream: a write to a dead server fails at once, where a read might wait out the whole timeout.
+NUDGE_AFTER = 1.0
 
 # What a failing link or peer raises: the server's fault (or its network's), never the caller's.
 TRANSPORT_ERRORS = (ConnectionError, OSError, EOFError, P2PDaemonError, P2PHandlerError, asyncio.IncompleteReadError)
@@ -117,8 +121,15 @@ class _Stream:
     def send(self, message) -> None:
         self._queue.put_nowait(message)
 
-    async def receive(self, timeout: float):
-        reply = await asyncio.wait_for(anext(self.replies, None), timeout)
+    async def receive(self, timeout: float, nudge: Optional[Callable[[], None]] = None):
+        """The next reply; `nudge` is called once if none has come within `NUDGE_AFTER` seconds."""
+        late = (asyncio.get_running_loop().call_later(NUDGE_AFTER, nudge)
+                if nudge is not None and NUDGE_AFTER < timeout else None)
+        try:
+            reply = await asyncio.wait_for(anext(self.replies, None), timeout)
+        finally:
+            if late is not None:
+                late.cancel()
         if reply is None:
             raise ConnectionError("stream closed by the server")
         return reply
@@ -238,11 +249,13 @@ class SpanSession:
         but a write on a dead server's stream fails at once instead of after the read timeout."""
         self._stream.send(pack(Expect(expect_step=step_id), request=True))
 
-    async def receive(self, hidden: torch.Tensor, previous_peer_id: str = "") -> torch.Tensor:
+    async def receive(self, hidden: torch.Tensor, previous_peer_id: str = "", step_id: Optional[int] = None) -> torch.Tensor:
         """This span's output for the step whose input was `hidden` (sent by us, or pushed to the server
-        by the previous one, `previous_peer_id`); the input is kept to rebuild the cache elsewhere."""
+        by the previous one, `previous_peer_id`, as step `step_id`: if its reply is late, an `Expect`
+        probes the stream); the input is kept to rebuild the cache elsewhere."""
+        nudge = (lambda: self.expect(step_id)) if step_id is not None else None
         try:
-            reply = await self._stream.receive(self.timeout)
+            reply = await self._stream.receive(self.timeout, nudge)
             done = read_header(reply, StepDone)
             outputs = read_tensors(reply, max_count=1)
         except Exception as e:
