@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import logging
 import math
 import random
+import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -32,7 +34,9 @@ import safetensors.torch
 import torch
 
 from blocks.checkpoint import Checkpoint, dtype_name
+from blocks.layers import DecoderLayer, Rotary
 from blocks.loading import load_span
+from blocks.span import BlockSpan
 from blocks.wire import tensor_digest
 from dht.receipts import Receipt, verify
 from client.errors import SwarmError
@@ -183,26 +187,48 @@ Recompute = Callable[[Claim, frozenset[str]], Awaitable[Optional[Recomputation]]
 
 class LocalReferee:
     """Recomputes a span on this machine, in float32, from the client's own checkpoint, when its
-    blocks fit in the memory available (with room to spare); None otherwise."""
+    blocks fit in the memory available (with room to spare); None otherwise.
+
+    Blocks it has loaded stay loaded (checks of one session come back to the same blocks), unless
+    blocks of another range need their room."""
 
     def __init__(self, checkpoint: Checkpoint, executor: Executor, memory_fraction: float = 0.5):
         self.checkpoint = checkpoint
         self.executor = executor
         self.memory_fraction = memory_fraction
-
-    def can_hold(self, start: int, end: int) -> bool:
-        needed = sum(self.checkpoint.block_bytes(index, torch.float32) for index in range(start, end))
-        return needed <= psutil.virtual_memory().available * self.memory_fraction
+        self._blocks: dict[int, DecoderLayer] = {}
+        self._rotary: Optional[Rotary] = None
+        self._lock = threading.Lock()
 
     async def __call__(self, claim: Claim, avoid: frozenset[str]) -> Optional[Recomputation]:
-        if not self.can_hold(claim.start, claim.end):
-            return None
         outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self._compute, claim)
+        if outputs is None:
+            return None
         return Recomputation("client", frozenset(), outputs, torch.float32)
 
-    def _compute(self, claim: Claim) -> torch.Tensor:
-        span = load_span(self.checkpoint, claim.start, claim.end, torch.float32)
-        return span.forward(claim.inputs.float(), attention_mask=claim.mask)
+    def _compute(self, claim: Claim) -> Optional[torch.Tensor]:
+        with self._lock:
+            span = self._span(claim.start, claim.end)
+            if span is None:
+                return None
+            return span.forward(claim.inputs.float(), attention_mask=claim.mask)
+
+    def _span(self, start: int, end: int) -> Optional[BlockSpan]:
+        """Blocks [start, end) in float32, loading those not held yet if they fit (after letting go of
+        held blocks outside the range, if that is what it takes)."""
+        missing = [index for index in range(start, end) if index not in self._blocks]
+        needed = sum(self.checkpoint.block_bytes(index, torch.float32) for index in missing)
+        if needed > psutil.virtual_memory().available * self.memory_fraction:
+            for index in [index for index in self._blocks if not start <= index < end]:
+                del self._blocks[index]
+            gc.collect()
+            if needed > psutil.virtual_memory().available * self.memory_fraction:
+                return None
+        for index in missing:
+            loaded = load_span(self.checkpoint, index, index + 1, torch.float32)
+            self._blocks[index] = loaded.layers[0]
+            self._rotary = self._rotary or loaded.rotary
+        return BlockSpan(self.checkpoint.config, [self._blocks[index] for index in range(start, end)], self._rotary, start)
 
 
 class SpotChecker:

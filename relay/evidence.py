@@ -53,7 +53,8 @@ class EvidenceJudge:
         self.dht = dht
         self.executor = executor
         self.clock = clock
-        self._one_at_a_time = asyncio.Semaphore(1)  # a re-check loads the span's weights: one in memory at a time
+        self._one_at_a_time = asyncio.Semaphore(1)  # a re-check computes on the relay's cores: one at a time
+        self._referees: dict[str, LocalReferee] = {}  # per model: each keeps the blocks it loaded
 
     async def judge(self, accuser: str, report: EvidenceReport) -> dict:
         """The verdict on `report` from API key `accuser` (its SHA-256); raises HTTPError when the
@@ -156,7 +157,9 @@ class EvidenceJudge:
         """(relative error, tolerance) of the claim's outputs (positions from `claim.verified` on)
         against the relay's own float32 recomputation; None if the relay cannot hold the blocks."""
         async with self._one_at_a_time:
-            reference = await LocalReferee(service.model.checkpoint, self.executor)(claim, frozenset())
+            if service.name not in self._referees:
+                self._referees[service.name] = LocalReferee(service.model.checkpoint, self.executor)
+            reference = await self._referees[service.name](claim, frozenset())
         if reference is None:
             return None
         mask = claim.mask[:, claim.verified:] if claim.mask is not None else None

@@ -109,6 +109,37 @@ def test_receipts_are_signed_by_a_key_derived_from_the_identity(tmp_path):
     assert not verify("00", message, signature)
 
 
+async def test_the_local_referee_keeps_the_blocks_it_loaded(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    import client.verify
+    from blocks.checkpoint import Checkpoint
+    from blocks.loading import load_span
+
+    checkpoint = Checkpoint(make_random_checkpoint(tmp_path / "llama", "llama", num_layers=4, seed=3))
+    loads = []
+
+    def counting_load(checkpoint, start, end, *args, **kwargs):
+        loads.append((start, end))
+        return load_span(checkpoint, start, end, *args, **kwargs)
+
+    monkeypatch.setattr(client.verify, "load_span", counting_load)
+    inputs = torch.randn(1, 5, checkpoint.hidden_size)
+    expected = load_span(checkpoint, 1, 3).forward(inputs)
+    with ThreadPoolExecutor(1) as executor:
+        referee = client.verify.LocalReferee(checkpoint, executor)
+        for verified in (0, 2):
+            result = await referee(replace(_claim(expected, inputs, verified), start=1, end=3), frozenset())
+            assert torch.equal(result.outputs, expected) and result.by == "client"
+        assert loads == [(1, 2), (2, 3)]  # each block once, however many checks
+        result = await referee(replace(_claim(expected, inputs), start=2, end=4), frozenset())
+        assert torch.equal(result.outputs, load_span(checkpoint, 2, 4).forward(inputs))
+        assert loads == [(1, 2), (2, 3), (3, 4)]
+        assert await client.verify.LocalReferee(checkpoint, executor, memory_fraction=0)(
+            _claim(expected, inputs), frozenset()) is None  # no room: no opinion
+
+
 # --- a real swarm with a lying server ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
