@@ -6,15 +6,17 @@ Prints one JSON object. Examples:
   .venv/bin/python bench/generate.py                       # random Llama, ~220 M parameters, 2 servers
   .venv/bin/python bench/generate.py --model embedded      # SmolLM2-135M-Instruct, 3 servers
   .venv/bin/python bench/generate.py --layers 24 --servers 3 --dtype bfloat16
-  .venv/bin/python bench/generate.py --servers 4 --link-delay-ms 25   # every server behind a 25 ms link
+  .venv/bin/python bench/generate.py --servers 4 --link-delay-ms 25   # every server behind a 25 ms link, and without
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -57,7 +59,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
     parser.add_argument("--link-delay-ms", type=float, default=0.0,
-                        help="one-way delay of every link to a server (a delay proxy in front of each)")
+                        help="one-way delay of every link to a server (a delay proxy in front of each); a second, "
+                             "undelayed swarm is measured in turns with it, for the extra time per token")
     args = parser.parse_args()
     logging.basicConfig(level="WARNING")
     torch.set_num_threads(args.threads)
@@ -88,18 +91,26 @@ def main() -> None:
     del reference
 
     splits = even_splits(checkpoint.num_blocks, args.servers)
-    with LocalSwarm(path, splits, server_args=["--dtype", args.dtype, "--throughput", "1"],
-                    workdir=workdir / "swarm", env={"OMP_NUM_THREADS": str(args.threads)},
-                    link_delay_ms=args.link_delay_ms) as swarm:
-        swarm_runs = {}
-        for push in (True, False):
-            with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, dtype=dtype, push=push) as model:
+    delays = [args.link_delay_ms, 0.0] if args.link_delay_ms > 0 else [0.0]
+    runs: dict[tuple[float, bool], list[tuple[float, torch.Tensor]]] = {}
+    with contextlib.ExitStack() as stack:
+        models = {}
+        for delay in delays:
+            swarm = stack.enter_context(LocalSwarm(
+                path, splits, server_args=["--dtype", args.dtype, "--throughput", "1"],
+                workdir=workdir / f"swarm-{delay:g}ms", env={"OMP_NUM_THREADS": str(args.threads)},
+                link_delay_ms=delay))
+            for push in (True, False):
+                model = stack.enter_context(AutoDistributedModelForCausalLM.from_pretrained(
+                    path, swarm.initial_peers, dtype=dtype, push=push))
                 model.generation_config.eos_token_id = None
                 model.generate(ids, max_new_tokens=4)
-                runs = [timed_generate(model.generate, ids, args.new_tokens) for _ in range(args.repeats)]
-            swarm_runs[push] = min(runs, key=lambda run: run[0])
-    swarm_time, swarm_output = swarm_runs[True]
-    star_time, star_output = swarm_runs[False]
+                models[delay, push] = model
+        for _ in range(args.repeats):  # in turns, so that a slower minute of the machine hits every variant
+            for key, model in models.items():
+                runs.setdefault(key, []).append(timed_generate(model.generate, ids, args.new_tokens))
+    swarm_time, swarm_output = min(runs[args.link_delay_ms, True], key=lambda run: run[0])
+    star_time, star_output = min(runs[args.link_delay_ms, False], key=lambda run: run[0])
 
     local_rate = args.new_tokens / local_time
     swarm_rate = args.new_tokens / swarm_time
@@ -121,8 +132,25 @@ def main() -> None:
         "single_process_tokens_per_s": round(local_rate, 2),
         "swarm_tokens_per_s": round(swarm_rate, 2),
         "ratio": round(swarm_rate / local_rate, 3),
-        "identical_output": bool(torch.equal(local_output, swarm_output) and torch.equal(local_output, star_output)),
+        "identical_output": all(torch.equal(local_output, output) for variant in runs.values() for _, output in variant),
+        **(extra_per_token(runs, args) if args.link_delay_ms > 0 else {}),
     }))
+
+
+def extra_per_token(runs: dict, args) -> dict:
+    """What the links add to a token, with push and without: the median over repeats of (delayed minus
+    undelayed time per token, measured back to back), and its share of the 2·S·delay that a star
+    (client → server → client for every server) would add."""
+    star_legs_ms = 2 * args.servers * args.link_delay_ms
+    report = {}
+    for push, name in ((True, "push"), (False, "without_push")):
+        extras = [1000 * (delayed - undelayed) / args.new_tokens
+                  for (delayed, _), (undelayed, _) in zip(runs[args.link_delay_ms, push], runs[0.0, push])]
+        report[f"undelayed_{name}_ms_per_token"] = round(
+            1000 * statistics.median(time for time, _ in runs[0.0, push]) / args.new_tokens, 1)
+        report[f"extra_{name}_ms_per_token"] = round(statistics.median(extras), 1)
+        report[f"extra_{name}_over_2_s_delay"] = round(statistics.median(extras) / star_legs_ms, 3)
+    return report
 
 
 if __name__ == "__main__":

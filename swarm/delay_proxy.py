@@ -8,10 +8,12 @@ way. Data keeps its order and is never dropped; bandwidth is not limited. Loopba
 from __future__ import annotations
 
 import argparse
-import asyncio
+import collections
+import ctypes
 import logging
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -24,78 +26,136 @@ _CHUNK = 256 * 1024
 
 
 class DelayProxy:
-    """Listens on `host:port` (0: a free port) and forwards each connection to `target_port` on the same host."""
+    """Listens on `host:port` (0: a free port) and forwards each connection to `target_port` on the same host.
+
+    Threads, not an event loop: each direction of a connection has a reader that stamps every chunk
+    with its due time and a writer that sleeps until then with the clock's precision (an event
+    loop's timers wake up to a millisecond late, and a link that adds a millisecond per message
+    is not the link being measured)."""
 
     def __init__(self, target_port: int, delay: float, host: str = "127.0.0.1", port: int = 0):
         if delay < 0:
             raise ValueError("delay must be >= 0")
         self.host, self.target_port, self.delay = host, target_port, delay
         self.port = port
-        self.bytes_forwarded = 0
-        self._server: Optional[asyncio.base_events.Server] = None
-        self._tasks: set[asyncio.Task] = set()
+        self._forwarded = 0
+        self._lock = threading.Lock()
+        self._listener: Optional[socket.socket] = None
+        self._sockets: set[socket.socket] = set()
+        self._closed = False
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+    @property
+    def bytes_forwarded(self) -> int:
+        with self._lock:
+            return self._forwarded
+
+    def start(self) -> int:
+        self._listener = socket.create_server((self.host, self.port))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, name="delay-proxy-accept", daemon=True).start()
         return self.port
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sockets = list(self._sockets)
+        if self._listener is not None:
+            _shut(self._listener)
+        for sock in sockets:
+            _shut(sock)
 
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        try:
-            target_reader, target_writer = await asyncio.open_connection(self.host, self.target_port)
-        except OSError as e:
-            logger.debug("delay proxy: target port %d refused: %s", self.target_port, e)
-            client_writer.close()
-            return
-        task = asyncio.create_task(self._connection(client_reader, client_writer, target_reader, target_writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _connection(self, client_reader, client_writer, target_reader, target_writer) -> None:
-        try:
-            await asyncio.gather(self._pipe(client_reader, target_writer), self._pipe(target_reader, client_writer))
-        finally:
-            client_writer.close()
-            target_writer.close()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Reads as data comes and writes each chunk `delay` after it was read, in order."""
-        queue: asyncio.Queue = asyncio.Queue()
-        sender = asyncio.create_task(self._send_later(queue, writer))
-        try:
-            while True:
-                data = await reader.read(_CHUNK)
-                queue.put_nowait((time.monotonic() + self.delay, data))
-                if not data:
-                    break
-            await sender
-        except (ConnectionError, asyncio.CancelledError):
-            sender.cancel()
-            writer.close()
-
-    async def _send_later(self, queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                due, data = await queue.get()
-                wait = due - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if not data:
-                    if writer.can_write_eof():
-                        writer.write_eof()
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                target = socket.create_connection((self.host, self.target_port))
+            except OSError as e:
+                logger.debug("delay proxy: target port %d refused: %s", self.target_port, e)
+                client.close()
+                continue
+            with self._lock:
+                if self._closed:
+                    client.close()
+                    target.close()
                     return
-                writer.write(data)
-                self.bytes_forwarded += len(data)
-                await writer.drain()
-        except ConnectionError:
-            writer.close()
+                self._sockets.update((client, target))
+            for sock in (client, target):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            ends = threading.Barrier(2, action=lambda: self._drop(client, target))
+            for source, sink in ((client, target), (target, client)):
+                _Direction(self, source, sink, ends).start()
+
+    def _drop(self, *sockets: socket.socket) -> None:
+        with self._lock:
+            self._sockets.difference_update(sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def _count(self, size: int) -> None:
+        with self._lock:
+            self._forwarded += size
+
+
+class _Direction:
+    """One direction of one connection: every chunk read from `source` is written to `sink` `delay`
+    after it was read, in order; the end of the stream travels too. A broken direction closes both."""
+
+    def __init__(self, proxy: DelayProxy, source: socket.socket, sink: socket.socket, ends: threading.Barrier):
+        self.proxy, self.source, self.sink, self.ends = proxy, source, sink, ends
+        self._queue: collections.deque = collections.deque()
+        self._ready = threading.Condition()
+
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="delay-proxy-read", daemon=True).start()
+        threading.Thread(target=self._write, name="delay-proxy-write", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while data := self.source.recv(_CHUNK):
+                self._put(data)
+        except OSError:
+            data = None  # broken: the writer closes the connection instead of ending it
+        self._put(data)
+
+    def _put(self, data: Optional[bytes]) -> None:
+        with self._ready:
+            self._queue.append((time.monotonic() + self.proxy.delay, data))
+            self._ready.notify()
+
+    def _write(self) -> None:
+        try:
+            while True:
+                with self._ready:
+                    while not self._queue:
+                        self._ready.wait()
+                    due, data = self._queue.popleft()
+                while (wait := due - time.monotonic()) > 0:
+                    time.sleep(wait)
+                if data is None:
+                    self.proxy._drop(self.source, self.sink)
+                    break
+                if not data:
+                    self.sink.shutdown(socket.SHUT_WR)
+                    break
+                self.sink.sendall(data)
+                self.proxy._count(len(data))
+        except OSError:
+            self.proxy._drop(self.source, self.sink)
+        try:
+            self.ends.wait()  # both directions ended: the connection is done
+        except threading.BrokenBarrierError:
+            pass
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 class DelayProxyProcess:
@@ -154,17 +214,25 @@ def _raise_priority() -> None:
         pass
 
 
-async def _serve(target_port: int, delay: float, port: int) -> None:
+def _serve(target_port: int, delay: float, port: int) -> None:
     """Serves until stdin closes; answers each "bytes" line on stdin with the bytes forwarded so far."""
+    _tight_timers()
     proxy = DelayProxy(target_port, delay, port=port)
-    print(await proxy.start(), flush=True)
-    loop = asyncio.get_running_loop()
+    print(proxy.start(), flush=True)
     try:
-        while line := await loop.run_in_executor(None, sys.stdin.readline):
+        while line := sys.stdin.readline():
             if line.strip() == "bytes":
                 print(proxy.bytes_forwarded, flush=True)
     finally:
-        await proxy.close()
+        proxy.close()
+
+
+def _tight_timers() -> None:
+    """Linux lets a sleeping thread wake up to 50 µs late by default (timer slack); a link should not."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK, 1 ns
+    except (OSError, AttributeError):
+        pass
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -178,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.delay_ms < 0:
         parser.error("--delay-ms must be >= 0")
-    asyncio.run(_serve(args.target_port, args.delay_ms / 1000, args.port))
+    _serve(args.target_port, args.delay_ms / 1000, args.port)
 
 
 if __name__ == "__main__":

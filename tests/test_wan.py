@@ -26,7 +26,7 @@ async def test_the_delay_proxy_delays_each_direction_and_keeps_every_byte_in_ord
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     proxy = DelayProxy(server.sockets[0].getsockname()[1], delay=0.1)
-    port = await proxy.start()
+    port = proxy.start()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for _ in range(2):  # every message crosses both legs, not just the first
@@ -44,7 +44,7 @@ async def test_the_delay_proxy_delays_each_direction_and_keeps_every_byte_in_ord
         writer.close()
         assert proxy.bytes_forwarded == 2 * (8 + len(payload))
     finally:
-        await proxy.close()
+        proxy.close()
         server.close()
 
 
