@@ -150,7 +150,7 @@ def processes_round(args, path: Path, peers: list[str], batch: list[torch.Tensor
         torch.save(ids, workdir / f"prompt{index}.pt")
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--worker", str(path), str(workdir / f"prompt{index}.pt"), str(go),
-             str(args.new_tokens), "no-push" if args.no_push else "push", *peers],
+             str(args.new_tokens), "no-push" if args.no_push else "push", str(args.verify), *peers],
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         ))
     while not all((workdir / f"prompt{index}.pt.ready").exists() for index in range(len(batch))):
@@ -164,9 +164,10 @@ def processes_round(args, path: Path, peers: list[str], batch: list[torch.Tensor
     return [torch.load(workdir / f"prompt{index}.pt.result", weights_only=False) for index in range(len(batch))]
 
 
-def worker(path: str, prompt: str, go: str, new_tokens: str, push: str, *peers: str) -> None:
+def worker(path: str, prompt: str, go: str, new_tokens: str, push: str, verify: str, *peers: str) -> None:
     ids = torch.load(prompt)
-    with AutoDistributedModelForCausalLM.from_pretrained(path, list(peers), push=push == "push") as model:
+    with AutoDistributedModelForCausalLM.from_pretrained(path, list(peers), push=push == "push",
+                                                         verify=float(verify)) as model:
         model.generation_config.eos_token_id = None
         model.generate(ids, max_new_tokens=2, do_sample=False)
         Path(prompt + ".ready").touch()
@@ -216,6 +217,8 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=1000, help="length of the long session (0: skip)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra swarm.serve flag (repeatable)")
     parser.add_argument("--no-push", action="store_true", help="clients relay every span's output themselves")
+    parser.add_argument("--verify", type=float, default=0.05,
+                        help="the clients' spot-check rate (default 0.05, the client's default; 0: off)")
     args = parser.parse_args()
     logging.basicConfig(level="WARNING")
 
@@ -241,13 +244,14 @@ def main() -> None:
     report: dict = {
         "model": "random-llama", "parameters_m": round(params / 1e6, 1), "layers": checkpoint.num_blocks,
         "hidden_size": args.hidden, "servers": len(splits), "clients": args.clients, "new_tokens": args.new_tokens,
-        "server_threads": args.server_threads, "push": not args.no_push,
+        "server_threads": args.server_threads, "push": not args.no_push, "verify": args.verify,
         "single_process_tokens_per_s": round(local_rate, 2),
     }
     server_args = ["--throughput", "1", "--max-length", "2048", *args.server_arg]
     with LocalSwarm(path, splits, server_args=server_args, workdir=workdir / "swarm",
                     env={"OMP_NUM_THREADS": str(args.server_threads)}) as swarm:
-        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, push=not args.no_push) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, push=not args.no_push,
+                                                             verify=args.verify) as model:
             model.generation_config.eos_token_id = None
             model.generate(all_prompts[0], max_new_tokens=4, do_sample=False)
             meter = CpuMeter(swarm)
