@@ -92,28 +92,38 @@ class InferenceSession:
                         f"swarm busy: every server for blocks {start}-{end - 1} refused a new session for lack of room"
                     ) from last_error
                 raise
-            opened: list[SpanSession] = []
+            opened = [SpanSession(plan, self.remote.request_timeout, keep_outputs=self.remote.verifier is not None)
+                      for plan in chain]
+            errors: list[BaseException] = []
             try:
-                for plan in chain:
-                    span = SpanSession(plan, self.remote.request_timeout, keep_outputs=self.remote.verifier is not None)
-                    opened.append(span)
-                    await span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length,
-                                    self.remote.relays_to_avoid())
-                if history is not None:
-                    await self._replay(opened, history, mask)
-                for span in opened:
-                    self.remote.bans.succeeded(span.plan.peer_id)
-                return opened
-            except BaseException as e:
+                # All at once: over a WAN each opening costs round trips, which a chain should pay once, not per span.
+                relays = self.remote.relays_to_avoid()
+                outcomes = await asyncio.gather(*(
+                    span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length, relays)
+                    for span in opened), return_exceptions=True)
+                errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+                if not errors:
+                    if history is not None:
+                        await self._replay(opened, history, mask)
+                    for span in opened:
+                        self.remote.bans.succeeded(span.plan.peer_id)
+                    return opened
+            except (SwarmBusyError, ServerFailure) as e:
+                errors = [e]
+            except BaseException:
                 await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
-                if isinstance(e, SwarmBusyError):
-                    busy.add(e.peer_id)
-                elif isinstance(e, ServerFailure):
-                    self.remote.report_failure(e.peer_id, str(e), e.relay)
-                    failures.add(e)
+                raise
+            await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
+            for error in errors:
+                if not isinstance(error, (SwarmBusyError, ServerFailure)):
+                    raise error  # ours, not a server's
+            for error in errors:
+                if isinstance(error, SwarmBusyError):
+                    busy.add(error.peer_id)
                 else:
-                    raise
-                last_error = e
+                    self.remote.report_failure(error.peer_id, str(error), error.relay)
+                    failures.add(error)
+            last_error = errors[0]
 
     async def _replay(self, spans: list[SpanSession], history: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Rebuilds the replacement servers' caches from the inputs the failed span had received."""
