@@ -12,6 +12,7 @@ step 1000 of a long session. Prints one JSON object. Examples:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -30,35 +31,17 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import TokenClock  # noqa: E402
 from blocks.checkpoint import Checkpoint  # noqa: E402
 from blocks.synthetic import make_random_checkpoint  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.local import LocalSwarm, even_splits  # noqa: E402
 
 
-class TokenClock(BaseStreamer):
-    """Times each generated token (the first `put` is the prompt)."""
-
-    def __init__(self, on_token=None):
-        self.started = time.perf_counter()
-        self.times: list[float] = []
-        self._prompt_seen = False
-        self._on_token = on_token
-
-    def put(self, value) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-        if self._on_token is not None:
-            self._on_token(len(self.times))
-
-    def end(self) -> None:
-        pass
+SOLO_REPEATS = 5  # one session alone, and single-process transformers: the median of this many runs each
 
 
 def prompts(count: int, vocab: int) -> list[torch.Tensor]:
@@ -235,17 +218,12 @@ def main() -> None:
     params = sum(p.numel() for p in reference.parameters())
     with torch.no_grad():
         references = [reference.generate(ids, max_new_tokens=args.new_tokens, do_sample=False) for ids in all_prompts]
-        started = time.perf_counter()
-        reference.generate(all_prompts[0], max_new_tokens=args.new_tokens, do_sample=False)
-        local_rate = args.new_tokens / (time.perf_counter() - started)
-    del reference
 
     splits = even_splits(checkpoint.num_blocks, args.servers)
     report: dict = {
         "model": "random-llama", "parameters_m": round(params / 1e6, 1), "layers": checkpoint.num_blocks,
         "hidden_size": args.hidden, "servers": len(splits), "clients": args.clients, "new_tokens": args.new_tokens,
         "server_threads": args.server_threads, "push": not args.no_push, "verify": args.verify,
-        "single_process_tokens_per_s": round(local_rate, 2),
     }
     server_args = ["--throughput", "1", "--max-length", "2048", *args.server_arg]
     with LocalSwarm(path, splits, server_args=server_args, workdir=workdir / "swarm",
@@ -254,9 +232,18 @@ def main() -> None:
                                                              verify=args.verify) as model:
             model.generation_config.eos_token_id = None
             model.generate(all_prompts[0], max_new_tokens=4, do_sample=False)
-            meter = CpuMeter(swarm)
-            solo = summarize([run_one(model, all_prompts[0], args.new_tokens)], references[:1], args.new_tokens)
-            solo["cpu_seconds"] = meter.seconds()
+            solos, local_rates, cpu = [], [], collections.Counter()
+            for _ in range(SOLO_REPEATS):  # in turns with single-process runs: the machine's speed drifts
+                meter = CpuMeter(swarm)
+                solos.append(summarize([run_one(model, all_prompts[0], args.new_tokens)], references[:1], args.new_tokens))
+                cpu.update(meter.seconds())
+                with torch.no_grad():
+                    local = run_one(reference, all_prompts[0], args.new_tokens)
+                local_rates.append(args.new_tokens / (local["finished"] - local["started"]))
+            solo = sorted(solos, key=lambda run: run["aggregate_tokens_per_s"])[SOLO_REPEATS // 2]
+            solo["cpu_seconds"] = {name: round(value / SOLO_REPEATS, 2) for name, value in cpu.items()}
+            local_rate = statistics.median(local_rates)
+            report["single_process_tokens_per_s"] = round(local_rate, 2)
             report["one_session"] = solo
             report["one_session_ratio_to_single_process"] = round(solo["aggregate_tokens_per_s"] / local_rate, 3)
             for count in args.sessions:

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import TokenClock  # noqa: E402
 from blocks.checkpoint import Checkpoint, parse_dtype  # noqa: E402
 from blocks.embedded import ensure_embedded_checkpoint  # noqa: E402
 from blocks.synthetic import make_random_checkpoint  # noqa: E402
@@ -37,10 +38,10 @@ from client import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.local import LocalSwarm, even_splits  # noqa: E402
 
 
-def timed_generate(generate, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
-    started = time.perf_counter()
-    output = generate(ids, max_new_tokens=new_tokens, do_sample=False)
-    return time.perf_counter() - started, output
+def timed_generate(generate, ids, new_tokens: int) -> tuple[float, torch.Tensor, TokenClock]:
+    clock = TokenClock()
+    output = generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
+    return time.perf_counter() - clock.started, output, clock
 
 
 def main() -> None:
@@ -87,7 +88,7 @@ def main() -> None:
     with torch.no_grad():
         reference.generate(ids, max_new_tokens=4, do_sample=False)
         local_runs = [timed_generate(reference.generate, ids, args.new_tokens) for _ in range(args.repeats)]
-    local_time, local_output = min(local_runs, key=lambda run: run[0])
+    local_time, local_output, _ = min(local_runs, key=lambda run: run[0])
     del reference
 
     splits = even_splits(checkpoint.num_blocks, args.servers)
@@ -109,8 +110,8 @@ def main() -> None:
         for _ in range(args.repeats):  # in turns, so that a slower minute of the machine hits every variant
             for key, model in models.items():
                 runs.setdefault(key, []).append(timed_generate(model.generate, ids, args.new_tokens))
-    swarm_time, swarm_output = min(runs[args.link_delay_ms, True], key=lambda run: run[0])
-    star_time, star_output = min(runs[args.link_delay_ms, False], key=lambda run: run[0])
+    swarm_time, swarm_output, _ = min(runs[args.link_delay_ms, True], key=lambda run: run[0])
+    star_time, star_output, _ = min(runs[args.link_delay_ms, False], key=lambda run: run[0])
 
     local_rate = args.new_tokens / local_time
     swarm_rate = args.new_tokens / swarm_time
@@ -132,23 +133,28 @@ def main() -> None:
         "single_process_tokens_per_s": round(local_rate, 2),
         "swarm_tokens_per_s": round(swarm_rate, 2),
         "ratio": round(swarm_rate / local_rate, 3),
-        "identical_output": all(torch.equal(local_output, output) for variant in runs.values() for _, output in variant),
+        "identical_output": all(torch.equal(local_output, output) for variant in runs.values() for _, output, _ in variant),
         **(extra_per_token(runs, args) if args.link_delay_ms > 0 else {}),
     }))
 
 
 def extra_per_token(runs: dict, args) -> dict:
     """What the links add to a token, with push and without: the median over repeats of (delayed minus
-    undelayed time per token, measured back to back), and its share of the 2·S·delay that a star
-    (client → server → client for every server) would add."""
+    undelayed time per output token after the first, measured back to back), and its share of the
+    2·S·delay that a star (client → server → client for every server) would add. The first token
+    (the sessions' opening and the prompt) is reported apart."""
     star_legs_ms = 2 * args.servers * args.link_delay_ms
     report = {}
     for push, name in ((True, "push"), (False, "without_push")):
-        extras = [1000 * (delayed - undelayed) / args.new_tokens
-                  for (delayed, _), (undelayed, _) in zip(runs[args.link_delay_ms, push], runs[0.0, push])]
-        report[f"undelayed_{name}_ms_per_token"] = round(
-            1000 * statistics.median(time for time, _ in runs[0.0, push]) / args.new_tokens, 1)
-        report[f"extra_{name}_ms_per_token"] = round(statistics.median(extras), 1)
+        delayed, undelayed = runs[args.link_delay_ms, push], runs[0.0, push]
+        extras = [1000 * (slow.time_per_output_token - fast.time_per_output_token)
+                  for (_, _, slow), (_, _, fast) in zip(delayed, undelayed)]
+        for label, variant in (("delayed", delayed), ("undelayed", undelayed)):
+            report[f"{label}_{name}_ms_per_output_token"] = round(
+                1000 * statistics.median(clock.time_per_output_token for _, _, clock in variant), 1)
+            report[f"{label}_{name}_first_token_ms"] = round(
+                1000 * statistics.median(clock.times[0] - clock.started for _, _, clock in variant), 1)
+        report[f"extra_{name}_ms_per_output_token"] = round(statistics.median(extras), 1)
         report[f"extra_{name}_over_2_s_delay"] = round(statistics.median(extras) / star_legs_ms, 3)
     return report
 
