@@ -158,7 +158,7 @@ class EvidenceJudge:
         against the relay's own float32 recomputation; None if the relay cannot hold the blocks."""
         async with self._one_at_a_time:
             if service.name not in self._referees:
-                self._referees[service.name] = LocalReferee(service.model.checkpoint, self.executor)
+                self._referees[service.name] = LocalReferee(service.model.checkpoint, self.executor, keep_sessions=0)
             reference = await self._referees[service.name](claim, frozenset())
         if reference is None:
             return None

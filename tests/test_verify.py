@@ -140,6 +140,44 @@ async def test_the_local_referee_keeps_the_blocks_it_loaded(tmp_path, monkeypatc
             _claim(expected, inputs), frozenset()) is None  # no room: no opinion
 
 
+async def test_the_local_referee_computes_only_what_a_session_added_since_its_last_check(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from blocks.checkpoint import Checkpoint
+    from blocks.loading import load_span
+    from blocks.span import BlockSpan
+    from client.verify import LocalReferee
+
+    checkpoint = Checkpoint(make_random_checkpoint(tmp_path / "llama", "llama", num_layers=2, seed=4))
+    span = load_span(checkpoint, 0, 2)
+    inputs = torch.randn(2, 9, checkpoint.hidden_size)
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    mask[1, :3] = 0  # left padding
+    computed = []
+    forward = BlockSpan.forward
+
+    def counting_forward(self, hidden, *args, **kwargs):
+        computed.append(hidden.shape[1])
+        return forward(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(BlockSpan, "forward", counting_forward)
+    with ThreadPoolExecutor(1) as executor:
+        referee = LocalReferee(checkpoint, executor)
+        for end in (5, 9):  # a session's first check, then a later one
+            claim = Claim(peer_id="A", start=0, end=2, dtype=torch.float32, inputs=inputs[:, :end], outputs=inputs[:, :end],
+                          mask=mask[:, :end], verified=0, session_id="s")
+            result = await referee(claim, frozenset())
+            alone = forward(span, inputs[:, :end], attention_mask=mask[:, :end])
+            assert discrepancy(result.outputs, alone, mask[:, :end]) < 1e-5
+        assert computed[-2:] == [5, 4]
+        rewritten = inputs.clone()
+        rewritten[:, 6] += 1  # a rollback changed position 6: start over
+        result = await referee(replace(claim, inputs=rewritten), frozenset())
+        assert computed[-1] == 9
+        assert discrepancy(result.outputs, forward(span, rewritten, attention_mask=mask), mask) < 1e-5
+
+
 # --- a real swarm with a lying server ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
