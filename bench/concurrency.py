@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.timing import TokenClock  # noqa: E402
 from blocks.checkpoint import Checkpoint  # noqa: E402
+from blocks.loading import load_head, load_span  # noqa: E402
+from blocks.span import SpanInput  # noqa: E402
 from blocks.synthetic import make_random_checkpoint  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.local import LocalSwarm, even_splits  # noqa: E402
@@ -159,6 +161,42 @@ def worker(path: str, prompt: str, go: str, new_tokens: str, push: str, verify: 
         torch.save(run_one(model, ids, int(new_tokens)), prompt + ".result")
 
 
+def compute_floor(checkpoint: Checkpoint, splits: list[tuple[int, int]], threads: int, sessions: int) -> dict:
+    """Milliseconds of pure compute per token, in this process with the servers' thread count: each
+    server's span for one session's one-token step and for `sessions` sessions' steps in one round
+    (each with a 32-token cache), and the LM head for 1 and `sessions` rows. No RPC, no Python of
+    the client or the server loop: what no scheduling can go below on this machine."""
+    torch.set_num_threads(threads)
+    hidden = checkpoint.hidden_size
+    head = load_head(checkpoint)
+
+    def median_ms(work, repeats: int = 15) -> float:
+        work()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        return 1000 * statistics.median(times)
+
+    one, many = 0.0, 0.0
+    with torch.inference_mode():
+        for start, end in splits:
+            span = load_span(checkpoint, start, end)
+            caches = [span.new_cache() for _ in range(sessions)]
+            for cache in caches:
+                span.forward(torch.randn(1, 32, hidden), cache=cache)
+            one += median_ms(lambda: span.forward(torch.randn(1, 1, hidden), cache=caches[0]))
+            many += median_ms(lambda: span.forward_batch([SpanInput(torch.randn(1, 1, hidden), cache) for cache in caches]))
+        head_one = median_ms(lambda: head.logits(torch.randn(1, 1, hidden)))
+        head_many = median_ms(lambda: head.logits(torch.randn(sessions, 1, hidden)))
+    return {"sessions": sessions, "servers_one_step_ms": round(one, 1), "servers_round_ms": round(many, 1),
+            "head_one_row_ms": round(head_one, 1), "head_all_rows_ms": round(head_many, 1),
+            # per token, with the head shared (threads of one client) or one head per client process
+            "threads_ms_per_token": round((many + head_many) / sessions, 2),
+            "processes_ms_per_token": round(many / sessions + head_one, 2)}
+
+
 def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -225,6 +263,8 @@ def main() -> None:
         "hidden_size": args.hidden, "servers": len(splits), "clients": args.clients, "new_tokens": args.new_tokens,
         "server_threads": args.server_threads, "push": not args.no_push, "verify": args.verify,
     }
+    floor = compute_floor(checkpoint, splits, args.server_threads, max(args.sessions))
+    torch.set_num_threads(os.cpu_count() or 1)
     server_args = ["--throughput", "1", "--max-length", "2048", *args.server_arg]
     with LocalSwarm(path, splits, server_args=server_args, workdir=workdir / "swarm",
                     env={"OMP_NUM_THREADS": str(args.server_threads)}) as swarm:
@@ -262,6 +302,12 @@ def main() -> None:
                 summary["speedup_over_one_session"] = round(
                     summary["aggregate_tokens_per_s"] / solo["aggregate_tokens_per_s"], 2)
                 report[f"sessions_{count}"] = summary
+            # The most batching could give on this machine if every step cost only its compute (rounds
+            # always full, no RPC or Python anywhere), against the one session measured above.
+            solo_ms = 1000 / solo["aggregate_tokens_per_s"]
+            report["compute_floor"] = floor | {
+                "ceiling_over_one_session_threads": round(solo_ms / floor["threads_ms_per_token"], 2),
+                "ceiling_over_one_session_processes": round(solo_ms / floor["processes_ms_per_token"], 2)}
             if args.memory_steps:
                 report["memory"] = memory_over_a_long_session(model, swarm, args.vocab, args.memory_steps)
     print(json.dumps(report))
