@@ -101,7 +101,7 @@ async def connect(p2p: P2P, plan: SpanPlan, timeout: float, avoid_relays: Collec
         raise ServerFailure(plan.peer_id, f"cannot connect: {e}") from e
 
 
-class _Stream:
+class RequestStream:
     """A request queue feeding a hivemind protobuf stream, and its reply iterator."""
 
     def __init__(self) -> None:
@@ -153,7 +153,7 @@ class SpanSession:
         self.dtype = parse_dtype(plan.info.record.dtype)
         self.position = 0
         self.key = uuid.uuid4().hex  # this server's id of the session: only the client and the previous server know it
-        self._stream = _Stream()
+        self._stream = RequestStream()
         self._step_id = 0
         self._inputs: list[torch.Tensor] = []  # what this server has received, to rebuild its cache elsewhere
         self._outputs: list[torch.Tensor] = []  # what it answered, for spot checks
@@ -296,7 +296,7 @@ async def forward_span(
     p2p: P2P, model: str, plan: SpanPlan, hidden: torch.Tensor, mask: Optional[torch.Tensor], chunk: int, timeout: float
 ) -> torch.Tensor:
     """A stateless forward of [batch, tokens, hidden] through one span, sent in token chunks."""
-    stream = _Stream()
+    stream = RequestStream()
     dtype = parse_dtype(plan.info.record.dtype)
     batch, total = hidden.shape[:2]
     chunk = min(chunk, plan.info.record.max_chunk_tokens)

@@ -66,6 +66,30 @@ def test_generation_with_and_without_push_matches_transformers(qwen2_swarm, qwen
         assert received == [0, 0, 0]
 
 
+async def test_a_late_reply_makes_the_client_probe_the_stream_once(monkeypatch):
+    """A pushed step's reply that is late gets one `Expect` written on the stream (a write to a dead
+    server fails at once); a reply in time gets none."""
+    import client.span
+    from client.span import RequestStream
+
+    monkeypatch.setattr(client.span, "NUDGE_AFTER", 0.2)
+    replies: asyncio.Queue = asyncio.Queue()
+
+    async def from_server():
+        while True:
+            yield await replies.get()
+
+    stream = RequestStream()
+    stream.replies = from_server()
+    probes = []
+    replies.put_nowait("on time")
+    assert await stream.receive(30, nudge=lambda: probes.append("probe")) == "on time"
+    asyncio.get_running_loop().call_later(1.0, replies.put_nowait, "late")
+    assert await stream.receive(30, nudge=lambda: probes.append("probe")) == "late"
+    await asyncio.sleep(0.5)  # no probe is left pending after the reply
+    assert probes == ["probe"]
+
+
 @pytest.mark.slow
 def test_a_middle_server_dies_with_push_on_and_the_output_is_unchanged(tmp_path):
     path = make_random_checkpoint(tmp_path / "llama6", "llama", num_layers=6, seed=12)
