@@ -284,7 +284,7 @@ class RemoteModel:
                     self.request_timeout))
             except ServerFailure as e:
                 if plan.peer_id not in self.bans.banned():  # an abandoned request's server is banned already
-                    self.report_failure(plan.peer_id, str(e))
+                    self.report_failure(plan.peer_id, str(e), e.relay)
                 raise
         return Recomputation(by=" → ".join(plan.peer_id for plan in chain), peers=frozenset(p.peer_id for p in chain),
                              outputs=hidden, dtype=least_precise([parse_dtype(plan.info.record.dtype) for plan in chain]))
@@ -335,7 +335,7 @@ class RemoteModel:
             except (ServerFailure, SwarmBusyError) as e:
                 failures += 1
                 if isinstance(e, ServerFailure):
-                    self.report_failure(plan.peer_id, str(e))
+                    self.report_failure(plan.peer_id, str(e), e.relay)
                 if failures > self.max_retries:
                     raise RetriesExhaustedError(f"gave up after {failures} failures; last: {e}") from e
                 chain[index:] = await self.make_chain(plan.start, plan.end, exclude={plan.peer_id}) + chain[index + 1:]
