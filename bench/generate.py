@@ -149,13 +149,17 @@ def extra_per_token(runs: dict, args) -> dict:
         delayed, undelayed = runs[args.link_delay_ms, push], runs[0.0, push]
         extras = [1000 * (slow.time_per_output_token - fast.time_per_output_token)
                   for (_, _, slow), (_, _, fast) in zip(delayed, undelayed)]
+        whole = [1000 * (slow - fast) / args.new_tokens for (slow, _, _), (fast, _, _) in zip(delayed, undelayed)]
         for label, variant in (("delayed", delayed), ("undelayed", undelayed)):
             report[f"{label}_{name}_ms_per_output_token"] = round(
                 1000 * statistics.median(clock.time_per_output_token for _, _, clock in variant), 1)
             report[f"{label}_{name}_first_token_ms"] = round(
                 1000 * statistics.median(clock.times[0] - clock.started for _, _, clock in variant), 1)
         report[f"extra_{name}_ms_per_output_token"] = round(statistics.median(extras), 1)
+        report[f"extra_{name}_ms_per_output_token_each_repeat"] = [round(extra, 1) for extra in extras]
         report[f"extra_{name}_over_2_s_delay"] = round(statistics.median(extras) / star_legs_ms, 3)
+        # the same over whole generations (opening, prompt and every token, divided by --new-tokens)
+        report[f"extra_{name}_whole_generation_over_2_s_delay"] = round(statistics.median(whole) / star_legs_ms, 3)
     return report
 
 

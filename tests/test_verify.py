@@ -318,7 +318,9 @@ def test_checks_prefer_servers_of_another_owner(model6, honest_swarm):
     the check goes to another owner's servers."""
     liar = honest_swarm.add_server(0, 6, "--throughput", "10000", "--public-name", "mallory",
                                    module="tests.lying_server")
-    sibling = honest_swarm.add_server(0, 6, "--throughput", "5000", "--public-name", "mallory",
+    # Slower than the liar by 10 ms of announced compute (more than loopback pings differ by, so that
+    # routing settles on the liar), yet faster than the honest two-hop chain (20 ms of compute).
+    sibling = honest_swarm.add_server(0, 6, "--throughput", "100", "--public-name", "mallory",
                                       module="tests.lying_server", env={"LYING_SERVER_SEED": "1"})
     try:
         with AutoDistributedModelForCausalLM.from_pretrained(model6, honest_swarm.initial_peers, request_timeout=60,
