@@ -201,17 +201,18 @@ class LocalReferee:
     blocks fit in the memory available (with room to spare); None otherwise.
 
     Blocks it has loaded stay loaded (checks of one session come back to the same blocks), unless
-    blocks of another range need their room. For the last `keep_sessions` sessions' spans it also
-    keeps its own KV cache, so that a later check of the same span computes only the positions
-    added since (the inputs it computed on must be a prefix of the new claim's, or it starts over):
-    the cost of a check no longer grows with the session's history."""
+    blocks of another range need their room. For the last `keep_sessions` sessions' spans (within
+    `keep_bytes`) it also keeps its own KV cache, so that a later check of the same span computes
+    only the positions added since (the inputs it computed on must be a prefix of the new claim's,
+    or it starts over): the cost of a check no longer grows with the session's history."""
 
     def __init__(self, checkpoint: Checkpoint, executor: Executor, memory_fraction: float = 0.5,
-                 keep_sessions: int = 64):
+                 keep_sessions: int = 64, keep_bytes: int = 1 << 30):
         self.checkpoint = checkpoint
         self.executor = executor
         self.memory_fraction = memory_fraction
         self.keep_sessions = keep_sessions
+        self.keep_bytes = keep_bytes  # what the kept sessions' caches, inputs and outputs may take in all
         self._blocks: dict[int, DecoderLayer] = {}
         self._rotary: Optional[Rotary] = None
         self._progress: collections.OrderedDict[tuple[str, int, int], _Progress] = collections.OrderedDict()
@@ -239,7 +240,8 @@ class LocalReferee:
                 done = _Progress(inputs, claim.mask, torch.cat([done.outputs, added], dim=1), done.cache)
             if claim.session_id and self.keep_sessions > 0:
                 self._progress[key] = done
-                while len(self._progress) > self.keep_sessions:
+                while len(self._progress) > self.keep_sessions or (
+                        len(self._progress) > 1 and sum(map(_bytes, self._progress.values())) > self.keep_bytes):
                     self._progress.popitem(last=False)
             return done.outputs
 
@@ -259,6 +261,11 @@ class LocalReferee:
             self._blocks[index] = loaded.layers[0]
             self._rotary = self._rotary or loaded.rotary
         return BlockSpan(self.checkpoint.config, [self._blocks[index] for index in range(start, end)], self._rotary, start)
+
+
+def _bytes(progress: _Progress) -> int:
+    tensors = [progress.inputs, progress.outputs, *progress.cache.keys, *progress.cache.values]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _extends(tensor: Optional[torch.Tensor], prefix: Optional[torch.Tensor]) -> bool:

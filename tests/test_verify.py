@@ -176,6 +176,11 @@ async def test_the_local_referee_computes_only_what_a_session_added_since_its_la
         result = await referee(replace(claim, inputs=rewritten), frozenset())
         assert computed[-1] == 9
         assert discrepancy(result.outputs, forward(span, rewritten, attention_mask=mask), mask) < 1e-5
+        small = LocalReferee(checkpoint, executor, keep_bytes=1)  # room for the newest session's cache only
+        computed.clear()
+        for session in ("s", "t", "s"):
+            await small(replace(claim, session_id=session), frozenset())
+        assert computed == [9, 9, 9]  # "s" was let go when "t" came
 
 
 # --- a real swarm with a lying server ------------------------------------------------------------------
