@@ -37,14 +37,23 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--request-timeout", type=float, default=5.0, help="how long a client waits for a stopped server")
+    parser.add_argument(
+        "--request-timeout", type=float, default=5.0, help="how long a client waits for a stopped server"
+    )
     parser.add_argument("--step-timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level="ERROR")
     workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-chaos-"))
-    path = make_random_checkpoint(workdir / "model", "llama", hidden_size=args.hidden, num_layers=args.layers,
-                                  num_heads=8, num_kv_heads=4, vocab_size=4000)
+    path = make_random_checkpoint(
+        workdir / "model",
+        "llama",
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=8,
+        num_kv_heads=4,
+        vocab_size=4000,
+    )
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(args.seed)
     cases = []
@@ -54,12 +63,31 @@ def main() -> None:
             cases.append((ids, reference.generate(ids, max_new_tokens=args.new_tokens, do_sample=False)))
     splits = [span for span in even_splits(args.layers, args.ranges) for _ in range(args.servers_per_range)]
     started = time.monotonic()
-    report = run_chaos(path, splits, cases, workdir / "swarm", duration=args.duration, clients=args.clients,
-                       max_new_tokens=args.new_tokens, request_timeout=args.request_timeout,
-                       step_timeout=args.step_timeout, seed=args.seed)
-    print(json.dumps({"duration_s": args.duration, "wall_s": round(time.monotonic() - started, 1),
-                      "clients": args.clients, "servers": len(splits), "layers": args.layers, "hidden": args.hidden,
-                      **report.as_dict()}))
+    report = run_chaos(
+        path,
+        splits,
+        cases,
+        workdir / "swarm",
+        duration=args.duration,
+        clients=args.clients,
+        max_new_tokens=args.new_tokens,
+        request_timeout=args.request_timeout,
+        step_timeout=args.step_timeout,
+        seed=args.seed,
+    )
+    print(
+        json.dumps(
+            {
+                "duration_s": args.duration,
+                "wall_s": round(time.monotonic() - started, 1),
+                "clients": args.clients,
+                "servers": len(splits),
+                "layers": args.layers,
+                "hidden": args.hidden,
+                **report.as_dict(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

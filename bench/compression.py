@@ -49,8 +49,12 @@ def measure(name: str, tensor: torch.Tensor, repeats: int = 20) -> dict:
     cost = statistics.median(compress) + statistics.median(decompress)
     saved = len(wire) - len(packed)
     return {
-        "tensor": name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
-        "wire_bytes": len(wire), "lz4_bytes": len(packed), "ratio": round(len(packed) / len(wire), 3),
+        "tensor": name,
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "shape": list(tensor.shape),
+        "wire_bytes": len(wire),
+        "lz4_bytes": len(packed),
+        "ratio": round(len(packed) / len(wire), 3),
         "compress_ms": round(1000 * statistics.median(compress), 3),
         "decompress_ms": round(1000 * statistics.median(decompress), 3),
         # Below this link speed the saved bytes take longer to send than compressing costs.
@@ -62,8 +66,10 @@ def main() -> None:
     path = ensure_embedded_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    text = ("The history of the swarm begins with volunteers who lent their machines to run a large model "
-            "that none of them could run alone. ") * 8
+    text = (
+        "The history of the swarm begins with volunteers who lent their machines to run a large model "
+        "that none of them could run alone. "
+    ) * 8
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :128]
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)

@@ -42,7 +42,6 @@ from blocks.synthetic import make_random_checkpoint  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.local import LocalSwarm, even_splits  # noqa: E402
 
-
 SOLO_REPEATS = 5  # one session alone, and single-process transformers: the median of this many runs each
 
 
@@ -56,8 +55,13 @@ def run_one(model, ids: torch.Tensor, new_tokens: int) -> dict:
     clock = TokenClock()
     output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
     gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
-    return {"output": output, "started": clock.started, "finished": clock.times[-1],
-            "ttft": clock.times[0] - clock.started, "gaps": gaps}
+    return {
+        "output": output,
+        "started": clock.started,
+        "finished": clock.times[-1],
+        "ttft": clock.times[0] - clock.started,
+        "gaps": gaps,
+    }
 
 
 class CpuMeter:
@@ -87,8 +91,9 @@ def steps_per_round(swarm: LocalSwarm) -> list[float]:
     counts = []
     for server in swarm.servers:
         text = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
-        samples = {sample.name: sample.value for family in text_string_to_metric_families(text)
-                   for sample in family.samples}
+        samples = {
+            sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+        }
         counts.append((samples.get("swarm_batch_steps_sum", 0.0), samples.get("swarm_batch_steps_count", 0.0)))
     return counts
 
@@ -133,11 +138,23 @@ def processes_round(args, path: Path, peers: list[str], batch: list[torch.Tensor
     procs = []
     for index, ids in enumerate(batch):
         torch.save(ids, workdir / f"prompt{index}.pt")
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(path), str(workdir / f"prompt{index}.pt"), str(go),
-             str(args.new_tokens), "no-push" if args.no_push else "push", str(args.verify), *peers],
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    str(path),
+                    str(workdir / f"prompt{index}.pt"),
+                    str(go),
+                    str(args.new_tokens),
+                    "no-push" if args.no_push else "push",
+                    str(args.verify),
+                    *peers,
+                ],
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+        )
     while not all((workdir / f"prompt{index}.pt.ready").exists() for index in range(len(batch))):
         if any(proc.poll() not in (None, 0) for proc in procs):
             raise RuntimeError("a client process failed")
@@ -151,8 +168,9 @@ def processes_round(args, path: Path, peers: list[str], batch: list[torch.Tensor
 
 def worker(path: str, prompt: str, go: str, new_tokens: str, push: str, verify: str, *peers: str) -> None:
     ids = torch.load(prompt)
-    with AutoDistributedModelForCausalLM.from_pretrained(path, list(peers), push=push == "push",
-                                                         verify=float(verify)) as model:
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        path, list(peers), push=push == "push", verify=float(verify)
+    ) as model:
         model.generation_config.eos_token_id = None
         model.generate(ids, max_new_tokens=2, do_sample=False)
         Path(prompt + ".ready").touch()
@@ -187,14 +205,21 @@ def compute_floor(checkpoint: Checkpoint, splits: list[tuple[int, int]], threads
             for cache in caches:
                 span.forward(torch.randn(1, 32, hidden), cache=cache)
             one += median_ms(lambda: span.forward(torch.randn(1, 1, hidden), cache=caches[0]))
-            many += median_ms(lambda: span.forward_batch([SpanInput(torch.randn(1, 1, hidden), cache) for cache in caches]))
+            many += median_ms(
+                lambda: span.forward_batch([SpanInput(torch.randn(1, 1, hidden), cache) for cache in caches])
+            )
         head_one = median_ms(lambda: head.logits(torch.randn(1, 1, hidden)))
         head_many = median_ms(lambda: head.logits(torch.randn(sessions, 1, hidden)))
-    return {"sessions": sessions, "servers_one_step_ms": round(one, 1), "servers_round_ms": round(many, 1),
-            "head_one_row_ms": round(head_one, 1), "head_all_rows_ms": round(head_many, 1),
-            # per token, with the head shared (threads of one client) or one head per client process
-            "threads_ms_per_token": round((many + head_many) / sessions, 2),
-            "processes_ms_per_token": round(many / sessions + head_one, 2)}
+    return {
+        "sessions": sessions,
+        "servers_one_step_ms": round(one, 1),
+        "servers_round_ms": round(many, 1),
+        "head_one_row_ms": round(head_one, 1),
+        "head_all_rows_ms": round(head_many, 1),
+        # per token, with the head shared (threads of one client) or one head per client process
+        "threads_ms_per_token": round((many + head_many) / sessions, 2),
+        "processes_ms_per_token": round(many / sessions + head_one, 2),
+    }
 
 
 def rss_mib(pid: int) -> float:
@@ -238,15 +263,25 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=1000, help="length of the long session (0: skip)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra swarm.serve flag (repeatable)")
     parser.add_argument("--no-push", action="store_true", help="clients relay every span's output themselves")
-    parser.add_argument("--verify", type=float, default=0.05,
-                        help="the clients' spot-check rate (default 0.05, the client's default; 0: off)")
+    parser.add_argument(
+        "--verify",
+        type=float,
+        default=0.05,
+        help="the clients' spot-check rate (default 0.05, the client's default; 0: off)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level="WARNING")
 
     workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-concurrency-"))
     path = make_random_checkpoint(
-        workdir / "model", "llama", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-        num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
+        workdir / "model",
+        "llama",
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        intermediate_size=args.intermediate,
+        vocab_size=args.vocab,
         max_position_embeddings=4096,
     )
     checkpoint = Checkpoint(path)
@@ -259,23 +294,38 @@ def main() -> None:
 
     splits = even_splits(checkpoint.num_blocks, args.servers)
     report: dict = {
-        "model": "random-llama", "parameters_m": round(params / 1e6, 1), "layers": checkpoint.num_blocks,
-        "hidden_size": args.hidden, "servers": len(splits), "clients": args.clients, "new_tokens": args.new_tokens,
-        "server_threads": args.server_threads, "push": not args.no_push, "verify": args.verify,
+        "model": "random-llama",
+        "parameters_m": round(params / 1e6, 1),
+        "layers": checkpoint.num_blocks,
+        "hidden_size": args.hidden,
+        "servers": len(splits),
+        "clients": args.clients,
+        "new_tokens": args.new_tokens,
+        "server_threads": args.server_threads,
+        "push": not args.no_push,
+        "verify": args.verify,
     }
     floor = compute_floor(checkpoint, splits, args.server_threads, max(args.sessions))
     torch.set_num_threads(os.cpu_count() or 1)
     server_args = ["--throughput", "1", "--max-length", "2048", *args.server_arg]
-    with LocalSwarm(path, splits, server_args=server_args, workdir=workdir / "swarm",
-                    env={"OMP_NUM_THREADS": str(args.server_threads)}) as swarm:
-        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, push=not args.no_push,
-                                                             verify=args.verify) as model:
+    with LocalSwarm(
+        path,
+        splits,
+        server_args=server_args,
+        workdir=workdir / "swarm",
+        env={"OMP_NUM_THREADS": str(args.server_threads)},
+    ) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            path, swarm.initial_peers, push=not args.no_push, verify=args.verify
+        ) as model:
             model.generation_config.eos_token_id = None
             model.generate(all_prompts[0], max_new_tokens=4, do_sample=False)
             solos, local_rates, cpu = [], [], collections.Counter()
             for _ in range(SOLO_REPEATS):  # in turns with single-process runs: the machine's speed drifts
                 meter = CpuMeter(swarm)
-                solos.append(summarize([run_one(model, all_prompts[0], args.new_tokens)], references[:1], args.new_tokens))
+                solos.append(
+                    summarize([run_one(model, all_prompts[0], args.new_tokens)], references[:1], args.new_tokens)
+                )
                 cpu.update(meter.seconds())
                 with torch.no_grad():
                     local = run_one(reference, all_prompts[0], args.new_tokens)
@@ -298,16 +348,19 @@ def main() -> None:
                 summary["cpu_seconds"] = meter.seconds()
                 summary["server_steps_per_round"] = [
                     round((steps - steps0) / max(rounds - rounds0, 1), 2)
-                    for (steps, rounds), (steps0, rounds0) in zip(steps_per_round(swarm), batching)]
+                    for (steps, rounds), (steps0, rounds0) in zip(steps_per_round(swarm), batching)
+                ]
                 summary["speedup_over_one_session"] = round(
-                    summary["aggregate_tokens_per_s"] / solo["aggregate_tokens_per_s"], 2)
+                    summary["aggregate_tokens_per_s"] / solo["aggregate_tokens_per_s"], 2
+                )
                 report[f"sessions_{count}"] = summary
             # The most batching could give on this machine if every step cost only its compute (rounds
             # always full, no RPC or Python anywhere), against the one session measured above.
             solo_ms = 1000 / solo["aggregate_tokens_per_s"]
             report["compute_floor"] = floor | {
                 "ceiling_over_one_session_threads": round(solo_ms / floor["threads_ms_per_token"], 2),
-                "ceiling_over_one_session_processes": round(solo_ms / floor["processes_ms_per_token"], 2)}
+                "ceiling_over_one_session_processes": round(solo_ms / floor["processes_ms_per_token"], 2),
+            }
             if args.memory_steps:
                 report["memory"] = memory_over_a_long_session(model, swarm, args.vocab, args.memory_steps)
     print(json.dumps(report))

@@ -60,16 +60,24 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level="ERROR")
     workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-failover-"))
-    path = make_random_checkpoint(workdir / "model", "llama", hidden_size=args.hidden, num_layers=args.layers,
-                                  num_heads=8, num_kv_heads=4, vocab_size=8000)
+    path = make_random_checkpoint(
+        workdir / "model",
+        "llama",
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=8,
+        num_kv_heads=4,
+        vocab_size=8000,
+    )
     splits = even_splits(args.layers, 3)
     ids = torch.randint(3, 8000, (1, 16), generator=torch.Generator().manual_seed(0))
     kill_at = args.new_tokens // 2
     recoveries, with_failure, without_failure, identical = [], [], [], True
     with LocalSwarm(path, splits, server_args=["--throughput", "100"], workdir=workdir / "swarm") as swarm:
         swarm.add_server(0, args.layers, "--throughput", "1")  # a slow spare: never chosen while the chain is up
-        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers,
-                                                             request_timeout=args.request_timeout) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            path, swarm.initial_peers, request_timeout=args.request_timeout
+        ) as model:
             model.generation_config.eos_token_id = None
             reference = model.generate(ids, max_new_tokens=args.new_tokens)
             for _ in range(args.runs):
@@ -95,19 +103,23 @@ def main() -> None:
                 swarm.add_server(victim["start"], victim["end"], "--throughput", "100")
                 model.remote.bans = type(model.remote.bans)()  # the restarted server has a new peer id anyway
     normal_step = statistics.median(1 / rate for rate in without_failure)
-    print(json.dumps({
-        "model": f"random-llama hidden {args.hidden}, {args.layers} layers",
-        "chain": [f"{a}:{b}" for a, b in splits],
-        "runs": args.runs,
-        "new_tokens": args.new_tokens,
-        "killed_after_token": kill_at,
-        "death_to_next_token_s_median": round(statistics.median(recoveries), 4),
-        "death_to_next_token_s_all": [round(r, 4) for r in recoveries],
-        "normal_step_s_median": round(normal_step, 4),
-        "tokens_per_s_without_failure": round(statistics.median(without_failure), 2),
-        "tokens_per_s_with_failure": round(statistics.median(with_failure), 2),
-        "identical_output": identical,
-    }))
+    print(
+        json.dumps(
+            {
+                "model": f"random-llama hidden {args.hidden}, {args.layers} layers",
+                "chain": [f"{a}:{b}" for a, b in splits],
+                "runs": args.runs,
+                "new_tokens": args.new_tokens,
+                "killed_after_token": kill_at,
+                "death_to_next_token_s_median": round(statistics.median(recoveries), 4),
+                "death_to_next_token_s_all": [round(r, 4) for r in recoveries],
+                "normal_step_s_median": round(normal_step, 4),
+                "tokens_per_s_without_failure": round(statistics.median(without_failure), 2),
+                "tokens_per_s_with_failure": round(statistics.median(with_failure), 2),
+                "identical_output": identical,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

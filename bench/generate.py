@@ -59,9 +59,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
-    parser.add_argument("--link-delay-ms", type=float, default=0.0,
-                        help="one-way delay of every link to a server (a delay proxy in front of each); a second, "
-                             "undelayed swarm is measured in turns with it, for the extra time per token")
+    parser.add_argument(
+        "--link-delay-ms",
+        type=float,
+        default=0.0,
+        help="one-way delay of every link to a server (a delay proxy in front of each); a second, "
+        "undelayed swarm is measured in turns with it, for the extra time per token",
+    )
     args = parser.parse_args()
     logging.basicConfig(level="WARNING")
     torch.set_num_threads(args.threads)
@@ -69,8 +73,14 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
     if args.model == "random":
         path = make_random_checkpoint(
-            workdir / "model", "llama", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-            num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
+            workdir / "model",
+            "llama",
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            num_kv_heads=args.kv_heads,
+            intermediate_size=args.intermediate,
+            vocab_size=args.vocab,
             max_position_embeddings=4096,
         )
     elif args.model == "embedded":
@@ -79,8 +89,9 @@ def main() -> None:
         path = Path(args.model)
     dtype = parse_dtype(args.dtype)
     checkpoint = Checkpoint(path)
-    ids = torch.randint(3, min(checkpoint.config.vocab_size, 30000), (1, args.prompt_tokens),
-                        generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        3, min(checkpoint.config.vocab_size, 30000), (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
+    )
 
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     reference.generation_config.eos_token_id = None  # always generate exactly --new-tokens tokens
@@ -97,13 +108,20 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         models = {}
         for delay in delays:
-            swarm = stack.enter_context(LocalSwarm(
-                path, splits, server_args=["--dtype", args.dtype, "--throughput", "1"],
-                workdir=workdir / f"swarm-{delay:g}ms", env={"OMP_NUM_THREADS": str(args.threads)},
-                link_delay_ms=delay))
+            swarm = stack.enter_context(
+                LocalSwarm(
+                    path,
+                    splits,
+                    server_args=["--dtype", args.dtype, "--throughput", "1"],
+                    workdir=workdir / f"swarm-{delay:g}ms",
+                    env={"OMP_NUM_THREADS": str(args.threads)},
+                    link_delay_ms=delay,
+                )
+            )
             for push in (True, False):
-                model = stack.enter_context(AutoDistributedModelForCausalLM.from_pretrained(
-                    path, swarm.initial_peers, dtype=dtype, push=push))
+                model = stack.enter_context(
+                    AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, dtype=dtype, push=push)
+                )
                 model.generation_config.eos_token_id = None
                 model.generate(ids, max_new_tokens=4)
                 models[delay, push] = model
@@ -115,27 +133,33 @@ def main() -> None:
 
     local_rate = args.new_tokens / local_time
     swarm_rate = args.new_tokens / swarm_time
-    print(json.dumps({
-        "model": str(args.model if args.model != "random" else "random-llama"),
-        "parameters_m": round(params / 1e6, 1),
-        "layers": checkpoint.num_blocks,
-        "hidden_size": checkpoint.hidden_size,
-        "dtype": args.dtype,
-        "servers": len(splits),
-        "split": [f"{a}:{b}" for a, b in splits],
-        "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens,
-        "threads_per_process": args.threads,
-        "link_delay_ms": args.link_delay_ms,
-        "swarm_ms_per_token": round(1000 * swarm_time / args.new_tokens, 1),
-        "swarm_without_push_ms_per_token": round(1000 * star_time / args.new_tokens, 1),
-        "swarm_without_push_tokens_per_s": round(args.new_tokens / star_time, 2),
-        "single_process_tokens_per_s": round(local_rate, 2),
-        "swarm_tokens_per_s": round(swarm_rate, 2),
-        "ratio": round(swarm_rate / local_rate, 3),
-        "identical_output": all(torch.equal(local_output, output) for variant in runs.values() for _, output, _ in variant),
-        **(extra_per_token(runs, args) if args.link_delay_ms > 0 else {}),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": str(args.model if args.model != "random" else "random-llama"),
+                "parameters_m": round(params / 1e6, 1),
+                "layers": checkpoint.num_blocks,
+                "hidden_size": checkpoint.hidden_size,
+                "dtype": args.dtype,
+                "servers": len(splits),
+                "split": [f"{a}:{b}" for a, b in splits],
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "threads_per_process": args.threads,
+                "link_delay_ms": args.link_delay_ms,
+                "swarm_ms_per_token": round(1000 * swarm_time / args.new_tokens, 1),
+                "swarm_without_push_ms_per_token": round(1000 * star_time / args.new_tokens, 1),
+                "swarm_without_push_tokens_per_s": round(args.new_tokens / star_time, 2),
+                "single_process_tokens_per_s": round(local_rate, 2),
+                "swarm_tokens_per_s": round(swarm_rate, 2),
+                "ratio": round(swarm_rate / local_rate, 3),
+                "identical_output": all(
+                    torch.equal(local_output, output) for variant in runs.values() for _, output, _ in variant
+                ),
+                **(extra_per_token(runs, args) if args.link_delay_ms > 0 else {}),
+            }
+        )
+    )
 
 
 def extra_per_token(runs: dict, args) -> dict:
@@ -147,14 +171,18 @@ def extra_per_token(runs: dict, args) -> dict:
     report = {}
     for push, name in ((True, "push"), (False, "without_push")):
         delayed, undelayed = runs[args.link_delay_ms, push], runs[0.0, push]
-        extras = [1000 * (slow.time_per_output_token - fast.time_per_output_token)
-                  for (_, _, slow), (_, _, fast) in zip(delayed, undelayed)]
+        extras = [
+            1000 * (slow.time_per_output_token - fast.time_per_output_token)
+            for (_, _, slow), (_, _, fast) in zip(delayed, undelayed)
+        ]
         whole = [1000 * (slow - fast) / args.new_tokens for (slow, _, _), (fast, _, _) in zip(delayed, undelayed)]
         for label, variant in (("delayed", delayed), ("undelayed", undelayed)):
             report[f"{label}_{name}_ms_per_output_token"] = round(
-                1000 * statistics.median(clock.time_per_output_token for _, _, clock in variant), 1)
+                1000 * statistics.median(clock.time_per_output_token for _, _, clock in variant), 1
+            )
             report[f"{label}_{name}_first_token_ms"] = round(
-                1000 * statistics.median(clock.times[0] - clock.started for _, _, clock in variant), 1)
+                1000 * statistics.median(clock.times[0] - clock.started for _, _, clock in variant), 1
+            )
         report[f"extra_{name}_ms_per_output_token"] = round(statistics.median(extras), 1)
         report[f"extra_{name}_ms_per_output_token_each_repeat"] = [round(extra, 1) for extra in extras]
         report[f"extra_{name}_over_2_s_delay"] = round(statistics.median(extras) / star_legs_ms, 3)

@@ -26,14 +26,16 @@ import json, sys, time
 import torch
 from client import AutoDistributedModelForCausalLM
 
-path, peers, want_relayed, runs, tokens = sys.argv[1], sys.argv[2].split(","), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
+path, peers, want_relayed = sys.argv[1], sys.argv[2].split(","), sys.argv[3] == "1"
+runs, tokens = int(sys.argv[4]), int(sys.argv[5])
 with AutoDistributedModelForCausalLM.from_pretrained(path, peers, request_timeout=60) as model:
     remote = model.remote
     deadline = time.monotonic() + 240
     while True:  # until the second half is served only as this run wants (relayed or direct)
         servers = remote.runtime.run(remote.dht.fetch_servers(remote.model_name, remote.num_blocks), 60)
         last = [info for info in servers[-1].values() if info.record.state.value == "online"]
-        if len(last) == 1 and (bool(last[0].record.relay_addrs) == want_relayed) and last[0].record.reachable != want_relayed:
+        record = last[0].record if len(last) == 1 else None
+        if record is not None and bool(record.relay_addrs) == want_relayed and record.reachable != want_relayed:
             break
         assert time.monotonic() < deadline, "the swarm never looked as this run wants"
         time.sleep(1)
@@ -45,7 +47,8 @@ with AutoDistributedModelForCausalLM.from_pretrained(path, peers, request_timeou
         output = model.generate(ids, max_new_tokens=tokens)
         rates.append(tokens / (time.perf_counter() - started))
     rtts = remote.pings.rtts()
-    print(json.dumps({"rates": rates, "output": output[0].tolist(), "rtt_ms": {p[-6:]: round(r * 1000, 2) for p, r in rtts.items()}}), flush=True)
+    rtt_ms = {p[-6:]: round(r * 1000, 2) for p, r in rtts.items()}
+    print(json.dumps({"rates": rates, "output": output[0].tolist(), "rtt_ms": rtt_ms}), flush=True)
 """
 
 
@@ -76,11 +79,18 @@ def main() -> int:
             processes.append(boot)
             first, _ = start_server(nat, work, "first", "public", PUBLIC_IP, model, f"0:{args.layers // 2}", [addr])
             processes.append(first)
-            for name, where, host, relayed in (("relayed", "home", HOME_IP, True), ("direct", "public", PUBLIC_IP, False)):
+            for name, where, host, relayed in (
+                ("relayed", "home", HOME_IP, True),
+                ("direct", "public", PUBLIC_IP, False),
+            ):
                 second, _ = start_server(nat, work, name, where, host, model, half, [addr])
                 processes.append(second)
-                client = Process(nat, "public", ["-c", CLIENT, str(model), addr, "1" if relayed else "0", str(args.runs),
-                                                 str(args.tokens)], work / f"client-{name}.log")
+                client = Process(
+                    nat,
+                    "public",
+                    ["-c", CLIENT, str(model), addr, "1" if relayed else "0", str(args.runs), str(args.tokens)],
+                    work / f"client-{name}.log",
+                )
                 line = client.line(lambda text: text.startswith("{"), timeout=600)
                 client.kill()
                 results[name] = json.loads(line)
@@ -89,15 +99,21 @@ def main() -> int:
             for process in reversed(processes):
                 process.kill()
     relayed, direct = results["relayed"], results["direct"]
-    print(json.dumps({
-        "model": f"random llama, {args.layers} blocks, hidden {args.hidden}, fp32, 2 servers, push on",
-        "tokens_per_run": args.tokens,
-        "direct_tokens_per_s": round(statistics.median(direct["rates"]), 2),
-        "relayed_tokens_per_s": round(statistics.median(relayed["rates"]), 2),
-        "relayed_over_direct": round(statistics.median(relayed["rates"]) / statistics.median(direct["rates"]), 3),
-        "ping_rtt_ms": {"direct": direct["rtt_ms"], "relayed": relayed["rtt_ms"]},
-        "outputs_equal": relayed["output"] == direct["output"],
-    }))
+    print(
+        json.dumps(
+            {
+                "model": f"random llama, {args.layers} blocks, hidden {args.hidden}, fp32, 2 servers, push on",
+                "tokens_per_run": args.tokens,
+                "direct_tokens_per_s": round(statistics.median(direct["rates"]), 2),
+                "relayed_tokens_per_s": round(statistics.median(relayed["rates"]), 2),
+                "relayed_over_direct": round(
+                    statistics.median(relayed["rates"]) / statistics.median(direct["rates"]), 3
+                ),
+                "ping_rtt_ms": {"direct": direct["rtt_ms"], "relayed": relayed["rtt_ms"]},
+                "outputs_equal": relayed["output"] == direct["output"],
+            }
+        )
+    )
     return 0
 
 

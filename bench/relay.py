@@ -39,10 +39,34 @@ PROMPT = "The swarm of servers"
 
 
 def start_relay(workdir: Path, peers: list[str], model: Path) -> tuple[Child, str]:
-    relay = Child("relay", [sys.executable, "-m", "relay", "--initial-peers", *peers, "--host", "127.0.0.1",
-                            "--mgmt-port", "0", "--obs-port", "0", "--api-port", "0", "--db", f"sqlite:///{workdir / 'relay.db'}",
-                            "--api-keys", "bench", "--models", str(model), "--log-level", "warning"],
-                  workdir / "relay.log", env=child_env({}))
+    relay = Child(
+        "relay",
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "--initial-peers",
+            *peers,
+            "--host",
+            "127.0.0.1",
+            "--mgmt-port",
+            "0",
+            "--obs-port",
+            "0",
+            "--api-port",
+            "0",
+            "--db",
+            f"sqlite:///{workdir / 'relay.db'}",
+            "--api-keys",
+            "bench",
+            "--models",
+            str(model),
+            "--log-level",
+            "warning",
+        ],
+        workdir / "relay.log",
+        env=child_env({}),
+    )
     line = relay.wait_for_line(lambda text: text.startswith("relay ready:"), 180)
     return relay, re.search(r"api (http://[\d.]+:\d+)", line).group(1)
 
@@ -59,8 +83,17 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-relay-"))
     if args.model == "random":
-        path = make_random_checkpoint(workdir / "model", "llama", hidden_size=512, num_layers=8, num_heads=8,
-                                      num_kv_heads=4, intermediate_size=1408, vocab_size=128, max_position_embeddings=2048)
+        path = make_random_checkpoint(
+            workdir / "model",
+            "llama",
+            hidden_size=512,
+            num_layers=8,
+            num_heads=8,
+            num_kv_heads=4,
+            intermediate_size=1408,
+            vocab_size=128,
+            max_position_embeddings=2048,
+        )
         make_char_tokenizer(path)
     elif args.model == "embedded":
         path = ensure_embedded_checkpoint()
@@ -74,8 +107,10 @@ def main() -> None:
         with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as model:
             model.generation_config.eos_token_id = None
             model.generate(ids, max_new_tokens=4)
-            direct = max(_rate(lambda: model.generate(ids, max_new_tokens=args.new_tokens).shape[1] - ids.shape[1])
-                         for _ in range(args.repeats))
+            direct = max(
+                _rate(lambda: model.generate(ids, max_new_tokens=args.new_tokens).shape[1] - ids.shape[1])
+                for _ in range(args.repeats)
+            )
         relay, api = start_relay(workdir, swarm.initial_peers, path)
         try:
             client = openai.OpenAI(base_url=f"{api}/v1", api_key="bench", max_retries=0, timeout=600)
@@ -87,8 +122,9 @@ def main() -> None:
 
             def stream() -> tuple[float, int]:
                 started, first, chunks = time.perf_counter(), None, 0
-                for chunk in client.completions.create(model=name, prompt=PROMPT, max_tokens=args.new_tokens,
-                                                       temperature=0, stream=True):
+                for chunk in client.completions.create(
+                    model=name, prompt=PROMPT, max_tokens=args.new_tokens, temperature=0, stream=True
+                ):
                     if chunk.choices and chunk.choices[0].text and first is None:
                         first = time.perf_counter() - started
                     chunks += 1
@@ -104,18 +140,22 @@ def main() -> None:
         finally:
             relay.stop()
 
-    print(json.dumps({
-        "model": str(args.model if args.model != "random" else "random-llama"),
-        "layers": checkpoint.num_blocks,
-        "servers": len(splits),
-        "new_tokens": args.new_tokens,
-        "client_library_tokens_per_s": round(direct, 2),
-        "relay_api_tokens_per_s": round(api_rate, 2),
-        "relay_over_client_ratio": round(api_rate / direct, 3),
-        "relay_stream_first_token_s": round(ttft, 3),
-        "concurrent_requests": args.concurrent,
-        "relay_concurrent_tokens_per_s": round(concurrent_rate, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": str(args.model if args.model != "random" else "random-llama"),
+                "layers": checkpoint.num_blocks,
+                "servers": len(splits),
+                "new_tokens": args.new_tokens,
+                "client_library_tokens_per_s": round(direct, 2),
+                "relay_api_tokens_per_s": round(api_rate, 2),
+                "relay_over_client_ratio": round(api_rate / direct, 3),
+                "relay_stream_first_token_s": round(ttft, 3),
+                "concurrent_requests": args.concurrent,
+                "relay_concurrent_tokens_per_s": round(concurrent_rate, 2),
+            }
+        )
+    )
 
 
 def _rate(fn) -> float:

@@ -23,7 +23,9 @@ from client.routing import RouteIndex, make_chain  # noqa: E402
 from dht.records import ServerInfo, ServerRecord  # noqa: E402
 
 
-def synthetic_swarm(num_servers: int, num_blocks: int, seed: int) -> tuple[list[dict[str, ServerInfo]], dict[str, float]]:
+def synthetic_swarm(
+    num_servers: int, num_blocks: int, seed: int
+) -> tuple[list[dict[str, ServerInfo]], dict[str, float]]:
     rng = random.Random(seed)
     blocks: list[dict[str, ServerInfo]] = [{} for _ in range(num_blocks)]
     rtts = {}
@@ -33,11 +35,17 @@ def synthetic_swarm(num_servers: int, num_blocks: int, seed: int) -> tuple[list[
         peer = f"peer{index:05d}"
         throughput = rng.uniform(5, 200)
         record = ServerRecord(
-            state="online", start_block=start, end_block=start + length,
+            state="online",
+            start_block=start,
+            end_block=start + length,
             throughput={"inference": throughput, "forward": throughput * 10},
-            cache_tokens_free=rng.choice([0, 4096, 16384]), cache_tokens_total=16384, max_length=4096,
-            dtype="bfloat16", hardware={"device_type": "cuda", "device_name": "gpu", "memory_total": 1, "memory_free": 1},
-            version="bench", addrs=(f"/ip4/10.0.0.1/tcp/{1000 + index}/p2p/{peer}",),
+            cache_tokens_free=rng.choice([0, 4096, 16384]),
+            cache_tokens_total=16384,
+            max_length=4096,
+            dtype="bfloat16",
+            hardware={"device_type": "cuda", "device_name": "gpu", "memory_total": 1, "memory_free": 1},
+            version="bench",
+            addrs=(f"/ip4/10.0.0.1/tcp/{1000 + index}/p2p/{peer}",),
         )
         info = ServerInfo(peer_id=peer, record=record, expiration_time=0)
         for block in range(start, start + length):
@@ -75,22 +83,28 @@ def main() -> None:
     chain = make_chain("bench", index, rtts=rtts, rng=rng)
     full = timed(lambda: make_chain("bench", index, rtts=rtts, rng=rng), args.repeats)
     middle = chain[len(chain) // 2]
-    replacement = timed(lambda: make_chain("bench", index, middle.start, middle.end, exclude={middle.peer_id},
-                                           rtts=rtts, rng=rng), args.repeats)
+    replacement = timed(
+        lambda: make_chain("bench", index, middle.start, middle.end, exclude={middle.peer_id}, rtts=rtts, rng=rng),
+        args.repeats,
+    )
     per_block = [len(servers) for servers in blocks]
-    print(json.dumps({
-        "servers": args.servers,
-        "blocks": args.blocks,
-        "servers_per_block_median": statistics.median(per_block),
-        "records": len(index.infos),
-        "index_ms_p50": round(statistics.median(index_ms), 2),
-        "chain_spans": len(chain),
-        "full_chain_ms_p50": round(statistics.median(full), 2),
-        "full_chain_ms_p99": round(percentile(full, 0.99), 2),
-        "replacement_span_blocks": middle.end - middle.start,
-        "replacement_ms_p50": round(statistics.median(replacement), 2),
-        "replacement_ms_p99": round(percentile(replacement, 0.99), 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "servers": args.servers,
+                "blocks": args.blocks,
+                "servers_per_block_median": statistics.median(per_block),
+                "records": len(index.infos),
+                "index_ms_p50": round(statistics.median(index_ms), 2),
+                "chain_spans": len(chain),
+                "full_chain_ms_p50": round(statistics.median(full), 2),
+                "full_chain_ms_p99": round(percentile(full, 0.99), 2),
+                "replacement_span_blocks": middle.end - middle.start,
+                "replacement_ms_p50": round(statistics.median(replacement), 2),
+                "replacement_ms_p99": round(percentile(replacement, 0.99), 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

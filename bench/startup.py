@@ -31,7 +31,11 @@ CLIS = ("swarm.serve", "bootstrap", "client.generate", "relay", "relay.health")
 
 
 def summary(values: list[float]) -> dict:
-    return {"median_s": round(statistics.median(values), 2), "min_s": round(min(values), 2), "max_s": round(max(values), 2)}
+    return {
+        "median_s": round(statistics.median(values), 2),
+        "min_s": round(min(values), 2),
+        "max_s": round(max(values), 2),
+    }
 
 
 def timed_help(module: str) -> float:
@@ -43,8 +47,11 @@ def timed_help(module: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--model", default="random",
-                        help="'random' (a tiny random Llama), 'embedded' (SmolLM2-135M-Instruct) or a checkpoint path")
+    parser.add_argument(
+        "--model",
+        default="random",
+        help="'random' (a tiny random Llama), 'embedded' (SmolLM2-135M-Instruct) or a checkpoint path",
+    )
     parser.add_argument("--servers", type=int, default=3, help="servers of the whole-swarm measurement")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-startup-"))
@@ -61,8 +68,11 @@ def main() -> None:
     from blocks.checkpoint import Checkpoint
 
     num_blocks = Checkpoint(model).num_blocks
-    result: dict = {"model": str(model), "runs": args.runs,
-                    "help": {module: summary([timed_help(module) for _ in range(args.runs)]) for module in CLIS}}
+    result: dict = {
+        "model": str(model),
+        "runs": args.runs,
+        "help": {module: summary([timed_help(module) for _ in range(args.runs)]) for module in CLIS},
+    }
 
     with LocalSwarm(model, [], workdir=workdir / "base") as swarm:
         # The throughput measurement is cached on disk after the first start: warm it, then time.
@@ -71,10 +81,27 @@ def main() -> None:
             for run in range(args.runs + 1):
                 started = time.perf_counter()
                 child = Child(
-                    "server", [sys.executable, "-m", "swarm.serve", "--model", str(model), "--blocks", f"0:{num_blocks}",
-                               "--initial-peers", *swarm.initial_peers, "--host", "127.0.0.1", "--port", "0",
-                               "--identity", str(workdir / f"{key}{run}.key")],
-                    workdir / f"{key}{run}.log", env=swarm.env, forker=shared_forker() if fork else None,
+                    "server",
+                    [
+                        sys.executable,
+                        "-m",
+                        "swarm.serve",
+                        "--model",
+                        str(model),
+                        "--blocks",
+                        f"0:{num_blocks}",
+                        "--initial-peers",
+                        *swarm.initial_peers,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        "0",
+                        "--identity",
+                        str(workdir / f"{key}{run}.key"),
+                    ],
+                    workdir / f"{key}{run}.log",
+                    env=swarm.env,
+                    forker=shared_forker() if fork else None,
                 )
                 try:
                     child.wait_for_line(lambda line: line.startswith("swarm.serve online:"), 600)
@@ -87,8 +114,23 @@ def main() -> None:
     online, wall = [], []
     for _ in range(args.runs):
         started = time.perf_counter()
-        demo = subprocess.run([sys.executable, "-m", "demo", "--model", str(model), "--servers", str(args.servers),
-                               "--max-new-tokens", "8"], capture_output=True, text=True, stdin=subprocess.DEVNULL, check=True)
+        demo = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "demo",
+                "--model",
+                str(model),
+                "--servers",
+                str(args.servers),
+                "--max-new-tokens",
+                "8",
+            ],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            check=True,
+        )
         wall.append(time.perf_counter() - started)
         online.append(float(re.search(r"swarm online in ([0-9.]+) s", demo.stderr).group(1)))
     result["demo"] = {"servers": args.servers, "swarm_online": summary(online), "whole_command": summary(wall)}

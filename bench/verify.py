@@ -58,8 +58,10 @@ def cost(path, peers, rate: float, ids, new_tokens: int, repeats: int) -> dict:
     """Tokens/s of one session with checks off and at `rate`, two clients timed in turns (the median
     of `repeats` each), so that both see the same machine."""
     times: dict[float, list[float]] = {0.0: [], rate: []}
-    with AutoDistributedModelForCausalLM.from_pretrained(path, peers, verify=0.0) as off, \
-            AutoDistributedModelForCausalLM.from_pretrained(path, peers, verify=rate) as on:
+    with (
+        AutoDistributedModelForCausalLM.from_pretrained(path, peers, verify=0.0) as off,
+        AutoDistributedModelForCausalLM.from_pretrained(path, peers, verify=rate) as on,
+    ):
         for model in (off, on):
             model.generation_config.eos_token_id = None
             model.generate(ids, max_new_tokens=4)
@@ -69,16 +71,25 @@ def cost(path, peers, rate: float, ids, new_tokens: int, repeats: int) -> dict:
                 model.generate(ids, max_new_tokens=new_tokens)
                 times[verify].append(time.perf_counter() - started)
     off_rate, on_rate = (new_tokens / statistics.median(times[verify]) for verify in (0.0, rate))
-    return {"tokens_per_s_off": round(off_rate, 2), "tokens_per_s_default_rate": round(on_rate, 2),
-            "slowdown": round(1 - on_rate / off_rate, 3)}
+    return {
+        "tokens_per_s_off": round(off_rate, 2),
+        "tokens_per_s_default_rate": round(on_rate, 2),
+        "slowdown": round(1 - on_rate / off_rate, 3),
+    }
 
 
 def detection(path, swarm, reference, env: dict, runs: int, new_tokens: int, vocab: int) -> dict:
     """Adds a liar, then one client per run until it is caught: tokens generated when it was."""
     caught_after, identical = [], True
     for run in range(runs):
-        liar = swarm.add_server(0, swarm_blocks(path), "--throughput", "100000", module="tests.lying_server",
-                                env={**env, "LYING_SERVER_SEED": str(run)})
+        liar = swarm.add_server(
+            0,
+            swarm_blocks(path),
+            "--throughput",
+            "100000",
+            module="tests.lying_server",
+            env={**env, "LYING_SERVER_SEED": str(run)},
+        )
         try:
             with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as model:
                 model.generation_config.eos_token_id = None
@@ -125,21 +136,34 @@ def main() -> None:
     logging.basicConfig(level="ERROR")
 
     workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-verify-"))
-    path = make_random_checkpoint(workdir / "model", "llama", hidden_size=args.hidden, num_layers=args.layers,
-                                  num_heads=8, num_kv_heads=2, intermediate_size=args.hidden * 2,
-                                  vocab_size=args.vocab, max_position_embeddings=4096)
+    path = make_random_checkpoint(
+        workdir / "model",
+        "llama",
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=8,
+        num_kv_heads=2,
+        intermediate_size=args.hidden * 2,
+        vocab_size=args.vocab,
+        max_position_embeddings=4096,
+    )
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     reference.generation_config.eos_token_id = None
     half = args.layers // 2
     result: dict = {"layers": args.layers, "hidden_size": args.hidden, "default_verify_rate": DEFAULT_VERIFY_RATE}
 
-    with LocalSwarm(path, [(0, half), (half, args.layers), (0, half), (half, args.layers)],
-                    server_args=["--throughput", "100"], workdir=workdir / "swarm") as swarm:
+    with LocalSwarm(
+        path,
+        [(0, half), (half, args.layers), (0, half), (half, args.layers)],
+        server_args=["--throughput", "100"],
+        workdir=workdir / "swarm",
+    ) as swarm:
         ids = prompt(0, args.vocab)
         result["cost"] = cost(path, swarm.initial_peers, DEFAULT_VERIFY_RATE, ids, args.new_tokens, args.repeats)
         result["always_wrong"] = detection(path, swarm, reference, {}, args.runs, args.max_tokens, args.vocab)
-        result["wrong_5_percent"] = detection(path, swarm, reference, {"LYING_SERVER_PROBABILITY": "0.05"},
-                                              args.runs, args.max_tokens, args.vocab)
+        result["wrong_5_percent"] = detection(
+            path, swarm, reference, {"LYING_SERVER_PROBABILITY": "0.05"}, args.runs, args.max_tokens, args.vocab
+        )
 
     with LocalSwarm(path, [], workdir=workdir / "honest") as swarm:
         for dtype in ("float32", "bfloat16"):
@@ -152,8 +176,12 @@ def main() -> None:
                 checks += model.remote.verifier.checks
                 disputes += model.remote.verifier.disputes
                 convicted += len(model.convicted)
-        result["honest"] = {"generations": args.honest_runs, "checks": checks, "disputes": disputes,
-                            "false_convictions": convicted}
+        result["honest"] = {
+            "generations": args.honest_runs,
+            "checks": checks,
+            "disputes": disputes,
+            "false_convictions": convicted,
+        }
     print(json.dumps(result))
 
 

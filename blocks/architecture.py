@@ -151,12 +151,16 @@ def _build(config: Mapping[str, Any], model_type: str, defaults: _FamilyDefaults
     if layer_types is None:
         if defaults.uses_sliding_flag:
             max_window_layers = _int(config, "max_window_layers", 28)
-            layer_types = [SLIDING_ATTENTION if sliding is not None and i >= max_window_layers else FULL_ATTENTION
-                           for i in range(layers)]
+            layer_types = [
+                SLIDING_ATTENTION if sliding is not None and i >= max_window_layers else FULL_ATTENTION
+                for i in range(layers)
+            ]
         else:
             layer_types = [SLIDING_ATTENTION if sliding is not None else FULL_ATTENTION] * layers
     if len(layer_types) != layers or any(kind not in (FULL_ATTENTION, SLIDING_ATTENTION) for kind in layer_types):
-        raise ValueError(f"layer_types must name {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r} for each of {layers} layers")
+        raise ValueError(
+            f"layer_types must name {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r} for each of {layers} layers"
+        )
     if SLIDING_ATTENTION in layer_types and not sliding:
         raise ValueError("sliding attention layers need a positive sliding_window")
     hidden_act = config.get("hidden_act", "silu")
@@ -192,7 +196,9 @@ def _rope(config: Mapping[str, Any]) -> Rope:
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise UnsupportedModelError(f"rotary embedding type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        raise UnsupportedModelError(
+            f"rotary embedding type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
         raise UnsupportedModelError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
@@ -208,8 +214,11 @@ def _rope(config: Mapping[str, Any]) -> Rope:
         beta_slow=params.get("beta_slow"),
         truncate=bool(params.get("truncate", True)),
     )
-    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-              "yarn": ("original_max_position_embeddings",)}.get(rope_type, ())
+    needed = {
+        "linear": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        "yarn": ("original_max_position_embeddings",),
+    }.get(rope_type, ())
     missing = [name for name in needed if getattr(rope, name) is None]
     if missing:
         raise ValueError(f"rope type {rope_type!r} needs {', '.join(missing)}")

@@ -88,7 +88,9 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.path} has no tensors for block {index}")
         return names
 
-    def read(self, names: Iterable[str], dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def read(
+        self, names: Iterable[str], dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """Reads exactly the named tensors, each file opened once."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in names:
@@ -151,7 +153,5 @@ _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 def validate_model_name(name: str) -> str:
     """Model names become DHT keys (`NAME.block`): keep them short and unambiguous."""
     if not _MODEL_NAME_RE.match(name) or name.endswith(".") or ".." in name:
-        raise ValueError(
-            f"invalid model name {name!r}: use 1-128 characters from letters, digits, '_', '-', '.'"
-        )
+        raise ValueError(f"invalid model name {name!r}: use 1-128 characters from letters, digits, '_', '-', '.'")
     return name

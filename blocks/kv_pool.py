@@ -21,8 +21,9 @@ class PoolFull(Exception):
 class KVPool:
     """Storage `[layers, 2, kv_heads, tokens, head_dim]` and a first-fit allocator over its tokens."""
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, tokens: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self, num_layers: int, kv_heads: int, head_dim: int, tokens: int, dtype: torch.dtype, device: torch.device | str
+    ):
         self.num_layers = num_layers
         self.tokens = tokens
         # zeros, not empty: the pages are touched now, so the budget is resident from the start.
@@ -77,7 +78,7 @@ class PooledCache:
         self._start = start
         self._size = batch * max_length
         self.max_length = max_length
-        region = pool.storage[:, :, :, start:start + self._size]  # [layers, 2, kv_heads, batch·max_length, head_dim]
+        region = pool.storage[:, :, :, start : start + self._size]  # [layers, 2, kv_heads, batch·max_length, head_dim]
         layers, _, kv_heads, _, head_dim = region.shape
         # [layers, 2, batch, kv_heads, max_length, head_dim]: a view, nothing is copied.
         self._views = region.view(layers, 2, kv_heads, batch, max_length, head_dim).permute(0, 1, 3, 2, 4, 5)

@@ -79,7 +79,7 @@ def inverse_frequencies(rope: Rope, head_dim: int, max_position_embeddings: int)
     """(inv_freq [head_dim / 2], attention scaling) as transformers' `ROPE_INIT_FUNCTIONS` compute them."""
     dim = head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
-    inv_freq = 1.0 / (rope.theta ** exponents)
+    inv_freq = 1.0 / (rope.theta**exponents)
     if rope.rope_type == "default":
         return inv_freq, 1.0
     if rope.rope_type == "linear":
@@ -150,7 +150,7 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = arch.head_dim
         self.groups = arch.num_attention_heads // arch.num_key_value_heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         self.q_proj = nn.Linear(arch.hidden_size, arch.num_attention_heads * arch.head_dim, bias=arch.qkv_bias)
         self.k_proj = nn.Linear(arch.hidden_size, arch.num_key_value_heads * arch.head_dim, bias=arch.qkv_bias)
         self.v_proj = nn.Linear(arch.hidden_size, arch.num_key_value_heads * arch.head_dim, bias=arch.qkv_bias)
@@ -160,8 +160,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
         self.qk_norm = arch.qk_norm
 
-    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], segments: "list[Segment]",
-                kind: str, layer: int) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        segments: "list[Segment]",
+        kind: str,
+        layer: int,
+    ) -> torch.Tensor:
         """`hidden` [rows, hidden_size]: the rows of every segment, one after the other, and `cos_sin`
         [rows, head_dim] their rotary embedding. Projections and rotary run over all rows at once;
         cache and attention run per segment."""
@@ -206,7 +212,9 @@ def _sdpa(query, key, value, mask, groups: int, scaling: float) -> torch.Tensor:
     is_causal = q_len > 1 and mask is None
     if is_causal and key.shape[2] > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, is_causal=is_causal, **kwargs)
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, is_causal=is_causal, **kwargs
+    )
     output = output.reshape(output.shape[0], -1, q_len, value.shape[-1])
     return output.transpose(1, 2).contiguous()
 
@@ -231,7 +239,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], segments: "list[Segment]",
-                kind: str, layer: int) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        segments: "list[Segment]",
+        kind: str,
+        layer: int,
+    ) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, segments, kind, layer)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))

@@ -36,7 +36,7 @@ def load_span(
         with torch.device("meta"):
             layer = DecoderLayer(config)
         try:
-            layer.load_state_dict({name[len(prefix):]: t for name, t in tensors.items()}, strict=True, assign=True)
+            layer.load_state_dict({name[len(prefix) :]: t for name, t in tensors.items()}, strict=True, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"block {index} of {checkpoint.path} does not match its config: {e}") from e
         layers.append(layer.eval().requires_grad_(False))
@@ -64,7 +64,9 @@ class ModelHead:
         return self.lm_head(self.norm(hidden)).float()
 
 
-def load_head(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ModelHead:
+def load_head(
+    checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> ModelHead:
     config, family = checkpoint.config, checkpoint.family
     tied = family.lm_head_name not in checkpoint.weight_map
     if tied and not config.tie_word_embeddings:

@@ -46,8 +46,9 @@ class BlockSpan:
 
     def new_pool(self, tokens: int) -> KVPool:
         """Preallocated KV memory for `tokens` tokens in every layer of the span."""
-        return KVPool(len(self.layers), self.config.num_key_value_heads, self.config.head_dim, tokens,
-                      self.dtype, self.device)
+        return KVPool(
+            len(self.layers), self.config.num_key_value_heads, self.config.head_dim, tokens, self.dtype, self.device
+        )
 
     def forward(
         self,
@@ -66,7 +67,9 @@ class BlockSpan:
         return self.forward_batch([SpanInput(hidden, cache, attention_mask)], start, end)[0]
 
     @torch.inference_mode()
-    def forward_batch(self, inputs: Sequence[SpanInput], start: int | None = None, end: int | None = None) -> list[torch.Tensor]:
+    def forward_batch(
+        self, inputs: Sequence[SpanInput], start: int | None = None, end: int | None = None
+    ) -> list[torch.Tensor]:
         """Runs several callers' steps through blocks `[start, end)` as one batch: their rows are packed
         into one tensor for every projection and MLP, while each keeps its own positions, mask and
         cache in attention. Each output is what `forward` would return for that input alone."""
@@ -81,9 +84,17 @@ class BlockSpan:
             hidden = item.hidden.to(device=self.device, dtype=self.dtype)
             batch, tokens = hidden.shape[:2]
             past = self.cache_length(item.cache, first + self.start)
-            masks = {kind: causal_mask(batch, tokens, past, item.attention_mask, hidden.device,
-                                       window if kind == SLIDING_ATTENTION else None)
-                     for kind in set(kinds)}
+            masks = {
+                kind: causal_mask(
+                    batch,
+                    tokens,
+                    past,
+                    item.attention_mask,
+                    hidden.device,
+                    window if kind == SLIDING_ATTENTION else None,
+                )
+                for kind in set(kinds)
+            }
             item_cos, item_sin = self.rotary(hidden, _position_ids(hidden, past, item.attention_mask))
             cos.append(item_cos.reshape(batch * tokens, -1))
             sin.append(item_sin.reshape(batch * tokens, -1))
@@ -97,7 +108,7 @@ class BlockSpan:
             packed = layer(packed, cos_sin, segments, kind, index)
         outputs, offset = [], 0
         for segment in segments:
-            outputs.append(packed[offset:offset + segment.size].view(segment.batch, segment.tokens, -1))
+            outputs.append(packed[offset : offset + segment.size].view(segment.batch, segment.tokens, -1))
             offset += segment.size
         return outputs
 
@@ -112,7 +123,11 @@ class SpanInput:
 
 
 def causal_mask(
-    batch: int, tokens: int, past: int, attention_mask: torch.Tensor | None, device: torch.device,
+    batch: int,
+    tokens: int,
+    past: int,
+    attention_mask: torch.Tensor | None,
+    device: torch.device,
     window: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean [batch, 1, tokens, past + tokens] mask (True = attend), or None where plain causal

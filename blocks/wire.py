@@ -7,12 +7,11 @@ models below. Readers validate headers and tensor shapes before allocating anyth
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import math
 from typing import Any, Literal, Optional, Sequence
-
-import asyncio
 
 import msgpack
 import torch
@@ -238,7 +237,9 @@ def read_tensors(message: Any, max_count: int, max_bytes: int = MAX_MESSAGE_BYTE
             raise MalformedMessage("compressed tensors are not accepted")
         expected = math.prod(proto.size) * _ELEMENT_SIZE[proto.dtype]
         if expected != len(proto.buffer):
-            raise MalformedMessage(f"tensor of shape {list(proto.size)} has {len(proto.buffer)} bytes, expected {expected}")
+            raise MalformedMessage(
+                f"tensor of shape {list(proto.size)} has {len(proto.buffer)} bytes, expected {expected}"
+            )
         total += expected
     if total > max_bytes:
         raise MalformedMessage(f"message carries {total} bytes of tensors, limit is {max_bytes}")
@@ -256,7 +257,11 @@ def _serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
 def _deserialize(proto: runtime_pb2.Tensor) -> torch.Tensor:
     if proto.dtype != BF16_BITS:
         return deserialize_torch_tensor(proto)
-    bits = torch.frombuffer(bytearray(proto.buffer), dtype=torch.int16) if proto.buffer else torch.empty(0, dtype=torch.int16)
+    bits = (
+        torch.frombuffer(bytearray(proto.buffer), dtype=torch.int16)
+        if proto.buffer
+        else torch.empty(0, dtype=torch.int16)
+    )
     return bits.view(torch.bfloat16).reshape(list(proto.size))
 
 

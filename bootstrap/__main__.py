@@ -63,8 +63,11 @@ async def serve(dht, options: BootstrapOptions, addrs: list[str]) -> None:
         await CircuitRelay(p2p, RelayLimits.of(options), relay=not options.no_relay).start()
         for addr in addrs:
             print(addr, flush=True)
-        logger.info("bootstrap node %s is up%s; Ctrl-C to stop", dht.peer_id,
-                    "" if options.no_relay else ", relaying for servers behind NAT")
+        logger.info(
+            "bootstrap node %s is up%s; Ctrl-C to stop",
+            dht.peer_id,
+            "" if options.no_relay else ", relaying for servers behind NAT",
+        )
         await stop.wait()
         logger.info("shutting down")
     finally:

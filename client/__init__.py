@@ -25,12 +25,35 @@ _EXPORTS = {
     "WrongResultWarning": "client.errors",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "AutoDistributedModelForCausalLM",
+    "InferenceSession",
+    "PingCache",
+    "SwarmError",
+    "MissingBlocksError",
+    "ModelMismatchError",
+    "SwarmBusyError",
+    "BadRequestError",
+    "RetriesExhaustedError",
+    "ServerFailure",
+    "StepTimeoutError",
+    "ServerProvenWrongError",
+    "WrongResultWarning",
+]
 
 if TYPE_CHECKING:
-    from client.errors import (BadRequestError, MissingBlocksError, ModelMismatchError, RetriesExhaustedError,
-                               ServerFailure, ServerProvenWrongError, StepTimeoutError, SwarmBusyError, SwarmError,
-                               WrongResultWarning)
+    from client.errors import (
+        BadRequestError,
+        MissingBlocksError,
+        ModelMismatchError,
+        RetriesExhaustedError,
+        ServerFailure,
+        ServerProvenWrongError,
+        StepTimeoutError,
+        SwarmBusyError,
+        SwarmError,
+        WrongResultWarning,
+    )
     from client.model import AutoDistributedModelForCausalLM
     from client.pings import PingCache
     from client.session import InferenceSession

@@ -17,8 +17,13 @@ The checkpoint directory must also hold the tokenizer."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = cli_options(GenerateOptions, "python -m client.generate",
-                          "Generate text with a model whose blocks are served by a swarm.", EPILOG, argv)
+    options = cli_options(
+        GenerateOptions,
+        "python -m client.generate",
+        "Generate text with a model whose blocks are served by a swarm.",
+        EPILOG,
+        argv,
+    )
     # torch, transformers and hivemind only once the options are known to be good: --help and a bad flag answer at once.
     from transformers import AutoTokenizer, TextStreamer
 
@@ -34,15 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     chat = options.chat if options.chat is not None else bool(getattr(tokenizer, "chat_template", None))
     if chat:
         input_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": options.prompt}], add_generation_prompt=True, return_tensors="pt",
+            [{"role": "user", "content": options.prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
             return_dict=True,
         )["input_ids"]
     else:
         input_ids = tokenizer(options.prompt, return_tensors="pt").input_ids
     try:
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            options.model, options.initial_peers, model_name=options.model_name, request_timeout=options.request_timeout,
-            step_timeout=options.step_timeout, verify=options.verify,
+            options.model,
+            options.initial_peers,
+            model_name=options.model_name,
+            request_timeout=options.request_timeout,
+            step_timeout=options.step_timeout,
+            verify=options.verify,
         )
     except (BlocksError, SwarmError, ValueError, OSError) as e:
         print(f"client.generate: error: {e}", file=sys.stderr)

@@ -30,7 +30,9 @@ from client.shared_head import SharedHead
 logger = logging.getLogger(__name__)
 
 
-def prepare_config(base: GenerationConfig, generation_config: Optional[GenerationConfig], kwargs: dict[str, Any]) -> GenerationConfig:
+def prepare_config(
+    base: GenerationConfig, generation_config: Optional[GenerationConfig], kwargs: dict[str, Any]
+) -> GenerationConfig:
     """The model's generation config, updated by the caller's, then by keyword arguments, like transformers."""
     config = copy.deepcopy(generation_config if generation_config is not None else base)
     unused = config.update(**kwargs)
@@ -67,18 +69,28 @@ def _eos_ids(config: GenerationConfig) -> Optional[torch.Tensor]:
     return torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
 
 
-def _roll_back(session: InferenceSession, rollback: Rollback, all_ids: torch.Tensor, mask: Optional[torch.Tensor],
-               prompt_length: int, eos: Optional[torch.Tensor], streamer: Optional[BaseStreamer]):
+def _roll_back(
+    session: InferenceSession,
+    rollback: Rollback,
+    all_ids: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    prompt_length: int,
+    eos: Optional[torch.Tensor],
+    streamer: Optional[BaseStreamer],
+):
     """Drops the tokens that rest on outputs of a server proven wrong and rewinds the session to the
     last position verified for it (never into the caller's own tokens). Returns the kept tokens,
     their mask and which rows are still unfinished."""
     keep = min(max(rollback.position + 1, prompt_length), all_ids.shape[1])
-    message = (f"server(s) {', '.join(rollback.peers)} returned wrong results; "
-               f"{all_ids.shape[1] - keep} generated token(s) are generated again")
+    message = (
+        f"server(s) {', '.join(rollback.peers)} returned wrong results; "
+        f"{all_ids.shape[1] - keep} generated token(s) are generated again"
+    )
     logger.warning(message)
     if streamer is not None:
-        warnings.warn(f"{message}: tokens already streamed from position {keep} on were wrong", WrongResultWarning,
-                      stacklevel=4)
+        warnings.warn(
+            f"{message}: tokens already streamed from position {keep} on were wrong", WrongResultWarning, stacklevel=4
+        )
     session.rewind(rollback.position)
     all_ids = all_ids[:, :keep]
     mask = mask[:, :keep] if mask is not None else None
@@ -132,9 +144,11 @@ def decode(
             while all_ids.shape[1] - prompt_length < max_new and unfinished.any():
                 rollback = session.take_rollback()
                 if rollback is not None:
-                    all_ids, mask, unfinished = _roll_back(session, rollback, all_ids, mask, prompt_length, eos, streamer)
+                    all_ids, mask, unfinished = _roll_back(
+                        session, rollback, all_ids, mask, prompt_length, eos, streamer
+                    )
                     continue
-                feed = all_ids[:, session.position:]
+                feed = all_ids[:, session.position :]
                 try:
                     hidden = session.step(head.embed_tokens(feed), mask)
                 except ServerProvenWrongError:

@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 
 
 class AutoDistributedModelForCausalLM:
-    def __init__(self, checkpoint: Checkpoint, head: ModelHead, remote: RemoteModel, generation_config: GenerationConfig):
+    def __init__(
+        self, checkpoint: Checkpoint, head: ModelHead, remote: RemoteModel, generation_config: GenerationConfig
+    ):
         self.checkpoint = checkpoint
         self.head = SharedHead(head)
         self.remote = remote
@@ -79,10 +81,20 @@ class AutoDistributedModelForCausalLM:
             generation_config = GenerationConfig.from_pretrained(checkpoint.path)
         else:
             generation_config = GenerationConfig.from_model_config(dict(checkpoint.config.raw))
-        remote = RemoteModel(checkpoint, initial_peers, model_name, request_timeout=request_timeout,
-                             max_chunk_tokens=max_chunk_tokens, max_retries=max_retries, step_timeout=step_timeout,
-                             reliability=reliability, min_reliability=min_reliability, ban_seconds=ban_seconds,
-                             push=push, verify=verify)
+        remote = RemoteModel(
+            checkpoint,
+            initial_peers,
+            model_name,
+            request_timeout=request_timeout,
+            max_chunk_tokens=max_chunk_tokens,
+            max_retries=max_retries,
+            step_timeout=step_timeout,
+            reliability=reliability,
+            min_reliability=min_reliability,
+            ban_seconds=ban_seconds,
+            push=push,
+            verify=verify,
+        )
         return cls(checkpoint, head, remote, generation_config)
 
     @property
@@ -168,4 +180,6 @@ def _check_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) 
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a LongTensor of shape [batch, tokens]")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(input_ids.shape)}")
+        raise ValueError(
+            f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(input_ids.shape)}"
+        )

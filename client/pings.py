@@ -26,8 +26,14 @@ class PingCache:
     routed as if its round trip were `timeout` (so answering servers win) and pinged again after
     `retry_silent` seconds, twice that after a second silence, and so on up to `max_age`."""
 
-    def __init__(self, p2p: P2P, unreachable: Callable[[str, str], None] = lambda peer, reason: None,
-                 max_age: float = 60.0, timeout: float = 3.0, retry_silent: float = 10.0):
+    def __init__(
+        self,
+        p2p: P2P,
+        unreachable: Callable[[str, str], None] = lambda peer, reason: None,
+        max_age: float = 60.0,
+        timeout: float = 3.0,
+        retry_silent: float = 10.0,
+    ):
         self.p2p = p2p
         self.unreachable = unreachable
         self.max_age = max_age
@@ -67,8 +73,9 @@ class PingCache:
         try:
             await asyncio.wait_for(self._call(plan), self.timeout)
         except TimeoutError:
-            logger.info("server %s did not answer a ping within %.1f s; routing around it for now",
-                        info.peer_id, self.timeout)
+            logger.info(
+                "server %s did not answer a ping within %.1f s; routing around it for now", info.peer_id, self.timeout
+            )
             self._rtts.pop(info.peer_id, None)
             self._silent[info.peer_id] = (time.monotonic(), self._silent.get(info.peer_id, (0.0, 0))[1] + 1)
             return None

@@ -49,7 +49,8 @@ class RelayScores:
         """Sends the evidence against a server proven wrong; returns the relay's verdict (an error status
         raises: the relay refuses evidence that does not hold)."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(self.timeout, 120.0))) as session:
-            async with session.post(f"{self.base}/evidence", json=evidence_body(evidence),
-                                    headers={"X-API-Key": self.api_key}) as response:
+            async with session.post(
+                f"{self.base}/evidence", json=evidence_body(evidence), headers={"X-API-Key": self.api_key}
+            ) as response:
                 response.raise_for_status()
                 return await response.json()

@@ -16,6 +16,7 @@ from hivemind.p2p import P2P
 
 from blocks.checkpoint import Checkpoint, parse_dtype
 from blocks.wire import MAX_MESSAGE_BYTES, cap_incoming_messages
+from client.bans import BanList
 from client.errors import (
     MissingBlocksError,
     ModelMismatchError,
@@ -25,7 +26,6 @@ from client.errors import (
     SwarmBusyError,
     SwarmError,
 )
-from client.bans import BanList
 from client.pings import PingCache
 from client.reliability import RelayScores
 from client.routing import RouteIndex, SpanPlan, chain_avoiding, make_chain, usable
@@ -65,8 +65,9 @@ async def step_deadline(seconds: Optional[float], what: str) -> AsyncIterator[No
     except TimeoutError as e:
         if not deadline.expired():
             raise
-        raise StepTimeoutError(f"the {what} did not finish within step_timeout={seconds:g} s "
-                               f"(retries and failovers included)") from e
+        raise StepTimeoutError(
+            f"the {what} did not finish within step_timeout={seconds:g} s (retries and failovers included)"
+        ) from e
 
 
 class RemoteModel:
@@ -115,7 +116,10 @@ class RemoteModel:
         self.sessions: weakref.WeakSet = weakref.WeakSet()  # open inference sessions, to roll back on a conviction
         self._referee_executor = ThreadPoolExecutor(1, thread_name_prefix="referee")
         self.verifier: Optional[SpotChecker] = (
-            SpotChecker(verify, self.recompute, LocalReferee(checkpoint, self._referee_executor)) if verify > 0 else None)
+            SpotChecker(verify, self.recompute, LocalReferee(checkpoint, self._referee_executor))
+            if verify > 0
+            else None
+        )
         self.rng = random.Random()
         dht, validator = start_dht(initial_peers, client_mode=True, nat_port_map=nat_port_map)
         self.dht = SwarmDHT(dht, validator)
@@ -139,7 +143,8 @@ class RemoteModel:
             raise ModelMismatchError(
                 f"servers announce a different model as {self.model_name!r} ({agreed.family}, {agreed.num_blocks} "
                 f"blocks, config {agreed.config_digest[:12]}) than the local checkpoint "
-                f"({self.checkpoint.family.model_type}, {self.num_blocks} blocks, config {self.checkpoint.config_digest[:12]})"
+                f"({self.checkpoint.family.model_type}, {self.num_blocks} blocks, "
+                f"config {self.checkpoint.config_digest[:12]})"
             )
         self._meta_checked = True
 
@@ -149,8 +154,14 @@ class RemoteModel:
         except DHTUnavailableError as e:
             raise SwarmError(f"cannot read the swarm's DHT: {e}") from e
 
-    async def make_chain(self, start: int = 0, end: Optional[int] = None, exclude: Collection[str] = (),
-                         avoid_owner: str = "", max_age: float = 0.0) -> list[SpanPlan]:
+    async def make_chain(
+        self,
+        start: int = 0,
+        end: Optional[int] = None,
+        exclude: Collection[str] = (),
+        avoid_owner: str = "",
+        max_age: float = 0.0,
+    ) -> list[SpanPlan]:
         """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`,
         preferring servers with a good score and, with `avoid_owner`, servers of another owner (another
         announced `public_name`) whenever such servers cover the blocks. With `max_age`, a DHT read
@@ -162,16 +173,22 @@ class RemoteModel:
         await self.pings.refresh(index.candidates(start, end, excluded).values())
         preferences = []
         if avoid_owner:
-            preferences.append(({info.peer_id for info in index.infos if info.record.public_name == avoid_owner},
-                                f"only servers of owner {avoid_owner!r} cover some blocks; using them"))
+            preferences.append(
+                (
+                    {info.peer_id for info in index.infos if info.record.public_name == avoid_owner},
+                    f"only servers of owner {avoid_owner!r} cover some blocks; using them",
+                )
+            )
         unreliable = await self._unreliable()
         if unreliable - excluded:
-            preferences.append((unreliable, f"only servers scoring below {self.min_reliability:.2f} cover some "
-                                            f"blocks; using them"))
+            preferences.append(
+                (unreliable, f"only servers scoring below {self.min_reliability:.2f} cover some blocks; using them")
+            )
         for avoided, fallback in preferences:
             if avoided - excluded:
-                chain = chain_avoiding(self.model_name, index, start, end, excluded, avoided,
-                                       rtts=self.pings.route_rtts(), rng=self.rng)
+                chain = chain_avoiding(
+                    self.model_name, index, start, end, excluded, avoided, rtts=self.pings.route_rtts(), rng=self.rng
+                )
                 if any(plan.peer_id in avoided for plan in chain):
                     logger.info(fallback)
                 return chain
@@ -192,8 +209,10 @@ class RemoteModel:
         server's `max_length`, and the least of those (0 if some block has no usable server)."""
         servers = await self._read_dht(self.dht.fetch_servers(self.model_name, self.num_blocks))
         banned = self.bans.banned()
-        per_block = [max((info.record.max_length for info in block.values() if usable(info, banned)), default=0)
-                     for block in servers]
+        per_block = [
+            max((info.record.max_length for info in block.values() if usable(info, banned)), default=0)
+            for block in servers
+        ]
         return min(per_block, default=0)
 
     async def _unreliable(self) -> set[str]:
@@ -216,7 +235,9 @@ class RemoteModel:
             now = time.monotonic()
             self._failed_relays[relay] = now + RELAY_AVOID_SECONDS
             if self._other_relay(peer_id, now):
-                logger.warning("server %s failed through relay %s; trying its other relays (%s)", peer_id, relay, reason)
+                logger.warning(
+                    "server %s failed through relay %s; trying its other relays (%s)", peer_id, relay, reason
+                )
                 self.pings.forget(peer_id)
                 return
         self.bans.ban(peer_id, reason)
@@ -245,8 +266,10 @@ class RemoteModel:
         peer = evidence.peer_id
         first = peer not in self.convicted
         self.convicted.setdefault(peer, evidence)
-        reason = (f"returned wrong results for blocks {evidence.start_block}:{evidence.end_block} (relative error "
-                  f"{evidence.claimed_error:.2g} > {evidence.tolerance:.2g} against {evidence.referee})")
+        reason = (
+            f"returned wrong results for blocks {evidence.start_block}:{evidence.end_block} (relative error "
+            f"{evidence.claimed_error:.2g} > {evidence.tolerance:.2g} against {evidence.referee})"
+        )
         self.bans.ban_forever(peer, reason)
         self.pings.forget(peer)
         for session in list(self.sessions):
@@ -272,22 +295,36 @@ class RemoteModel:
         """A claim's outputs recomputed by a chain of other servers (none of `avoid`), as one stateless
         prefill of its whole input history; None if no such chain exists."""
         try:
-            chain = await self.make_chain(claim.start, claim.end, exclude=avoid, avoid_owner=claim.owner,
-                                          max_age=CHECK_ROUTE_MAX_AGE)
+            chain = await self.make_chain(
+                claim.start, claim.end, exclude=avoid, avoid_owner=claim.owner, max_age=CHECK_ROUTE_MAX_AGE
+            )
         except MissingBlocksError:
             return None
         hidden = claim.inputs
         for plan in chain:
             try:
-                hidden = await self._unless_failed(plan.peer_id, forward_span(
-                    self.p2p, self.model_name, plan, hidden, claim.mask, self.chunk_tokens(hidden.shape[0]),
-                    self.request_timeout))
+                hidden = await self._unless_failed(
+                    plan.peer_id,
+                    forward_span(
+                        self.p2p,
+                        self.model_name,
+                        plan,
+                        hidden,
+                        claim.mask,
+                        self.chunk_tokens(hidden.shape[0]),
+                        self.request_timeout,
+                    ),
+                )
             except ServerFailure as e:
                 if plan.peer_id not in self.bans.banned():  # an abandoned request's server is banned already
                     self.report_failure(plan.peer_id, str(e), e.relay)
                 raise
-        return Recomputation(by=" → ".join(plan.peer_id for plan in chain), peers=frozenset(p.peer_id for p in chain),
-                             outputs=hidden, dtype=least_precise([parse_dtype(plan.info.record.dtype) for plan in chain]))
+        return Recomputation(
+            by=" → ".join(plan.peer_id for plan in chain),
+            peers=frozenset(p.peer_id for p in chain),
+            outputs=hidden,
+            dtype=least_precise([parse_dtype(plan.info.record.dtype) for plan in chain]),
+        )
 
     async def _unless_failed(self, peer_id: str, request: Awaitable[torch.Tensor]) -> torch.Tensor:
         """Awaits `request` to `peer_id`, abandoning it as soon as a session reports that server failed:
@@ -329,8 +366,15 @@ class RemoteModel:
         while index < len(chain):
             plan = chain[index]
             try:
-                hidden = await forward_span(self.p2p, self.model_name, plan, hidden, mask,
-                                            self.chunk_tokens(hidden.shape[0]), self.request_timeout)
+                hidden = await forward_span(
+                    self.p2p,
+                    self.model_name,
+                    plan,
+                    hidden,
+                    mask,
+                    self.chunk_tokens(hidden.shape[0]),
+                    self.request_timeout,
+                )
                 index += 1
             except (ServerFailure, SwarmBusyError) as e:
                 failures += 1
@@ -338,7 +382,7 @@ class RemoteModel:
                     self.report_failure(plan.peer_id, str(e), e.relay)
                 if failures > self.max_retries:
                     raise RetriesExhaustedError(f"gave up after {failures} failures; last: {e}") from e
-                chain[index:] = await self.make_chain(plan.start, plan.end, exclude={plan.peer_id}) + chain[index + 1:]
+                chain[index:] = await self.make_chain(plan.start, plan.end, exclude={plan.peer_id}) + chain[index + 1 :]
         return hidden.to(dtype)
 
     def shutdown(self) -> None:

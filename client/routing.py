@@ -36,8 +36,13 @@ class SpanPlan:
 
 def usable(info: ServerInfo, exclude: Collection[str]) -> bool:
     record = info.record
-    return (info.peer_id not in exclude and record.state == ServerState.ONLINE and record.available
-            and record.cache_tokens_free > 0 and (record.reachable or bool(record.relay_addrs)))
+    return (
+        info.peer_id not in exclude
+        and record.state == ServerState.ONLINE
+        and record.available
+        and record.cache_tokens_free > 0
+        and (record.reachable or bool(record.relay_addrs))
+    )
 
 
 def seconds_per_block(info: ServerInfo) -> float:
@@ -91,7 +96,9 @@ class RouteIndex:
         self.per_block = np.array([seconds_per_block(info) for info in infos], dtype=np.float64)
         self.open = np.array([usable(info, ()) for info in infos], dtype=bool)
         self.first, self.last = np.array(first, dtype=np.int64), np.array(last, dtype=np.int64)
-        self.present = [np.flatnonzero((self.first <= block) & (self.last >= block)) for block in range(self.num_blocks)]
+        self.present = [
+            np.flatnonzero((self.first <= block) & (self.last >= block)) for block in range(self.num_blocks)
+        ]
 
     def serving(self, block: int) -> set[str]:
         """Peers whose usable records cover `block`."""
@@ -173,9 +180,16 @@ def make_chain(
     return chain[::-1]
 
 
-def chain_avoiding(model: str, index: RouteIndex, start: int, end: int, exclude: Collection[str],
-                   avoid: Collection[str], rtts: Mapping[str, float] | None = None,
-                   rng: random.Random | None = None) -> list[SpanPlan]:
+def chain_avoiding(
+    model: str,
+    index: RouteIndex,
+    start: int,
+    end: int,
+    exclude: Collection[str],
+    avoid: Collection[str],
+    rtts: Mapping[str, float] | None = None,
+    rng: random.Random | None = None,
+) -> list[SpanPlan]:
     """The fastest chain that uses servers in `avoid` only for blocks that no other server covers
     (so one block without an alternative does not bring every avoided server back)."""
     avoid = set(avoid)

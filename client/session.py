@@ -16,8 +16,14 @@ from typing import Optional
 
 import torch
 
-from client.errors import (InputMismatch, MissingBlocksError, ServerFailure, ServerProvenWrongError, SwarmBusyError,
-                           SwarmError)
+from client.errors import (
+    InputMismatch,
+    MissingBlocksError,
+    ServerFailure,
+    ServerProvenWrongError,
+    SwarmBusyError,
+    SwarmError,
+)
 from client.remote import FailureBudget, RemoteModel, step_deadline
 from client.span import SpanSession
 from client.verify import Claim
@@ -74,8 +80,14 @@ class InferenceSession:
         """(peer id, start, end) of every span in use."""
         return [(span.plan.peer_id, span.plan.start, span.plan.end) for span in self.spans]
 
-    async def _connect(self, start: int, end: int, history: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                       failures: FailureBudget) -> list[SpanSession]:
+    async def _connect(
+        self,
+        start: int,
+        end: int,
+        history: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
+        failures: FailureBudget,
+    ) -> list[SpanSession]:
         """Opens sessions for blocks [start, end) and replays `history` (inputs of block `start` so far).
 
         Server failures count toward the step's one `failures` budget; servers that answer "busy"
@@ -92,15 +104,21 @@ class InferenceSession:
                         f"swarm busy: every server for blocks {start}-{end - 1} refused a new session for lack of room"
                     ) from last_error
                 raise
-            opened = [SpanSession(plan, self.remote.request_timeout, keep_outputs=self.remote.verifier is not None)
-                      for plan in chain]
+            opened = [
+                SpanSession(plan, self.remote.request_timeout, keep_outputs=self.remote.verifier is not None)
+                for plan in chain
+            ]
             errors: list[BaseException] = []
             try:
                 # All at once: over a WAN each opening costs round trips, which a chain should pay once, not per span.
                 relays = self.remote.relays_to_avoid()
-                outcomes = await asyncio.gather(*(
-                    span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length, relays)
-                    for span in opened), return_exceptions=True)
+                outcomes = await asyncio.gather(
+                    *(
+                        span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length, relays)
+                        for span in opened
+                    ),
+                    return_exceptions=True,
+                )
                 errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
                 if not errors:
                     if history is not None:
@@ -129,8 +147,8 @@ class InferenceSession:
         """Rebuilds the replacement servers' caches from the inputs the failed span had received."""
         chunk = self.remote.chunk_tokens(history.shape[0])
         for offset in range(0, history.shape[1], chunk):
-            part = history[:, offset:offset + chunk]
-            part_mask = mask[:, offset:offset + part.shape[1]] if mask is not None else None
+            part = history[:, offset : offset + chunk]
+            part_mask = mask[:, offset : offset + part.shape[1]] if mask is not None else None
             for span in spans:
                 part = await span.step(part, part_mask)
 
@@ -142,13 +160,16 @@ class InferenceSession:
         if self.closed:
             raise SwarmError("inference session is closed")
         if self.broken is not None:
-            raise SwarmError(f"inference session is broken by an earlier failed step ({self.broken}); "
-                             f"open a new session and send its tokens again")
+            raise SwarmError(
+                f"inference session is broken by an earlier failed step ({self.broken}); "
+                f"open a new session and send its tokens again"
+            )
         await self._wait_for_lagging_checks()
         if self._rollback is not None:
             raise ServerProvenWrongError(
                 f"server(s) {', '.join(self._rollback.peers)} returned wrong results: this session's outputs from "
-                f"position {self._rollback.position} on are void; call rewind({self._rollback.position}) and resend")
+                f"position {self._rollback.position} on are void; call rewind({self._rollback.position}) and resend"
+            )
         batch, tokens = hidden.shape[:2]
         if self.spans and batch != self.batch_size:
             raise ValueError(f"session was opened with batch size {self.batch_size}, got {batch}")
@@ -177,7 +198,7 @@ class InferenceSession:
         outputs = []
         try:
             for offset in range(0, tokens, chunk):
-                part = hidden[:, offset:offset + chunk]
+                part = hidden[:, offset : offset + chunk]
                 part_mask = mask[:, : self.position + offset + part.shape[1]] if mask is not None else None
                 outputs.append(await self._through_chain(part, part_mask, failures))
         except BaseException as e:
@@ -188,7 +209,7 @@ class InferenceSession:
         self.position += tokens
         self._steps += 1
         if mask is not None:
-            self._mask = mask[:, :self.position]
+            self._mask = mask[:, : self.position]
         self._start_checks()
         return torch.cat(outputs, dim=1).to(dtype)
 
@@ -203,10 +224,20 @@ class InferenceSession:
         for span in self.spans:
             if span.checking or span.position <= span.verified or not (sampled or span.checks == 0):
                 continue
-            claim = Claim(peer_id=span.plan.peer_id, start=span.plan.start, end=span.plan.end, dtype=span.dtype,
-                          inputs=span.history(), outputs=span.outputs(), mask=self._mask, verified=span.verified,
-                          model=span.model, session_id=span.key, receipts=tuple(span.receipts),
-                          owner=span.plan.info.record.public_name)
+            claim = Claim(
+                peer_id=span.plan.peer_id,
+                start=span.plan.start,
+                end=span.plan.end,
+                dtype=span.dtype,
+                inputs=span.history(),
+                outputs=span.outputs(),
+                mask=self._mask,
+                verified=span.verified,
+                model=span.model,
+                session_id=span.key,
+                receipts=tuple(span.receipts),
+                owner=span.plan.info.record.public_name,
+            )
             span.checks += 1
             span.checking = True
             task = asyncio.create_task(self._check(span, claim, span.rewinds))
@@ -248,8 +279,9 @@ class InferenceSession:
         else:
             peer_ids = (peer_id,)
         self._rollback = Rollback(position, peer_ids)
-        logger.warning("session %s: server %s was proven wrong; rolling back to position %d",
-                       self.session_id, peer_id, position)
+        logger.warning(
+            "session %s: server %s was proven wrong; rolling back to position %d", self.session_id, peer_id, position
+        )
 
     def take_rollback(self) -> Optional[Rollback]:
         """The pending rollback, if a server of this session was proven wrong (the caller rewinds)."""
@@ -283,8 +315,9 @@ class InferenceSession:
             if span.plan.peer_id in self.remote.convicted:
                 history = span.history()
                 await span.close()
-                spans += await self._connect(span.plan.start, span.plan.end,
-                                             history[:, :position] if position else None, mask, failures)
+                spans += await self._connect(
+                    span.plan.start, span.plan.end, history[:, :position] if position else None, mask, failures
+                )
             else:
                 span.rewind(position)
                 spans.append(span)
@@ -297,7 +330,9 @@ class InferenceSession:
     def rewind(self, position: int) -> None:
         self.remote.runtime.run(self.arewind(position))
 
-    async def _through_chain(self, part: torch.Tensor, mask: Optional[torch.Tensor], failures: FailureBudget) -> torch.Tensor:
+    async def _through_chain(
+        self, part: torch.Tensor, mask: Optional[torch.Tensor], failures: FailureBudget
+    ) -> torch.Tensor:
         """One chunk through every span (`mask`: the session's attention mask up to the chunk's end;
         only the chunk's columns travel, servers keep the rest).
 
@@ -306,17 +341,22 @@ class InferenceSession:
         own stream as it comes (it keeps them to rebuild a replacement's cache). After a failover the
         client sends the step itself to the replacement, which pushes it on."""
         self._step_id += 1
-        new_mask = mask[:, -part.shape[1]:] if mask is not None else None
+        new_mask = mask[:, -part.shape[1] :] if mask is not None else None
         index, send_to = 0, 0
         while index < len(self.spans):
             span = self.spans[index]
             try:
                 if index == send_to:
-                    later = self.spans[index + 1:]
+                    later = self.spans[index + 1 :]
                     fits = all(part.shape[1] <= other.max_chunk_tokens for other in self.spans[index:])
                     if self.push and fits:
-                        span.send(part, new_mask, self._step_id, [other.hop() for other in later],
-                                  rewind=any(other.rewinding for other in later))
+                        span.send(
+                            part,
+                            new_mask,
+                            self._step_id,
+                            [other.hop() for other in later],
+                            rewind=any(other.rewinding for other in later),
+                        )
                         output = await span.receive(part)
                     else:
                         output = await span.step(part, new_mask)
@@ -337,12 +377,18 @@ class InferenceSession:
                 history = span.history()
                 history_mask = mask[:, : history.shape[1]] if mask is not None and history is not None else None
                 replacement = await self._connect(span.plan.start, span.plan.end, history, history_mask, failures)
-                self.spans[index:index + 1] = replacement
+                self.spans[index : index + 1] = replacement
                 self._retired.append((span.plan.peer_id, span.verified))
                 self.failovers += 1
                 send_to = index
-                logger.warning("session %s: replaced %s for blocks %d:%d; chain now %s", self.session_id,
-                               e.peer_id, span.plan.start, span.plan.end, self._describe())
+                logger.warning(
+                    "session %s: replaced %s for blocks %d:%d; chain now %s",
+                    self.session_id,
+                    e.peer_id,
+                    span.plan.start,
+                    span.plan.end,
+                    self._describe(),
+                )
                 continue
             part = output
             index += 1

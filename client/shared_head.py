@@ -67,7 +67,7 @@ class SharedHead:
             logits = self.head.logits(rows[0] if len(rows) == 1 else torch.cat(rows))
             offset = 0
             for request in batch:
-                request.logits = logits[offset:offset + request.hidden.shape[0]]
+                request.logits = logits[offset : offset + request.hidden.shape[0]]
                 offset += request.hidden.shape[0]
         except BaseException as e:
             for request in batch:

@@ -83,8 +83,10 @@ def raise_for_server(peer_id: str, error: BaseException, relay: str = "") -> Non
 def check_output(peer_id: str, output: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A span's output must have its input's shape, the announced dtype and finite values, or the server failed."""
     if output.shape != like.shape or output.dtype != dtype:
-        raise ServerFailure(peer_id, f"reply of shape {list(output.shape)} and dtype {output.dtype}, "
-                                     f"expected {list(like.shape)} and {dtype}")
+        raise ServerFailure(
+            peer_id,
+            f"reply of shape {list(output.shape)} and dtype {output.dtype}, expected {list(like.shape)} and {dtype}",
+        )
     if not bool(torch.isfinite(output).all()):
         raise ServerFailure(peer_id, "reply holds NaN or infinite values")
     return output
@@ -123,8 +125,11 @@ class RequestStream:
 
     async def receive(self, timeout: float, nudge: Optional[Callable[[], None]] = None):
         """The next reply; `nudge` is called once if none has come within `NUDGE_AFTER` seconds."""
-        late = (asyncio.get_running_loop().call_later(NUDGE_AFTER, nudge)
-                if nudge is not None and NUDGE_AFTER < timeout else None)
+        late = (
+            asyncio.get_running_loop().call_later(NUDGE_AFTER, nudge)
+            if nudge is not None and NUDGE_AFTER < timeout
+            else None
+        )
         try:
             reply = await asyncio.wait_for(anext(self.replies, None), timeout)
         finally:
@@ -173,8 +178,13 @@ class SpanSession:
     def hop(self) -> Hop:
         """Where the previous server of the chain pushes this span's input."""
         record = self.plan.info.record
-        return Hop(peer_id=self.plan.peer_id, session_id=self.key, addrs=record.addrs, relay_addrs=record.relay_addrs,
-                   dtype=record.dtype)
+        return Hop(
+            peer_id=self.plan.peer_id,
+            session_id=self.key,
+            addrs=record.addrs,
+            relay_addrs=record.relay_addrs,
+            dtype=record.dtype,
+        )
 
     def history(self) -> Optional[torch.Tensor]:
         """Inputs of block `plan.start` at every position this span has processed ([batch, position, hidden]),
@@ -197,16 +207,27 @@ class SpanSession:
             self.rewinds += 1
             self._rewind = True
 
-    async def open(self, p2p: P2P, model: str, batch_size: int, max_length: int,
-                   avoid_relays: Collection[str] = ()) -> None:
+    async def open(
+        self, p2p: P2P, model: str, batch_size: int, max_length: int, avoid_relays: Collection[str] = ()
+    ) -> None:
         self.model = model
         try:
             target = await connect(p2p, self.plan, self.timeout, avoid_relays)
             self.relay = target.relay
             await asyncio.wait_for(self._stream.open(p2p, target, RPC_INFERENCE), self.timeout)
-            self._stream.send(pack(OpenSession(model=model, start_block=self.plan.start, end_block=self.plan.end,
-                                               max_length=max_length, batch_size=batch_size, session_id=self.key),
-                                   request=True))
+            self._stream.send(
+                pack(
+                    OpenSession(
+                        model=model,
+                        start_block=self.plan.start,
+                        end_block=self.plan.end,
+                        max_length=max_length,
+                        batch_size=batch_size,
+                        session_id=self.key,
+                    ),
+                    request=True,
+                )
+            )
             read_header(await self._stream.receive(self.timeout), SessionOpened)
         except Exception as e:
             await self._stream.close()
@@ -219,8 +240,8 @@ class SpanSession:
         limit = self.plan.info.record.max_chunk_tokens
         outputs = []
         for offset in range(0, hidden.shape[1], limit):
-            part = hidden[:, offset:offset + limit]
-            part_mask = mask[:, offset:offset + part.shape[1]] if mask is not None else None
+            part = hidden[:, offset : offset + limit]
+            part_mask = mask[:, offset : offset + part.shape[1]] if mask is not None else None
             outputs.append(await self._step(part, part_mask))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
@@ -234,8 +255,14 @@ class SpanSession:
         """The server still holds positions this span has forgotten (see `rewind`)."""
         return self._rewind
 
-    def send(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], step_id: int, route: Sequence[Hop] = (),
-             rewind: bool = False) -> None:
+    def send(
+        self,
+        hidden: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        step_id: int,
+        route: Sequence[Hop] = (),
+        rewind: bool = False,
+    ) -> None:
         """Sends one step (within this server's chunk limit); with a `route`, the server pushes its
         output along it (with `rewind`, every server on the way first forgets what follows the
         step's position). The reply is read by `receive`."""
@@ -249,7 +276,9 @@ class SpanSession:
         but a write on a dead server's stream fails at once instead of after the read timeout."""
         self._stream.send(pack(Expect(expect_step=step_id), request=True))
 
-    async def receive(self, hidden: torch.Tensor, previous_peer_id: str = "", step_id: Optional[int] = None) -> torch.Tensor:
+    async def receive(
+        self, hidden: torch.Tensor, previous_peer_id: str = "", step_id: Optional[int] = None
+    ) -> torch.Tensor:
         """This span's output for the step whose input was `hidden` (sent by us, or pushed to the server
         by the previous one, `previous_peer_id`, as step `step_id`: if its reply is late, an `Expect`
         probes the stream); the input is kept to rebuild the cache elsewhere."""
@@ -261,7 +290,9 @@ class SpanSession:
         except Exception as e:
             raise_for_server(self.plan.peer_id, e, self.relay)
         if done.position != self.position + hidden.shape[1] or len(outputs) != 1:
-            raise ServerFailure(self.plan.peer_id, f"inconsistent reply: position {done.position}, {len(outputs)} tensors")
+            raise ServerFailure(
+                self.plan.peer_id, f"inconsistent reply: position {done.position}, {len(outputs)} tensors"
+            )
         sent = tensor_digest(hidden.to(self.dtype))
         if done.input_digest and done.input_digest != sent:
             raise InputMismatch(self.plan.peer_id, previous_peer_id or "(none: the client sent it)")
@@ -283,8 +314,11 @@ class SpanSession:
         if not key:
             return None
         receipt = Receipt(self.position, tokens, done.input_digest, done.output_digest, done.receipt)
-        if (done.input_digest != sent or done.output_digest != tensor_digest(output)
-                or not verify(key, receipt.message(self.model, self.plan.start, self.plan.end, self.key), done.receipt)):
+        if (
+            done.input_digest != sent
+            or done.output_digest != tensor_digest(output)
+            or not verify(key, receipt.message(self.model, self.plan.start, self.plan.end, self.key), done.receipt)
+        ):
             raise ServerFailure(self.plan.peer_id, "reply without a valid receipt of the step")
         return receipt
 
@@ -307,10 +341,15 @@ async def forward_span(
         relay = target.relay
         await asyncio.wait_for(stream.open(p2p, target, RPC_FORWARD), timeout)
         for position in range(0, total, chunk):
-            part = hidden[:, position:position + chunk].to(dtype)
-            tensors = [part] + ([mask[:, position:position + part.shape[1]]] if mask is not None else [])
-            header = (ForwardRequest(model=model, start_block=plan.start, end_block=plan.end, batch_size=batch,
-                                     total_tokens=total) if position == 0 else Step(position=position))
+            part = hidden[:, position : position + chunk].to(dtype)
+            tensors = [part] + ([mask[:, position : position + part.shape[1]]] if mask is not None else [])
+            header = (
+                ForwardRequest(
+                    model=model, start_block=plan.start, end_block=plan.end, batch_size=batch, total_tokens=total
+                )
+                if position == 0
+                else Step(position=position)
+            )
             stream.send(pack(header, tensors, request=True))
             reply = await stream.receive(timeout)
             read_header(reply, StepDone)

@@ -39,8 +39,8 @@ from blocks.layers import DecoderLayer, KVCache, Rotary
 from blocks.loading import load_span
 from blocks.span import BlockSpan
 from blocks.wire import tensor_digest
-from dht.receipts import Receipt, verify
 from client.errors import SwarmError
+from dht.receipts import Receipt, verify
 
 logger = logging.getLogger(__name__)
 
@@ -109,17 +109,39 @@ def evidence_body(evidence: Evidence) -> dict:
     if evidence.mask is not None:
         tensors["mask"] = evidence.mask.to(torch.int64).contiguous()
     return {
-        "model": evidence.model, "peer_id": evidence.peer_id, "start_block": evidence.start_block,
-        "end_block": evidence.end_block, "dtype": evidence.dtype, "session_id": evidence.session_id,
+        "model": evidence.model,
+        "peer_id": evidence.peer_id,
+        "start_block": evidence.start_block,
+        "end_block": evidence.end_block,
+        "dtype": evidence.dtype,
+        "session_id": evidence.session_id,
         "verified": evidence.positions[0],
-        "receipts": [{"position": r.position, "tokens": r.tokens, "input_digest": r.input_digest,
-                      "output_digest": r.output_digest, "signature": r.signature} for r in evidence.receipts],
+        "receipts": [
+            {
+                "position": r.position,
+                "tokens": r.tokens,
+                "input_digest": r.input_digest,
+                "output_digest": r.output_digest,
+                "signature": r.signature,
+            }
+            for r in evidence.receipts
+        ],
         "tensors": base64.b64encode(safetensors.torch.save(tensors)).decode(),
     }
 
 
-def check_receipts(receipt_key: str, model: str, start: int, end: int, session_id: str, dtype: torch.dtype,
-                   receipts: Sequence[Receipt], inputs: torch.Tensor, outputs: torch.Tensor, verified: int) -> Optional[str]:
+def check_receipts(
+    receipt_key: str,
+    model: str,
+    start: int,
+    end: int,
+    session_id: str,
+    dtype: torch.dtype,
+    receipts: Sequence[Receipt],
+    inputs: torch.Tensor,
+    outputs: torch.Tensor,
+    verified: int,
+) -> Optional[str]:
     """Why signed receipts do not prove that the server computed `outputs` (its outputs at positions
     [verified, end of inputs)) from exactly `inputs` (every position of the session from 0), or None
     if they do: one receipt per step, contiguous from position 0, each signed by `receipt_key`, the
@@ -135,10 +157,13 @@ def check_receipts(receipt_key: str, model: str, start: int, end: int, session_i
             return f"position {verified} is not where a step starts"
         if not verify(receipt_key, receipt.message(model, start, end, session_id), receipt.signature):
             return f"the receipt of positions {position}:{position + receipt.tokens} is not signed by the server"
-        if tensor_digest(inputs[:, position:position + receipt.tokens].to(dtype)) != receipt.input_digest:
+        if tensor_digest(inputs[:, position : position + receipt.tokens].to(dtype)) != receipt.input_digest:
             return f"inputs at positions {position}:{position + receipt.tokens} are not what the server signed"
-        if position >= verified and tensor_digest(
-                outputs[:, position - verified:position - verified + receipt.tokens]) != receipt.output_digest:
+        if (
+            position >= verified
+            and tensor_digest(outputs[:, position - verified : position - verified + receipt.tokens])
+            != receipt.output_digest
+        ):
             return f"outputs at positions {position}:{position + receipt.tokens} are not what the server signed"
         position += receipt.tokens
     if position != total:
@@ -206,8 +231,14 @@ class LocalReferee:
     only the positions added since (the inputs it computed on must be a prefix of the new claim's,
     or it starts over): the cost of a check no longer grows with the session's history."""
 
-    def __init__(self, checkpoint: Checkpoint, executor: Executor, memory_fraction: float = 0.5,
-                 keep_sessions: int = 64, keep_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        executor: Executor,
+        memory_fraction: float = 0.5,
+        keep_sessions: int = 64,
+        keep_bytes: int = 1 << 30,
+    ):
         self.checkpoint = checkpoint
         self.executor = executor
         self.memory_fraction = memory_fraction
@@ -236,12 +267,13 @@ class LocalReferee:
                 empty = inputs[:, :0]
                 done = _Progress(empty, None if claim.mask is None else claim.mask[:, :0], empty, span.new_cache())
             if done.inputs.shape[1] < inputs.shape[1]:
-                added = span.forward(inputs[:, done.inputs.shape[1]:], cache=done.cache, attention_mask=claim.mask)
+                added = span.forward(inputs[:, done.inputs.shape[1] :], cache=done.cache, attention_mask=claim.mask)
                 done = _Progress(inputs, claim.mask, torch.cat([done.outputs, added], dim=1), done.cache)
             if claim.session_id and self.keep_sessions > 0:
                 self._progress[key] = done
                 while len(self._progress) > self.keep_sessions or (
-                        len(self._progress) > 1 and sum(map(_bytes, self._progress.values())) > self.keep_bytes):
+                    len(self._progress) > 1 and sum(map(_bytes, self._progress.values())) > self.keep_bytes
+                ):
                     self._progress.popitem(last=False)
             return done.outputs
 
@@ -260,7 +292,9 @@ class LocalReferee:
             loaded = load_span(self.checkpoint, index, index + 1, torch.float32)
             self._blocks[index] = loaded.layers[0]
             self._rotary = self._rotary or loaded.rotary
-        return BlockSpan(self.checkpoint.config, [self._blocks[index] for index in range(start, end)], self._rotary, start)
+        return BlockSpan(
+            self.checkpoint.config, [self._blocks[index] for index in range(start, end)], self._rotary, start
+        )
 
 
 def _bytes(progress: _Progress) -> int:
@@ -272,8 +306,11 @@ def _extends(tensor: Optional[torch.Tensor], prefix: Optional[torch.Tensor]) -> 
     """Whether `tensor` [batch, positions, ...] begins with `prefix` exactly (None only extends None)."""
     if tensor is None or prefix is None:
         return tensor is None and prefix is None
-    return (tensor.shape[0] == prefix.shape[0] and tensor.shape[1] >= prefix.shape[1]
-            and torch.equal(tensor[:, :prefix.shape[1]], prefix))
+    return (
+        tensor.shape[0] == prefix.shape[0]
+        and tensor.shape[1] >= prefix.shape[1]
+        and torch.equal(tensor[:, : prefix.shape[1]], prefix)
+    )
 
 
 class SpotChecker:
@@ -283,8 +320,9 @@ class SpotChecker:
     local one, or None. A claim that cannot be recomputed (no other server, no room here) stays
     unverified: the check is skipped, not failed."""
 
-    def __init__(self, rate: float, recompute: Recompute, referee: Optional[LocalReferee],
-                 rng: Optional[random.Random] = None):
+    def __init__(
+        self, rate: float, recompute: Recompute, referee: Optional[LocalReferee], rng: Optional[random.Random] = None
+    ):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"verify rate must be within [0, 1], got {rate}")
         self.rate = rate
@@ -313,31 +351,64 @@ class SpotChecker:
         avoid = frozenset({claim.peer_id}) | first.peers
         referee = await self._recompute(claim, avoid, local=first.by != "client", prefer_local=True)
         if referee is None:
-            logger.warning("span %d:%d of %s disagrees with %s and no referee is available; not judged",
-                           claim.start, claim.end, claim.peer_id, first.by)
+            logger.warning(
+                "span %d:%d of %s disagrees with %s and no referee is available; not judged",
+                claim.start,
+                claim.end,
+                claim.peer_id,
+                first.by,
+            )
             return Verdict(verified=False)
         claimed_error = discrepancy(claimed, referee.outputs[:, window], mask)
         verifier_error = discrepancy(first.outputs[:, window], referee.outputs[:, window], mask)
         claimed_tol = tolerance(claim.dtype, referee.dtype, claim.end - claim.start)
         verifier_tol = tolerance(first.dtype, referee.dtype, claim.end - claim.start)
-        common = dict(start_block=claim.start, end_block=claim.end, positions=(claim.verified, claim.outputs.shape[1]),
-                      input_digest=tensor_digest(claim.inputs), claimed_digest=tensor_digest(claimed),
-                      verifier_id=first.by, verifier_digest=tensor_digest(first.outputs[:, window]),
-                      referee=referee.by, referee_digest=tensor_digest(referee.outputs[:, window]))
+        common = dict(
+            start_block=claim.start,
+            end_block=claim.end,
+            positions=(claim.verified, claim.outputs.shape[1]),
+            input_digest=tensor_digest(claim.inputs),
+            claimed_digest=tensor_digest(claimed),
+            verifier_id=first.by,
+            verifier_digest=tensor_digest(first.outputs[:, window]),
+            referee=referee.by,
+            referee_digest=tensor_digest(referee.outputs[:, window]),
+        )
         wrong = []
         if claimed_error > claimed_tol:
-            wrong.append(Evidence(
-                peer_id=claim.peer_id, claimed_error=claimed_error, verifier_error=verifier_error,
-                tolerance=claimed_tol, model=claim.model, session_id=claim.session_id, dtype=dtype_name(claim.dtype),
-                receipts=claim.receipts, inputs=claim.inputs, outputs=claimed, mask=claim.mask, **common))
+            wrong.append(
+                Evidence(
+                    peer_id=claim.peer_id,
+                    claimed_error=claimed_error,
+                    verifier_error=verifier_error,
+                    tolerance=claimed_tol,
+                    model=claim.model,
+                    session_id=claim.session_id,
+                    dtype=dtype_name(claim.dtype),
+                    receipts=claim.receipts,
+                    inputs=claim.inputs,
+                    outputs=claimed,
+                    mask=claim.mask,
+                    **common,
+                )
+            )
         if verifier_error > verifier_tol:  # the verifier's own answer is wrong (no receipts: a stateless forward)
-            wrong += [Evidence(peer_id=peer, claimed_error=verifier_error, verifier_error=claimed_error,
-                               tolerance=verifier_tol, dtype=dtype_name(first.dtype), **common)
-                      for peer in sorted(first.peers)]
+            wrong += [
+                Evidence(
+                    peer_id=peer,
+                    claimed_error=verifier_error,
+                    verifier_error=claimed_error,
+                    tolerance=verifier_tol,
+                    dtype=dtype_name(first.dtype),
+                    **common,
+                )
+                for peer in sorted(first.peers)
+            ]
         return Verdict(verified=claimed_error <= claimed_tol, wrong=tuple(wrong))
 
-    async def _recompute(self, claim: Claim, avoid: frozenset[str], local: bool = True,
-                         prefer_local: bool = False) -> Optional[Recomputation]:
+    async def _recompute(
+        self, claim: Claim, avoid: frozenset[str], local: bool = True, prefer_local: bool = False
+    ) -> Optional[Recomputation]:
         """From servers avoiding `avoid`, or from the local referee (if `local`: first if
         `prefer_local`, else as the fallback when no other server can do it)."""
         sources: list[Recompute] = [self.recompute]

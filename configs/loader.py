@@ -47,11 +47,15 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser(schema: type[BaseModel], prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    schema: type[BaseModel], prog: str, description: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML file with any of the options below (keys use underscores)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file with any of the options below (keys use underscores)"
+    )
     fields = sorted(schema.model_fields.items(), key=lambda item: not item[1].is_required())
     for name, field in fields:
         base, is_list = _base_type(field.annotation)
@@ -91,9 +95,7 @@ def load_config(
     try:
         return schema.model_validate(values)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
 
 

@@ -13,8 +13,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 _BLOCKS_RE = re.compile(r"^(\d+):(\d+)$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_VERIFY_RATE = 0.05  # the clients' spot-check rate (client/verify.py)
-VERIFY_HELP = ("fraction of steps after which every span's new outputs are recomputed by other servers and compared "
-               "(a span's first step is always checked; 0: no checks)")
+VERIFY_HELP = (
+    "fraction of steps after which every span's new outputs are recomputed by other servers and compared "
+    "(a span's first step is always checked; 0: no checks)"
+)
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,10 @@ def _valid_announce_maddrs(values: list[str]) -> list[str]:
 
 
 AnnounceMaddrs = Annotated[list[str], AfterValidator(_valid_announce_maddrs)]
-ANNOUNCE_MADDRS_HELP = ("multiaddrs other peers dial instead of the listen address, for a port forward or a proxy "
-                        "in front of this node, e.g. /ip4/203.0.113.5/tcp/31337 (default: the listen address)")
+ANNOUNCE_MADDRS_HELP = (
+    "multiaddrs other peers dial instead of the listen address, for a port forward or a proxy "
+    "in front of this node, e.g. /ip4/203.0.113.5/tcp/31337 (default: the listen address)"
+)
 
 
 class _Schema(BaseModel):
@@ -87,11 +91,15 @@ class NetworkOptions(_Schema):
         False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in"
     )
     public_ip: Optional[str] = Field(
-        None, description="this machine's public IP address: announce it (with --port) and skip the reachability "
-                          "check, for a port forward the operator set up")
+        None,
+        description="this machine's public IP address: announce it (with --port) and skip the reachability "
+        "check, for a port forward the operator set up",
+    )
     no_relay: bool = Field(
-        False, description="neither relay RPC streams for servers behind NAT nor attach to a relay node when "
-                           "unreachable (not the coordinator's --relay)")
+        False,
+        description="neither relay RPC streams for servers behind NAT nor attach to a relay node when "
+        "unreachable (not the coordinator's --relay)",
+    )
     relay_max_servers: int = Field(16, ge=0, description="relay node: unreachable servers attached at most")
     relay_hop_limit: int = Field(64, ge=0, description="relay node: relayed streams (circuits) open at once at most")
     relay_max_mbytes: float = Field(1024.0, gt=0, description="relay node: megabytes one circuit may carry, both ways")
@@ -116,45 +124,67 @@ class NetworkOptions(_Schema):
 class ServerOptions(NetworkOptions):
     model: str = Field(description="path to a checkpoint directory (config.json + *.safetensors)")
     blocks: Optional[str] = Field(
-        None, description="block range START:END to host, END exclusive, e.g. 0:16 (default: chosen from what the swarm lacks)"
+        None,
+        description="block range START:END to host, END exclusive, e.g. 0:16 "
+        "(default: chosen from what the swarm lacks)",
     )
     num_blocks: Optional[int] = Field(
         None, gt=0, description="how many blocks to host when --blocks is not given (default: as many as fit in memory)"
     )
     rebalance_period: float = Field(
-        120.0, ge=0, description="without --blocks: seconds between checks whether other blocks need this server more (0: never)"
+        120.0,
+        ge=0,
+        description="without --blocks: seconds between checks whether other blocks need this server more (0: never)",
     )
     rebalance_threshold: float = Field(
         0.2, ge=0, description="move only if the swarm's weakest block gains more than this fraction"
     )
-    model_name: Optional[str] = Field(None, description="name the model is announced under (default: derived from the checkpoint)")
+    model_name: Optional[str] = Field(
+        None, description="name the model is announced under (default: derived from the checkpoint)"
+    )
     device: str = Field("cpu", description="torch device for the blocks: cpu, cuda, cuda:1, mps")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     cache_tokens: int = Field(16384, gt=0, description="KV-cache budget in tokens across all open sessions")
     max_length: Optional[int] = Field(
-        None, gt=0, description="longest session (tokens) a client may open (default: the model's context, capped by --cache-tokens)"
+        None,
+        gt=0,
+        description="longest session (tokens) a client may open "
+        "(default: the model's context, capped by --cache-tokens)",
     )
     max_batch_size: int = Field(16, gt=0, description="largest batch a session may use")
     max_chunk_tokens: int = Field(2048, gt=0, description="most tokens per sequence in one step message")
     max_batch_tokens: int = Field(
-        2048, gt=0,
+        2048,
+        gt=0,
         description="most tokens (rows × tokens) in one batched forward of all sessions' pending steps; "
-                    "a longer prompt runs in chunks of this size between the other sessions' steps",
+        "a longer prompt runs in chunks of this size between the other sessions' steps",
     )
-    session_timeout: float = Field(300.0, gt=0, description="seconds a session may stay idle before the server closes it")
+    session_timeout: float = Field(
+        300.0, gt=0, description="seconds a session may stay idle before the server closes it"
+    )
     drain_timeout: float = Field(
         60.0, ge=0, description="on SIGTERM, seconds open sessions may take to finish before the server exits"
     )
     acceptance_rate: float = Field(1.0, gt=0, le=1, description="fraction of new sessions to accept (load control)")
-    max_concurrent_sessions: Optional[int] = Field(None, gt=0, description="most sessions open at once (default: no limit)")
-    max_sessions_per_hour: Optional[int] = Field(None, gt=0, description="most new sessions per hour (default: no limit)")
+    max_concurrent_sessions: Optional[int] = Field(
+        None, gt=0, description="most sessions open at once (default: no limit)"
+    )
+    max_sessions_per_hour: Optional[int] = Field(
+        None, gt=0, description="most new sessions per hour (default: no limit)"
+    )
     working_hours: HoursText = Field(
-        None, description="daily window in local time when the server takes sessions, e.g. 09:00-18:00 (default: always)"
+        None,
+        description="daily window in local time when the server takes sessions, e.g. 09:00-18:00 (default: always)",
     )
     max_memory_fraction: float = Field(
-        0.8, gt=0, le=1, description="share of free device memory that blocks and KV cache may take when sizing --num-blocks"
+        0.8,
+        gt=0,
+        le=1,
+        description="share of free device memory that blocks and KV cache may take when sizing --num-blocks",
     )
-    throughput: Optional[float] = Field(None, gt=0, description="announce this throughput (tokens/s) instead of measuring it")
+    throughput: Optional[float] = Field(
+        None, gt=0, description="announce this throughput (tokens/s) instead of measuring it"
+    )
     region: str = Field("", max_length=64, description="region announced to clients, e.g. europe-west")
     public_name: str = Field("", max_length=64, description="name shown on the swarm's health page")
     announce_period: float = Field(30.0, gt=0, description="seconds between refreshes of this server's DHT records")
@@ -211,20 +241,27 @@ class BootstrapOptions(NetworkOptions):
 
 
 class GenerateOptions(_Schema):
-    model: str = Field(description="path to the same checkpoint the servers run (the client loads embeddings and LM head)")
+    model: str = Field(
+        description="path to the same checkpoint the servers run (the client loads embeddings and LM head)"
+    )
     initial_peers: list[str] = Field(description="multiaddrs of swarm peers, e.g. the bootstrap node's")
     prompt: str = Field(description="text to continue or (with a chat template) to answer")
     max_new_tokens: int = Field(64, gt=0, description="tokens to generate")
-    model_name: Optional[str] = Field(None, description="name the model is announced under (default: derived from the checkpoint)")
-    chat: Optional[bool] = Field(None, description="wrap the prompt in the tokenizer's chat template (default: when it has one)")
+    model_name: Optional[str] = Field(
+        None, description="name the model is announced under (default: derived from the checkpoint)"
+    )
+    chat: Optional[bool] = Field(
+        None, description="wrap the prompt in the tokenizer's chat template (default: when it has one)"
+    )
     do_sample: bool = Field(False, description="sample instead of greedy decoding")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_k: int = Field(50, ge=0, description="sample among the k most likely tokens (0: no limit)")
     top_p: float = Field(1.0, gt=0, le=1, description="sample among the most likely tokens whose probability sums to p")
     repetition_penalty: float = Field(1.0, gt=0, description="penalty for repeating tokens (1.0: none)")
     request_timeout: float = Field(60.0, gt=0, description="seconds to wait for any server reply")
-    step_timeout: float = Field(300.0, gt=0, description="seconds one step through the swarm may take in all, "
-                                                          "retries and failovers included")
+    step_timeout: float = Field(
+        300.0, gt=0, description="seconds one step through the swarm may take in all, retries and failovers included"
+    )
     verify: float = Field(DEFAULT_VERIFY_RATE, ge=0, le=1, description=VERIFY_HELP)
     log_level: str = Field("warning", description=f"one of {', '.join(LOG_LEVELS)}")
 
@@ -240,7 +277,9 @@ class HealthOptions(_Schema):
     host: str = Field("127.0.0.1", description="address the web page listens on (0.0.0.0 to publish it)")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port of the page")
     refresh_period: float = Field(10.0, gt=0, description="seconds between crawls of the DHT (and page refreshes)")
-    nat_port_map: bool = Field(False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in")
+    nat_port_map: bool = Field(
+        False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in"
+    )
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
 
 
@@ -248,23 +287,29 @@ class RelayOptions(_Schema):
     ENV_PREFIX: ClassVar[str] = "SWARM_RELAY_"
 
     initial_peers: list[str] = Field(
-        default_factory=list, description="multiaddrs of swarm peers (default: none, the relay starts a new swarm others join)"
+        default_factory=list,
+        description="multiaddrs of swarm peers (default: none, the relay starts a new swarm others join)",
     )
     host: str = Field("127.0.0.1", description="address every port listens on (0.0.0.0 to accept other machines)")
     mgmt_port: int = Field(1026, ge=0, le=65535, description="management port: probes, service info, instances")
     obs_port: int = Field(1027, ge=0, le=65535, description="observability port: /metrics and the health page")
     api_port: int = Field(8000, ge=0, le=65535, description="API port: workers, jobs and the OpenAI-compatible API")
     dht_port: int = Field(0, ge=0, le=65535, description="TCP port of the relay's DHT node (0 picks a free one)")
-    announce_maddrs: AnnounceMaddrs = Field(default_factory=list, description=ANNOUNCE_MADDRS_HELP.replace(
-        "this node", "the relay's DHT node"))
+    announce_maddrs: AnnounceMaddrs = Field(
+        default_factory=list, description=ANNOUNCE_MADDRS_HELP.replace("this node", "the relay's DHT node")
+    )
     db: str = Field("sqlite:///relay.db", description="sqlite:///PATH or postgresql://USER@HOST/DB where state is kept")
     key_file: Optional[str] = Field(
-        None, description="file with the key sealing workers' signing secrets (default: relay.key beside a SQLite db, else ./relay.key)"
+        None,
+        description="file with the key sealing workers' signing secrets "
+        "(default: relay.key beside a SQLite db, else ./relay.key)",
     )
     admin_token: Optional[str] = Field(
         None, description="token guarding /v1/workers and management writes (default: generated once and printed)"
     )
-    api_keys: list[str] = Field(default_factory=list, description="keys accepted by the jobs and OpenAI APIs (Bearer or X-API-Key)")
+    api_keys: list[str] = Field(
+        default_factory=list, description="keys accepted by the jobs and OpenAI APIs (Bearer or X-API-Key)"
+    )
     join_token: Optional[str] = Field(
         None, description="token a server must present to register (default: generated once and printed)"
     )
@@ -277,18 +322,30 @@ class RelayOptions(_Schema):
     heartbeat_timeout: float = Field(90.0, gt=0, description="seconds without a heartbeat before a worker is not_ready")
     refresh_period: float = Field(10.0, gt=0, description="seconds between DHT crawls and metrics scrapes")
     min_reliability: float = Field(
-        0.0, ge=0, le=1, description="the relay's own requests avoid servers scoring below this (when others cover their blocks)"
+        0.0,
+        ge=0,
+        le=1,
+        description="the relay's own requests avoid servers scoring below this (when others cover their blocks)",
     )
     request_timeout: float = Field(30.0, gt=0, description="seconds the relay waits for any server reply")
     verify: float = Field(DEFAULT_VERIFY_RATE, ge=0, le=1, description=f"the relay's own generations: {VERIFY_HELP}")
-    verify_rate: float = Field(0.0, ge=0, le=1, description="canary checks: the chance, per server and refresh period, "
-                                                            "that the relay sends a server a few random tokens as a "
-                                                            "stateless forward and compares the answer with its own "
-                                                            "computation (0: none)")
+    verify_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="canary checks: the chance, per server and refresh period, "
+        "that the relay sends a server a few random tokens as a "
+        "stateless forward and compares the answer with its own "
+        "computation (0: none)",
+    )
     max_concurrent_generations: int = Field(4, gt=0, description="generations (API requests and jobs) run at once")
-    max_queued_jobs: int = Field(1000, gt=0, description="jobs waiting at most; more are refused with 429 and Retry-After")
+    max_queued_jobs: int = Field(
+        1000, gt=0, description="jobs waiting at most; more are refused with 429 and Retry-After"
+    )
     standby: bool = Field(False, description="start as the standby of a primary/standby pair (readiness answers 503)")
-    nat_port_map: bool = Field(False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in")
+    nat_port_map: bool = Field(
+        False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in"
+    )
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
 
     @field_validator("api_keys")

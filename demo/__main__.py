@@ -16,8 +16,9 @@ from swarm.local import LocalSwarm, even_splits, shared_forker
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prompt", default="What is the capital of France?", help="question to ask")
     parser.add_argument("--servers", type=int, default=3, help="block servers to start (default: 3)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default: 48)")
@@ -43,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         model_path = str(ensure_embedded_checkpoint())
     num_blocks = Checkpoint(model_path).num_blocks
     splits = even_splits(num_blocks, max(1, min(args.servers, num_blocks)))
-    say(f"starting a bootstrap node and {len(splits)} servers on 127.0.0.1: blocks "
-        + ", ".join(f"{a}:{b}" for a, b in splits))
+    say(
+        f"starting a bootstrap node and {len(splits)} servers on 127.0.0.1: blocks "
+        + ", ".join(f"{a}:{b}" for a, b in splits)
+    )
     started = time.monotonic()
     with LocalSwarm(model_path, splits, server_args=["--cache-tokens", "4096"]) as swarm:
         say(f"swarm online in {time.monotonic() - started:.1f} s; logs in {swarm.workdir}")
@@ -52,15 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         with AutoDistributedModelForCausalLM.from_pretrained(model_path, swarm.initial_peers) as model:
             if getattr(tokenizer, "chat_template", None):
                 input_ids = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                    return_tensors="pt", return_dict=True,
+                    [{"role": "user", "content": args.prompt}],
+                    add_generation_prompt=True,
+                    return_tensors="pt",
+                    return_dict=True,
                 )["input_ids"]
             else:
                 input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
             print(f"User: {args.prompt}\nAssistant: ", end="", flush=True)
             started = time.monotonic()
             output = model.generate(
-                input_ids, max_new_tokens=args.max_new_tokens,
+                input_ids,
+                max_new_tokens=args.max_new_tokens,
                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
             )
             new_tokens = output.shape[1] - input_ids.shape[1]

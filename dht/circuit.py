@@ -64,8 +64,12 @@ class RelayLimits:
     @classmethod
     def of(cls, options) -> "RelayLimits":
         """From a program's --relay-* options (configs.schema.NetworkOptions)."""
-        return cls(max_servers=options.relay_max_servers, max_circuits=options.relay_hop_limit,
-                   max_bytes=int(options.relay_max_mbytes * 1e6), max_seconds=options.relay_max_seconds)
+        return cls(
+            max_servers=options.relay_max_servers,
+            max_circuits=options.relay_hop_limit,
+            max_bytes=int(options.relay_max_mbytes * 1e6),
+            max_seconds=options.relay_max_seconds,
+        )
 
 
 class _Header(BaseModel):
@@ -142,7 +146,9 @@ class CircuitRelay:
         peer = info.peer_id.to_base58()
         try:
             if peer not in self.attached and len(self.attached) >= self.limits.max_servers:
-                await _send(writer, Reply(ok=False, error=f"this relay serves {self.limits.max_servers} servers already"))
+                await _send(
+                    writer, Reply(ok=False, error=f"this relay serves {self.limits.max_servers} servers already")
+                )
                 return
             self.attached[peer] = time.time()
             logger.info("server %s attached (relaying for %d)", peer, len(self.attached))
@@ -170,14 +176,18 @@ class CircuitRelay:
             if header.unary:
                 await _send(writer, Reply(ok=True))
                 request = runtime_pb2.ExpertRequest.FromString(
-                    await asyncio.wait_for(_receive_blob(reader), OPEN_TIMEOUT))
-                response = await asyncio.wait_for(self.p2p.call_protobuf_handler(
-                    target, header.handler, request, runtime_pb2.ExpertResponse), min(UNARY_TIMEOUT, self.limits.max_seconds))
+                    await asyncio.wait_for(_receive_blob(reader), OPEN_TIMEOUT)
+                )
+                response = await asyncio.wait_for(
+                    self.p2p.call_protobuf_handler(target, header.handler, request, runtime_pb2.ExpertResponse),
+                    min(UNARY_TIMEOUT, self.limits.max_seconds),
+                )
                 await _send(writer, Reply(ok=True))
                 await _send_blob(writer, response.SerializeToString())
                 return
             _, their_reader, their_writer = await asyncio.wait_for(
-                self.p2p.call_binary_stream_handler(target, header.handler), OPEN_TIMEOUT)
+                self.p2p.call_binary_stream_handler(target, header.handler), OPEN_TIMEOUT
+            )
             await _send(writer, Reply(ok=True))
             try:
                 # From here on the stream is the RPC's: a limit or a failure only cuts it, with no
@@ -313,9 +323,15 @@ class RelayAttachment:
     over to another as soon as one dies), topping up from `candidates` whenever one is lost and every
     `retry` seconds while fewer are held. `on_change` gets the relay addresses held after each change."""
 
-    def __init__(self, p2p: P2P, candidates: Callable[[], Awaitable[list[str]]],
-                 on_change: Callable[[tuple[str, ...]], Awaitable[None]], want: int = 2, timeout: float = 10.0,
-                 retry: float = 10.0):
+    def __init__(
+        self,
+        p2p: P2P,
+        candidates: Callable[[], Awaitable[list[str]]],
+        on_change: Callable[[tuple[str, ...]], Awaitable[None]],
+        want: int = 2,
+        timeout: float = 10.0,
+        retry: float = 10.0,
+    ):
         self.p2p = p2p
         self.candidates = candidates
         self.on_change = on_change
@@ -381,8 +397,9 @@ class RelayAttachment:
     async def _attach(self, addr: str) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         try:
             peer = await dial_relay(self.p2p, addr, self.timeout)
-            _, reader, writer = await asyncio.wait_for(self.p2p.call_binary_stream_handler(peer, CIRCUIT_ATTACH),
-                                                       self.timeout)
+            _, reader, writer = await asyncio.wait_for(
+                self.p2p.call_binary_stream_handler(peer, CIRCUIT_ATTACH), self.timeout
+            )
             reply = await asyncio.wait_for(_receive(reader, Reply), self.timeout)
         except Exception as e:
             logger.info("relay %s unavailable: %s: %s", addr, type(e).__name__, e)

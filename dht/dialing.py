@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Iterable
 
-from hivemind.p2p import P2P, PeerID
 import base58
 import varint
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.multiaddr.protocols import P_P2P
 
@@ -19,7 +19,7 @@ async def dial(p2p: P2P, peer_id: str, addrs: Iterable[str], timeout: float) -> 
     # The daemon wants transport addresses: drop the trailing /p2p/<peer id>, only that one (a relayed
     # address is /…/p2p/<relay>/p2p-circuit/p2p/<peer id>, and its relay's id must stay).
     suffix = f"/p2p/{peer_id}"
-    transport = [daemon_maddr(addr[:-len(suffix)] if addr.endswith(suffix) else addr) for addr in addrs]
+    transport = [daemon_maddr(addr[: -len(suffix)] if addr.endswith(suffix) else addr) for addr in addrs]
     if transport:
         await asyncio.wait_for(p2p._client.connect(peer, transport), timeout)
     return peer

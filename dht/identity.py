@@ -88,5 +88,6 @@ def receipt_signer(validator: RSASignatureValidator) -> Ed25519PrivateKey:
     """The Ed25519 key that signs a server's step receipts (`dht.receipts`), derived from its identity
     key: the same across restarts, so evidence outlives the process that made it."""
     der = validator._private_key._private_key.private_bytes(  # hivemind offers no accessor
-        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"swarm step receipts v1" + der).digest())

@@ -29,14 +29,17 @@ class Receipt:
     signature: str
 
     def message(self, model: str, start: int, end: int, session_id: str) -> bytes:
-        return receipt_message(model, start, end, session_id, self.position, self.tokens, self.input_digest,
-                               self.output_digest)
+        return receipt_message(
+            model, start, end, session_id, self.position, self.tokens, self.input_digest, self.output_digest
+        )
 
 
-def receipt_message(model: str, start: int, end: int, session_id: str, position: int, tokens: int,
-                    input_digest: str, output_digest: str) -> bytes:
-    return "|".join([VERSION, model, str(start), str(end), session_id, str(position), str(tokens),
-                     input_digest, output_digest]).encode()
+def receipt_message(
+    model: str, start: int, end: int, session_id: str, position: int, tokens: int, input_digest: str, output_digest: str
+) -> bytes:
+    return "|".join(
+        [VERSION, model, str(start), str(end), session_id, str(position), str(tokens), input_digest, output_digest]
+    ).encode()
 
 
 def public_key_hex(key: Ed25519PrivateKey) -> str:

@@ -85,8 +85,9 @@ def start_dht(
     return dht, validator
 
 
-def public_announce(public_ip: Optional[str], host: str, port: int,
-                    announce_maddrs: Sequence[str]) -> tuple[int, list[str]]:
+def public_announce(
+    public_ip: Optional[str], host: str, port: int, announce_maddrs: Sequence[str]
+) -> tuple[int, list[str]]:
     """The port to listen on and the addresses to announce, given an operator's --public-ip (which
     needs a known port: one is picked if --port is 0) and --announce-maddrs (which win)."""
     if not public_ip or announce_maddrs:
@@ -125,20 +126,34 @@ class SwarmDHT:
                 return int(parts[parts.index("tcp") + 1])
         return 0
 
-    async def announce(
-        self, model: str, record: ServerRecord, ttl: float = DEFAULT_TTL
-    ) -> None:
+    async def announce(self, model: str, record: ServerRecord, ttl: float = DEFAULT_TTL) -> None:
         """Stores `record` under every block key it covers, signed under this peer's own subkey."""
         keys = [block_key(model, i) for i in range(record.start_block, record.end_block)]
-        await self._run("announce", partial(_store_many, keys=keys, subkey=self.validator.local_public_key,
-                                            value=record.to_wire(), expiration_time=get_dht_time() + ttl))
+        await self._run(
+            "announce",
+            partial(
+                _store_many,
+                keys=keys,
+                subkey=self.validator.local_public_key,
+                value=record.to_wire(),
+                expiration_time=get_dht_time() + ttl,
+            ),
+        )
 
     async def announce_meta(self, model: str, meta: ModelRecord, ttl: float = DEFAULT_TTL) -> None:
         """Model metadata under `M._meta`, and this server's entry in the swarm-wide model list."""
         expiration = get_dht_time() + ttl
         for key, value in ((meta_key(model), meta.to_wire()), (MODELS_KEY, ModelEntry(model=model).to_wire())):
-            await self._run("announce", partial(_store_many, keys=[key], subkey=self.validator.local_public_key,
-                                                value=value, expiration_time=expiration))
+            await self._run(
+                "announce",
+                partial(
+                    _store_many,
+                    keys=[key],
+                    subkey=self.validator.local_public_key,
+                    value=value,
+                    expiration_time=expiration,
+                ),
+            )
 
     async def fetch_models(self) -> list[str]:
         """Names of every model some live server announces, sorted."""

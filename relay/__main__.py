@@ -36,20 +36,32 @@ async def serve(options: RelayOptions) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # only now: the DHT's forked children keep default handlers
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     if relay.generated_admin_token:
-        print(f"relay: generated admin token (shown once; pass --admin-token to choose one): {relay.generated_admin_token}",
-              flush=True)
+        print(
+            "relay: generated admin token (shown once; pass --admin-token to choose one): "
+            f"{relay.generated_admin_token}",
+            flush=True,
+        )
     if relay.generated_join_token:
-        print(f"relay: generated join token for servers' --relay-join-token (shown once; pass --join-token to choose "
-              f"one, or --open-registration to need none): {relay.generated_join_token}", flush=True)
+        print(
+            f"relay: generated join token for servers' --relay-join-token (shown once; pass --join-token to choose "
+            f"one, or --open-registration to need none): {relay.generated_join_token}",
+            flush=True,
+        )
     if not options.api_keys:
-        print("relay: warning: no --api-keys given, so the jobs and OpenAI-compatible APIs refuse every request",
-              file=sys.stderr, flush=True)
+        print(
+            "relay: warning: no --api-keys given, so the jobs and OpenAI-compatible APIs refuse every request",
+            file=sys.stderr,
+            flush=True,
+        )
     host = options.host
     print(f"relay: database {relay.store.describe()}", flush=True)
     print(f"relay: dht {' '.join(relay.dht.visible_maddrs()[:2])}", flush=True)
-    print(f"relay ready: management http://{host}:{relay.ports['mgmt']}/, observability "
-          f"http://{host}:{relay.ports['obs']}/metrics, api http://{host}:{relay.ports['api']}/v1 "
-          f"(models: {', '.join(relay.services) or 'none'})", flush=True)
+    print(
+        f"relay ready: management http://{host}:{relay.ports['mgmt']}/, observability "
+        f"http://{host}:{relay.ports['obs']}/metrics, api http://{host}:{relay.ports['api']}/v1 "
+        f"(models: {', '.join(relay.services) or 'none'})",
+        flush=True,
+    )
     try:
         await stop.wait()
     finally:
@@ -58,9 +70,13 @@ async def serve(options: RelayOptions) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = cli_options(RelayOptions, "python -m relay",
-                          "Coordinate a swarm: workers, tokens, reliability, metrics, probes, jobs and an OpenAI-compatible API.",
-                          EPILOG, argv)
+    options = cli_options(
+        RelayOptions,
+        "python -m relay",
+        "Coordinate a swarm: workers, tokens, reliability, metrics, probes, jobs and an OpenAI-compatible API.",
+        EPILOG,
+        argv,
+    )
     return asyncio.run(serve(options))
 
 

@@ -11,8 +11,15 @@ from aiohttp import web
 from relay.context import RelayContext
 from relay.http import HTTPError, json_reply, path_int, read_body
 from relay.openapi import openapi_document
-from relay.schemas import (EvidenceReport, HeartbeatRequest, JobRequest, LoadConfig, RefreshRequest, RegisterRequest,
-                           ReportRequest)
+from relay.schemas import (
+    EvidenceReport,
+    HeartbeatRequest,
+    JobRequest,
+    LoadConfig,
+    RefreshRequest,
+    RegisterRequest,
+    ReportRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +72,9 @@ class ApiRoutes:
         body = await read_body(request, RegisterRequest)
         signed = json.loads(await request.read())  # valid JSON: read_body parsed it
         join_token = request.headers.get("X-Join-Token") or body.join_token
-        reply = await self.relay.workers.register(body, signed, f"{request.scheme}://{request.host}",
-                                                  request.remote or "", join_token)
+        reply = await self.relay.workers.register(
+            body, signed, f"{request.scheme}://{request.host}", request.remote or "", join_token
+        )
         return json_reply(reply, status=201)
 
     async def worker_detail(self, request: web.Request) -> web.Response:
@@ -76,8 +84,9 @@ class ApiRoutes:
     async def _signed(self, request: web.Request) -> tuple[dict, bytes]:
         worker_id = path_int(request, "worker_id")
         raw = await request.read()
-        row = await self.relay.workers.authenticate(worker_id, request.method, request.path, raw, request.headers,
-                                                    request.remote or "")
+        row = await self.relay.workers.authenticate(
+            worker_id, request.method, request.path, raw, request.headers, request.remote or ""
+        )
         return row, raw
 
     async def heartbeat(self, request: web.Request) -> web.Response:
@@ -104,8 +113,9 @@ class ApiRoutes:
         worker_id = path_int(request, "worker_id")
         raw = await request.read()
         body = await read_body(request, RefreshRequest)
-        reply = await self.relay.workers.refresh(worker_id, body.refresh_token, request.method, request.path, raw,
-                                                 request.headers, request.remote or "")
+        reply = await self.relay.workers.refresh(
+            worker_id, body.refresh_token, request.method, request.path, raw, request.headers, request.remote or ""
+        )
         return json_reply(reply)
 
     async def reliability(self, request: web.Request) -> web.Response:

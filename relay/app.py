@@ -1,8 +1,8 @@
 """The relay process: state, its three HTTP ports, its DHT node and its background loops.
 
-    management (1026): probes, service info, instances, primary/standby
-    observability (1027): /metrics, the health page
-    API (8000): workers, jobs, the OpenAI-compatible API, /openapi.json
+management (1026): probes, service info, instances, primary/standby
+observability (1027): /metrics, the health page
+API (8000): workers, jobs, the OpenAI-compatible API, /openapi.json
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dht.records import ServerState
 from dht.swarm_dht import SwarmDHT, start_dht
 from relay.api import ApiRoutes
 from relay.auth import hash_secret, secret_matches
-from relay.generation import ModelService
 from relay.evidence import OWN_ACCUSER, EvidenceJudge
+from relay.generation import ModelService
 from relay.health.app import add_health_routes
 from relay.health.crawler import Crawler
 from relay.http import HTTPError, make_app
@@ -79,16 +79,20 @@ class Relay:
         self._tasks: list[asyncio.Task] = []
         self._outcomes: set[asyncio.Task] = set()  # held until done, so none is garbage-collected mid-write
         self._p2p = None
-        self._executor = ThreadPoolExecutor(max_workers=options.max_concurrent_generations,
-                                            thread_name_prefix="relay-generate")
+        self._executor = ThreadPoolExecutor(
+            max_workers=options.max_concurrent_generations, thread_name_prefix="relay-generate"
+        )
 
     # ---- authentication ----------------------------------------------------------------------
 
     def check_admin(self, request: web.Request) -> None:
         token = bearer_token(request.headers)
         if token is None or self.admin_hash is None or not secret_matches(token, self.admin_hash):
-            raise HTTPError(401, "this endpoint needs the relay's admin token: Authorization: Bearer <token>",
-                            {"WWW-Authenticate": "Bearer"})
+            raise HTTPError(
+                401,
+                "this endpoint needs the relay's admin token: Authorization: Bearer <token>",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     def check_api_key(self, request: web.Request) -> str:
         """The SHA-256 of the valid API key the request presents (who is asking), or a 401."""
@@ -97,8 +101,11 @@ class Relay:
             digest = hash_secret(key)
             if any(hmac.compare_digest(digest, known) for known in self.api_key_hashes):
                 return digest
-        raise HTTPError(401, "this endpoint needs an API key: X-API-Key: <key> or Authorization: Bearer <key>",
-                        {"WWW-Authenticate": "Bearer"})
+        raise HTTPError(
+            401,
+            "this endpoint needs an API key: X-API-Key: <key> or Authorization: Bearer <key>",
+            {"WWW-Authenticate": "Bearer"},
+        )
 
     def take_recv_flow(self) -> int:
         flow, self._recv_flow = self._recv_flow, 0
@@ -134,14 +141,21 @@ class Relay:
             return
         report = EvidenceReport.model_validate(evidence_body(evidence))
         future = asyncio.run_coroutine_threadsafe(self.evidence.judge(OWN_ACCUSER, report), loop)
-        future.add_done_callback(lambda done: done.exception() and logger.warning(
-            "the relay's own evidence against %s was not counted: %s", evidence.peer_id, done.exception()))
+        future.add_done_callback(
+            lambda done: (
+                done.exception()
+                and logger.warning(
+                    "the relay's own evidence against %s was not counted: %s", evidence.peer_id, done.exception()
+                )
+            )
+        )
 
     async def _scores_for_routing(self) -> dict[str, float]:
         return self._scores
 
     def _record_outcome(self, loop: asyncio.AbstractEventLoop, peer_id: str, success: bool) -> None:
         """Called from generation threads: counts the outcome on the relay's loop."""
+
         def record() -> None:
             task = asyncio.ensure_future(self.workers.record_outcome(peer_id, success))
             self._outcomes.add(task)
@@ -193,11 +207,17 @@ class Relay:
         opts = self.options
         await self.store.open()
         await self._admin_token()
-        self.workers = WorkerRegistry(self.store, load_or_create_key(self._key_path()), opts.heartbeat_timeout,
-                                      await self._join_token_hash())
+        self.workers = WorkerRegistry(
+            self.store, load_or_create_key(self._key_path()), opts.heartbeat_timeout, await self._join_token_hash()
+        )
         self.workers.offline_ids = self.instances.offline
-        dht, validator = start_dht(opts.initial_peers, host=opts.host, port=opts.dht_port,
-                                   nat_port_map=opts.nat_port_map, announce_maddrs=opts.announce_maddrs)
+        dht, validator = start_dht(
+            opts.initial_peers,
+            host=opts.host,
+            port=opts.dht_port,
+            nat_port_map=opts.nat_port_map,
+            announce_maddrs=opts.announce_maddrs,
+        )
         self.dht = SwarmDHT(dht, validator)
         self._p2p = await dht.replicate_p2p()
         self.crawler = Crawler(self.dht, self._p2p, opts.refresh_period)
@@ -205,8 +225,16 @@ class Relay:
         loop = asyncio.get_running_loop()
         for path in opts.models:
             service = await asyncio.to_thread(
-                ModelService, path, peers, self._executor, opts.request_timeout, self._scores_for_routing,
-                opts.min_reliability, lambda peer, ok: self._record_outcome(loop, peer, ok), opts.verify)
+                ModelService,
+                path,
+                peers,
+                self._executor,
+                opts.request_timeout,
+                self._scores_for_routing,
+                opts.min_reliability,
+                lambda peer, ok: self._record_outcome(loop, peer, ok),
+                opts.verify,
+            )
             self.services[service.name] = service
             logger.info("serving model %s from %s", service.name, path)
         self.jobs = JobQueue(self.store, self.services, opts.max_concurrent_generations, opts.max_queued_jobs)
@@ -225,8 +253,11 @@ class Relay:
         ApiRoutes(self).add_to(api)
         OpenAIRoutes(self.services, self.check_api_key).add_to(api)
         api.middlewares.append(self._count_requests)
-        for name, app, port in (("mgmt", management, opts.mgmt_port), ("obs", observability, opts.obs_port),
-                                ("api", api, opts.api_port)):
+        for name, app, port in (
+            ("mgmt", management, opts.mgmt_port),
+            ("obs", observability, opts.obs_port),
+            ("api", api, opts.api_port),
+        ):
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, opts.host, port)
@@ -261,8 +292,12 @@ class Relay:
             try:
                 for service in list(self.services.values()):
                     servers = await self.dht.fetch_servers(service.name, service.model.checkpoint.num_blocks)
-                    online = {info.peer_id: info for block in servers for info in block.values()
-                              if info.record.state == ServerState.ONLINE}
+                    online = {
+                        info.peer_id: info
+                        for block in servers
+                        for info in block.values()
+                        if info.record.state == ServerState.ONLINE
+                    }
                     for info in online.values():
                         if rng.random() < self.options.verify_rate:
                             await self.evidence.canary(service, info, self._p2p, self.options.request_timeout)

@@ -90,8 +90,14 @@ class ReplayGuard:
 
 
 def verify_signature(
-    signing_secret: str, method: str, path: str, body: bytes, timestamp: str, signature: str,
-    now: float, replays: ReplayGuard,
+    signing_secret: str,
+    method: str,
+    path: str,
+    body: bytes,
+    timestamp: str,
+    signature: str,
+    now: float,
+    replays: ReplayGuard,
 ) -> None:
     """Raises AuthError unless the signature is right, fresh and not seen before."""
     try:
@@ -125,8 +131,10 @@ class Lockout:
     def check(self, account: str, now: float) -> None:
         entry = self._accounts.get(account)
         if entry is not None and entry.locked_until > now:
-            raise AuthError(f"account locked after {self.max_failures} failed authentications; "
-                            f"retry in {entry.locked_until - now:.0f} s")
+            raise AuthError(
+                f"account locked after {self.max_failures} failed authentications; "
+                f"retry in {entry.locked_until - now:.0f} s"
+            )
 
     def failed(self, account: str, now: float) -> None:
         entry = self._accounts.setdefault(account, _Account())

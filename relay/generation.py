@@ -98,7 +98,7 @@ class _DeltaStreamer(BaseStreamer):
 
     def _flush(self, upto: int) -> None:
         if upto > self.sent:
-            self.emit(self.text[self.sent:upto])
+            self.emit(self.text[self.sent : upto])
             self.sent = upto
 
     def end(self) -> None:
@@ -118,13 +118,26 @@ def find_service(services: Mapping[str, "ModelService"], name: str) -> "ModelSer
 class ModelService:
     """One model the relay serves: its swarm client, tokenizer and chat formatting."""
 
-    def __init__(self, path: str | Path, initial_peers: Sequence[str], executor: ThreadPoolExecutor,
-                 request_timeout: float, scores: Callable[[], Awaitable[Mapping[str, float]]], min_reliability: float,
-                 outcome: Callable[[str, bool], None], verify: float):
+    def __init__(
+        self,
+        path: str | Path,
+        initial_peers: Sequence[str],
+        executor: ThreadPoolExecutor,
+        request_timeout: float,
+        scores: Callable[[], Awaitable[Mapping[str, float]]],
+        min_reliability: float,
+        outcome: Callable[[str, bool], None],
+        verify: float,
+    ):
         self.path = Path(path)
         self.model = AutoDistributedModelForCausalLM.from_pretrained(
-            self.path, initial_peers, request_timeout=request_timeout, reliability=scores, min_reliability=min_reliability,
-            verify=verify)
+            self.path,
+            initial_peers,
+            request_timeout=request_timeout,
+            reliability=scores,
+            min_reliability=min_reliability,
+            verify=verify,
+        )
         self.model.on_server_failure(lambda peer, _reason: outcome(peer, False))
         self.outcome = outcome
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -141,11 +154,18 @@ class ModelService:
         """The tokenizer's chat template, or a plain `role: text` transcript for models without one."""
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.text()} for m in messages], add_generation_prompt=True, tokenize=False)
+                [{"role": m.role, "content": m.text()} for m in messages], add_generation_prompt=True, tokenize=False
+            )
         return "".join(f"{m.role}: {m.text()}\n" for m in messages) + "assistant:"
 
-    async def chat_request(self, messages: Sequence[ChatMessage], max_tokens: Optional[int],
-                           temperature: Optional[float], top_p: Optional[float], stop: Sequence[str] = ()) -> Request:
+    async def chat_request(
+        self,
+        messages: Sequence[ChatMessage],
+        max_tokens: Optional[int],
+        temperature: Optional[float],
+        top_p: Optional[float],
+        stop: Sequence[str] = (),
+    ) -> Request:
         return await self.make_request(self.chat_prompt(messages), max_tokens, temperature, top_p, stop)
 
     def encode(self, text: str) -> list[int]:
@@ -164,25 +184,41 @@ class ModelService:
             self._limit = (now, min(self.context_length, swarm) if swarm else self.context_length)
         return self._limit[1]
 
-    async def make_request(self, prompt: str, max_tokens: Optional[int], temperature: Optional[float],
-                           top_p: Optional[float], stop: Sequence[str]) -> Request:
+    async def make_request(
+        self,
+        prompt: str,
+        max_tokens: Optional[int],
+        temperature: Optional[float],
+        top_p: Optional[float],
+        stop: Sequence[str],
+    ) -> Request:
         ids = self.encode(prompt)
         if not ids:
             raise HTTPError(400, "the prompt is empty after tokenization")
         limit = await self.context_limit()
         room = limit - len(ids)
         if room < 1:
-            raise HTTPError(400, f"the prompt has {len(ids)} tokens; this model's context in the swarm is {limit} tokens")
+            raise HTTPError(
+                400, f"the prompt has {len(ids)} tokens; this model's context in the swarm is {limit} tokens"
+            )
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, room)
         elif max_tokens > room:
-            raise HTTPError(400, f"this model's maximum context length in the swarm is {limit} tokens: the prompt "
-                                 f"has {len(ids)}, so max_tokens may be at most {room} (got {max_tokens})")
-        return Request(ids, max_tokens, 1.0 if temperature is None else temperature,
-                       1.0 if top_p is None else top_p, tuple(stop))
+            raise HTTPError(
+                400,
+                f"this model's maximum context length in the swarm is {limit} tokens: the prompt "
+                f"has {len(ids)}, so max_tokens may be at most {room} (got {max_tokens})",
+            )
+        return Request(
+            ids, max_tokens, 1.0 if temperature is None else temperature, 1.0 if top_p is None else top_p, tuple(stop)
+        )
 
-    async def generate(self, request: Request, on_delta: Optional[Callable[[str], None]] = None,
-                       cancelled: Callable[[], bool] = lambda: False) -> Result:
+    async def generate(
+        self,
+        request: Request,
+        on_delta: Optional[Callable[[str], None]] = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Result:
         loop = asyncio.get_running_loop()
 
         def emit(delta: str) -> None:
@@ -199,15 +235,19 @@ class ModelService:
     def _generate(self, request: Request, emit: Callable[[str], None], cancelled: Callable[[], bool]) -> Result:
         streamer = _DeltaStreamer(self.tokenizer, request, emit, cancelled)
         ids = torch.tensor([request.prompt_ids], dtype=torch.long)
-        sampling = dict(do_sample=False) if request.temperature == 0 else dict(
-            do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
+        sampling = (
+            dict(do_sample=False)
+            if request.temperature == 0
+            else dict(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
+        )
         result = Result(prompt_tokens=len(request.prompt_ids))
         session_id = uuid.uuid4().hex[:8]
         with self.model.inference_session(max_length=len(request.prompt_ids) + request.max_tokens) as session:
             try:
-                output = self.model.generate(ids, session=session, streamer=streamer,
-                                             max_new_tokens=request.max_tokens, **sampling)
-                generated = output[0, len(request.prompt_ids):].tolist()
+                output = self.model.generate(
+                    ids, session=session, streamer=streamer, max_new_tokens=request.max_tokens, **sampling
+                )
+                generated = output[0, len(request.prompt_ids) :].tolist()
                 eos = self.model.generation_config.eos_token_id
                 eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
                 result.finish_reason = "stop" if generated and generated[-1] in eos_ids else "length"
@@ -218,8 +258,14 @@ class ModelService:
             self.outcome(peer, True)
         result.text = streamer.text
         result.completion_tokens = len(streamer.ids)
-        logger.info("generation %s on %s: %d prompt + %d new tokens (%s)", session_id, self.name,
-                    result.prompt_tokens, result.completion_tokens, result.finish_reason)
+        logger.info(
+            "generation %s on %s: %d prompt + %d new tokens (%s)",
+            session_id,
+            self.name,
+            result.prompt_tokens,
+            result.completion_tokens,
+            result.finish_reason,
+        )
         return result
 
     def shutdown(self) -> None:

@@ -52,8 +52,13 @@ def error_response(status: int, message: str, headers: Optional[dict[str, str]] 
 
 
 def json_reply(data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(data), status=status, headers={"Cache-Control": "no-cache"},
-                        content_type="application/json", charset="utf-8")
+    return web.Response(
+        text=json.dumps(data),
+        status=status,
+        headers={"Cache-Control": "no-cache"},
+        content_type="application/json",
+        charset="utf-8",
+    )
 
 
 def describe_validation(error: ValidationError) -> str:

@@ -33,7 +33,9 @@ class JobQueue:
         self._admit = asyncio.Lock()
 
     async def start(self) -> None:
-        requeued = await self.store.execute("UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running'")
+        requeued = await self.store.execute(
+            "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running'"
+        )
         if requeued:
             logger.info("%d job(s) interrupted by the last stop are queued again", requeued)
         self._tasks = [asyncio.create_task(self._runner()) for _ in range(self.runners)]
@@ -51,10 +53,20 @@ class JobQueue:
         async with self._admit:  # count and insert as one: concurrent submissions cannot overshoot the cap
             row = await self.store.fetch_one("SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued'")
             if row["n"] >= self.max_queued:
-                raise HTTPError(429, f"the job queue is full ({row['n']} jobs waiting); retry later",
-                                headers={"Retry-After": "30"})
-            await self.store.insert("jobs", {"id": job_id, "type": body.type, "model": body.model, "status": "queued",
-                                             "request": dumps(body.model_dump()), "created_at": now})
+                raise HTTPError(
+                    429, f"the job queue is full ({row['n']} jobs waiting); retry later", headers={"Retry-After": "30"}
+                )
+            await self.store.insert(
+                "jobs",
+                {
+                    "id": job_id,
+                    "type": body.type,
+                    "model": body.model,
+                    "status": "queued",
+                    "request": dumps(body.model_dump()),
+                    "created_at": now,
+                },
+            )
         self._wake.set()
         return {"job_id": job_id, "status": "queued", "created_at": iso(now)}
 
@@ -63,9 +75,14 @@ class JobQueue:
         if row is None:
             raise HTTPError(404, f"no such job: {job_id}")
         return {
-            "job_id": row["id"], "type": row["type"], "model": row["model"], "status": row["status"],
-            "result": loads(row["result"]), "error": row["error"],
-            "created_at": iso(row["created_at"]), "started_at": iso(row["started_at"]),
+            "job_id": row["id"],
+            "type": row["type"],
+            "model": row["model"],
+            "status": row["status"],
+            "result": loads(row["result"]),
+            "error": row["error"],
+            "created_at": iso(row["created_at"]),
+            "started_at": iso(row["started_at"]),
             "completed_at": iso(row["finished_at"]),
         }
 
@@ -101,10 +118,20 @@ class JobQueue:
         try:
             service, request = await self._request(JobRequest.model_validate(loads(row["request"])))
             result = await service.generate(request)
-            values = {"status": "completed", "result": dumps({
-                "text": result.text, "finish_reason": result.finish_reason,
-                "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                          "total_tokens": result.prompt_tokens + result.completion_tokens}})}
+            values = {
+                "status": "completed",
+                "result": dumps(
+                    {
+                        "text": result.text,
+                        "finish_reason": result.finish_reason,
+                        "usage": {
+                            "prompt_tokens": result.prompt_tokens,
+                            "completion_tokens": result.completion_tokens,
+                            "total_tokens": result.prompt_tokens + result.completion_tokens,
+                        },
+                    }
+                ),
+            }
         except HTTPError as e:
             values = {"status": "failed", "error": e.message}
         except Exception as e:

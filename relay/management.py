@@ -64,13 +64,15 @@ class ManagementRoutes:
         r.add_post("/query_worker_info", self.query_worker_info)
 
     async def index(self, request: web.Request) -> web.Response:
-        return json_reply({
-            "service": "Swarm Relay Management Server",
-            "version": self.relay.version,
-            "description": "Management plane: liveness, startup, readiness, instances, primary/standby",
-            "endpoints": ENDPOINTS,
-            "timestamp": _now(),
-        })
+        return json_reply(
+            {
+                "service": "Swarm Relay Management Server",
+                "version": self.relay.version,
+                "description": "Management plane: liveness, startup, readiness, instances, primary/standby",
+                "endpoints": ENDPOINTS,
+                "timestamp": _now(),
+            }
+        )
 
     async def startup(self, request: web.Request) -> web.Response:
         if not self.relay.started:
@@ -82,7 +84,9 @@ class ManagementRoutes:
 
     async def readiness(self, request: web.Request) -> web.Response:
         if not self.relay.started:
-            return json_reply({"status": "error", "message": "Coordinator is still starting", "ready": False}, status=503)
+            return json_reply(
+                {"status": "error", "message": "Coordinator is still starting", "ready": False}, status=503
+            )
         if not self.relay.is_master:
             return json_reply({"status": "error", "message": "Coordinator is not master", "ready": False}, status=503)
         return json_reply({"status": "ok", "message": "Coordinator is ok", "ready": True})
@@ -108,12 +112,14 @@ class ManagementRoutes:
         body = await read_body(request, RefreshInstancesRequest)
         count = self.relay.instances.refresh(body.event, body.instances)
         logger.info("instances refreshed: %s of %d", body.event, count)
-        return json_reply({
-            "request_id": request.headers.get("X-Request-Id", "refresh_request"),
-            "status": "success",
-            "message": "Instance refresh completed",
-            "data": {"timestamp": _now(), "event_type": body.event, "instance_count": count},
-        })
+        return json_reply(
+            {
+                "request_id": request.headers.get("X-Request-Id", "refresh_request"),
+                "status": "success",
+                "message": "Instance refresh completed",
+                "data": {"timestamp": _now(), "event_type": body.event, "instance_count": count},
+            }
+        )
 
     async def _known(self, ids: list[int]) -> None:
         known = set(self.relay.instances.declared) | {row["id"] for row in await self.relay.workers.all_rows()}
@@ -164,13 +170,17 @@ class ManagementRoutes:
         if not rows and body.instance_id not in self.relay.services:
             raise HTTPError(404, f"no such instance: {body.instance_id!r} (instances are model names)")
         wanted = set(body.worker_ids)
-        infos = [{
-            "instance_id": body.instance_id,
-            "worker_id": row["id"],
-            "ip": row["ip"],
-            "port": row["port"],
-            "peer_init_url": f"{row['ip']}:{row['port']}",
-            "registration_time": int(row["created_at"]),
-            "last_heartbeat_time": int(row["heartbeat_time"] or 0),
-        } for row in rows if row["id"] in wanted]
+        infos = [
+            {
+                "instance_id": body.instance_id,
+                "worker_id": row["id"],
+                "ip": row["ip"],
+                "port": row["port"],
+                "peer_init_url": f"{row['ip']}:{row['port']}",
+                "registration_time": int(row["created_at"]),
+                "last_heartbeat_time": int(row["heartbeat_time"] or 0),
+            }
+            for row in rows
+            if row["id"] in wanted
+        ]
         return json_reply({"event_id": uuid.uuid4().hex, "worker_infos": infos})

@@ -65,8 +65,11 @@ def per_instance(instances: Iterable[InstanceMetrics]) -> str:
         for family in metrics:
             out = families.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
             for sample in family.samples:
-                labels = {"instance_id": instance.instance_id, "role": instance.role,
-                          **{k: v for k, v in sample.labels.items() if k not in ("instance_id", "role")}}
+                labels = {
+                    "instance_id": instance.instance_id,
+                    "role": instance.role,
+                    **{k: v for k, v in sample.labels.items() if k not in ("instance_id", "role")},
+                }
                 out.add_sample(sample.name, labels, sample.value)
     return _render(list(families.values()))
 
@@ -79,7 +82,10 @@ def _combine(parsed: list[tuple[InstanceMetrics, list[Metric]]], extra_labels: d
             families.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
             bucket = values.setdefault(family.name, {})
             for sample in family.samples:
-                labels = {**extra_labels, **{k: v for k, v in sample.labels.items() if k not in ("instance_id", "role")}}
+                labels = {
+                    **extra_labels,
+                    **{k: v for k, v in sample.labels.items() if k not in ("instance_id", "role")},
+                }
                 bucket.setdefault((sample.name, tuple(labels.items())), []).append(sample.value)
     for name, family in families.items():
         for (sample_name, labels), found in values[name].items():

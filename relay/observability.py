@@ -49,8 +49,11 @@ class ObservabilityRoutes:
         timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             texts = await asyncio.gather(*(self._fetch(session, row["metrics_url"]) for row in rows))
-        return [metrics.InstanceMetrics(str(row["id"]), row["role"], text)
-                for row, text in zip(rows, texts) if text is not None]
+        return [
+            metrics.InstanceMetrics(str(row["id"]), row["role"], text)
+            for row, text in zip(rows, texts)
+            if text is not None
+        ]
 
     @staticmethod
     async def _fetch(session: aiohttp.ClientSession, url: str) -> Optional[str]:
@@ -87,8 +90,13 @@ class ObservabilityRoutes:
         return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def instance_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(status=410, text="# /instance/metrics is deprecated. Use GET /metrics?type=instance instead.\n",
-                            content_type="text/plain")
+        return web.Response(
+            status=410,
+            text="# /instance/metrics is deprecated. Use GET /metrics?type=instance instead.\n",
+            content_type="text/plain",
+        )
 
     async def health(self, request: web.Request) -> web.Response:
-        return json_reply({"status": "ok" if self.relay.started else "starting"}, status=200 if self.relay.started else 503)
+        return json_reply(
+            {"status": "ok" if self.relay.started else "starting"}, status=200 if self.relay.started else 503
+        )

@@ -31,7 +31,10 @@ class OpenAIRoutes:
 
     async def models(self, request: web.Request) -> web.Response:
         self.check_key(request)
-        data = [{"id": name, "object": "model", "created": s.created, "owned_by": "swarm"} for name, s in self.services.items()]
+        data = [
+            {"id": name, "object": "model", "created": s.created, "owned_by": "swarm"}
+            for name, s in self.services.items()
+        ]
         return json_reply({"object": "list", "data": data})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -42,8 +45,13 @@ class OpenAIRoutes:
         ident = f"cmpl-{uuid.uuid4().hex}"
 
         def chunk(text: str, finish: Optional[str]) -> dict[str, Any]:
-            return {"id": ident, "object": "text_completion", "created": int(time.time()), "model": service.name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            return {
+                "id": ident,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": service.name,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
 
         if body.stream:
             return await self._stream(request, service, gen, chunk)
@@ -56,8 +64,9 @@ class OpenAIRoutes:
         self.check_key(request)
         body = await read_body(request, ChatCompletionRequest)
         service = find_service(self.services, body.model)
-        gen = await service.chat_request(body.messages, body.max_completion_tokens or body.max_tokens, body.temperature,
-                                         body.top_p, body.stop_list())
+        gen = await service.chat_request(
+            body.messages, body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p, body.stop_list()
+        )
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         first = True
 
@@ -67,18 +76,34 @@ class OpenAIRoutes:
             if first:
                 delta["role"] = "assistant"
                 first = False
-            return {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": service.name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": service.name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
 
         if body.stream:
             return await self._stream(request, service, gen, chunk)
         result = await service.generate(gen, cancelled=_client_gone(request))
-        return json_reply({
-            "id": ident, "object": "chat.completion", "created": int(time.time()), "model": service.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "logprobs": None, "finish_reason": result.finish_reason}],
-            "usage": _usage(result),
-        })
+        return json_reply(
+            {
+                "id": ident,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": service.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.text},
+                        "logprobs": None,
+                        "finish_reason": result.finish_reason,
+                    }
+                ],
+                "usage": _usage(result),
+            }
+        )
 
     async def _stream(self, request: web.Request, service: ModelService, gen, chunk) -> web.StreamResponse:
         """Server-sent events: one chunk per text delta, a last one with the finish reason, then [DONE].
@@ -148,5 +173,8 @@ async def _send(response: web.StreamResponse, data: dict[str, Any]) -> None:
 
 
 def _usage(result: Result) -> dict[str, int]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }

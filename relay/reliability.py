@@ -63,7 +63,7 @@ def reliability_score(stats: WorkerStats) -> float:
         + WEIGHTS["stability"] * stability(stats)
         + WEIGHTS["latency"] * latency_score(stats)
         + WEIGHTS["history"] * min(max(stats.history, 0.0), 1.0)
-    ) * FAULT_FACTOR ** stats.proven_faults
+    ) * FAULT_FACTOR**stats.proven_faults
     return round(min(max(score, 0.0), 1.0), 6)
 
 

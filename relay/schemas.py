@@ -26,9 +26,12 @@ class RegisterRequest(_Body):
     hostname: str = Field("", max_length=255)
     port: int = Field(0, ge=0, le=65535, description="the server's swarm (DHT) port")
     peer_id: str = Field(min_length=1, max_length=128)
-    peer_public_key: str = Field(min_length=1, max_length=4096, description="the peer's identity key, [owner:ssh-rsa …]")
-    peer_signature: str = Field(min_length=1, max_length=2048,
-                                description="base64 RSA signature of swarm-relay-register:<peer_id>:<signed_at>")
+    peer_public_key: str = Field(
+        min_length=1, max_length=4096, description="the peer's identity key, [owner:ssh-rsa …]"
+    )
+    peer_signature: str = Field(
+        min_length=1, max_length=2048, description="base64 RSA signature of swarm-relay-register:<peer_id>:<signed_at>"
+    )
     signed_at: StrictInt = Field(ge=0, lt=2**40, description="unix seconds when the signature was made")
     model: str = Field(min_length=1, max_length=256)
     role: Role = "mixed"

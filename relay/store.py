@@ -114,7 +114,7 @@ class Store:
 
     @property
     def sqlite_path(self) -> Optional[Path]:
-        return Path(self.url[len("sqlite:///"):]) if self.kind == "sqlite" else None
+        return Path(self.url[len("sqlite:///") :]) if self.kind == "sqlite" else None
 
     async def open(self) -> None:
         await self._run(self._open)

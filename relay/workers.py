@@ -91,8 +91,14 @@ LATENCY_STEP = 0.2  # how far one measured latency moves a worker's moving avera
 
 
 class WorkerRegistry:
-    def __init__(self, store: Store, key: bytes, heartbeat_timeout: float, join_token_hash: Optional[str] = None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        store: Store,
+        key: bytes,
+        heartbeat_timeout: float,
+        join_token_hash: Optional[str] = None,
+        clock: Callable[[], float] = time.time,
+    ):
         """`join_token_hash`: SHA-256 of the token registrations must present (None: open registration)."""
         self.store = store
         self.fernet = Fernet(key)
@@ -107,8 +113,9 @@ class WorkerRegistry:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def register(self, body: RegisterRequest, signed: dict[str, Any], relay_url: str, ip: str,
-                       join_token: Optional[str]) -> dict[str, Any]:
+    async def register(
+        self, body: RegisterRequest, signed: dict[str, Any], relay_url: str, ip: str, join_token: Optional[str]
+    ) -> dict[str, Any]:
         """`signed` is the body as sent (what the peer signed), `relay_url` how the peer reached this relay."""
         if self.join_token_hash is not None:
             if not join_token or not secret_matches(join_token, self.join_token_hash):
@@ -118,42 +125,73 @@ class WorkerRegistry:
         token, refresh, signing = new_secret(), new_secret(), new_secret()
         expires = now + ACCESS_TOKEN_TTL
         values = {
-            "name": body.name, "hostname": body.hostname or body.name, "ip": ip, "port": body.port,
-            "peer_id": body.peer_id, "model": body.model, "role": body.role, "region": body.region,
-            "labels": dumps(body.labels), "system_reserved": dumps({"ram": 0, "vram": 0, **body.system_reserved}),
-            "status": dumps(body.status), "load": dumps({}),
+            "name": body.name,
+            "hostname": body.hostname or body.name,
+            "ip": ip,
+            "port": body.port,
+            "peer_id": body.peer_id,
+            "model": body.model,
+            "role": body.role,
+            "region": body.region,
+            "labels": dumps(body.labels),
+            "system_reserved": dumps({"ram": 0, "vram": 0, **body.system_reserved}),
+            "status": dumps(body.status),
+            "load": dumps({}),
             "metrics_url": self._metrics_url(ip, body.metrics_port),
-            "state": "not_ready", "state_message": "registered; waiting for the first heartbeat",
-            "token_hash": hash_secret(token), "refresh_hash": hash_secret(refresh),
-            "signing_secret": self.fernet.encrypt(signing.encode()).decode(), "token_expires_at": expires,
+            "state": "not_ready",
+            "state_message": "registered; waiting for the first heartbeat",
+            "token_hash": hash_secret(token),
+            "refresh_hash": hash_secret(refresh),
+            "signing_secret": self.fernet.encrypt(signing.encode()).decode(),
+            "token_expires_at": expires,
             "updated_at": now,
         }
         # A peer registering again (a restart, lost credentials) gets its row back with new credentials:
         # its reliability record and pushed config stay, and the old credentials stop working.
         existing = await self.store.fetch_one(
-            "SELECT id, config_version FROM workers WHERE peer_id = ? ORDER BY id LIMIT 1", body.peer_id)
+            "SELECT id, config_version FROM workers WHERE peer_id = ? ORDER BY id LIMIT 1", body.peer_id
+        )
         if existing is not None:
             worker_id, config_version = existing["id"], existing["config_version"]
             await self.store.update("workers", "id", worker_id, values)
-            logger.info("worker %d registered again: %s (peer %s, model %s)", worker_id, body.name, body.peer_id, body.model)
+            logger.info(
+                "worker %d registered again: %s (peer %s, model %s)", worker_id, body.name, body.peer_id, body.model
+            )
         else:
             config_version = 1
-            worker_id = await self.store.insert("workers", {
-                **values, "config": dumps(LoadConfig().model_dump()), "config_version": config_version,
-                "created_at": now}, returning="id")
+            worker_id = await self.store.insert(
+                "workers",
+                {
+                    **values,
+                    "config": dumps(LoadConfig().model_dump()),
+                    "config_version": config_version,
+                    "created_at": now,
+                },
+                returning="id",
+            )
             logger.info("worker %d registered: %s (peer %s, model %s)", worker_id, body.name, body.peer_id, body.model)
-        return {"worker_id": worker_id, "token": token, "refresh_token": refresh, "signing_secret": signing,
-                "token_expires_at": iso(expires), "config_version": config_version}
+        return {
+            "worker_id": worker_id,
+            "token": token,
+            "refresh_token": refresh,
+            "signing_secret": signing,
+            "token_expires_at": iso(expires),
+            "config_version": config_version,
+        }
 
     def _check_ownership(self, body: RegisterRequest, signed: dict[str, Any], relay_url: str, now: float) -> None:
         """Only the holder of a peer's identity key may register as that peer (its score is at stake),
         with this very body, at this relay."""
         if abs(now - body.signed_at) > MAX_CLOCK_SKEW:
             raise HTTPError(401, f"signed_at is more than {MAX_CLOCK_SKEW:.0f} s away from the relay's clock")
-        if not proves_ownership(body.peer_id, body.peer_public_key, registration_message(relay_url, signed),
-                                body.peer_signature):
-            raise HTTPError(401, "peer_signature does not prove that the sender holds the identity key of peer_id "
-                                 f"and signed this registration for the relay at {relay_address(relay_url)}")
+        if not proves_ownership(
+            body.peer_id, body.peer_public_key, registration_message(relay_url, signed), body.peer_signature
+        ):
+            raise HTTPError(
+                401,
+                "peer_signature does not prove that the sender holds the identity key of peer_id "
+                f"and signed this registration for the relay at {relay_address(relay_url)}",
+            )
         try:
             # signed_at is in whole seconds: the signature may be up to a second younger than it says
             self.replays.check_and_remember(body.peer_signature, now, signed_at=body.signed_at + 1)
@@ -174,7 +212,9 @@ class WorkerRegistry:
             raise HTTPError(404, f"no such worker: {worker_id}")
         return row
 
-    async def authenticate(self, worker_id: int, method: str, path: str, body: bytes, headers, source: str) -> dict[str, Any]:
+    async def authenticate(
+        self, worker_id: int, method: str, path: str, body: bytes, headers, source: str
+    ) -> dict[str, Any]:
         """Checks the Bearer token and the HMAC signature of a worker's request (from address `source`)."""
 
         def access_token(row: dict[str, Any], now: float) -> None:
@@ -186,8 +226,16 @@ class WorkerRegistry:
 
         return await self._verified(worker_id, access_token, method, path, body, headers, source)
 
-    async def _verified(self, worker_id: int, credential: Callable[[dict[str, Any], float], None], method: str,
-                        path: str, body: bytes, headers, source: str) -> dict[str, Any]:
+    async def _verified(
+        self,
+        worker_id: int,
+        credential: Callable[[dict[str, Any], float], None],
+        method: str,
+        path: str,
+        body: bytes,
+        headers,
+        source: str,
+    ) -> dict[str, Any]:
         """The worker's row once `credential` and the request signature check out.
 
         Only failures that presented the worker's valid credential count toward its lockout (5 lock it
@@ -199,8 +247,11 @@ class WorkerRegistry:
         except (AuthError, HTTPError) as e:
             wait = self.failures_by_source.hit(source, now)
             if wait is not None:
-                raise HTTPError(429, "too many failed authentications from this address; slow down",
-                                headers={"Retry-After": str(math.ceil(wait))}) from None
+                raise HTTPError(
+                    429,
+                    "too many failed authentications from this address; slow down",
+                    headers={"Retry-After": str(math.ceil(wait))},
+                ) from None
             if isinstance(e, HTTPError):
                 raise
             raise HTTPError(401, str(e)) from None
@@ -210,8 +261,16 @@ class WorkerRegistry:
         except AuthError as e:
             raise HTTPError(423, str(e)) from None
         try:
-            verify_signature(self._signing_secret(row), method, path, body, headers.get("X-Timestamp", ""),
-                             headers.get("X-Signature", ""), now, self.replays)
+            verify_signature(
+                self._signing_secret(row),
+                method,
+                path,
+                body,
+                headers.get("X-Timestamp", ""),
+                headers.get("X-Signature", ""),
+                now,
+                self.replays,
+            )
         except ReplayWindowFull as e:
             raise HTTPError(429, str(e), headers={"Retry-After": "5"}) from None
         except RetryableAuthError as e:
@@ -227,10 +286,13 @@ class WorkerRegistry:
         try:
             return self.fernet.decrypt(row["signing_secret"].encode()).decode()
         except InvalidToken:
-            raise AuthError("this worker's signing secret cannot be read with the relay's key file; register again") from None
+            raise AuthError(
+                "this worker's signing secret cannot be read with the relay's key file; register again"
+            ) from None
 
-    async def refresh(self, worker_id: int, refresh_token: str, method: str, path: str, body: bytes, headers,
-                      source: str) -> dict[str, Any]:
+    async def refresh(
+        self, worker_id: int, refresh_token: str, method: str, path: str, body: bytes, headers, source: str
+    ) -> dict[str, Any]:
         """New access and refresh tokens; the old refresh token stops working (rotation)."""
 
         def refresh_credential(row: dict[str, Any], now: float) -> None:
@@ -241,9 +303,17 @@ class WorkerRegistry:
         now = self.clock()
         token, refresh = new_secret(), new_secret()
         expires = now + ACCESS_TOKEN_TTL
-        await self.store.update("workers", "id", worker_id, {
-            "token_hash": hash_secret(token), "refresh_hash": hash_secret(refresh),
-            "token_expires_at": expires, "updated_at": now})
+        await self.store.update(
+            "workers",
+            "id",
+            worker_id,
+            {
+                "token_hash": hash_secret(token),
+                "refresh_hash": hash_secret(refresh),
+                "token_expires_at": expires,
+                "updated_at": now,
+            },
+        )
         logger.info("worker %d: tokens rotated", worker_id)
         return {"worker_id": worker_id, "token": token, "refresh_token": refresh, "token_expires_at": iso(expires)}
 
@@ -273,9 +343,12 @@ class WorkerRegistry:
         score = reliability_score(stats_of(merged, now, await self._faults_of(row["peer_id"])))
         values["history"] = updated_history(row["history"], score)
         await self.store.update("workers", "id", row["id"], values)
-        return {"config_changed": body.config_version != row["config_version"],
-                "config_version": row["config_version"], "reliability_score": score,
-                "token_expires_at": iso(row["token_expires_at"])}
+        return {
+            "config_changed": body.config_version != row["config_version"],
+            "config_version": row["config_version"],
+            "reliability_score": score,
+            "token_expires_at": iso(row["token_expires_at"]),
+        }
 
     async def get_config(self, worker_id: int) -> dict[str, Any]:
         row = await self.row(worker_id)
@@ -285,7 +358,11 @@ class WorkerRegistry:
         # One statement: two concurrent pushes get two versions, never the same one twice.
         rows = await self.store.fetch(
             "UPDATE workers SET config = ?, config_version = config_version + 1, updated_at = ? WHERE id = ? "
-            "RETURNING config_version", dumps(config.model_dump()), self.clock(), worker_id)
+            "RETURNING config_version",
+            dumps(config.model_dump()),
+            self.clock(),
+            worker_id,
+        )
         if not rows:
             raise HTTPError(404, f"no such worker: {worker_id}")
         version = rows[0]["config_version"]
@@ -299,13 +376,22 @@ class WorkerRegistry:
         now = self.clock()
         cutoff = now - self.heartbeat_timeout
         lost = await self.store.fetch(
-            "SELECT * FROM workers WHERE online_since IS NOT NULL AND heartbeat_time < ?", cutoff)
+            "SELECT * FROM workers WHERE online_since IS NOT NULL AND heartbeat_time < ?", cutoff
+        )
         for row in lost:
-            await self.store.update("workers", "id", row["id"], {
-                "online_seconds": row["online_seconds"] + max(0.0, row["heartbeat_time"] - row["online_since"]),
-                "online_since": None, "unexpected_drops": row["unexpected_drops"] + 1,
-                "state": "not_ready", "updated_at": now,
-                "state_message": f"heartbeat lost: none for over {self.heartbeat_timeout:.0f} s"})
+            await self.store.update(
+                "workers",
+                "id",
+                row["id"],
+                {
+                    "online_seconds": row["online_seconds"] + max(0.0, row["heartbeat_time"] - row["online_since"]),
+                    "online_since": None,
+                    "unexpected_drops": row["unexpected_drops"] + 1,
+                    "state": "not_ready",
+                    "updated_at": now,
+                    "state_message": f"heartbeat lost: none for over {self.heartbeat_timeout:.0f} s",
+                },
+            )
             logger.warning("worker %d (%s): heartbeat lost", row["id"], row["name"])
         return len(lost)
 
@@ -313,16 +399,23 @@ class WorkerRegistry:
         """Counts an outcome the relay saw itself for every worker registered with this peer id; returns how many."""
         return await self._count("tasks_succeeded" if success else "tasks_failed", peer_id, latency_ms, LATENCY_STEP)
 
-    async def record_report(self, reporter: str, peer_id: str, success: bool, latency_ms: Optional[float] = None) -> int:
+    async def record_report(
+        self, reporter: str, peer_id: str, success: bool, latency_ms: Optional[float] = None
+    ) -> int:
         """Counts an outcome an API-key holder reports (weighed less: the relay cannot check it), at most
         REPORTS_PER_HOUR per reporter and worker; returns how many workers it counted for."""
         wait = self.report_quota.hit((reporter, peer_id), self.clock())
         if wait is not None:
-            raise HTTPError(429, f"this key has reported on {peer_id} {self.report_quota.limit} times in the last "
-                                 f"hour; further reports are not counted", headers={"Retry-After": str(math.ceil(wait))})
+            raise HTTPError(
+                429,
+                f"this key has reported on {peer_id} {self.report_quota.limit} times in the last "
+                f"hour; further reports are not counted",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
         # a reported latency moves the average a quarter as far as a measured one
-        return await self._count("reports_succeeded" if success else "reports_failed", peer_id, latency_ms,
-                                 LATENCY_STEP * REPORT_WEIGHT)
+        return await self._count(
+            "reports_succeeded" if success else "reports_failed", peer_id, latency_ms, LATENCY_STEP * REPORT_WEIGHT
+        )
 
     async def _count(self, column: str, peer_id: str, latency_ms: Optional[float], step: float) -> int:
         """One statement per outcome (counters incremented in place), so concurrent outcomes are all
@@ -331,14 +424,20 @@ class WorkerRegistry:
             return await self.store.execute(f"UPDATE workers SET {column} = {column} + 1 WHERE peer_id = ?", peer_id)
         return await self.store.execute(
             f"UPDATE workers SET {column} = {column} + 1, latency_ms = CASE WHEN latency_ms IS NULL THEN ? "
-            f"ELSE {1 - step} * latency_ms + {step} * ? END WHERE peer_id = ?", latency_ms, latency_ms, peer_id)
+            f"ELSE {1 - step} * latency_ms + {step} * ? END WHERE peer_id = ?",
+            latency_ms,
+            latency_ms,
+            peer_id,
+        )
 
     async def scores(self) -> dict[str, float]:
         """Reliability score per peer id (the latest registration of a peer wins)."""
         now = self.clock()
         result: dict[str, float] = {}
-        faults = {row["peer_id"]: row["n"] for row in
-                  await self.store.fetch("SELECT peer_id, COUNT(*) AS n FROM faults GROUP BY peer_id")}
+        faults = {
+            row["peer_id"]: row["n"]
+            for row in await self.store.fetch("SELECT peer_id, COUNT(*) AS n FROM faults GROUP BY peer_id")
+        }
         for row in await self.store.fetch("SELECT * FROM workers ORDER BY id"):
             result[row["peer_id"]] = reliability_score(stats_of(row, now, faults.get(row["peer_id"], 0)))
         return result
@@ -351,7 +450,9 @@ class WorkerRegistry:
     def _state(self, row: dict[str, Any], now: float) -> tuple[str, Optional[str]]:
         if row["id"] in self.offline_ids:
             return "not_ready", "taken offline by the operator"
-        if row["state"] == "ready" and (row["heartbeat_time"] is None or row["heartbeat_time"] < now - self.heartbeat_timeout):
+        if row["state"] == "ready" and (
+            row["heartbeat_time"] is None or row["heartbeat_time"] < now - self.heartbeat_timeout
+        ):
             return "not_ready", f"heartbeat lost: none for over {self.heartbeat_timeout:.0f} s"
         return row["state"], row["state_message"]
 
@@ -379,11 +480,17 @@ class WorkerRegistry:
     async def page(self, page: int, per_page: int) -> dict[str, Any]:
         now = self.clock()
         total = (await self.store.fetch_one("SELECT COUNT(*) AS n FROM workers"))["n"]
-        rows = await self.store.fetch("SELECT * FROM workers ORDER BY id LIMIT ? OFFSET ?", per_page, (page - 1) * per_page)
+        rows = await self.store.fetch(
+            "SELECT * FROM workers ORDER BY id LIMIT ? OFFSET ?", per_page, (page - 1) * per_page
+        )
         return {
             "items": [self.gpustack_item(row, now) for row in rows],
-            "pagination": {"page": page, "perPage": per_page, "total": total,
-                           "totalPage": math.ceil(total / per_page) if total else 0},
+            "pagination": {
+                "page": page,
+                "perPage": per_page,
+                "total": total,
+                "totalPage": math.ceil(total / per_page) if total else 0,
+            },
         }
 
     async def detail(self, worker_id: int) -> dict[str, Any]:
@@ -391,12 +498,24 @@ class WorkerRegistry:
         now = self.clock()
         stats = stats_of(row, now, await self._faults_of(row["peer_id"]))
         item = self.gpustack_item(row, now)
-        item.update(peer_id=row["peer_id"], model=row["model"], role=row["role"], region=row["region"],
-                    load=loads(row["load"], {}), config_version=row["config_version"],
-                    reliability={"score": reliability_score(stats), "tasks_succeeded": stats.tasks_succeeded,
-                                 "tasks_failed": stats.tasks_failed, "online_seconds": round(stats.online_seconds, 3),
-                                 "online_periods": stats.online_periods, "unexpected_drops": stats.unexpected_drops,
-                                 "latency_ms": stats.latency_ms, "proven_faults": stats.proven_faults})
+        item.update(
+            peer_id=row["peer_id"],
+            model=row["model"],
+            role=row["role"],
+            region=row["region"],
+            load=loads(row["load"], {}),
+            config_version=row["config_version"],
+            reliability={
+                "score": reliability_score(stats),
+                "tasks_succeeded": stats.tasks_succeeded,
+                "tasks_failed": stats.tasks_failed,
+                "online_seconds": round(stats.online_seconds, 3),
+                "online_periods": stats.online_periods,
+                "unexpected_drops": stats.unexpected_drops,
+                "latency_ms": stats.latency_ms,
+                "proven_faults": stats.proven_faults,
+            },
+        )
         return item
 
     async def all_rows(self) -> list[dict[str, Any]]:
@@ -413,4 +532,3 @@ def bearer_token(headers) -> Optional[str]:
     value = headers.get("Authorization", "")
     scheme, _, token = value.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-

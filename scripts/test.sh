@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
+# Lint and format first: a style error fails the run as a test would (ruff is pinned in pyproject.toml).
+.venv/bin/ruff check --quiet . || { echo "test: ruff check failed (fix, or .venv/bin/ruff check --fix .)" >&2; exit 1; }
+.venv/bin/ruff format --check --quiet . || { echo "test: files need formatting (.venv/bin/ruff format .)" >&2; exit 1; }
 # The health page is tested in a real headless Chromium, the relay's storage in a real PostgreSQL
 # (Debian's packages; the PostgreSQL test is skipped only where they cannot be installed), NAT in
 # network namespaces with iptables.

@@ -45,8 +45,9 @@ class _Step:
 
 
 class StepScheduler:
-    def __init__(self, compute: ComputeThread, max_batch_tokens: int,
-                 on_round: Callable[[int], None] = lambda steps: None):
+    def __init__(
+        self, compute: ComputeThread, max_batch_tokens: int, on_round: Callable[[int], None] = lambda steps: None
+    ):
         self.compute = compute
         self.max_batch_tokens = max_batch_tokens
         self.on_round = on_round  # told how many steps each round computed (a metric)
@@ -61,8 +62,9 @@ class StepScheduler:
         """Steps queued for a later round: the server's `num_requests_waiting`."""
         return sum(1 for step in self._pending if not step.future.done() and id(step) not in self._in_round)
 
-    async def run(self, span: BlockSpan, hidden: torch.Tensor, cache: Any, mask: Optional[torch.Tensor],
-                  start: int, end: int) -> torch.Tensor:
+    async def run(
+        self, span: BlockSpan, hidden: torch.Tensor, cache: Any, mask: Optional[torch.Tensor], start: int, end: int
+    ) -> torch.Tensor:
         """Runs one session's step in the next round that has room for it; returns its output."""
         if self._driver is None or self._driver.done():
             self._wake = asyncio.Event()
@@ -164,7 +166,9 @@ def _run_round(chosen: list[tuple[_Step, int]]) -> list[torch.Tensor | BaseExcep
                 for step, _ in group:
                     results[id(step)] = e
                 continue
-            logger.warning("a batch of %d steps failed (%s: %s); running them one by one", len(group), type(e).__name__, e)
+            logger.warning(
+                "a batch of %d steps failed (%s: %s); running them one by one", len(group), type(e).__name__, e
+            )
             outputs = []
             for (step, take), snapshot in zip(group, snapshots):
                 step.cache.restore(snapshot)
@@ -181,10 +185,10 @@ def _forward(group: list[tuple[_Step, int]]) -> list[torch.Tensor]:
     span, start, end = group[0][0].span, group[0][0].start, group[0][0].end
     inputs = []
     for step, take in group:
-        hidden = step.hidden if take == step.tokens else step.hidden[:, step.done:step.done + take]
+        hidden = step.hidden if take == step.tokens else step.hidden[:, step.done : step.done + take]
         mask = step.mask
         if mask is not None and step.cache is not None:
-            mask = mask[:, :span.cache_length(step.cache, start) + take]
+            mask = mask[:, : span.cache_length(step.cache, start) + take]
         inputs.append(SpanInput(hidden, step.cache, mask))
     return span.forward_batch(inputs, start, end)
 

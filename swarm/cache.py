@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from blocks.kv_pool import KVPool, PoolFull, PooledCache
+from blocks.kv_pool import KVPool, PooledCache, PoolFull
 from blocks.wire import ErrorKind, WireError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ class CacheBudget:
         `release()`), or a BUSY error at once (the client routes elsewhere)."""
         tokens = batch * max_length
         if tokens > self.total:
-            raise WireError(ErrorKind.BAD_REQUEST, f"session needs {tokens} cache tokens, server has {self.total} in all")
+            raise WireError(
+                ErrorKind.BAD_REQUEST, f"session needs {tokens} cache tokens, server has {self.total} in all"
+            )
         pool = self._pool
         if pool is None:
             raise WireError(ErrorKind.BUSY, "server is moving to other blocks")
@@ -50,5 +52,8 @@ class CacheBudget:
             free = pool.free
             if tokens > free:
                 raise WireError(ErrorKind.BUSY, f"cache full: {tokens} tokens asked, {free} free") from None
-            raise WireError(ErrorKind.BUSY, f"cache fragmented: {tokens} contiguous tokens asked, "
-                                            f"{pool.largest_free_run()} in the longest free run") from None
+            raise WireError(
+                ErrorKind.BUSY,
+                f"cache fragmented: {tokens} contiguous tokens asked, "
+                f"{pool.largest_free_run()} in the longest free run",
+            ) from None

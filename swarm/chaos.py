@@ -37,16 +37,24 @@ class ChaosReport:
     faults: Counter = field(default_factory=Counter)  # kill / stop / restart / cont
 
     def as_dict(self) -> dict:
-        return {"sessions": self.sessions, "identical": self.identical, "wrong": self.wrong,
-                "typed_errors": dict(self.typed_errors), "untyped_errors": self.untyped_errors,
-                "longest_generation_s": round(self.longest_generation_s, 2),
-                "unfinished_clients": self.unfinished_clients, "faults": dict(self.faults)}
+        return {
+            "sessions": self.sessions,
+            "identical": self.identical,
+            "wrong": self.wrong,
+            "typed_errors": dict(self.typed_errors),
+            "untyped_errors": self.untyped_errors,
+            "longest_generation_s": round(self.longest_generation_s, 2),
+            "unfinished_clients": self.unfinished_clients,
+            "faults": dict(self.faults),
+        }
 
 
 class _Faults:
     """At most one faulty server per block range at a time, so the swarm can always recover."""
 
-    def __init__(self, swarm: LocalSwarm, ranges: dict[Child, tuple[int, int]], rng: random.Random, report: ChaosReport):
+    def __init__(
+        self, swarm: LocalSwarm, ranges: dict[Child, tuple[int, int]], rng: random.Random, report: ChaosReport
+    ):
         self.swarm, self.ranges, self.rng, self.report = swarm, ranges, rng, report
         self.stopped: dict[Child, float] = {}  # SIGSTOPped server -> when to SIGCONT it
         self.busy_until: dict[tuple[int, int], float] = {}  # a range with a fault in progress
@@ -57,8 +65,11 @@ class _Faults:
                 child.signal(signal.SIGCONT)
                 del self.stopped[child]
                 self.report.faults["cont"] += 1
-        candidates = [child for child, span in self.ranges.items()
-                      if child.proc.poll() is None and child not in self.stopped and self.busy_until.get(span, 0) <= now]
+        candidates = [
+            child
+            for child, span in self.ranges.items()
+            if child.proc.poll() is None and child not in self.stopped and self.busy_until.get(span, 0) <= now
+        ]
         if not candidates:
             return
         victim = self.rng.choice(candidates)
@@ -105,9 +116,12 @@ def run_chaos(
     rng = random.Random(seed)
     with LocalSwarm(path, splits, server_args=["--throughput", "100"], workdir=workdir) as swarm:
         ranges = dict(zip(swarm.servers, splits))
-        models = [AutoDistributedModelForCausalLM.from_pretrained(
-            path, swarm.initial_peers, request_timeout=request_timeout, step_timeout=step_timeout, ban_seconds=2)
-            for _ in range(clients)]
+        models = [
+            AutoDistributedModelForCausalLM.from_pretrained(
+                path, swarm.initial_peers, request_timeout=request_timeout, step_timeout=step_timeout, ban_seconds=2
+            )
+            for _ in range(clients)
+        ]
 
         def client(model, client_rng: random.Random) -> None:
             while not stop.is_set():
@@ -137,8 +151,10 @@ def run_chaos(
                 if outcome != "identical":
                     stop.wait(RETRY_PAUSE)
 
-        threads = [threading.Thread(target=client, args=(model, random.Random(seed + 1 + i)), daemon=True)
-                   for i, model in enumerate(models)]
+        threads = [
+            threading.Thread(target=client, args=(model, random.Random(seed + 1 + i)), daemon=True)
+            for i, model in enumerate(models)
+        ]
         for thread in threads:
             thread.start()
         faults = _Faults(swarm, ranges, rng, report)

@@ -171,9 +171,22 @@ class DelayProxyProcess:
         self.target_port = target_port
         self._lock = threading.Lock()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "swarm.delay_proxy", "--target-port", str(target_port),
-             "--delay-ms", repr(delay * 1000), "--port", str(port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_raise_priority,
+            [
+                sys.executable,
+                "-m",
+                "swarm.delay_proxy",
+                "--target-port",
+                str(target_port),
+                "--delay-ms",
+                repr(delay * 1000),
+                "--port",
+                str(port),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            preexec_fn=_raise_priority,
         )
         try:
             self.port = int(self._answer(start_timeout))
@@ -185,7 +198,9 @@ class DelayProxyProcess:
         ready, _, _ = select.select([self._process.stdout], [], [], timeout)
         line = self._process.stdout.readline() if ready else ""
         if not line:
-            raise RuntimeError(f"delay proxy for port {self.target_port} did not answer (exit code {self._process.poll()})")
+            raise RuntimeError(
+                f"delay proxy for port {self.target_port} did not answer (exit code {self._process.poll()})"
+            )
         return line.strip()
 
     @property
@@ -239,7 +254,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m swarm.delay_proxy",
         description="Forward 127.0.0.1:PORT to 127.0.0.1:TARGET_PORT, delaying every byte by a fixed one-way time. "
-                    "Prints the port it listens on; runs until its stdin closes.")
+        "Prints the port it listens on; runs until its stdin closes.",
+    )
     parser.add_argument("--target-port", type=int, required=True, help="the local port to forward to")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay of each direction, in ms")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")

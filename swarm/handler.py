@@ -76,16 +76,17 @@ class _OpenSession:
     mask: Optional[torch.Tensor] = None  # [batch, max_length] attention mask, once a step has sent one
     closed: Optional[str] = None
 
-    def extend_mask(self, new: Optional[torch.Tensor], batch: int, position: int, tokens: int,
-                    max_length: int) -> Optional[torch.Tensor]:
+    def extend_mask(
+        self, new: Optional[torch.Tensor], batch: int, position: int, tokens: int, max_length: int
+    ) -> Optional[torch.Tensor]:
         """The attention mask of positions [0, position + tokens), kept here: steps carry only the new
         tokens' columns (none: all real tokens). None while no step has sent a mask."""
         if new is None and self.mask is None:
             return None
         if self.mask is None:
             self.mask = torch.ones(batch, max_length, dtype=torch.bool)
-        self.mask[:, position:position + tokens] = True if new is None else new.bool()
-        return self.mask[:, :position + tokens]
+        self.mask[:, position : position + tokens] = True if new is None else new.bool()
+        return self.mask[:, : position + tokens]
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,15 @@ class BlockHandler:
             if persistent and header.session_id:
                 self._keyed[header.session_id] = session
             timing = self.metrics.session(prompt_only=not persistent) if self.metrics is not None else None
-            logger.debug("session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
-                         session_id, context.remote_id, start, end, batch, max_length)
+            logger.debug(
+                "session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
+                session_id,
+                context.remote_id,
+                start,
+                end,
+                batch,
+                max_length,
+            )
             position = 0
             if persistent:
                 yield pack(SessionOpened(session_id=session_id, max_length=max_length), request=False)
@@ -307,8 +315,19 @@ class BlockHandler:
                 position += hidden.shape[1]
                 if step.route:
                     self._push_on(session, step, output, mask)
-                yield pack(self._step_done(session_id if persistent else "", start, end, position - hidden.shape[1],
-                                           step.step_id, hidden, output), [output], request=False)
+                yield pack(
+                    self._step_done(
+                        session_id if persistent else "",
+                        start,
+                        end,
+                        position - hidden.shape[1],
+                        step.step_id,
+                        hidden,
+                        output,
+                    ),
+                    [output],
+                    request=False,
+                )
                 if not persistent and position == max_length:
                     return
                 message = await (self._next_in(session) if persistent else self._next(requests))
@@ -320,8 +339,12 @@ class BlockHandler:
             yield error_response(e)
         except asyncio.TimeoutError:
             failed = True
-            logger.info("session %s from %s closed after %.0f s idle", session_id, context.remote_id,
-                        self.limits.session_timeout)
+            logger.info(
+                "session %s from %s closed after %.0f s idle",
+                session_id,
+                context.remote_id,
+                self.limits.session_timeout,
+            )
             yield error_response(bad_request(f"session idle for more than {self.limits.session_timeout:.0f} s"))
         except Exception as e:
             failed = True
@@ -341,8 +364,16 @@ class BlockHandler:
             if timing is not None:
                 timing.finished(ok=not failed)
 
-    def _step_done(self, session_id: str, start: int, end: int, position: int, step_id: int, hidden: torch.Tensor,
-                   output: torch.Tensor) -> StepDone:
+    def _step_done(
+        self,
+        session_id: str,
+        start: int,
+        end: int,
+        position: int,
+        step_id: int,
+        hidden: torch.Tensor,
+        output: torch.Tensor,
+    ) -> StepDone:
         """The reply header; in a session, with digests of the step's input and output and their signed
         receipt (a stateless forward's reply carries none: nobody checks it against anything)."""
         done = position + hidden.shape[1]
@@ -351,18 +382,32 @@ class BlockHandler:
         input_digest, output_digest = tensor_digest(hidden), tensor_digest(output)
         receipt = ""
         if self.signer is not None:
-            receipt = sign(self.signer, receipt_message(self.model, start, end, session_id, position, hidden.shape[1],
-                                                        input_digest, output_digest))
-        return StepDone(position=done, step_id=step_id, input_digest=input_digest, output_digest=output_digest,
-                        receipt=receipt)
+            receipt = sign(
+                self.signer,
+                receipt_message(
+                    self.model, start, end, session_id, position, hidden.shape[1], input_digest, output_digest
+                ),
+            )
+        return StepDone(
+            position=done, step_id=step_id, input_digest=input_digest, output_digest=output_digest, receipt=receipt
+        )
 
     def _push_on(self, session: _OpenSession, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Sends the output to the route's first hop, in its dtype, with the rest of the route, on the
         session's stream to that server; the reply to the client is not held up by it."""
         hop = step.route[0]
         tensors = [output.to(parse_dtype(hop.dtype))] + ([mask] if mask is not None else [])
-        message = pack(Push(position=step.position, step_id=step.step_id, route=step.route[1:], rewind=step.rewind,
-                            session_id=hop.session_id), tensors, request=True)
+        message = pack(
+            Push(
+                position=step.position,
+                step_id=step.step_id,
+                route=step.route[1:],
+                rewind=step.rewind,
+                session_id=hop.session_id,
+            ),
+            tensors,
+            request=True,
+        )
         key = (hop.peer_id, hop.session_id)
         if key not in session.push_streams:
             session.push_streams[key] = self.push(hop)
@@ -387,7 +432,8 @@ class BlockHandler:
         if not self.span.start <= header.start_block < header.end_block <= self.span.end:
             raise WireError(
                 ErrorKind.WRONG_MODEL,
-                f"blocks {header.start_block}:{header.end_block} requested, this server has {self.span.start}:{self.span.end}",
+                f"blocks {header.start_block}:{header.end_block} requested, "
+                f"this server has {self.span.start}:{self.span.end}",
             )
         if not self.accepting():
             raise WireError(ErrorKind.BUSY, f"server is {self.state()} and accepts no new sessions")
@@ -405,12 +451,18 @@ class BlockHandler:
         hidden = tensors[0]
         hidden_size = self.span.config.hidden_size
         if hidden.dtype != self.span.dtype:
-            raise bad_request(f"hidden states must be {dtype_name(self.span.dtype)}, got {str(hidden.dtype).removeprefix('torch.')}")
+            raise bad_request(
+                f"hidden states must be {dtype_name(self.span.dtype)}, got {str(hidden.dtype).removeprefix('torch.')}"
+            )
         if hidden.ndim != 3 or hidden.shape[0] != batch or hidden.shape[2] != hidden_size or hidden.shape[1] == 0:
-            raise bad_request(f"hidden states must have shape [{batch}, tokens, {hidden_size}], got {list(hidden.shape)}")
+            raise bad_request(
+                f"hidden states must have shape [{batch}, tokens, {hidden_size}], got {list(hidden.shape)}"
+            )
         tokens = hidden.shape[1]
         if tokens > self.limits.max_chunk_tokens:
-            raise bad_request(f"{tokens} tokens in one step exceed the limit of {self.limits.max_chunk_tokens}; send them in chunks")
+            raise bad_request(
+                f"{tokens} tokens in one step exceed the limit of {self.limits.max_chunk_tokens}; send them in chunks"
+            )
         if step.position != position:
             raise bad_request(f"client is at position {step.position}, server holds {position} tokens")
         if position + tokens > max_length:

@@ -41,7 +41,10 @@ def describe_device(device: str) -> HardwareSummary:
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         free, total = torch.cuda.mem_get_info(index)
         return HardwareSummary(
-            device_type="cuda", device_name=torch.cuda.get_device_name(index)[:128], memory_total=total, memory_free=free
+            device_type="cuda",
+            device_name=torch.cuda.get_device_name(index)[:128],
+            memory_total=total,
+            memory_free=free,
         )
     memory = psutil.virtual_memory()
     name = platform.processor() or platform.machine() or "cpu"
@@ -141,15 +144,26 @@ def probe_status(device: str = "cpu", port: int = 0) -> SystemStatus:
     rpc = {str(gpu_index): RpcServer(pid=os.getpid(), port=port, gpu_index=gpu_index)} if dev.type != "cpu" else {}
     return SystemStatus(
         cpu=Cpu(total=psutil.cpu_count() or 1, utilization_rate=psutil.cpu_percent(interval=None)),
-        memory=Memory(total=memory.total, used=memory.total - memory.available, allocated=0,
-                      utilization_rate=memory.percent, is_unified_memory=dev.type == "mps"),
+        memory=Memory(
+            total=memory.total,
+            used=memory.total - memory.available,
+            allocated=0,
+            utilization_rate=memory.percent,
+            is_unified_memory=dev.type == "mps",
+        ),
         swap=Swap(total=swap.total, used=swap.used, utilization_rate=swap.percent),
         filesystem=_filesystems(),
         os=_operating_system(),
-        kernel=Kernel(name=platform.system(), release=platform.release(), version=platform.version(),
-                      architecture=platform.machine()),
-        uptime=Uptime(uptime=time.time() - psutil.boot_time(),
-                      boot_time=dt.datetime.fromtimestamp(psutil.boot_time(), dt.timezone.utc).isoformat(timespec="milliseconds")),
+        kernel=Kernel(
+            name=platform.system(),
+            release=platform.release(),
+            version=platform.version(),
+            architecture=platform.machine(),
+        ),
+        uptime=Uptime(
+            uptime=time.time() - psutil.boot_time(),
+            boot_time=dt.datetime.fromtimestamp(psutil.boot_time(), dt.timezone.utc).isoformat(timespec="milliseconds"),
+        ),
         gpu_devices=gpus,
         rpc_servers=rpc,
     )
@@ -162,8 +176,17 @@ def _filesystems() -> list[Filesystem]:
             usage = psutil.disk_usage(part.mountpoint)
         except OSError:
             continue
-        result.append(Filesystem(name="", mount_point=part.mountpoint, mount_from=part.device, total=usage.total,
-                                 used=usage.used, free=usage.free, available=usage.free))
+        result.append(
+            Filesystem(
+                name="",
+                mount_point=part.mountpoint,
+                mount_from=part.device,
+                total=usage.total,
+                used=usage.used,
+                free=usage.free,
+                available=usage.free,
+            )
+        )
     return result
 
 
@@ -184,19 +207,47 @@ def _gpu_devices() -> list[GpuDevice]:
         for index in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(index)
             props = torch.cuda.get_device_properties(index)
-            result.append(GpuDevice(
-                name=props.name, uuid=str(getattr(props, "uuid", "")), vendor="NVIDIA", index=index,
-                core=Core(total=props.multi_processor_count, utilization_rate=0.0),
-                memory=Memory(total=total, used=total - free, allocated=torch.cuda.memory_allocated(index),
-                              utilization_rate=100.0 * (total - free) / total, is_unified_memory=False),
-                temperature=None, labels={}, type="cuda"))
+            result.append(
+                GpuDevice(
+                    name=props.name,
+                    uuid=str(getattr(props, "uuid", "")),
+                    vendor="NVIDIA",
+                    index=index,
+                    core=Core(total=props.multi_processor_count, utilization_rate=0.0),
+                    memory=Memory(
+                        total=total,
+                        used=total - free,
+                        allocated=torch.cuda.memory_allocated(index),
+                        utilization_rate=100.0 * (total - free) / total,
+                        is_unified_memory=False,
+                    ),
+                    temperature=None,
+                    labels={},
+                    type="cuda",
+                )
+            )
         return result
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         memory = psutil.virtual_memory()
-        return [GpuDevice(name="Apple GPU", uuid="", vendor="Apple", index=0, core=Core(total=0, utilization_rate=0.0),
-                          memory=Memory(total=memory.total, used=memory.total - memory.available, allocated=0,
-                                        utilization_rate=memory.percent, is_unified_memory=True),
-                          temperature=None, labels={}, type="mps")]
+        return [
+            GpuDevice(
+                name="Apple GPU",
+                uuid="",
+                vendor="Apple",
+                index=0,
+                core=Core(total=0, utilization_rate=0.0),
+                memory=Memory(
+                    total=memory.total,
+                    used=memory.total - memory.available,
+                    allocated=0,
+                    utilization_rate=memory.percent,
+                    is_unified_memory=True,
+                ),
+                temperature=None,
+                labels={},
+                type="mps",
+            )
+        ]
     return []
 
 
@@ -216,17 +267,30 @@ def _nvml_devices() -> Optional[list[GpuDevice]]:
             utilization = pynvml.nvmlDeviceGetUtilizationRates(handle)
             name = pynvml.nvmlDeviceGetName(handle)
             uuid = pynvml.nvmlDeviceGetUUID(handle)
-            result.append(GpuDevice(
-                name=name.decode() if isinstance(name, bytes) else name,
-                uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
-                vendor="NVIDIA", index=index,
-                core=Core(total=pynvml.nvmlDeviceGetNumGpuCores(handle) if hasattr(pynvml, "nvmlDeviceGetNumGpuCores") else 0,
-                          utilization_rate=float(utilization.gpu)),
-                memory=Memory(total=memory.total, used=memory.used,
-                              allocated=torch.cuda.memory_allocated(index) if torch.cuda.is_available() else 0,
-                              utilization_rate=100.0 * memory.used / max(memory.total, 1), is_unified_memory=False),
-                temperature=float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
-                labels={}, type="cuda"))
+            result.append(
+                GpuDevice(
+                    name=name.decode() if isinstance(name, bytes) else name,
+                    uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
+                    vendor="NVIDIA",
+                    index=index,
+                    core=Core(
+                        total=pynvml.nvmlDeviceGetNumGpuCores(handle)
+                        if hasattr(pynvml, "nvmlDeviceGetNumGpuCores")
+                        else 0,
+                        utilization_rate=float(utilization.gpu),
+                    ),
+                    memory=Memory(
+                        total=memory.total,
+                        used=memory.used,
+                        allocated=torch.cuda.memory_allocated(index) if torch.cuda.is_available() else 0,
+                        utilization_rate=100.0 * memory.used / max(memory.total, 1),
+                        is_unified_memory=False,
+                    ),
+                    temperature=float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
+                    labels={},
+                    type="cuda",
+                )
+            )
         return result
     except Exception:
         logger.debug("NVML query failed", exc_info=True)

@@ -85,8 +85,11 @@ class Forker:
         """`preload`: modules to import once for all children (default: those of servers and bootstrap nodes)."""
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarm.forker", str(theirs.fileno()), *preload], pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            [sys.executable, "-m", "swarm.forker", str(theirs.fileno()), *preload],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
         theirs.close()
         self.sock = ours
@@ -166,8 +169,14 @@ class Child:
     With a `forker`, `args` must be `[python, "-m", module, …]` and the process is forked from it.
     """
 
-    def __init__(self, name: str, args: Sequence[str], log_path: Path, env: Optional[dict] = None,
-                 forker: Optional[Forker] = None):
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        log_path: Path,
+        env: Optional[dict] = None,
+        forker: Optional[Forker] = None,
+    ):
         self.name = name
         self.peer_id: Optional[str] = None
         self.metrics_url: Optional[str] = None  # the server's Prometheus endpoint, once online
@@ -179,7 +188,12 @@ class Child:
             self.proc = forker.spawn(args[2], args[3:], self._log, env if env is not None else dict(os.environ))
         else:
             self.proc = subprocess.Popen(
-                list(args), stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, env=env, text=True,
+                list(args),
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                text=True,
                 start_new_session=True,  # its own process group: kill() takes its DHT child and p2pd daemon too
             )
         self._asked_to_stop = False
@@ -204,7 +218,9 @@ class Child:
             except queue.Empty:
                 continue
             if line is None:
-                raise ProcessFailed(f"{self.name} exited with {self.proc.wait()}; see {self.log_path}:\n{self.log_tail()}")
+                raise ProcessFailed(
+                    f"{self.name} exited with {self.proc.wait()}; see {self.log_path}:\n{self.log_tail()}"
+                )
             if predicate(line):
                 return line
 
@@ -282,8 +298,19 @@ class LocalSwarm:
         try:
             self.bootstrap = Child(
                 "bootstrap",
-                [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", "0",
-                 "--identity", str(self.workdir / "bootstrap.key"), "--log-level", "warning"],
+                [
+                    sys.executable,
+                    "-m",
+                    "bootstrap",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--identity",
+                    str(self.workdir / "bootstrap.key"),
+                    "--log-level",
+                    "warning",
+                ],
                 self.workdir / "bootstrap.log",
                 env=self.env,
                 forker=self._forker(),
@@ -299,7 +326,12 @@ class LocalSwarm:
         return self
 
     def add_server(
-        self, start: Optional[int], end: Optional[int], *extra: str, wait: bool = True, module: str = "swarm.serve",
+        self,
+        start: Optional[int],
+        end: Optional[int],
+        *extra: str,
+        wait: bool = True,
+        module: str = "swarm.serve",
         env: Optional[dict[str, str]] = None,
     ) -> Child:
         """Starts one more server for blocks [start, end) (None: the server chooses); `module` runs it,
@@ -314,9 +346,23 @@ class LocalSwarm:
             listen = ["--port", str(port), "--announce-maddrs", f"/ip4/127.0.0.1/tcp/{proxy.port}"]
         child = Child(
             f"server {index} ({start}:{end})" if blocks else f"server {index} (auto)",
-            [sys.executable, "-m", module, "--model", self.model, *blocks,
-             "--initial-peers", *self.initial_peers, "--host", "127.0.0.1", *listen,
-             "--identity", str(self.workdir / f"server{index}.key"), *self.server_args, *extra],
+            [
+                sys.executable,
+                "-m",
+                module,
+                "--model",
+                self.model,
+                *blocks,
+                "--initial-peers",
+                *self.initial_peers,
+                "--host",
+                "127.0.0.1",
+                *listen,
+                "--identity",
+                str(self.workdir / f"server{index}.key"),
+                *self.server_args,
+                *extra,
+            ],
             self.workdir / f"server{index}.log",
             env={**self.env, **(env or {})},
             forker=self._forker(),

@@ -32,8 +32,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, on_gpu: bool, open_sessions: Callable[[], int],
-                 waiting: Callable[[], int], cache_usage: Callable[[], float]):
+    def __init__(
+        self,
+        model_name: str,
+        on_gpu: bool,
+        open_sessions: Callable[[], int],
+        waiting: Callable[[], int],
+        cache_usage: Callable[[], float],
+    ):
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         r = self.registry
@@ -58,28 +64,51 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens_total", "Number of prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens_total", "Number of generation tokens processed.")
         # plain totals behind the derived gauges (prometheus_client keeps its own values private)
-        self.totals = {"prompt_tokens": 0, "prompt_seconds": 0.0, "generation_tokens": 0, "generation_seconds": 0.0,
-                       "succeeded": 0, "failed": 0}
+        self.totals = {
+            "prompt_tokens": 0,
+            "prompt_seconds": 0.0,
+            "generation_tokens": 0,
+            "generation_seconds": 0.0,
+            "succeeded": 0,
+            "failed": 0,
+        }
         gauge("avg_prompt_throughput_toks_per_s", "Average prefill throughput in tokens/s.").set_function(
-            lambda: self._rate("prompt_tokens", "prompt_seconds"))
+            lambda: self._rate("prompt_tokens", "prompt_seconds")
+        )
         gauge("avg_generation_throughput_toks_per_s", "Average generation throughput in tokens/s.").set_function(
-            lambda: self._rate("generation_tokens", "generation_seconds"))
-        gauge("failed_request_perc", "Requests failure rate. 1 means 100 percent usage.").set_function(self._failed_share)
+            lambda: self._rate("generation_tokens", "generation_seconds")
+        )
+        gauge("failed_request_perc", "Requests failure rate. 1 means 100 percent usage.").set_function(
+            self._failed_share
+        )
         gauge("npu_cache_usage_perc", "NPU KV-cache usage. 1 means 100 percent usage.").set_function(
-            cache_usage if on_gpu else (lambda: 0.0))
+            cache_usage if on_gpu else (lambda: 0.0)
+        )
         gauge("cpu_cache_usage_perc", "CPU KV-cache usage. 1 means 100 percent usage.").set_function(
-            (lambda: 0.0) if on_gpu else cache_usage)
+            (lambda: 0.0) if on_gpu else cache_usage
+        )
         gauge("npu_prefix_cache_hit_rate", "NPU prefix cache block hit rate.")
-        self.ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS)
-        self.tpot = histogram("time_per_output_token_seconds", "Histogram of time per output token in seconds.", TPOT_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", E2E_BUCKETS)
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.tpot = histogram(
+            "time_per_output_token_seconds", "Histogram of time per output token in seconds.", TPOT_BUCKETS
+        )
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", E2E_BUCKETS
+        )
         self.request_prompt = histogram("request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS)
-        self.request_generation = histogram("request_generation_tokens", "Number of generation tokens processed.", TOKEN_BUCKETS)
-        self.pushed_steps = counter("swarm_pushed_steps_total",
-                                    "Steps received from the previous server of a chain (not a MindIE name).")
+        self.request_generation = histogram(
+            "request_generation_tokens", "Number of generation tokens processed.", TOKEN_BUCKETS
+        )
+        self.pushed_steps = counter(
+            "swarm_pushed_steps_total", "Steps received from the previous server of a chain (not a MindIE name)."
+        )
         self.batch_steps = histogram(
-            "swarm_batch_steps", "Sessions' steps computed together in one batched forward (not a MindIE name).",
-            BATCH_BUCKETS)
+            "swarm_batch_steps",
+            "Sessions' steps computed together in one batched forward (not a MindIE name).",
+            BATCH_BUCKETS,
+        )
         self._recent_step_ms: list[float] = []
 
     def _rate(self, tokens: str, seconds: str) -> float:
@@ -112,6 +141,7 @@ class ServerMetrics:
 
     async def serve(self, host: str, port: int) -> tuple[web.AppRunner, int]:
         """Serves `GET /metrics` on host:port; returns the runner (to clean up) and the bound port."""
+
         async def metrics(_request: web.Request) -> web.Response:
             return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -31,7 +31,8 @@ async def measure_bandwidth(p2p: P2P, peers: Iterable[ServerInfo], timeout: floa
             peer = await dial(p2p, info.peer_id, info.record.addrs, timeout)
             started = time.perf_counter()
             reply = await asyncio.wait_for(
-                p2p.call_protobuf_handler(peer, RPC_ECHO, request, runtime_pb2.ExpertResponse), timeout)
+                p2p.call_protobuf_handler(peer, RPC_ECHO, request, runtime_pb2.ExpertResponse), timeout
+            )
             elapsed = time.perf_counter() - started
             (echoed,) = read_tensors(reply, max_count=1)
         except Exception as e:

@@ -44,8 +44,9 @@ class PushStream:
     async def _run(self) -> None:
         try:
             target = await reach(self._p2p, self.hop.peer_id, self.hop.addrs, self.hop.relay_addrs, self._timeout)
-            replies = await asyncio.wait_for(iterate(self._p2p, target, RPC_PUSH_STREAM, self._requests()),
-                                             self._timeout)
+            replies = await asyncio.wait_for(
+                iterate(self._p2p, target, RPC_PUSH_STREAM, self._requests()), self._timeout
+            )
             async for reply in replies:
                 read_header(reply, PushAccepted)
         except WireError as e:

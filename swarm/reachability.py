@@ -26,8 +26,14 @@ async def check_reachability(initial_peers: Sequence[str], host: str, port: int)
     """Listens on host:port with a throwaway libp2p daemon and asks the initial peers to dial that
     port back at the address they see this machine at. None: nobody answered."""
     family = "ip6" if ":" in host else "ip4"
-    p2p = await P2P.create(host_maddrs=[f"/{family}/{host}/tcp/{port}"], nat_port_map=False, auto_nat=False,
-                           use_relay=False, use_auto_relay=False, check_if_identity_free=False)
+    p2p = await P2P.create(
+        host_maddrs=[f"/{family}/{host}/tcp/{port}"],
+        nat_port_map=False,
+        auto_nat=False,
+        use_relay=False,
+        use_auto_relay=False,
+        check_if_identity_free=False,
+    )
     try:
         reply = await ask_dial_back(p2p, initial_peers, [port])
     finally:
@@ -38,6 +44,10 @@ async def check_reachability(initial_peers: Sequence[str], host: str, port: int)
     if reply.reachable:
         logger.info("reachable: %s dialed back %s:%d", "an initial peer", reply.observed_ip, port)
     else:
-        logger.warning("unreachable: peers see this machine as %s, and port %d there does not answer (NAT or "
-                       "firewall); serving through a relay node", reply.observed_ip, port)
+        logger.warning(
+            "unreachable: peers see this machine as %s, and port %d there does not answer (NAT or "
+            "firewall); serving through a relay node",
+            reply.observed_ip,
+            port,
+        )
     return reply.reachable

@@ -98,12 +98,16 @@ class RelayLink:
     def _take(self, reply: dict[str, Any]) -> None:
         expires = dt.datetime.fromisoformat(reply["token_expires_at"].replace("Z", "+00:00")).timestamp()
         signing = reply.get("signing_secret") or self.credentials.signing_secret
-        self.credentials = Credentials(int(reply["worker_id"]), reply["token"], reply["refresh_token"], signing, expires)
+        self.credentials = Credentials(
+            int(reply["worker_id"]), reply["token"], reply["refresh_token"], signing, expires
+        )
         self._save_credentials()
 
     # ---- requests ----------------------------------------------------------------------------
 
-    async def _request(self, method: str, path: str, body: Optional[dict] = None, signed: bool = True) -> dict[str, Any]:
+    async def _request(
+        self, method: str, path: str, body: Optional[dict] = None, signed: bool = True
+    ) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else b""
         headers = {"Content-Type": "application/json"}
         if signed:
@@ -120,7 +124,11 @@ class RelayLink:
             except ValueError:
                 reply = {}
             if response.status >= 400:
-                message = reply.get("error", {}).get("message", response.reason) if isinstance(reply, dict) else response.reason
+                message = (
+                    reply.get("error", {}).get("message", response.reason)
+                    if isinstance(reply, dict)
+                    else response.reason
+                )
                 raise RelayRefused(response.status, str(message))
             return reply
 
@@ -132,8 +140,9 @@ class RelayLink:
 
     async def refresh_tokens(self) -> None:
         creds = self.credentials
-        reply = await self._request("POST", f"/api/v1/workers/{creds.worker_id}/refresh",
-                                    {"refresh_token": creds.refresh_token})
+        reply = await self._request(
+            "POST", f"/api/v1/workers/{creds.worker_id}/refresh", {"refresh_token": creds.refresh_token}
+        )
         self._take(reply)
         logger.info("relay tokens rotated (worker %d)", creds.worker_id)
 
@@ -150,7 +159,9 @@ class RelayLink:
         except RelayRefused as e:
             if e.status not in (401, 404):
                 raise
-            logger.warning("the relay no longer accepts worker %d (%s); registering again", self.credentials.worker_id, e)
+            logger.warning(
+                "the relay no longer accepts worker %d (%s); registering again", self.credentials.worker_id, e
+            )
             await self.register()
             body["config_version"] = self.config_version
             reply = await self._request("POST", f"/api/v1/workers/{self.credentials.worker_id}/heartbeat", body)
@@ -172,7 +183,9 @@ class RelayLink:
             except Exception as e:  # the relay is optional: never let it take the server down
                 message = f"{type(e).__name__}: {e}"
                 if message != self.last_error:
-                    logger.warning("relay %s: %s; the server keeps serving and retries in %.0f s", self.url, message, self.period)
+                    logger.warning(
+                        "relay %s: %s; the server keeps serving and retries in %.0f s", self.url, message, self.period
+                    )
                 self.last_error = message
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.period)

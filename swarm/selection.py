@@ -33,7 +33,7 @@ def choose_start(cover: list[float], length: int) -> int:
     """Start of the `length`-block window to host: the one whose weakest blocks are weakest (leftmost on ties)."""
     if not 0 < length <= len(cover):
         raise ValueError(f"cannot host {length} blocks of a {len(cover)}-block model")
-    return min(range(len(cover) - length + 1), key=lambda start: (sorted(cover[start:start + length]), start))
+    return min(range(len(cover) - length + 1), key=lambda start: (sorted(cover[start : start + length]), start))
 
 
 def with_server(cover: list[float], start: int, length: int, throughput: float) -> list[float]:

@@ -20,8 +20,13 @@ then announces itself offline and exits 0."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = cli_options(ServerOptions, "python -m swarm.serve",
-                          "Host transformer blocks [START:END) of a model and serve them to Swarm clients.", EPILOG, argv)
+    options = cli_options(
+        ServerOptions,
+        "python -m swarm.serve",
+        "Host transformer blocks [START:END) of a model and serve them to Swarm clients.",
+        EPILOG,
+        argv,
+    )
     try:
         check_model_and_blocks(options)
     except (BlocksError, ValueError, OSError) as e:

@@ -33,10 +33,10 @@ from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
 from dht.circuit import CircuitRelay, RelayAttachment, RelayLimits
 from dht.identity import receipt_signer
-from dht.receipts import public_key_hex
-from dht.registration import sign_registration
-from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.ports import free_port
+from dht.receipts import public_key_hex
+from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
+from dht.registration import sign_registration
 from dht.swarm_dht import SwarmDHT, public_announce, start_dht
 from swarm import __version__
 from swarm.batching import StepScheduler
@@ -46,10 +46,10 @@ from swarm.handler import BlockHandler, Limits
 from swarm.hardware import describe_device, free_memory, probe_status, release_memory
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
-from swarm.push import LocalPush, PushStream
-from swarm.reachability import check_reachability, is_loopback
 from swarm.network import measure_bandwidth
 from swarm.preflight import check_model_and_blocks
+from swarm.push import LocalPush, PushStream
+from swarm.reachability import check_reachability, is_loopback
 from swarm.relay_link import RelayLink, credentials_file
 from swarm.selection import choose_start, coverage, rebalance_target
 from swarm.throughput import cached_throughput
@@ -74,12 +74,14 @@ class Server:
         else:
             self.start_block, self.end_block = options.block_range
         self.budget = CacheBudget(options.cache_tokens)
-        self.load = LoadControl(LoadPolicy(
-            acceptance_rate=options.acceptance_rate,
-            max_concurrent_sessions=options.max_concurrent_sessions,
-            max_sessions_per_hour=options.max_sessions_per_hour,
-            working_hours=WorkingHours.parse(options.working_hours) if options.working_hours else None,
-        ))
+        self.load = LoadControl(
+            LoadPolicy(
+                acceptance_rate=options.acceptance_rate,
+                max_concurrent_sessions=options.max_concurrent_sessions,
+                max_sessions_per_hour=options.max_sessions_per_hour,
+                working_hours=WorkingHours.parse(options.working_hours) if options.working_hours else None,
+            )
+        )
         self.limits = Limits(
             max_length=options.max_length or min(self.checkpoint.config.max_position_embeddings, options.cache_tokens),
             max_batch_size=options.max_batch_size,
@@ -88,7 +90,8 @@ class Server:
         )
         self.compute = ComputeThread()
         self.metrics = ServerMetrics(
-            self.model_name, on_gpu=options.device.startswith("cuda"),
+            self.model_name,
+            on_gpu=options.device.startswith("cuda"),
             open_sessions=lambda: self.handler.open_sessions if self.handler else 0,
             waiting=lambda: self.scheduler.waiting,
             cache_usage=lambda: 1.0 - self.budget.free / self.budget.total,
@@ -120,8 +123,13 @@ class Server:
         # The DHT forks a child process: start it before torch spins up its thread pools, and before
         # installing signal handlers that the child must not inherit.
         dht, validator = start_dht(
-            opts.initial_peers, host=opts.host, port=port, identity_path=opts.identity, nat_port_map=opts.nat_port_map,
-            announce_maddrs=announce, client_mode=not self.reachable,
+            opts.initial_peers,
+            host=opts.host,
+            port=port,
+            identity_path=opts.identity,
+            nat_port_map=opts.nat_port_map,
+            announce_maddrs=announce,
+            client_mode=not self.reachable,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -171,27 +179,35 @@ class Server:
     def _relay_link(self) -> RelayLink:
         opts = self.options
         self.relay = RelayLink(
-            opts.relay, credentials_file(cache_dir(), opts.relay, self.dht.peer_id),
-            registration=self._relay_registration, heartbeat=self._relay_heartbeat, apply_config=self._apply_config,
-            period=opts.relay_heartbeat_period, join_token=opts.relay_join_token,
+            opts.relay,
+            credentials_file(cache_dir(), opts.relay, self.dht.peer_id),
+            registration=self._relay_registration,
+            heartbeat=self._relay_heartbeat,
+            apply_config=self._apply_config,
+            period=opts.relay_heartbeat_period,
+            join_token=opts.relay_join_token,
         )
         return self.relay
 
     async def _relay_registration(self, relay_url: str) -> dict:
         hostname = socket.gethostname()
-        return sign_registration(self.dht.validator, relay_url, {
-            "name": self.options.public_name or f"{hostname}-{self.dht.peer_id[-8:]}",
-            "hostname": hostname,
-            "port": self.dht.port,
-            "peer_id": self.dht.peer_id,
-            "signed_at": int(time.time()),
-            "model": self.model_name,
-            "role": "mixed",
-            "region": self.options.region,
-            "labels": {"os": platform.system().lower(), "arch": platform.machine().lower()},
-            "status": (await asyncio.to_thread(probe_status, self.options.device)).model_dump(mode="json"),
-            "metrics_port": self.metrics_port,
-        })
+        return sign_registration(
+            self.dht.validator,
+            relay_url,
+            {
+                "name": self.options.public_name or f"{hostname}-{self.dht.peer_id[-8:]}",
+                "hostname": hostname,
+                "port": self.dht.port,
+                "peer_id": self.dht.peer_id,
+                "signed_at": int(time.time()),
+                "model": self.model_name,
+                "role": "mixed",
+                "region": self.options.region,
+                "labels": {"os": platform.system().lower(), "arch": platform.machine().lower()},
+                "status": (await asyncio.to_thread(probe_status, self.options.device)).model_dump(mode="json"),
+                "metrics_port": self.metrics_port,
+            },
+        )
 
     async def _relay_heartbeat(self) -> dict:
         return {
@@ -221,8 +237,14 @@ class Server:
     async def _throughput(self) -> Throughput:
         if self.options.throughput:
             return Throughput(inference=self.options.throughput, forward=self.options.throughput)
-        return await self.compute.run(cached_throughput, self.span, self.model_name,
-                                      describe_device(self.options.device).device_name, __version__, cache_dir())
+        return await self.compute.run(
+            cached_throughput,
+            self.span,
+            self.model_name,
+            describe_device(self.options.device).device_name,
+            __version__,
+            cache_dir(),
+        )
 
     async def _open_handlers(self, dht) -> P2P:
         """Registers the RPC handlers on the DHT's libp2p daemon; returns the P2P handle to close later."""
@@ -249,9 +271,16 @@ class Server:
             (RPC_ECHO, self.handler.rpc_echo, False),
             (RPC_PUSH, self.handler.rpc_push, False),
         ):
-            await p2p.add_protobuf_handler(name, method, runtime_pb2.ExpertRequest, stream_input=stream, stream_output=stream)
-        await p2p.add_protobuf_handler(RPC_PUSH_STREAM, self.handler.rpc_push_stream, runtime_pb2.ExpertRequest,
-                                       stream_input=True, stream_output=False)
+            await p2p.add_protobuf_handler(
+                name, method, runtime_pb2.ExpertRequest, stream_input=stream, stream_output=stream
+            )
+        await p2p.add_protobuf_handler(
+            RPC_PUSH_STREAM,
+            self.handler.rpc_push_stream,
+            runtime_pb2.ExpertRequest,
+            stream_input=True,
+            stream_output=False,
+        )
         return p2p
 
     async def _reachability(self) -> tuple[int, list[str]]:
@@ -289,8 +318,10 @@ class Server:
         try:
             await asyncio.wait_for(attached.wait(), FIRST_ATTACH_TIMEOUT)
         except asyncio.TimeoutError:
-            logger.warning("no relay node accepted this server within %.0f s; it stays unusable until one does",
-                           FIRST_ATTACH_TIMEOUT)
+            logger.warning(
+                "no relay node accepted this server within %.0f s; it stays unusable until one does",
+                FIRST_ATTACH_TIMEOUT,
+            )
         return task
 
     async def _relay_candidates(self) -> list[str]:
@@ -305,8 +336,12 @@ class Server:
         for block in servers:
             for info in block.values():
                 record = info.record
-                if (info.peer_id != self.dht.peer_id and record.relay_node and record.reachable
-                        and record.state == ServerState.ONLINE):
+                if (
+                    info.peer_id != self.dht.peer_id
+                    and record.relay_node
+                    and record.reachable
+                    and record.state == ServerState.ONLINE
+                ):
                     for addr in record.addrs:
                         addr = addr if addr.endswith(f"/p2p/{info.peer_id}") else f"{addr}/p2p/{info.peer_id}"
                         if addr not in candidates:
@@ -326,9 +361,12 @@ class Server:
         except Exception:
             logger.warning("could not read the swarm to measure bandwidth", exc_info=True)
             return
-        others = {info.peer_id: info for block in servers for info in block.values()
-                  if info.peer_id != self.dht.peer_id and info.record.state == ServerState.ONLINE
-                  and info.record.reachable}
+        others = {
+            info.peer_id: info
+            for block in servers
+            for info in block.values()
+            if info.peer_id != self.dht.peer_id and info.record.state == ServerState.ONLINE and info.record.reachable
+        }
         self.network_mbps = await measure_bandwidth(p2p, others.values())
         if self.network_mbps is not None:
             logger.info("network: %.0f Mbit/s to other servers", self.network_mbps)
@@ -351,11 +389,15 @@ class Server:
 
     def _blocks_that_fit(self) -> int:
         """As many blocks as --max-memory-fraction of free memory holds, with their share of the KV cache."""
-        per_block = self.checkpoint.block_bytes(0, self.dtype) + self.options.cache_tokens * self.checkpoint.kv_bytes_per_token(self.dtype)
+        per_block = self.checkpoint.block_bytes(
+            0, self.dtype
+        ) + self.options.cache_tokens * self.checkpoint.kv_bytes_per_token(self.dtype)
         fit = int(self.options.max_memory_fraction * free_memory(self.options.device) // per_block)
         if fit < 1:
-            raise ValueError(f"not enough free memory on {self.options.device} for one block with --cache-tokens "
-                             f"{self.options.cache_tokens}: {per_block / 2**20:.0f} MiB needed")
+            raise ValueError(
+                f"not enough free memory on {self.options.device} for one block with --cache-tokens "
+                f"{self.options.cache_tokens}: {per_block / 2**20:.0f} MiB needed"
+            )
         return min(fit, self.checkpoint.num_blocks)
 
     async def _coverage_without_me(self) -> list[float]:
@@ -380,8 +422,13 @@ class Server:
         """Moves to the blocks the swarm needs more, if any: True when it moved, False when loading the
         new blocks failed (it serves its old ones again), None when it stayed."""
         try:
-            target = rebalance_target(await self._coverage_without_me(), self.start_block, self.length,
-                                      self.throughput.inference, self.options.rebalance_threshold)
+            target = rebalance_target(
+                await self._coverage_without_me(),
+                self.start_block,
+                self.length,
+                self.throughput.inference,
+                self.options.rebalance_threshold,
+            )
         except Exception:
             logger.warning("could not read the swarm to rebalance; will retry", exc_info=True)
             return None
@@ -396,8 +443,9 @@ class Server:
         await self._announce()
         # Free the old blocks before loading the new ones: holding both could exhaust the memory that
         # automatic sizing counted for one span. Sessions left after the drain end with a clear error.
-        closed = self.handler.retire_span(f"server moved from blocks {old[0]}:{old[1]} to other blocks; "
-                                          f"open the session again elsewhere")
+        closed = self.handler.retire_span(
+            f"server moved from blocks {old[0]}:{old[1]} to other blocks; open the session again elsewhere"
+        )
         if closed:
             logger.warning("closed %d session(s) still open after the drain", closed)
         self.span = None
@@ -408,8 +456,14 @@ class Server:
         try:
             self.span = await self.compute.run(self._load)
         except Exception as e:
-            logger.error("could not load blocks %d:%d (%s: %s); loading blocks %d:%d again",
-                         self.start_block, self.end_block, type(e).__name__, e, *old)
+            logger.error(
+                "could not load blocks %d:%d (%s: %s); loading blocks %d:%d again",
+                self.start_block,
+                self.end_block,
+                type(e).__name__,
+                e,
+                *old,
+            )
             self.start_block, self.end_block = old
             await self.compute.run(release_memory, self.options.device)
             try:
@@ -425,15 +479,29 @@ class Server:
         await self._announce()
         if (self.start_block, self.end_block) == old:
             return False
-        print(f"swarm.serve moved: model {self.model_name}, blocks {self.start_block}:{self.end_block}, "
-              f"peer {self.dht.peer_id}", flush=True)
+        print(
+            f"swarm.serve moved: model {self.model_name}, blocks {self.start_block}:{self.end_block}, "
+            f"peer {self.dht.peer_id}",
+            flush=True,
+        )
         return True
 
     def _load(self) -> BlockSpan:
-        with tqdm(total=self.end_block - self.start_block, desc=f"loading blocks {self.start_block}:{self.end_block}",
-                  unit="block", file=sys.stderr, disable=None) as bar:
-            return load_span(self.checkpoint, self.start_block, self.end_block, self.dtype, self.options.device,
-                             progress=lambda _: bar.update(1))
+        with tqdm(
+            total=self.end_block - self.start_block,
+            desc=f"loading blocks {self.start_block}:{self.end_block}",
+            unit="block",
+            file=sys.stderr,
+            disable=None,
+        ) as bar:
+            return load_span(
+                self.checkpoint,
+                self.start_block,
+                self.end_block,
+                self.dtype,
+                self.options.device,
+                progress=lambda _: bar.update(1),
+            )
 
     def record(self) -> ServerRecord:
         return ServerRecord(
@@ -491,8 +559,11 @@ class Server:
         deadline = asyncio.get_running_loop().time() + self.options.drain_timeout
         last_announce = asyncio.get_running_loop().time()
         if self.handler.open_sessions:
-            logger.info("draining: waiting up to %.0f s for %d open session(s); Ctrl-C again to stop now",
-                        self.options.drain_timeout, self.handler.open_sessions)
+            logger.info(
+                "draining: waiting up to %.0f s for %d open session(s); Ctrl-C again to stop now",
+                self.options.drain_timeout,
+                self.handler.open_sessions,
+            )
         while self.handler.open_sessions and not self._force_stop.is_set():
             now = asyncio.get_running_loop().time()
             if now >= deadline:

@@ -27,8 +27,9 @@ def measure_throughput(span: BlockSpan) -> Throughput:
     """Tokens/s of one-token decode steps (inference) and of a prefill (forward) through the whole span."""
     hidden_size = span.config.hidden_size
     prompt = torch.randn(1, _PREFILL_TOKENS, hidden_size, dtype=span.dtype, device=span.device)
-    with tqdm(total=2 + _DECODE_STEPS, desc="measuring throughput", unit="step", file=sys.stderr,
-              disable=None, leave=False) as bar:
+    with tqdm(
+        total=2 + _DECODE_STEPS, desc="measuring throughput", unit="step", file=sys.stderr, disable=None, leave=False
+    ) as bar:
         span.forward(prompt[:, :4], span.new_cache())  # warm-up: first calls pay for lazy init
         bar.update(1)
         cache = span.new_cache()
@@ -49,7 +50,9 @@ def measure_throughput(span: BlockSpan) -> Throughput:
 def cached_throughput(span: BlockSpan, model: str, device_name: str, version: str, cache_dir: Path) -> Throughput:
     """The span's throughput from the per-block timing cached for this model/dtype/device/version,
     measuring (and caching) it first if needed. Scaled to the span's length."""
-    key = hashlib.sha256(json.dumps([model, str(span.dtype), str(span.device), device_name, version]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps([model, str(span.dtype), str(span.device), device_name, version]).encode()
+    ).hexdigest()[:24]
     path = cache_dir / "throughput" / f"{key}.json"
     blocks = len(span)
     try:
@@ -61,8 +64,18 @@ def cached_throughput(span: BlockSpan, model: str, device_name: str, version: st
         per_block = Throughput(inference=measured.inference * blocks, forward=measured.forward * blocks)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"model": model, "dtype": str(span.dtype), "device": device_name, "version": version,
-                                   "inference_per_block": per_block.inference, "forward_per_block": per_block.forward}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "model": model,
+                    "dtype": str(span.dtype),
+                    "device": device_name,
+                    "version": version,
+                    "inference_per_block": per_block.inference,
+                    "forward_per_block": per_block.forward,
+                }
+            )
+        )
         tmp.replace(path)
     return Throughput(inference=per_block.inference / blocks, forward=per_block.forward / blocks)
 

@@ -21,9 +21,11 @@ def main() -> None:
     model_path, peer, new_tokens, *seeds = sys.argv[1:]
     with AutoDistributedModelForCausalLM.from_pretrained(model_path, [peer], request_timeout=60) as model:
         with ThreadPoolExecutor(len(seeds)) as pool:
-            outputs = list(pool.map(
-                lambda seed: model.generate(prompt(int(seed)), max_new_tokens=int(new_tokens))[0].tolist(), seeds
-            ))
+            outputs = list(
+                pool.map(
+                    lambda seed: model.generate(prompt(int(seed)), max_new_tokens=int(new_tokens))[0].tolist(), seeds
+                )
+            )
     print(json.dumps(outputs))
 
 

@@ -50,7 +50,7 @@ def wait_for_route(model, *peers: str, timeout: float = 120) -> None:
     that has just started may miss its first ping and be routed around for a few seconds."""
     remote = model.remote
     deadline = time.monotonic() + timeout
-    while [plan.peer_id for plan in remote.runtime.run(remote.make_chain(), 60)][:len(peers)] != list(peers):
+    while [plan.peer_id for plan in remote.runtime.run(remote.make_chain(), 60)][: len(peers)] != list(peers):
         assert time.monotonic() < deadline, f"routing never chose {peers} in {timeout:.0f} s"
         time.sleep(1)
 
@@ -69,7 +69,9 @@ def qwen2_ref(qwen2_path):
 def llama_swarm(llama_path, tmp_path_factory):
     """Two servers splitting the Llama model's 4 blocks."""
     with LocalSwarm(
-        llama_path, [(0, 2), (2, 4)], server_args=["--max-length", "256", "--throughput", "100"],
+        llama_path,
+        [(0, 2), (2, 4)],
+        server_args=["--max-length", "256", "--throughput", "100"],
         workdir=tmp_path_factory.mktemp("llama-swarm"),
     ) as swarm:
         yield swarm
@@ -79,7 +81,9 @@ def llama_swarm(llama_path, tmp_path_factory):
 def qwen2_swarm(qwen2_path, tmp_path_factory):
     """Three servers with uneven ranges over the Qwen2 model's 6 blocks."""
     with LocalSwarm(
-        qwen2_path, [(0, 1), (1, 4), (4, 6)], server_args=["--throughput", "100"],
+        qwen2_path,
+        [(0, 1), (1, 4), (4, 6)],
+        server_args=["--throughput", "100"],
         workdir=tmp_path_factory.mktemp("qwen2-swarm"),
     ) as swarm:
         yield swarm
@@ -87,11 +91,15 @@ def qwen2_swarm(qwen2_path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llama_client(llama_swarm, llama_path):
-    with AutoDistributedModelForCausalLM.from_pretrained(llama_path, llama_swarm.initial_peers, request_timeout=30) as model:
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        llama_path, llama_swarm.initial_peers, request_timeout=30
+    ) as model:
         yield model
 
 
 @pytest.fixture(scope="session")
 def qwen2_client(qwen2_swarm, qwen2_path):
-    with AutoDistributedModelForCausalLM.from_pretrained(qwen2_path, qwen2_swarm.initial_peers, request_timeout=30) as model:
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        qwen2_path, qwen2_swarm.initial_peers, request_timeout=30
+    ) as model:
         yield model

@@ -40,7 +40,7 @@ def _lying_forward_batch(self, inputs, *args, **kwargs):
     for step, output in zip(inputs, outputs):
         seen = _sessions.setdefault(id(step.cache), [len(_sessions), 0])
         seen[1] += 1
-        lies = (seen[1] > _after and (not _odd_only or seen[0] % 2 == 0) and _rng.random() < _probability)
+        lies = seen[1] > _after and (not _odd_only or seen[0] % 2 == 0) and _rng.random() < _probability
         if lies:
             output = _noisy(output)
         lied.append(output)
@@ -61,6 +61,7 @@ def _lying_push_on(self, session, step, output, mask):
 
 def _other_checkpoint_load(checkpoint, start, end, *args, **kwargs):
     from blocks.checkpoint import Checkpoint
+
     return _load_span(Checkpoint(os.environ["LYING_SERVER_CHECKPOINT"]), start, end, *args, **kwargs)
 
 

@@ -30,8 +30,11 @@ def home_record(model, home_id: str, accept, timeout: float = 180.0) -> dict:
         for block in servers:
             info = block.get(home_id)
             if info is not None and accept(info.record):
-                return {"reachable": info.record.reachable, "relay_addrs": list(info.record.relay_addrs),
-                        "addrs": list(info.record.addrs)}
+                return {
+                    "reachable": info.record.reachable,
+                    "relay_addrs": list(info.record.relay_addrs),
+                    "addrs": list(info.record.addrs),
+                }
         if time.monotonic() > deadline:
             raise SystemExit(f"the home server's record never became what the test waits for in {timeout:.0f} s")
         time.sleep(1)
@@ -59,7 +62,11 @@ def main() -> None:
         output = model.generate(ids, max_new_tokens=int(new_tokens), streamer=PauseAt(int(pause_at)))
         say(tokens=output[0].tolist())
         dead = sys.stdin.readline().strip()
-        say(record_after=home_record(model, home_id, lambda record: record.relay_addrs and dead not in record.relay_addrs))
+        say(
+            record_after=home_record(
+                model, home_id, lambda record: record.relay_addrs and dead not in record.relay_addrs
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -44,14 +44,18 @@ class NatTopology:
             return "network namespaces need root (CI runs the tests as root)"
         missing = [tool for tool in ("ip", "iptables") if shutil.which(tool) is None]
         if missing:
-            return f"{' and '.join(missing)} not installed (Debian packages iproute2, iptables; scripts/test.sh installs them)"
+            return (
+                f"{' and '.join(missing)} not installed "
+                "(Debian packages iproute2, iptables; scripts/test.sh installs them)"
+            )
         probe = f"swarm-probe-{secrets.token_hex(3)}"
         made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
         if made.returncode != 0:
             return f"cannot create a network namespace: {made.stderr.strip()}"
         try:
-            nat = subprocess.run(["ip", "netns", "exec", probe, "iptables", "-t", "nat", "-L"], capture_output=True,
-                                 text=True)
+            nat = subprocess.run(
+                ["ip", "netns", "exec", probe, "iptables", "-t", "nat", "-L"], capture_output=True, text=True
+            )
             if nat.returncode != 0:
                 return f"iptables cannot set up NAT here: {nat.stderr.strip()}"
         finally:
@@ -80,12 +84,55 @@ class NatTopology:
             ["ip", "-n", home, "link", "set", home_veth, "up"],
             ["ip", "-n", home, "route", "add", "default", "via", ROUTER_HOME_IP],
             ["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-            ["ip", "netns", "exec", router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", router_pub_veth,
-             "-j", "MASQUERADE"],
-            ["ip", "netns", "exec", router, "iptables", "-A", "FORWARD", "-i", router_pub_veth, "-o", router_home_veth,
-             "-m", "state", "--state", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
-            ["ip", "netns", "exec", router, "iptables", "-A", "FORWARD", "-i", router_pub_veth, "-o", router_home_veth,
-             "-j", "DROP"],
+            [
+                "ip",
+                "netns",
+                "exec",
+                router,
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                router_pub_veth,
+                "-j",
+                "MASQUERADE",
+            ],
+            [
+                "ip",
+                "netns",
+                "exec",
+                router,
+                "iptables",
+                "-A",
+                "FORWARD",
+                "-i",
+                router_pub_veth,
+                "-o",
+                router_home_veth,
+                "-m",
+                "state",
+                "--state",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ],
+            [
+                "ip",
+                "netns",
+                "exec",
+                router,
+                "iptables",
+                "-A",
+                "FORWARD",
+                "-i",
+                router_pub_veth,
+                "-o",
+                router_home_veth,
+                "-j",
+                "DROP",
+            ],
         ]
         try:
             for command in commands:
@@ -123,9 +170,16 @@ class Process:
 
     def __init__(self, nat: NatTopology, where: str, argv: list[str], log: Path, stdin: bool = False):
         self.log = log
-        self.handle = nat.popen(where, [sys.executable, *argv], stdout=subprocess.PIPE, stderr=log.open("w"),
-                                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, text=True,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.handle = nat.popen(
+            where,
+            [sys.executable, *argv],
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
     def line(self, accept, timeout: float = START_TIMEOUT) -> str:
         """The first stdout line that `accept` takes (bounded: the process must not go quiet)."""
@@ -133,7 +187,9 @@ class Process:
         while time.monotonic() < deadline:
             line = self.handle.stdout.readline()
             if not line:
-                raise AssertionError(f"{self.log.name}: exited ({self.handle.poll()}); log:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"{self.log.name}: exited ({self.handle.poll()}); log:\n{self.log.read_text()[-3000:]}"
+                )
             if accept(line.strip()):
                 return line.strip()
         raise AssertionError(f"{self.log.name}: no expected line in {timeout:.0f} s")
@@ -164,10 +220,37 @@ def start_bootstrap(nat: NatTopology, tmp_path: Path, name: str, port: int, peer
     return process, process.line(lambda line: line.startswith("/ip4/"))
 
 
-def start_server(nat: NatTopology, tmp_path: Path, name: str, where: str, host: str, model: Path, blocks: str,
-                 peers: list[str], *extra: str) -> tuple[Process, str]:
+def start_server(
+    nat: NatTopology,
+    tmp_path: Path,
+    name: str,
+    where: str,
+    host: str,
+    model: Path,
+    blocks: str,
+    peers: list[str],
+    *extra: str,
+) -> tuple[Process, str]:
     """A `swarm.serve` process (default flags but a fixed throughput); returns it and its peer id."""
-    process = Process(nat, where, ["-m", "swarm.serve", "--model", str(model), "--blocks", blocks, "--host", host,
-                                   "--throughput", "100", "--initial-peers", *peers, *extra], tmp_path / f"{name}.log")
+    process = Process(
+        nat,
+        where,
+        [
+            "-m",
+            "swarm.serve",
+            "--model",
+            str(model),
+            "--blocks",
+            blocks,
+            "--host",
+            host,
+            "--throughput",
+            "100",
+            "--initial-peers",
+            *peers,
+            *extra,
+        ],
+        tmp_path / f"{name}.log",
+    )
     online = process.line(lambda line: line.startswith("swarm.serve online:"))
     return process, online.split(" peer ")[1].split(",")[0]

@@ -9,7 +9,17 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from blocks.wire import RPC_INFERENCE, RPC_INFO, ErrorKind, OpenSession, ServerInfoReply, Step, WireError, pack, read_header
+from blocks.wire import (
+    RPC_INFERENCE,
+    RPC_INFO,
+    ErrorKind,
+    OpenSession,
+    ServerInfoReply,
+    Step,
+    WireError,
+    pack,
+    read_header,
+)
 from client import BadRequestError
 from client.span import connect
 

@@ -52,9 +52,10 @@ def test_a_packed_batch_of_sessions_matches_each_session_alone(request, name):
         hiddens += [torch.randn(batch, 1, size, generator=generator) for _ in range(steps)]
         mask = torch.ones(batch, prompt + steps, dtype=torch.int64)
         mask[0, :padding] = 0
-        masks = [mask[:, :prompt + i] if padding else None for i in range(steps + 1)]
-        sessions.append({"hiddens": hiddens, "masks": masks, "joins": joins, "cache": pool.allocate(batch, 64),
-                         "outputs": []})
+        masks = [mask[:, : prompt + i] if padding else None for i in range(steps + 1)]
+        sessions.append(
+            {"hiddens": hiddens, "masks": masks, "joins": joins, "cache": pool.allocate(batch, 64), "outputs": []}
+        )
     expected = [solo(span, s["hiddens"], s["masks"]) for s in sessions]
 
     for round_index in range(12):
@@ -109,8 +110,10 @@ async def test_the_scheduler_batches_concurrent_steps_and_chunks_a_long_prompt_b
             finished.append("prompt")
             return output
 
-        results = await asyncio.wait_for(asyncio.gather(
-            prefill(), *(decode(i, cache, step) for i, (cache, step, _) in enumerate(decoders))), timeout=60)
+        results = await asyncio.wait_for(
+            asyncio.gather(prefill(), *(decode(i, cache, step) for i, (cache, step, _) in enumerate(decoders))),
+            timeout=60,
+        )
         torch.testing.assert_close(results[0], span.forward(prompt, span.new_cache()), atol=ATOL, rtol=0)
         for output, (_, _, want) in zip(results[1:], decoders):
             torch.testing.assert_close(output, want, atol=ATOL, rtol=0)
@@ -125,9 +128,14 @@ async def test_the_scheduler_batches_concurrent_steps_and_chunks_a_long_prompt_b
         broken.release()
         good_cache = pool.allocate(1, 32)
         step = torch.randn(1, 3, size, generator=generator)
-        outcomes = await asyncio.wait_for(asyncio.gather(
-            scheduler.run(span, step, broken, None, 0, 4), scheduler.run(span, step, good_cache, None, 0, 4),
-            return_exceptions=True), timeout=60)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(
+                scheduler.run(span, step, broken, None, 0, 4),
+                scheduler.run(span, step, good_cache, None, 0, 4),
+                return_exceptions=True,
+            ),
+            timeout=60,
+        )
         assert isinstance(outcomes[0], RuntimeError) and "given back" in str(outcomes[0])
         torch.testing.assert_close(outcomes[1], span.forward(step, span.new_cache()), atol=ATOL, rtol=0)
     finally:
@@ -174,7 +182,9 @@ def test_concurrent_sessions_are_batched_and_each_equals_transformers(llama_swar
         if batch > 1 and index % 2:
             mask[0, :3] = 0  # left padding
         cases.append((ids, mask, 12 + index))
-    expected = [llama_ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False) for ids, mask, new in cases]
+    expected = [
+        llama_ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False) for ids, mask, new in cases
+    ]
     before = [batched_steps(server.metrics_url) for server in llama_swarm.servers]
     results: list = [None] * len(cases)
     halfway = [threading.Event() for _ in cases]
@@ -189,14 +199,17 @@ def test_concurrent_sessions_are_batched_and_each_equals_transformers(llama_swar
                 halfway[index].set()
 
         try:
-            results[index] = llama_client_model.generate(ids, attention_mask=mask, max_new_tokens=new,
-                                                         streamer=TokenClock(on_token))
+            results[index] = llama_client_model.generate(
+                ids, attention_mask=mask, max_new_tokens=new, streamer=TokenClock(on_token)
+            )
         except Exception as e:
             results[index] = e
         finally:
             halfway[index].set()
 
-    with AutoDistributedModelForCausalLM.from_pretrained(llama_path, llama_swarm.initial_peers, request_timeout=60) as llama_client_model:
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        llama_path, llama_swarm.initial_peers, request_timeout=60
+    ) as llama_client_model:
         threads = [threading.Thread(target=run, args=(index,)) for index in range(len(cases))]
         for thread in threads:
             thread.start()
@@ -215,7 +228,9 @@ def test_one_session_fails_over_while_the_others_go_on(tmp_path):
     ref = reference_model(path)
     prompts = [torch.randint(3, 100, (1, 5 + i), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     expected = [ref.generate(ids, max_new_tokens=30, do_sample=False) for ids in prompts]
-    with LocalSwarm(path, [(0, 2), (2, 4), (2, 4)], server_args=["--throughput", "100"], workdir=tmp_path / "swarm") as swarm:
+    with LocalSwarm(
+        path, [(0, 2), (2, 4), (2, 4)], server_args=["--throughput", "100"], workdir=tmp_path / "swarm"
+    ) as swarm:
         # A stream to a killed server sometimes sees no reset and waits out its timeout: keep it short.
         # A healthy server taken for a dead one on a slow day only means one more failover here.
         with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, request_timeout=15) as model:
@@ -232,8 +247,9 @@ def test_one_session_fails_over_while_the_others_go_on(tmp_path):
                 try:
                     with sessions[index] as session:
                         streamer = TokenClock(kill_last_span_of_session_0 if index == 0 else lambda n: None)
-                        results[index] = model.generate(prompts[index], max_new_tokens=30, session=session,
-                                                        streamer=streamer)
+                        results[index] = model.generate(
+                            prompts[index], max_new_tokens=30, session=session, streamer=streamer
+                        )
                 except Exception as e:
                     results[index] = e
 
@@ -257,8 +273,17 @@ def rss_mib(pid: int) -> float:
 def test_server_memory_stays_flat_over_a_long_session_and_hundreds_of_sessions(tmp_path):
     """Keys and values of 1000 tokens are 64 MiB on this server (wide heads on purpose), a fifth of its
     memory: a cache that grew with the session would show; the pool allocated at start does not."""
-    path = make_random_checkpoint(tmp_path / "wide", "llama", hidden_size=64, num_layers=4, num_heads=8,
-                                  num_kv_heads=8, head_dim=256, max_position_embeddings=2048, seed=3)
+    path = make_random_checkpoint(
+        tmp_path / "wide",
+        "llama",
+        hidden_size=64,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=256,
+        max_position_embeddings=2048,
+        seed=3,
+    )
     ref = reference_model(path)
     ref.generation_config.eos_token_id = None
     ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(3))
@@ -266,8 +291,12 @@ def test_server_memory_stays_flat_over_a_long_session_and_hundreds_of_sessions(t
     assert expected.shape[1] == 1006
     # Rounds of at most 64 tokens: the activations of one round (the allocator's high-water mark) stay
     # far below the 5 % this test allows, whichever sessions happen to meet in a round.
-    with LocalSwarm(path, [(0, 4)], server_args=["--throughput", "100", "--cache-tokens", "2048",
-                                                 "--max-batch-tokens", "64"], workdir=tmp_path / "swarm") as swarm:
+    with LocalSwarm(
+        path,
+        [(0, 4)],
+        server_args=["--throughput", "100", "--cache-tokens", "2048", "--max-batch-tokens", "64"],
+        workdir=tmp_path / "swarm",
+    ) as swarm:
         pid = swarm.servers[0].proc.pid
         seen = {}
         with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, request_timeout=60) as model:

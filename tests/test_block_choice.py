@@ -31,8 +31,12 @@ def blocks_of(child) -> tuple[int, int]:
 
 def online_ranges(reader, name, num_blocks) -> dict[str, tuple[int, int]]:
     blocks = asyncio.run(reader.fetch_servers(name, num_blocks))
-    return {info.peer_id: (info.record.start_block, info.record.end_block)
-            for block in blocks for info in block.values() if info.record.state == ServerState.ONLINE}
+    return {
+        info.peer_id: (info.record.start_block, info.record.end_block)
+        for block in blocks
+        for info in block.values()
+        if info.record.state == ServerState.ONLINE
+    }
 
 
 def test_servers_choose_missing_blocks_and_rebalance(tmp_path):
@@ -47,7 +51,9 @@ def test_servers_choose_missing_blocks_and_rebalance(tmp_path):
         dht, validator = start_dht(swarm.initial_peers, client_mode=True)
         reader = SwarmDHT(dht, validator)
         try:
-            with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, request_timeout=60) as model:
+            with AutoDistributedModelForCausalLM.from_pretrained(
+                path, swarm.initial_peers, request_timeout=60
+            ) as model:
                 assert torch.equal(model.generate(ids, max_new_tokens=12), expected)
 
                 mover = swarm.add_server(None, None, "--num-blocks", "2", "--rebalance-period", "1")
@@ -71,9 +77,19 @@ def test_a_server_whose_move_fails_to_load_keeps_its_blocks_or_leaves_cleanly(tm
     name = Checkpoint(path).default_model_name
     with LocalSwarm(path, [], server_args=FAST_RECORDS, workdir=tmp_path / "swarm") as swarm:
         first = [swarm.add_server(None, None, "--num-blocks", "2") for _ in range(3)]
-        movers = {how: swarm.add_server(None, None, "--num-blocks", "2", "--rebalance-period", "1",
-                                        module="tests.faulty_server", env={"FAULTY_SERVER_LOAD_FAIL": how})
-                  for how in ("4:6", "*")}
+        movers = {
+            how: swarm.add_server(
+                None,
+                None,
+                "--num-blocks",
+                "2",
+                "--rebalance-period",
+                "1",
+                module="tests.faulty_server",
+                env={"FAULTY_SERVER_LOAD_FAIL": how},
+            )
+            for how in ("4:6", "*")
+        }
         keeper, leaver = movers["4:6"], movers["*"]
         home = blocks_of(keeper)
         dht, validator = start_dht(swarm.initial_peers, client_mode=True)

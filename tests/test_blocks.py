@@ -51,16 +51,33 @@ def test_spans_match_the_full_model(tmp_path, model_type, tied):
 
 
 VARIANTS = {
-    "llama3-rope": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                                                        high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama3-rope": (
+        "llama",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            )
+        ),
+    ),
     "linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
-    "yarn-rope": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
-                                                     original_max_position_embeddings=16))),
+    "yarn-rope": (
+        "qwen2",
+        dict(
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16)
+        ),
+    ),
     "llama-biases": ("llama", dict(attention_bias=True, mlp_bias=True, head_dim=32)),
     "mistral-window": ("mistral", dict(sliding_window=4)),
     "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)),
-    "qwen3-window-bias": ("qwen3", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1, attention_bias=True,
-                                        head_dim=8)),
+    "qwen3-window-bias": (
+        "qwen3",
+        dict(use_sliding_window=True, sliding_window=5, max_window_layers=1, attention_bias=True, head_dim=8),
+    ),
 }
 
 
@@ -88,9 +105,12 @@ def test_architecture_variants_match_the_full_model(tmp_path, variant):
 def test_a_malformed_config_is_a_clear_error(tmp_path):
     path = make_random_checkpoint(tmp_path / "llama", "llama", num_layers=2)
     config = json.loads((path / "config.json").read_text())
-    for bad, message in [({"num_key_value_heads": 3}, "not a multiple"), ({"hidden_size": "wide"}, "hidden_size"),
-                         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
-                         ({"hidden_act": "mish"}, "'mish' is not supported")]:
+    for bad, message in [
+        ({"num_key_value_heads": 3}, "not a multiple"),
+        ({"hidden_size": "wide"}, "hidden_size"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
+        ({"hidden_act": "mish"}, "'mish' is not supported"),
+    ]:
         (path / "config.json").write_text(json.dumps({**config, **bad}))
         with pytest.raises((CheckpointError, UnsupportedModelError), match=message):
             Checkpoint(path)
@@ -144,7 +164,10 @@ def test_sharded_checkpoint_follows_its_index(tmp_path):
     index = json.loads((path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     checkpoint = Checkpoint(path)
-    assert checkpoint.weight_map["model.layers.2.mlp.up_proj.weight"].name == index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
+    assert (
+        checkpoint.weight_map["model.layers.2.mlp.up_proj.weight"].name
+        == index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
+    )
     load_span(checkpoint, 2, 3)
 
 

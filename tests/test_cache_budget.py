@@ -14,8 +14,18 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from blocks.wire import (RPC_INFERENCE, RPC_INFO, ErrorKind, OpenSession, ServerInfoReply, SessionOpened, Step,
-                         WireError, pack, read_header)
+from blocks.wire import (
+    RPC_INFERENCE,
+    RPC_INFO,
+    ErrorKind,
+    OpenSession,
+    ServerInfoReply,
+    SessionOpened,
+    Step,
+    WireError,
+    pack,
+    read_header,
+)
 from client.span import connect
 
 pytestmark = pytest.mark.slow
@@ -41,8 +51,9 @@ async def info(client, peer=None) -> ServerInfoReply:
     """The info reply of `peer`, or of the first server the client routes to."""
     if peer is None:
         _, peer = await first_server(client)
-    reply = await client.remote.p2p.call_protobuf_handler(peer, RPC_INFO, runtime_pb2.ExpertRequest(),
-                                                          runtime_pb2.ExpertResponse)
+    reply = await client.remote.p2p.call_protobuf_handler(
+        peer, RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+    )
     return read_header(reply, ServerInfoReply)
 
 
@@ -50,8 +61,10 @@ async def broken_session(client, plan, peer, pattern: int) -> bool:
     """Opens a session on the first server and breaks it in one of several ways; True if it opened.
 
     Every wait is bounded: a client that gives up waiting is one more way to break a session."""
-    opened = pack(OpenSession(model=client.model_name, start_block=plan.start, end_block=plan.end,
-                              max_length=50, batch_size=1), request=True)
+    opened = pack(
+        OpenSession(model=client.model_name, start_block=plan.start, end_block=plan.end, max_length=50, batch_size=1),
+        request=True,
+    )
     queue: asyncio.Queue = asyncio.Queue()
 
     async def requests():
@@ -61,8 +74,9 @@ async def broken_session(client, plan, peer, pattern: int) -> bool:
     queue.put_nowait(opened)
     replies = None
     try:
-        replies = await asyncio.wait_for(client.remote.p2p.iterate_protobuf_handler(
-            peer, RPC_INFERENCE, requests(), runtime_pb2.ExpertResponse), 10)
+        replies = await asyncio.wait_for(
+            client.remote.p2p.iterate_protobuf_handler(peer, RPC_INFERENCE, requests(), runtime_pb2.ExpertResponse), 10
+        )
         await asyncio.wait_for(anext(replies), 10)  # SessionOpened: the cache is reserved now
         if pattern == 1:  # a normal step, then a clean end of stream
             queue.put_nowait(pack(Step(position=0), [torch.randn(1, 4, 64)], request=True))
@@ -100,15 +114,22 @@ def test_memory_returned_after_hundreds_of_broken_sessions(llama_client, llama_s
         plan, peer = await first_server(llama_client)
         opened = 0
         for batch in range(20):
-            results = await asyncio.gather(*(broken_session(llama_client, plan, peer, (batch + i) % 4) for i in range(12)))
+            results = await asyncio.gather(
+                *(broken_session(llama_client, plan, peer, (batch + i) % 4) for i in range(12))
+            )
             opened += sum(results)
         return opened
 
     assert llama_client.remote.runtime.run(storm(), 600) >= 200  # of 240
 
     # A client process holding sessions is killed outright.
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(llama_path), llama_swarm.initial_peers[0]],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(llama_path), llama_swarm.initial_peers[0]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
         during = llama_client.remote.runtime.run(info(llama_client), 30)
@@ -120,17 +141,22 @@ def test_memory_returned_after_hundreds_of_broken_sessions(llama_client, llama_s
     reply = wait_for_full_budget(llama_client)
     assert reply.cache_tokens_free == 16384
     ids = torch.randint(3, 100, (1, 5))
-    assert torch.equal(llama_client.generate(ids, max_new_tokens=10), llama_ref.generate(ids, max_new_tokens=10, do_sample=False))
+    assert torch.equal(
+        llama_client.generate(ids, max_new_tokens=10), llama_ref.generate(ids, max_new_tokens=10, do_sample=False)
+    )
 
 
 def test_idle_sessions_expire(llama_swarm, llama_path, tmp_path):
     from client import AutoDistributedModelForCausalLM
 
     # The session must outlive one step and one info call (a fraction of a second, even on a slow day).
-    child = llama_swarm.add_server(0, 4, "--session-timeout", "8", "--throughput", "100000", "--model-name", "idle-test")
+    child = llama_swarm.add_server(
+        0, 4, "--session-timeout", "8", "--throughput", "100000", "--model-name", "idle-test"
+    )
     try:
-        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, llama_swarm.initial_peers,
-                                                             model_name="idle-test") as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            llama_path, llama_swarm.initial_peers, model_name="idle-test"
+        ) as model:
             session = model.inference_session(max_length=100)
             session.step(torch.randn(1, 3, 64))
             assert model.remote.runtime.run(info(model), 30).open_sessions == 1
@@ -142,19 +168,25 @@ def test_idle_sessions_expire(llama_swarm, llama_path, tmp_path):
         llama_swarm.servers.remove(child)
 
 
-
 async def open_session(client, plan, peer, max_length: int):
     """Opens a session on `peer`: (its first reply's header, or the WireError it answered; a close() coroutine)."""
     queue: asyncio.Queue = asyncio.Queue()
-    queue.put_nowait(pack(OpenSession(model=client.model_name, start_block=plan.start, end_block=plan.end,
-                                      max_length=max_length, batch_size=1), request=True))
+    queue.put_nowait(
+        pack(
+            OpenSession(
+                model=client.model_name, start_block=plan.start, end_block=plan.end, max_length=max_length, batch_size=1
+            ),
+            request=True,
+        )
+    )
 
     async def requests():
         while (message := await queue.get()) is not None:
             yield message
 
-    replies = await asyncio.wait_for(client.remote.p2p.iterate_protobuf_handler(
-        peer, RPC_INFERENCE, requests(), runtime_pb2.ExpertResponse), 60)
+    replies = await asyncio.wait_for(
+        client.remote.p2p.iterate_protobuf_handler(peer, RPC_INFERENCE, requests(), runtime_pb2.ExpertResponse), 60
+    )
 
     async def close():
         queue.put_nowait(None)
@@ -170,11 +202,22 @@ async def open_session(client, plan, peer, max_length: int):
 def test_sessions_refused_as_busy_use_none_of_the_hourly_quota(llama_swarm, llama_path):
     from client import AutoDistributedModelForCausalLM
 
-    child = llama_swarm.add_server(0, 4, "--cache-tokens", "40", "--max-sessions-per-hour", "2", "--throughput", "100",
-                                   "--model-name", "quota-test")
+    child = llama_swarm.add_server(
+        0,
+        4,
+        "--cache-tokens",
+        "40",
+        "--max-sessions-per-hour",
+        "2",
+        "--throughput",
+        "100",
+        "--model-name",
+        "quota-test",
+    )
     try:
-        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, llama_swarm.initial_peers,
-                                                             model_name="quota-test") as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            llama_path, llama_swarm.initial_peers, model_name="quota-test"
+        ) as model:
             run = model.remote.runtime.run
             plan, peer = run(first_server(model), 60)
             first, close_first = run(open_session(model, plan, peer, 40), 120)

@@ -17,8 +17,14 @@ HANDLER = "swarm.BlockService.rpc_test_echo"
 
 
 async def daemon(port: int = 0) -> P2P:
-    return await P2P.create(host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"], nat_port_map=False, auto_nat=False,
-                            use_relay=False, use_auto_relay=False, check_if_identity_free=False)
+    return await P2P.create(
+        host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"],
+        nat_port_map=False,
+        auto_nat=False,
+        use_relay=False,
+        use_auto_relay=False,
+        check_if_identity_free=False,
+    )
 
 
 async def echo(requests, context):
@@ -66,8 +72,9 @@ async def test_a_relay_carries_swarm_rpcs_to_attached_servers_only_and_within_it
         node = CircuitRelay(relay, RelayLimits(max_servers=1, max_circuits=4, max_bytes=20_000, max_seconds=60))
         await node.start()
         for p2p in (home, other):
-            await p2p.add_protobuf_handler(HANDLER, echo, runtime_pb2.ExpertRequest, stream_input=True,
-                                           stream_output=True)
+            await p2p.add_protobuf_handler(
+                HANDLER, echo, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+            )
             await p2p.add_protobuf_handler(HANDLER + "_unary", echo_once, runtime_pb2.ExpertRequest)
         attachments.append(await attached(home, relay_addr))
         assert node.attached.keys() == {home.peer_id.to_base58()}
@@ -89,8 +96,12 @@ async def test_a_relay_carries_swarm_rpcs_to_attached_servers_only_and_within_it
         with pytest.raises(CircuitError, match="not attached"):
             await iterate(client, Target(other.peer_id.to_base58(), relay=relay_addr), HANDLER, requests(b"x"))
         with pytest.raises(CircuitError, match="carries only swarm.BlockService"):
-            await call(client, Target(home.peer_id.to_base58(), relay=relay_addr), "hivemind.Other.rpc",
-                       runtime_pb2.ExpertRequest())
+            await call(
+                client,
+                Target(home.peer_id.to_base58(), relay=relay_addr),
+                "hivemind.Other.rpc",
+                runtime_pb2.ExpertRequest(),
+            )
         refused = RelayAttachment(other, lambda: _as_list(relay_addr), lambda relays: asyncio.sleep(0), want=1)
         assert await refused._attach(relay_addr) is None
         assert node.attached.keys() == {home.peer_id.to_base58()}

@@ -16,21 +16,54 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args: str, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=env)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env
+    )
 
 
 @pytest.mark.parametrize(
     "module, flags",
     [
-        ("swarm.serve", ["--model", "--blocks", "--initial-peers", "--host", "--port", "--device", "--dtype",
-                         "--cache-tokens", "--model-name", "--nat-port-map", "--max-length", "--session-timeout",
-                         "--public-ip", "--no-relay", "--relay-max-servers", "--relay-hop-limit", "--relay-max-mbytes",
-                         "--relay-max-seconds"]),
-        ("bootstrap", ["--host", "--port", "--identity", "--nat-port-map", "--public-ip", "--no-relay",
-                       "--relay-hop-limit"]),
-        ("client.generate", ["--model", "--initial-peers", "--prompt", "--max-new-tokens", "--do-sample",
-                             "--temperature", "--top-k", "--top-p"]),
+        (
+            "swarm.serve",
+            [
+                "--model",
+                "--blocks",
+                "--initial-peers",
+                "--host",
+                "--port",
+                "--device",
+                "--dtype",
+                "--cache-tokens",
+                "--model-name",
+                "--nat-port-map",
+                "--max-length",
+                "--session-timeout",
+                "--public-ip",
+                "--no-relay",
+                "--relay-max-servers",
+                "--relay-hop-limit",
+                "--relay-max-mbytes",
+                "--relay-max-seconds",
+            ],
+        ),
+        (
+            "bootstrap",
+            ["--host", "--port", "--identity", "--nat-port-map", "--public-ip", "--no-relay", "--relay-hop-limit"],
+        ),
+        (
+            "client.generate",
+            [
+                "--model",
+                "--initial-peers",
+                "--prompt",
+                "--max-new-tokens",
+                "--do-sample",
+                "--temperature",
+                "--top-k",
+                "--top-p",
+            ],
+        ),
     ],
 )
 def test_help_explains_every_flag(module, flags):
@@ -62,9 +95,11 @@ def test_help_and_bad_flags_answer_without_heavy_imports(module, argv, code):
 
 
 def test_serve_rejects_bad_paths_and_ranges_without_heavy_imports(tmp_path, llama_path):
-    for argv, message in [(["--model", str(tmp_path / "nowhere"), "--blocks", "0:1"], "config.json not found"),
-                          (["--model", str(llama_path), "--blocks", "0:9"], "it has 4 blocks"),
-                          (["--model", str(llama_path), "--num-blocks", "5"], "exceeds the model's 4 blocks")]:
+    for argv, message in [
+        (["--model", str(tmp_path / "nowhere"), "--blocks", "0:1"], "config.json not found"),
+        (["--model", str(llama_path), "--blocks", "0:9"], "it has 4 blocks"),
+        (["--model", str(llama_path), "--num-blocks", "5"], "exceeds the model's 4 blocks"),
+    ]:
         result = run("-c", _PROBE.format(heavy=HEAVY, argv=argv, module="swarm.serve"))
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "IMPORTED []" in result.stderr
@@ -90,8 +125,11 @@ def test_bootstrap_prints_maddrs_and_keeps_its_identity(tmp_path):
     key = tmp_path / "bootstrap.key"
     peers = []
     for attempt in range(2):
-        child = Child("bootstrap", [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", "0",
-                                    "--identity", str(key)], tmp_path / f"bootstrap{attempt}.log")
+        child = Child(
+            "bootstrap",
+            [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", "0", "--identity", str(key)],
+            tmp_path / f"bootstrap{attempt}.log",
+        )
         try:
             line = child.wait_for_line(lambda line: "/p2p/" in line, 60)
         finally:
@@ -104,19 +142,41 @@ def test_bootstrap_prints_maddrs_and_keeps_its_identity(tmp_path):
 def test_generate_cli_streams_the_same_text_as_transformers(llama_swarm, llama_path, llama_ref):
     tokenizer = AutoTokenizer.from_pretrained(llama_path)
     prompt = "Hello, swarm"
-    result = run("-m", "client.generate", "--model", str(llama_path), "--initial-peers", *llama_swarm.initial_peers,
-                 "--prompt", prompt, "--max-new-tokens", "12")
+    result = run(
+        "-m",
+        "client.generate",
+        "--model",
+        str(llama_path),
+        "--initial-peers",
+        *llama_swarm.initial_peers,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "12",
+    )
     assert result.returncode == 0, result.stderr
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     expected = llama_ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
-    expected_text = prompt + tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    expected_text = prompt + tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
     assert result.stdout.rstrip("\n") == expected_text
 
 
 def test_generate_cli_reports_a_model_nobody_serves(llama_swarm, tmp_path):
     path = make_random_checkpoint(tmp_path / "unserved", "llama", num_layers=3, seed=9)
     make_char_tokenizer(path)
-    result = run("-m", "client.generate", "--model", str(path), "--initial-peers", *llama_swarm.initial_peers,
-                 "--prompt", "x", "--max-new-tokens", "2", "--no-chat", timeout=60)
+    result = run(
+        "-m",
+        "client.generate",
+        "--model",
+        str(path),
+        "--initial-peers",
+        *llama_swarm.initial_peers,
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "2",
+        "--no-chat",
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "error: no server of model" in result.stderr and "serves block(s) 0-2" in result.stderr

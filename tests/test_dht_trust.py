@@ -31,8 +31,14 @@ async def _plant(dht, node, keys, subkey, value, expiration_time) -> None:
 
 def _raw_node(initial_peers) -> hivemind.DHT:
     """A DHT node without any record validator: it stores and believes anything."""
-    return hivemind.DHT(initial_peers=initial_peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                        nat_port_map=False, use_auto_relay=False, auto_nat=False)
+    return hivemind.DHT(
+        initial_peers=initial_peers,
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        nat_port_map=False,
+        use_auto_relay=False,
+        auto_nat=False,
+    )
 
 
 def test_forged_unsigned_and_minority_records_are_ignored(llama_path, llama_ref, tmp_path):
@@ -49,8 +55,15 @@ def test_forged_unsigned_and_minority_records_are_ignored(llama_path, llama_ref,
             victim_subkey, entry = next(iter(dht.get(keys[0], latest=True).value.items()))
             # 1. A record under the victim's key that the victim did not sign (a "faster" copy of its record).
             forged = dict(entry.value, throughput={"inference": 1e6, "forward": 1e6})
-            stranger.run_coroutine(partial(_plant, keys=keys, subkey=victim_subkey, expiration_time=get_dht_time() + 300,
-                                           value=MSGPackSerializer.dumps(forged)))
+            stranger.run_coroutine(
+                partial(
+                    _plant,
+                    keys=keys,
+                    subkey=victim_subkey,
+                    expiration_time=get_dht_time() + 300,
+                    value=MSGPackSerializer.dumps(forged),
+                )
+            )
             # 2. An unsigned record under a subkey that names no key at all (honest nodes store those).
             assert stranger.store(keys[1], dict(entry.value, start_block=1), get_dht_time() + 300, subkey=b"evil")
             # 3. A validly signed model record of the liar's own, that disagrees with every server's.
@@ -73,12 +86,13 @@ def test_forged_unsigned_and_minority_records_are_ignored(llama_path, llama_ref,
 
             with AutoDistributedModelForCausalLM.from_pretrained(llama_path, peers, request_timeout=60) as model:
                 ids = prompt(3)
-                assert model.generate(ids, max_new_tokens=4).tolist() == \
-                    llama_ref.generate(ids, max_new_tokens=4, do_sample=False).tolist()
+                assert (
+                    model.generate(ids, max_new_tokens=4).tolist()
+                    == llama_ref.generate(ids, max_new_tokens=4, do_sample=False).tolist()
+                )
         finally:
             for node in (dht, stranger, liar):
                 node.shutdown()
-
 
 
 class _StalledDHT:
@@ -137,11 +151,13 @@ def test_relayed_addresses_reach_the_daemon_as_multihashes():
     them (hivemind's library writes a CID, which the daemon cannot parse), so a relayed address
     (/…/p2p/<relay>/p2p-circuit) can be dialed."""
     import base58
+
     from dht.dialing import daemon_maddr
 
     relay = "QmPtAD8sbwDf2opM9VEjfQEFQtbuR459d4yCCpcd4U3Utm"
     multihash = base58.b58decode(relay)
     raw = daemon_maddr(f"/ip4/10.10.0.1/tcp/31337/p2p/{relay}/p2p-circuit").to_bytes()
-    assert raw == bytes.fromhex("040a0a0001067a69") + bytes.fromhex("a503") + bytes([len(multihash)]) + multihash \
-        + bytes.fromhex("a202")
+    assert raw == bytes.fromhex("040a0a0001067a69") + bytes.fromhex("a503") + bytes(
+        [len(multihash)]
+    ) + multihash + bytes.fromhex("a202")
     assert daemon_maddr("/ip4/10.10.0.1/tcp/31337").to_bytes() == bytes.fromhex("040a0a0001067a69")

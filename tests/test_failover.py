@@ -85,7 +85,10 @@ def test_server_dies_or_hangs_mid_generation_output_unchanged(model6, ref6, tmp_
     with start_swarm(model6, OVERLAPPING, tmp_path) as swarm:
         # A hung server is noticed only by its timeout: short for SIGSTOP, generous otherwise.
         timeout = 5 if how == "sigstop" else 60
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=timeout) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=timeout
+        ) as model:
+
             def fault(peer):
                 if how == "sigkill":
                     swarm.server(peer).kill()
@@ -103,8 +106,9 @@ def test_server_that_starts_answering_errors_is_replaced(model6, ref6, tmp_path)
     ids = prompt(2)
     expected = ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     with start_swarm(model6, [(0, 3), (3, 6)], tmp_path) as swarm:
-        faulty = swarm.add_server(0, 6, "--throughput", "10000", module="tests.faulty_server",
-                                  env={"FAULTY_SERVER_FAIL_AFTER": "15"})
+        faulty = swarm.add_server(
+            0, 6, "--throughput", "10000", module="tests.faulty_server", env={"FAULTY_SERVER_FAIL_AFTER": "15"}
+        )
         with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60) as model:
             with model.inference_session(max_length=64) as session:
                 output = model.generate(ids, max_new_tokens=NEW_TOKENS, session=session)
@@ -121,10 +125,17 @@ def test_a_server_replying_garbage_is_banned_and_replaced(model6, ref6, tmp_path
     ids = prompt(8)
     expected = ref6.generate(ids, max_new_tokens=12, do_sample=False)
     with start_swarm(model6, [(0, 3), (3, 6)], tmp_path) as swarm:
-        faulty = swarm.add_server(0, 6, "--throughput", "10000", module="tests.faulty_server",
-                                  env={"FAULTY_SERVER_FAIL_AFTER": "3", "FAULTY_SERVER_MODE": mode})
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60,
-                                                             ban_seconds=3600) as model:
+        faulty = swarm.add_server(
+            0,
+            6,
+            "--throughput",
+            "10000",
+            module="tests.faulty_server",
+            env={"FAULTY_SERVER_FAIL_AFTER": "3", "FAULTY_SERVER_MODE": mode},
+        )
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=60, ban_seconds=3600
+        ) as model:
             with model.inference_session(max_length=32) as session:
                 assert session.failovers == 0
                 output = model.generate(ids, max_new_tokens=12, session=session)
@@ -140,10 +151,12 @@ def test_a_step_failing_in_the_second_span_breaks_the_session_clearly(model6, tm
     from client import SwarmError
 
     with start_swarm(model6, [(0, 3)], tmp_path) as swarm:
-        swarm.add_server(3, 6, "--throughput", "100", module="tests.faulty_server",
-                         env={"FAULTY_SERVER_FAIL_AFTER": str(fail_after)})
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60,
-                                                             max_retries=1, ban_seconds=3600) as model:
+        swarm.add_server(
+            3, 6, "--throughput", "100", module="tests.faulty_server", env={"FAULTY_SERVER_FAIL_AFTER": str(fail_after)}
+        )
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=60, max_retries=1, ban_seconds=3600
+        ) as model:
             with model.inference_session(max_length=32) as session:
                 with pytest.raises(SwarmError) as first:
                     model.generate(prompt(9), max_new_tokens=6, session=session)
@@ -200,8 +213,20 @@ def test_drain_lets_open_sessions_finish_and_sends_new_ones_elsewhere(model6, re
 def test_sixteen_concurrent_sessions_from_several_processes(llama_swarm, llama_path, llama_ref):
     seeds = list(range(100, 116))
     workers = [
-        subprocess.Popen([sys.executable, "-m", "tests.client_worker", str(llama_path), llama_swarm.initial_peers[0],
-                          "16", *map(str, seeds[i::2])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.client_worker",
+                str(llama_path),
+                llama_swarm.initial_peers[0],
+                "16",
+                *map(str, seeds[i::2]),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     results = {}
@@ -221,17 +246,32 @@ def test_retries_are_bounded_with_a_clear_error(model6, tmp_path):
     from client import RetriesExhaustedError
 
     with LocalSwarm(model6, [], workdir=tmp_path / "swarm") as swarm:
-        first = swarm.add_server(0, 6, "--throughput", "10000", module="tests.faulty_server",
-                                 env={"FAULTY_SERVER_FAIL_AFTER": "2"}, wait=False)  # fails the second new token
+        first = swarm.add_server(
+            0,
+            6,
+            "--throughput",
+            "10000",
+            module="tests.faulty_server",
+            env={"FAULTY_SERVER_FAIL_AFTER": "2"},
+            wait=False,
+        )  # fails the second new token
         for _ in range(2):
-            swarm.add_server(0, 6, "--throughput", "100", module="tests.faulty_server",
-                             env={"FAULTY_SERVER_FAIL_AFTER": "0"}, wait=False)  # fail the replay
+            swarm.add_server(
+                0,
+                6,
+                "--throughput",
+                "100",
+                module="tests.faulty_server",
+                env={"FAULTY_SERVER_FAIL_AFTER": "0"},
+                wait=False,
+            )  # fail the replay
         for child in swarm.servers:
             swarm.wait_online(child)
         # No spot checks: a check sent to one of the failing servers would ban it too, and this test
         # counts the bans of the step's own failures.
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=30,
-                                                             max_retries=1, ban_seconds=3600, verify=0) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=30, max_retries=1, ban_seconds=3600, verify=0
+        ) as model:
             with pytest.raises(RetriesExhaustedError, match="gave up after 2 server failures.*illegal memory access"):
                 model.generate(prompt(6), max_new_tokens=5)
             banned = model.remote.bans.banned()
@@ -242,8 +282,9 @@ def test_a_step_has_one_deadline_however_long_each_wait_may_be(model6, tmp_path)
     from client import StepTimeoutError, SwarmError
 
     with start_swarm(model6, [(0, 6)], tmp_path) as swarm:
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=3600,
-                                                             step_timeout=2, ban_seconds=3600) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=3600, step_timeout=2, ban_seconds=3600
+        ) as model:
             with model.inference_session(max_length=32) as session:
                 model.generate(prompt(6), max_new_tokens=2, session=session)
                 swarm.servers[0].signal(signal.SIGSTOP)  # hung: it would never reply within request_timeout
@@ -273,16 +314,21 @@ def test_a_server_silent_at_ping_time_is_not_banned_and_stays_routable(model6, r
             assert remote.bans.banned() == set()
             assert remote.pings.route_rtts()[only.peer_id] == remote.pings.timeout
             assert only.peer_id not in remote.pings.rtts()  # no made-up measurement
-            assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS),
-                               ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False))
+            assert torch.equal(
+                model.generate(ids, max_new_tokens=NEW_TOKENS),
+                ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
+            )
 
 
 def test_stateless_forward_reroutes_around_a_failing_server(model6, ref6, tmp_path):
     ids = prompt(7)
     with start_swarm(model6, [(0, 3), (3, 6)], tmp_path) as swarm:
-        swarm.add_server(0, 6, "--throughput", "10000", module="tests.faulty_server", env={"FAULTY_SERVER_FAIL_AFTER": "0"})
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60,
-                                                             ban_seconds=3600) as model:
+        swarm.add_server(
+            0, 6, "--throughput", "10000", module="tests.faulty_server", env={"FAULTY_SERVER_FAIL_AFTER": "0"}
+        )
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=60, ban_seconds=3600
+        ) as model:
             logits = model(ids).logits
             assert len(model.remote.bans.banned()) == 1
     with torch.no_grad():
@@ -293,11 +339,13 @@ def test_a_failed_prefill_is_resent_within_the_replacements_chunk_limit(model6, 
     ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(9))
     expected = ref6.generate(ids, max_new_tokens=12, do_sample=False)
     with start_swarm(model6, [], tmp_path) as swarm:
-        faulty = swarm.add_server(0, 6, "--throughput", "10000", module="tests.faulty_server",
-                                  env={"FAULTY_SERVER_FAIL_AFTER": "0"})  # fails the 9-token prefill
+        faulty = swarm.add_server(
+            0, 6, "--throughput", "10000", module="tests.faulty_server", env={"FAULTY_SERVER_FAIL_AFTER": "0"}
+        )  # fails the 9-token prefill
         spare = swarm.add_server(0, 6, "--throughput", "1", "--max-chunk-tokens", "2")
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60,
-                                                             ban_seconds=3600) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=60, ban_seconds=3600
+        ) as model:
             with model.inference_session(max_length=32) as session:
                 output = model.generate(ids, max_new_tokens=12, session=session)
                 assert session.failovers == 1 and session.chain == [(spare.peer_id, 0, 6)]

@@ -14,15 +14,18 @@ from client.span import check_output, to_client_error
 from tests.client_worker import prompt
 
 
-@pytest.mark.parametrize("error, expected", [
-    (ConnectionResetError("reset by peer"), ServerFailure),
-    (asyncio.TimeoutError(), ServerFailure),
-    (MalformedMessage("header is not valid msgpack"), ServerFailure),  # the server's reply is garbage
-    (WireError(ErrorKind.SERVER_ERROR, "CUDA error"), ServerFailure),
-    (WireError(ErrorKind.WRONG_MODEL, "blocks 0:2 requested, this server has 4:6"), ServerFailure),  # it moved
-    (WireError(ErrorKind.BUSY, "cache full"), SwarmBusyError),
-    (WireError(ErrorKind.BAD_REQUEST, "length 999 exceeds"), BadRequestError),  # the server says we are wrong
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (ConnectionResetError("reset by peer"), ServerFailure),
+        (asyncio.TimeoutError(), ServerFailure),
+        (MalformedMessage("header is not valid msgpack"), ServerFailure),  # the server's reply is garbage
+        (WireError(ErrorKind.SERVER_ERROR, "CUDA error"), ServerFailure),
+        (WireError(ErrorKind.WRONG_MODEL, "blocks 0:2 requested, this server has 4:6"), ServerFailure),  # it moved
+        (WireError(ErrorKind.BUSY, "cache full"), SwarmBusyError),
+        (WireError(ErrorKind.BAD_REQUEST, "length 999 exceeds"), BadRequestError),  # the server says we are wrong
+    ],
+)
 def test_errors_of_the_server_or_its_link_are_server_failures(error, expected):
     assert isinstance(to_client_error("QmPeer", error), expected)
 
@@ -35,8 +38,12 @@ def test_a_local_exception_is_not_blamed_on_the_server(error):
 def test_replies_of_the_wrong_shape_dtype_or_values_are_server_failures():
     like = torch.zeros(1, 3, 8)
     assert check_output("QmPeer", torch.ones(1, 3, 8), like, torch.float32) is not None
-    for bad in (torch.ones(1, 2, 8), torch.ones(1, 3, 8, dtype=torch.float64), torch.full((1, 3, 8), float("nan")),
-                torch.full((1, 3, 8), float("inf"))):
+    for bad in (
+        torch.ones(1, 2, 8),
+        torch.ones(1, 3, 8, dtype=torch.float64),
+        torch.full((1, 3, 8), float("nan")),
+        torch.full((1, 3, 8), float("inf")),
+    ):
         with pytest.raises(ServerFailure):
             check_output("QmPeer", bad, like, torch.float32)
 
@@ -53,4 +60,6 @@ def test_a_bug_in_the_client_bans_no_server(llama_client, llama_ref, monkeypatch
         with pytest.raises(RuntimeError, match="a bug in the client"):
             llama_client.generate(ids, max_new_tokens=3)
     assert llama_client.remote.bans.banned() == set()
-    assert torch.equal(llama_client.generate(ids, max_new_tokens=5), llama_ref.generate(ids, max_new_tokens=5, do_sample=False))
+    assert torch.equal(
+        llama_client.generate(ids, max_new_tokens=5), llama_ref.generate(ids, max_new_tokens=5, do_sample=False)
+    )

@@ -87,7 +87,7 @@ def test_streamers_receive_tokens_as_they_come(llama_client, llama_path):
     output = llama_client.generate(ids, max_new_tokens=10, streamer=collect)
     assert collect.ended
     assert torch.equal(collect.puts[0], ids)  # the prompt first, as transformers does
-    assert torch.equal(torch.cat([p.reshape(-1) for p in collect.puts[1:]]), output[0, ids.shape[1]:])
+    assert torch.equal(torch.cat([p.reshape(-1) for p in collect.puts[1:]]), output[0, ids.shape[1] :])
 
     tokenizer = AutoTokenizer.from_pretrained(llama_path)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=60)
@@ -98,7 +98,7 @@ def test_streamers_receive_tokens_as_they_come(llama_client, llama_path):
     thread.start()
     text = "".join(streamer)
     thread.join(60)
-    assert text == tokenizer.decode(result["out"][0, ids.shape[1]:])
+    assert text == tokenizer.decode(result["out"][0, ids.shape[1] :])
 
 
 def test_sampling_respects_arguments(llama_client):
@@ -119,7 +119,9 @@ def test_long_prompts_are_sent_in_chunks(llama_swarm, llama_path, llama_ref):
     from client import AutoDistributedModelForCausalLM
 
     ids = prompts(2, length=23, seed=9)
-    with AutoDistributedModelForCausalLM.from_pretrained(llama_path, llama_swarm.initial_peers, max_chunk_tokens=4) as model:
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        llama_path, llama_swarm.initial_peers, max_chunk_tokens=4
+    ) as model:
         assert torch.equal(
             model.generate(ids, max_new_tokens=6),
             llama_ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False),

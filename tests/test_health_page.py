@@ -20,8 +20,16 @@ from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -61,11 +69,29 @@ def test_health_page_shows_coverage_and_servers_and_refreshes(tmp_path, browser)
     path = make_random_checkpoint(tmp_path / "llama8", "llama", num_layers=8, seed=13)
     name = Checkpoint(path).default_model_name
     ARTIFACTS.mkdir(exist_ok=True)
-    with LocalSwarm(path, [(0, 3), (3, 6), (0, 6)], server_args=["--throughput", "50", "--region", "europe-west"],
-                    workdir=tmp_path / "swarm") as swarm:
-        page = Child("health", [sys.executable, "-m", "relay.health", "--initial-peers", *swarm.initial_peers,
-                                "--host", "127.0.0.1", "--port", "0", "--refresh-period", "1.5"],
-                     tmp_path / "health.log")
+    with LocalSwarm(
+        path,
+        [(0, 3), (3, 6), (0, 6)],
+        server_args=["--throughput", "50", "--region", "europe-west"],
+        workdir=tmp_path / "swarm",
+    ) as swarm:
+        page = Child(
+            "health",
+            [
+                sys.executable,
+                "-m",
+                "relay.health",
+                "--initial-peers",
+                *swarm.initial_peers,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--refresh-period",
+                "1.5",
+            ],
+            tmp_path / "health.log",
+        )
         try:
             url = page.wait_for_line(lambda line: "serving http://127.0.0.1:" in line, 60).split()[-1]
             state = wait_for(lambda: get_json(url + "api/v1/state")[1]["models"], 180, "the first crawl")
@@ -83,7 +109,9 @@ def test_health_page_shows_coverage_and_servers_and_refreshes(tmp_path, browser)
                 assert row["direct"] is True and row["relay_addrs"] == []
 
             browser.get(url)
-            cells = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f'section[data-model="{name}"] .cell'), 180, "the bar")
+            cells = wait_for(
+                lambda: browser.find_elements(By.CSS_SELECTOR, f'section[data-model="{name}"] .cell'), 180, "the bar"
+            )
             assert [int(c.get_attribute("data-servers")) for c in cells] == [2, 2, 2, 2, 2, 2, 0, 0]
             assert [c.get_attribute("class") for c in cells][-3:] == ["cell c2", "cell c0", "cell c0"]
             red = cells[-1].value_of_css_property("background-color")
@@ -107,7 +135,16 @@ def test_health_page_shows_coverage_and_servers_and_refreshes(tmp_path, browser)
             def updated():
                 cells = browser.find_elements(By.CSS_SELECTOR, ".cell")
                 row = browser.find_element(By.CSS_SELECTOR, f'tr.server[data-peer="{victim.peer_id}"]')
-                return [int(c.get_attribute("data-servers")) for c in cells] == [2, 2, 2, 1, 1, 1, 0, 0] and "no" in row.text
+                return [int(c.get_attribute("data-servers")) for c in cells] == [
+                    2,
+                    2,
+                    2,
+                    1,
+                    1,
+                    1,
+                    0,
+                    0,
+                ] and "no" in row.text
 
             wait_for(updated, 180, "the page to show the dead server")
             assert browser.execute_script("return window.swarmTestMarker") == 42

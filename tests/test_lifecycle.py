@@ -82,7 +82,7 @@ def test_sigterm_announces_offline_and_exits_zero(reader, llama_swarm, llama_pat
     try:
         wait_until(lambda: len(fetch(reader, name, 4)[0]) == 2, 180, "the extra server's records")
         # Other servers were online when it started: it measured its bandwidth to them.
-        record = wait_until(lambda: (fetch(reader, name, 4)[0].get(child.peer_id) or None), 180, "its record").record
+        record = wait_until(lambda: fetch(reader, name, 4)[0].get(child.peer_id) or None, 180, "its record").record
         wait_until(lambda: fetch(reader, name, 4)[0][child.peer_id].record.network_mbps, 180, "a bandwidth estimate")
         assert record.start_block == 0
         child.signal(signal.SIGTERM)

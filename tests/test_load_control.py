@@ -51,12 +51,19 @@ def test_acceptance_rate_declines_the_stated_share():
 
 @pytest.mark.parametrize(
     "window, moment, inside",
-    [("09:00-18:00", "12:00", True), ("09:00-18:00", "18:00", False), ("09:00-18:00", "08:59", False),
-     ("22:00-06:00", "23:30", True), ("22:00-06:00", "05:59", True), ("22:00-06:00", "12:00", False)],
+    [
+        ("09:00-18:00", "12:00", True),
+        ("09:00-18:00", "18:00", False),
+        ("09:00-18:00", "08:59", False),
+        ("22:00-06:00", "23:30", True),
+        ("22:00-06:00", "05:59", True),
+        ("22:00-06:00", "12:00", False),
+    ],
 )
 def test_working_hours(window, moment, inside):
-    control = LoadControl(LoadPolicy(working_hours=WorkingHours.parse(window)),
-                          local_time=lambda: dt.time.fromisoformat(moment))
+    control = LoadControl(
+        LoadPolicy(working_hours=WorkingHours.parse(window)), local_time=lambda: dt.time.fromisoformat(moment)
+    )
     assert control.available() is inside
     if inside:
         control.admit(0)

@@ -13,8 +13,8 @@ import torch
 from blocks.checkpoint import Checkpoint
 from blocks.loading import load_span
 from blocks.wire import ErrorKind, OpenSession, SessionOpened, Step, StepDone, WireError, pack, read_header
-from swarm.cache import CacheBudget
 from swarm.batching import StepScheduler
+from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
 
@@ -26,9 +26,16 @@ async def test_sessions_left_on_a_retired_span_end_with_a_clear_error_and_free_e
     budget = CacheBudget(1000)
     compute = ComputeThread()
     scheduler = StepScheduler(compute, max_batch_tokens=64)
-    handler = BlockHandler("m", span, budget, scheduler, Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64,
-                                                              session_timeout=60),
-                           version="test", state=lambda: "online", accepting=lambda: True)
+    handler = BlockHandler(
+        "m",
+        span,
+        budget,
+        scheduler,
+        Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
+        version="test",
+        state=lambda: "online",
+        accepting=lambda: True,
+    )
     queue: asyncio.Queue = asyncio.Queue()
     fresh_queue: asyncio.Queue = asyncio.Queue()
 
@@ -38,8 +45,9 @@ async def test_sessions_left_on_a_retired_span_end_with_a_clear_error_and_free_e
 
     replies = handler.rpc_inference(requests(), SimpleNamespace(remote_id="a-peer"))
     try:
-        queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1),
-                              request=True))
+        queue.put_nowait(
+            pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1), request=True)
+        )
         read_header(await anext(replies), SessionOpened)
         queue.put_nowait(pack(Step(position=0), [torch.randn(1, 3, hidden_size)], request=True))
         read_header(await anext(replies), StepDone)
@@ -59,8 +67,9 @@ async def test_sessions_left_on_a_retired_span_end_with_a_clear_error_and_free_e
 
         # While no span is loaded, a new session is refused as busy (the client goes elsewhere).
         fresh = handler.rpc_inference(requests(fresh_queue), SimpleNamespace(remote_id="b-peer"))
-        fresh_queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1),
-                              request=True))
+        fresh_queue.put_nowait(
+            pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1), request=True)
+        )
         with pytest.raises(WireError) as error:
             read_header(await anext(fresh), SessionOpened)
         assert error.value.kind == ErrorKind.BUSY and budget.free == 1000

@@ -37,9 +37,22 @@ def test_a_server_behind_nat_serves_through_relays_and_survives_losing_one(tmp_p
             processes.append(public)
             home, home_id = start_server(nat, tmp_path, "home", "home", HOME_IP, model, "2:4", peers)  # default flags
             processes.append(home)
-            client = Process(nat, "public", ["-m", "tests.nat_client", str(model), ",".join(peers), home_id,
-                                             str(PAUSE_AT), str(NEW_TOKENS), json.dumps(prompt[0].tolist())],
-                             tmp_path / "client.log", stdin=True)
+            client = Process(
+                nat,
+                "public",
+                [
+                    "-m",
+                    "tests.nat_client",
+                    str(model),
+                    ",".join(peers),
+                    home_id,
+                    str(PAUSE_AT),
+                    str(NEW_TOKENS),
+                    json.dumps(prompt[0].tolist()),
+                ],
+                tmp_path / "client.log",
+                stdin=True,
+            )
             processes.append(client)
 
             record = client.json("record")

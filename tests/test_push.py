@@ -54,8 +54,9 @@ def test_generation_with_and_without_push_matches_transformers(qwen2_swarm, qwen
     mask[1, :2] = 0  # the mask travels with pushed steps too
     expected = qwen2_ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     before = [pushed_steps(server.metrics_url) for server in qwen2_swarm.servers]
-    with AutoDistributedModelForCausalLM.from_pretrained(qwen2_path, qwen2_swarm.initial_peers, request_timeout=60,
-                                                         push=push) as model:
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        qwen2_path, qwen2_swarm.initial_peers, request_timeout=60, push=push
+    ) as model:
         output = model.generate(ids, attention_mask=mask, max_new_tokens=10)
     assert torch.equal(output, expected)
     received = [pushed_steps(server.metrics_url) - count for server, count in zip(qwen2_swarm.servers, before)]
@@ -96,8 +97,9 @@ def test_a_middle_server_dies_with_push_on_and_the_output_is_unchanged(tmp_path)
     ref = reference_model(path)
     ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(12))
     expected = ref.generate(ids, max_new_tokens=30, do_sample=False)
-    with LocalSwarm(path, [(0, 2), (2, 4), (2, 4), (4, 6)], server_args=["--throughput", "100"],
-                    workdir=tmp_path / "swarm") as swarm:
+    with LocalSwarm(
+        path, [(0, 2), (2, 4), (2, 4), (4, 6)], server_args=["--throughput", "100"], workdir=tmp_path / "swarm"
+    ) as swarm:
         # A stream to a killed server sometimes sees no reset and waits out its timeout: keep it short.
         with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, request_timeout=15) as model:
             with model.inference_session(max_length=ids.shape[1] + 30) as session:
@@ -122,8 +124,11 @@ def test_a_push_into_a_session_nobody_opened_is_refused(llama_client, llama_swar
 
     async def push():
         peer = await dial(remote.p2p, server.peer_id, record.addrs, 30)
-        message = pack(Push(position=0, step_id=1, session_id=uuid.uuid4().hex),
-                       [torch.zeros(1, 1, llama_client.config.hidden_size)], request=True)
+        message = pack(
+            Push(position=0, step_id=1, session_id=uuid.uuid4().hex),
+            [torch.zeros(1, 1, llama_client.config.hidden_size)],
+            request=True,
+        )
         reply = await remote.p2p.call_protobuf_handler(peer, RPC_PUSH, message, runtime_pb2.ExpertResponse)
         return read_header(reply, PushAccepted)
 
@@ -140,9 +145,16 @@ class InProcessServer:
         self.span = load_span(Checkpoint(path), 0, 2, torch.float32, "cpu")
         self.compute = ComputeThread()
         self.scheduler = StepScheduler(self.compute, max_batch_tokens=64)
-        self.handler = BlockHandler("m", self.span, CacheBudget(1000), self.scheduler,
-                                    Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
-                                    version="test", state=lambda: "online", accepting=lambda: True)
+        self.handler = BlockHandler(
+            "m",
+            self.span,
+            CacheBudget(1000),
+            self.scheduler,
+            Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
+            version="test",
+            state=lambda: "online",
+            accepting=lambda: True,
+        )
         self.queues: list[asyncio.Queue] = []
 
     def stream(self, peer: str):
@@ -170,8 +182,12 @@ async def test_a_step_pushed_twice_is_computed_once_and_the_session_goes_on(llam
     key = uuid.uuid4().hex
     context = SimpleNamespace(remote_id="previous-server")
     try:
-        queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1,
-                                          session_id=key), request=True))
+        queue.put_nowait(
+            pack(
+                OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1, session_id=key),
+                request=True,
+            )
+        )
         read_header(await anext(replies), SessionOpened)
         prompt = torch.randn(1, 3, size)
         pushed = pack(Push(position=0, step_id=7, session_id=key), [prompt], request=True)
@@ -185,8 +201,12 @@ async def test_a_step_pushed_twice_is_computed_once_and_the_session_goes_on(llam
         assert read_header(await asyncio.wait_for(anext(replies), 60), StepDone).position == 4
         # Another client cannot open a session under the same id.
         other_queue, other = server.stream("someone-else")
-        other_queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1,
-                                          session_id=key), request=True))
+        other_queue.put_nowait(
+            pack(
+                OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1, session_id=key),
+                request=True,
+            )
+        )
         with pytest.raises(WireError, match="already open"):
             read_header(await asyncio.wait_for(anext(other), 60), SessionOpened)
     finally:
@@ -201,8 +221,14 @@ async def test_the_attention_mask_stays_on_the_server_and_steps_carry_only_new_c
     prompt, token = torch.randn(2, 4, size, generator=generator), torch.randn(2, 1, size, generator=generator)
     padding = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     try:
-        queue.put_nowait(pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=2,
-                                          session_id=uuid.uuid4().hex), request=True))
+        queue.put_nowait(
+            pack(
+                OpenSession(
+                    model="m", start_block=0, end_block=2, max_length=16, batch_size=2, session_id=uuid.uuid4().hex
+                ),
+                request=True,
+            )
+        )
         read_header(await anext(replies), SessionOpened)
         queue.put_nowait(pack(Step(position=0, step_id=1), [prompt, padding], request=True))
         read_header(await asyncio.wait_for(anext(replies), 60), StepDone)
@@ -229,7 +255,9 @@ def test_a_chain_that_uses_one_server_for_two_spans_pushes_within_it(llama_path,
     with LocalSwarm(llama_path, [], workdir=tmp_path / "swarm") as swarm:
         a = swarm.add_server(0, 4, "--throughput", "1")
         b = swarm.add_server(2, 4, "--throughput", "100000")  # so fast that the chain switches to it at block 2
-        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, swarm.initial_peers, request_timeout=15) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            llama_path, swarm.initial_peers, request_timeout=15
+        ) as model:
             with model.inference_session(max_length=ids.shape[1] + 16) as session:
                 output = model.generate(ids, max_new_tokens=16, session=session, streamer=AtToken(5, b.kill))
                 assert session.chain == [(a.peer_id, 0, 2), (a.peer_id, 2, 4)]
@@ -243,10 +271,15 @@ def test_a_bfloat16_chain_with_push_matches_transformers_in_bfloat16(llama_path,
     ref = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.bfloat16).eval()
     ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(14))
     expected = ref.generate(ids, max_new_tokens=12, do_sample=False)
-    with LocalSwarm(llama_path, [(0, 2), (2, 4)], server_args=["--throughput", "100", "--dtype", "bfloat16"],
-                    workdir=tmp_path / "swarm") as swarm:
-        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, swarm.initial_peers, request_timeout=60,
-                                                             dtype=torch.bfloat16) as model:
+    with LocalSwarm(
+        llama_path,
+        [(0, 2), (2, 4)],
+        server_args=["--throughput", "100", "--dtype", "bfloat16"],
+        workdir=tmp_path / "swarm",
+    ) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            llama_path, swarm.initial_peers, request_timeout=60, dtype=torch.bfloat16
+        ) as model:
             output = model.generate(ids, max_new_tokens=12)
         assert pushed_steps(swarm.servers[1].metrics_url) > 0
     assert torch.equal(output, expected)

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import pytest
+from hivemind.p2p import PeerID
 
 from dht.identity import ensure_identity, make_validator, peer_id_of_subkey
 from dht.records import MAX_RECORD_BYTES, ModelRecord, ServerRecord, ServerState, parse_server_entry
-from hivemind.p2p import PeerID
 
 
 def record_wire(**overrides):
     wire = dict(
-        state="online", start_block=0, end_block=4, throughput={"inference": 10.0, "forward": 100.0},
-        cache_tokens_free=100, cache_tokens_total=200, max_length=64, dtype="float32",
+        state="online",
+        start_block=0,
+        end_block=4,
+        throughput={"inference": 10.0, "forward": 100.0},
+        cache_tokens_free=100,
+        cache_tokens_total=200,
+        max_length=64,
+        dtype="float32",
         hardware={"device_type": "cpu", "device_name": "x86_64", "memory_total": 1, "memory_free": 1},
-        region="europe-west", version="0.1.0", public_name="alice", using_relay=False,
+        region="europe-west",
+        version="0.1.0",
+        public_name="alice",
+        using_relay=False,
         addrs=["/ip4/127.0.0.1/tcp/1/p2p/Qm"],
     )
     wire.update(overrides)
@@ -31,7 +40,11 @@ def test_round_trip_and_unknown_fields_are_ignored():
 @pytest.mark.parametrize(
     "raw",
     [
-        None, 42, "online", [1, 2], {},
+        None,
+        42,
+        "online",
+        [1, 2],
+        {},
         record_wire(state="sleeping"),
         record_wire(start_block=3, end_block=3),
         record_wire(start_block=-1),
@@ -60,8 +73,10 @@ def test_entries_without_an_owner_are_dropped():
 def test_model_record_requires_a_full_digest():
     assert ModelRecord.from_wire({"num_blocks": 4, "family": "llama", "config_digest": "ab", "hidden_size": 8}) is None
     # a fake block count cannot make a crawler read 100 000 keys
-    assert ModelRecord.from_wire({"num_blocks": 100_000, "family": "llama", "config_digest": "a" * 64,
-                                  "hidden_size": 8}) is None
+    assert (
+        ModelRecord.from_wire({"num_blocks": 100_000, "family": "llama", "config_digest": "a" * 64, "hidden_size": 8})
+        is None
+    )
     assert ModelRecord.from_wire({"num_blocks": 4, "family": "llama", "config_digest": "a" * 64, "hidden_size": 8})
 
 
@@ -79,7 +94,9 @@ def test_an_unreachable_server_is_routed_only_once_it_announces_a_relay_and_the_
     from relay.health.page import _server_row
     from relay.health.state import model_health
 
-    relayed = parse_server_entry("QmHome", record_wire(reachable=False, relay_addrs=["/ip4/11.0.0.1/tcp/1/p2p/QmR"]), 9e9)
+    relayed = parse_server_entry(
+        "QmHome", record_wire(reachable=False, relay_addrs=["/ip4/11.0.0.1/tcp/1/p2p/QmR"]), 9e9
+    )
     alone = parse_server_entry("QmHome", record_wire(reachable=False), 9e9)
     direct = parse_server_entry("QmHome", record_wire(), 9e9)
     assert usable(relayed, ()) and usable(direct, ()) and not usable(alone, ())

@@ -32,8 +32,22 @@ KEYS = ("key-one", "key-two")
 JOIN = "join-secret"
 ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
 KEY_H = {"X-API-Key": KEYS[1]}
-GPUSTACK_ITEM_KEYS = {"id", "name", "hostname", "ip", "port", "labels", "system_reserved", "state", "state_message",
-                      "status", "unreachable", "heartbeat_time", "created_at", "updated_at"}
+GPUSTACK_ITEM_KEYS = {
+    "id",
+    "name",
+    "hostname",
+    "ip",
+    "port",
+    "labels",
+    "system_reserved",
+    "state",
+    "state_message",
+    "status",
+    "unreachable",
+    "heartbeat_time",
+    "created_at",
+    "updated_at",
+}
 STATUS_KEYS = {"cpu", "memory", "swap", "filesystem", "os", "kernel", "uptime", "gpu_devices", "rpc_servers"}
 
 
@@ -48,23 +62,51 @@ def relay_swarm(llama_path, tmp_path_factory):
     """Servers [0:2], [0:2], [2:4] registered with a relay that requires a join token."""
     workdir = tmp_path_factory.mktemp("relay")
     swarm = LocalSwarm(llama_path, [], server_args=["--throughput", "100", "--max-length", "48"], workdir=workdir)
-    relay = RelayProcess(workdir, [
-        "--db", f"sqlite:///{workdir / 'relay.db'}", "--admin-token", ADMIN, "--api-keys", ",".join(KEYS),
-        "--join-token", JOIN, "--models", str(llama_path), "--heartbeat-timeout", "20", "--refresh-period", "1"],
-        api_port=free_port())
+    relay = RelayProcess(
+        workdir,
+        [
+            "--db",
+            f"sqlite:///{workdir / 'relay.db'}",
+            "--admin-token",
+            ADMIN,
+            "--api-keys",
+            ",".join(KEYS),
+            "--join-token",
+            JOIN,
+            "--models",
+            str(llama_path),
+            "--heartbeat-timeout",
+            "20",
+            "--refresh-period",
+            "1",
+        ],
+        api_port=free_port(),
+    )
     try:
         swarm.start()
         relay.args[:0] = ["--initial-peers", *swarm.initial_peers]
         relay.start()
         for start, end in ((0, 2), (0, 2), (2, 4)):
-            swarm.add_server(start, end, "--relay", relay.api, "--relay-join-token", JOIN,
-                             "--relay-heartbeat-period", "1", wait=False)
+            swarm.add_server(
+                start,
+                end,
+                "--relay",
+                relay.api,
+                "--relay-join-token",
+                JOIN,
+                "--relay-heartbeat-period",
+                "1",
+                wait=False,
+            )
         for server in swarm.servers:
             swarm.wait_online(server)
         wait_until(lambda: sum(w["state"] == "ready" for w in workers(relay)) == 3, 180, what="3 workers ready")
         name = http("GET", f"{relay.api}/v1/models", headers=KEY_H)[1]["data"][0]["id"]
-        wait_until(lambda: http("GET", f"{relay.mgmt}/v2/models/{name}/ready")[0] == 200, 180,
-                   what="the relay seeing every block of the model served")
+        wait_until(
+            lambda: http("GET", f"{relay.mgmt}/v2/models/{name}/ready")[0] == 200,
+            180,
+            what="the relay seeing every block of the model served",
+        )
         yield swarm, relay
     finally:
         relay.stop()
@@ -92,7 +134,7 @@ def reference_text(llama_ref, tokenizer, prompt: str, max_new_tokens: int) -> tu
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
         out = llama_ref.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, ids.shape[1]:]
+    new = out[0, ids.shape[1] :]
     return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
@@ -107,9 +149,17 @@ def test_probes_and_service_info(relay, model_name):
     assert http("GET", f"{relay.mgmt}/startup")[:2] == (200, {"status": "ok", "message": "Coordinator is starting up"})
     assert http("GET", f"{relay.mgmt}/liveness")[:2] == (200, {"status": "ok", "message": "Coordinator is alive"})
     assert http("GET", f"{relay.mgmt}/readiness")[:2] == (
-        200, {"status": "ok", "message": "Coordinator is ok", "ready": True})
-    for path in ("/v1/startup", "/v1/health", "/v1/readiness", "/v2/health/live", "/v2/health/ready",
-                 f"/v2/models/{model_name}/ready"):
+        200,
+        {"status": "ok", "message": "Coordinator is ok", "ready": True},
+    )
+    for path in (
+        "/v1/startup",
+        "/v1/health",
+        "/v1/readiness",
+        "/v2/health/live",
+        "/v2/health/ready",
+        f"/v2/models/{model_name}/ready",
+    ):
         status, body, _ = http("GET", relay.mgmt + path)
         assert (status, body) == (200, None), path
     assert http("GET", f"{relay.mgmt}/v2/models/no-such-model/ready")[0] == 404
@@ -127,7 +177,9 @@ def test_standby_answers_readiness_503_and_recvs_info(relay, model_name):
         status, body, _ = http("POST", f"{relay.mgmt}/backup_info", {"is_master": False, "is_abnormal": False}, ADMIN_H)
         assert (status, body) == (200, {"update_successfully": True})
         assert http("GET", f"{relay.mgmt}/readiness")[:2] == (
-            503, {"status": "error", "message": "Coordinator is not master", "ready": False})
+            503,
+            {"status": "error", "message": "Coordinator is not master", "ready": False},
+        )
         assert http("GET", f"{relay.mgmt}/v1/readiness")[0] == 503
         assert http("GET", f"{relay.mgmt}/v2/health/ready")[0] == 503
         assert http("GET", f"{relay.mgmt}/liveness")[0] == 200
@@ -165,8 +217,9 @@ def test_workers_are_listed_exactly_as_gpustack_does(relay_swarm):
         assert item["system_reserved"] == {"ram": 0, "vram": 0}
         for key in ("heartbeat_time", "created_at", "updated_at"):
             assert item[key].endswith("Z")
-    assert {http("GET", f"{relay.api}/api/v1/workers/{item['id']}", headers=ADMIN_H)[1]["peer_id"]
-            for item in body["items"]} == peers
+    assert {
+        http("GET", f"{relay.api}/api/v1/workers/{item['id']}", headers=ADMIN_H)[1]["peer_id"] for item in body["items"]
+    } == peers
 
     status, page2, _ = http("GET", f"{relay.api}/v1/workers?page=2&perPage=2", headers=ADMIN_H)
     assert status == 200 and len(page2["items"]) == 1
@@ -182,8 +235,11 @@ def test_pushed_config_reaches_the_server(relay_swarm, model_name):
     serve the model until the config is pushed back."""
     swarm, relay = relay_swarm
     last = swarm.servers[2]
-    worker = next(w for w in workers(relay)
-                  if http("GET", f"{relay.api}/api/v1/workers/{w['id']}", headers=ADMIN_H)[1]["peer_id"] == last.peer_id)
+    worker = next(
+        w
+        for w in workers(relay)
+        if http("GET", f"{relay.api}/api/v1/workers/{w['id']}", headers=ADMIN_H)[1]["peer_id"] == last.peer_id
+    )
     path = f"{relay.api}/api/v1/workers/{worker['id']}/config"
     status, before, _ = http("GET", path, headers=ADMIN_H)
     assert status == 200 and before["config"]["acceptance_rate"] == 1.0
@@ -216,24 +272,34 @@ def test_chat_completions_match_transformers(relay, model_name, llama_ref, token
     assert [m.id for m in client.models.list().data] == [model_name]
     expected, count = reference_text(llama_ref, tokenizer, "user: hello\nassistant:", 12)
 
-    reply = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hello"}],
-                                           max_tokens=12, temperature=0)
+    reply = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "hello"}], max_tokens=12, temperature=0
+    )
     assert reply.choices[0].message.content == expected
     assert reply.choices[0].message.role == "assistant"
-    assert reply.usage.completion_tokens == count and reply.usage.prompt_tokens == len(tokenizer("user: hello\nassistant:")["input_ids"])
+    assert reply.usage.completion_tokens == count and reply.usage.prompt_tokens == len(
+        tokenizer("user: hello\nassistant:")["input_ids"]
+    )
 
-    chunks = list(client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hello"}],
-                                                 max_tokens=12, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=model_name, messages=[{"role": "user", "content": "hello"}], max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
     with pytest.raises(openai.AuthenticationError):
-        openai_client(relay, key="wrong").chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}])
+        openai_client(relay, key="wrong").chat.completions.create(
+            model=model_name, messages=[{"role": "user", "content": "x"}]
+        )
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=100_000)
+        client.chat.completions.create(
+            model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=100_000
+        )
     # the model's context is 512 tokens, but these servers hold sessions of at most 48 (--max-length)
     with pytest.raises(openai.BadRequestError, match="48 tokens"):
         client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=60)
@@ -244,16 +310,24 @@ def test_completions_stream_and_stop_strings(relay, model_name, llama_ref, token
     expected, _ = reference_text(llama_ref, tokenizer, "The swarm", 20)
     reply = client.completions.create(model=model_name, prompt="The swarm", max_tokens=20, temperature=0)
     assert reply.choices[0].text == expected and reply.choices[0].finish_reason == "length"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=model_name, prompt="The swarm", max_tokens=20, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=model_name, prompt="The swarm", max_tokens=20, temperature=0, stream=True
+        )
+    )
     assert streamed == expected
 
     stop = expected[3:6]
-    cut = expected[:expected.find(stop)]  # the first occurrence, wherever it is
+    cut = expected[: expected.find(stop)]  # the first occurrence, wherever it is
     reply = client.completions.create(model=model_name, prompt="The swarm", max_tokens=20, temperature=0, stop=[stop])
     assert (reply.choices[0].text, reply.choices[0].finish_reason) == (cut, "stop")
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=model_name, prompt="The swarm", max_tokens=20, temperature=0, stop=stop, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=model_name, prompt="The swarm", max_tokens=20, temperature=0, stop=stop, stream=True
+        )
+    )
     assert streamed == cut
 
     sampled = client.completions.create(model=model_name, prompt="The swarm", max_tokens=5, temperature=1.2, top_p=0.9)
@@ -263,6 +337,7 @@ def test_completions_stream_and_stop_strings(relay, model_name, llama_ref, token
 
 def test_a_request_whose_client_leaves_stops_generating(relay, model_name):
     """Non-streaming too: a client that hangs up does not keep the swarm busy for tokens nobody reads."""
+
     def finished() -> list[str]:
         return [line for line in relay.child.log_path.read_text().splitlines() if " new tokens (" in line]
 
@@ -273,8 +348,11 @@ def test_a_request_whose_client_leaves_stops_generating(relay, model_name):
     raw = json.dumps(body).encode()
     host, port = relay.api.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
-                     + f"X-API-Key: {KEYS[1]}\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+            + f"X-API-Key: {KEYS[1]}\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+            + raw
+        )
     # the connection is closed at once: the generation ends early, with what it had
     line = wait_until(lambda: finished()[before:], 180, what="the abandoned generation to end")[0]
     assert "+ 40 new tokens" not in line and line.endswith("(stop)")
@@ -282,13 +360,25 @@ def test_a_request_whose_client_leaves_stops_generating(relay, model_name):
 
 def test_jobs_run_through_the_swarm(relay, model_name, llama_ref, tokenizer):
     expected, _ = reference_text(llama_ref, tokenizer, "user: job\nassistant:", 6)
-    body = {"type": "llm", "model": model_name, "messages": [{"role": "user", "content": "job"}],
-            "max_tokens": 6, "temperature": 0}
+    body = {
+        "type": "llm",
+        "model": model_name,
+        "messages": [{"role": "user", "content": "job"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
     assert http("POST", f"{relay.api}/api/v1/jobs", body)[0] == 401
     status, job, _ = http("POST", f"{relay.api}/api/v1/jobs", body, KEY_H)
     assert status == 201 and job["status"] == "queued"
-    done = wait_until(lambda: (j := http("GET", f"{relay.api}/api/v1/jobs/{job['job_id']}", headers=KEY_H)[1])["status"]
-                      in ("completed", "failed") and j, 180, what="job finished")
+    done = wait_until(
+        lambda: (
+            (j := http("GET", f"{relay.api}/api/v1/jobs/{job['job_id']}", headers=KEY_H)[1])["status"]
+            in ("completed", "failed")
+            and j
+        ),
+        180,
+        what="job finished",
+    )
     assert done["status"] == "completed", done
     assert done["result"]["text"] == expected and done["result"]["usage"]["completion_tokens"] == 6
     status, stats, _ = http("GET", f"{relay.api}/api/v1/queue/stats", headers={"Authorization": f"Bearer {KEYS[0]}"})
@@ -314,25 +404,37 @@ def test_metrics_are_aggregated_from_every_server(relay_swarm, model_name):
     full = http("GET", f"{relay.obs}/metrics")[1]
     assert values(full, "request_received_total") == {(("model_name", model_name),): sum(received.values())}
     assert values(full, "request_failed_total")[(("model_name", model_name),)] == sum(
-        values(instance, "request_failed_total").values())
+        values(instance, "request_failed_total").values()
+    )
     assert "python_info" in full  # the relay's own process metrics come first
     buckets = values(full, "time_to_first_token_seconds_bucket")
     assert {dict(labels)["le"] for labels in buckets} >= {"0.001", "0.1", "10.0", "+Inf"}
-    for name in ("request_success_total", "num_requests_running", "num_requests_waiting", "prompt_tokens_total",
-                 "generation_tokens_total", "cpu_cache_usage_perc", "npu_prefix_cache_hit_rate",
-                 "time_per_output_token_seconds_count", "e2e_request_latency_seconds_count",
-                 "request_prompt_tokens_count", "request_generation_tokens_count"):
+    for name in (
+        "request_success_total",
+        "num_requests_running",
+        "num_requests_waiting",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "cpu_cache_usage_perc",
+        "npu_prefix_cache_hit_rate",
+        "time_per_output_token_seconds_count",
+        "e2e_request_latency_seconds_count",
+        "request_prompt_tokens_count",
+        "request_generation_tokens_count",
+    ):
         assert values(full, name), name
 
     role = http("GET", f"{relay.obs}/metrics?type=role")[1]
-    assert values(role, "request_received_total") == {(("model_name", model_name), ("role", "mixed")): sum(received.values())}
+    assert values(role, "request_received_total") == {
+        (("model_name", model_name), ("role", "mixed")): sum(received.values())
+    }
     assert http("GET", f"{relay.obs}/metrics?type=role&role=prefill")[:2] == (200, None)  # no prefill-only servers
     assert http("GET", f"{relay.obs}/metrics?type=bogus")[0] == 400
     assert http("GET", f"{relay.obs}/metrics?type=full&role=decode")[0] == 400
     status, text, _ = http("GET", f"{relay.obs}/instance/metrics")
     assert status == 410 and "type=instance" in text
 
-    line = next(l for l in swarm.servers[0].stdout if "metrics http://" in l)
+    line = next(out for out in swarm.servers[0].stdout if "metrics http://" in out)
     own = http("GET", line.rsplit(" ", 1)[1])[1]
     assert values(own, "request_received_total")
 
@@ -347,11 +449,20 @@ def register(relay: RelayProcess, **extra) -> dict:
     return reply
 
 
-def signed(relay: RelayProcess, creds: dict, method: str, path: str, body: dict, when: float | None = None,
-           token: str | None = None) -> tuple[int, dict, dict]:
+def signed(
+    relay: RelayProcess,
+    creds: dict,
+    method: str,
+    path: str,
+    body: dict,
+    when: float | None = None,
+    token: str | None = None,
+) -> tuple[int, dict, dict]:
     raw = json.dumps(body).encode() if body is not None else b""
-    headers = {"Authorization": f"Bearer {token or creds['token']}",
-               **signature_headers(creds["signing_secret"], method, path, raw, when or time.time())}
+    headers = {
+        "Authorization": f"Bearer {token or creds['token']}",
+        **signature_headers(creds["signing_secret"], method, path, raw, when or time.time()),
+    }
     return http(method, relay.api + path, raw=raw, headers=headers)
 
 
@@ -362,12 +473,14 @@ def test_registration_needs_the_join_token_and_the_peers_own_key(relay):
     assert http("POST", url, body, {"X-Join-Token": "wrong"})[0] == 401
     join = {"X-Join-Token": JOIN}
     other = signed_registration("y", relay.api)
-    for forged in ({**body, "peer_id": other["peer_id"]},  # someone else's peer id, signed with my key
-                   {**body, "peer_signature": other["peer_signature"]},
-                   {**body, "signed_at": body["signed_at"] - 1},
-                   {**body, "model": "another-model"},  # the signature covers the whole body
-                   signed_registration("x", "http://127.0.0.1:1"),  # made for another relay
-                   {**signed_registration("z", relay.api, signed_at=int(time.time()) - 3600)}):
+    for forged in (
+        {**body, "peer_id": other["peer_id"]},  # someone else's peer id, signed with my key
+        {**body, "peer_signature": other["peer_signature"]},
+        {**body, "signed_at": body["signed_at"] - 1},
+        {**body, "model": "another-model"},  # the signature covers the whole body
+        signed_registration("x", "http://127.0.0.1:1"),  # made for another relay
+        {**signed_registration("z", relay.api, signed_at=int(time.time()) - 3600)},
+    ):
         status, reply, _ = http("POST", url, forged, join)
         assert status == 401, forged
     assert http("POST", url, body, join)[0] == 201
@@ -390,8 +503,11 @@ def test_a_peer_registering_again_gets_its_row_back_with_new_credentials(relay, 
     assert second["worker_id"] == wid and second["config_version"] == pushed["config_version"]
     assert signed(relay, first, "POST", path, {"status": "online"})[0] == 401  # the old credentials are dead
     assert signed(relay, second, "POST", path, {"status": "online"})[0] == 200
-    rows = [w for w in http("GET", f"{relay.api}/v1/workers?perPage=100", headers=ADMIN_H)[1]["items"]
-            if w["name"] == "again"]
+    rows = [
+        w
+        for w in http("GET", f"{relay.api}/v1/workers?perPage=100", headers=ADMIN_H)[1]["items"]
+        if w["name"] == "again"
+    ]
     assert len(rows) == 1
 
 
@@ -403,8 +519,10 @@ def test_signed_heartbeats_refuse_forgery_replay_and_stale_requests(relay):
     assert 0 <= reply["reliability_score"] <= 1
 
     raw = json.dumps({"status": "online", "config_version": 1}).encode()
-    headers = {"Authorization": f"Bearer {creds['token']}",
-               **signature_headers(creds["signing_secret"], "POST", path, raw, time.time())}
+    headers = {
+        "Authorization": f"Bearer {creds['token']}",
+        **signature_headers(creds["signing_secret"], "POST", path, raw, time.time()),
+    }
     assert http("POST", relay.api + path, raw=raw, headers=headers)[0] == 200
     status, body, _ = http("POST", relay.api + path, raw=raw, headers=headers)  # the same request again
     assert status == 401 and "replay" in body["error"]["message"]
@@ -470,7 +588,8 @@ def test_clients_avoid_servers_with_low_reliability(relay_swarm, llama_path):
     assert after[low] < threshold < after[high]
 
     with AutoDistributedModelForCausalLM.from_pretrained(
-            llama_path, swarm.initial_peers, reliability=RelayScores(relay.api, KEYS[0]), min_reliability=threshold) as model:
+        llama_path, swarm.initial_peers, reliability=RelayScores(relay.api, KEYS[0]), min_reliability=threshold
+    ) as model:
         for _ in range(4):
             with model.inference_session(max_length=8) as session:
                 model.generate(torch.tensor([[5, 6, 7]]), session=session, max_new_tokens=2)
@@ -481,17 +600,27 @@ def test_clients_avoid_servers_with_low_reliability(relay_swarm, llama_path):
 
 
 def test_instances_refresh_offline_online_and_queries(relay, model_name):
-    instance = {"job_name": "test-job", "model_name": "test-model", "id": 101, "role": "prefill",
-                "endpoints": {"127.0.0.2": {"0": {"id": 0, "ip": "127.0.0.2", "business_port": "8080", "mgmt_port": "8081"}}}}
+    instance = {
+        "job_name": "test-job",
+        "model_name": "test-model",
+        "id": 101,
+        "role": "prefill",
+        "endpoints": {"127.0.0.2": {"0": {"id": 0, "ip": "127.0.0.2", "business_port": "8080", "mgmt_port": "8081"}}},
+    }
     url = f"{relay.mgmt}/instances/refresh"
     assert http("POST", url, {"event": "add", "instances": [instance]})[0] == 401
     status, body, _ = http("POST", url, {"event": "add", "instances": [instance]}, ADMIN_H)
     assert status == 200
     assert body["status"] == "success" and body["message"] == "Instance refresh completed"
     assert body["data"]["event_type"] == "add" and body["data"]["instance_count"] == 1
-    assert http("POST", url, {"event": "add", "instances": [{**instance, "id": 102, "role": "decode"}]}, ADMIN_H)[0] == 200
+    assert (
+        http("POST", url, {"event": "add", "instances": [{**instance, "id": 102, "role": "decode"}]}, ADMIN_H)[0] == 200
+    )
 
-    assert http("POST", f"{relay.mgmt}/v1/instances/query_tasks", {"p_id": 101, "d_id": 102}, ADMIN_H)[:2] == (200, {"is_end": True})
+    assert http("POST", f"{relay.mgmt}/v1/instances/query_tasks", {"p_id": 101, "d_id": 102}, ADMIN_H)[:2] == (
+        200,
+        {"is_end": True},
+    )
     assert http("POST", f"{relay.mgmt}/v1/instances/query_tasks", {"p_id": 101, "d_id": 999}, ADMIN_H)[0] == 404
     assert http("POST", f"{relay.mgmt}/v1/instances/offline", {"ids": [101, 102]}, ADMIN_H)[0] == 200
     assert http("POST", f"{relay.mgmt}/v1/instances/online", {"ids": [102]}, ADMIN_H)[0] == 200
@@ -513,39 +642,82 @@ def test_instances_refresh_offline_online_and_queries(relay, model_name):
     assert http("POST", f"{relay.mgmt}/v1/instances/online", {"ids": [wid]}, ADMIN_H)[0] == 200
     assert next(w for w in workers(relay) if w["id"] == wid)["state"] == "ready"
 
-    status, body, _ = http("POST", f"{relay.mgmt}/query_worker_info", {"instance_id": model_name, "worker_ids": [wid]}, ADMIN_H)
+    status, body, _ = http(
+        "POST", f"{relay.mgmt}/query_worker_info", {"instance_id": model_name, "worker_ids": [wid]}, ADMIN_H
+    )
     assert status == 200 and isinstance(body["event_id"], str)
     [info] = body["worker_infos"]
-    assert set(info) == {"instance_id", "worker_id", "ip", "port", "peer_init_url", "registration_time", "last_heartbeat_time"}
-    assert info["worker_id"] == wid and info["ip"] == "127.0.0.1" and info["last_heartbeat_time"] >= info["registration_time"]
-    assert http("POST", f"{relay.mgmt}/query_worker_info", {"instance_id": "nope", "worker_ids": [0]}, ADMIN_H)[0] == 404
+    assert set(info) == {
+        "instance_id",
+        "worker_id",
+        "ip",
+        "port",
+        "peer_init_url",
+        "registration_time",
+        "last_heartbeat_time",
+    }
+    assert (
+        info["worker_id"] == wid
+        and info["ip"] == "127.0.0.1"
+        and info["last_heartbeat_time"] >= info["registration_time"]
+    )
+    assert (
+        http("POST", f"{relay.mgmt}/query_worker_info", {"instance_id": "nope", "worker_ids": [0]}, ADMIN_H)[0] == 404
+    )
 
 
 # ---- bad input -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,port,path,headers,raw", [
-    ("POST", "api", "/v1/chat/completions", KEY_H, b"{not json"),
-    ("POST", "api", "/v1/chat/completions", KEY_H, b'{"model": 5, "messages": []}'),
-    ("POST", "api", "/v1/chat/completions", KEY_H, b'{"model": "m"}'),
-    ("POST", "api", "/v1/chat/completions", KEY_H, b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}'),
-    ("POST", "api", "/v1/completions", KEY_H, b'{"model": "m", "prompt": "x", "n": 3}'),
-    ("POST", "api", "/v1/completions", KEY_H, b'{"model": "m", "prompt": "x", "temperature": "hot"}'),
-    ("POST", "api", "/v1/completions", KEY_H, b"[1, 2]"),
-    ("POST", "api", "/api/v1/jobs", KEY_H, b'{"type": "image", "model": "m", "messages": [{"role": "user", "content": "x"}]}'),
-    ("POST", "api", "/api/v1/jobs", KEY_H, b""),
-    ("POST", "api", "/api/v1/workers/register", {"X-Join-Token": JOIN}, b'{"name": "x"}'),
-    ("POST", "api", "/api/v1/workers/register", {"X-Join-Token": JOIN}, b'{"name": "x", "peer_id": "p", "model": "m", "port": 70000}'),
-    ("PUT", "api", "/api/v1/workers/1/config", ADMIN_H, b'{"acceptance_rate": 2}'),
-    ("PUT", "api", "/api/v1/workers/1/config", ADMIN_H, b'{"working_hours": "soon"}'),
-    ("POST", "api", "/api/v1/reports", KEY_H, b'{"peer_id": "p", "success": "yes"}'),
-    ("POST", "mgmt", "/instances/refresh", ADMIN_H, b'{"event": "add"}'),
-    ("POST", "mgmt", "/instances/refresh", ADMIN_H, b'{"event": "add", "instances": [{"id": -1, "model_name": "m", "role": "prefill"}]}'),
-    ("POST", "mgmt", "/v1/instances/online", ADMIN_H, b'{"ids": []}'),
-    ("POST", "mgmt", "/v1/instances/query_tasks", ADMIN_H, b'{"p_id": "a", "d_id": 1}'),
-    ("POST", "mgmt", "/backup_info", ADMIN_H, b'{"is_master": "yes", "is_abnormal": false}'),
-    ("POST", "mgmt", "/query_worker_info", ADMIN_H, b'{"instance_id": "m"}'),
-])
+@pytest.mark.parametrize(
+    "method,port,path,headers,raw",
+    [
+        ("POST", "api", "/v1/chat/completions", KEY_H, b"{not json"),
+        ("POST", "api", "/v1/chat/completions", KEY_H, b'{"model": 5, "messages": []}'),
+        ("POST", "api", "/v1/chat/completions", KEY_H, b'{"model": "m"}'),
+        (
+            "POST",
+            "api",
+            "/v1/chat/completions",
+            KEY_H,
+            b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}',
+        ),
+        ("POST", "api", "/v1/completions", KEY_H, b'{"model": "m", "prompt": "x", "n": 3}'),
+        ("POST", "api", "/v1/completions", KEY_H, b'{"model": "m", "prompt": "x", "temperature": "hot"}'),
+        ("POST", "api", "/v1/completions", KEY_H, b"[1, 2]"),
+        (
+            "POST",
+            "api",
+            "/api/v1/jobs",
+            KEY_H,
+            b'{"type": "image", "model": "m", "messages": [{"role": "user", "content": "x"}]}',
+        ),
+        ("POST", "api", "/api/v1/jobs", KEY_H, b""),
+        ("POST", "api", "/api/v1/workers/register", {"X-Join-Token": JOIN}, b'{"name": "x"}'),
+        (
+            "POST",
+            "api",
+            "/api/v1/workers/register",
+            {"X-Join-Token": JOIN},
+            b'{"name": "x", "peer_id": "p", "model": "m", "port": 70000}',
+        ),
+        ("PUT", "api", "/api/v1/workers/1/config", ADMIN_H, b'{"acceptance_rate": 2}'),
+        ("PUT", "api", "/api/v1/workers/1/config", ADMIN_H, b'{"working_hours": "soon"}'),
+        ("POST", "api", "/api/v1/reports", KEY_H, b'{"peer_id": "p", "success": "yes"}'),
+        ("POST", "mgmt", "/instances/refresh", ADMIN_H, b'{"event": "add"}'),
+        (
+            "POST",
+            "mgmt",
+            "/instances/refresh",
+            ADMIN_H,
+            b'{"event": "add", "instances": [{"id": -1, "model_name": "m", "role": "prefill"}]}',
+        ),
+        ("POST", "mgmt", "/v1/instances/online", ADMIN_H, b'{"ids": []}'),
+        ("POST", "mgmt", "/v1/instances/query_tasks", ADMIN_H, b'{"p_id": "a", "d_id": 1}'),
+        ("POST", "mgmt", "/backup_info", ADMIN_H, b'{"is_master": "yes", "is_abnormal": false}'),
+        ("POST", "mgmt", "/query_worker_info", ADMIN_H, b'{"instance_id": "m"}'),
+    ],
+)
 def test_bad_input_gets_a_400_with_a_json_message(relay, method, port, path, headers, raw):
     status, body, _ = http(method, getattr(relay, port) + path, raw=raw, headers=headers)
     assert status == 400, body
@@ -553,16 +725,19 @@ def test_bad_input_gets_a_400_with_a_json_message(relay, method, port, path, hea
     assert http("GET", f"{relay.mgmt}/liveness")[0] == 200
 
 
-@pytest.mark.parametrize("method,port,path,headers", [
-    ("GET", "api", "/api/v1/workers/999999", ADMIN_H),
-    ("GET", "api", "/api/v1/workers/abc", ADMIN_H),
-    ("PUT", "api", "/api/v1/workers/999999/config", ADMIN_H),
-    ("POST", "api", "/api/v1/workers/999999/heartbeat", {}),
-    ("GET", "api", "/api/v1/jobs/nope", KEY_H),
-    ("GET", "api", "/no/such/path", {}),
-    ("GET", "mgmt", "/no/such/path", {}),
-    ("GET", "obs", "/no/such/path", {}),
-])
+@pytest.mark.parametrize(
+    "method,port,path,headers",
+    [
+        ("GET", "api", "/api/v1/workers/999999", ADMIN_H),
+        ("GET", "api", "/api/v1/workers/abc", ADMIN_H),
+        ("PUT", "api", "/api/v1/workers/999999/config", ADMIN_H),
+        ("POST", "api", "/api/v1/workers/999999/heartbeat", {}),
+        ("GET", "api", "/api/v1/jobs/nope", KEY_H),
+        ("GET", "api", "/no/such/path", {}),
+        ("GET", "mgmt", "/no/such/path", {}),
+        ("GET", "obs", "/no/such/path", {}),
+    ],
+)
 def test_unknown_ids_and_paths_get_a_404(relay, method, port, path, headers):
     status, body, _ = http(method, getattr(relay, port) + path, body={}, headers=headers)
     assert status == 404 and body["error"]["code"] == 404
@@ -576,13 +751,37 @@ def test_wrong_method_gets_a_405(relay):
 def test_openapi_document_is_fuzzed_without_a_server_error(relay, tmp_path):
     status, document, _ = http("GET", f"{relay.api}/openapi.json")
     assert status == 200 and document["openapi"].startswith("3.1")
-    assert {"/v1/workers", "/v1/chat/completions", "/v1/completions", "/v1/models", "/api/v1/jobs"} <= set(document["paths"])
+    assert {"/v1/workers", "/v1/chat/completions", "/v1/completions", "/v1/models", "/api/v1/jobs"} <= set(
+        document["paths"]
+    )
     run = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run", f"{relay.api}/openapi.json",
-         "--checks", "not_a_server_error", "--max-examples", "25", "--seed", "1", "--no-shrink",
-         "--phases", "examples,coverage,fuzzing", "--workers", "1", "--request-timeout", "60",
-         "--header", f"Authorization: Bearer {ADMIN}", "--header", f"X-API-Key: {KEYS[0]}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=420, stdin=subprocess.DEVNULL,
+        [
+            os.path.join(os.path.dirname(sys.executable), "schemathesis"),
+            "run",
+            f"{relay.api}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--no-shrink",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--workers",
+            "1",
+            "--request-timeout",
+            "60",
+            "--header",
+            f"Authorization: Bearer {ADMIN}",
+            "--header",
+            f"X-API-Key: {KEYS[0]}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        stdin=subprocess.DEVNULL,
     )
     assert run.returncode == 0, run.stdout[-6000:]
     # The fuzzer may have pushed odd load-control configs to the real servers: put them back.
@@ -597,11 +796,18 @@ def test_openapi_document_is_fuzzed_without_a_server_error(relay, tmp_path):
 def test_state_survives_a_restart_and_servers_do_not_need_the_relay(relay_swarm, llama_path, model_name):
     swarm, relay = relay_swarm
     before = {w["id"]: w for w in workers(relay)}
-    status, job, _ = http("POST", f"{relay.api}/api/v1/jobs", {"type": "llm", "model": model_name, "max_tokens": 3,
-                                                                "messages": [{"role": "user", "content": "z"}]}, KEY_H)
+    status, job, _ = http(
+        "POST",
+        f"{relay.api}/api/v1/jobs",
+        {"type": "llm", "model": model_name, "max_tokens": 3, "messages": [{"role": "user", "content": "z"}]},
+        KEY_H,
+    )
     assert status == 201
-    wait_until(lambda: http("GET", f"{relay.api}/api/v1/jobs/{job['job_id']}", headers=KEY_H)[1]["status"] == "completed",
-               180, what="job completed")
+    wait_until(
+        lambda: http("GET", f"{relay.api}/api/v1/jobs/{job['job_id']}", headers=KEY_H)[1]["status"] == "completed",
+        180,
+        what="job completed",
+    )
     assert relay.stop() == 0
 
     # the swarm keeps serving while the relay is away
@@ -614,8 +820,11 @@ def test_state_survives_a_restart_and_servers_do_not_need_the_relay(relay_swarm,
     assert set(after) == set(before)
     assert http("GET", f"{relay.api}/api/v1/jobs/{job['job_id']}", headers=KEY_H)[1]["status"] == "completed"
     first = max(w["heartbeat_time"] for w in after.values() if w["heartbeat_time"])
-    wait_until(lambda: sum(w["state"] == "ready" and w["heartbeat_time"] > first for w in workers(relay)) == 3,
-               180, what="servers heartbeating to the restarted relay")
+    wait_until(
+        lambda: sum(w["state"] == "ready" and w["heartbeat_time"] > first for w in workers(relay)) == 3,
+        180,
+        what="servers heartbeating to the restarted relay",
+    )
     assert all(server.proc.poll() is None for server in swarm.servers)
 
 
@@ -635,10 +844,18 @@ def test_server_link_refreshes_tokens_before_they_expire(relay, tmp_path):
 
     async def scenario():
         path = tmp_path / "relay" / "creds.json"
-        link = RelayLink(relay.api, path, registration, heartbeat, apply, period=1, join_token=JOIN, clock=lambda: now[0])
+        link = RelayLink(
+            relay.api, path, registration, heartbeat, apply, period=1, join_token=JOIN, clock=lambda: now[0]
+        )
         await link.beat()
-        assert applied == [{"acceptance_rate": 1.0, "max_concurrent_sessions": None, "max_sessions_per_hour": None,
-                            "working_hours": None}]
+        assert applied == [
+            {
+                "acceptance_rate": 1.0,
+                "max_concurrent_sessions": None,
+                "max_sessions_per_hour": None,
+                "working_hours": None,
+            }
+        ]
         first = link.credentials.token
         now[0] += 20.5 * 3600
         await link.beat()

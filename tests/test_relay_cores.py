@@ -25,24 +25,31 @@ from relay.reliability import WorkerStats, reliability_score, success_rate, upda
 
 def test_new_worker_scores_neutral_and_weights_add_up():
     assert reliability_score(WorkerStats()) == pytest.approx(0.5)
-    perfect = WorkerStats(tasks_succeeded=10_000, online_seconds=10 * 3600, online_periods=10, latency_ms=0, history=1.0)
+    perfect = WorkerStats(
+        tasks_succeeded=10_000, online_seconds=10 * 3600, online_periods=10, latency_ms=0, history=1.0
+    )
     assert reliability_score(perfect) == pytest.approx(1.0, abs=1e-3)
-    awful = WorkerStats(tasks_failed=10_000, online_seconds=10, online_periods=10, unexpected_drops=10,
-                        latency_ms=1e9, history=0.0)
+    awful = WorkerStats(
+        tasks_failed=10_000, online_seconds=10, online_periods=10, unexpected_drops=10, latency_ms=1e9, history=0.0
+    )
     assert reliability_score(awful) == pytest.approx(0.0, abs=1e-3)
 
 
 def test_each_component_has_its_weight():
     base = WorkerStats(online_seconds=3600, online_periods=1, latency_ms=200, history=0.5)
     # success 0.5 → 1.0 moves the score by 0.4 × 0.5
-    assert reliability_score(WorkerStats(**{**base.__dict__, "tasks_succeeded": 10**6})) - reliability_score(base) == pytest.approx(0.2, abs=1e-3)
+    assert reliability_score(WorkerStats(**{**base.__dict__, "tasks_succeeded": 10**6})) - reliability_score(
+        base
+    ) == pytest.approx(0.2, abs=1e-3)
     # one unexpected drop in one period: stability 1.0 → 0.5, i.e. −0.3 × 0.5
     dropped = WorkerStats(**{**base.__dict__, "unexpected_drops": 1})
     assert reliability_score(base) - reliability_score(dropped) == pytest.approx(0.15)
     # latency 200 ms scores 0.5; 0 ms scores 1.0: +0.2 × 0.5
     fast = WorkerStats(**{**base.__dict__, "latency_ms": 0})
     assert reliability_score(fast) - reliability_score(base) == pytest.approx(0.1)
-    assert reliability_score(WorkerStats(**{**base.__dict__, "history": 1.0})) - reliability_score(base) == pytest.approx(0.05)
+    assert reliability_score(WorkerStats(**{**base.__dict__, "history": 1.0})) - reliability_score(
+        base
+    ) == pytest.approx(0.05)
     assert updated_history(0.5, 1.0) == pytest.approx(0.525)
 
 
@@ -64,7 +71,9 @@ def test_tokens_are_stored_hashed_and_compared_safely():
 
 def test_signatures_cover_method_path_body_and_time():
     secret, body, ts = "s3cret", b'{"status": "ok"}', "1700000000"
-    assert signing_payload("post", "/api/v1/workers/7/heartbeat", body, ts).startswith(b"POST:/api/v1/workers/7/heartbeat:")
+    assert signing_payload("post", "/api/v1/workers/7/heartbeat", body, ts).startswith(
+        b"POST:/api/v1/workers/7/heartbeat:"
+    )
     signature = sign(secret, "POST", "/p", body, ts)
     verify_signature(secret, "POST", "/p", body, ts, signature, now=1700000010, replays=ReplayGuard())
     for tampered in [("GET", "/p", body, ts), ("POST", "/q", body, ts), ("POST", "/p", body + b" ", ts)]:
@@ -74,8 +83,16 @@ def test_signatures_cover_method_path_body_and_time():
         verify_signature(secret, "POST", "/p", body, ts, signature, now=1700000000 + 301, replays=ReplayGuard())
     for bad_time in ("yesterday", "nan", "NaN", "inf", "-inf"):
         with pytest.raises(AuthError, match="unix seconds"):
-            verify_signature(secret, "POST", "/p", body, bad_time, sign(secret, "POST", "/p", body, bad_time),
-                             now=1700000000, replays=ReplayGuard())
+            verify_signature(
+                secret,
+                "POST",
+                "/p",
+                body,
+                bad_time,
+                sign(secret, "POST", "/p", body, bad_time),
+                now=1700000000,
+                replays=ReplayGuard(),
+            )
     guard = ReplayGuard()
     verify_signature(secret, "POST", "/p", body, ts, signature, now=1700000000, replays=guard)
     with pytest.raises(AuthError, match="replayed"):

@@ -8,17 +8,34 @@ from relay.metrics import InstanceMetrics, aggregated, by_role, per_instance
 from swarm.metrics import ServerMetrics
 
 MINDIE_NAMES = {
-    "request_received", "request_success", "request_failed", "num_preemptions", "num_requests_running",
-    "num_requests_waiting", "num_requests_swapped", "prompt_tokens", "generation_tokens",
-    "avg_prompt_throughput_toks_per_s", "avg_generation_throughput_toks_per_s", "failed_request_perc",
-    "npu_cache_usage_perc", "cpu_cache_usage_perc", "npu_prefix_cache_hit_rate", "time_to_first_token_seconds",
-    "time_per_output_token_seconds", "e2e_request_latency_seconds", "request_prompt_tokens", "request_generation_tokens",
+    "request_received",
+    "request_success",
+    "request_failed",
+    "num_preemptions",
+    "num_requests_running",
+    "num_requests_waiting",
+    "num_requests_swapped",
+    "prompt_tokens",
+    "generation_tokens",
+    "avg_prompt_throughput_toks_per_s",
+    "avg_generation_throughput_toks_per_s",
+    "failed_request_perc",
+    "npu_cache_usage_perc",
+    "cpu_cache_usage_perc",
+    "npu_prefix_cache_hit_rate",
+    "time_to_first_token_seconds",
+    "time_per_output_token_seconds",
+    "e2e_request_latency_seconds",
+    "request_prompt_tokens",
+    "request_generation_tokens",
 }
 
 
 def server_text(sessions: list[tuple[int, int, bool]], cache_usage: float) -> str:
     """Exposition text of a server that ran `sessions` = (prompt tokens, generated tokens, succeeded)."""
-    metrics = ServerMetrics("m", on_gpu=False, open_sessions=lambda: 1, waiting=lambda: 0, cache_usage=lambda: cache_usage)
+    metrics = ServerMetrics(
+        "m", on_gpu=False, open_sessions=lambda: 1, waiting=lambda: 0, cache_usage=lambda: cache_usage
+    )
     for prompt, generated, ok in sessions:
         session = metrics.session()
         session.step(prompt, 0.05)
@@ -29,8 +46,12 @@ def server_text(sessions: list[tuple[int, int, bool]], cache_usage: float) -> st
 
 
 def values(text: str, name: str) -> dict[tuple, float]:
-    return {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
-            for s in f.samples if s.name == name}
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name
+    }
 
 
 def test_a_server_exports_the_mindie_metric_names():
@@ -47,7 +68,9 @@ def test_a_server_exports_the_mindie_metric_names():
     assert values(text, "npu_cache_usage_perc") == {(("model_name", "m"),): 0.0}
     assert values(text, "time_per_output_token_seconds_count") == {(("model_name", "m"),): 4.0}
     assert values(text, "request_generation_tokens_sum") == {(("model_name", "m"),): 4.0}
-    assert not any(name.endswith("_created") for f in text_string_to_metric_families(text) for name in [s.name for s in f.samples])
+    assert not any(
+        name.endswith("_created") for f in text_string_to_metric_families(text) for name in [s.name for s in f.samples]
+    )
 
 
 def test_instance_full_and_role_views():
@@ -77,4 +100,6 @@ def test_instance_full_and_role_views():
     decode = by_role([a, b, c], "decode")
     assert values(decode, "request_received_total") == {(("model_name", "m"), ("role", "decode")): 3.0}
     assert abs(values(decode, "cpu_cache_usage_perc")[(("model_name", "m"), ("role", "decode"))] - 0.5) < 1e-9
-    assert by_role([a, b, c]) == by_role([a, b, c], "decode") + by_role([a, b, c], "prefill")  # every role, one text each
+    assert by_role([a, b, c]) == by_role([a, b, c], "decode") + by_role(
+        [a, b, c], "prefill"
+    )  # every role, one text each

@@ -22,9 +22,19 @@ pytestmark = pytest.mark.slow
 def test_help_names_every_option_and_its_environment_variable():
     run = subprocess.run([sys.executable, "-m", "relay", "--help"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0
-    for flag in ("--mgmt-port", "--obs-port", "--api-port", "--db", "--admin-token", "--api-keys", "--join-token",
-                 "--open-registration", "--max-queued-jobs",
-                 "--models", "--initial-peers"):
+    for flag in (
+        "--mgmt-port",
+        "--obs-port",
+        "--api-port",
+        "--db",
+        "--admin-token",
+        "--api-keys",
+        "--join-token",
+        "--open-registration",
+        "--max-queued-jobs",
+        "--models",
+        "--initial-peers",
+    ):
         assert flag in run.stdout
     assert "SWARM_RELAY_ADMIN_TOKEN" in run.stdout and "default: 1026" in run.stdout
 
@@ -32,9 +42,25 @@ def test_help_names_every_option_and_its_environment_variable():
 def test_a_database_that_cannot_be_opened_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    run = subprocess.run([sys.executable, "-m", "relay", "--db", f"sqlite:///{blocker}/relay.db", "--mgmt-port", "0",
-                          "--obs-port", "0", "--api-port", "0"], capture_output=True, text=True, timeout=120,
-                         stdin=subprocess.DEVNULL)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "--db",
+            f"sqlite:///{blocker}/relay.db",
+            "--mgmt-port",
+            "0",
+            "--obs-port",
+            "0",
+            "--api-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert run.returncode == 2
     assert "cannot open the relay database" in run.stderr and "Traceback" not in run.stderr
 
@@ -43,9 +69,14 @@ def registered_worker_survives_restart(relay: RelayProcess, admin: str, join: st
     headers = {"Authorization": f"Bearer {admin}"}
     url = f"{relay.api}/api/v1/workers/register"
     assert http("POST", url, signed_registration("w0", relay.api))[0] == 401  # registration is closed by default
-    status, creds, _ = http("POST", url, signed_registration("w1", relay.api, labels={"gpu": "none"}), {"X-Join-Token": join})
+    status, creds, _ = http(
+        "POST", url, signed_registration("w1", relay.api, labels={"gpu": "none"}), {"X-Join-Token": join}
+    )
     assert status == 201
-    assert http("PUT", f"{relay.api}/api/v1/workers/{creds['worker_id']}/config", {"acceptance_rate": 0.5}, headers)[0] == 200
+    assert (
+        http("PUT", f"{relay.api}/api/v1/workers/{creds['worker_id']}/config", {"acceptance_rate": 0.5}, headers)[0]
+        == 200
+    )
     assert relay.stop() == 0
     relay.start()
     status, body, _ = http("GET", f"{relay.api}/v1/workers", headers=headers)
@@ -101,22 +132,48 @@ def postgres():
         as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     port = free_port()
     data = root / "data"
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "swarm", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True, timeout=120)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
-                    "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {root}", "start"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "swarm", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {root}",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield f"postgresql://swarm@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
 def test_postgresql_storage_works_the_same(postgres, tmp_path):
-    relay = RelayProcess(tmp_path, ["--db", postgres, "--admin-token", "pg-admin", "--join-token", "pg-join",
-                                    "--key-file", str(tmp_path / "k")], api_port=free_port())
+    relay = RelayProcess(
+        tmp_path,
+        ["--db", postgres, "--admin-token", "pg-admin", "--join-token", "pg-join", "--key-file", str(tmp_path / "k")],
+        api_port=free_port(),
+    )
     try:
         relay.start()
         assert any("database postgresql://swarm@127.0.0.1" in line for line in relay.child.stdout)

@@ -24,14 +24,17 @@ async def test_concurrent_outcomes_and_config_pushes_are_all_counted(tmp_path):
         body = RegisterRequest(**signed)
         worker_id = (await registry.register(body, signed, "http://127.0.0.1:8000", "127.0.0.1", None))["worker_id"]
 
-        await asyncio.gather(*(registry.record_outcome(body.peer_id, True, latency_ms=100) for _ in range(30)),
-                             *(registry.record_outcome(body.peer_id, False) for _ in range(10)))
+        await asyncio.gather(
+            *(registry.record_outcome(body.peer_id, True, latency_ms=100) for _ in range(30)),
+            *(registry.record_outcome(body.peer_id, False) for _ in range(10)),
+        )
         row = await registry.row(worker_id)
         assert (row["tasks_succeeded"], row["tasks_failed"]) == (30, 10)
         assert row["latency_ms"] == 100
 
-        pushes = await asyncio.gather(*(registry.put_config(worker_id, LoadConfig(acceptance_rate=0.5))
-                                        for _ in range(20)))
+        pushes = await asyncio.gather(
+            *(registry.put_config(worker_id, LoadConfig(acceptance_rate=0.5)) for _ in range(20))
+        )
         assert sorted(push["config_version"] for push in pushes) == list(range(2, 22))
         assert (await registry.row(worker_id))["config_version"] == 21
     finally:
@@ -54,8 +57,9 @@ async def test_a_full_job_queue_refuses_with_429_and_retry_after(tmp_path):
         results = await asyncio.gather(*(queue.submit(body) for _ in range(8)), return_exceptions=True)
         refused = [r for r in results if isinstance(r, HTTPError)]
         assert len(results) - len(refused) == 5 and len(refused) == 3
-        assert all(e.status == 429 and e.headers == {"Retry-After": "30"} and "queue is full" in e.message
-                   for e in refused)
+        assert all(
+            e.status == 429 and e.headers == {"Retry-After": "30"} and "queue is full" in e.message for e in refused
+        )
         assert (await queue.stats())["queued"] == 5
     finally:
         await store.close()
@@ -104,8 +108,10 @@ async def test_metrics_scrapes_are_shared_between_requests_and_capped_in_size():
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    rows = [{"id": 1, "role": "mixed", "offline": 0, "metrics_url": f"http://127.0.0.1:{port}/small"},
-            {"id": 2, "role": "mixed", "offline": 0, "metrics_url": f"http://127.0.0.1:{port}/huge"}]
+    rows = [
+        {"id": 1, "role": "mixed", "offline": 0, "metrics_url": f"http://127.0.0.1:{port}/small"},
+        {"id": 2, "role": "mixed", "offline": 0, "metrics_url": f"http://127.0.0.1:{port}/huge"},
+    ]
 
     async def all_rows():
         return rows

@@ -22,10 +22,16 @@ def servers(*specs, num_blocks=8):
     """specs: (peer, start, end[, state[, free[, throughput]]]) -> per-block {peer: ServerInfo}."""
     blocks = [{} for _ in range(num_blocks)]
     for peer, start, end, *rest in specs:
-        state, free, throughput = (rest + ["online", 100, 10.0][len(rest):])[:3]
-        record = ServerRecord.from_wire(record_wire(
-            start_block=start, end_block=end, state=state, cache_tokens_free=free,
-            throughput={"inference": throughput, "forward": throughput}))
+        state, free, throughput = (rest + ["online", 100, 10.0][len(rest) :])[:3]
+        record = ServerRecord.from_wire(
+            record_wire(
+                start_block=start,
+                end_block=end,
+                state=state,
+                cache_tokens_free=free,
+                throughput={"inference": throughput, "forward": throughput},
+            )
+        )
         for block in range(start, end):
             blocks[block][peer] = ServerInfo(peer_id=peer, record=record, expiration_time=0)
     return blocks
@@ -72,7 +78,9 @@ def test_jitter_spreads_clients_over_equal_servers():
 
 
 def test_chain_skips_unusable_servers_and_names_missing_blocks():
-    blocks = servers(("a", 0, 4), ("b", 4, 8, "draining"), ("c", 4, 6, "online", 0), ("d", 6, 8), ("e", 4, 8, "offline"))
+    blocks = servers(
+        ("a", 0, 4), ("b", 4, 8, "draining"), ("c", 4, 6, "online", 0), ("d", 6, 8), ("e", 4, 8, "offline")
+    )
     with pytest.raises(MissingBlocksError) as info:
         make_chain("m", blocks)
     assert info.value.blocks == [4, 5] and "block(s) 4-5" in str(info.value)
@@ -90,10 +98,17 @@ def fastest_by_brute_force(blocks, start, end, exclude, rtts):
         for i in range(start, j):
             for peer, info in blocks[i].items():
                 rec = info.record
-                if i in best and usable(info, exclude) and rec.start_block <= i and j <= rec.end_block and all(
-                        (other := blocks[b].get(peer)) is not None and
-                        (other.record.start_block, other.record.end_block) == (rec.start_block, rec.end_block)
-                        for b in range(i, j)):
+                if (
+                    i in best
+                    and usable(info, exclude)
+                    and rec.start_block <= i
+                    and j <= rec.end_block
+                    and all(
+                        (other := blocks[b].get(peer)) is not None
+                        and (other.record.start_block, other.record.end_block) == (rec.start_block, rec.end_block)
+                        for b in range(i, j)
+                    )
+                ):
                     options.append(best[i] + rtts.get(peer, 0.05) + (j - i) * seconds_per_block(info))
         if options:
             best[j] = min(options)
@@ -109,8 +124,16 @@ def test_chain_is_the_fastest_of_all_chains_on_random_swarms():
         specs = []
         for index in range(rng.randint(5, 12)):
             start = rng.randrange(0, 11)
-            specs.append((f"p{index}", start, rng.randint(start + 1, 12), rng.choice(["online"] * 4 + ["draining"]),
-                          rng.choice([0, 100, 100, 100]), rng.uniform(1, 50)))
+            specs.append(
+                (
+                    f"p{index}",
+                    start,
+                    rng.randint(start + 1, 12),
+                    rng.choice(["online"] * 4 + ["draining"]),
+                    rng.choice([0, 100, 100, 100]),
+                    rng.uniform(1, 50),
+                )
+            )
         blocks = servers(*specs, num_blocks=12)
         for _ in range(rng.randint(0, 3)):
             block = rng.randrange(12)
@@ -131,8 +154,12 @@ def test_chain_is_the_fastest_of_all_chains_on_random_swarms():
         chain = make_chain("m", index, start, end, exclude=exclude, rtts=rtts)
         assert chain[0].start == start and chain[-1].end == end
         assert all(a.end == b.start for a, b in zip(chain, chain[1:]))
-        assert all(plan.peer_id not in exclude and plan.info.record.start_block <= plan.start
-                   and plan.end <= plan.info.record.end_block for plan in chain)
+        assert all(
+            plan.peer_id not in exclude
+            and plan.info.record.start_block <= plan.start
+            and plan.end <= plan.info.record.end_block
+            for plan in chain
+        )
         assert estimated_step_time(chain, rtts) == pytest.approx(expected)
         checked += 1
     assert checked >= 40  # most random swarms are coverable, so the comparison really ran
@@ -205,7 +232,9 @@ def parse(argv, environ=None):
 
 def test_config_precedence_cli_over_env_over_yaml_over_default(tmp_path):
     yaml_file = tmp_path / "server.yaml"
-    yaml_file.write_text("cache_tokens: 111\nregion: asia-east\ndtype: bfloat16\ninitial_peers: [/ip4/127.0.0.1/tcp/1/p2p/QmA]\n")
+    yaml_file.write_text(
+        "cache_tokens: 111\nregion: asia-east\ndtype: bfloat16\ninitial_peers: [/ip4/127.0.0.1/tcp/1/p2p/QmA]\n"
+    )
     base = ["--model", "m", "--blocks", "0:2", "--config", str(yaml_file)]
     options = parse(base)
     assert (options.cache_tokens, options.region, options.dtype) == (111, "asia-east", "bfloat16")

@@ -42,9 +42,21 @@ def _headers(rng: random.Random, model: str) -> list[bytes]:
     """Headers that are not msgpack, are msgpack of the wrong type, or carry wrong values."""
     good_open = dict(model=model, start_block=0, end_block=4, max_length=16, batch_size=1)
     wrong = [
-        [], 5, "open", None, 2**64 - 1, {"model": 5}, {"position": -5}, {"position": 2**64 - 1}, [good_open],
-        {**good_open, "start_block": -1}, {**good_open, "end_block": 10**9}, {**good_open, "max_length": 0},
-        {**good_open, "batch_size": -3}, {**good_open, "max_length": 2**62}, {**good_open, "model": "x" * 10_000},
+        [],
+        5,
+        "open",
+        None,
+        2**64 - 1,
+        {"model": 5},
+        {"position": -5},
+        {"position": 2**64 - 1},
+        [good_open],
+        {**good_open, "start_block": -1},
+        {**good_open, "end_block": 10**9},
+        {**good_open, "max_length": 0},
+        {**good_open, "batch_size": -3},
+        {**good_open, "max_length": 2**62},
+        {**good_open, "model": "x" * 10_000},
         {"error": "bad_request", "message": "a client pretending to be an error reply"},
         {**good_open, "session_id": {"nested": [1, 2, {"deep": True}]}},
     ]
@@ -137,28 +149,47 @@ async def _fuzz(model, rng: random.Random) -> int:
     name = model.model_name
     opened = pack(OpenSession(model=name, start_block=0, end_block=4, max_length=16, batch_size=1), request=True)
     step = pack(Step(position=0), [torch.randn(1, 2, HIDDEN)], request=True)
-    forward = pack(ForwardRequest(model=name, start_block=0, end_block=4, total_tokens=2, batch_size=1),
-                   [torch.randn(1, 2, HIDDEN)], request=True)
+    forward = pack(
+        ForwardRequest(model=name, start_block=0, end_block=4, total_tokens=2, batch_size=1),
+        [torch.randn(1, 2, HIDDEN)],
+        request=True,
+    )
     count = 0
     for handler in (RPC_INFERENCE, RPC_FORWARD):
         for header in _headers(rng, name):
             garbage = runtime_pb2.ExpertRequest(uid="", metadata=header)
-            await _exchange(p2p, peer, handler, [garbage]); count += 1
-            await _exchange(p2p, peer, handler, [opened if handler == RPC_INFERENCE else forward, garbage]); count += 1
+            await _exchange(p2p, peer, handler, [garbage])
+            count += 1
+            await _exchange(p2p, peer, handler, [opened if handler == RPC_INFERENCE else forward, garbage])
+            count += 1
         for tensor in _tensors(rng):
             bad_step = runtime_pb2.ExpertRequest(uid="", metadata=step.metadata, tensors=[tensor])
-            await _exchange(p2p, peer, handler, [opened, bad_step] if handler == RPC_INFERENCE else
-                            [runtime_pb2.ExpertRequest(uid="", metadata=forward.metadata, tensors=[tensor])]); count += 1
-        await _exchange(p2p, peer, handler, [step]); count += 1  # a step before any OpenSession
-        await _exchange(p2p, peer, handler, [step] * 3 + [opened]); count += 1
+            await _exchange(
+                p2p,
+                peer,
+                handler,
+                [opened, bad_step]
+                if handler == RPC_INFERENCE
+                else [runtime_pb2.ExpertRequest(uid="", metadata=forward.metadata, tensors=[tensor])],
+            )
+            count += 1
+        await _exchange(p2p, peer, handler, [step])
+        count += 1  # a step before any OpenSession
+        await _exchange(p2p, peer, handler, [step] * 3 + [opened])
+        count += 1
         for _ in range(6):  # below the protobuf layer: random bytes, truncated and oversized frames
-            await _raw(p2p, peer, handler, bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 2048)))); count += 1
-        await _raw(p2p, peer, handler, P2P.MESSAGE_MARKER + (1000).to_bytes(8, "big") + b"\0" * 10); count += 1
-        await _raw(p2p, peer, handler, P2P.MESSAGE_MARKER + (2**63).to_bytes(8, "big")); count += 1
-        await _raw(p2p, peer, handler, P2P.MESSAGE_MARKER + (5).to_bytes(8, "big") + b"\xff" * 5, close=False); count += 1
+            await _raw(p2p, peer, handler, bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 2048))))
+            count += 1
+        await _raw(p2p, peer, handler, P2P.MESSAGE_MARKER + (1000).to_bytes(8, "big") + b"\0" * 10)
+        count += 1
+        await _raw(p2p, peer, handler, P2P.MESSAGE_MARKER + (2**63).to_bytes(8, "big"))
+        count += 1
+        await _raw(p2p, peer, handler, P2P.MESSAGE_MARKER + (5).to_bytes(8, "big") + b"\xff" * 5, close=False)
+        count += 1
     for _ in range(5):  # sessions that open, take a step, then vanish without a word
-        stream = await p2p.iterate_protobuf_handler(peer, RPC_INFERENCE, _forever([opened, step]),
-                                                    runtime_pb2.ExpertResponse)
+        stream = await p2p.iterate_protobuf_handler(
+            peer, RPC_INFERENCE, _forever([opened, step]), runtime_pb2.ExpertResponse
+        )
         await asyncio.wait_for(anext(stream), WAIT)
         await asyncio.wait_for(anext(stream), WAIT)
         task = asyncio.ensure_future(anext(stream))
@@ -170,7 +201,9 @@ async def _fuzz(model, rng: random.Random) -> int:
         for header in _headers(rng, name)[:6]:
             request = runtime_pb2.ExpertRequest(uid="", metadata=header, tensors=_tensors(rng)[:2])
             try:
-                await asyncio.wait_for(p2p.call_protobuf_handler(peer, handler, request, runtime_pb2.ExpertResponse), WAIT)
+                await asyncio.wait_for(
+                    p2p.call_protobuf_handler(peer, handler, request, runtime_pb2.ExpertResponse), WAIT
+                )
             except Exception:
                 pass
             count += 1
@@ -187,8 +220,12 @@ def _info(model) -> ServerInfoReply:
     async def go():
         (plan, *_) = await model.remote.make_chain()
         peer = (await connect(model.remote.p2p, plan, 30)).peer
-        reply = await asyncio.wait_for(model.remote.p2p.call_protobuf_handler(
-            peer, RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse), 30)
+        reply = await asyncio.wait_for(
+            model.remote.p2p.call_protobuf_handler(
+                peer, RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+            ),
+            30,
+        )
         return read_header(reply, ServerInfoReply)
 
     return model.remote.runtime.run(go())
@@ -197,10 +234,13 @@ def _info(model) -> ServerInfoReply:
 def test_a_server_survives_garbage_on_every_rpc(llama_path, llama_ref, tmp_path):
     ids = prompt(12)
     expected = llama_ref.generate(ids, max_new_tokens=8, do_sample=False)
-    with LocalSwarm(llama_path, [(0, 4)], server_args=["--throughput", "100", "--session-timeout", "20"],
-                    workdir=tmp_path / "swarm") as swarm:
+    with LocalSwarm(
+        llama_path, [(0, 4)], server_args=["--throughput", "100", "--session-timeout", "20"], workdir=tmp_path / "swarm"
+    ) as swarm:
         server = psutil.Process(swarm.servers[0].proc.pid)
-        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, swarm.initial_peers, request_timeout=60) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            llama_path, swarm.initial_peers, request_timeout=60
+        ) as model:
             assert torch.equal(model.generate(ids, max_new_tokens=8), expected)
             before = server.memory_info().rss
             sent = model.remote.runtime.run(_fuzz(model, random.Random(SEED)))

@@ -9,8 +9,12 @@ from tests.test_routing_and_config import servers
 
 
 def test_coverage_counts_joining_and_online_servers_only():
-    blocks = servers(("a", 0, 4, "online", 100, 10.0), ("b", 2, 6, "joining", 100, 0.0),
-                     ("c", 4, 8, "draining", 100, 5.0), ("d", 6, 8, "offline"))
+    blocks = servers(
+        ("a", 0, 4, "online", 100, 10.0),
+        ("b", 2, 6, "joining", 100, 0.0),
+        ("c", 4, 8, "draining", 100, 5.0),
+        ("d", 6, 8, "offline"),
+    )
     assert coverage(blocks) == [10, 10, 11, 11, 1, 1, 0, 0]
     assert coverage(blocks, exclude_peer="a") == [0, 0, 1, 1, 1, 1, 0, 0]
 
@@ -52,6 +56,8 @@ def test_throughput_is_measured_once_and_scaled_to_the_span(tmp_path):
     assert first.inference > 0 and first.forward > 0
     (cached,) = (tmp_path / "cache" / "throughput").glob("*.json")
     assert cached_throughput(two, "m", "cpu", "1.0", tmp_path / "cache") == first  # read back, not remeasured
-    assert cached_throughput(four, "m", "cpu", "1.0", tmp_path / "cache").inference == pytest.approx(first.inference / 2)
+    assert cached_throughput(four, "m", "cpu", "1.0", tmp_path / "cache").inference == pytest.approx(
+        first.inference / 2
+    )
     cached_throughput(two, "m", "cpu", "2.0", tmp_path / "cache")  # a new version measures again
     assert len(list((tmp_path / "cache" / "throughput").glob("*.json"))) == 2

@@ -39,6 +39,7 @@ class Counter(BaseStreamer):
 
 # --- the comparison and the verdicts, on their own ---------------------------------------------------
 
+
 def test_discrepancy_is_the_worst_position_and_ignores_padding():
     reference = torch.ones(2, 3, 4)
     claimed = reference.clone()
@@ -52,16 +53,22 @@ def test_discrepancy_is_the_worst_position_and_ignores_padding():
 
 
 def _claim(outputs, inputs, verified=0):
-    return Claim(peer_id="A", start=0, end=2, dtype=torch.float32, inputs=inputs, outputs=outputs, mask=None,
-                 verified=verified)
+    return Claim(
+        peer_id="A", start=0, end=2, dtype=torch.float32, inputs=inputs, outputs=outputs, mask=None, verified=verified
+    )
 
 
 def _checker(verifier_outputs, referee_outputs):
     async def recompute(claim, avoid):
         assert "A" in avoid
         if "B" in avoid:  # the second opinion must come from someone else
-            return None if referee_outputs is None else Recomputation("C", frozenset({"C"}), referee_outputs, torch.float32)
+            return (
+                None
+                if referee_outputs is None
+                else Recomputation("C", frozenset({"C"}), referee_outputs, torch.float32)
+            )
         return Recomputation("B", frozenset({"B"}), verifier_outputs, torch.float32)
+
     return SpotChecker(1.0, recompute, referee=None)
 
 
@@ -136,8 +143,12 @@ async def test_the_local_referee_keeps_the_blocks_it_loaded(tmp_path, monkeypatc
         result = await referee(replace(_claim(expected, inputs), start=2, end=4), frozenset())
         assert torch.equal(result.outputs, load_span(checkpoint, 2, 4).forward(inputs))
         assert loads == [(1, 2), (2, 3), (3, 4)]
-        assert await client.verify.LocalReferee(checkpoint, executor, memory_fraction=0)(
-            _claim(expected, inputs), frozenset()) is None  # no room: no opinion
+        assert (
+            await client.verify.LocalReferee(checkpoint, executor, memory_fraction=0)(
+                _claim(expected, inputs), frozenset()
+            )
+            is None
+        )  # no room: no opinion
 
 
 async def test_the_local_referee_computes_only_what_a_session_added_since_its_last_check(tmp_path, monkeypatch):
@@ -165,8 +176,17 @@ async def test_the_local_referee_computes_only_what_a_session_added_since_its_la
     with ThreadPoolExecutor(1) as executor:
         referee = LocalReferee(checkpoint, executor)
         for end in (5, 9):  # a session's first check, then a later one
-            claim = Claim(peer_id="A", start=0, end=2, dtype=torch.float32, inputs=inputs[:, :end], outputs=inputs[:, :end],
-                          mask=mask[:, :end], verified=0, session_id="s")
+            claim = Claim(
+                peer_id="A",
+                start=0,
+                end=2,
+                dtype=torch.float32,
+                inputs=inputs[:, :end],
+                outputs=inputs[:, :end],
+                mask=mask[:, :end],
+                verified=0,
+                session_id="s",
+            )
             result = await referee(claim, frozenset())
             alone = forward(span, inputs[:, :end], attention_mask=mask[:, :end])
             assert discrepancy(result.outputs, alone, mask[:, :end]) < 1e-5
@@ -185,6 +205,7 @@ async def test_the_local_referee_computes_only_what_a_session_added_since_its_la
 
 # --- a real swarm with a lying server ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def model6(tmp_path_factory):
     return make_random_checkpoint(tmp_path_factory.mktemp("verify") / "llama6", "llama", num_layers=6, seed=7)
@@ -197,8 +218,9 @@ def ref6(model6):
 
 @pytest.fixture(scope="module")
 def honest_swarm(model6, tmp_path_factory):
-    with LocalSwarm(model6, [(0, 3), (3, 6)], server_args=["--throughput", "100"],
-                    workdir=tmp_path_factory.mktemp("verify-swarm")) as swarm:
+    with LocalSwarm(
+        model6, [(0, 3), (3, 6)], server_args=["--throughput", "100"], workdir=tmp_path_factory.mktemp("verify-swarm")
+    ) as swarm:
         yield swarm
 
 
@@ -225,8 +247,9 @@ def test_a_lying_server_is_caught_banned_and_its_work_redone(kind, model6, ref6,
     # The liar announces the whole model at a high throughput: every chain starts with it.
     liar = honest_swarm.add_server(0, 6, "--throughput", "10000", module="tests.lying_server", env=env)
     try:
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, honest_swarm.initial_peers, request_timeout=60,
-                                                             verify=rate) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, honest_swarm.initial_peers, request_timeout=60, verify=rate
+        ) as model:
             caught_at = []
             streamer = Counter()
             model.on_wrong_result(lambda evidence: caught_at.append(streamer.tokens))
@@ -256,16 +279,26 @@ def test_a_check_waiting_on_a_server_that_a_session_found_dead_is_abandoned(mode
     server failed, the check stops waiting for it (sessions wait for their lagging checks)."""
     with LocalSwarm(model6, [(0, 6)], workdir=tmp_path / "swarm") as swarm:
         verifier = swarm.servers[0]
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=3600,
-                                                             verify=1.0) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=3600, verify=1.0
+        ) as model:
             remote = model.remote
             inputs = torch.randn(1, 4, remote.checkpoint.hidden_size)
-            claim = Claim(peer_id="QmSomeOtherServer", start=0, end=6, dtype=torch.float32, inputs=inputs,
-                          outputs=inputs, mask=None, verified=0)
+            claim = Claim(
+                peer_id="QmSomeOtherServer",
+                start=0,
+                end=6,
+                dtype=torch.float32,
+                inputs=inputs,
+                outputs=inputs,
+                mask=None,
+                verified=0,
+            )
             verifier.signal(signal.SIGSTOP)  # hung: it would hold the check for the whole request timeout
             try:
                 remote.runtime.loop.call_soon_threadsafe(
-                    remote.runtime.loop.call_later, 8, remote.report_failure, verifier.peer_id, "step failed")
+                    remote.runtime.loop.call_later, 8, remote.report_failure, verifier.peer_id, "step failed"
+                )
                 with pytest.raises(ServerFailure, match="failed in another request"):
                     remote.runtime.run(remote.recompute(claim, frozenset({claim.peer_id})), 300)
             finally:
@@ -284,8 +317,9 @@ def test_honest_bf16_and_fp32_servers_of_the_same_blocks_are_never_accused(model
         swarm.add_server(0, 3, "--throughput", "10", "--dtype", "bfloat16")
         fast_bf16 = swarm.add_server(3, 6, "--throughput", "1000", "--dtype", "bfloat16")
         swarm.add_server(3, 6, "--throughput", "10", "--dtype", "float32")
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60,
-                                                             verify=1.0) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=60, verify=1.0
+        ) as model:
             wait_for_route(model, fast_fp32.peer_id, fast_bf16.peer_id)
             for seed in range(4):
                 with model.inference_session(max_length=64) as session:
@@ -300,14 +334,17 @@ def test_honest_bf16_and_fp32_servers_of_the_same_blocks_are_never_accused(model
 
 @pytest.mark.slow
 def test_a_server_that_pushes_other_outputs_than_it_returns_does_not_get_the_next_one_accused(
-        model6, ref6, honest_swarm):
+    model6, ref6, honest_swarm
+):
     """The next server reports a digest of the input it computed on; the client sees that it is not what
     the previous server returned, stops pushing, rebuilds that cache, and nobody honest is convicted."""
-    liar = honest_swarm.add_server(0, 3, "--throughput", "10000", module="tests.lying_server",
-                                   env={"LYING_SERVER_MODE": "push"})
+    liar = honest_swarm.add_server(
+        0, 3, "--throughput", "10000", module="tests.lying_server", env={"LYING_SERVER_MODE": "push"}
+    )
     try:
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, honest_swarm.initial_peers, request_timeout=60,
-                                                             verify=1.0) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, honest_swarm.initial_peers, request_timeout=60, verify=1.0
+        ) as model:
             wait_for_route(model, liar.peer_id)
             ids = prompt(3)
             with model.inference_session(max_length=64) as session:
@@ -323,15 +360,25 @@ def test_a_server_that_pushes_other_outputs_than_it_returns_does_not_get_the_nex
 def test_checks_prefer_servers_of_another_owner(model6, honest_swarm):
     """A wrong server's sibling (same announced owner) is the fastest other server of its blocks, but
     the check goes to another owner's servers."""
-    liar = honest_swarm.add_server(0, 6, "--throughput", "10000", "--public-name", "mallory",
-                                   module="tests.lying_server")
+    liar = honest_swarm.add_server(
+        0, 6, "--throughput", "10000", "--public-name", "mallory", module="tests.lying_server"
+    )
     # Slower than the liar by 10 ms of announced compute (more than loopback pings differ by, so that
     # routing settles on the liar), yet faster than the honest two-hop chain (20 ms of compute).
-    sibling = honest_swarm.add_server(0, 6, "--throughput", "100", "--public-name", "mallory",
-                                      module="tests.lying_server", env={"LYING_SERVER_SEED": "1"})
+    sibling = honest_swarm.add_server(
+        0,
+        6,
+        "--throughput",
+        "100",
+        "--public-name",
+        "mallory",
+        module="tests.lying_server",
+        env={"LYING_SERVER_SEED": "1"},
+    )
     try:
-        with AutoDistributedModelForCausalLM.from_pretrained(model6, honest_swarm.initial_peers, request_timeout=60,
-                                                             verify=1.0) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, honest_swarm.initial_peers, request_timeout=60, verify=1.0
+        ) as model:
             wait_for_route(model, liar.peer_id)
             model.generate(prompt(4), max_new_tokens=4)
             evidence = model.convicted[liar.peer_id]

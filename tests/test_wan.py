@@ -54,9 +54,16 @@ def test_servers_behind_delay_proxies_are_dialed_at_their_announced_addresses(ll
     ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(5))
     new_tokens = 6
     expected = llama_ref.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-    with LocalSwarm(llama_path, [(0, 2), (2, 4)], server_args=["--throughput", "100"], workdir=tmp_path / "swarm",
-                    link_delay_ms=delay_ms) as swarm:
-        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, swarm.initial_peers, request_timeout=60) as model:
+    with LocalSwarm(
+        llama_path,
+        [(0, 2), (2, 4)],
+        server_args=["--throughput", "100"],
+        workdir=tmp_path / "swarm",
+        link_delay_ms=delay_ms,
+    ) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            llama_path, swarm.initial_peers, request_timeout=60
+        ) as model:
             remote = model.remote
             servers = remote.runtime.run(remote.dht.fetch_servers(model.model_name, remote.num_blocks), 30)
             announced = {info.peer_id: list(info.record.addrs) for block in servers for info in block.values()}
@@ -77,9 +84,23 @@ def test_a_bootstrap_node_prints_its_announced_address():
     proxy = DelayProxyProcess(free_port(), delay=0.0)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", str(proxy.target_port),
-             "--announce-maddrs", f"/ip4/127.0.0.1/tcp/{proxy.port}", "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "bootstrap",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(proxy.target_port),
+                "--announce-maddrs",
+                f"/ip4/127.0.0.1/tcp/{proxy.port}",
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             line = process.stdout.readline()
             assert line.startswith(f"/ip4/127.0.0.1/tcp/{proxy.port}/p2p/"), line
@@ -93,14 +114,34 @@ def test_a_bootstrap_node_prints_its_announced_address():
 def test_a_bootstrap_node_with_a_public_ip_announces_it_and_a_bad_one_is_refused():
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", str(port), "--public-ip", "127.0.0.2",
-         "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "bootstrap",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--public-ip",
+            "127.0.0.2",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith(f"/ip4/127.0.0.2/tcp/{port}/p2p/"), line  # announced, not the listen address
     finally:
         process.terminate()
         process.wait(timeout=60)
-    refused = subprocess.run([sys.executable, "-m", "bootstrap", "--public-ip", "203.0.113"], capture_output=True,
-                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+    refused = subprocess.run(
+        [sys.executable, "-m", "bootstrap", "--public-ip", "203.0.113"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert refused.returncode == 2 and "public_ip" in refused.stderr.replace("-", "_")

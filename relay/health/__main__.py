@@ -26,8 +26,9 @@ async def serve(options: HealthOptions) -> None:
     from relay.health.app import make_app
     from relay.health.crawler import Crawler
 
-    dht, validator = start_dht(options.initial_peers, host=options.host, client_mode=True,
-                               nat_port_map=options.nat_port_map)
+    dht, validator = start_dht(
+        options.initial_peers, host=options.host, client_mode=True, nat_port_map=options.nat_port_map
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # only now: the DHT's forked child keeps default handlers
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

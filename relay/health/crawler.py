@@ -32,8 +32,12 @@ class Crawler:
             servers = await self.dht.fetch_servers(name, max((m.num_blocks for m in metas.values()), default=0))
             meta = agreed_meta(metas, servers)
             servers = servers[: meta.num_blocks] if meta is not None else []
-            online = {info.peer_id: info for block in servers for info in block.values()
-                      if info.record.state == ServerState.ONLINE}
+            online = {
+                info.peer_id: info
+                for block in servers
+                for info in block.values()
+                if info.record.state == ServerState.ONLINE
+            }
             await self.pings.refresh(online.values())
             rtts = {peer: rtt for peer, rtt in self.pings.rtts().items() if peer in online}
             models.append(model_health(name, meta, servers, rtts))

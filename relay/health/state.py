@@ -73,15 +73,25 @@ def model_health(
         record = info.record
         online = record.state == ServerState.ONLINE
         rows[info.peer_id] = ServerRow(
-            peer_id=info.peer_id, public_name=record.public_name, state=record.state, available=record.available,
-            start_block=record.start_block, end_block=record.end_block,
-            throughput_inference=record.throughput.inference, throughput_forward=record.throughput.forward,
+            peer_id=info.peer_id,
+            public_name=record.public_name,
+            state=record.state,
+            available=record.available,
+            start_block=record.start_block,
+            end_block=record.end_block,
+            throughput_inference=record.throughput.inference,
+            throughput_forward=record.throughput.forward,
             network_mbps=record.network_mbps,
-            cache_tokens_free=record.cache_tokens_free, cache_tokens_total=record.cache_tokens_total,
-            region=record.region, device_type=record.hardware.device_type, device_name=record.hardware.device_name,
-            memory_total=record.hardware.memory_total, version=record.version,
+            cache_tokens_free=record.cache_tokens_free,
+            cache_tokens_total=record.cache_tokens_total,
+            region=record.region,
+            device_type=record.hardware.device_type,
+            device_name=record.hardware.device_name,
+            memory_total=record.hardware.memory_total,
+            version=record.version,
             reachable=(info.peer_id in rtts) if online else None,
-            direct=record.reachable, relay_addrs=list(record.relay_addrs),
+            direct=record.reachable,
+            relay_addrs=list(record.relay_addrs),
             rtt_ms=round(rtts[info.peer_id] * 1000, 1) if info.peer_id in rtts else None,
             last_seen=iso_time(record.announced_at) if record.announced_at > 0 else None,
             expires_at=iso_time(info.expiration_time),
@@ -89,10 +99,18 @@ def model_health(
     blocks = []
     for index, block in enumerate(servers):
         live = [i for i in block.values() if i.record.state == ServerState.ONLINE and i.peer_id in rtts]
-        blocks.append(BlockHealth(index=index, servers=len(live), throughput=round(sum(i.record.throughput.inference for i in live), 2)))
+        blocks.append(
+            BlockHealth(
+                index=index, servers=len(live), throughput=round(sum(i.record.throughput.inference for i in live), 2)
+            )
+        )
     missing = [b.index for b in blocks if b.servers == 0]
     return ModelHealth(
-        name=name, family=meta.family if meta else "unknown", num_blocks=len(servers), healthy=not missing,
-        missing_blocks=missing, blocks=blocks,
+        name=name,
+        family=meta.family if meta else "unknown",
+        num_blocks=len(servers),
+        healthy=not missing,
+        missing_blocks=missing,
+        blocks=blocks,
         servers=sorted(rows.values(), key=lambda row: (row.start_block, row.end_block, row.peer_id)),
     )
