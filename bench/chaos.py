@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blocks.synthetic import make_random_checkpoint  # noqa: E402
-from swarm.chaos import run_chaos  # noqa: E402
-from swarm.local import even_splits  # noqa: E402
+from harness.chaos import run_chaos  # noqa: E402
+from harness.local_swarm import even_splits  # noqa: E402
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from blocks.loading import load_head, load_span  # noqa: E402
 from blocks.span import SpanInput  # noqa: E402
 from blocks.synthetic import make_random_checkpoint  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.local import LocalSwarm, even_splits  # noqa: E402
+from harness.local_swarm import LocalSwarm, even_splits  # noqa: E402
 
 SOLO_REPEATS = 5  # one session alone, and single-process transformers: the median of this many runs each
 

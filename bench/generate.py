@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# The client idles while servers compute on the same cores: its OpenMP threads must not spin (see swarm/local.py).
+# The client idles while servers compute on the same cores: its OpenMP threads must not spin (see harness/processes.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
@@ -35,7 +35,7 @@ from blocks.checkpoint import Checkpoint, parse_dtype  # noqa: E402
 from blocks.embedded import ensure_embedded_checkpoint  # noqa: E402
 from blocks.synthetic import make_random_checkpoint  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.local import LocalSwarm, even_splits  # noqa: E402
+from harness.local_swarm import LocalSwarm, even_splits  # noqa: E402
 
 
 def timed_generate(generate, ids, new_tokens: int) -> tuple[float, torch.Tensor, TokenClock]:

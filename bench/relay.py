@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see swarm/local.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see harness/processes.py
 
 import openai  # noqa: E402
 import torch  # noqa: E402
@@ -33,7 +33,8 @@ from blocks.checkpoint import Checkpoint  # noqa: E402
 from blocks.embedded import ensure_embedded_checkpoint  # noqa: E402
 from blocks.synthetic import make_char_tokenizer, make_random_checkpoint  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.local import Child, LocalSwarm, child_env, even_splits  # noqa: E402
+from harness.local_swarm import LocalSwarm, even_splits  # noqa: E402
+from harness.processes import Child, child_env  # noqa: E402
 
 PROMPT = "The swarm of servers"
 

@@ -4,7 +4,7 @@ Measures, each `--runs` times (median, min, max in seconds):
 - `python -m MODULE --help` for every entry point (fresh interpreters);
 - `python -m swarm.serve …` from launch to its `online` line, with a bootstrap node already up,
   started as an operator would (a fresh interpreter);
-- the same server forked from the preloaded parent that local swarms use (`swarm.forker`);
+- the same server forked from the preloaded parent that local swarms use (`harness.forker`);
 - the demo (`python -m demo`, a fresh process each run): its "swarm online in X s" (bootstrap +
   `--servers` servers, from launch to all online) and the whole command's wall time.
 Prints one JSON object. Example:
@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from swarm.local import Child, LocalSwarm, shared_forker  # noqa: E402
+from harness.local_swarm import LocalSwarm  # noqa: E402
+from harness.processes import Child, shared_forker  # noqa: E402
 
 CLIS = ("swarm.serve", "bootstrap", "client.generate", "relay", "relay.health")
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from blocks.synthetic import make_random_checkpoint  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from configs.schema import DEFAULT_VERIFY_RATE  # noqa: E402
-from swarm.local import LocalSwarm  # noqa: E402
+from harness.local_swarm import LocalSwarm  # noqa: E402
 
 
 class Counter(BaseStreamer):

@@ -10,11 +10,11 @@ from typing import Callable, Iterable, Optional
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from blocks.wire import RPC_INFO
 from client.routing import SpanPlan
 from client.span import connect
 from dht.circuit import call
 from dht.records import ServerInfo
+from protocol.messages import RPC_INFO
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import torch
 from hivemind.p2p import P2P
 
 from blocks.checkpoint import Checkpoint, parse_dtype
-from blocks.wire import MAX_MESSAGE_BYTES, cap_incoming_messages
 from client.bans import BanList
 from client.errors import (
     MissingBlocksError,
@@ -35,6 +34,7 @@ from client.verify import Claim, Evidence, LocalReferee, Recomputation, SpotChec
 from configs.schema import DEFAULT_VERIFY_RATE
 from dht.records import ServerInfo
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, agreed_meta, start_dht
+from protocol.tensors import MAX_MESSAGE_BYTES, cap_incoming_messages
 
 logger = logging.getLogger(__name__)
 

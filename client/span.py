@@ -11,28 +11,25 @@ import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError
 
 from blocks.checkpoint import parse_dtype
-from blocks.wire import (
+from client.errors import BadRequestError, InputMismatch, ServerFailure, SwarmBusyError, SwarmError
+from client.routing import SpanPlan
+from dht.circuit import Target, iterate, reach
+from protocol.errors import ErrorKind, MalformedMessage, WireError
+from protocol.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
-    ErrorKind,
     Expect,
     ForwardRequest,
     Hop,
-    MalformedMessage,
     OpenSession,
     SessionOpened,
     Step,
     StepDone,
-    WireError,
     pack,
     read_header,
-    read_tensors,
-    tensor_digest,
 )
-from client.errors import BadRequestError, InputMismatch, ServerFailure, SwarmBusyError, SwarmError
-from client.routing import SpanPlan
-from dht.circuit import Target, iterate, reach
-from dht.receipts import Receipt, verify
+from protocol.receipts import Receipt, verify
+from protocol.tensors import read_tensors, tensor_digest
 
 logger = logging.getLogger(__name__)
 

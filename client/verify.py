@@ -38,9 +38,9 @@ from blocks.checkpoint import Checkpoint, dtype_name
 from blocks.layers import DecoderLayer, KVCache, Rotary
 from blocks.loading import load_span
 from blocks.span import BlockSpan
-from blocks.wire import tensor_digest
 from client.errors import SwarmError
-from dht.receipts import Receipt, verify
+from protocol.receipts import Receipt, verify
+from protocol.tensors import tensor_digest
 
 logger = logging.getLogger(__name__)
 

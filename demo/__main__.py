@@ -12,7 +12,8 @@ import logging
 import sys
 import time
 
-from swarm.local import LocalSwarm, even_splits, shared_forker
+from harness.local_swarm import LocalSwarm, even_splits
+from harness.processes import shared_forker
 
 
 def main(argv: list[str] | None = None) -> int:

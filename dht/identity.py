@@ -85,7 +85,7 @@ def proves_ownership(peer_id: str, public_key: str, message: bytes, signature: s
 
 
 def receipt_signer(validator: RSASignatureValidator) -> Ed25519PrivateKey:
-    """The Ed25519 key that signs a server's step receipts (`dht.receipts`), derived from its identity
+    """The Ed25519 key that signs a server's step receipts (`protocol.receipts`), derived from its identity
     key: the same across restarts, so evidence outlives the process that made it."""
     der = validator._private_key._private_key.private_bytes(  # hivemind offers no accessor
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

@@ -263,7 +263,7 @@ class Relay:
             site = web.TCPSite(runner, opts.host, port)
             await site.start()
             self._runners.append(runner)
-            self.ports[name] = site._server.sockets[0].getsockname()[1]
+            self.ports[name] = runner.addresses[0][1]  # the port bound (0 asks for a free one)
         self.started = True
 
     @web.middleware

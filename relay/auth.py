@@ -1,5 +1,5 @@
-"""Worker authentication (spec R5, seed 001): tokens stored hashed, HMAC-SHA256 request signatures
-over `METHOD:PATH:SHA256(body):TIMESTAMP`, stale-timestamp and replay refusal, account lockout.
+"""Worker authentication (spec R5, seed 001), the relay's side: tokens stored hashed, request
+signatures (`protocol.worker_auth`) checked, stale-timestamp and replay refusal, account lockout.
 
 Pure except for the clock, which callers pass in; every comparison of secrets is constant-time.
 """
@@ -14,8 +14,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Optional
 
-ACCESS_TOKEN_TTL = 24 * 3600.0
-REFRESH_BEFORE_EXPIRY = 4 * 3600.0
+from protocol.worker_auth import sign
+
 MAX_CLOCK_SKEW = 300.0
 MAX_FAILURES = 5
 LOCKOUT_SECONDS = 15 * 60.0
@@ -49,19 +49,6 @@ def hash_secret(secret: str) -> str:
 
 def secret_matches(secret: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_secret(secret), stored_hash)
-
-
-def needs_refresh(expires_at: float, now: float) -> bool:
-    """A worker refreshes its access token 4 h before it expires."""
-    return now >= expires_at - REFRESH_BEFORE_EXPIRY
-
-
-def signing_payload(method: str, path: str, body: bytes, timestamp: str) -> bytes:
-    return f"{method.upper()}:{path}:{hashlib.sha256(body).hexdigest()}:{timestamp}".encode()
-
-
-def sign(signing_secret: str, method: str, path: str, body: bytes, timestamp: str) -> str:
-    return hmac.new(signing_secret.encode(), signing_payload(method, path, body, timestamp), hashlib.sha256).hexdigest()
 
 
 class ReplayGuard:

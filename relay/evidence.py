@@ -29,9 +29,9 @@ from client.errors import SwarmError
 from client.routing import SpanPlan
 from client.span import forward_span
 from client.verify import Claim, LocalReferee, check_receipts, discrepancy, tolerance
-from dht.receipts import Receipt
 from dht.records import ServerInfo
 from dht.swarm_dht import SwarmDHT
+from protocol.receipts import Receipt
 from relay.generation import ModelService
 from relay.http import HTTPError
 from relay.schemas import EvidenceReport

@@ -14,7 +14,7 @@ from relay.generation import ModelService, Request, find_service
 from relay.http import HTTPError
 from relay.schemas import JobRequest
 from relay.store import Store, dumps, loads
-from relay.workers import iso
+from relay.timestamps import iso
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
+import time
 import uuid
 
 from aiohttp import web
@@ -12,6 +12,7 @@ from aiohttp import web
 from relay.context import RelayContext
 from relay.http import HTTPError, json_reply, read_body
 from relay.schemas import BackupInfo, InstanceIds, QueryTasksRequest, QueryWorkerInfoRequest, RefreshInstancesRequest
+from relay.timestamps import iso
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ ENDPOINTS = {
     "POST /backup_info": "set the primary/standby role",
     "POST /query_worker_info": "worker details (LMCache controller format)",
 }
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class ManagementRoutes:
@@ -70,7 +67,7 @@ class ManagementRoutes:
                 "version": self.relay.version,
                 "description": "Management plane: liveness, startup, readiness, instances, primary/standby",
                 "endpoints": ENDPOINTS,
-                "timestamp": _now(),
+                "timestamp": iso(time.time()),
             }
         )
 
@@ -117,7 +114,7 @@ class ManagementRoutes:
                 "request_id": request.headers.get("X-Request-Id", "refresh_request"),
                 "status": "success",
                 "message": "Instance refresh completed",
-                "data": {"timestamp": _now(), "event_type": body.event, "instance_count": count},
+                "data": {"timestamp": iso(time.time()), "event_type": body.event, "instance_count": count},
             }
         )
 

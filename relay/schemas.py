@@ -74,7 +74,7 @@ class ReportRequest(_Body):
 
 
 class ReceiptBody(_Body):
-    """A server's signature of one step (`dht.receipts`)."""
+    """A server's signature of one step (`protocol.receipts`)."""
 
     position: StrictInt = Field(ge=0, le=1 << 20)
     tokens: StrictInt = Field(gt=0, le=1 << 20)

@@ -8,7 +8,6 @@ a copy of the database alone can neither authenticate as a worker nor sign for o
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import os
@@ -19,9 +18,9 @@ from typing import Any, Callable, Optional
 from cryptography.fernet import Fernet, InvalidToken
 
 from dht.identity import proves_ownership
-from dht.registration import registration_message, relay_address
+from protocol.registration import registration_message, relay_address
+from protocol.worker_auth import ACCESS_TOKEN_TTL
 from relay.auth import (
-    ACCESS_TOKEN_TTL,
     MAX_CLOCK_SKEW,
     AuthError,
     Lockout,
@@ -38,14 +37,9 @@ from relay.http import HTTPError
 from relay.reliability import REPORT_WEIGHT, WorkerStats, reliability_score, updated_history
 from relay.schemas import HeartbeatRequest, LoadConfig, RegisterRequest
 from relay.store import Store, dumps, loads
+from relay.timestamps import iso
 
 logger = logging.getLogger(__name__)
-
-
-def iso(timestamp: Optional[float]) -> Optional[str]:
-    if timestamp is None:
-        return None
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def load_or_create_key(path: Path) -> bytes:

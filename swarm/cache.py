@@ -7,7 +7,7 @@ import logging
 from typing import Optional
 
 from blocks.kv_pool import KVPool, PooledCache, PoolFull
-from blocks.wire import ErrorKind, WireError
+from protocol.errors import ErrorKind, WireError
 
 logger = logging.getLogger(__name__)
 

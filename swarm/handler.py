@@ -22,9 +22,9 @@ from hivemind.proto import runtime_pb2
 from blocks.checkpoint import dtype_name, parse_dtype
 from blocks.kv_pool import PooledCache
 from blocks.span import BlockSpan
-from blocks.wire import (
+from protocol.errors import ErrorKind, WireError, bad_request
+from protocol.messages import (
     ECHO_MAX_BYTES,
-    ErrorKind,
     Expect,
     ForwardRequest,
     Hop,
@@ -35,15 +35,12 @@ from blocks.wire import (
     SessionOpened,
     Step,
     StepDone,
-    WireError,
-    bad_request,
     error_response,
     pack,
     read_header,
-    read_tensors,
-    tensor_digest,
 )
-from dht.receipts import receipt_message, sign
+from protocol.receipts import receipt_message, sign
+from protocol.tensors import read_tensors, tensor_digest
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.metrics import ServerMetrics

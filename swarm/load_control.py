@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from blocks.wire import ErrorKind, WireError
 from configs.schema import WorkingHours
+from protocol.errors import ErrorKind, WireError
 
 logger = logging.getLogger(__name__)
 

@@ -151,7 +151,7 @@ class ServerMetrics:
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
-        return runner, site._server.sockets[0].getsockname()[1]
+        return runner, runner.addresses[0][1]  # the port bound (0 asks for a free one)
 
 
 class SessionMetrics:

@@ -11,9 +11,10 @@ import torch
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from blocks.wire import RPC_ECHO, pack, read_tensors
 from dht.dialing import dial
 from dht.records import ServerInfo
+from protocol.messages import RPC_ECHO, pack
+from protocol.tensors import read_tensors
 
 logger = logging.getLogger(__name__)
 

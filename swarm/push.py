@@ -14,8 +14,9 @@ from typing import Callable
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from blocks.wire import RPC_PUSH_STREAM, Hop, PushAccepted, WireError, read_header
 from dht.circuit import iterate, reach
+from protocol.errors import WireError
+from protocol.messages import RPC_PUSH_STREAM, Hop, PushAccepted, read_header
 
 logger = logging.getLogger(__name__)
 

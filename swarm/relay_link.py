@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -22,17 +21,9 @@ from typing import Any, Awaitable, Callable, Optional
 
 import aiohttp
 
+from protocol.worker_auth import needs_refresh, signature_headers
+
 logger = logging.getLogger(__name__)
-
-REFRESH_BEFORE_EXPIRY = 4 * 3600.0
-
-
-def signature_headers(secret: str, method: str, path: str, body: bytes, now: float) -> dict[str, str]:
-    """`X-Timestamp` and `X-Signature`: HMAC-SHA256 over `METHOD:PATH:SHA256(body):TIMESTAMP` (the
-    relay's side of this protocol is relay/auth.py; servers do not import the relay)."""
-    timestamp = f"{now:.6f}"
-    payload = f"{method.upper()}:{path}:{hashlib.sha256(body).hexdigest()}:{timestamp}".encode()
-    return {"X-Timestamp": timestamp, "X-Signature": hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()}
 
 
 class RelayRefused(Exception):
@@ -150,7 +141,7 @@ class RelayLink:
         """One heartbeat (registering first if needed); applies a changed config."""
         if self.credentials is None:
             await self.register()
-        elif self.clock() >= self.credentials.token_expires_at - REFRESH_BEFORE_EXPIRY:
+        elif needs_refresh(self.credentials.token_expires_at, self.clock()):
             await self.refresh_tokens()
         body = {**await self.heartbeat_body(), "status": status, "config_version": self.config_version}
         path = f"/api/v1/workers/{self.credentials.worker_id}/heartbeat"

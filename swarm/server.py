@@ -19,25 +19,17 @@ from tqdm import tqdm
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
 from blocks.loading import load_span
 from blocks.span import BlockSpan
-from blocks.wire import (
-    RPC_ECHO,
-    RPC_FORWARD,
-    RPC_INFERENCE,
-    RPC_INFO,
-    RPC_PUSH,
-    RPC_PUSH_STREAM,
-    Hop,
-    cap_incoming_messages,
-)
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
 from dht.circuit import CircuitRelay, RelayAttachment, RelayLimits
 from dht.identity import receipt_signer
 from dht.ports import free_port
-from dht.receipts import public_key_hex
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
-from dht.registration import sign_registration
 from dht.swarm_dht import SwarmDHT, public_announce, start_dht
+from protocol.messages import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, RPC_PUSH_STREAM, Hop
+from protocol.receipts import public_key_hex
+from protocol.registration import sign_registration
+from protocol.tensors import cap_incoming_messages
 from swarm import __version__
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget

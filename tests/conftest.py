@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from blocks.synthetic import make_char_tokenizer, make_random_checkpoint
 from client import AutoDistributedModelForCausalLM
-from swarm.local import LocalSwarm
+from harness.local_swarm import LocalSwarm
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 

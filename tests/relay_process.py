@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from swarm.local import Child, child_env, shared_forker
+from harness.processes import Child, child_env, shared_forker
 
 # One parent preloaded with the relay's imports forks every relay process of the test session.
 RELAY_PRELOAD = ("torch", "hivemind", "relay.app", "relay.__main__")
@@ -112,7 +112,7 @@ def signed_registration(
     """A registration body for the relay at URL `relay`, by the peer whose key is in `identity` (default:
     a new one), signed as `swarm.serve` signs it."""
     from dht.identity import ensure_identity, make_validator, peer_id_of_subkey
-    from dht.registration import sign_registration
+    from protocol.registration import sign_registration
 
     identity = identity or Path(tempfile.mkdtemp(prefix="swarm-test-peer-")) / "identity.key"
     validator = make_validator(ensure_identity(identity))

@@ -9,19 +9,10 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from blocks.wire import (
-    RPC_INFERENCE,
-    RPC_INFO,
-    ErrorKind,
-    OpenSession,
-    ServerInfoReply,
-    Step,
-    WireError,
-    pack,
-    read_header,
-)
 from client import BadRequestError
 from client.span import connect
+from protocol.errors import ErrorKind, WireError
+from protocol.messages import RPC_INFERENCE, RPC_INFO, OpenSession, ServerInfoReply, Step, pack, read_header
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +147,7 @@ def test_a_declared_message_length_over_the_cap_is_refused_before_buffering(llam
     """A peer that declares a 1 TiB message gets its stream closed at once; nothing waits for the bytes."""
     from hivemind.p2p import P2P
 
-    from blocks.wire import MAX_STREAM_MESSAGE_BYTES
+    from protocol.tensors import MAX_STREAM_MESSAGE_BYTES
 
     async def go():
         (plan, *_) = await llama_client.remote.make_chain()

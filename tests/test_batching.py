@@ -19,9 +19,9 @@ from blocks.span import SpanInput
 from blocks.synthetic import make_random_checkpoint
 from client import AutoDistributedModelForCausalLM
 from client.shared_head import SharedHead
+from harness.local_swarm import LocalSwarm
 from swarm.batching import StepScheduler
 from swarm.compute import ComputeThread
-from swarm.local import LocalSwarm
 from tests.conftest import reference_model
 from tests.test_relay_metrics import values
 

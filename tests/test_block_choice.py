@@ -14,7 +14,7 @@ from blocks.synthetic import make_random_checkpoint
 from client import AutoDistributedModelForCausalLM
 from dht.records import ServerState
 from dht.swarm_dht import SwarmDHT, start_dht
-from swarm.local import LocalSwarm
+from harness.local_swarm import LocalSwarm
 from tests.conftest import reference_model
 
 pytestmark = pytest.mark.slow

@@ -14,19 +14,18 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from blocks.wire import (
+from client.span import connect
+from protocol.errors import ErrorKind, WireError
+from protocol.messages import (
     RPC_INFERENCE,
     RPC_INFO,
-    ErrorKind,
     OpenSession,
     ServerInfoReply,
     SessionOpened,
     Step,
-    WireError,
     pack,
     read_header,
 )
-from client.span import connect
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarm.chaos import run_chaos
+from harness.chaos import run_chaos
 from tests.client_worker import prompt
 
 pytestmark = pytest.mark.slow

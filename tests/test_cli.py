@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from blocks.synthetic import make_char_tokenizer, make_random_checkpoint
-from swarm.local import Child
+from harness.processes import Child
 
 pytestmark = pytest.mark.slow
 

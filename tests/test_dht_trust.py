@@ -16,7 +16,7 @@ from blocks.checkpoint import Checkpoint
 from client import AutoDistributedModelForCausalLM
 from dht.records import ModelRecord, block_key
 from dht.swarm_dht import SwarmDHT, start_dht
-from swarm.local import LocalSwarm
+from harness.local_swarm import LocalSwarm
 from tests.client_worker import prompt
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from blocks.synthetic import make_random_checkpoint
 from client import AutoDistributedModelForCausalLM, MissingBlocksError, SwarmBusyError
-from swarm.local import LocalSwarm
+from harness.local_swarm import LocalSwarm
 from tests.client_worker import prompt
 from tests.conftest import reference_model
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import client.span
-from blocks.wire import ErrorKind, MalformedMessage, WireError
 from client.errors import BadRequestError, ServerFailure, SwarmBusyError
 from client.span import check_output, to_client_error
+from protocol.errors import ErrorKind, MalformedMessage, WireError
 from tests.client_worker import prompt
 
 

@@ -15,7 +15,8 @@ from selenium.webdriver.common.by import By
 
 from blocks.checkpoint import Checkpoint
 from blocks.synthetic import make_random_checkpoint
-from swarm.local import Child, LocalSwarm
+from harness.local_swarm import LocalSwarm
+from harness.processes import Child
 from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.slow

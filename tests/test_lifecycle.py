@@ -14,7 +14,7 @@ from blocks.synthetic import make_random_checkpoint
 from client import AutoDistributedModelForCausalLM, MissingBlocksError, ModelMismatchError
 from dht.records import ServerState
 from dht.swarm_dht import SwarmDHT, start_dht
-from swarm.local import LocalSwarm
+from harness.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 

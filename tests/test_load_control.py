@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from blocks.wire import ErrorKind, WireError
 from configs.schema import WorkingHours
+from protocol.errors import ErrorKind, WireError
 from swarm.load_control import LoadControl, LoadPolicy
 
 
@@ -83,7 +83,7 @@ def test_servers_apply_load_control_from_flags_env_and_yaml(tmp_path):
 
     from blocks.synthetic import make_random_checkpoint
     from client import AutoDistributedModelForCausalLM
-    from swarm.local import LocalSwarm
+    from harness.local_swarm import LocalSwarm
     from tests.conftest import reference_model, wait_for_route
 
     path = make_random_checkpoint(tmp_path / "llama", "llama", num_layers=4, seed=12)

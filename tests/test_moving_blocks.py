@@ -12,7 +12,8 @@ import torch
 
 from blocks.checkpoint import Checkpoint
 from blocks.loading import load_span
-from blocks.wire import ErrorKind, OpenSession, SessionOpened, Step, StepDone, WireError, pack, read_header
+from protocol.errors import ErrorKind, WireError
+from protocol.messages import OpenSession, SessionOpened, Step, StepDone, pack, read_header
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread

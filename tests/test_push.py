@@ -15,27 +15,26 @@ from transformers import AutoModelForCausalLM
 from blocks.checkpoint import Checkpoint
 from blocks.loading import load_span
 from blocks.synthetic import make_random_checkpoint
-from blocks.wire import (
+from client import AutoDistributedModelForCausalLM
+from dht.dialing import dial
+from harness.local_swarm import LocalSwarm
+from protocol.errors import ErrorKind, WireError
+from protocol.messages import (
     RPC_PUSH,
-    ErrorKind,
     OpenSession,
     Push,
     PushAccepted,
     SessionOpened,
     Step,
     StepDone,
-    WireError,
     pack,
     read_header,
-    read_tensors,
 )
-from client import AutoDistributedModelForCausalLM
-from dht.dialing import dial
+from protocol.tensors import read_tensors
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
 from swarm.handler import BlockHandler, Limits
-from swarm.local import LocalSwarm
 from tests.conftest import reference_model
 from tests.test_batching import scrape
 from tests.test_failover import AtToken

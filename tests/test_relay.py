@@ -20,8 +20,9 @@ from transformers import AutoTokenizer
 from client import AutoDistributedModelForCausalLM
 from client.reliability import RelayScores
 from dht.ports import free_port
-from swarm.local import LocalSwarm
-from swarm.relay_link import RelayLink, signature_headers
+from harness.local_swarm import LocalSwarm
+from protocol.worker_auth import signature_headers
+from swarm.relay_link import RelayLink
 from tests.relay_process import RelayProcess, http, signed_registration, wait_until
 from tests.test_relay_metrics import values
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from protocol.worker_auth import ACCESS_TOKEN_TTL, needs_refresh, sign, signing_payload
 from relay.auth import (
-    ACCESS_TOKEN_TTL,
     AuthError,
     Lockout,
     ReplayGuard,
@@ -13,11 +13,8 @@ from relay.auth import (
     SignedBeforeStart,
     WindowLimit,
     hash_secret,
-    needs_refresh,
     new_secret,
     secret_matches,
-    sign,
-    signing_payload,
     verify_signature,
 )
 from relay.reliability import WorkerStats, reliability_score, success_rate, updated_history

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from blocks.kv_pool import KVPool, PoolFull
-from blocks.wire import ErrorKind, Step, WireError, pack, read_header, read_tensors
 from client.errors import MissingBlocksError
 from client.routing import RouteIndex, chain_avoiding, estimated_step_time, make_chain, seconds_per_block, usable
 from configs.loader import ConfigError, build_parser, load_config
 from configs.schema import ServerOptions
 from dht.records import ServerInfo, ServerRecord
+from protocol.errors import ErrorKind, WireError
+from protocol.messages import Step, pack, read_header
+from protocol.tensors import read_tensors
 from swarm.cache import CacheBudget
 from tests.test_records import record_wire
 

@@ -15,7 +15,10 @@ import torch
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from blocks.wire import (
+from client import AutoDistributedModelForCausalLM
+from client.span import connect
+from harness.local_swarm import LocalSwarm
+from protocol.messages import (
     RPC_ECHO,
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -27,9 +30,6 @@ from blocks.wire import (
     pack,
     read_header,
 )
-from client import AutoDistributedModelForCausalLM
-from client.span import connect
-from swarm.local import LocalSwarm
 from tests.client_worker import prompt
 
 pytestmark = pytest.mark.slow

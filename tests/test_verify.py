@@ -13,7 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 from blocks.synthetic import make_random_checkpoint
 from client import AutoDistributedModelForCausalLM, ServerFailure, WrongResultWarning
 from client.verify import TOLERANCE, Claim, Recomputation, SpotChecker, discrepancy, tolerance
-from swarm.local import LocalSwarm
+from harness.local_swarm import LocalSwarm
 from tests.client_worker import prompt
 from tests.conftest import reference_model, wait_for_route
 
@@ -100,7 +100,7 @@ async def test_a_verdict_convicts_whoever_disagrees_with_the_referee():
 
 def test_receipts_are_signed_by_a_key_derived_from_the_identity(tmp_path):
     from dht.identity import ensure_identity, make_validator, receipt_signer
-    from dht.receipts import Receipt, public_key_hex, sign, verify
+    from protocol.receipts import Receipt, public_key_hex, sign, verify
 
     validator = make_validator(ensure_identity(tmp_path / "id.key"))
     key = receipt_signer(validator)

@@ -13,8 +13,8 @@ import torch
 
 from client import AutoDistributedModelForCausalLM
 from dht.ports import free_port
-from swarm.delay_proxy import DelayProxy, DelayProxyProcess
-from swarm.local import LocalSwarm
+from harness.delay_proxy import DelayProxy, DelayProxyProcess
+from harness.local_swarm import LocalSwarm
 
 
 async def test_the_delay_proxy_delays_each_direction_and_keeps_every_byte_in_order():

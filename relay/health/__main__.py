@@ -38,7 +38,7 @@ async def serve(options: HealthOptions) -> None:
         await runner.setup()
         site = web.TCPSite(runner, options.host, options.port)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        port = runner.addresses[0][1]  # the port bound (0 asks for a free one)
         print(f"relay.health serving http://{options.host}:{port}/", flush=True)
         await stop.wait()
     finally:

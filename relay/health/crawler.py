@@ -12,7 +12,8 @@ from hivemind.p2p import P2P
 from client import PingCache
 from dht.records import ServerState
 from dht.swarm_dht import SwarmDHT, agreed_meta
-from relay.health.state import SwarmState, iso_time, model_health
+from relay.health.state import SwarmState, model_health
+from relay.timestamps import iso
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Crawler:
             await self.pings.refresh(online.values())
             rtts = {peer: rtt for peer, rtt in self.pings.rtts().items() if peer in online}
             models.append(model_health(name, meta, servers, rtts))
-        self.state = SwarmState(updated_at=iso_time(time.time()), models=models)
+        self.state = SwarmState(updated_at=iso(time.time()), models=models)
         return self.state
 
     async def run(self) -> None:

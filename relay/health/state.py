@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Mapping, Optional
 
 from pydantic import BaseModel
 
 from dht.records import ModelRecord, ServerInfo, ServerState
+from relay.timestamps import iso
 
 
 class BlockHealth(BaseModel):
@@ -56,10 +56,6 @@ class SwarmState(BaseModel):
     models: list[ModelHealth]
 
 
-def iso_time(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def model_health(
     name: str, meta: Optional[ModelRecord], servers: list[dict[str, ServerInfo]], rtts: Mapping[str, float]
 ) -> ModelHealth:
@@ -93,8 +89,8 @@ def model_health(
             direct=record.reachable,
             relay_addrs=list(record.relay_addrs),
             rtt_ms=round(rtts[info.peer_id] * 1000, 1) if info.peer_id in rtts else None,
-            last_seen=iso_time(record.announced_at) if record.announced_at > 0 else None,
-            expires_at=iso_time(info.expiration_time),
+            last_seen=iso(record.announced_at) if record.announced_at > 0 else None,
+            expires_at=iso(info.expiration_time),
         )
     blocks = []
     for index, block in enumerate(servers):

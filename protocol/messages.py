@@ -1,24 +1,21 @@
-"""The wire format of running blocks remotely: RPC names, typed request/reply headers, tensors.
+"""The messages of running blocks remotely: RPC names and typed request/reply headers.
 
-Client and server both speak it. Every message is hivemind's `ExpertRequest` / `ExpertResponse`
-protobuf: tensors travel as serialized torch tensors, and a msgpack header carries one of the typed
-models below. Readers validate headers and tensor shapes before allocating anything.
+Client and server both speak them. Every message is hivemind's `ExpertRequest` / `ExpertResponse`
+protobuf: tensors travel as serialized torch tensors (`protocol.tensors`), and a msgpack header
+carries one of the typed models below. Readers validate headers before acting on anything.
 """
 
 from __future__ import annotations
 
-import asyncio
-import enum
-import hashlib
-import math
 from typing import Any, Literal, Optional, Sequence
 
 import msgpack
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from protocol.errors import ErrorKind, MalformedMessage, WireError
+from protocol.tensors import serialize_tensor
 
 RPC_INFERENCE = "swarm.BlockService.rpc_inference"
 RPC_FORWARD = "swarm.BlockService.rpc_forward"
@@ -28,46 +25,8 @@ RPC_PUSH = "swarm.BlockService.rpc_push"  # the previous server of a chain hands
 RPC_PUSH_STREAM = "swarm.BlockService.rpc_push_stream"  # the same, one stream per session and next server
 ECHO_MAX_BYTES = 1536 * 1024
 
-# One message on a stream stays well below what the libp2p daemon accepts; longer inputs are chunked.
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# A header larger than this is refused unread.
 MAX_HEADER_BYTES = 64 * 1024
-
-# What one incoming stream message may declare before the stream is cut unread: twice the tensors'
-# cap, so that a message a little over it is still read and refused with a clear error.
-MAX_STREAM_MESSAGE_BYTES = 2 * MAX_MESSAGE_BYTES
-
-# hivemind sends bfloat16 as float32 bytes (numpy has no bfloat16): twice the bytes, half of them
-# zeros. `pack` sends its two bytes as they are, under a dtype of our own; both forms are read.
-BF16_BITS = "bfloat16_bits"
-_ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 4, BF16_BITS: 2, "int64": 8, "bool": 1}
-
-
-class ErrorKind(str, enum.Enum):
-    BAD_REQUEST = "bad_request"  # the caller's fault: never retried, never bans the server
-    BUSY = "busy"  # no room now: route elsewhere
-    WRONG_MODEL = "wrong_model"  # the server does not serve this model or these blocks
-    SERVER_ERROR = "server_error"  # the server failed: ban and reroute
-
-
-class WireError(Exception):
-    """An error that travels to the other side as a typed reply."""
-
-    def __init__(self, kind: ErrorKind, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
-def bad_request(message: str) -> WireError:
-    return WireError(ErrorKind.BAD_REQUEST, message)
-
-
-class MalformedMessage(WireError):
-    """A message that could not be parsed. From a client, the request is bad; from a server, the server
-    is at fault (its reply is garbage), so a client routes around it."""
-
-    def __init__(self, message: str):
-        super().__init__(ErrorKind.BAD_REQUEST, message)
 
 
 class _Header(BaseModel):
@@ -148,13 +107,7 @@ class StepDone(_Header):
     # server pushed what it returned to the client (what the client would check the step against).
     input_digest: str = Field(default="", max_length=64)
     output_digest: str = Field(default="", max_length=64)
-    receipt: str = Field(default="", max_length=128)  # the server's signature of the step (dht.receipts)
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes in its own dtype (bfloat16 included)."""
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+    receipt: str = Field(default="", max_length=128)  # the server's signature of the step (protocol.receipts)
 
 
 class ForwardRequest(_Header):
@@ -193,7 +146,7 @@ class ErrorReply(_Header):
 
 def pack(header: Optional[_Header], tensors: Sequence[torch.Tensor] = (), *, request: bool) -> Any:
     metadata = msgpack.packb(header.model_dump(mode="json"), use_bin_type=True) if header is not None else b""
-    serialized = [_serialize(t.detach().cpu()) for t in tensors]
+    serialized = [serialize_tensor(t.detach().cpu()) for t in tensors]
     if request:
         return runtime_pb2.ExpertRequest(uid="", tensors=serialized, metadata=metadata)
     return runtime_pb2.ExpertResponse(tensors=serialized, metadata=metadata)
@@ -223,68 +176,7 @@ def read_header(message: Any, model: type[_Header]) -> _Header:
         raise MalformedMessage(f"invalid {model.__name__}: {_first_error(e)}") from None
 
 
-def read_tensors(message: Any, max_count: int, max_bytes: int = MAX_MESSAGE_BYTES) -> list[torch.Tensor]:
-    """Deserializes a message's tensors after checking their declared sizes, dtypes and count."""
-    if len(message.tensors) > max_count:
-        raise MalformedMessage(f"expected at most {max_count} tensors, got {len(message.tensors)}")
-    total = 0
-    for proto in message.tensors:
-        if proto.dtype not in _ELEMENT_SIZE:
-            raise MalformedMessage(f"unsupported tensor dtype {proto.dtype!r}")
-        if len(proto.size) > 4 or any(dim < 0 for dim in proto.size):
-            raise MalformedMessage(f"unsupported tensor shape {list(proto.size)}")
-        if proto.compression != runtime_pb2.CompressionType.NONE:
-            raise MalformedMessage("compressed tensors are not accepted")
-        expected = math.prod(proto.size) * _ELEMENT_SIZE[proto.dtype]
-        if expected != len(proto.buffer):
-            raise MalformedMessage(
-                f"tensor of shape {list(proto.size)} has {len(proto.buffer)} bytes, expected {expected}"
-            )
-        total += expected
-    if total > max_bytes:
-        raise MalformedMessage(f"message carries {total} bytes of tensors, limit is {max_bytes}")
-    return [_deserialize(proto) for proto in message.tensors]
-
-
-def _serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    if tensor.dtype != torch.bfloat16:
-        return serialize_torch_tensor(tensor)
-    proto = serialize_torch_tensor(tensor.contiguous().view(torch.int16))
-    proto.dtype = BF16_BITS
-    return proto
-
-
-def _deserialize(proto: runtime_pb2.Tensor) -> torch.Tensor:
-    if proto.dtype != BF16_BITS:
-        return deserialize_torch_tensor(proto)
-    bits = (
-        torch.frombuffer(bytearray(proto.buffer), dtype=torch.int16)
-        if proto.buffer
-        else torch.empty(0, dtype=torch.int16)
-    )
-    return bits.view(torch.bfloat16).reshape(list(proto.size))
-
-
 def _first_error(error: ValidationError) -> str:
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"]) or "header"
     return f"{location}: {first['msg']}"
-
-
-class MessageTooLarge(ValueError):
-    """A peer declared a stream message longer than MAX_STREAM_MESSAGE_BYTES."""
-
-
-async def _receive_capped(reader: asyncio.StreamReader) -> bytes:
-    header = await reader.readexactly(P2P.HEADER_LEN)
-    length = int.from_bytes(header, P2P.BYTEORDER)
-    if length > MAX_STREAM_MESSAGE_BYTES:
-        raise MessageTooLarge(f"a peer declared a {length}-byte message; at most {MAX_STREAM_MESSAGE_BYTES} are read")
-    return await reader.readexactly(length)
-
-
-def cap_incoming_messages() -> None:
-    """Makes this process refuse a stream message whose declared length is over the cap before
-    reading any of it. hivemind's reader would otherwise buffer whatever length a peer declares
-    (up to 2^64 bytes) before `read_tensors` could check a thing; the stream is closed instead."""
-    P2P.receive_raw_data = staticmethod(_receive_capped)

@@ -1,10 +1,10 @@
-"""A preloaded parent that forks the processes of a local swarm (`python -m swarm.forker FD [MODULE…]`).
+"""A preloaded parent that forks the processes of a local swarm (`python -m harness.forker FD [MODULE…]`).
 
 Every server and bootstrap process of a local swarm imports torch and hivemind, seconds of CPU each
 on a small machine, and most of a test suite's or demo's start-up. This process imports them once,
 then forks one child per request: each child is a real, separate process (its own pid, session,
 DHT node, libp2p daemon and sockets) that runs `python -m MODULE ARGS…` as if started afresh, so
-SIGKILL, SIGSTOP and exit codes behave as with `subprocess`. Only `swarm.local` talks to it.
+SIGKILL, SIGSTOP and exit codes behave as with `subprocess`. Only `harness.processes` talks to it.
 
 Protocol over a Unix socket pair: the parent sends one JSON request with three file descriptors
 (stdin, stdout, stderr of the child) at a time; this process answers `{"pid": …}` (or

@@ -174,7 +174,7 @@ class DelayProxyProcess:
             [
                 sys.executable,
                 "-m",
-                "swarm.delay_proxy",
+                "harness.delay_proxy",
                 "--target-port",
                 str(target_port),
                 "--delay-ms",
@@ -252,7 +252,7 @@ def _tight_timers() -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m swarm.delay_proxy",
+        prog="python -m harness.delay_proxy",
         description="Forward 127.0.0.1:PORT to 127.0.0.1:TARGET_PORT, delaying every byte by a fixed one-way time. "
         "Prints the port it listens on; runs until its stdin closes.",
     )

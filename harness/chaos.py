@@ -17,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-from swarm.local import Child, LocalSwarm
+from harness.local_swarm import LocalSwarm
+from harness.processes import Child
 
 logger = logging.getLogger(__name__)
 
