@@ -23,6 +23,9 @@ _EXPORTS = {
     "StepTimeoutError": "client.errors",
     "ServerProvenWrongError": "client.errors",
     "WrongResultWarning": "client.errors",
+    "Evidence": "verification.evidence",
+    "SpanPlan": "client.routing",
+    "forward_span": "client.span",
 }
 
 __all__ = [
@@ -39,6 +42,9 @@ __all__ = [
     "StepTimeoutError",
     "ServerProvenWrongError",
     "WrongResultWarning",
+    "Evidence",
+    "SpanPlan",
+    "forward_span",
 ]
 
 if TYPE_CHECKING:
@@ -56,7 +62,10 @@ if TYPE_CHECKING:
     )
     from client.model import AutoDistributedModelForCausalLM
     from client.pings import PingCache
+    from client.routing import SpanPlan
     from client.session import InferenceSession
+    from client.span import forward_span
+    from verification.evidence import Evidence
 
 
 def __getattr__(name: str) -> Any:

@@ -21,8 +21,8 @@ from client.generation import decode, prepare_config
 from client.remote import RemoteModel
 from client.session import InferenceSession
 from client.shared_head import SharedHead
-from client.verify import Evidence
 from configs.schema import DEFAULT_VERIFY_RATE
+from verification.evidence import Evidence
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class AutoDistributedModelForCausalLM:
         self.remote.failure_listeners.append(callback)
 
     def on_wrong_result(self, callback: Callable[[Evidence], None]) -> None:
-        """Calls `callback(evidence)` when a spot check proves a server wrong (`client.verify.Evidence`)."""
+        """Calls `callback(evidence)` when a spot check proves a server wrong (`client.Evidence`)."""
         self.remote.fault_listeners.append(callback)
 
     @property

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 import aiohttp
 
-from client.verify import Evidence, evidence_body
+from verification.evidence import Evidence, evidence_body
 
 
 class RelayScores:

@@ -30,11 +30,14 @@ from client.reliability import RelayScores
 from client.routing import RouteIndex, SpanPlan, chain_avoiding, make_chain, usable
 from client.runtime import LoopThread
 from client.span import forward_span
-from client.verify import Claim, Evidence, LocalReferee, Recomputation, SpotChecker, least_precise
+from client.verify import SpotChecker
 from configs.schema import DEFAULT_VERIFY_RATE
 from dht.records import ServerInfo
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, agreed_meta, start_dht
 from protocol.tensors import MAX_MESSAGE_BYTES, cap_incoming_messages
+from verification.evidence import Claim, Evidence, Recomputation
+from verification.referee import LocalReferee
+from verification.tolerance import least_precise
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from client.errors import (
 )
 from client.remote import FailureBudget, RemoteModel, step_deadline
 from client.span import SpanSession
-from client.verify import Claim
+from verification.evidence import Claim
 
 logger = logging.getLogger(__name__)
 

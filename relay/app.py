@@ -19,7 +19,6 @@ from typing import Optional
 
 from aiohttp import web
 
-from client.verify import Evidence, evidence_body
 from configs.schema import RelayOptions
 from dht.records import ServerState
 from dht.swarm_dht import SwarmDHT, start_dht
@@ -38,6 +37,7 @@ from relay.openai_api import OpenAIRoutes
 from relay.schemas import EvidenceReport
 from relay.store import Store
 from relay.workers import WorkerRegistry, bearer_token, load_or_create_key
+from verification.evidence import Evidence, evidence_body
 
 logger = logging.getLogger(__name__)
 

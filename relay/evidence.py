@@ -25,10 +25,7 @@ import safetensors.torch
 import torch
 from hivemind.p2p import P2P
 
-from client.errors import SwarmError
-from client.routing import SpanPlan
-from client.span import forward_span
-from client.verify import Claim, LocalReferee, check_receipts, discrepancy, tolerance
+from client import SpanPlan, SwarmError, forward_span
 from dht.records import ServerInfo
 from dht.swarm_dht import SwarmDHT
 from protocol.receipts import Receipt
@@ -36,6 +33,9 @@ from relay.generation import ModelService
 from relay.http import HTTPError
 from relay.schemas import EvidenceReport
 from relay.store import Store
+from verification.evidence import Claim, check_receipts
+from verification.referee import LocalReferee
+from verification.tolerance import discrepancy, tolerance
 
 logger = logging.getLogger(__name__)
 

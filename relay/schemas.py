@@ -84,7 +84,7 @@ class ReceiptBody(_Body):
 
 
 class EvidenceReport(_Body):
-    """A client's evidence that a server returned wrong results (`client.verify.evidence_body`): the
+    """A client's evidence that a server returned wrong results (`verification.evidence.evidence_body`): the
     server's receipts for every step of the session up to the disputed positions, and the tensors
     (base64 safetensors: `inputs` float32 [batch, positions, hidden], the server's `outputs` at positions
     [verified, positions) in its dtype, optional int64 `mask` [batch, positions])."""

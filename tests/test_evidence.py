@@ -10,11 +10,11 @@ import torch
 
 from client import AutoDistributedModelForCausalLM
 from client.reliability import RelayScores
-from client.verify import Evidence, evidence_body
 from dht.ports import free_port
 from harness.local_swarm import LocalSwarm
 from tests.client_worker import prompt
 from tests.relay_process import RelayProcess, http, wait_until
+from verification.evidence import Evidence, evidence_body
 
 pytestmark = pytest.mark.slow
 

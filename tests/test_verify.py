@@ -12,10 +12,12 @@ from transformers.generation.streamers import BaseStreamer
 
 from blocks.synthetic import make_random_checkpoint
 from client import AutoDistributedModelForCausalLM, ServerFailure, WrongResultWarning
-from client.verify import TOLERANCE, Claim, Recomputation, SpotChecker, discrepancy, tolerance
+from client.verify import SpotChecker
 from harness.local_swarm import LocalSwarm
 from tests.client_worker import prompt
 from tests.conftest import reference_model, wait_for_route
+from verification.evidence import Claim, Recomputation
+from verification.tolerance import TOLERANCE, discrepancy, tolerance
 
 NEW_TOKENS = 16
 
@@ -120,7 +122,7 @@ async def test_the_local_referee_keeps_the_blocks_it_loaded(tmp_path, monkeypatc
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
-    import client.verify
+    import verification.referee
     from blocks.checkpoint import Checkpoint
     from blocks.loading import load_span
 
@@ -131,11 +133,11 @@ async def test_the_local_referee_keeps_the_blocks_it_loaded(tmp_path, monkeypatc
         loads.append((start, end))
         return load_span(checkpoint, start, end, *args, **kwargs)
 
-    monkeypatch.setattr(client.verify, "load_span", counting_load)
+    monkeypatch.setattr(verification.referee, "load_span", counting_load)
     inputs = torch.randn(1, 5, checkpoint.hidden_size)
     expected = load_span(checkpoint, 1, 3).forward(inputs)
     with ThreadPoolExecutor(1) as executor:
-        referee = client.verify.LocalReferee(checkpoint, executor)
+        referee = verification.referee.LocalReferee(checkpoint, executor)
         for verified in (0, 2):
             result = await referee(replace(_claim(expected, inputs, verified), start=1, end=3), frozenset())
             assert torch.equal(result.outputs, expected) and result.by == "client"
@@ -144,7 +146,7 @@ async def test_the_local_referee_keeps_the_blocks_it_loaded(tmp_path, monkeypatc
         assert torch.equal(result.outputs, load_span(checkpoint, 2, 4).forward(inputs))
         assert loads == [(1, 2), (2, 3), (3, 4)]
         assert (
-            await client.verify.LocalReferee(checkpoint, executor, memory_fraction=0)(
+            await verification.referee.LocalReferee(checkpoint, executor, memory_fraction=0)(
                 _claim(expected, inputs), frozenset()
             )
             is None
@@ -158,7 +160,7 @@ async def test_the_local_referee_computes_only_what_a_session_added_since_its_la
     from blocks.checkpoint import Checkpoint
     from blocks.loading import load_span
     from blocks.span import BlockSpan
-    from client.verify import LocalReferee
+    from verification.referee import LocalReferee
 
     checkpoint = Checkpoint(make_random_checkpoint(tmp_path / "llama", "llama", num_layers=2, seed=4))
     span = load_span(checkpoint, 0, 2)

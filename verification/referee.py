@@ -1,0 +1,126 @@
+"""The local referee: a span recomputed on this machine, in float32, from a local copy of the checkpoint.
+
+The client uses it to settle disputes (and as the verifier of last resort), the relay to re-check
+evidence and canaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import threading
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Optional
+
+import psutil
+import torch
+
+from blocks.checkpoint import Checkpoint
+from blocks.layers import DecoderLayer, KVCache, Rotary
+from blocks.loading import load_span
+from blocks.span import BlockSpan
+from verification.evidence import Claim, Recomputation
+
+
+@dataclass
+class _Progress:
+    """What the local referee computed for one session's span: its inputs, outputs and cache."""
+
+    inputs: torch.Tensor
+    mask: Optional[torch.Tensor]
+    outputs: torch.Tensor
+    cache: KVCache
+
+
+class LocalReferee:
+    """Recomputes a span on this machine, in float32, from the client's own checkpoint, when its
+    blocks fit in the memory available (with room to spare); None otherwise.
+
+    Blocks it has loaded stay loaded (checks of one session come back to the same blocks), unless
+    blocks of another range need their room. For the last `keep_sessions` sessions' spans (within
+    `keep_bytes`) it also keeps its own KV cache, so that a later check of the same span computes
+    only the positions added since (the inputs it computed on must be a prefix of the new claim's,
+    or it starts over): the cost of a check no longer grows with the session's history."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        executor: Executor,
+        memory_fraction: float = 0.5,
+        keep_sessions: int = 64,
+        keep_bytes: int = 1 << 30,
+    ):
+        self.checkpoint = checkpoint
+        self.executor = executor
+        self.memory_fraction = memory_fraction
+        self.keep_sessions = keep_sessions
+        self.keep_bytes = keep_bytes  # what the kept sessions' caches, inputs and outputs may take in all
+        self._blocks: dict[int, DecoderLayer] = {}
+        self._rotary: Optional[Rotary] = None
+        self._progress: collections.OrderedDict[tuple[str, int, int], _Progress] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    async def __call__(self, claim: Claim, avoid: frozenset[str]) -> Optional[Recomputation]:
+        outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self._compute, claim)
+        if outputs is None:
+            return None
+        return Recomputation("client", frozenset(), outputs, torch.float32)
+
+    def _compute(self, claim: Claim) -> Optional[torch.Tensor]:
+        with self._lock:
+            span = self._span(claim.start, claim.end)
+            if span is None:
+                return None
+            key = (claim.session_id, claim.start, claim.end)
+            done = self._progress.pop(key, None)
+            inputs = claim.inputs.float()
+            if done is None or not (_extends(inputs, done.inputs) and _extends(claim.mask, done.mask)):
+                empty = inputs[:, :0]
+                done = _Progress(empty, None if claim.mask is None else claim.mask[:, :0], empty, span.new_cache())
+            if done.inputs.shape[1] < inputs.shape[1]:
+                added = span.forward(inputs[:, done.inputs.shape[1] :], cache=done.cache, attention_mask=claim.mask)
+                done = _Progress(inputs, claim.mask, torch.cat([done.outputs, added], dim=1), done.cache)
+            if claim.session_id and self.keep_sessions > 0:
+                self._progress[key] = done
+                while len(self._progress) > self.keep_sessions or (
+                    len(self._progress) > 1 and sum(map(_bytes, self._progress.values())) > self.keep_bytes
+                ):
+                    self._progress.popitem(last=False)
+            return done.outputs
+
+    def _span(self, start: int, end: int) -> Optional[BlockSpan]:
+        """Blocks [start, end) in float32, loading those not held yet if they fit (after letting go of
+        held blocks outside the range, if that is what it takes)."""
+        missing = [index for index in range(start, end) if index not in self._blocks]
+        needed = sum(self.checkpoint.block_bytes(index, torch.float32) for index in missing)
+        if needed > psutil.virtual_memory().available * self.memory_fraction:
+            for index in [index for index in self._blocks if not start <= index < end]:
+                del self._blocks[index]
+            gc.collect()
+            if needed > psutil.virtual_memory().available * self.memory_fraction:
+                return None
+        for index in missing:
+            loaded = load_span(self.checkpoint, index, index + 1, torch.float32)
+            self._blocks[index] = loaded.layers[0]
+            self._rotary = self._rotary or loaded.rotary
+        return BlockSpan(
+            self.checkpoint.config, [self._blocks[index] for index in range(start, end)], self._rotary, start
+        )
+
+
+def _bytes(progress: _Progress) -> int:
+    tensors = [progress.inputs, progress.outputs, *progress.cache.keys, *progress.cache.values]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _extends(tensor: Optional[torch.Tensor], prefix: Optional[torch.Tensor]) -> bool:
+    """Whether `tensor` [batch, positions, ...] begins with `prefix` exactly (None only extends None)."""
+    if tensor is None or prefix is None:
+        return tensor is None and prefix is None
+    return (
+        tensor.shape[0] == prefix.shape[0]
+        and tensor.shape[1] >= prefix.shape[1]
+        and torch.equal(tensor[:, : prefix.shape[1]], prefix)
+    )
