@@ -35,7 +35,7 @@ with AutoDistributedModelForCausalLM.from_pretrained(path, peers, request_timeou
         servers = remote.runtime.run(remote.dht.fetch_servers(remote.model_name, remote.num_blocks), 60)
         last = [info for info in servers[-1].values() if info.record.state.value == "online"]
         record = last[0].record if len(last) == 1 else None
-        if record is not None and bool(record.relay_addrs) == want_relayed and record.reachable != want_relayed:
+        if record is not None and bool(record.bridge_addrs) == want_relayed and record.reachable != want_relayed:
             break
         assert time.monotonic() < deadline, "the swarm never looked as this run wants"
         time.sleep(1)

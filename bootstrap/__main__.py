@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def serve(dht, options: BootstrapOptions, addrs: list[str]) -> None:
-    """Answers reachability checks and relays for servers behind NAT (unless --no-relay) until
+    """Answers reachability checks and bridges for servers behind NAT (unless --no-bridge) until
     SIGINT/SIGTERM. (Signal handlers only now: the DHT's forked child keeps the default ones.)"""
-    from dht.circuit import CircuitRelay, RelayLimits
+    from bridge.node import BridgeLimits, BridgeNode
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,13 +60,13 @@ async def serve(dht, options: BootstrapOptions, addrs: list[str]) -> None:
         loop.add_signal_handler(sig, stop.set)
     p2p = await dht.replicate_p2p()
     try:
-        await CircuitRelay(p2p, RelayLimits.of(options), relay=not options.no_relay).start()
+        await BridgeNode(p2p, BridgeLimits.of(options), carry=not options.no_bridge).start()
         for addr in addrs:
             print(addr, flush=True)
         logger.info(
             "bootstrap node %s is up%s; Ctrl-C to stop",
             dht.peer_id,
-            "" if options.no_relay else ", relaying for servers behind NAT",
+            "" if options.no_bridge else ", a bridge for servers behind NAT",
         )
         await stop.wait()
         logger.info("shutting down")

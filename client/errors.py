@@ -52,10 +52,10 @@ class WrongResultWarning(UserWarning):
 class ServerFailure(SwarmError):
     """A server failed, timed out or disconnected."""
 
-    def __init__(self, peer_id: str, message: str, relay: str = ""):
+    def __init__(self, peer_id: str, message: str, bridge: str = ""):
         self.peer_id = peer_id
-        self.relay = relay  # the relay node the request went through, if any (it may be the one that failed)
-        super().__init__(f"server {peer_id}: {message}" + (f" (through relay {relay})" if relay else ""))
+        self.bridge = bridge  # the bridge the request went through, if any (it may be the one that failed)
+        super().__init__(f"server {peer_id}: {message}" + (f" (through bridge {bridge})" if bridge else ""))
 
 
 def _ranges(blocks: list[int]) -> str:

@@ -10,9 +10,9 @@ from typing import Callable, Iterable, Optional
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
+from bridge.dial import call
 from client.routing import SpanPlan
 from client.span import connect
-from dht.circuit import call
 from dht.records import ServerInfo
 from protocol.messages import RPC_INFO
 

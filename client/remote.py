@@ -41,7 +41,7 @@ from verification.tolerance import least_precise
 
 logger = logging.getLogger(__name__)
 
-RELAY_AVOID_SECONDS = 60.0  # a relay node that failed is tried last for this long
+BRIDGE_AVOID_SECONDS = 60.0  # a bridge that failed is tried last for this long
 CHECK_ROUTE_MAX_AGE = 10.0  # seconds a spot check may route on an earlier DHT read (bans still apply at once)
 
 
@@ -113,7 +113,7 @@ class RemoteModel:
         self.convicted: dict[str, Evidence] = {}
         self._reports: set[asyncio.Task] = set()  # evidence on its way to the relay
         self._checking: dict[str, set[asyncio.Task]] = {}  # server -> recomputations waiting on it
-        self._failed_relays: dict[str, float] = {}  # relay address -> avoided until (monotonic)
+        self._failed_bridges: dict[str, float] = {}  # bridge address -> avoided until (monotonic)
         self._abandoned: set[asyncio.Task] = set()
         self._last_read: Optional[tuple[float, RouteIndex]] = None  # (when, what) of the latest DHT read
         self.sessions: weakref.WeakSet = weakref.WeakSet()  # open inference sessions, to roll back on a conviction
@@ -229,17 +229,17 @@ class RemoteModel:
             return set()
         return {peer for peer, score in scores.items() if score < self.min_reliability}
 
-    def report_failure(self, peer_id: str, reason: str, relay: str = "") -> None:
+    def report_failure(self, peer_id: str, reason: str, bridge: str = "") -> None:
         """Bans a failed server with backoff and forgets its ping, so it is re-checked before reuse.
 
-        A failure through a relay node may be the relay's: that relay is avoided for a while, and the
-        server is banned only if it announces no other relay that has not failed lately."""
-        if relay:
+        A failure through a bridge may be the bridge's: that bridge is avoided for a while, and the
+        server is banned only if it announces no other bridge that has not failed lately."""
+        if bridge:
             now = time.monotonic()
-            self._failed_relays[relay] = now + RELAY_AVOID_SECONDS
-            if self._other_relay(peer_id, now):
+            self._failed_bridges[bridge] = now + BRIDGE_AVOID_SECONDS
+            if self._other_bridge(peer_id, now):
                 logger.warning(
-                    "server %s failed through relay %s; trying its other relays (%s)", peer_id, relay, reason
+                    "server %s failed through bridge %s; trying its other bridges (%s)", peer_id, bridge, reason
                 )
                 self.pings.forget(peer_id)
                 return
@@ -251,17 +251,19 @@ class RemoteModel:
         for listener in self.failure_listeners:
             listener(peer_id, reason)
 
-    def relays_to_avoid(self) -> frozenset[str]:
-        """Relay nodes that failed in the last RELAY_AVOID_SECONDS."""
+    def bridges_to_avoid(self) -> frozenset[str]:
+        """Bridges that failed in the last BRIDGE_AVOID_SECONDS."""
         now = time.monotonic()
-        return frozenset(relay for relay, until in self._failed_relays.items() if until > now)
+        return frozenset(bridge for bridge, until in self._failed_bridges.items() if until > now)
 
-    def _other_relay(self, peer_id: str, now: float) -> bool:
-        """Whether the latest read of `peer_id`'s record lists a relay that has not failed lately."""
+    def _other_bridge(self, peer_id: str, now: float) -> bool:
+        """Whether the latest read of `peer_id`'s record lists a bridge that has not failed lately."""
         if self._last_read is None:
             return False
         info = self._last_read[1].record_of(peer_id)
-        return info is not None and any(self._failed_relays.get(relay, 0.0) <= now for relay in info.record.relay_addrs)
+        return info is not None and any(
+            self._failed_bridges.get(bridge, 0.0) <= now for bridge in info.record.bridge_addrs
+        )
 
     def convict(self, evidence: Evidence) -> None:
         """A server proven to return wrong results: banned for good, and every session that used it
@@ -320,7 +322,7 @@ class RemoteModel:
                 )
             except ServerFailure as e:
                 if plan.peer_id not in self.bans.banned():  # an abandoned request's server is banned already
-                    self.report_failure(plan.peer_id, str(e), e.relay)
+                    self.report_failure(plan.peer_id, str(e), e.bridge)
                 raise
         return Recomputation(
             by=" → ".join(plan.peer_id for plan in chain),
@@ -382,7 +384,7 @@ class RemoteModel:
             except (ServerFailure, SwarmBusyError) as e:
                 failures += 1
                 if isinstance(e, ServerFailure):
-                    self.report_failure(plan.peer_id, str(e), e.relay)
+                    self.report_failure(plan.peer_id, str(e), e.bridge)
                 if failures > self.max_retries:
                     raise RetriesExhaustedError(f"gave up after {failures} failures; last: {e}") from e
                 chain[index:] = await self.make_chain(plan.start, plan.end, exclude={plan.peer_id}) + chain[index + 1 :]

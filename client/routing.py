@@ -41,7 +41,7 @@ def usable(info: ServerInfo, exclude: Collection[str]) -> bool:
         and record.state == ServerState.ONLINE
         and record.available
         and record.cache_tokens_free > 0
-        and (record.reachable or bool(record.relay_addrs))
+        and (record.reachable or bool(record.bridge_addrs))
     )
 
 

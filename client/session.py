@@ -111,10 +111,10 @@ class InferenceSession:
             errors: list[BaseException] = []
             try:
                 # All at once: over a WAN each opening costs round trips, which a chain should pay once, not per span.
-                relays = self.remote.relays_to_avoid()
+                bridges = self.remote.bridges_to_avoid()
                 outcomes = await asyncio.gather(
                     *(
-                        span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length, relays)
+                        span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length, bridges)
                         for span in opened
                     ),
                     return_exceptions=True,
@@ -139,7 +139,7 @@ class InferenceSession:
                 if isinstance(error, SwarmBusyError):
                     busy.add(error.peer_id)
                 else:
-                    self.remote.report_failure(error.peer_id, str(error), error.relay)
+                    self.remote.report_failure(error.peer_id, str(error), error.bridge)
                     failures.add(error)
             last_error = errors[0]
 
@@ -371,7 +371,7 @@ class InferenceSession:
                     logger.warning("session %s: %s; sending every step itself from now on", self.session_id, e)
                     self.push = False
                 else:
-                    self.remote.report_failure(e.peer_id, str(e), e.relay)
+                    self.remote.report_failure(e.peer_id, str(e), e.bridge)
                 await span.close()
                 failures.add(e)
                 history = span.history()

@@ -11,9 +11,9 @@ import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError
 
 from blocks.checkpoint import parse_dtype
+from bridge.dial import Target, iterate, reach
 from client.errors import BadRequestError, InputMismatch, ServerFailure, SwarmBusyError, SwarmError
 from client.routing import SpanPlan
-from dht.circuit import Target, iterate, reach
 from protocol.errors import ErrorKind, MalformedMessage, WireError
 from protocol.messages import (
     RPC_FORWARD,
@@ -42,7 +42,7 @@ NUDGE_AFTER = 1.0
 TRANSPORT_ERRORS = (ConnectionError, OSError, EOFError, P2PDaemonError, P2PHandlerError, asyncio.IncompleteReadError)
 
 
-def to_client_error(peer_id: str, error: BaseException, relay: str = "") -> BaseException:
+def to_client_error(peer_id: str, error: BaseException, bridge: str = "") -> BaseException:
     """Maps what went wrong talking to one server to the error type that says what the caller should do.
 
     Only what the server or the link to it did is a `ServerFailure` (ban, reroute): transport errors,
@@ -53,25 +53,25 @@ def to_client_error(peer_id: str, error: BaseException, relay: str = "") -> Base
     if isinstance(error, SwarmError):
         return error
     if isinstance(error, MalformedMessage):
-        return ServerFailure(peer_id, f"malformed reply: {error.message}", relay)
+        return ServerFailure(peer_id, f"malformed reply: {error.message}", bridge)
     if isinstance(error, WireError):
         if error.kind == ErrorKind.BAD_REQUEST:
             return BadRequestError(f"server {peer_id} refused the request: {error.message}")
         if error.kind == ErrorKind.BUSY:
             return SwarmBusyError(f"server {peer_id} is busy: {error.message}", peer_id=peer_id)
         if error.kind == ErrorKind.WRONG_MODEL:
-            return ServerFailure(peer_id, f"serves other blocks than it announced: {error.message}", relay)
-        return ServerFailure(peer_id, error.message, relay)
+            return ServerFailure(peer_id, f"serves other blocks than it announced: {error.message}", bridge)
+        return ServerFailure(peer_id, error.message, bridge)
     if isinstance(error, asyncio.TimeoutError):
-        return ServerFailure(peer_id, "timed out", relay)
+        return ServerFailure(peer_id, "timed out", bridge)
     if isinstance(error, TRANSPORT_ERRORS):
-        return ServerFailure(peer_id, f"{type(error).__name__}: {error}", relay)
+        return ServerFailure(peer_id, f"{type(error).__name__}: {error}", bridge)
     return error
 
 
-def raise_for_server(peer_id: str, error: BaseException, relay: str = "") -> None:
+def raise_for_server(peer_id: str, error: BaseException, bridge: str = "") -> None:
     """Raises what `to_client_error` maps `error` to (the error itself, traceback kept, if it is ours)."""
-    mapped = to_client_error(peer_id, error, relay)
+    mapped = to_client_error(peer_id, error, bridge)
     if mapped is error:
         raise error
     raise mapped from error
@@ -89,13 +89,13 @@ def check_output(peer_id: str, output: torch.Tensor, like: torch.Tensor, dtype: 
     return output
 
 
-async def connect(p2p: P2P, plan: SpanPlan, timeout: float, avoid_relays: Collection[str] = ()) -> Target:
-    """Dials the server of `plan`, or the first of its relay nodes that answers (those in `avoid_relays`,
+async def connect(p2p: P2P, plan: SpanPlan, timeout: float, avoid_bridges: Collection[str] = ()) -> Target:
+    """Dials the server of `plan`, or the first of its bridges that answers (those in `avoid_bridges`,
     which failed lately, only if no other is left); a failure is the server's."""
     record = plan.info.record
-    relays = [addr for addr in record.relay_addrs if addr not in avoid_relays] or list(record.relay_addrs)
+    bridges = [addr for addr in record.bridge_addrs if addr not in avoid_bridges] or list(record.bridge_addrs)
     try:
-        return await reach(p2p, plan.peer_id, record.addrs, relays, timeout)
+        return await reach(p2p, plan.peer_id, record.addrs, bridges, timeout)
     except Exception as e:
         raise ServerFailure(plan.peer_id, f"cannot connect: {e}") from e
 
@@ -166,7 +166,7 @@ class SpanSession:
         self.checking = False  # one is in flight
         self.rewinds = 0
         self._rewind = False
-        self.relay = ""  # the relay node this span's stream goes through, if the server is unreachable
+        self.bridge = ""  # the bridge this span's stream goes through, if the server is unreachable
 
     @property
     def max_chunk_tokens(self) -> int:
@@ -179,7 +179,7 @@ class SpanSession:
             peer_id=self.plan.peer_id,
             session_id=self.key,
             addrs=record.addrs,
-            relay_addrs=record.relay_addrs,
+            bridge_addrs=record.bridge_addrs,
             dtype=record.dtype,
         )
 
@@ -205,12 +205,12 @@ class SpanSession:
             self._rewind = True
 
     async def open(
-        self, p2p: P2P, model: str, batch_size: int, max_length: int, avoid_relays: Collection[str] = ()
+        self, p2p: P2P, model: str, batch_size: int, max_length: int, avoid_bridges: Collection[str] = ()
     ) -> None:
         self.model = model
         try:
-            target = await connect(p2p, self.plan, self.timeout, avoid_relays)
-            self.relay = target.relay
+            target = await connect(p2p, self.plan, self.timeout, avoid_bridges)
+            self.bridge = target.bridge
             await asyncio.wait_for(self._stream.open(p2p, target, RPC_INFERENCE), self.timeout)
             self._stream.send(
                 pack(
@@ -228,7 +228,7 @@ class SpanSession:
             read_header(await self._stream.receive(self.timeout), SessionOpened)
         except Exception as e:
             await self._stream.close()
-            raise_for_server(self.plan.peer_id, e, self.relay)
+            raise_for_server(self.plan.peer_id, e, self.bridge)
 
     async def step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Sends new positions [batch, tokens, hidden] (in pieces within this server's chunk limit) and
@@ -285,7 +285,7 @@ class SpanSession:
             done = read_header(reply, StepDone)
             outputs = read_tensors(reply, max_count=1)
         except Exception as e:
-            raise_for_server(self.plan.peer_id, e, self.relay)
+            raise_for_server(self.plan.peer_id, e, self.bridge)
         if done.position != self.position + hidden.shape[1] or len(outputs) != 1:
             raise ServerFailure(
                 self.plan.peer_id, f"inconsistent reply: position {done.position}, {len(outputs)} tensors"
@@ -332,10 +332,10 @@ async def forward_span(
     batch, total = hidden.shape[:2]
     chunk = min(chunk, plan.info.record.max_chunk_tokens)
     outputs = []
-    relay = ""
+    bridge = ""
     try:
         target = await connect(p2p, plan, timeout)
-        relay = target.relay
+        bridge = target.bridge
         await asyncio.wait_for(stream.open(p2p, target, RPC_FORWARD), timeout)
         for position in range(0, total, chunk):
             part = hidden[:, position : position + chunk].to(dtype)
@@ -355,7 +355,7 @@ async def forward_span(
                 raise ServerFailure(plan.peer_id, f"inconsistent reply: {len(replied)} tensors")
             outputs.append(check_output(plan.peer_id, replied[0], part, dtype))
     except Exception as e:
-        raise_for_server(plan.peer_id, e, relay)
+        raise_for_server(plan.peer_id, e, bridge)
     finally:
         await stream.close()
     return torch.cat(outputs, dim=1)

@@ -47,6 +47,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _earlier_names(schema: type[BaseModel]) -> dict[str, str]:
+    """{current option: its earlier name} for options a schema renamed (`RENAMED`, earlier → current)."""
+    return {new: old for old, new in getattr(schema, "RENAMED", {}).items()}
+
+
 def build_parser(
     schema: type[BaseModel], prog: str, description: str, epilog: str | None = None
 ) -> argparse.ArgumentParser:
@@ -57,18 +62,26 @@ def build_parser(
         "--config", metavar="FILE", help="YAML file with any of the options below (keys use underscores)"
     )
     fields = sorted(schema.model_fields.items(), key=lambda item: not item[1].is_required())
+    earlier = _earlier_names(schema)
     for name, field in fields:
         base, is_list = _base_type(field.annotation)
         env = env_prefix(schema) + name.upper()
         default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
         help_text = f"{field.description or ''} [{default}; env {env}]"
+        flags = [_flag(name)]
+        if name in earlier:
+            flags.append(_flag(earlier[name]))
+            help_text += f" (formerly {_flag(earlier[name])}, still accepted)"
         kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
-        if base is bool and not is_list:
-            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kwargs)
+        if base is bool and not is_list and name.startswith("no_"):
+            # A negative option is a plain switch: BooleanOptionalAction would read --no-x as "x is false".
+            parser.add_argument(*flags, action="store_true", **kwargs)
+        elif base is bool and not is_list:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif is_list:
-            parser.add_argument(_flag(name), nargs="+", metavar=name.upper(), **kwargs)
+            parser.add_argument(*flags, nargs="+", metavar=name.upper(), **kwargs)
         else:
-            parser.add_argument(_flag(name), metavar=name.upper(), **kwargs)
+            parser.add_argument(*flags, metavar=name.upper(), **kwargs)
     return parser
 
 
@@ -86,8 +99,11 @@ def load_config(
     values: dict[str, Any] = {}
     if config_file:
         values.update(_read_yaml(Path(config_file), schema))
+    earlier = _earlier_names(schema)
     for name, field in schema.model_fields.items():
         raw = environ.get(prefix + name.upper())
+        if (raw is None or raw == "") and name in earlier:
+            raw = environ.get(prefix + earlier[name].upper())
         if raw is not None and raw != "":
             _, is_list = _base_type(field.annotation)
             values[name] = [item.strip() for item in raw.split(",") if item.strip()] if is_list else raw
@@ -108,6 +124,11 @@ def _read_yaml(path: Path, schema: type[BaseModel]) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    for old, new in getattr(schema, "RENAMED", {}).items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"{path} sets both {old} and {new}, the same option (its earlier and current name)")
+            data[new] = data.pop(old)
     unknown = sorted(set(data) - set(schema.model_fields))
     if unknown:
         raise ConfigError(f"unknown key(s) in {path}: {', '.join(map(str, unknown))}")

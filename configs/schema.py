@@ -80,6 +80,16 @@ class _Schema(BaseModel):
 
 
 class NetworkOptions(_Schema):
+    # Options renamed since they were documented: the earlier flag, environment variable and YAML key
+    # still work (the NAT side was called "relay", which is the coordinator's name).
+    RENAMED: ClassVar[dict[str, str]] = {
+        "no_relay": "no_bridge",
+        "relay_max_servers": "bridge_max_servers",
+        "relay_hop_limit": "bridge_max_circuits",
+        "relay_max_mbytes": "bridge_max_mbytes",
+        "relay_max_seconds": "bridge_max_seconds",
+    }
+
     initial_peers: list[str] = Field(
         default_factory=list, description="multiaddrs of DHT peers to join, e.g. /ip4/127.0.0.1/tcp/31337/p2p/Qm..."
     )
@@ -95,15 +105,16 @@ class NetworkOptions(_Schema):
         description="this machine's public IP address: announce it (with --port) and skip the reachability "
         "check, for a port forward the operator set up",
     )
-    no_relay: bool = Field(
+    no_bridge: bool = Field(
         False,
-        description="neither relay RPC streams for servers behind NAT nor attach to a relay node when "
-        "unreachable (not the coordinator's --relay)",
+        description="neither bridge circuits to servers behind NAT nor attach to a bridge when unreachable",
     )
-    relay_max_servers: int = Field(16, ge=0, description="relay node: unreachable servers attached at most")
-    relay_hop_limit: int = Field(64, ge=0, description="relay node: relayed streams (circuits) open at once at most")
-    relay_max_mbytes: float = Field(1024.0, gt=0, description="relay node: megabytes one circuit may carry, both ways")
-    relay_max_seconds: float = Field(3600.0, gt=0, description="relay node: seconds one circuit may stay open")
+    bridge_max_servers: int = Field(16, ge=0, description="as a bridge: unreachable servers attached at most")
+    bridge_max_circuits: int = Field(64, ge=0, description="as a bridge: circuits open at once at most")
+    bridge_max_mbytes: float = Field(
+        1024.0, gt=0, description="as a bridge: megabytes one circuit may carry, both ways"
+    )
+    bridge_max_seconds: float = Field(3600.0, gt=0, description="as a bridge: seconds one circuit may stay open")
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
 
     @field_validator("public_ip")

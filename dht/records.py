@@ -11,7 +11,7 @@ import logging
 from typing import Any, Literal, Optional
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -77,24 +77,29 @@ class ServerRecord(_Wire):
     region: str = Field(default="", max_length=64)
     version: str = Field(max_length=32)
     public_name: str = Field(default="", max_length=64)
-    using_relay: bool = False
+    # Reached through bridges (behind NAT): `bridge_addrs` is not empty. (The spec's "relay use".)
+    bridged: bool = Field(default=False, validation_alias=AliasChoices("bridged", "using_relay"))
     available: bool = True  # False outside the owner's working hours: takes no new sessions
     addrs: tuple[str, ...] = Field(default=(), max_length=16)
     announced_at: float = Field(default=0.0, ge=0)  # unix time of this announcement
     network_mbps: Optional[float] = Field(default=None, ge=0)  # measured to other servers; None: not yet
     receipt_key: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")  # Ed25519 key of its step receipts (hex)
-    reachable: bool = True  # False: other peers cannot dial it (behind NAT); reach it through relay_addrs
-    relay_addrs: tuple[str, ...] = Field(default=(), max_length=4)  # relay nodes it is attached to (/…/p2p/<relay>)
-    relay_node: bool = False  # it relays RPC streams for unreachable servers
+    reachable: bool = True  # False: other peers cannot dial it (behind NAT); reach it through bridge_addrs
+    # The bridges it is attached to (/…/p2p/<bridge>), and whether it is a bridge for others. Records of
+    # servers from before the NAT side was called "bridge" name them relay_addrs and relay_node.
+    bridge_addrs: tuple[str, ...] = Field(
+        default=(), max_length=4, validation_alias=AliasChoices("bridge_addrs", "relay_addrs")
+    )
+    bridge_node: bool = Field(default=False, validation_alias=AliasChoices("bridge_node", "relay_node"))
 
     @model_validator(mode="after")
     def _check_range(self) -> "ServerRecord":
         if self.end_block <= self.start_block:
             raise ValueError(f"empty block range {self.start_block}:{self.end_block}")
-        if any(len(addr) > 256 for addr in self.addrs + self.relay_addrs):
+        if any(len(addr) > 256 for addr in self.addrs + self.bridge_addrs):
             raise ValueError("multiaddr too long")
-        if any("/p2p/" not in addr for addr in self.relay_addrs):
-            raise ValueError("a relay address must end with /p2p/<relay peer id>")
+        if any("/p2p/" not in addr for addr in self.bridge_addrs):
+            raise ValueError("a bridge address must end with /p2p/<bridge peer id>")
         return self
 
 

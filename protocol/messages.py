@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Sequence
 import msgpack
 import torch
 from hivemind.proto import runtime_pb2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from protocol.errors import ErrorKind, MalformedMessage, WireError
 from protocol.tensors import serialize_tensor
@@ -55,10 +55,13 @@ class Hop(_Header):
     peer_id: str = Field(min_length=1, max_length=128)
     session_id: str = Field(min_length=16, max_length=64)
     addrs: tuple[str, ...] = Field(default=(), max_length=16)
-    relay_addrs: tuple[str, ...] = Field(default=(), max_length=4)  # set when it is reachable only through relays
+    # Set when it is reachable only through bridges (peers from before the rename send relay_addrs).
+    bridge_addrs: tuple[str, ...] = Field(
+        default=(), max_length=4, validation_alias=AliasChoices("bridge_addrs", "relay_addrs")
+    )
     dtype: Literal["float32", "bfloat16", "float16"]
 
-    @field_validator("addrs", "relay_addrs")
+    @field_validator("addrs", "bridge_addrs")
     @classmethod
     def _short_addrs(cls, addrs: tuple[str, ...]) -> tuple[str, ...]:
         if any(len(addr) > 256 for addr in addrs):

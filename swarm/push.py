@@ -14,7 +14,7 @@ from typing import Callable
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from dht.circuit import iterate, reach
+from bridge.dial import iterate, reach
 from protocol.errors import WireError
 from protocol.messages import RPC_PUSH_STREAM, Hop, PushAccepted, read_header
 
@@ -44,7 +44,7 @@ class PushStream:
 
     async def _run(self) -> None:
         try:
-            target = await reach(self._p2p, self.hop.peer_id, self.hop.addrs, self.hop.relay_addrs, self._timeout)
+            target = await reach(self._p2p, self.hop.peer_id, self.hop.addrs, self.hop.bridge_addrs, self._timeout)
             replies = await asyncio.wait_for(
                 iterate(self._p2p, target, RPC_PUSH_STREAM, self._requests()), self._timeout
             )

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from hivemind.p2p import P2P
 
-from dht.circuit import ask_dial_back
+from bridge.attached import ask_dial_back
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ async def check_reachability(initial_peers: Sequence[str], host: str, port: int)
     else:
         logger.warning(
             "unreachable: peers see this machine as %s, and port %d there does not answer (NAT or "
-            "firewall); serving through a relay node",
+            "firewall); serving through a bridge",
             reply.observed_ip,
             port,
         )

@@ -19,9 +19,10 @@ from tqdm import tqdm
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
 from blocks.loading import load_span
 from blocks.span import BlockSpan
+from bridge.attached import BridgeAttachment
+from bridge.node import BridgeLimits, BridgeNode
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
-from dht.circuit import CircuitRelay, RelayAttachment, RelayLimits
 from dht.identity import receipt_signer
 from dht.ports import free_port
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
@@ -48,7 +49,7 @@ from swarm.throughput import cached_throughput
 
 logger = logging.getLogger(__name__)
 
-FIRST_ATTACH_TIMEOUT = 60.0  # seconds an unreachable server waits for a relay node before going online anyway
+FIRST_ATTACH_TIMEOUT = 60.0  # seconds an unreachable server waits for a bridge before going online anyway
 
 
 class Server:
@@ -98,7 +99,7 @@ class Server:
         self.handler: Optional[BlockHandler] = None
         self.p2p: Optional[P2P] = None
         self.reachable = True
-        self.attachment: Optional[RelayAttachment] = None  # when unreachable: the relay nodes it is attached to
+        self.attachment: Optional[BridgeAttachment] = None  # when unreachable: the bridges it is attached to
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
         self.exit_code = 0  # what `python -m swarm.serve` exits with once `run()` returns
@@ -140,7 +141,7 @@ class Server:
                 return
             self.throughput = await self._throughput()
             p2p = await self._open_handlers(dht)
-            attachment_task = await self._start_relaying(p2p)
+            attachment_task = await self._start_bridging(p2p)
             metrics_runner, self.metrics_port = await self.metrics.serve(opts.host, opts.metrics_port)
             await self._announce()
             self.state = ServerState.ONLINE
@@ -287,50 +288,50 @@ class Server:
         self.reachable = await check_reachability(opts.initial_peers, opts.host, port) is not False
         return port, announce
 
-    async def _start_relaying(self, p2p: P2P) -> Optional[asyncio.Task]:
-        """A reachable server relays for unreachable ones (unless --no-relay); an unreachable one attaches
-        to a relay node and waits (bounded) for the first attachment, so that it goes online usable."""
+    async def _start_bridging(self, p2p: P2P) -> Optional[asyncio.Task]:
+        """A reachable server is a bridge for unreachable ones (unless --no-bridge); an unreachable one
+        attaches to a bridge and waits (bounded) for the first attachment, so that it goes online usable."""
         opts = self.options
         if self.reachable:
-            await CircuitRelay(p2p, RelayLimits.of(opts), relay=not opts.no_relay).start()
+            await BridgeNode(p2p, BridgeLimits.of(opts), carry=not opts.no_bridge).start()
             return None
-        if opts.no_relay:
-            logger.warning("this server is unreachable and --no-relay is set: no peer can use it")
+        if opts.no_bridge:
+            logger.warning("this server is unreachable and --no-bridge is set: no peer can use it")
             return None
         attached = asyncio.Event()
 
-        async def changed(relays: tuple[str, ...]) -> None:
-            if relays:
+        async def changed(bridges: tuple[str, ...]) -> None:
+            if bridges:
                 attached.set()
             if self.throughput is not None:
                 await self._announce()
 
-        self.attachment = RelayAttachment(p2p, self._relay_candidates, changed)
-        task = asyncio.create_task(self.attachment.run(), name="relay attachment")
+        self.attachment = BridgeAttachment(p2p, self._bridge_candidates, changed)
+        task = asyncio.create_task(self.attachment.run(), name="bridge attachment")
         try:
             await asyncio.wait_for(attached.wait(), FIRST_ATTACH_TIMEOUT)
         except asyncio.TimeoutError:
             logger.warning(
-                "no relay node accepted this server within %.0f s; it stays unusable until one does",
+                "no bridge accepted this server within %.0f s; it stays unusable until one does",
                 FIRST_ATTACH_TIMEOUT,
             )
         return task
 
-    async def _relay_candidates(self) -> list[str]:
-        """Relay nodes to attach to: the initial peers (bootstrap nodes relay by default), then reachable
-        servers that announce they relay."""
+    async def _bridge_candidates(self) -> list[str]:
+        """Bridges to attach to: the initial peers (bootstrap nodes are bridges by default), then reachable
+        servers that announce they are bridges."""
         candidates = list(self.options.initial_peers)
         try:
             servers = await self.dht.fetch_servers(self.model_name, self.checkpoint.num_blocks)
         except Exception as e:
-            logger.info("could not read the swarm for relay nodes: %s", e)
+            logger.info("could not read the swarm for bridges: %s", e)
             return candidates
         for block in servers:
             for info in block.values():
                 record = info.record
                 if (
                     info.peer_id != self.dht.peer_id
-                    and record.relay_node
+                    and record.bridge_node
                     and record.reachable
                     and record.state == ServerState.ONLINE
                 ):
@@ -510,10 +511,10 @@ class Server:
             region=self.options.region,
             version=__version__,
             public_name=self.options.public_name,
-            using_relay=bool(self._relay_addrs()),
+            bridged=bool(self._bridge_addrs()),
             reachable=self.reachable,
-            relay_addrs=self._relay_addrs(),
-            relay_node=self.reachable and not self.options.no_relay,
+            bridge_addrs=self._bridge_addrs(),
+            bridge_node=self.reachable and not self.options.no_bridge,
             available=self.load.available(),
             announced_at=time.time(),
             network_mbps=self.network_mbps,
@@ -521,8 +522,8 @@ class Server:
             receipt_key=public_key_hex(self.receipt_signer),
         )
 
-    def _relay_addrs(self) -> tuple[str, ...]:
-        return self.attachment.relays if self.attachment is not None else ()
+    def _bridge_addrs(self) -> tuple[str, ...]:
+        return self.attachment.bridges if self.attachment is not None else ()
 
     async def _announce(self) -> None:
         try:

@@ -1,9 +1,9 @@
 """The NAT test's client, run inside its public namespace (`python -m tests.nat_client …`).
 
-Prints one JSON object per line: the home server's record once it announces two relays; `paused` at
-token PAUSE_AT of the generation, then waits for a line on stdin (the test kills a relay meanwhile);
-the generated ids; then, told the killed relay's address on stdin, the home server's record once
-it no longer lists that relay.
+Prints one JSON object per line: the home server's record once it announces two bridges; `paused` at
+token PAUSE_AT of the generation, then waits for a line on stdin (the test kills a bridge meanwhile);
+the generated ids; then, told the killed bridge's address on stdin, the home server's record once
+it no longer lists that bridge.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def home_record(model, home_id: str, accept, timeout: float = 180.0) -> dict:
             if info is not None and accept(info.record):
                 return {
                     "reachable": info.record.reachable,
-                    "relay_addrs": list(info.record.relay_addrs),
+                    "bridge_addrs": list(info.record.bridge_addrs),
                     "addrs": list(info.record.addrs),
                 }
         if time.monotonic() > deadline:
@@ -58,13 +58,13 @@ def main() -> None:
     path, peers, home_id, pause_at, new_tokens, prompt = sys.argv[1:7]
     ids = torch.tensor([json.loads(prompt)])
     with AutoDistributedModelForCausalLM.from_pretrained(path, peers.split(","), request_timeout=30) as model:
-        say(record=home_record(model, home_id, lambda record: len(record.relay_addrs) >= 2))
+        say(record=home_record(model, home_id, lambda record: len(record.bridge_addrs) >= 2))
         output = model.generate(ids, max_new_tokens=int(new_tokens), streamer=PauseAt(int(pause_at)))
         say(tokens=output[0].tolist())
         dead = sys.stdin.readline().strip()
         say(
             record_after=home_record(
-                model, home_id, lambda record: record.relay_addrs and dead not in record.relay_addrs
+                model, home_id, lambda record: record.bridge_addrs and dead not in record.bridge_addrs
             )
         )
 

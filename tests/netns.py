@@ -7,7 +7,7 @@ masquerades outbound traffic and lets nothing in.
 
 Every address is the test's own, inside namespaces it creates and deletes: the namespaces have no
 link to anything else, so nothing is routed outside them. The public network uses a public-looking
-range because libp2p treats private ranges as unroutable (a relay ignores them). Needs root, `ip`
+range because libp2p treats private ranges as unroutable (a libp2p relay ignores them). Needs root, `ip`
 and `iptables`; `NatTopology.unavailable()` says why not where it cannot run.
 """
 

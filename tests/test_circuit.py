@@ -1,4 +1,4 @@
-"""A relay node's circuits on loopback, with real libp2p daemons: what it carries, what it refuses,
+"""A bridge's circuits on loopback, with real libp2p daemons: what it carries, what it refuses,
 and its bounds (the NAT test covers the same path behind a real NAT)."""
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ import pytest
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from dht.circuit import CircuitError, CircuitRelay, RelayAttachment, RelayLimits, Target, ask_dial_back, call, iterate
+from bridge.attached import BridgeAttachment, ask_dial_back
+from bridge.dial import Target, call, iterate
+from bridge.frames import CircuitError
+from bridge.node import BridgeLimits, BridgeNode
 from dht.dialing import dial
 from dht.ports import free_port
 
@@ -36,14 +39,14 @@ async def echo_once(request, context):
     return runtime_pb2.ExpertResponse(metadata=request.metadata)
 
 
-async def attached(p2p: P2P, relay_addr: str) -> RelayAttachment:
+async def attached(p2p: P2P, bridge_addr: str) -> BridgeAttachment:
     changed = asyncio.Event()
 
-    async def on_change(relays):
-        if relays:
+    async def on_change(bridges):
+        if bridges:
             changed.set()
 
-    attachment = RelayAttachment(p2p, lambda: _as_list(relay_addr), on_change, want=1)
+    attachment = BridgeAttachment(p2p, lambda: _as_list(bridge_addr), on_change, want=1)
     attachment.task = asyncio.create_task(attachment.run())
     await asyncio.wait_for(changed.wait(), 30)
     return attachment
@@ -62,26 +65,26 @@ async def _as_list(addr: str) -> list[str]:
 
 
 @pytest.mark.asyncio
-async def test_a_relay_carries_swarm_rpcs_to_attached_servers_only_and_within_its_limits():
-    relay_port, client_port = free_port("127.0.0.1"), free_port("127.0.0.1")
-    relay = await daemon(relay_port)
+async def test_a_bridge_carries_swarm_rpcs_to_attached_servers_only_and_within_its_limits():
+    bridge_port, client_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    bridge = await daemon(bridge_port)
     home, other, client = await daemon(), await daemon(), await daemon(client_port)
-    relay_addr = f"/ip4/127.0.0.1/tcp/{relay_port}/p2p/{relay.peer_id.to_base58()}"
+    bridge_addr = f"/ip4/127.0.0.1/tcp/{bridge_port}/p2p/{bridge.peer_id.to_base58()}"
     attachments = []
     try:
-        node = CircuitRelay(relay, RelayLimits(max_servers=1, max_circuits=4, max_bytes=20_000, max_seconds=60))
+        node = BridgeNode(bridge, BridgeLimits(max_servers=1, max_circuits=4, max_bytes=20_000, max_seconds=60))
         await node.start()
         for p2p in (home, other):
             await p2p.add_protobuf_handler(
                 HANDLER, echo, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
             await p2p.add_protobuf_handler(HANDLER + "_unary", echo_once, runtime_pb2.ExpertRequest)
-        attachments.append(await attached(home, relay_addr))
+        attachments.append(await attached(home, bridge_addr))
         assert node.attached.keys() == {home.peer_id.to_base58()}
-        await dial(client, relay.peer_id.to_base58(), [relay_addr], 30)
-        through = Target(home.peer_id.to_base58(), relay=relay_addr)
+        await dial(client, bridge.peer_id.to_base58(), [bridge_addr], 30)
+        through = Target(home.peer_id.to_base58(), bridge=bridge_addr)
 
-        # A stream and a unary call reach the attached server through the relay, intact.
+        # A stream and a unary call reach the attached server through the bridge, intact.
         async def requests(*payloads):
             for payload in payloads:
                 yield runtime_pb2.ExpertRequest(metadata=payload)
@@ -94,16 +97,17 @@ async def test_a_relay_carries_swarm_rpcs_to_attached_servers_only_and_within_it
         # Refused: a server that is not attached, an RPC that is not the swarm's, a second attachment
         # beyond max_servers.
         with pytest.raises(CircuitError, match="not attached"):
-            await iterate(client, Target(other.peer_id.to_base58(), relay=relay_addr), HANDLER, requests(b"x"))
+            await iterate(client, Target(other.peer_id.to_base58(), bridge=bridge_addr), HANDLER, requests(b"x"))
         with pytest.raises(CircuitError, match="carries only swarm.BlockService"):
             await call(
                 client,
-                Target(home.peer_id.to_base58(), relay=relay_addr),
+                Target(home.peer_id.to_base58(), bridge=bridge_addr),
                 "hivemind.Other.rpc",
                 runtime_pb2.ExpertRequest(),
             )
-        refused = RelayAttachment(other, lambda: _as_list(relay_addr), lambda relays: asyncio.sleep(0), want=1)
-        assert await refused._attach(relay_addr) is None
+        refused = BridgeAttachment(other, lambda: _as_list(bridge_addr), lambda bridges: asyncio.sleep(0), want=1)
+        await refused.top_up()
+        assert refused.bridges == ()
         assert node.attached.keys() == {home.peer_id.to_base58()}
 
         # A circuit that carries more than max_bytes is cut (the caller sees its stream end early).
@@ -111,18 +115,18 @@ async def test_a_relay_carries_swarm_rpcs_to_attached_servers_only_and_within_it
         assert len(replies) < 5
         await until(lambda: node.circuits == 0, "every circuit is accounted for once it ends")
 
-        # Dial-back: the relay reaches a listening port at the address it sees, not a closed one.
-        answer = await ask_dial_back(client, [relay_addr], [client_port])
+        # Dial-back: the bridge reaches a listening port at the address it sees, not a closed one.
+        answer = await ask_dial_back(client, [bridge_addr], [client_port])
         assert answer.reachable is True and answer.observed_ip == "127.0.0.1"
-        answer = await ask_dial_back(client, [relay_addr], [free_port("127.0.0.1")])
+        answer = await ask_dial_back(client, [bridge_addr], [free_port("127.0.0.1")])
         assert answer.reachable is False
 
-        # The relay going away ends the attachment: the server notices and says it holds none.
+        # The bridge going away ends the attachment: the server notices and says it holds none.
         attachment = attachments[0]
-        await relay.shutdown()
-        await until(lambda: attachment.relays == (), "the server sees it lost its relay")
+        await bridge.shutdown()
+        await until(lambda: attachment.bridges == (), "the server sees it lost its bridge")
     finally:
         for attachment in attachments:
             attachment.task.cancel()
-        for p2p in (client, other, home, relay):
+        for p2p in (client, other, home, bridge):
             await p2p.shutdown()

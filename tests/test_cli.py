@@ -40,6 +40,12 @@ def run(*args: str, timeout: float = 120, env=None) -> subprocess.CompletedProce
                 "--max-length",
                 "--session-timeout",
                 "--public-ip",
+                "--no-bridge",
+                "--bridge-max-servers",
+                "--bridge-max-circuits",
+                "--bridge-max-mbytes",
+                "--bridge-max-seconds",
+                # their earlier names, still accepted
                 "--no-relay",
                 "--relay-max-servers",
                 "--relay-hop-limit",
@@ -49,7 +55,17 @@ def run(*args: str, timeout: float = 120, env=None) -> subprocess.CompletedProce
         ),
         (
             "bootstrap",
-            ["--host", "--port", "--identity", "--nat-port-map", "--public-ip", "--no-relay", "--relay-hop-limit"],
+            [
+                "--host",
+                "--port",
+                "--identity",
+                "--nat-port-map",
+                "--public-ip",
+                "--no-bridge",
+                "--bridge-max-circuits",
+                "--no-relay",
+                "--relay-hop-limit",
+            ],
         ),
         (
             "client.generate",

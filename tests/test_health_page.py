@@ -107,7 +107,7 @@ def test_health_page_shows_coverage_and_servers_and_refreshes(tmp_path, browser)
                 row = rows[server.peer_id]
                 assert row["state"] == "online" and row["reachable"] is True and row["region"] == "europe-west"
                 assert row["device_type"] == "cpu" and row["version"] and row["last_seen"]
-                assert row["direct"] is True and row["relay_addrs"] == []
+                assert row["direct"] is True and row["bridge_addrs"] == []
 
             browser.get(url)
             cells = wait_for(

@@ -23,7 +23,7 @@ def record_wire(**overrides):
         region="europe-west",
         version="0.1.0",
         public_name="alice",
-        using_relay=False,
+        bridged=False,
         addrs=["/ip4/127.0.0.1/tcp/1/p2p/Qm"],
     )
     wire.update(overrides)
@@ -35,6 +35,16 @@ def test_round_trip_and_unknown_fields_are_ignored():
     assert record is not None and record.state == ServerState.ONLINE
     assert ServerRecord.from_wire(record.to_wire()) == record
     assert "future_field" not in record.to_wire()
+
+
+def test_records_of_servers_from_before_the_bridge_rename_are_read():
+    """Servers of the earlier version name their bridges relay_addrs (and relay_node, using_relay)."""
+    old = record_wire(reachable=False, relay_addrs=["/ip4/11.0.0.1/tcp/1/p2p/QmB"], relay_node=True, using_relay=True)
+    del old["bridged"]
+    record = ServerRecord.from_wire(old)
+    assert record.bridge_addrs == ("/ip4/11.0.0.1/tcp/1/p2p/QmB",) and record.bridge_node and record.bridged
+    wire = record.to_wire()
+    assert wire["bridge_addrs"] == ["/ip4/11.0.0.1/tcp/1/p2p/QmB"] and "relay_addrs" not in wire
 
 
 @pytest.mark.parametrize(
@@ -55,8 +65,8 @@ def test_round_trip_and_unknown_fields_are_ignored():
         record_wire(dtype=32),
         record_wire(start_block=0, end_block=100_000),  # more blocks than any model has
         record_wire(addrs=["/ip4/1.2.3.4/" + "a" * 300]),
-        record_wire(reachable=False, relay_addrs=["/ip4/1.2.3.4/tcp/1"]),  # a relay address names its relay peer
-        record_wire(reachable=False, relay_addrs=[f"/ip4/1.2.3.{i}/tcp/1/p2p/Qm" for i in range(5)]),
+        record_wire(reachable=False, bridge_addrs=["/ip4/1.2.3.4/tcp/1"]),  # a bridge address names its bridge peer
+        record_wire(reachable=False, bridge_addrs=[f"/ip4/1.2.3.{i}/tcp/1/p2p/Qm" for i in range(5)]),
         record_wire(region="r" * (MAX_RECORD_BYTES + 1)),
     ],
 )
@@ -89,19 +99,19 @@ def test_owner_subkey_names_the_peer_that_holds_the_key(tmp_path):
         assert peer_id_of_subkey(bad) is None
 
 
-def test_an_unreachable_server_is_routed_only_once_it_announces_a_relay_and_the_health_page_says_so():
+def test_an_unreachable_server_is_routed_only_once_it_announces_a_bridge_and_the_health_page_says_so():
     from client.routing import usable
-    from relay.health.page import _server_row
+    from relay.health.page import server_row
     from relay.health.state import model_health
 
-    relayed = parse_server_entry(
-        "QmHome", record_wire(reachable=False, relay_addrs=["/ip4/11.0.0.1/tcp/1/p2p/QmR"]), 9e9
+    bridged = parse_server_entry(
+        "QmHome", record_wire(reachable=False, bridge_addrs=["/ip4/11.0.0.1/tcp/1/p2p/QmR"]), 9e9
     )
     alone = parse_server_entry("QmHome", record_wire(reachable=False), 9e9)
     direct = parse_server_entry("QmHome", record_wire(), 9e9)
-    assert usable(relayed, ()) and usable(direct, ()) and not usable(alone, ())
-    (row,) = model_health("m", None, [{"QmHome": relayed}] * 4, {"QmHome": 0.01}).servers
-    assert row.reachable is True and row.direct is False and row.relay_addrs == ["/ip4/11.0.0.1/tcp/1/p2p/QmR"]
-    assert "· relayed" in _server_row(row)
+    assert usable(bridged, ()) and usable(direct, ()) and not usable(alone, ())
+    (row,) = model_health("m", None, [{"QmHome": bridged}] * 4, {"QmHome": 0.01}).servers
+    assert row.reachable is True and row.direct is False and row.bridge_addrs == ["/ip4/11.0.0.1/tcp/1/p2p/QmR"]
+    assert "· bridged" in server_row(row)
     (row,) = model_health("m", None, [{"QmHome": direct}] * 4, {"QmHome": 0.01}).servers
-    assert row.direct is True and "relayed" not in _server_row(row)
+    assert row.direct is True and "bridged" not in server_row(row)

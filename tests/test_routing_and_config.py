@@ -314,3 +314,21 @@ def test_bfloat16_travels_as_two_bytes_per_value_and_the_four_byte_form_is_still
     message.tensors[0].buffer = message.tensors[0].buffer[:-2]
     with pytest.raises(WireError, match="expected 96$"):
         read_tensors(message, max_count=1)
+
+
+def test_renamed_options_still_work_under_their_earlier_names(tmp_path):
+    """The NAT side's options were --relay-*/--no-relay; flags, variables and YAML keys of that name still work."""
+    assert parse(["--model", "m", "--relay-hop-limit", "7", "--no-relay"]).bridge_max_circuits == 7
+    assert parse(["--model", "m", "--no-relay"]).no_bridge is True
+    assert parse(["--model", "m"], {"SWARM_RELAY_MAX_SERVERS": "3"}).bridge_max_servers == 3
+    assert (
+        parse(["--model", "m"], {"SWARM_RELAY_MAX_SERVERS": "3", "SWARM_BRIDGE_MAX_SERVERS": "5"}).bridge_max_servers
+        == 5
+    )
+    old = tmp_path / "old.yaml"
+    old.write_text("model: m\nrelay_max_seconds: 12\n")
+    assert parse(["--config", str(old)]).bridge_max_seconds == 12
+    both = tmp_path / "both.yaml"
+    both.write_text("model: m\nrelay_max_seconds: 12\nbridge_max_seconds: 13\n")
+    with pytest.raises(ConfigError, match="both relay_max_seconds and bridge_max_seconds"):
+        parse(["--config", str(both)])

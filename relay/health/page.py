@@ -83,7 +83,7 @@ def _blocks_text(blocks: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _server_row(row: ServerRow) -> str:
+def server_row(row: ServerRow) -> str:
     name = escape(row.public_name) if row.public_name else f"…{escape(row.peer_id[-8:])}"
     if row.reachable is None:
         reach = "–"
@@ -92,8 +92,8 @@ def _server_row(row: ServerRow) -> str:
     else:
         reach = '<span class="unreachable">no</span>'
     if not row.direct:
-        relays = ", ".join(row.relay_addrs) or "none yet"
-        reach += f' <span class="relayed" title="behind NAT; relay nodes: {escape(relays)}">· relayed</span>'
+        bridges = ", ".join(row.bridge_addrs) or "none yet"
+        reach += f' <span class="bridged" title="behind NAT; bridges: {escape(bridges)}">· bridged</span>'
     state = row.state.value if row.available or row.state.value != "online" else "online (off hours)"
     memory = f"{row.memory_total / 2**30:.0f} GiB" if row.memory_total else ""
     cells = [
@@ -127,7 +127,7 @@ def _model_section(model: ModelHealth) -> str:
         "<tr><th>server</th><th>state</th><th>blocks</th><th>throughput</th><th>free cache</th>"
         "<th>region</th><th>hardware</th><th>version</th><th>reachable</th><th>last seen (UTC)</th></tr>"
     )
-    rows = "".join(_server_row(row) for row in model.servers)
+    rows = "".join(server_row(row) for row in model.servers)
     return (
         f'<section class="model" data-model="{escape(model.name)}">'
         f"<h2>{escape(model.name)} {badge}</h2>"

@@ -33,9 +33,10 @@ class ServerRow(BaseModel):
     device_name: str
     memory_total: int
     version: str
-    reachable: Optional[bool]  # answered the crawler's ping (directly or relayed); None: not checked (not online)
-    direct: bool  # what the server announces: peers can dial it (False: behind NAT, reached through relay nodes)
-    relay_addrs: list[str]  # the relay nodes it is attached to, when not direct
+    # Answered the crawler's ping (directly or through a bridge); None: not checked (not online).
+    reachable: Optional[bool]
+    direct: bool  # what the server announces: peers can dial it (False: behind NAT, reached through bridges)
+    bridge_addrs: list[str]  # the bridges it is attached to, when not direct
     rtt_ms: Optional[float]
     last_seen: Optional[str]  # when it last announced, UTC ISO 8601
     expires_at: str
@@ -87,7 +88,7 @@ def model_health(
             version=record.version,
             reachable=(info.peer_id in rtts) if online else None,
             direct=record.reachable,
-            relay_addrs=list(record.relay_addrs),
+            bridge_addrs=list(record.bridge_addrs),
             rtt_ms=round(rtts[info.peer_id] * 1000, 1) if info.peer_id in rtts else None,
             last_seen=iso(record.announced_at) if record.announced_at > 0 else None,
             expires_at=iso(info.expiration_time),

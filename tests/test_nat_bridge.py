@@ -1,7 +1,7 @@
 """A server behind a real NAT (network namespaces, iptables masquerade) serves blocks that nobody
-else serves, with default flags: it finds itself unreachable, attaches to relay nodes, and a client
+else serves, with default flags: it finds itself unreachable, attaches to bridges, and a client
 on the public side generates through it, token-identical to transformers, across the loss of the
-relay its session went through."""
+bridge its session went through."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ NEW_TOKENS = 12
 PAUSE_AT = 5
 
 
-def test_a_server_behind_nat_serves_through_relays_and_survives_losing_one(tmp_path):
+def test_a_server_behind_nat_serves_through_bridges_and_survives_losing_one(tmp_path):
     model = make_random_checkpoint(tmp_path / "llama", "llama", num_layers=4, seed=21)
     prompt = torch.randint(3, 100, (1, 6))
     expected = reference_model(model).generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -58,21 +58,21 @@ def test_a_server_behind_nat_serves_through_relays_and_survives_losing_one(tmp_p
             record = client.json("record")
             assert record["reachable"] is False
             assert all(HOME_IP in addr for addr in record["addrs"])  # what it listens on: useless to the public side
-            relays = record["relay_addrs"]
-            assert len(relays) == 2 and all(addr.startswith(f"/ip4/{PUBLIC_IP}/tcp/") for addr in relays)
+            bridges = record["bridge_addrs"]
+            assert len(bridges) == 2 and all(addr.startswith(f"/ip4/{PUBLIC_IP}/tcp/") for addr in bridges)
 
-            # Mid-generation, the relay that clients try first (the session's) dies with its daemons.
+            # Mid-generation, the bridge that clients try first (the session's) dies with its daemons.
             assert client.json("paused") == PAUSE_AT
-            lost = relays[0]
+            lost = bridges[0]
             {first_addr: first, second_addr: second}[lost].kill()
             client.send("go")
             assert torch.equal(torch.tensor([client.json("tokens")]), expected)
 
             client.send(lost)
             after = client.json("record_after")
-            assert after["reachable"] is False and lost not in after["relay_addrs"] and after["relay_addrs"]
+            assert after["reachable"] is False and lost not in after["bridge_addrs"] and after["bridge_addrs"]
             home_log = (tmp_path / "home.log").read_text()
-            assert "unreachable" in home_log and "lost relay" in home_log
+            assert "unreachable" in home_log and "lost bridge" in home_log
         finally:
             for process in reversed(processes):
                 process.kill()
