@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import platform
-import random
 import signal
-import socket
 import sys
 import time
 from typing import Optional
@@ -19,40 +16,38 @@ from tqdm import tqdm
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
 from blocks.loading import load_span
 from blocks.span import BlockSpan
-from bridge.attached import BridgeAttachment
-from bridge.node import BridgeLimits, BridgeNode
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
 from dht.identity import receipt_signer
-from dht.ports import free_port
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
-from dht.swarm_dht import SwarmDHT, public_announce, start_dht
+from dht.swarm_dht import SwarmDHT, start_dht
 from protocol.messages import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, RPC_PUSH_STREAM, Hop
 from protocol.receipts import public_key_hex
-from protocol.registration import sign_registration
 from protocol.tensors import cap_incoming_messages
 from swarm import __version__
 from swarm.batching import StepScheduler
+from swarm.bridging import Bridging
 from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
+from swarm.coordinator import Coordinator
 from swarm.handler import BlockHandler, Limits
-from swarm.hardware import describe_device, free_memory, probe_status, release_memory
+from swarm.hardware import describe_device, release_memory
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
 from swarm.network import measure_bandwidth
+from swarm.placement import Placement
 from swarm.preflight import check_model_and_blocks
 from swarm.push import LocalPush, PushStream
-from swarm.reachability import check_reachability, is_loopback
-from swarm.relay_link import RelayLink, credentials_file
-from swarm.selection import choose_start, coverage, rebalance_target
 from swarm.throughput import cached_throughput
 
 logger = logging.getLogger(__name__)
 
-FIRST_ATTACH_TIMEOUT = 60.0  # seconds an unreachable server waits for a bridge before going online anyway
-
 
 class Server:
+    """One server's life, from loading its blocks to announcing `offline`. Its collaborators decide
+    the rest: `Placement` which blocks (and when to move), `Bridging` how peers reach it behind NAT,
+    `Coordinator` what it tells an optional relay, `BlockHandler` what its RPCs answer."""
+
     def __init__(self, options: ServerOptions):
         self.options = options
         self.state = ServerState.JOINING
@@ -60,12 +55,8 @@ class Server:
         self.checkpoint = Checkpoint(options.model)
         self.model_name = validate_model_name(options.model_name or self.checkpoint.default_model_name)
         self.dtype = parse_dtype(options.dtype)
-        self.auto_blocks = options.block_range is None
-        if self.auto_blocks:
-            self.length = options.num_blocks or self._blocks_that_fit()
-            self.start_block, self.end_block = 0, self.length  # until the swarm has been looked at
-        else:
-            self.start_block, self.end_block = options.block_range
+        self.placement = Placement(options, self.checkpoint, self.dtype)
+        self.bridging = Bridging(options)
         self.budget = CacheBudget(options.cache_tokens)
         self.load = LoadControl(
             LoadPolicy(
@@ -91,15 +82,13 @@ class Server:
         )
         self.scheduler = StepScheduler(self.compute, options.max_batch_tokens, on_round=self.metrics.batch_round)
         self.metrics_port: Optional[int] = None
-        self.relay: Optional[RelayLink] = None
+        self.coordinator: Optional[Coordinator] = None
         self.throughput: Optional[Throughput] = None
         self.network_mbps: Optional[float] = None
         self.span: Optional[BlockSpan] = None
         self.dht: Optional[SwarmDHT] = None
         self.handler: Optional[BlockHandler] = None
         self.p2p: Optional[P2P] = None
-        self.reachable = True
-        self.attachment: Optional[BridgeAttachment] = None  # when unreachable: the bridges it is attached to
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
         self.exit_code = 0  # what `python -m swarm.serve` exits with once `run()` returns
@@ -112,7 +101,7 @@ class Server:
 
     async def run(self) -> None:
         opts = self.options
-        port, announce = await self._reachability()
+        port, announce = await self.bridging.listen_address()
         # The DHT forks a child process: start it before torch spins up its thread pools, and before
         # installing signal handlers that the child must not inherit.
         dht, validator = start_dht(
@@ -122,7 +111,7 @@ class Server:
             identity_path=opts.identity,
             nat_port_map=opts.nat_port_map,
             announce_maddrs=announce,
-            client_mode=not self.reachable,
+            client_mode=not self.bridging.reachable,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -131,29 +120,31 @@ class Server:
         self.receipt_signer = receipt_signer(validator)
         p2p = None
         metrics_runner = None
-        relay_task = None
+        coordinator_task = None
         attachment_task = None
         try:
-            if self.auto_blocks:
-                await self._choose_blocks()
+            if self.placement.auto:
+                await self.placement.choose(self.dht, self.model_name)
+                await self._announce()
             self.span = await self.compute.run(self._load)
             if self._stop.is_set():
                 return
             self.throughput = await self._throughput()
             p2p = await self._open_handlers(dht)
-            attachment_task = await self._start_bridging(p2p)
+            attachment_task = await self.bridging.start(p2p, self._read_swarm, self.dht.peer_id, self._bridges_changed)
             metrics_runner, self.metrics_port = await self.metrics.serve(opts.host, opts.metrics_port)
             await self._announce()
             self.state = ServerState.ONLINE
             await self._announce()
             print(
-                f"swarm.serve online: model {self.model_name}, blocks {self.start_block}:{self.end_block}, "
+                f"swarm.serve online: model {self.model_name}, blocks {self.placement.start}:{self.placement.end}, "
                 f"peer {self.dht.peer_id}, {self.throughput.inference:.1f} tokens/s, "
                 f"metrics http://{opts.host}:{self.metrics_port}/metrics",
                 flush=True,
             )
             if opts.relay:
-                relay_task = asyncio.create_task(self._relay_link().run(self._stop, lambda: self.state.value))
+                self.coordinator = self._coordinator()
+                coordinator_task = asyncio.create_task(self.coordinator.link.run(self._stop, lambda: self.state.value))
             await self._measure_network(p2p)
             await self._serve_until_stopped()
             await self._drain()
@@ -161,71 +152,38 @@ class Server:
             if attachment_task is not None:
                 attachment_task.cancel()
                 await asyncio.gather(attachment_task, return_exceptions=True)
-            if relay_task is not None:
-                relay_task.cancel()
-                await asyncio.gather(relay_task, return_exceptions=True)
-                await self.relay.goodbye()
+            if coordinator_task is not None:
+                coordinator_task.cancel()
+                await asyncio.gather(coordinator_task, return_exceptions=True)
+                await self.coordinator.link.goodbye()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             await self._leave(p2p)
 
-    def _relay_link(self) -> RelayLink:
-        opts = self.options
-        self.relay = RelayLink(
-            opts.relay,
-            credentials_file(cache_dir(), opts.relay, self.dht.peer_id),
-            registration=self._relay_registration,
-            heartbeat=self._relay_heartbeat,
-            apply_config=self._apply_config,
-            period=opts.relay_heartbeat_period,
-            join_token=opts.relay_join_token,
-        )
-        return self.relay
-
-    async def _relay_registration(self, relay_url: str) -> dict:
-        hostname = socket.gethostname()
-        return sign_registration(
-            self.dht.validator,
-            relay_url,
-            {
-                "name": self.options.public_name or f"{hostname}-{self.dht.peer_id[-8:]}",
-                "hostname": hostname,
-                "port": self.dht.port,
-                "peer_id": self.dht.peer_id,
-                "signed_at": int(time.time()),
-                "model": self.model_name,
-                "role": "mixed",
-                "region": self.options.region,
-                "labels": {"os": platform.system().lower(), "arch": platform.machine().lower()},
-                "status": (await asyncio.to_thread(probe_status, self.options.device)).model_dump(mode="json"),
-                "metrics_port": self.metrics_port,
-            },
-        )
-
-    async def _relay_heartbeat(self) -> dict:
-        return {
-            "load": {
+    def _coordinator(self) -> Coordinator:
+        return Coordinator(
+            self.options,
+            self.dht,
+            self.model_name,
+            self.load,
+            load=lambda: {
                 "open_sessions": self.handler.open_sessions if self.handler else 0,
                 "cache_tokens_free": self.budget.free,
                 "cache_tokens_total": self.budget.total,
-                "start_block": self.start_block,
-                "end_block": self.end_block,
+                "start_block": self.placement.start,
+                "end_block": self.placement.end,
             },
-            "hardware": (await asyncio.to_thread(probe_status, self.options.device)).model_dump(mode="json"),
-            "latency_ms": self.metrics.median_step_ms(),
-            "metrics_port": self.metrics_port,
-        }
-
-    async def _apply_config(self, config: dict) -> None:
-        """Load control pushed by the relay replaces the local settings until the next restart."""
-        hours = config.get("working_hours")
-        self.load.policy = LoadPolicy(
-            acceptance_rate=float(config.get("acceptance_rate", 1.0)),
-            max_concurrent_sessions=config.get("max_concurrent_sessions"),
-            max_sessions_per_hour=config.get("max_sessions_per_hour"),
-            working_hours=WorkingHours.parse(hours) if hours else None,
+            latency_ms=self.metrics.median_step_ms,
+            metrics_port=lambda: self.metrics_port,
+            announce=self._announce,
         )
-        await self._announce()
+
+    async def _read_swarm(self) -> list:
+        return await self.dht.fetch_servers(self.model_name, self.checkpoint.num_blocks)
+
+    async def _bridges_changed(self) -> None:
+        if self.throughput is not None:  # announced already: say where it is reachable now
+            await self._announce()
 
     async def _throughput(self) -> Throughput:
         if self.options.throughput:
@@ -276,71 +234,6 @@ class Server:
         )
         return p2p
 
-    async def _reachability(self) -> tuple[int, list[str]]:
-        """The port to listen on and the addresses to announce; sets `reachable`. An operator's
-        --public-ip or --announce-maddrs is trusted; a loopback server is reachable by all its peers;
-        otherwise the initial peers are asked to dial this machine back."""
-        opts = self.options
-        port, announce = public_announce(opts.public_ip, opts.host, opts.port, opts.announce_maddrs)
-        if announce or is_loopback(opts.host) or not opts.initial_peers:
-            return port, announce
-        port = port or free_port(opts.host)
-        self.reachable = await check_reachability(opts.initial_peers, opts.host, port) is not False
-        return port, announce
-
-    async def _start_bridging(self, p2p: P2P) -> Optional[asyncio.Task]:
-        """A reachable server is a bridge for unreachable ones (unless --no-bridge); an unreachable one
-        attaches to a bridge and waits (bounded) for the first attachment, so that it goes online usable."""
-        opts = self.options
-        if self.reachable:
-            await BridgeNode(p2p, BridgeLimits.of(opts), carry=not opts.no_bridge).start()
-            return None
-        if opts.no_bridge:
-            logger.warning("this server is unreachable and --no-bridge is set: no peer can use it")
-            return None
-        attached = asyncio.Event()
-
-        async def changed(bridges: tuple[str, ...]) -> None:
-            if bridges:
-                attached.set()
-            if self.throughput is not None:
-                await self._announce()
-
-        self.attachment = BridgeAttachment(p2p, self._bridge_candidates, changed)
-        task = asyncio.create_task(self.attachment.run(), name="bridge attachment")
-        try:
-            await asyncio.wait_for(attached.wait(), FIRST_ATTACH_TIMEOUT)
-        except asyncio.TimeoutError:
-            logger.warning(
-                "no bridge accepted this server within %.0f s; it stays unusable until one does",
-                FIRST_ATTACH_TIMEOUT,
-            )
-        return task
-
-    async def _bridge_candidates(self) -> list[str]:
-        """Bridges to attach to: the initial peers (bootstrap nodes are bridges by default), then reachable
-        servers that announce they are bridges."""
-        candidates = list(self.options.initial_peers)
-        try:
-            servers = await self.dht.fetch_servers(self.model_name, self.checkpoint.num_blocks)
-        except Exception as e:
-            logger.info("could not read the swarm for bridges: %s", e)
-            return candidates
-        for block in servers:
-            for info in block.values():
-                record = info.record
-                if (
-                    info.peer_id != self.dht.peer_id
-                    and record.bridge_node
-                    and record.reachable
-                    and record.state == ServerState.ONLINE
-                ):
-                    for addr in record.addrs:
-                        addr = addr if addr.endswith(f"/p2p/{info.peer_id}") else f"{addr}/p2p/{info.peer_id}"
-                        if addr not in candidates:
-                            candidates.append(addr)
-        return candidates
-
     def _push(self, hop: Hop) -> PushStream | LocalPush:
         """A stream to the next server of a client's chain (server-to-server push)."""
         if hop.peer_id == self.dht.peer_id:
@@ -368,7 +261,7 @@ class Server:
     async def _serve_until_stopped(self) -> None:
         """Refreshes the records every announce period and, with automatic blocks, checks for a better range."""
         loop = asyncio.get_running_loop()
-        next_rebalance = loop.time() + self._rebalance_delay()
+        next_rebalance = loop.time() + self.placement.rebalance_delay()
         while not self._stop.is_set():
             timeout = max(0.0, min(self.options.announce_period, next_rebalance - loop.time()))
             try:
@@ -377,58 +270,23 @@ class Server:
                 if loop.time() >= next_rebalance:
                     moved = await self._maybe_move()
                     # After a move that could not load its blocks, wait longer before trying again.
-                    next_rebalance = loop.time() + self._rebalance_delay() * (1 if moved is not False else 10)
+                    next_rebalance = loop.time() + self.placement.rebalance_delay() * (1 if moved is not False else 10)
                 await self._announce()
-
-    def _blocks_that_fit(self) -> int:
-        """As many blocks as --max-memory-fraction of free memory holds, with their share of the KV cache."""
-        per_block = self.checkpoint.block_bytes(
-            0, self.dtype
-        ) + self.options.cache_tokens * self.checkpoint.kv_bytes_per_token(self.dtype)
-        fit = int(self.options.max_memory_fraction * free_memory(self.options.device) // per_block)
-        if fit < 1:
-            raise ValueError(
-                f"not enough free memory on {self.options.device} for one block with --cache-tokens "
-                f"{self.options.cache_tokens}: {per_block / 2**20:.0f} MiB needed"
-            )
-        return min(fit, self.checkpoint.num_blocks)
-
-    async def _coverage_without_me(self) -> list[float]:
-        servers = await self.dht.fetch_servers(self.model_name, self.checkpoint.num_blocks)
-        return coverage(servers, exclude_peer=self.dht.peer_id)
-
-    async def _choose_blocks(self) -> None:
-        """Takes the blocks the swarm lacks most, and claims them at once (`joining`) so that servers
-        starting right after this one choose other blocks."""
-        start = choose_start(await self._coverage_without_me(), self.length)
-        self.start_block, self.end_block = start, start + self.length
-        logger.info("chose blocks %d:%d (the swarm's weakest)", self.start_block, self.end_block)
-        await self._announce()
-
-    def _rebalance_delay(self) -> float:
-        """Seconds to the next rebalancing check (jittered, so servers do not all move at once); inf if off."""
-        if not self.auto_blocks or self.options.rebalance_period <= 0:
-            return float("inf")
-        return self.options.rebalance_period * random.uniform(0.5, 1.5)
 
     async def _maybe_move(self) -> Optional[bool]:
         """Moves to the blocks the swarm needs more, if any: True when it moved, False when loading the
         new blocks failed (it serves its old ones again), None when it stayed."""
         try:
-            target = rebalance_target(
-                await self._coverage_without_me(),
-                self.start_block,
-                self.length,
-                self.throughput.inference,
-                self.options.rebalance_threshold,
-            )
+            target = await self.placement.better_start(self.dht, self.model_name, self.throughput.inference)
         except Exception:
             logger.warning("could not read the swarm to rebalance; will retry", exc_info=True)
             return None
         if target is None:
             return None
-        old = (self.start_block, self.end_block)
-        logger.info("moving from blocks %d:%d to %d:%d: the swarm needs them more", *old, target, target + self.length)
+        old = (self.placement.start, self.placement.end)
+        logger.info(
+            "moving from blocks %d:%d to %d:%d: the swarm needs them more", *old, target, target + self.placement.length
+        )
         self.state = ServerState.DRAINING
         await self._announce()
         await self._wait_for_sessions()
@@ -443,7 +301,7 @@ class Server:
             logger.warning("closed %d session(s) still open after the drain", closed)
         self.span = None
         await self.compute.run(release_memory, self.options.device)
-        self.start_block, self.end_block = target, target + self.length
+        self.placement.move_to(target)
         self.state = ServerState.JOINING
         await self._announce()
         try:
@@ -451,13 +309,13 @@ class Server:
         except Exception as e:
             logger.error(
                 "could not load blocks %d:%d (%s: %s); loading blocks %d:%d again",
-                self.start_block,
-                self.end_block,
+                self.placement.start,
+                self.placement.end,
                 type(e).__name__,
                 e,
                 *old,
             )
-            self.start_block, self.end_block = old
+            self.placement.move_to(old[0])
             await self.compute.run(release_memory, self.options.device)
             try:
                 self.span = await self.compute.run(self._load)
@@ -470,10 +328,10 @@ class Server:
         self.handler.serve_span(self.span)
         self.state = ServerState.ONLINE
         await self._announce()
-        if (self.start_block, self.end_block) == old:
+        if (self.placement.start, self.placement.end) == old:
             return False
         print(
-            f"swarm.serve moved: model {self.model_name}, blocks {self.start_block}:{self.end_block}, "
+            f"swarm.serve moved: model {self.model_name}, blocks {self.placement.start}:{self.placement.end}, "
             f"peer {self.dht.peer_id}",
             flush=True,
         )
@@ -481,16 +339,16 @@ class Server:
 
     def _load(self) -> BlockSpan:
         with tqdm(
-            total=self.end_block - self.start_block,
-            desc=f"loading blocks {self.start_block}:{self.end_block}",
+            total=self.placement.end - self.placement.start,
+            desc=f"loading blocks {self.placement.start}:{self.placement.end}",
             unit="block",
             file=sys.stderr,
             disable=None,
         ) as bar:
             return load_span(
                 self.checkpoint,
-                self.start_block,
-                self.end_block,
+                self.placement.start,
+                self.placement.end,
                 self.dtype,
                 self.options.device,
                 progress=lambda _: bar.update(1),
@@ -499,8 +357,8 @@ class Server:
     def record(self) -> ServerRecord:
         return ServerRecord(
             state=self.state,
-            start_block=self.start_block,
-            end_block=self.end_block,
+            start_block=self.placement.start,
+            end_block=self.placement.end,
             throughput=self.throughput or Throughput(inference=0, forward=0),
             cache_tokens_free=self.budget.free,
             cache_tokens_total=self.budget.total,
@@ -511,19 +369,16 @@ class Server:
             region=self.options.region,
             version=__version__,
             public_name=self.options.public_name,
-            bridged=bool(self._bridge_addrs()),
-            reachable=self.reachable,
-            bridge_addrs=self._bridge_addrs(),
-            bridge_node=self.reachable and not self.options.no_bridge,
+            bridged=bool(self.bridging.bridge_addrs),
+            reachable=self.bridging.reachable,
+            bridge_addrs=self.bridging.bridge_addrs,
+            bridge_node=self.bridging.is_bridge,
             available=self.load.available(),
             announced_at=time.time(),
             network_mbps=self.network_mbps,
             addrs=tuple(self.dht.visible_maddrs()[:16]),
             receipt_key=public_key_hex(self.receipt_signer),
         )
-
-    def _bridge_addrs(self) -> tuple[str, ...]:
-        return self.attachment.bridges if self.attachment is not None else ()
 
     async def _announce(self) -> None:
         try:
