@@ -1,17 +1,23 @@
 """RPC handlers of a block server: validate every message, reserve cache, run blocks, reply.
 
+Two stream protocols share one step: an inference session (`OpenSession`, then steps, the KV cache
+kept between them, steps also pushed by the previous server of the chain) and a stateless forward
+(`ForwardRequest`, then the input in token chunks, nothing kept). Where a session's steps come from
+is `swarm.sessions`; what a step does (validate, compute, push on, sign, reply) is `_run_step`.
+
 Bad input is answered with a typed error to that caller only; the stream ends and every other
-session goes on. Cache reservations are released on every exit path (end of stream, client gone,
-error, idle timeout).
+session goes on. A session's cache is reserved and released in one place (`_open`), on every exit
+path (end of stream, client gone, error, idle timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
 import torch
@@ -20,12 +26,10 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from blocks.checkpoint import dtype_name, parse_dtype
-from blocks.kv_pool import PooledCache
 from blocks.span import BlockSpan
 from protocol.errors import ErrorKind, WireError, bad_request
 from protocol.messages import (
     ECHO_MAX_BYTES,
-    Expect,
     ForwardRequest,
     Hop,
     OpenSession,
@@ -45,45 +49,17 @@ from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.metrics import ServerMetrics
 from swarm.push import LocalPush, PushStream
+from swarm.sessions import ServerSession
 
 logger = logging.getLogger(__name__)
 
 
-# Pushed steps waiting in one session; more means the pusher is not waiting for the session's replies.
-MAX_QUEUED_PUSHES = 4
-# Client messages read ahead of the one being computed (the rest wait in the stream: backpressure).
-MAX_QUEUED_CLIENT_MESSAGES = 2
+@dataclass
+class _Label:
+    """Who a stream is from and which session it is, for the log lines about it."""
 
-
-@dataclass(eq=False)
-class _OpenSession:
-    """What an open session holds; `closed` says why the server ended it (its cache is gone then).
-
-    `inbox` holds the session's next messages as (pushed, message): from the client's stream or
-    pushed by the previous server. `last_step` is (step_id, position) of the last step computed, so
-    that a step arriving twice (pushed, then pushed again by a replacement after a failover) is
-    computed once."""
-
-    cache: Optional[PooledCache]
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    client_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_QUEUED_CLIENT_MESSAGES))
-    pushed: int = 0
-    last_step: Optional[tuple[int, int]] = None
-    push_streams: dict[tuple[str, str], PushStream | LocalPush] = field(default_factory=dict)  # to later servers
-    mask: Optional[torch.Tensor] = None  # [batch, max_length] attention mask, once a step has sent one
-    closed: Optional[str] = None
-
-    def extend_mask(
-        self, new: Optional[torch.Tensor], batch: int, position: int, tokens: int, max_length: int
-    ) -> Optional[torch.Tensor]:
-        """The attention mask of positions [0, position + tokens), kept here: steps carry only the new
-        tokens' columns (none: all real tokens). None while no step has sent a mask."""
-        if new is None and self.mask is None:
-            return None
-        if self.mask is None:
-            self.mask = torch.ones(batch, max_length, dtype=torch.bool)
-        self.mask[:, position : position + tokens] = True if new is None else new.bool()
-        return self.mask[:, : position + tokens]
+    peer: object
+    session: str = "-"
 
 
 @dataclass(frozen=True)
@@ -122,8 +98,8 @@ class BlockHandler:
         self.metrics = metrics
         self.push = push  # opens a stream to a later server of the chain (None: steps with a route are refused)
         self.signer = signer  # signs a receipt of every session step (None: no receipts)
-        self._sessions: set[_OpenSession] = set()
-        self._keyed: dict[str, _OpenSession] = {}  # sessions by the id their client gave, for pushes
+        self._sessions: set[ServerSession] = set()
+        self._keyed: dict[str, ServerSession] = {}  # sessions by the id their client gave, for pushes
         self.serve_span(span)
 
     @property
@@ -145,12 +121,12 @@ class BlockHandler:
         for session in self._sessions:
             if session.closed is None:
                 closed += 1
-                session.closed = reason
-                session.cache.release()
-                session.cache = None
+                session.release(reason)
         self.span = None
         self.budget.unbind()
         return closed
+
+    # ---- unary RPCs ---------------------------------------------------------------------------
 
     async def rpc_echo(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Sends the payload back, so another server can time a round trip of a known size."""
@@ -159,6 +135,30 @@ class BlockHandler:
         except WireError as e:
             return error_response(e)
         return pack(None, payload, request=False)
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        if self.span is None:
+            return error_response(WireError(ErrorKind.BUSY, "server is moving to other blocks"))
+        return pack(
+            ServerInfoReply(
+                model=self.model,
+                start_block=self.span.start,
+                end_block=self.span.end,
+                state=self.state(),
+                dtype=dtype_name(self.span.dtype),
+                hidden_size=self.span.config.hidden_size,
+                max_length=self.limits.max_length,
+                max_batch_size=self.limits.max_batch_size,
+                max_chunk_tokens=self.limits.max_chunk_tokens,
+                cache_tokens_free=self.budget.free,
+                cache_tokens_total=self.budget.total,
+                open_sessions=self.open_sessions,
+                version=self.version,
+            ),
+            request=False,
+        )
+
+    # ---- pushes from the previous server of a chain --------------------------------------------
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A step pushed by the previous server of a chain, for a session its client opened here.
@@ -190,206 +190,177 @@ class BlockHandler:
         """Queues a pushed step in the session it names; returns that session's id."""
         header = read_header(request, Push)
         session = self._keyed.get(header.session_id)
-        if session is None or session.closed is not None:
+        if session is None:
             raise bad_request("no open session with this id here")
-        if session.pushed >= MAX_QUEUED_PUSHES:
-            raise WireError(ErrorKind.BUSY, f"{MAX_QUEUED_PUSHES} pushed steps already wait in this session")
-        session.pushed += 1
-        session.inbox.put_nowait((True, request))
+        session.accept_push(request)
         if self.metrics is not None:
             self.metrics.pushed_steps.inc()
         return header.session_id
 
-    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        if self.span is None:
-            return error_response(WireError(ErrorKind.BUSY, "server is moving to other blocks"))
-        return pack(
-            ServerInfoReply(
-                model=self.model,
-                start_block=self.span.start,
-                end_block=self.span.end,
-                state=self.state(),
-                dtype=dtype_name(self.span.dtype),
-                hidden_size=self.span.config.hidden_size,
-                max_length=self.limits.max_length,
-                max_batch_size=self.limits.max_batch_size,
-                max_chunk_tokens=self.limits.max_chunk_tokens,
-                cache_tokens_free=self.budget.free,
-                cache_tokens_total=self.budget.total,
-                open_sessions=self.open_sessions,
-                version=self.version,
-            ),
-            request=False,
-        )
+    # ---- the two stream protocols --------------------------------------------------------------
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A session: OpenSession, then any number of Steps; the KV cache lives until the stream ends."""
-        async for reply in self._session(requests, context, persistent=True):
+        label = _Label(context.remote_id)
+        async for reply in self._replying(self._inference(requests, label), label):
             yield reply
 
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A stateless forward: ForwardRequest, then the input in token chunks; nothing is kept afterwards."""
-        async for reply in self._session(requests, context, persistent=False):
+        label = _Label(context.remote_id)
+        async for reply in self._replying(self._forward(requests, label), label):
             yield reply
 
-    async def _session(self, requests, context: P2PContext, persistent: bool):
-        cache: Optional[PooledCache] = None
-        session: Optional[_OpenSession] = None
-        session_id = "-"
-        timing = None
-        reader: Optional[asyncio.Task] = None
-        failed = False  # a session the client closes (even abruptly) succeeded; one answered with an error failed
-        try:
-            first = await self._next(requests)
-            if first is None:
-                return
-            if persistent:
-                header = read_header(first, OpenSession)
-                batch, max_length = header.batch_size, header.max_length
-                session_id = header.session_id or uuid.uuid4().hex[:12]
-                if header.session_id and header.session_id in self._keyed:
-                    raise bad_request("a session with this id is already open here")
-            else:
-                header = read_header(first, ForwardRequest)
-                batch, max_length = header.batch_size, header.total_tokens
-            start, end = self._check_open(header, batch, max_length)
-            cache = self.budget.reserve(batch, max_length)
+    async def _inference(self, requests, label: "_Label") -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        first = await self._next(requests)
+        if first is None:
+            return
+        header = read_header(first, OpenSession)
+        if header.session_id and header.session_id in self._keyed:
+            raise bad_request("a session with this id is already open here")
+        key = label.session = header.session_id or uuid.uuid4().hex[:12]
+        async with self._open(header, header.batch_size, header.max_length, key, label) as session:
+            yield pack(SessionOpened(session_id=key, max_length=header.max_length), request=False)
+            reader = asyncio.create_task(session.read_client(requests))
             try:
-                # Load control last: a session refused as busy (no cache room) uses none of the hourly quota.
-                self.admit(self.open_sessions)
-            except WireError:
-                cache.release()
-                cache = None
-                raise
-            session = _OpenSession(cache=cache)
-            self._sessions.add(session)
-            if persistent and header.session_id:
-                self._keyed[header.session_id] = session
-            timing = self.metrics.session(prompt_only=not persistent) if self.metrics is not None else None
-            logger.debug(
-                "session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
-                session_id,
-                context.remote_id,
-                start,
-                end,
-                batch,
-                max_length,
-            )
-            position = 0
-            if persistent:
-                yield pack(SessionOpened(session_id=session_id, max_length=max_length), request=False)
-                reader = asyncio.create_task(_forward_messages(requests, session))
-                message = await self._next_in(session)
-            else:
-                message = first
-            while message is not None:
-                if session.closed is not None:
-                    raise WireError(ErrorKind.WRONG_MODEL, session.closed)
-                if persistent and _is_expect(message):
-                    message = await self._next_in(session)
-                    continue
-                step = read_header(message, Step) if message is not first else Step(position=0)
-                if step.step_id and session.last_step == (step.step_id, step.position):
-                    logger.debug("session %s: step %d arrived again; computed once", session_id, step.step_id)
-                    message = await self._next_in(session)
-                    continue
-                if step.route and self.push is None:
-                    raise bad_request("this server does not push steps to other servers")
-                if step.rewind and persistent and step.position < position:
-                    session.cache.restore([step.position] * len(session.cache.lengths()))
-                    position = step.position
-                hidden, mask = self._check_step(read_tensors(message, max_count=2), batch, position, max_length, step)
-                full_mask = session.extend_mask(mask, batch, position, hidden.shape[1], max_length)
-                began = time.perf_counter()
-                output = await self.scheduler.run(self.span, hidden, session.cache, full_mask, start, end)
-                if timing is not None:
-                    timing.step(hidden.shape[1], time.perf_counter() - began)
-                session.last_step = (step.step_id, position)
-                position += hidden.shape[1]
-                if step.route:
-                    self._push_on(session, step, output, mask)
-                yield pack(
-                    self._step_done(
-                        session_id if persistent else "",
-                        start,
-                        end,
-                        position - hidden.shape[1],
-                        step.step_id,
-                        hidden,
-                        output,
-                    ),
-                    [output],
-                    request=False,
-                )
-                if not persistent and position == max_length:
+                async for step, message in session.steps(self.limits.session_timeout):
+                    if step.rewind and step.position < session.position:
+                        session.rewind(step.position)
+                    yield await self._run_step(session, step, message, header)
+            finally:
+                reader.cancel()
+
+    async def _forward(self, requests, label: "_Label") -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        message = await self._next(requests)
+        if message is None:
+            return
+        header = read_header(message, ForwardRequest)
+        async with self._open(header, header.batch_size, header.total_tokens, "", label) as session:
+            step = Step(position=0)
+            while True:
+                yield await self._run_step(session, step, message, header)
+                if session.position == session.max_length:
                     return
-                message = await (self._next_in(session) if persistent else self._next(requests))
-            if not persistent:
-                raise bad_request(f"stream ended after {position} of {max_length} tokens")
+                message = await self._next(requests)
+                if message is None:
+                    raise bad_request(f"stream ended after {session.position} of {session.max_length} tokens")
+                step = read_header(message, Step)
+
+    @contextlib.asynccontextmanager
+    async def _open(
+        self, header: OpenSession | ForwardRequest, batch: int, max_length: int, key: str, label: "_Label"
+    ) -> AsyncIterator[ServerSession]:
+        """A session's whole lifetime: checked, its cache reserved and admitted, registered under `key`
+        (a stateless forward has none) and timed; on every way out its cache goes back."""
+        self._check_open(header, batch, max_length)
+        cache = self.budget.reserve(batch, max_length)
+        try:
+            # Load control last: a session refused as busy (no cache room) uses none of the hourly quota.
+            self.admit(self.open_sessions)
+        except WireError:
+            cache.release()
+            raise
+        session = ServerSession(cache=cache, batch=batch, max_length=max_length, key=key)
+        persistent = isinstance(header, OpenSession)
+        self._sessions.add(session)
+        if persistent and header.session_id:
+            self._keyed[header.session_id] = session
+        session.timing = self.metrics.session(prompt_only=not persistent) if self.metrics is not None else None
+        logger.debug(
+            "session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
+            label.session,
+            label.peer,
+            header.start_block,
+            header.end_block,
+            batch,
+            max_length,
+        )
+        ok = False
+        try:
+            yield session
+            ok = True
+        finally:
+            for stream in session.push_streams.values():
+                stream.close()
+            session.release()
+            self._sessions.discard(session)
+            if persistent and self._keyed.get(header.session_id) is session:
+                del self._keyed[header.session_id]
+            if session.timing is not None:
+                session.timing.finished(ok=ok)
+
+    async def _replying(self, replies: AsyncIterator, label: "_Label") -> AsyncIterator:
+        """The protocol's replies, and for whatever went wrong one typed error reply, mapped here once:
+        the caller's fault, a session idle too long, or the server's own failure."""
+        try:
+            async for reply in replies:
+                yield reply
         except WireError as e:
-            failed = True
-            logger.info("session %s from %s refused: %s: %s", session_id, context.remote_id, e.kind.value, e.message)
+            logger.info("session %s from %s refused: %s: %s", label.session, label.peer, e.kind.value, e.message)
             yield error_response(e)
         except asyncio.TimeoutError:
-            failed = True
             logger.info(
-                "session %s from %s closed after %.0f s idle",
-                session_id,
-                context.remote_id,
-                self.limits.session_timeout,
+                "session %s from %s closed after %.0f s idle", label.session, label.peer, self.limits.session_timeout
             )
             yield error_response(bad_request(f"session idle for more than {self.limits.session_timeout:.0f} s"))
         except Exception as e:
-            failed = True
-            logger.exception("session %s from %s failed", session_id, context.remote_id)
+            logger.exception("session %s from %s failed", label.session, label.peer)
             yield error_response(WireError(ErrorKind.SERVER_ERROR, f"{type(e).__name__}: {e}"))
-        finally:
-            if reader is not None:
-                reader.cancel()
-            if session is not None:
-                for stream in session.push_streams.values():
-                    stream.close()
-            if cache is not None:
-                cache.release()
-            self._sessions.discard(session)
-            if persistent and session is not None and self._keyed.get(session_id) is session:
-                del self._keyed[session_id]
-            if timing is not None:
-                timing.finished(ok=not failed)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    async def _run_step(
+        self, session: ServerSession, step: Step, message, header: OpenSession | ForwardRequest
+    ) -> runtime_pb2.ExpertResponse:
+        """Validates a step against its session, computes it in the next batching round, pushes the
+        output on along the step's route, and returns the reply (signed, in a session)."""
+        if session.closed is not None:
+            raise WireError(ErrorKind.WRONG_MODEL, session.closed)
+        if step.route and self.push is None:
+            raise bad_request("this server does not push steps to other servers")
+        hidden, mask = self._check_step(read_tensors(message, max_count=2), session, step)
+        full_mask = session.extend_mask(mask, hidden.shape[1])
+        began = time.perf_counter()
+        # hidden: [batch, tokens, hidden_size]; full_mask: [batch, position + tokens] or None
+        output = await self.scheduler.run(
+            self.span, hidden, session.cache, full_mask, header.start_block, header.end_block
+        )
+        if session.timing is not None:
+            session.timing.step(hidden.shape[1], time.perf_counter() - began)
+        position = session.position
+        session.last_step = (step.step_id, position)
+        session.position += hidden.shape[1]
+        if step.route:
+            self.push_on(session, step, output, mask)
+        done = self._step_done(
+            session.key, header.start_block, header.end_block, position, step.step_id, hidden, output
+        )
+        return pack(done, [output], request=False)
 
     def _step_done(
-        self,
-        session_id: str,
-        start: int,
-        end: int,
-        position: int,
-        step_id: int,
-        hidden: torch.Tensor,
-        output: torch.Tensor,
+        self, key: str, start: int, end: int, position: int, step_id: int, hidden: torch.Tensor, output: torch.Tensor
     ) -> StepDone:
         """The reply header; in a session, with digests of the step's input and output and their signed
         receipt (a stateless forward's reply carries none: nobody checks it against anything)."""
         done = position + hidden.shape[1]
-        if not session_id:
+        if not key:
             return StepDone(position=done, step_id=step_id)
         input_digest, output_digest = tensor_digest(hidden), tensor_digest(output)
         receipt = ""
         if self.signer is not None:
             receipt = sign(
                 self.signer,
-                receipt_message(
-                    self.model, start, end, session_id, position, hidden.shape[1], input_digest, output_digest
-                ),
+                receipt_message(self.model, start, end, key, position, hidden.shape[1], input_digest, output_digest),
             )
         return StepDone(
             position=done, step_id=step_id, input_digest=input_digest, output_digest=output_digest, receipt=receipt
         )
 
-    def _push_on(self, session: _OpenSession, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    def push_on(self, session: ServerSession, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Sends the output to the route's first hop, in its dtype, with the rest of the route, on the
         session's stream to that server; the reply to the client is not held up by it."""
         hop = step.route[0]
@@ -410,18 +381,10 @@ class BlockHandler:
             session.push_streams[key] = self.push(hop)
         session.push_streams[key].send(message)
 
-    async def _next_in(self, session: _OpenSession) -> Optional[runtime_pb2.ExpertRequest]:
-        pushed, message = await asyncio.wait_for(session.inbox.get(), timeout=self.limits.session_timeout)
-        if pushed:
-            session.pushed -= 1
-        else:
-            session.client_slots.release()
-        return message
-
     async def _next(self, requests) -> Optional[runtime_pb2.ExpertRequest]:
         return await asyncio.wait_for(anext(requests, None), timeout=self.limits.session_timeout)
 
-    def _check_open(self, header: OpenSession | ForwardRequest, batch: int, max_length: int) -> tuple[int, int]:
+    def _check_open(self, header: OpenSession | ForwardRequest, batch: int, max_length: int) -> None:
         if header.model != self.model:
             raise WireError(ErrorKind.WRONG_MODEL, f"this server serves {self.model!r}, not {header.model!r}")
         if self.span is None:
@@ -438,11 +401,11 @@ class BlockHandler:
             raise bad_request(f"batch size {batch} exceeds this server's limit of {self.limits.max_batch_size}")
         if max_length > self.limits.max_length:
             raise bad_request(f"length {max_length} exceeds this server's limit of {self.limits.max_length} tokens")
-        return header.start_block, header.end_block
 
     def _check_step(
-        self, tensors: list[torch.Tensor], batch: int, position: int, max_length: int, step: Step
+        self, tensors: list[torch.Tensor], session: ServerSession, step: Step
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        batch, position, max_length = session.batch, session.position, session.max_length
         if not tensors:
             raise bad_request("step carries no hidden states")
         hidden = tensors[0]
@@ -477,26 +440,3 @@ class BlockHandler:
             if ((mask != 0) & (mask != 1)).any():
                 raise bad_request("attention mask may hold only 0 and 1")
         return hidden, mask
-
-
-def _is_expect(message: runtime_pb2.ExpertRequest) -> bool:
-    """Only a message without tensors can be an Expect (a step always carries its hidden states): a
-    step's header is not decoded twice."""
-    if message.tensors:
-        return False
-    try:
-        read_header(message, Expect)
-    except WireError:
-        return False
-    return True
-
-
-async def _forward_messages(requests, session: _OpenSession) -> None:
-    """Moves the client's stream messages into the session's inbox, a few at most ahead of the one
-    being computed; None once the stream ends."""
-    try:
-        async for message in requests:
-            await session.client_slots.acquire()
-            session.inbox.put_nowait((False, message))
-    finally:
-        session.inbox.put_nowait((False, None))

@@ -52,7 +52,7 @@ def _noisy(output):
     return output + _scale * noise
 
 
-_push_on = BlockHandler._push_on
+_push_on = BlockHandler.push_on
 
 
 def _lying_push_on(self, session, step, output, mask):
@@ -82,7 +82,7 @@ elif _mode == "checkpoint":
 elif _mode == "precision":
     server_module.load_span = _rounded_load
 elif _mode == "push":
-    BlockHandler._push_on = _lying_push_on
+    BlockHandler.push_on = _lying_push_on
 else:
     raise SystemExit(f"unknown LYING_SERVER_MODE {_mode!r}")
 
