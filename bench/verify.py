@@ -173,8 +173,8 @@ def main() -> None:
         for run in range(args.honest_runs):  # a fresh client each time: routing's jitter mixes the dtypes
             with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, verify=1.0) as model:
                 model.generate(prompt(run, args.vocab), max_new_tokens=32)
-                checks += model.remote.verifier.checks
-                disputes += model.remote.verifier.disputes
+                checks += model.remote.audit.verifier.checks
+                disputes += model.remote.audit.verifier.disputes
                 convicted += len(model.convicted)
         result["honest"] = {
             "generations": args.honest_runs,

@@ -23,8 +23,9 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from client.audit import Rollback
 from client.errors import ServerProvenWrongError, WrongResultWarning
-from client.session import InferenceSession, Rollback
+from client.session import InferenceSession
 from client.shared_head import SharedHead
 
 logger = logging.getLogger(__name__)

@@ -107,21 +107,21 @@ class AutoDistributedModelForCausalLM:
 
     def on_server_failure(self, callback: Callable[[str, str], None]) -> None:
         """Calls `callback(peer_id, reason)` whenever a server fails this client (and is banned)."""
-        self.remote.failure_listeners.append(callback)
+        self.remote.failures.listeners.append(callback)
 
     def on_wrong_result(self, callback: Callable[[Evidence], None]) -> None:
         """Calls `callback(evidence)` when a spot check proves a server wrong (`client.Evidence`)."""
-        self.remote.fault_listeners.append(callback)
+        self.remote.audit.fault_listeners.append(callback)
 
     @property
     def convicted(self) -> dict[str, Evidence]:
         """Servers proven wrong so far (peer id → evidence); this process never uses them again."""
-        return dict(self.remote.convicted)
+        return dict(self.remote.audit.convicted)
 
     def longest_session(self) -> int:
         """The longest session (prompt + new tokens) the swarm's usable servers accept now; 0 if some
         block has none. Raises SwarmError if the DHT cannot be read."""
-        return self.remote.runtime.run(self.remote.longest_session(), timeout=self.remote.request_timeout)
+        return self.remote.runtime.run(self.remote.router.longest_session(), timeout=self.remote.request_timeout)
 
     def inference_session(self, max_length: int) -> InferenceSession:
         """A session whose server-side KV caches live until it is closed (use it as a context manager)."""

@@ -12,7 +12,7 @@ from hivemind.proto import runtime_pb2
 
 from bridge.dial import call
 from client.routing import SpanPlan
-from client.span import connect
+from client.streams import connect
 from dht.records import ServerInfo
 from protocol.messages import RPC_INFO
 

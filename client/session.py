@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from client.audit import Rollback, SessionAudit
 from client.errors import (
     InputMismatch,
     MissingBlocksError,
@@ -24,24 +24,11 @@ from client.errors import (
     SwarmBusyError,
     SwarmError,
 )
-from client.remote import FailureBudget, RemoteModel, step_deadline
+from client.failures import FailureBudget, step_deadline
+from client.remote import RemoteModel
 from client.span import SpanSession
-from verification.evidence import Claim
 
 logger = logging.getLogger(__name__)
-
-# Steps a session may run ahead of a spot check in flight: a span's first check (its prefill, small
-# and decisive against a server that is always wrong), then any later one (a longer history).
-FIRST_CHECK_LAG = 4
-CHECK_LAG = 16
-
-
-@dataclass(frozen=True)
-class Rollback:
-    """Positions from `position` on were computed with a server proven wrong (`peers`) and are void."""
-
-    position: int
-    peers: tuple[str, ...]
 
 
 class InferenceSession:
@@ -69,11 +56,7 @@ class InferenceSession:
         self.push = remote.push
         self._step_id = 0
         self._mask: Optional[torch.Tensor] = None  # the attention mask of positions [0, position), if padded
-        self._checks: dict[asyncio.Task, tuple[int, int]] = {}  # check in flight -> (step it followed, lag)
-        self._steps = 0
-        self._rollback: Optional[Rollback] = None
-        self._retired: list[tuple[str, int]] = []  # (peer, verified position) of spans replaced after a failure
-        remote.sessions.add(self)
+        self.audit = SessionAudit(remote.audit, self.session_id)
 
     @property
     def chain(self) -> list[tuple[str, int, int]]:
@@ -97,7 +80,7 @@ class InferenceSession:
         last_error: Optional[Exception] = None
         while True:
             try:
-                chain = await self.remote.make_chain(start, end, exclude=busy)
+                chain = await self.remote.router.chain(start, end, exclude=busy)
             except MissingBlocksError:
                 if busy:
                     raise SwarmBusyError(
@@ -105,13 +88,13 @@ class InferenceSession:
                     ) from last_error
                 raise
             opened = [
-                SpanSession(plan, self.remote.request_timeout, keep_outputs=self.remote.verifier is not None)
+                SpanSession(plan, self.remote.request_timeout, keep_outputs=self.remote.audit.verifier is not None)
                 for plan in chain
             ]
             errors: list[BaseException] = []
             try:
                 # All at once: over a WAN each opening costs round trips, which a chain should pay once, not per span.
-                bridges = self.remote.bridges_to_avoid()
+                bridges = self.remote.failures.bridges_to_avoid()
                 outcomes = await asyncio.gather(
                     *(
                         span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length, bridges)
@@ -139,7 +122,7 @@ class InferenceSession:
                 if isinstance(error, SwarmBusyError):
                     busy.add(error.peer_id)
                 else:
-                    self.remote.report_failure(error.peer_id, str(error), error.bridge)
+                    self.remote.failures.report(error.peer_id, str(error), error.bridge)
                     failures.add(error)
             last_error = errors[0]
 
@@ -164,11 +147,12 @@ class InferenceSession:
                 f"inference session is broken by an earlier failed step ({self.broken}); "
                 f"open a new session and send its tokens again"
             )
-        await self._wait_for_lagging_checks()
-        if self._rollback is not None:
+        await self.audit.wait_for_lagging_checks()
+        rollback = self.take_rollback()
+        if rollback is not None:
             raise ServerProvenWrongError(
-                f"server(s) {', '.join(self._rollback.peers)} returned wrong results: this session's outputs from "
-                f"position {self._rollback.position} on are void; call rewind({self._rollback.position}) and resend"
+                f"server(s) {', '.join(rollback.peers)} returned wrong results: this session's outputs from "
+                f"position {rollback.position} on are void; call rewind({rollback.position}) and resend"
             )
         batch, tokens = hidden.shape[:2]
         if self.spans and batch != self.batch_size:
@@ -207,98 +191,19 @@ class InferenceSession:
             self.broken = f"{type(e).__name__}: {e}"
             raise
         self.position += tokens
-        self._steps += 1
         if mask is not None:
             self._mask = mask[:, : self.position]
-        self._start_checks()
+        self.audit.stepped(self.spans, self._mask)
         return torch.cat(outputs, dim=1).to(dtype)
-
-    def _start_checks(self, everything: bool = False) -> None:
-        """Spot-checks each span's outputs since its last check: always after its first step, then
-        at the verifier's rate (one draw per step for the whole chain), or now (`everything`). Checks
-        run in the background; one span has at most one check in flight."""
-        verifier = self.remote.verifier
-        if verifier is None:
-            return
-        sampled = everything or verifier.sample()
-        for span in self.spans:
-            if span.checking or span.position <= span.verified or not (sampled or span.checks == 0):
-                continue
-            claim = Claim(
-                peer_id=span.plan.peer_id,
-                start=span.plan.start,
-                end=span.plan.end,
-                dtype=span.dtype,
-                inputs=span.history(),
-                outputs=span.outputs(),
-                mask=self._mask,
-                verified=span.verified,
-                model=span.model,
-                session_id=span.key,
-                receipts=tuple(span.receipts),
-                owner=span.plan.info.record.public_name,
-            )
-            span.checks += 1
-            span.checking = True
-            task = asyncio.create_task(self._check(span, claim, span.rewinds))
-            self._checks[task] = (self._steps, FIRST_CHECK_LAG if span.checks == 1 else CHECK_LAG)
-            task.add_done_callback(lambda done: self._checks.pop(done, None))
-
-    async def _wait_for_lagging_checks(self) -> None:
-        """A session runs at most FIRST_CHECK_LAG steps ahead of a span's first check and CHECK_LAG
-        steps ahead of a later one: a server that is always wrong is caught within 5 tokens even where
-        checks are slower than steps, and a rollback never throws away more than that much work."""
-        lagging = [task for task, (started, lag) in self._checks.items() if self._steps - started >= lag]
-        if lagging:
-            await asyncio.wait(lagging)
-
-    async def _check(self, span: SpanSession, claim: Claim, rewinds: int) -> None:
-        try:
-            verdict = await self.remote.verifier.check(claim)
-        except Exception:
-            logger.exception("session %s: spot check of %s failed", self.session_id, claim.peer_id)
-            return
-        finally:
-            span.checking = False
-        if verdict.verified and span.rewinds == rewinds:
-            span.verified = max(span.verified, claim.outputs.shape[1])
-        for evidence in verdict.wrong:
-            self.remote.convict(evidence)
-
-    def server_proven_wrong(self, peer_id: str) -> None:
-        """Called for every session when a server is proven wrong: positions computed with it after its
-        last verified one are void, and the next step starts there."""
-        positions = [span.verified for span in self.spans if span.plan.peer_id == peer_id]
-        positions += [verified for peer, verified in self._retired if peer == peer_id]
-        if not positions:
-            return
-        position = min(positions)
-        if self._rollback is not None:
-            position = min(position, self._rollback.position)
-            peer_ids = tuple(sorted(set(self._rollback.peers) | {peer_id}))
-        else:
-            peer_ids = (peer_id,)
-        self._rollback = Rollback(position, peer_ids)
-        logger.warning(
-            "session %s: server %s was proven wrong; rolling back to position %d", self.session_id, peer_id, position
-        )
 
     def take_rollback(self) -> Optional[Rollback]:
         """The pending rollback, if a server of this session was proven wrong (the caller rewinds)."""
-        return self._rollback
+        return self.audit.rollback(self.spans)
 
     async def asettle(self) -> Optional[Rollback]:
         """Checks every output not checked yet (after the checks in flight) and waits for the verdicts;
         returns the rollback they call for, if any. Outputs that nobody can recompute stay unchecked."""
-        await self._checks_done()
-        if self._rollback is None:
-            self._start_checks(everything=True)
-            await self._checks_done()
-        return self._rollback
-
-    async def _checks_done(self) -> None:
-        while self._checks:
-            await asyncio.gather(*list(self._checks), return_exceptions=True)
+        return await self.audit.settle(self.spans, self._mask)
 
     def settle(self) -> Optional[Rollback]:
         return self.remote.runtime.run(self.asettle())
@@ -309,10 +214,11 @@ class InferenceSession:
         if not 0 <= position <= self.position:
             raise ValueError(f"cannot rewind to position {position}: the session holds {self.position}")
         failures = FailureBudget(self.remote.max_retries)
+        rollback = self.take_rollback()
         mask = self._mask[:, :position] if self._mask is not None and position else None
         spans: list[SpanSession] = []
         for span in self.spans:
-            if span.plan.peer_id in self.remote.convicted:
+            if span.plan.peer_id in self.remote.audit.convicted:
                 history = span.history()
                 await span.close()
                 spans += await self._connect(
@@ -324,7 +230,8 @@ class InferenceSession:
         self.spans = spans
         self.position = position
         self._mask = mask
-        self._rollback = None
+        if rollback is not None:
+            self.audit.rolled_back(rollback)
         logger.info("session %s: rewound to position %d; chain now %s", self.session_id, position, self._describe())
 
     def rewind(self, position: int) -> None:
@@ -371,14 +278,14 @@ class InferenceSession:
                     logger.warning("session %s: %s; sending every step itself from now on", self.session_id, e)
                     self.push = False
                 else:
-                    self.remote.report_failure(e.peer_id, str(e), e.bridge)
+                    self.remote.failures.report(e.peer_id, str(e), e.bridge)
                 await span.close()
                 failures.add(e)
                 history = span.history()
                 history_mask = mask[:, : history.shape[1]] if mask is not None and history is not None else None
                 replacement = await self._connect(span.plan.start, span.plan.end, history, history_mask, failures)
                 self.spans[index : index + 1] = replacement
-                self._retired.append((span.plan.peer_id, span.verified))
+                self.audit.retire(span)
                 self.failovers += 1
                 send_to = index
                 logger.warning(
@@ -403,9 +310,7 @@ class InferenceSession:
     async def aclose(self) -> None:
         if not self.closed:
             self.closed = True
-            for task in list(self._checks):
-                task.cancel()
-            self.remote.sessions.discard(self)
+            self.audit.cancel()
             await asyncio.gather(*(span.close() for span in self.spans), return_exceptions=True)
 
     def close(self) -> None:

@@ -1,20 +1,21 @@
-"""One open inference stream to one server for a block range; it turns wire errors into client errors."""
+"""One server's span of a chain: an open inference session (its stream, what it was sent and answered,
+its receipts), and a stateless forward through one span."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from typing import AsyncIterator, Callable, Collection, Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import torch
-from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError
+from hivemind.p2p import P2P
 
 from blocks.checkpoint import parse_dtype
-from bridge.dial import Target, iterate, reach
-from client.errors import BadRequestError, InputMismatch, ServerFailure, SwarmBusyError, SwarmError
+from client.errors import InputMismatch, ServerFailure
 from client.routing import SpanPlan
-from protocol.errors import ErrorKind, MalformedMessage, WireError
+from client.server_errors import check_output, server_errors
+from client.streams import RequestStream, connect
 from protocol.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -32,117 +33,6 @@ from protocol.receipts import Receipt, verify
 from protocol.tensors import read_tensors, tensor_digest
 
 logger = logging.getLogger(__name__)
-
-
-# A pushed step's reply that takes longer than this makes the client write a small `Expect` on the
-# server's stream: a write to a dead server fails at once, where a read might wait out the whole timeout.
-NUDGE_AFTER = 1.0
-
-# What a failing link or peer raises: the server's fault (or its network's), never the caller's.
-TRANSPORT_ERRORS = (ConnectionError, OSError, EOFError, P2PDaemonError, P2PHandlerError, asyncio.IncompleteReadError)
-
-
-def to_client_error(peer_id: str, error: BaseException, bridge: str = "") -> BaseException:
-    """Maps what went wrong talking to one server to the error type that says what the caller should do.
-
-    Only what the server or the link to it did is a `ServerFailure` (ban, reroute): transport errors,
-    timeouts, errors the server reports as its own, a reply that cannot be parsed, and a server that no
-    longer serves what its record says (it has just moved blocks). Anything else is this process's own
-    bug and is returned as it is, so that it propagates at once and bans nobody.
-    """
-    if isinstance(error, SwarmError):
-        return error
-    if isinstance(error, MalformedMessage):
-        return ServerFailure(peer_id, f"malformed reply: {error.message}", bridge)
-    if isinstance(error, WireError):
-        if error.kind == ErrorKind.BAD_REQUEST:
-            return BadRequestError(f"server {peer_id} refused the request: {error.message}")
-        if error.kind == ErrorKind.BUSY:
-            return SwarmBusyError(f"server {peer_id} is busy: {error.message}", peer_id=peer_id)
-        if error.kind == ErrorKind.WRONG_MODEL:
-            return ServerFailure(peer_id, f"serves other blocks than it announced: {error.message}", bridge)
-        return ServerFailure(peer_id, error.message, bridge)
-    if isinstance(error, asyncio.TimeoutError):
-        return ServerFailure(peer_id, "timed out", bridge)
-    if isinstance(error, TRANSPORT_ERRORS):
-        return ServerFailure(peer_id, f"{type(error).__name__}: {error}", bridge)
-    return error
-
-
-def raise_for_server(peer_id: str, error: BaseException, bridge: str = "") -> None:
-    """Raises what `to_client_error` maps `error` to (the error itself, traceback kept, if it is ours)."""
-    mapped = to_client_error(peer_id, error, bridge)
-    if mapped is error:
-        raise error
-    raise mapped from error
-
-
-def check_output(peer_id: str, output: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A span's output must have its input's shape, the announced dtype and finite values, or the server failed."""
-    if output.shape != like.shape or output.dtype != dtype:
-        raise ServerFailure(
-            peer_id,
-            f"reply of shape {list(output.shape)} and dtype {output.dtype}, expected {list(like.shape)} and {dtype}",
-        )
-    if not bool(torch.isfinite(output).all()):
-        raise ServerFailure(peer_id, "reply holds NaN or infinite values")
-    return output
-
-
-async def connect(p2p: P2P, plan: SpanPlan, timeout: float, avoid_bridges: Collection[str] = ()) -> Target:
-    """Dials the server of `plan`, or the first of its bridges that answers (those in `avoid_bridges`,
-    which failed lately, only if no other is left); a failure is the server's."""
-    record = plan.info.record
-    bridges = [addr for addr in record.bridge_addrs if addr not in avoid_bridges] or list(record.bridge_addrs)
-    try:
-        return await reach(p2p, plan.peer_id, record.addrs, bridges, timeout)
-    except Exception as e:
-        raise ServerFailure(plan.peer_id, f"cannot connect: {e}") from e
-
-
-class RequestStream:
-    """A request queue feeding a hivemind protobuf stream, and its reply iterator."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.replies: Optional[AsyncIterator] = None
-
-    async def _requests(self):
-        while True:
-            message = await self._queue.get()
-            if message is None:
-                return
-            yield message
-
-    async def open(self, p2p: P2P, target: Target, handler: str) -> None:
-        self.replies = await iterate(p2p, target, handler, self._requests())
-
-    def send(self, message) -> None:
-        self._queue.put_nowait(message)
-
-    async def receive(self, timeout: float, nudge: Optional[Callable[[], None]] = None):
-        """The next reply; `nudge` is called once if none has come within `NUDGE_AFTER` seconds."""
-        late = (
-            asyncio.get_running_loop().call_later(NUDGE_AFTER, nudge)
-            if nudge is not None and NUDGE_AFTER < timeout
-            else None
-        )
-        try:
-            reply = await asyncio.wait_for(anext(self.replies, None), timeout)
-        finally:
-            if late is not None:
-                late.cancel()
-        if reply is None:
-            raise ConnectionError("stream closed by the server")
-        return reply
-
-    async def close(self) -> None:
-        self._queue.put_nowait(None)
-        if self.replies is not None:
-            try:
-                await self.replies.aclose()
-            except Exception:
-                logger.debug("error while closing a stream", exc_info=True)
 
 
 class SpanSession:
@@ -208,27 +98,28 @@ class SpanSession:
         self, p2p: P2P, model: str, batch_size: int, max_length: int, avoid_bridges: Collection[str] = ()
     ) -> None:
         self.model = model
-        try:
-            target = await connect(p2p, self.plan, self.timeout, avoid_bridges)
-            self.bridge = target.bridge
-            await asyncio.wait_for(self._stream.open(p2p, target, RPC_INFERENCE), self.timeout)
-            self._stream.send(
-                pack(
-                    OpenSession(
-                        model=model,
-                        start_block=self.plan.start,
-                        end_block=self.plan.end,
-                        max_length=max_length,
-                        batch_size=batch_size,
-                        session_id=self.key,
-                    ),
-                    request=True,
+        with server_errors(self.plan.peer_id, lambda: self.bridge):
+            try:
+                target = await connect(p2p, self.plan, self.timeout, avoid_bridges)
+                self.bridge = target.bridge
+                await asyncio.wait_for(self._stream.open(p2p, target, RPC_INFERENCE), self.timeout)
+                self._stream.send(
+                    pack(
+                        OpenSession(
+                            model=model,
+                            start_block=self.plan.start,
+                            end_block=self.plan.end,
+                            max_length=max_length,
+                            batch_size=batch_size,
+                            session_id=self.key,
+                        ),
+                        request=True,
+                    )
                 )
-            )
-            read_header(await self._stream.receive(self.timeout), SessionOpened)
-        except Exception as e:
-            await self._stream.close()
-            raise_for_server(self.plan.peer_id, e, self.bridge)
+                read_header(await self._stream.receive(self.timeout), SessionOpened)
+            except Exception:
+                await self._stream.close()
+                raise
 
     async def step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Sends new positions [batch, tokens, hidden] (in pieces within this server's chunk limit) and
@@ -280,12 +171,10 @@ class SpanSession:
         by the previous one, `previous_peer_id`, as step `step_id`: if its reply is late, an `Expect`
         probes the stream); the input is kept to rebuild the cache elsewhere."""
         nudge = (lambda: self.expect(step_id)) if step_id is not None else None
-        try:
+        with server_errors(self.plan.peer_id, lambda: self.bridge):
             reply = await self._stream.receive(self.timeout, nudge)
             done = read_header(reply, StepDone)
             outputs = read_tensors(reply, max_count=1)
-        except Exception as e:
-            raise_for_server(self.plan.peer_id, e, self.bridge)
         if done.position != self.position + hidden.shape[1] or len(outputs) != 1:
             raise ServerFailure(
                 self.plan.peer_id, f"inconsistent reply: position {done.position}, {len(outputs)} tensors"
@@ -332,30 +221,28 @@ async def forward_span(
     batch, total = hidden.shape[:2]
     chunk = min(chunk, plan.info.record.max_chunk_tokens)
     outputs = []
-    bridge = ""
+    target = None
     try:
-        target = await connect(p2p, plan, timeout)
-        bridge = target.bridge
-        await asyncio.wait_for(stream.open(p2p, target, RPC_FORWARD), timeout)
-        for position in range(0, total, chunk):
-            part = hidden[:, position : position + chunk].to(dtype)
-            tensors = [part] + ([mask[:, position : position + part.shape[1]]] if mask is not None else [])
-            header = (
-                ForwardRequest(
-                    model=model, start_block=plan.start, end_block=plan.end, batch_size=batch, total_tokens=total
+        with server_errors(plan.peer_id, lambda: target.bridge if target is not None else ""):
+            target = await connect(p2p, plan, timeout)
+            await asyncio.wait_for(stream.open(p2p, target, RPC_FORWARD), timeout)
+            for position in range(0, total, chunk):
+                part = hidden[:, position : position + chunk].to(dtype)
+                tensors = [part] + ([mask[:, position : position + part.shape[1]]] if mask is not None else [])
+                header = (
+                    ForwardRequest(
+                        model=model, start_block=plan.start, end_block=plan.end, batch_size=batch, total_tokens=total
+                    )
+                    if position == 0
+                    else Step(position=position)
                 )
-                if position == 0
-                else Step(position=position)
-            )
-            stream.send(pack(header, tensors, request=True))
-            reply = await stream.receive(timeout)
-            read_header(reply, StepDone)
-            replied = read_tensors(reply, max_count=1)
-            if len(replied) != 1:
-                raise ServerFailure(plan.peer_id, f"inconsistent reply: {len(replied)} tensors")
-            outputs.append(check_output(plan.peer_id, replied[0], part, dtype))
-    except Exception as e:
-        raise_for_server(plan.peer_id, e, bridge)
+                stream.send(pack(header, tensors, request=True))
+                reply = await stream.receive(timeout)
+                read_header(reply, StepDone)
+                replied = read_tensors(reply, max_count=1)
+                if len(replied) != 1:
+                    raise ServerFailure(plan.peer_id, f"inconsistent reply: {len(replied)} tensors")
+                outputs.append(check_output(plan.peer_id, replied[0], part, dtype))
     finally:
         await stream.close()
     return torch.cat(outputs, dim=1)

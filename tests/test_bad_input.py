@@ -10,7 +10,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from client import BadRequestError
-from client.span import connect
+from client.streams import connect
 from protocol.errors import ErrorKind, WireError
 from protocol.messages import RPC_INFERENCE, RPC_INFO, OpenSession, ServerInfoReply, Step, pack, read_header
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from client.span import connect
+from client.streams import connect
 from protocol.errors import ErrorKind, WireError
 from protocol.messages import (
     RPC_INFERENCE,

@@ -9,7 +9,7 @@ import torch
 
 import client.span
 from client.errors import BadRequestError, ServerFailure, SwarmBusyError
-from client.span import check_output, to_client_error
+from client.server_errors import check_output, to_client_error
 from protocol.errors import ErrorKind, MalformedMessage, WireError
 from tests.client_worker import prompt
 

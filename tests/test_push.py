@@ -69,10 +69,10 @@ def test_generation_with_and_without_push_matches_transformers(qwen2_swarm, qwen
 async def test_a_late_reply_makes_the_client_probe_the_stream_once(monkeypatch):
     """A pushed step's reply that is late gets one `Expect` written on the stream (a write to a dead
     server fails at once); a reply in time gets none."""
-    import client.span
-    from client.span import RequestStream
+    import client.streams
+    from client.streams import RequestStream
 
-    monkeypatch.setattr(client.span, "NUDGE_AFTER", 0.2)
+    monkeypatch.setattr(client.streams, "NUDGE_AFTER", 0.2)
     replies: asyncio.Queue = asyncio.Queue()
 
     async def from_server():

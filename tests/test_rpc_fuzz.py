@@ -16,7 +16,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from client import AutoDistributedModelForCausalLM
-from client.span import connect
+from client.streams import connect
 from harness.local_swarm import LocalSwarm
 from protocol.messages import (
     RPC_ECHO,

@@ -299,10 +299,10 @@ def test_a_check_waiting_on_a_server_that_a_session_found_dead_is_abandoned(mode
             verifier.signal(signal.SIGSTOP)  # hung: it would hold the check for the whole request timeout
             try:
                 remote.runtime.loop.call_soon_threadsafe(
-                    remote.runtime.loop.call_later, 8, remote.report_failure, verifier.peer_id, "step failed"
+                    remote.runtime.loop.call_later, 8, remote.failures.report, verifier.peer_id, "step failed"
                 )
                 with pytest.raises(ServerFailure, match="failed in another request"):
-                    remote.runtime.run(remote.recompute(claim, frozenset({claim.peer_id})), 300)
+                    remote.runtime.run(remote.audit.recompute(claim, frozenset({claim.peer_id})), 300)
             finally:
                 verifier.signal(signal.SIGCONT)
             assert verifier.peer_id in remote.bans.banned()
@@ -327,7 +327,7 @@ def test_honest_bf16_and_fp32_servers_of_the_same_blocks_are_never_accused(model
                 with model.inference_session(max_length=64) as session:
                     model.generate(prompt(seed), max_new_tokens=NEW_TOKENS, session=session)
                     assert [peer for peer, _, _ in session.chain] == [fast_fp32.peer_id, fast_bf16.peer_id]
-            verifier = model.remote.verifier
+            verifier = model.remote.audit.verifier
             # At least each span's first step in each session (and every later step taken while no check
             # of that span was in flight: how many depends on the machine's speed).
             assert verifier.checks >= 4 * 2

@@ -1,0 +1,92 @@
+"""Which servers a request goes through: the fastest chain over the latest read of the swarm, with
+fresh pings, without banned servers, and avoiding low reliability scores and (for checks) the
+checked server's owner wherever other servers cover the blocks. The search itself is the pure
+`client.routing`."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Awaitable, Callable, Collection, Mapping, Optional
+
+from client.bans import BanList
+from client.pings import PingCache
+from client.routing import SpanPlan, chain_avoiding, make_chain, usable
+from client.swarm_view import SwarmView
+
+logger = logging.getLogger(__name__)
+
+
+class Router:
+    def __init__(
+        self,
+        view: SwarmView,
+        bans: BanList,
+        pings: PingCache,
+        reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
+        min_reliability: float = 0.0,
+    ):
+        self.view = view
+        self.bans = bans
+        self.pings = pings
+        self.reliability = reliability
+        self.min_reliability = min_reliability
+        self.rng = random.Random()
+
+    async def chain(
+        self,
+        start: int = 0,
+        end: Optional[int] = None,
+        exclude: Collection[str] = (),
+        avoid_owner: str = "",
+        max_age: float = 0.0,
+    ) -> list[SpanPlan]:
+        """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`,
+        preferring servers with a good score and, with `avoid_owner`, servers of another owner (another
+        announced `public_name`) whenever such servers cover the blocks. With `max_age`, a DHT read
+        that recent is used again instead of a new one."""
+        index = await self.view.index(max_age)
+        model = self.view.model_name
+        end = self.view.num_blocks if end is None else end
+        excluded = set(exclude) | self.bans.banned()
+        # A banned server is not pinged: a hung one would cost another timeout for nothing.
+        await self.pings.refresh(index.candidates(start, end, excluded).values())
+        preferences = []
+        if avoid_owner:
+            owned = {info.peer_id for info in index.infos if info.record.public_name == avoid_owner}
+            preferences.append((owned, f"only servers of owner {avoid_owner!r} cover some blocks; using them"))
+        unreliable = await self._unreliable()
+        if unreliable - excluded:
+            fallback = f"only servers scoring below {self.min_reliability:.2f} cover some blocks; using them"
+            preferences.append((unreliable, fallback))
+        for avoided, fallback in preferences:
+            if avoided - excluded:
+                chain = chain_avoiding(
+                    model, index, start, end, excluded, avoided, rtts=self.pings.route_rtts(), rng=self.rng
+                )
+                if any(plan.peer_id in avoided for plan in chain):
+                    logger.info(fallback)
+                return chain
+        return make_chain(model, index, start, end, excluded, rtts=self.pings.route_rtts(), rng=self.rng)
+
+    async def longest_session(self) -> int:
+        """The longest session the swarm can hold now: for every block, its most generous usable
+        server's `max_length`, and the least of those (0 if some block has no usable server)."""
+        servers = await self.view.servers()
+        banned = self.bans.banned()
+        per_block = [
+            max((info.record.max_length for info in block.values() if usable(info, banned)), default=0)
+            for block in servers
+        ]
+        return min(per_block, default=0)
+
+    async def _unreliable(self) -> set[str]:
+        """Peers whose reliability score (from a relay) is below `min_reliability`."""
+        if self.reliability is None or self.min_reliability <= 0:
+            return set()
+        try:
+            scores = await self.reliability()
+        except Exception as e:
+            logger.warning("could not read reliability scores (%s); routing without them", e)
+            return set()
+        return {peer for peer, score in scores.items() if score < self.min_reliability}

@@ -1,0 +1,76 @@
+"""The client's end of one server's RPC stream: dialing the server (or one of its bridges) and a
+queue of requests feeding the stream, with its replies read one at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Callable, Collection, Optional
+
+from hivemind.p2p import P2P
+
+from bridge.dial import Target, iterate, reach
+from client.errors import ServerFailure
+from client.routing import SpanPlan
+
+logger = logging.getLogger(__name__)
+
+# A pushed step's reply that takes longer than this makes the client write a small `Expect` on the
+# server's stream: a write to a dead server fails at once, where a read might wait out the whole timeout.
+NUDGE_AFTER = 1.0
+
+
+async def connect(p2p: P2P, plan: SpanPlan, timeout: float, avoid_bridges: Collection[str] = ()) -> Target:
+    """Dials the server of `plan`, or the first of its bridges that answers (those in `avoid_bridges`,
+    which failed lately, only if no other is left); a failure is the server's."""
+    record = plan.info.record
+    bridges = [addr for addr in record.bridge_addrs if addr not in avoid_bridges] or list(record.bridge_addrs)
+    try:
+        return await reach(p2p, plan.peer_id, record.addrs, bridges, timeout)
+    except Exception as e:
+        raise ServerFailure(plan.peer_id, f"cannot connect: {e}") from e
+
+
+class RequestStream:
+    """A request queue feeding a hivemind protobuf stream, and its reply iterator."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.replies: Optional[AsyncIterator] = None
+
+    async def _requests(self):
+        while True:
+            message = await self._queue.get()
+            if message is None:
+                return
+            yield message
+
+    async def open(self, p2p: P2P, target: Target, handler: str) -> None:
+        self.replies = await iterate(p2p, target, handler, self._requests())
+
+    def send(self, message) -> None:
+        self._queue.put_nowait(message)
+
+    async def receive(self, timeout: float, nudge: Optional[Callable[[], None]] = None):
+        """The next reply; `nudge` is called once if none has come within `NUDGE_AFTER` seconds."""
+        late = (
+            asyncio.get_running_loop().call_later(NUDGE_AFTER, nudge)
+            if nudge is not None and NUDGE_AFTER < timeout
+            else None
+        )
+        try:
+            reply = await asyncio.wait_for(anext(self.replies, None), timeout)
+        finally:
+            if late is not None:
+                late.cancel()
+        if reply is None:
+            raise ConnectionError("stream closed by the server")
+        return reply
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+        if self.replies is not None:
+            try:
+                await self.replies.aclose()
+            except Exception:
+                logger.debug("error while closing a stream", exc_info=True)
