@@ -5,18 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from blocks.synthetic import make_char_tokenizer, make_random_checkpoint
 from client import AutoDistributedModelForCausalLM
 from harness.local_swarm import LocalSwarm
-
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+from tests.helpers.models import reference_model
 
 logging.getLogger("hivemind").setLevel(logging.WARNING)
 # Throughput caches and converted models of test servers stay out of the user's home.
@@ -41,18 +37,15 @@ def qwen2_path(models_dir) -> Path:
     return make_random_checkpoint(models_dir / "qwen2", "qwen2", num_layers=6, seed=2, max_shard_size="60KB")
 
 
-def reference_model(path: Path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+@pytest.fixture(scope="session")
+def model6(models_dir) -> Path:
+    """Six Llama blocks: enough for overlapping ranges, failover and spot checks in one swarm."""
+    return make_random_checkpoint(models_dir / "llama6", "llama", num_layers=6, seed=7)
 
 
-def wait_for_route(model, *peers: str, timeout: float = 120) -> None:
-    """Waits (bounded) until routing starts every chain with `peers`: on a loaded machine a server
-    that has just started may miss its first ping and be routed around for a few seconds."""
-    remote = model.remote
-    deadline = time.monotonic() + timeout
-    while [plan.peer_id for plan in remote.runtime.run(remote.make_chain(), 60)][: len(peers)] != list(peers):
-        assert time.monotonic() < deadline, f"routing never chose {peers} in {timeout:.0f} s"
-        time.sleep(1)
+@pytest.fixture(scope="session")
+def ref6(model6):
+    return reference_model(model6)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 # Largest relative L2 error per position that honest servers of this dtype reach against a float32
-# recomputation, with margin. Measured (`tests/test_verify.py` keeps the random-model figures honest):
+# recomputation, with margin. Measured (`tests/behaviour/test_verify.py` keeps the random-model figures honest):
 # float32 KV-cached vs stateless ≤ 3.2e-6; float16 ≤ 7.4e-3 and bfloat16 ≤ 5.1e-2 over spans of
 # 1–30 blocks of SmolLM2-135M and a random Llama. A float32 server computing with bfloat16 or float16
 # weights or activations is 9e-4 or more away.

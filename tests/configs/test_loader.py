@@ -1,0 +1,89 @@
+"""The configuration loader: CLI over env over YAML over defaults, errors that name the key, earlier names."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs.loader import ConfigError, build_parser, load_config
+from configs.schema import ServerOptions
+
+
+def parse(argv, environ=None):
+    return load_config(ServerOptions, build_parser(ServerOptions, "serve", "test"), argv, environ or {})
+
+
+def test_config_precedence_cli_over_env_over_yaml_over_default(tmp_path):
+    yaml_file = tmp_path / "server.yaml"
+    yaml_file.write_text(
+        "cache_tokens: 111\nregion: asia-east\ndtype: bfloat16\ninitial_peers: [/ip4/127.0.0.1/tcp/1/p2p/QmA]\n"
+    )
+    base = ["--model", "m", "--blocks", "0:2", "--config", str(yaml_file)]
+    options = parse(base)
+    assert (options.cache_tokens, options.region, options.dtype) == (111, "asia-east", "bfloat16")
+    assert options.session_timeout == 300 and options.nat_port_map is False
+    options = parse(base, {"SWARM_CACHE_TOKENS": "222", "SWARM_REGION": "oceania", "SWARM_INITIAL_PEERS": "a,b"})
+    assert (options.cache_tokens, options.region, options.initial_peers) == (222, "oceania", ["a", "b"])
+    options = parse(base + ["--cache-tokens", "333", "--nat-port-map"], {"SWARM_CACHE_TOKENS": "222"})
+    assert options.cache_tokens == 333 and options.nat_port_map is True
+    assert options.block_range == (0, 2)
+
+
+@pytest.mark.parametrize(
+    "argv, environ, message",
+    [
+        (["--model", "m", "--blocks", "0:2", "--cache-tokens", "-5"], {}, "cache_tokens"),
+        (["--model", "m", "--blocks", "2"], {}, "blocks"),
+        (["--model", "m", "--blocks", "0:2"], {"SWARM_DTYPE": "int8"}, "dtype"),
+        (["--model", "m", "--blocks", "0:2", "--announce-period", "100"], {}, "announce_period"),
+        (["--blocks", "0:2"], {}, "model"),
+    ],
+)
+def test_config_errors_name_the_key(argv, environ, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(argv, environ)
+
+
+def test_yaml_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache_tokenz: 5\n")
+    with pytest.raises(ConfigError, match="unknown key.*cache_tokenz"):
+        parse(["--model", "m", "--blocks", "0:1", "--config", str(bad)])
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse(["--model", "m", "--blocks", "0:1", "--config", str(bad)])
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse(["--model", "m", "--blocks", "0:1", "--config", str(tmp_path / "missing.yaml")])
+
+
+def test_example_yaml_documents_every_option_and_loads():
+    from pathlib import Path
+
+    from configs.loader import example_yaml
+    from configs.schema import EXAMPLE_SERVER_VALUES
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "example.yaml"
+    assert path.read_text() == example_yaml(ServerOptions, "python -m swarm.serve", EXAMPLE_SERVER_VALUES), (
+        "configs/example.yaml is out of date: regenerate it with configs.loader.example_yaml"
+    )
+    options = parse(["--config", str(path)])
+    assert options.model == "/path/to/checkpoint" and options.cache_tokens == 16384
+    for name in ServerOptions.model_fields:
+        assert f"\n{name}:" in path.read_text()
+
+
+def test_renamed_options_still_work_under_their_earlier_names(tmp_path):
+    """The NAT side's options were --relay-*/--no-relay; flags, variables and YAML keys of that name still work."""
+    assert parse(["--model", "m", "--relay-hop-limit", "7", "--no-relay"]).bridge_max_circuits == 7
+    assert parse(["--model", "m", "--no-relay"]).no_bridge is True
+    assert parse(["--model", "m"], {"SWARM_RELAY_MAX_SERVERS": "3"}).bridge_max_servers == 3
+    assert (
+        parse(["--model", "m"], {"SWARM_RELAY_MAX_SERVERS": "3", "SWARM_BRIDGE_MAX_SERVERS": "5"}).bridge_max_servers
+        == 5
+    )
+    old = tmp_path / "old.yaml"
+    old.write_text("model: m\nrelay_max_seconds: 12\n")
+    assert parse(["--config", str(old)]).bridge_max_seconds == 12
+    both = tmp_path / "both.yaml"
+    both.write_text("model: m\nrelay_max_seconds: 12\nbridge_max_seconds: 13\n")
+    with pytest.raises(ConfigError, match="both relay_max_seconds and bridge_max_seconds"):
+        parse(["--config", str(both)])

@@ -1,0 +1,1 @@
+"""What several test modules share: server wrappers run as processes, reference models, records, metrics."""

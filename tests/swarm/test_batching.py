@@ -1,0 +1,79 @@
+"""The step scheduler batches concurrent steps and chunks a long prompt between decoders."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from blocks.checkpoint import Checkpoint
+from blocks.loading import load_span
+from swarm.batching import StepScheduler
+from swarm.compute import ComputeThread
+from tests.helpers.models import ATOL
+
+
+async def test_the_scheduler_batches_concurrent_steps_and_chunks_a_long_prompt_between_decoders(llama_path):
+    span = load_span(Checkpoint(llama_path), 0, 4, torch.float32, "cpu")
+    pool = span.new_pool(1024)
+    size = span.config.hidden_size
+    compute = ComputeThread()
+    scheduler = StepScheduler(compute, max_batch_tokens=8)
+    generator = torch.Generator().manual_seed(1)
+    try:
+        # Six decoders with a little history each, and one 20-token prompt: 3 chunks of at most 8 tokens.
+        decoders = []
+        for _ in range(6):
+            cache = pool.allocate(1, 32)
+            history = torch.randn(1, 4, size, generator=generator)
+            await scheduler.run(span, history, cache, None, 0, 4)
+            step = torch.randn(1, 1, size, generator=generator)
+            reference_cache = span.new_cache()
+            span.forward(history, reference_cache)
+            decoders.append((cache, step, span.forward(step, reference_cache)))
+        prompt = torch.randn(1, 20, size, generator=generator)
+        prompt_cache = pool.allocate(1, 32)
+        rounds_before = scheduler.rounds
+        finished: list[str] = []
+
+        async def decode(index, cache, step):
+            output = await scheduler.run(span, step, cache, None, 0, 4)
+            finished.append(f"decoder {index}")
+            return output
+
+        async def prefill():
+            output = await scheduler.run(span, prompt, prompt_cache, None, 0, 4)
+            finished.append("prompt")
+            return output
+
+        results = await asyncio.wait_for(
+            asyncio.gather(prefill(), *(decode(i, cache, step) for i, (cache, step, _) in enumerate(decoders))),
+            timeout=60,
+        )
+        torch.testing.assert_close(results[0], span.forward(prompt, span.new_cache()), atol=ATOL, rtol=0)
+        for output, (_, _, want) in zip(results[1:], decoders):
+            torch.testing.assert_close(output, want, atol=ATOL, rtol=0)
+        # 7 steps (26 tokens) in 4 rounds at most: the decoders rode along with the prompt's chunks,
+        # and every decoder was done before the prompt's last chunk.
+        assert scheduler.rounds - rounds_before <= 4
+        assert finished[-1] == "prompt"
+        assert prompt_cache.length(0) == 20
+
+        # A step whose cache is gone fails alone; the others in its round still get their answers.
+        broken = pool.allocate(1, 32)
+        broken.release()
+        good_cache = pool.allocate(1, 32)
+        step = torch.randn(1, 3, size, generator=generator)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(
+                scheduler.run(span, step, broken, None, 0, 4),
+                scheduler.run(span, step, good_cache, None, 0, 4),
+                return_exceptions=True,
+            ),
+            timeout=60,
+        )
+        assert isinstance(outcomes[0], RuntimeError) and "given back" in str(outcomes[0])
+        torch.testing.assert_close(outcomes[1], span.forward(step, span.new_cache()), atol=ATOL, rtol=0)
+    finally:
+        scheduler.close()
+        compute.shutdown()

@@ -1,0 +1,201 @@
+"""The server's RPC handler driven in process: sessions on a retired span end clearly, a step pushed twice
+is computed once, the attention mask stays on the server."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import uuid
+import weakref
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from blocks.checkpoint import Checkpoint
+from blocks.loading import load_span
+from protocol.errors import ErrorKind, WireError
+from protocol.messages import (
+    OpenSession,
+    Push,
+    PushAccepted,
+    SessionOpened,
+    Step,
+    StepDone,
+    pack,
+    read_header,
+)
+from protocol.tensors import read_tensors
+from swarm.batching import StepScheduler
+from swarm.cache import CacheBudget
+from swarm.compute import ComputeThread
+from swarm.handler import BlockHandler, Limits
+
+
+async def test_sessions_left_on_a_retired_span_end_with_a_clear_error_and_free_everything(llama_path):
+    checkpoint = Checkpoint(llama_path)
+    span = load_span(checkpoint, 0, 2, torch.float32, "cpu")
+    hidden_size = span.config.hidden_size
+    budget = CacheBudget(1000)
+    compute = ComputeThread()
+    scheduler = StepScheduler(compute, max_batch_tokens=64)
+    handler = BlockHandler(
+        "m",
+        span,
+        budget,
+        scheduler,
+        Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
+        version="test",
+        state=lambda: "online",
+        accepting=lambda: True,
+    )
+    queue: asyncio.Queue = asyncio.Queue()
+    fresh_queue: asyncio.Queue = asyncio.Queue()
+
+    async def requests(source=queue):
+        while (message := await source.get()) is not None:
+            yield message
+
+    replies = handler.rpc_inference(requests(), SimpleNamespace(remote_id="a-peer"))
+    try:
+        queue.put_nowait(
+            pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1), request=True)
+        )
+        read_header(await anext(replies), SessionOpened)
+        queue.put_nowait(pack(Step(position=0), [torch.randn(1, 3, hidden_size)], request=True))
+        read_header(await anext(replies), StepDone)
+        assert budget.free == 1000 - 16 and handler.open_sessions == 1
+
+        old_weights = weakref.ref(span)
+        del span
+        assert handler.retire_span("server moved from blocks 0:2 to other blocks") == 1
+        assert budget.free == 1000 and handler.open_sessions == 0  # given back at once, not when the client returns
+        gc.collect()
+        assert old_weights() is None  # nothing holds the old blocks while the new ones load
+
+        queue.put_nowait(pack(Step(position=3), [torch.randn(1, 1, hidden_size)], request=True))
+        with pytest.raises(WireError) as error:
+            read_header(await anext(replies), StepDone)
+        assert error.value.kind == ErrorKind.WRONG_MODEL and "moved from blocks 0:2" in error.value.message
+
+        # While no span is loaded, a new session is refused as busy (the client goes elsewhere).
+        fresh = handler.rpc_inference(requests(fresh_queue), SimpleNamespace(remote_id="b-peer"))
+        fresh_queue.put_nowait(
+            pack(OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1), request=True)
+        )
+        with pytest.raises(WireError) as error:
+            read_header(await anext(fresh), SessionOpened)
+        assert error.value.kind == ErrorKind.BUSY and budget.free == 1000
+    finally:
+        scheduler.close()
+        compute.shutdown()
+
+
+class InProcessServer:
+    """A BlockHandler on blocks 0:2 of a checkpoint, driven without sockets; `stream()` is one
+    client stream to it: (queue of requests to put, iterator of replies)."""
+
+    def __init__(self, path):
+        self.span = load_span(Checkpoint(path), 0, 2, torch.float32, "cpu")
+        self.compute = ComputeThread()
+        self.scheduler = StepScheduler(self.compute, max_batch_tokens=64)
+        self.handler = BlockHandler(
+            "m",
+            self.span,
+            CacheBudget(1000),
+            self.scheduler,
+            Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
+            version="test",
+            state=lambda: "online",
+            accepting=lambda: True,
+        )
+        self.queues: list[asyncio.Queue] = []
+
+    def stream(self, peer: str):
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues.append(queue)
+
+        async def requests():
+            while (message := await queue.get()) is not None:
+                yield message
+
+        return queue, self.handler.rpc_inference(requests(), SimpleNamespace(remote_id=peer))
+
+    def close(self) -> None:
+        for queue in self.queues:
+            queue.put_nowait(None)
+        self.scheduler.close()
+        self.compute.shutdown()
+
+
+async def test_a_step_pushed_twice_is_computed_once_and_the_session_goes_on(llama_path):
+    """After a failover the replacement pushes a step the next server may already have had."""
+    server = InProcessServer(llama_path)
+    span, handler, size = server.span, server.handler, server.span.config.hidden_size
+    queue, replies = server.stream("client")
+    key = uuid.uuid4().hex
+    context = SimpleNamespace(remote_id="previous-server")
+    try:
+        queue.put_nowait(
+            pack(
+                OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1, session_id=key),
+                request=True,
+            )
+        )
+        read_header(await anext(replies), SessionOpened)
+        prompt = torch.randn(1, 3, size)
+        pushed = pack(Push(position=0, step_id=7, session_id=key), [prompt], request=True)
+        for _ in range(2):
+            read_header(await handler.rpc_push(pushed, context), PushAccepted)
+        first = await asyncio.wait_for(anext(replies), 60)
+        assert read_header(first, StepDone).position == 3
+        torch.testing.assert_close(read_tensors(first, max_count=1)[0], span.forward(prompt), atol=1e-5, rtol=0)
+        # The duplicate was dropped: the next reply is the client's own next step.
+        queue.put_nowait(pack(Step(position=3, step_id=8), [torch.randn(1, 1, size)], request=True))
+        assert read_header(await asyncio.wait_for(anext(replies), 60), StepDone).position == 4
+        # Another client cannot open a session under the same id.
+        other_queue, other = server.stream("someone-else")
+        other_queue.put_nowait(
+            pack(
+                OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1, session_id=key),
+                request=True,
+            )
+        )
+        with pytest.raises(WireError, match="already open"):
+            read_header(await asyncio.wait_for(anext(other), 60), SessionOpened)
+    finally:
+        server.close()
+
+
+async def test_the_attention_mask_stays_on_the_server_and_steps_carry_only_new_columns(llama_path):
+    server = InProcessServer(llama_path)
+    span, size = server.span, server.span.config.hidden_size
+    queue, replies = server.stream("client")
+    generator = torch.Generator().manual_seed(3)
+    prompt, token = torch.randn(2, 4, size, generator=generator), torch.randn(2, 1, size, generator=generator)
+    padding = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    try:
+        queue.put_nowait(
+            pack(
+                OpenSession(
+                    model="m", start_block=0, end_block=2, max_length=16, batch_size=2, session_id=uuid.uuid4().hex
+                ),
+                request=True,
+            )
+        )
+        read_header(await anext(replies), SessionOpened)
+        queue.put_nowait(pack(Step(position=0, step_id=1), [prompt, padding], request=True))
+        read_header(await asyncio.wait_for(anext(replies), 60), StepDone)
+        # The next step sends no mask at all: the server still knows the first row starts with padding.
+        queue.put_nowait(pack(Step(position=4, step_id=2), [token], request=True))
+        reply = await asyncio.wait_for(anext(replies), 60)
+        reference_cache = span.new_cache()
+        span.forward(prompt, reference_cache, padding)
+        want = span.forward(token, reference_cache, torch.cat([padding, torch.ones(2, 1, dtype=torch.int64)], dim=1))
+        torch.testing.assert_close(read_tensors(reply, max_count=1)[0], want, atol=1e-5, rtol=0)
+        # A mask of the whole session so far is not what a step carries any more: a clear error.
+        queue.put_nowait(pack(Step(position=5, step_id=3), [token, torch.ones(2, 6, dtype=torch.int64)], request=True))
+        with pytest.raises(WireError, match=r"new tokens must be .* shape \[2, 1\]"):
+            read_header(await asyncio.wait_for(anext(replies), 60), StepDone)
+    finally:
+        server.close()

@@ -1,0 +1,97 @@
+"""The local referee keeps the blocks it loaded and computes only what a session added since its last check."""
+
+from __future__ import annotations
+
+import torch
+
+from blocks.synthetic import make_random_checkpoint
+from tests.helpers.claims import claim
+from verification.evidence import Claim
+from verification.tolerance import discrepancy
+
+
+async def test_the_local_referee_keeps_the_blocks_it_loaded(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    import verification.referee
+    from blocks.checkpoint import Checkpoint
+    from blocks.loading import load_span
+
+    checkpoint = Checkpoint(make_random_checkpoint(tmp_path / "llama", "llama", num_layers=4, seed=3))
+    loads = []
+
+    def counting_load(checkpoint, start, end, *args, **kwargs):
+        loads.append((start, end))
+        return load_span(checkpoint, start, end, *args, **kwargs)
+
+    monkeypatch.setattr(verification.referee, "load_span", counting_load)
+    inputs = torch.randn(1, 5, checkpoint.hidden_size)
+    expected = load_span(checkpoint, 1, 3).forward(inputs)
+    with ThreadPoolExecutor(1) as executor:
+        referee = verification.referee.LocalReferee(checkpoint, executor)
+        for verified in (0, 2):
+            result = await referee(replace(claim(expected, inputs, verified), start=1, end=3), frozenset())
+            assert torch.equal(result.outputs, expected) and result.by == "client"
+        assert loads == [(1, 2), (2, 3)]  # each block once, however many checks
+        result = await referee(replace(claim(expected, inputs), start=2, end=4), frozenset())
+        assert torch.equal(result.outputs, load_span(checkpoint, 2, 4).forward(inputs))
+        assert loads == [(1, 2), (2, 3), (3, 4)]
+        assert (
+            await verification.referee.LocalReferee(checkpoint, executor, memory_fraction=0)(
+                claim(expected, inputs), frozenset()
+            )
+            is None
+        )  # no room: no opinion
+
+
+async def test_the_local_referee_computes_only_what_a_session_added_since_its_last_check(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from blocks.checkpoint import Checkpoint
+    from blocks.loading import load_span
+    from blocks.span import BlockSpan
+    from verification.referee import LocalReferee
+
+    checkpoint = Checkpoint(make_random_checkpoint(tmp_path / "llama", "llama", num_layers=2, seed=4))
+    span = load_span(checkpoint, 0, 2)
+    inputs = torch.randn(2, 9, checkpoint.hidden_size)
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    mask[1, :3] = 0  # left padding
+    computed = []
+    forward = BlockSpan.forward
+
+    def counting_forward(self, hidden, *args, **kwargs):
+        computed.append(hidden.shape[1])
+        return forward(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(BlockSpan, "forward", counting_forward)
+    with ThreadPoolExecutor(1) as executor:
+        referee = LocalReferee(checkpoint, executor)
+        for end in (5, 9):  # a session's first check, then a later one
+            claim = Claim(
+                peer_id="A",
+                start=0,
+                end=2,
+                dtype=torch.float32,
+                inputs=inputs[:, :end],
+                outputs=inputs[:, :end],
+                mask=mask[:, :end],
+                verified=0,
+                session_id="s",
+            )
+            result = await referee(claim, frozenset())
+            alone = forward(span, inputs[:, :end], attention_mask=mask[:, :end])
+            assert discrepancy(result.outputs, alone, mask[:, :end]) < 1e-5
+        assert computed[-2:] == [5, 4]
+        rewritten = inputs.clone()
+        rewritten[:, 6] += 1  # a rollback changed position 6: start over
+        result = await referee(replace(claim, inputs=rewritten), frozenset())
+        assert computed[-1] == 9
+        assert discrepancy(result.outputs, forward(span, rewritten, attention_mask=mask), mask) < 1e-5
+        small = LocalReferee(checkpoint, executor, keep_bytes=1)  # room for the newest session's cache only
+        computed.clear()
+        for session in ("s", "t", "s"):
+            await small(replace(claim, session_id=session), frozenset())
+        assert computed == [9, 9, 9]  # "s" was let go when "t" came
