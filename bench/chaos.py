@@ -7,12 +7,10 @@ type, wrong tokens, longest generation, faults injected). Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,19 +21,18 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blocks.synthetic import make_random_checkpoint  # noqa: E402
+from bench.common import add_model_flags, bench_model, bench_parser, work_folder  # noqa: E402
 from harness.chaos import run_chaos  # noqa: E402
 from harness.local_swarm import even_splits  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
+    add_model_flags(parser, hidden=256, layers=8, vocab=4000)
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of chaos")
     parser.add_argument("--clients", type=int, default=4, help="client generation loops")
     parser.add_argument("--ranges", type=int, default=2, help="block ranges of the model")
     parser.add_argument("--servers-per-range", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument(
         "--request-timeout", type=float, default=5.0, help="how long a client waits for a stopped server"
@@ -44,21 +41,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level="ERROR")
-    workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-chaos-"))
-    path = make_random_checkpoint(
-        workdir / "model",
-        "llama",
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=8,
-        num_kv_heads=4,
-        vocab_size=4000,
-    )
+    workdir = work_folder("chaos")
+    path = bench_model(args, workdir)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(args.seed)
     cases = []
     for _ in range(8):
-        ids = torch.randint(3, 4000, (1, int(torch.randint(4, 24, (1,), generator=generator))), generator=generator)
+        ids = torch.randint(
+            3, args.vocab, (1, int(torch.randint(4, 24, (1,), generator=generator))), generator=generator
+        )
         with torch.no_grad():
             cases.append((ids, reference.generate(ids, max_new_tokens=args.new_tokens, do_sample=False)))
     splits = [span for span in even_splits(args.layers, args.ranges) for _ in range(args.servers_per_range)]

@@ -11,7 +11,6 @@ step 1000 of a long session. Prints one JSON object. Examples:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import logging
@@ -19,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -34,11 +32,11 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import add_model_flags, bench_model, bench_parser, work_folder  # noqa: E402
 from bench.timing import TokenClock  # noqa: E402
 from blocks.checkpoint import Checkpoint  # noqa: E402
 from blocks.loading import load_head, load_span  # noqa: E402
 from blocks.span import SpanInput  # noqa: E402
-from blocks.synthetic import make_random_checkpoint  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from harness.local_swarm import LocalSwarm, even_splits  # noqa: E402
 
@@ -248,13 +246,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(*sys.argv[2:])
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser = bench_parser(__doc__)
+    add_model_flags(parser, hidden=768, layers=8, heads=12, intermediate=2048, vocab=32000, positions=4096)
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--sessions", type=int, nargs="+", default=[4, 16], help="concurrent sessions to measure")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -272,18 +265,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level="WARNING")
 
-    workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-concurrency-"))
-    path = make_random_checkpoint(
-        workdir / "model",
-        "llama",
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        intermediate_size=args.intermediate,
-        vocab_size=args.vocab,
-        max_position_embeddings=4096,
-    )
+    workdir = work_folder("concurrency")
+    path = bench_model(args, workdir)
     checkpoint = Checkpoint(path)
     all_prompts = prompts(max(args.sessions), args.vocab)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -8,13 +8,11 @@ restarted for the next run. Prints one JSON object. Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blocks.synthetic import make_random_checkpoint  # noqa: E402
+from bench.common import add_model_flags, bench_model, bench_parser, work_folder  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from harness.local_swarm import LocalSwarm, even_splits  # noqa: E402
 
@@ -51,26 +49,17 @@ class Clock(BaseStreamer):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=12)
+    parser = bench_parser(__doc__)
+    add_model_flags(parser, hidden=512, layers=12, vocab=8000)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--request-timeout", type=float, default=10.0)
     args = parser.parse_args()
     logging.basicConfig(level="ERROR")
-    workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-failover-"))
-    path = make_random_checkpoint(
-        workdir / "model",
-        "llama",
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=8,
-        num_kv_heads=4,
-        vocab_size=8000,
-    )
+    workdir = work_folder("failover")
+    path = bench_model(args, workdir)
     splits = even_splits(args.layers, 3)
-    ids = torch.randint(3, 8000, (1, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, args.vocab, (1, 16), generator=torch.Generator().manual_seed(0))
     kill_at = args.new_tokens // 2
     recoveries, with_failure, without_failure, identical = [], [], [], True
     with LocalSwarm(path, splits, server_args=["--throughput", "100"], workdir=workdir / "swarm") as swarm:

@@ -11,14 +11,12 @@ Prints one JSON object. Examples:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,10 +28,9 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import add_model_flags, bench_model, bench_parser, work_folder  # noqa: E402
 from bench.timing import TokenClock  # noqa: E402
 from blocks.checkpoint import Checkpoint, parse_dtype  # noqa: E402
-from blocks.embedded import ensure_embedded_checkpoint  # noqa: E402
-from blocks.synthetic import make_random_checkpoint  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from harness.local_swarm import LocalSwarm, even_splits  # noqa: E402
 
@@ -45,14 +42,10 @@ def timed_generate(generate, ids, new_tokens: int) -> tuple[float, torch.Tensor,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="random", help="'random' (built from the size flags), 'embedded', or a path")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser = bench_parser(__doc__)
+    add_model_flags(
+        parser, hidden=1024, layers=12, heads=16, intermediate=2816, vocab=32000, positions=4096, choose=True
+    )
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -70,23 +63,8 @@ def main() -> None:
     logging.basicConfig(level="WARNING")
     torch.set_num_threads(args.threads)
 
-    workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
-    if args.model == "random":
-        path = make_random_checkpoint(
-            workdir / "model",
-            "llama",
-            hidden_size=args.hidden,
-            num_layers=args.layers,
-            num_heads=args.heads,
-            num_kv_heads=args.kv_heads,
-            intermediate_size=args.intermediate,
-            vocab_size=args.vocab,
-            max_position_embeddings=4096,
-        )
-    elif args.model == "embedded":
-        path = ensure_embedded_checkpoint()
-    else:
-        path = Path(args.model)
+    workdir = work_folder("generate")
+    path = bench_model(args, workdir)
     dtype = parse_dtype(args.dtype)
     checkpoint = Checkpoint(path)
     ids = torch.randint(

@@ -1,8 +1,8 @@
-"""Tokens/s through a server behind NAT (reached through a relay node) against a direct one.
+"""Tokens/s through a server behind NAT (reached through a bridge) against a direct one.
 
 Builds the NAT test's network namespaces (root, `ip`, `iptables`): a public network with a
-bootstrap node (the relay), a server of blocks [0, L/2) and the client, and a home network behind a
-masquerading router. The second half of the blocks is served first by a home server (relayed),
+bootstrap node (the bridge), a server of blocks [0, L/2) and the client, and a home network behind a
+masquerading router. The second half of the blocks is served first by a home server (bridged),
 then by a public server of the same blocks (direct; the home one stops cleanly). The client times
 --tokens greedy tokens per run, --runs runs each, with push on, and checks that both outputs agree.
 
@@ -26,16 +26,16 @@ import json, sys, time
 import torch
 from client import AutoDistributedModelForCausalLM
 
-path, peers, want_relayed = sys.argv[1], sys.argv[2].split(","), sys.argv[3] == "1"
+path, peers, want_bridged = sys.argv[1], sys.argv[2].split(","), sys.argv[3] == "1"
 runs, tokens = int(sys.argv[4]), int(sys.argv[5])
 with AutoDistributedModelForCausalLM.from_pretrained(path, peers, request_timeout=60) as model:
     remote = model.remote
     deadline = time.monotonic() + 240
-    while True:  # until the second half is served only as this run wants (relayed or direct)
+    while True:  # until the second half is served only as this run wants (bridged or direct)
         servers = remote.runtime.run(remote.dht.fetch_servers(remote.model_name, remote.num_blocks), 60)
         last = [info for info in servers[-1].values() if info.record.state.value == "online"]
         record = last[0].record if len(last) == 1 else None
-        if record is not None and bool(record.bridge_addrs) == want_relayed and record.reachable != want_relayed:
+        if record is not None and bool(record.bridge_addrs) == want_bridged and record.reachable != want_bridged:
             break
         assert time.monotonic() < deadline, "the swarm never looked as this run wants"
         time.sleep(1)
@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per setup")
     args = parser.parse_args()
 
-    from tests.netns import HOME_IP, PUBLIC_IP, NatTopology, Process, start_bootstrap, start_server
+    from tests.helpers.netns import HOME_IP, PUBLIC_IP, NatTopology, Process, start_bootstrap, start_server
 
     why_not = NatTopology.unavailable()
     if why_not:
@@ -79,8 +79,8 @@ def main() -> int:
             processes.append(boot)
             first, _ = start_server(nat, work, "first", "public", PUBLIC_IP, model, f"0:{args.layers // 2}", [addr])
             processes.append(first)
-            for name, where, host, relayed in (
-                ("relayed", "home", HOME_IP, True),
+            for name, where, host, bridged in (
+                ("bridged", "home", HOME_IP, True),
                 ("direct", "public", PUBLIC_IP, False),
             ):
                 second, _ = start_server(nat, work, name, where, host, model, half, [addr])
@@ -88,7 +88,7 @@ def main() -> int:
                 client = Process(
                     nat,
                     "public",
-                    ["-c", CLIENT, str(model), addr, "1" if relayed else "0", str(args.runs), str(args.tokens)],
+                    ["-c", CLIENT, str(model), addr, "1" if bridged else "0", str(args.runs), str(args.tokens)],
                     work / f"client-{name}.log",
                 )
                 line = client.line(lambda text: text.startswith("{"), timeout=600)
@@ -98,19 +98,19 @@ def main() -> int:
         finally:
             for process in reversed(processes):
                 process.kill()
-    relayed, direct = results["relayed"], results["direct"]
+    bridged, direct = results["bridged"], results["direct"]
     print(
         json.dumps(
             {
                 "model": f"random llama, {args.layers} blocks, hidden {args.hidden}, fp32, 2 servers, push on",
                 "tokens_per_run": args.tokens,
                 "direct_tokens_per_s": round(statistics.median(direct["rates"]), 2),
-                "relayed_tokens_per_s": round(statistics.median(relayed["rates"]), 2),
-                "relayed_over_direct": round(
-                    statistics.median(relayed["rates"]) / statistics.median(direct["rates"]), 3
+                "bridged_tokens_per_s": round(statistics.median(bridged["rates"]), 2),
+                "bridged_over_direct": round(
+                    statistics.median(bridged["rates"]) / statistics.median(direct["rates"]), 3
                 ),
-                "ping_rtt_ms": {"direct": direct["rtt_ms"], "relayed": relayed["rtt_ms"]},
-                "outputs_equal": relayed["output"] == direct["output"],
+                "ping_rtt_ms": {"direct": direct["rtt_ms"], "bridged": bridged["rtt_ms"]},
+                "outputs_equal": bridged["output"] == direct["output"],
             }
         )
     )

@@ -15,13 +15,11 @@ Prints one JSON object. Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blocks.synthetic import make_random_checkpoint  # noqa: E402
+from bench.common import add_model_flags, bench_model, bench_parser, work_folder  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from configs.schema import DEFAULT_VERIFY_RATE  # noqa: E402
 from harness.local_swarm import LocalSwarm  # noqa: E402
@@ -87,7 +85,7 @@ def detection(path, swarm, reference, env: dict, runs: int, new_tokens: int, voc
             swarm_blocks(path),
             "--throughput",
             "100000",
-            module="tests.lying_server",
+            module="tests.helpers.lying_server",
             env={**env, "LYING_SERVER_SEED": str(run)},
         )
         try:
@@ -123,10 +121,8 @@ def swarm_blocks(path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=4000)
+    parser = bench_parser(__doc__)
+    add_model_flags(parser, hidden=512, layers=8, kv_heads=2, vocab=4000, positions=4096)
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per generation in the cost part")
     parser.add_argument("--repeats", type=int, default=7, help="timed generations per setting in the cost part")
     parser.add_argument("--runs", type=int, default=5, help="clients per misbehaving server")
@@ -135,18 +131,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level="ERROR")
 
-    workdir = Path(tempfile.mkdtemp(prefix="swarm-bench-verify-"))
-    path = make_random_checkpoint(
-        workdir / "model",
-        "llama",
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=8,
-        num_kv_heads=2,
-        intermediate_size=args.hidden * 2,
-        vocab_size=args.vocab,
-        max_position_embeddings=4096,
-    )
+    workdir = work_folder("verify")
+    path = bench_model(args, workdir)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     reference.generation_config.eos_token_id = None
     half = args.layers // 2
