@@ -19,7 +19,7 @@ import torch
 
 from blocks.checkpoint import Checkpoint, parse_dtype
 from client.bans import BanList
-from client.errors import MissingBlocksError, ServerFailure
+from client.errors import BadRequestError, MissingBlocksError, ServerFailure
 from client.failures import FailurePolicy
 from client.pings import PingCache
 from client.reliability import RelayScores
@@ -115,9 +115,15 @@ class ClientAudit:
         prefill of its whole input history; None if no such chain exists."""
         try:
             chain = await self.router.chain(
-                claim.start, claim.end, exclude=avoid, avoid_owner=claim.owner, max_age=CHECK_ROUTE_MAX_AGE
+                claim.start,
+                claim.end,
+                exclude=avoid,
+                avoid_owner=claim.owner,
+                max_age=CHECK_ROUTE_MAX_AGE,
+                max_length=claim.inputs.shape[1],
+                batch=claim.inputs.shape[0],
             )
-        except MissingBlocksError:
+        except (MissingBlocksError, BadRequestError):  # nobody else, or nobody else holds a history this long
             return None
         hidden = claim.inputs
         for plan in chain:

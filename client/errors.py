@@ -29,7 +29,13 @@ class SwarmBusyError(SwarmError):
 
 
 class BadRequestError(SwarmError):
-    """A server refused the request itself (wrong shape, too long...): retrying elsewhere will not help."""
+    """A server (`peer_id`), or every server that could serve a span, refused the request itself (wrong
+    shape, too long for it...). A session too long for one server goes to another that can hold it; this
+    error means none can, or that the request is wrong anywhere."""
+
+    def __init__(self, message: str, peer_id: str | None = None):
+        self.peer_id = peer_id
+        super().__init__(message)
 
 
 class RetriesExhaustedError(SwarmError):

@@ -7,7 +7,7 @@ from typing import Awaitable, Callable, Optional
 
 import torch
 
-from client.errors import ServerFailure, SwarmBusyError
+from client.errors import BadRequestError, ServerFailure, SwarmBusyError
 from client.failures import FailureBudget, FailurePolicy
 from client.router import Router
 from client.routing import SpanPlan
@@ -24,20 +24,30 @@ async def forward_chain(
     max_retries: int,
 ) -> torch.Tensor:
     """`hidden` [batch, tokens, hidden] after every block; `forward(plan, hidden, mask)` runs one span.
-    A busy server, like a failed one, is routed around (only a failed one is banned)."""
-    chain = await router.chain()
+    Only servers that accept a request this long are routed to. A busy server, like a failed one, is
+    routed around (only a failed one is banned), and so is one that refuses the request's size."""
+    batch, tokens = hidden.shape[0], hidden.shape[1]
+    chain = await router.chain(max_length=tokens, batch=batch)
     dtype = hidden.dtype
     budget = FailureBudget(max_retries)
+    refused: set[str] = set()
     index = 0
     while index < len(chain):
         plan = chain[index]
         try:
             hidden = await forward(plan, hidden, mask)
             index += 1
+            continue
         except (ServerFailure, SwarmBusyError) as e:
             if isinstance(e, ServerFailure):
                 failures.report(plan.peer_id, str(e), e.bridge)
             budget.add(e)
-            replacement = await router.chain(plan.start, plan.end, exclude={plan.peer_id})
-            chain[index:] = replacement + chain[index + 1 :]
+            exclude = refused | {plan.peer_id}
+        except BadRequestError as e:
+            if e.peer_id is None:
+                raise
+            refused.add(e.peer_id)  # too long for it, though its record said otherwise: nobody's fault
+            exclude = refused
+        replacement = await router.chain(plan.start, plan.end, exclude=exclude, max_length=tokens, batch=batch)
+        chain[index:] = replacement + chain[index + 1 :]
     return hidden.to(dtype)

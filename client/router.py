@@ -11,7 +11,7 @@ from typing import Awaitable, Callable, Collection, Mapping, Optional
 
 from client.bans import BanList
 from client.pings import PingCache
-from client.routing import SpanPlan, chain_avoiding, make_chain, usable
+from client.routing import SpanPlan, chain_avoiding, has_room, longest_accepted, make_chain, usable
 from client.swarm_view import SwarmView
 
 logger = logging.getLogger(__name__)
@@ -40,11 +40,15 @@ class Router:
         exclude: Collection[str] = (),
         avoid_owner: str = "",
         max_age: float = 0.0,
+        max_length: int = 0,
+        batch: int = 1,
     ) -> list[SpanPlan]:
-        """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`,
-        preferring servers with a good score and, with `avoid_owner`, servers of another owner (another
-        announced `public_name`) whenever such servers cover the blocks. With `max_age`, a DHT read
-        that recent is used again instead of a new one."""
+        """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`
+        and accept a session of `batch` × `max_length` tokens (BadRequestError if some block has none),
+        preferring servers that announced room for it, servers with a good score and, with
+        `avoid_owner`, servers of another owner (another announced `public_name`) wherever other
+        servers cover the blocks. With `max_age`, a DHT read that recent is used again instead of a
+        new one."""
         index = await self.view.index(max_age)
         model = self.view.model_name
         end = self.view.num_blocks if end is None else end
@@ -56,26 +60,36 @@ class Router:
             owned = {info.peer_id for info in index.infos if info.record.public_name == avoid_owner}
             preferences.append((owned, f"only servers of owner {avoid_owner!r} cover some blocks; using them"))
         unreliable = await self._unreliable()
-        if unreliable - excluded:
+        if unreliable:
             fallback = f"only servers scoring below {self.min_reliability:.2f} cover some blocks; using them"
             preferences.append((unreliable, fallback))
-        for avoided, fallback in preferences:
-            if avoided - excluded:
-                chain = chain_avoiding(
-                    model, index, start, end, excluded, avoided, rtts=self.pings.route_rtts(), rng=self.rng
-                )
-                if any(plan.peer_id in avoided for plan in chain):
-                    logger.info(fallback)
-                return chain
-        return make_chain(model, index, start, end, excluded, rtts=self.pings.route_rtts(), rng=self.rng)
+        if max_length > 0:
+            full = {info.peer_id for info in index.infos if not has_room(info, max_length, batch)}
+            room = f"only servers that announced no room for {batch}×{max_length} tokens cover some blocks; trying them"
+            preferences.append((full, room))
+        preferences = [(peers, fallback) for peers, fallback in preferences if peers - excluded]
+        rtts = self.pings.route_rtts()
+        if not preferences:
+            return make_chain(
+                model, index, start, end, excluded, rtts=rtts, rng=self.rng, max_length=max_length, batch=batch
+            )
+        avoided = set().union(*(peers for peers, _ in preferences))
+        chain = chain_avoiding(
+            model, index, start, end, excluded, avoided, rtts=rtts, rng=self.rng, max_length=max_length, batch=batch
+        )
+        for peers, fallback in preferences:
+            if any(plan.peer_id in peers for plan in chain):
+                logger.info(fallback)
+        return chain
 
     async def longest_session(self) -> int:
-        """The longest session the swarm can hold now: for every block, its most generous usable
-        server's `max_length`, and the least of those (0 if some block has no usable server)."""
+        """The longest session (at batch 1) the swarm can hold now: for every block, the most its most
+        generous usable server accepts (`max_length`, capped by its whole cache budget), and the least
+        of those over blocks (0 if some block has no usable server)."""
         servers = await self.view.servers()
         banned = self.bans.banned()
         per_block = [
-            max((info.record.max_length for info in block.values() if usable(info, banned)), default=0)
+            max((longest_accepted(info) for info in block.values() if usable(info, banned)), default=0)
             for block in servers
         ]
         return min(per_block, default=0)

@@ -18,7 +18,7 @@ from typing import Collection, Mapping, Optional
 
 import numpy as np
 
-from client.errors import MissingBlocksError
+from client.errors import BadRequestError, MissingBlocksError
 from dht.records import ServerInfo, ServerState
 
 DEFAULT_RTT = 0.05  # seconds, for servers not measured yet
@@ -43,6 +43,17 @@ def usable(info: ServerInfo, exclude: Collection[str]) -> bool:
         and record.cache_tokens_free > 0
         and (record.reachable or bool(record.bridge_addrs))
     )
+
+
+def longest_accepted(info: ServerInfo) -> int:
+    """The longest session of batch 1 this server accepts at all: its `max_length`, capped by its
+    whole cache budget (a server with a small --cache-tokens refuses what its max_length allows)."""
+    return min(info.record.max_length, info.record.cache_tokens_total)
+
+
+def has_room(info: ServerInfo, max_length: int, batch: int = 1) -> bool:
+    """Whether the server announced enough free cache for the session (as of its last announce)."""
+    return info.record.cache_tokens_free >= batch * max_length
 
 
 def seconds_per_block(info: ServerInfo) -> float:
@@ -95,6 +106,8 @@ class RouteIndex:
             self.runs_of.setdefault(info.peer_id, []).append(run)
         self.per_block = np.array([seconds_per_block(info) for info in infos], dtype=np.float64)
         self.open = np.array([usable(info, ()) for info in infos], dtype=bool)
+        self.max_length = np.array([info.record.max_length for info in infos], dtype=np.int64)
+        self.cache_total = np.array([info.record.cache_tokens_total for info in infos], dtype=np.int64)
         self.first, self.last = np.array(first, dtype=np.int64), np.array(last, dtype=np.int64)
         self.present = [
             np.flatnonzero((self.first <= block) & (self.last >= block)) for block in range(self.num_blocks)
@@ -129,8 +142,12 @@ def make_chain(
     rtts: Mapping[str, float] | None = None,
     rng: Optional[random.Random] = None,
     jitter: float = 0.1,
+    max_length: int = 0,
+    batch: int = 1,
 ) -> list[SpanPlan]:
-    """The fastest chain over usable servers; raises MissingBlocksError naming uncovered blocks."""
+    """The fastest chain over usable servers that accept a session of `batch` × `max_length` tokens;
+    raises MissingBlocksError naming uncovered blocks, or BadRequestError if servers cover them but
+    none of some block accepts a session that long."""
     index = servers if isinstance(servers, RouteIndex) else RouteIndex(servers)
     end = index.num_blocks if end is None else end
     ok = index.open.copy()
@@ -139,6 +156,17 @@ def make_chain(
     missing = [block for block in range(start, end) if not ok[index.present[block]].any()]
     if missing:
         raise MissingBlocksError(model, missing)
+    if max_length > 0:
+        accepted = np.minimum(index.max_length, index.cache_total // batch)  # per record, at this batch
+        fitting = ok & (accepted >= max_length)
+        short = [block for block in range(start, end) if not fitting[index.present[block]].any()]
+        if short:
+            longest = min(int(accepted[index.present[block]][ok[index.present[block]]].max()) for block in short)
+            raise BadRequestError(
+                f"no server of block(s) {_ranges(short)} of {model} accepts a session of {max_length} tokens"
+                f" at batch {batch}: the longest they accept is {longest}"
+            )
+        ok = fitting
 
     peer_rtt = np.full(len(index.peers), DEFAULT_RTT)
     for peer, rtt in (rtts or {}).items():
@@ -180,6 +208,16 @@ def make_chain(
     return chain[::-1]
 
 
+def _ranges(blocks: list[int]) -> str:
+    """[1, 2, 3, 7] → "1-3, 7"."""
+    parts, first = [], blocks[0]
+    for previous, block in zip(blocks, blocks[1:] + [None]):
+        if block != previous + 1:
+            parts.append(f"{first}-{previous}" if previous > first else str(first))
+            first = block
+    return ", ".join(parts)
+
+
 def chain_avoiding(
     model: str,
     index: RouteIndex,
@@ -189,15 +227,25 @@ def chain_avoiding(
     avoid: Collection[str],
     rtts: Mapping[str, float] | None = None,
     rng: random.Random | None = None,
+    max_length: int = 0,
+    batch: int = 1,
 ) -> list[SpanPlan]:
     """The fastest chain that uses servers in `avoid` only for blocks that no other server covers
     (so one block without an alternative does not bring every avoided server back)."""
     avoid = set(avoid)
     while True:
         try:
-            return make_chain(model, index, start, end, set(exclude) | avoid, rtts=rtts, rng=rng)
-        except MissingBlocksError as e:
-            needed = {peer for block in e.blocks for peer in index.serving(block)} & avoid
+            return make_chain(
+                model, index, start, end, set(exclude) | avoid, rtts=rtts, rng=rng, max_length=max_length, batch=batch
+            )
+        except (MissingBlocksError, BadRequestError) as e:
+            if not avoid:
+                raise
+            if isinstance(e, BadRequestError):
+                # Too small where the others are: bring back what the avoided servers hold, all of it.
+                needed = avoid
+            else:
+                needed = {peer for block in e.blocks for peer in index.serving(block)} & avoid
             if not needed:
                 raise
             avoid -= needed

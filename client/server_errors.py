@@ -31,7 +31,7 @@ def to_client_error(peer_id: str, error: BaseException, bridge: str = "") -> Bas
         return ServerFailure(peer_id, f"malformed reply: {error.message}", bridge)
     if isinstance(error, WireError):
         if error.kind == ErrorKind.BAD_REQUEST:
-            return BadRequestError(f"server {peer_id} refused the request: {error.message}")
+            return BadRequestError(f"server {peer_id} refused the request: {error.message}", peer_id=peer_id)
         if error.kind == ErrorKind.BUSY:
             return SwarmBusyError(f"server {peer_id} is busy: {error.message}", peer_id=peer_id)
         if error.kind == ErrorKind.WRONG_MODEL:

@@ -17,6 +17,7 @@ import torch
 
 from client.audit import Rollback, SessionAudit
 from client.errors import (
+    BadRequestError,
     InputMismatch,
     MissingBlocksError,
     ServerFailure,
@@ -73,18 +74,27 @@ class InferenceSession:
     ) -> list[SpanSession]:
         """Opens sessions for blocks [start, end) and replays `history` (inputs of block `start` so far).
 
-        Server failures count toward the step's one `failures` budget; servers that answer "busy"
-        are skipped, so the loop ends when no other server is left."""
+        Server failures count toward the step's one `failures` budget; servers that answer "busy", or
+        that refuse a session this long (their record did not say so), are skipped, so the loop ends
+        when no other server is left."""
         batch = self.batch_size
         busy: set[str] = set()
+        too_small: set[str] = set()
         last_error: Optional[Exception] = None
         while True:
             try:
-                chain = await self.remote.router.chain(start, end, exclude=busy)
-            except MissingBlocksError:
+                chain = await self.remote.router.chain(
+                    start, end, exclude=busy | too_small, max_length=self.max_length, batch=batch
+                )
+            except (MissingBlocksError, BadRequestError) as e:
                 if busy:
                     raise SwarmBusyError(
                         f"swarm busy: every server for blocks {start}-{end - 1} refused a new session for lack of room"
+                    ) from last_error
+                if too_small and isinstance(e, MissingBlocksError):
+                    raise BadRequestError(
+                        f"every server for blocks {start}-{end - 1} refused a session of {self.max_length} tokens"
+                        f" at batch {batch}; the last said: {last_error}"
                     ) from last_error
                 raise
             opened = [
@@ -116,11 +126,15 @@ class InferenceSession:
                 raise
             await asyncio.gather(*(span.close() for span in opened), return_exceptions=True)
             for error in errors:
-                if not isinstance(error, (SwarmBusyError, ServerFailure)):
+                if not isinstance(error, (SwarmBusyError, ServerFailure, BadRequestError)) or (
+                    isinstance(error, BadRequestError) and error.peer_id is None
+                ):
                     raise error  # ours, not a server's
             for error in errors:
                 if isinstance(error, SwarmBusyError):
                     busy.add(error.peer_id)
+                elif isinstance(error, BadRequestError):
+                    too_small.add(error.peer_id)  # opening asks only for room: a refusal is about size
                 else:
                     self.remote.failures.report(error.peer_id, str(error), error.bridge)
                     failures.add(error)

@@ -118,7 +118,9 @@ def test_garbage_header_is_refused(llama_client, llama_ref):
 
 def test_session_over_server_length_limit_is_a_client_error(llama_client, llama_ref):
     ids = torch.randint(3, 100, (1, 4))
-    with pytest.raises(BadRequestError, match="limit of 256 tokens"):
+    with pytest.raises(
+        BadRequestError, match="accepts a session of 404 tokens at batch 1: the longest they accept is 256"
+    ):
         llama_client.generate(ids, max_new_tokens=400)
     assert_still_serves(llama_client, llama_ref)
 

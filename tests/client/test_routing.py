@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from client.errors import MissingBlocksError
+from client.errors import BadRequestError, MissingBlocksError
 from client.routing import RouteIndex, chain_avoiding, estimated_step_time, make_chain, seconds_per_block, usable
 from tests.helpers.records import servers
 
@@ -144,3 +144,29 @@ def test_a_moved_server_is_used_only_where_its_current_record_is_online():
     moved = servers(("m", 4, 6, "online", 100, 1000.0), num_blocks=6)
     blocks[4], blocks[5] = moved[4], moved[5]
     assert chain_of(blocks) == [("a", 0, 2), ("b", 2, 4), ("m", 4, 6)]
+
+
+def test_a_session_is_routed_only_to_servers_that_accept_its_length_and_batch():
+    blocks = servers(
+        ("shallow", 0, 8, "online", 64, 1000.0),
+        ("short", 0, 8, "online", 4096, 500.0),
+        ("big", 0, 4, "online", 4096, 1.0),
+        ("big2", 4, 8, "online", 4096, 1.0),
+        limits={
+            "shallow": {"max_length": 4096, "cache_tokens_total": 64},  # a long max_length, a small cache
+            "short": {"max_length": 80, "cache_tokens_total": 4096},
+            "big": {"max_length": 512, "cache_tokens_total": 1024},
+            "big2": {"max_length": 512, "cache_tokens_total": 4096},
+        },
+    )
+    assert chain_of(blocks) == [("shallow", 0, 8)]  # no length asked: the fastest
+    assert chain_of(blocks, max_length=70) == [("short", 0, 8)]  # shallow holds 64 tokens in all
+    assert chain_of(blocks, max_length=100) == [("big", 0, 4), ("big2", 4, 8)]
+    with pytest.raises(
+        BadRequestError, match=r"block\(s\) 0-3 .* 300 tokens at batch 4: the longest they accept is 256"
+    ):
+        chain_of(blocks, max_length=300, batch=4)  # big holds 1024 tokens: 4 × 256
+    with pytest.raises(BadRequestError, match="the longest they accept is 512"):
+        chain_of(blocks, max_length=600)
+    with pytest.raises(MissingBlocksError):  # nobody serves the blocks at all: not a question of size
+        chain_of(servers(("a", 0, 4)), max_length=10)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dht.records import ServerInfo, ServerRecord
 
 
-def servers(*specs, num_blocks=8):
-    """specs: (peer, start, end[, state[, free[, throughput]]]) -> per-block {peer: ServerInfo}."""
+def servers(*specs, num_blocks=8, limits=None):
+    """specs: (peer, start, end[, state[, free[, throughput]]]) -> per-block {peer: ServerInfo};
+    `limits`: {peer: record fields} for the ones a spec does not set (max_length, cache_tokens_total)."""
     blocks = [{} for _ in range(num_blocks)]
     for peer, start, end, *rest in specs:
         state, free, throughput = (rest + ["online", 100, 10.0][len(rest) :])[:3]
@@ -17,6 +18,7 @@ def servers(*specs, num_blocks=8):
                 state=state,
                 cache_tokens_free=free,
                 throughput={"inference": throughput, "forward": throughput},
+                **(limits or {}).get(peer, {}),
             )
         )
         for block in range(start, end):
