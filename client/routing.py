@@ -238,14 +238,12 @@ def chain_avoiding(
             return make_chain(
                 model, index, start, end, set(exclude) | avoid, rtts=rtts, rng=rng, max_length=max_length, batch=batch
             )
-        except (MissingBlocksError, BadRequestError) as e:
+        except BadRequestError:
             if not avoid:
                 raise
-            if isinstance(e, BadRequestError):
-                # Too small where the others are: bring back what the avoided servers hold, all of it.
-                needed = avoid
-            else:
-                needed = {peer for block in e.blocks for peer in index.serving(block)} & avoid
+            avoid = set()  # the others are too small for the session somewhere: avoided servers may fit there
+        except MissingBlocksError as e:
+            needed = {peer for block in e.blocks for peer in index.serving(block)} & avoid
             if not needed:
                 raise
             avoid -= needed
