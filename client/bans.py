@@ -41,6 +41,10 @@ class BanList:
         """A server that works again starts from a clean slate."""
         self._strikes.pop(peer_id, None)
 
+    def ends_in(self, peer_id: str) -> float:
+        """Seconds until `peer_id`'s ban ends (0 if it is not banned, inf if banned for good)."""
+        return max(self._until.get(peer_id, 0.0) - self._clock(), 0.0)
+
     def banned(self) -> set[str]:
         now = self._clock()
         return {peer for peer, until in self._until.items() if until > now}

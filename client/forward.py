@@ -9,7 +9,7 @@ import torch
 
 from client.errors import BadRequestError, ServerFailure, SwarmBusyError
 from client.failures import FailureBudget, FailurePolicy
-from client.router import Router
+from client.router import BAN_WAIT_SECONDS, Router
 from client.routing import SpanPlan
 
 Forward = Callable[[SpanPlan, torch.Tensor, Optional[torch.Tensor]], Awaitable[torch.Tensor]]
@@ -27,7 +27,7 @@ async def forward_chain(
     Only servers that accept a request this long are routed to. A busy server, like a failed one, is
     routed around (only a failed one is banned), and so is one that refuses the request's size."""
     batch, tokens = hidden.shape[0], hidden.shape[1]
-    chain = await router.chain(max_length=tokens, batch=batch)
+    chain = await router.chain(max_length=tokens, batch=batch, wait_for_bans=BAN_WAIT_SECONDS)
     dtype = hidden.dtype
     budget = FailureBudget(max_retries)
     refused: set[str] = set()
@@ -48,6 +48,8 @@ async def forward_chain(
                 raise
             refused.add(e.peer_id)  # too long for it, though its record said otherwise: nobody's fault
             exclude = refused
-        replacement = await router.chain(plan.start, plan.end, exclude=exclude, max_length=tokens, batch=batch)
+        replacement = await router.chain(
+            plan.start, plan.end, exclude=exclude, max_length=tokens, batch=batch, wait_for_bans=BAN_WAIT_SECONDS
+        )
         chain[index:] = replacement + chain[index + 1 :]
     return hidden.to(dtype)

@@ -5,16 +5,22 @@ checked server's owner wherever other servers cover the blocks. The search itsel
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import time
 from typing import Awaitable, Callable, Collection, Mapping, Optional
 
 from client.bans import BanList
+from client.errors import MissingBlocksError
 from client.pings import PingCache
 from client.routing import SpanPlan, chain_avoiding, has_room, longest_accepted, make_chain, usable
 from client.swarm_view import SwarmView
 
 logger = logging.getLogger(__name__)
+
+# How long a session or a forward waits, in all, for the bans of the only servers of some blocks to end.
+BAN_WAIT_SECONDS = 30.0
 
 
 class Router:
@@ -34,6 +40,40 @@ class Router:
         self.rng = random.Random()
 
     async def chain(
+        self,
+        start: int = 0,
+        end: Optional[int] = None,
+        exclude: Collection[str] = (),
+        avoid_owner: str = "",
+        max_age: float = 0.0,
+        max_length: int = 0,
+        batch: int = 1,
+        wait_for_bans: float = 0.0,
+    ) -> list[SpanPlan]:
+        """`search` (below); with `wait_for_bans`, when some block is served only by servers banned for
+        a failure, waits for the first of their bans to end (if that comes within `wait_for_bans`
+        seconds in all) and searches again: a server banned for one timeout may be the only one left
+        for its blocks, and failing the whole session is worse than waiting a few seconds for it."""
+        give_up = time.monotonic() + wait_for_bans
+        while True:
+            try:
+                return await self.search(start, end, exclude, avoid_owner, max_age, max_length, batch)
+            except MissingBlocksError as e:
+                wait = await self._ban_wait(e.blocks, exclude)
+                if wait is None or time.monotonic() + wait > give_up:
+                    raise
+                logger.warning("only banned servers serve block(s) %s; waiting %.1f s for a ban to end", e.blocks, wait)
+                await asyncio.sleep(wait)
+
+    async def _ban_wait(self, blocks: list[int], exclude: Collection[str]) -> Optional[float]:
+        """Seconds until the first ban ends among the banned servers of `blocks` (None if there are none)."""
+        index = await self.view.index(max_age=float("inf"))
+        banned = self.bans.banned() - set(exclude)
+        peers = set().union(*(index.serving(block) for block in blocks)) & banned
+        ends = [self.bans.ends_in(peer) for peer in peers]
+        return min(ends) if ends and min(ends) < float("inf") else None
+
+    async def search(
         self,
         start: int = 0,
         end: Optional[int] = None,

@@ -27,6 +27,7 @@ from client.errors import (
 )
 from client.failures import FailureBudget, step_deadline
 from client.remote import RemoteModel
+from client.router import BAN_WAIT_SECONDS
 from client.span import SpanSession
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,12 @@ class InferenceSession:
         while True:
             try:
                 chain = await self.remote.router.chain(
-                    start, end, exclude=busy | too_small, max_length=self.max_length, batch=batch
+                    start,
+                    end,
+                    exclude=busy | too_small,
+                    max_length=self.max_length,
+                    batch=batch,
+                    wait_for_bans=BAN_WAIT_SECONDS,
                 )
             except (MissingBlocksError, BadRequestError) as e:
                 if busy:
