@@ -82,3 +82,9 @@ class InputMismatch(ServerFailure):
     def __init__(self, peer_id: str, previous_peer_id: str):
         self.previous_peer_id = previous_peer_id
         super().__init__(peer_id, f"computed on another input than server {previous_peer_id} returned")
+
+
+class BadPush(ServerFailure):
+    """A server refused the step the previous server of the chain pushed to it (not sealed by the client
+    for that step, or of the wrong shape or dtype): the pusher is blamed, never the client, and the
+    receiving session is left as it was."""

@@ -17,6 +17,7 @@ import torch
 
 from client.audit import Rollback, SessionAudit
 from client.errors import (
+    BadPush,
     BadRequestError,
     InputMismatch,
     MissingBlocksError,
@@ -270,8 +271,11 @@ class InferenceSession:
         self._step_id += 1
         new_mask = mask[:, -part.shape[1] :] if mask is not None else None
         index, send_to = 0, 0
+        inputs: list[torch.Tensor] = []  # each span's input for this chunk, so far
         while index < len(self.spans):
             span = self.spans[index]
+            del inputs[index:]
+            inputs.append(part)
             try:
                 if index == send_to:
                     later = self.spans[index + 1 :]
@@ -290,6 +294,25 @@ class InferenceSession:
                         send_to = index + 1
                 else:
                     output = await span.receive(part, self.spans[index - 1].plan.peer_id, self._step_id)
+            except BadPush as e:
+                if index <= send_to:
+                    raise ServerFailure(e.peer_id, f"reported a bad push for a step it was sent: {e}") from e
+                # The receiving session dropped the push and is as it was: the pusher is replaced, and
+                # its step computed again. Either of the two may lie, so push is off from now on.
+                pusher = self.spans[index - 1]
+                logger.warning(
+                    "session %s: %s; replacing the server that pushed it and sending every step itself from now on",
+                    self.session_id,
+                    e,
+                )
+                self.push = False
+                self.remote.failures.report(pusher.plan.peer_id, f"pushed a step that was refused ({e})", pusher.bridge)
+                failures.add(e)
+                pusher.rewind(pusher.position - part.shape[1])
+                index = index - 1
+                await self._replace(index, mask, failures, pusher.plan.peer_id)
+                part, send_to = inputs[index], index
+                continue
             except ServerFailure as e:
                 if isinstance(e, InputMismatch):
                     # One of the two lies, and the client cannot tell which: it stops using push, so
@@ -299,27 +322,33 @@ class InferenceSession:
                     self.push = False
                 else:
                     self.remote.failures.report(e.peer_id, str(e), e.bridge)
-                await span.close()
                 failures.add(e)
-                history = span.history()
-                history_mask = mask[:, : history.shape[1]] if mask is not None and history is not None else None
-                replacement = await self._connect(span.plan.start, span.plan.end, history, history_mask, failures)
-                self.spans[index : index + 1] = replacement
-                self.audit.retire(span)
-                self.failovers += 1
+                await self._replace(index, mask, failures, e.peer_id)
                 send_to = index
-                logger.warning(
-                    "session %s: replaced %s for blocks %d:%d; chain now %s",
-                    self.session_id,
-                    e.peer_id,
-                    span.plan.start,
-                    span.plan.end,
-                    self._describe(),
-                )
                 continue
             part = output
             index += 1
         return part
+
+    async def _replace(self, index: int, mask: Optional[torch.Tensor], failures: FailureBudget, failed: str) -> None:
+        """Replaces span `index` (after server `failed` failed it) with a chain that rebuilds its cache
+        from the inputs it had received."""
+        span = self.spans[index]
+        await span.close()
+        history = span.history()
+        history_mask = mask[:, : history.shape[1]] if mask is not None and history is not None else None
+        replacement = await self._connect(span.plan.start, span.plan.end, history, history_mask, failures)
+        self.spans[index : index + 1] = replacement
+        self.audit.retire(span)
+        self.failovers += 1
+        logger.warning(
+            "session %s: replaced %s for blocks %d:%d; chain now %s",
+            self.session_id,
+            failed,
+            span.plan.start,
+            span.plan.end,
+            self._describe(),
+        )
 
     def _describe(self) -> str:
         return " → ".join(f"{peer[-6:]}[{start}:{end}]" for peer, start, end in self.chain)

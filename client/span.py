@@ -30,6 +30,7 @@ from protocol.messages import (
     read_header,
 )
 from protocol.receipts import Receipt, verify
+from protocol.routes import new_route_key, seal_route
 from protocol.tensors import read_tensors, tensor_digest
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,11 @@ class SpanSession:
         self.timeout = timeout
         self.dtype = parse_dtype(plan.info.record.dtype)
         self.position = 0
-        self.key = uuid.uuid4().hex  # this server's id of the session: only the client and the previous server know it
+        # This server's id of the session: only the client and the previous server of the chain know it
+        # (later hops travel sealed, `protocol.routes`); the route key opens what is sealed for it.
+        self.key = uuid.uuid4().hex
+        self.route_key = new_route_key()
         self._stream = RequestStream()
-        self._step_id = 0
         self._inputs: list[torch.Tensor] = []  # what this server has received, to rebuild its cache elsewhere
         self._outputs: list[torch.Tensor] = []  # what it answered, for spot checks
         self.receipts: list[Receipt] = []  # its signatures of each step, for evidence against it
@@ -62,16 +65,18 @@ class SpanSession:
     def max_chunk_tokens(self) -> int:
         return self.plan.info.record.max_chunk_tokens
 
-    def hop(self) -> Hop:
-        """Where the previous server of the chain pushes this span's input."""
+    def hop(self) -> tuple[Hop, str]:
+        """Where the previous server of the chain pushes this span's input, and this span's route key
+        (to seal its layer of a route: the key itself never leaves the client)."""
         record = self.plan.info.record
-        return Hop(
+        hop = Hop(
             peer_id=self.plan.peer_id,
             session_id=self.key,
             addrs=record.addrs,
             bridge_addrs=record.bridge_addrs,
             dtype=record.dtype,
         )
+        return hop, self.route_key
 
     def history(self) -> Optional[torch.Tensor]:
         """Inputs of block `plan.start` at every position this span has processed ([batch, position, hidden]),
@@ -112,6 +117,7 @@ class SpanSession:
                             max_length=max_length,
                             batch_size=batch_size,
                             session_id=self.key,
+                            route_key=self.route_key,
                         ),
                         request=True,
                     )
@@ -134,8 +140,7 @@ class SpanSession:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        self._step_id += 1
-        self.send(hidden, mask, self._step_id)
+        self.send(hidden, mask, 0)  # unnumbered: only routed steps can arrive twice
         return await self.receive(hidden)
 
     @property
@@ -148,14 +153,19 @@ class SpanSession:
         hidden: torch.Tensor,
         mask: Optional[torch.Tensor],
         step_id: int,
-        route: Sequence[Hop] = (),
+        route: Sequence[tuple[Hop, str]] = (),
         rewind: bool = False,
     ) -> None:
-        """Sends one step (within this server's chunk limit); with a `route`, the server pushes its
-        output along it (with `rewind`, every server on the way first forgets what follows the
-        step's position). The reply is read by `receive`."""
+        """Sends one step (within this server's chunk limit); with a `route` (later spans' `hop()`), the
+        server pushes its output along it, each server learning only its own next hop (with `rewind`,
+        every server on the way first forgets what follows the step's position). The reply is read
+        by `receive`."""
         tensors = [hidden.to(self.dtype)] + ([mask] if mask is not None else [])
-        header = Step(position=self.position, step_id=step_id, route=tuple(route), rewind=rewind or self._rewind)
+        rewind = rewind or self._rewind
+        header = Step(position=self.position, step_id=step_id, rewind=rewind)
+        if route:
+            first, sealed = seal_route(route, step_id, self.position, rewind)
+            header = Step(position=self.position, step_id=step_id, route=(first,), sealed_route=sealed, rewind=rewind)
         self._stream.send(pack(header, tensors, request=True))
         self._rewind = False
 

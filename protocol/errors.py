@@ -10,6 +10,7 @@ class ErrorKind(str, enum.Enum):
     BUSY = "busy"  # no room now: route elsewhere
     WRONG_MODEL = "wrong_model"  # the server does not serve this model or these blocks
     SERVER_ERROR = "server_error"  # the server failed: ban and reroute
+    BAD_PUSH = "bad_push"  # a step the previous server of the chain pushed was refused: the pusher's fault
 
 
 class WireError(Exception):

@@ -42,6 +42,9 @@ class OpenSession(_Header):
     max_length: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     session_id: str = Field(default="", max_length=64)
+    # The key that opens this session's layers of sealed routes (`protocol.routes`); empty: routes of
+    # pushes into this session travel in the clear, as before sealed routes.
+    route_key: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
 
 
 class SessionOpened(_Header):
@@ -75,19 +78,23 @@ class Step(_Header):
     `position` is how many tokens the client believes the server already holds; a mismatch is an
     error instead of silently wrong output. With `rewind`, `position` may be lower: the server forgets
     the tokens from `position` on first (a client rolls back what a wrong server made it compute).
-    With a `route`, the server pushes its output to the first hop (which pushes to the next, and so
-    on) as well as replying to the client.
+    With a `route`, the server pushes its output to the first hop as well as replying to the client;
+    `sealed_route` goes with it, for that hop's server to open (`protocol.routes`: where it pushes
+    next). `step_id` numbers a session's routed steps in order (0: not numbered), so that a server can
+    drop a pushed step that arrives again late.
     """
 
     position: int = Field(ge=0)
     step_id: int = Field(default=0, ge=0)
     route: tuple[Hop, ...] = Field(default=(), max_length=64)
+    sealed_route: str = Field(default="", max_length=48 * 1024)
     rewind: bool = False
 
 
 class Push(Step):
     """A step pushed by the previous server of a chain into session `session_id`, which the client
-    opened here; the server treats it as if the client had sent it."""
+    opened here; the server treats it as if the client had sent it. Its `sealed_route` is for this
+    server to open: the client's word for the step's position and rewind, and where it goes next."""
 
     session_id: str = Field(min_length=16, max_length=64)
 

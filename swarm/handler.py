@@ -166,7 +166,7 @@ class BlockHandler:
         Accepted once its header parses and names an open session; the session checks it like a
         step from its client (position, shape, dtype, values) and answers on the client's stream."""
         try:
-            session_id = self.accept_push(request)
+            session_id = self.accept_push(request, str(context.remote_id))
         except WireError as e:
             logger.info("push from %s refused: %s: %s", context.remote_id, e.kind.value, e.message)
             return error_response(e)
@@ -181,18 +181,18 @@ class BlockHandler:
         session_id = ""
         async for request in requests:
             try:
-                session_id = self.accept_push(request)
+                session_id = self.accept_push(request, str(context.remote_id))
             except WireError as e:
                 logger.info("push from %s refused: %s: %s", context.remote_id, e.kind.value, e.message)
         return pack(PushAccepted(session_id=session_id), request=False)
 
-    def accept_push(self, request: runtime_pb2.ExpertRequest) -> str:
-        """Queues a pushed step in the session it names; returns that session's id."""
+    def accept_push(self, request: runtime_pb2.ExpertRequest, pusher: str) -> str:
+        """Queues a step that peer `pusher` pushed in the session it names; returns that session's id."""
         header = read_header(request, Push)
         session = self._keyed.get(header.session_id)
         if session is None:
             raise bad_request("no open session with this id here")
-        session.accept_push(request)
+        session.accept_push(request, pusher)
         if self.metrics is not None:
             self.metrics.pushed_steps.inc()
         return header.session_id
@@ -224,13 +224,26 @@ class BlockHandler:
             raise bad_request("a session with this id is already open here")
         key = label.session = header.session_id or uuid.uuid4().hex[:12]
         async with self._open(header, header.batch_size, header.max_length, key, label) as session:
+            session.route_key = bytes.fromhex(header.route_key)
             yield pack(SessionOpened(session_id=key, max_length=header.max_length), request=False)
             reader = asyncio.create_task(session.read_client(requests))
             try:
-                async for step, message in session.steps(self.limits.session_timeout):
-                    if step.rewind and step.position < session.position:
-                        session.rewind(step.position)
-                    yield await self._run_step(session, step, message, header)
+                async for step, message, pusher in session.steps(self.limits.session_timeout):
+                    try:
+                        if pusher:
+                            step = session.pushed_step(step)
+                        if step.rewind and step.position < session.position:
+                            session.rewind(step.position)
+                        reply = await self._run_step(session, step, message, header)
+                    except WireError as e:
+                        if not pusher or e.kind not in (ErrorKind.BAD_REQUEST, ErrorKind.BAD_PUSH):
+                            raise
+                        # Not the client's fault, and the session is as it was: the client hears whom
+                        # to blame on its own stream, and may send the step again itself.
+                        logger.info("session %s: push from %s refused: %s", label.session, pusher, e.message)
+                        session.refused_pushers.add(pusher)
+                        reply = error_response(WireError(ErrorKind.BAD_PUSH, f"push from {pusher}: {e.message}"))
+                    yield reply
             finally:
                 reader.cancel()
 
@@ -332,7 +345,8 @@ class BlockHandler:
         if session.timing is not None:
             session.timing.step(hidden.shape[1], time.perf_counter() - began)
         position = session.position
-        session.last_step = (step.step_id, position)
+        if step.step_id:
+            session.last_step_id = step.step_id
         session.position += hidden.shape[1]
         if step.route:
             self.push_on(session, step, output, mask)
@@ -361,8 +375,9 @@ class BlockHandler:
         )
 
     def push_on(self, session: ServerSession, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        """Sends the output to the route's first hop, in its dtype, with the rest of the route, on the
-        session's stream to that server; the reply to the client is not held up by it."""
+        """Sends the output to the route's first hop, in its dtype, with the rest of the route (its sealed
+        part, for that hop to open), on the session's stream to that server; the reply to the client is
+        not held up by it."""
         hop = step.route[0]
         tensors = [output.to(parse_dtype(hop.dtype))] + ([mask] if mask is not None else [])
         message = pack(
@@ -370,6 +385,7 @@ class BlockHandler:
                 position=step.position,
                 step_id=step.step_id,
                 route=step.route[1:],
+                sealed_route=step.sealed_route,
                 rewind=step.rewind,
                 session_id=hop.session_id,
             ),

@@ -237,7 +237,7 @@ class Server:
     def _push(self, hop: Hop) -> PushStream | LocalPush:
         """A stream to the next server of a client's chain (server-to-server push)."""
         if hop.peer_id == self.dht.peer_id:
-            return LocalPush(hop, self.handler.accept_push)
+            return LocalPush(hop, lambda message: self.handler.accept_push(message, self.dht.peer_id))
         return PushStream(self.p2p, hop, self.options.session_timeout)
 
     async def _measure_network(self, p2p: P2P) -> None:

@@ -2,9 +2,11 @@
 
 A session's next steps come from two places: its client's stream and the previous server of the
 chain, which pushes its output straight on. `ServerSession.steps()` merges them in arrival order and
-drops what is not a step to compute: a client's `Expect` (it only probes the stream) and a step that
-arrives twice (pushed, then sent again by a replacement after a failover). The handler computes
-what it yields; nothing here touches the blocks.
+drops what is not a step to compute: a client's `Expect` (it only probes the stream) and a numbered
+step whose number is not above the last one computed (pushed twice: by a server the client gave up
+on, late, and by its replacement). A pushed step's route is opened here (`protocol.routes`): only
+what the client sealed for this session is computed and pushed on. The handler computes what it
+yields; nothing here touches the blocks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hivemind.proto import runtime_pb2
 from blocks.kv_pool import PooledCache
 from protocol.errors import ErrorKind, WireError, bad_request
 from protocol.messages import Expect, Step, read_header
+from protocol.routes import SealedRouteError, open_route
 from swarm.push import LocalPush, PushStream
 
 logger = logging.getLogger(__name__)
@@ -33,21 +36,24 @@ MAX_QUEUED_CLIENT_MESSAGES = 2
 @dataclass(eq=False)
 class ServerSession:
     """One session's cache and what its steps need between them. `key` is the id its client gave (for
-    pushes and receipts; empty for a stateless forward); `closed` says why the server ended it (its
-    cache is gone then). `last_step` is (step_id, position) of the last step computed."""
+    pushes and receipts; empty for a stateless forward) and `route_key` the key of its sealed routes;
+    `closed` says why the server ended it (its cache is gone then). `last_step_id` is the number of
+    the last numbered step computed."""
 
     cache: Optional[PooledCache]
     batch: int
     max_length: int
     key: str = ""
+    route_key: bytes = b""
     position: int = 0
-    last_step: Optional[tuple[int, int]] = None
+    last_step_id: int = 0
     push_streams: dict[tuple[str, str], PushStream | LocalPush] = field(default_factory=dict)  # to later servers
     mask: Optional[torch.Tensor] = None  # [batch, max_length] attention mask, once a step has sent one
     closed: Optional[str] = None
     timing: Any = None  # its `swarm.metrics` timing, when the server keeps metrics
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (pushed, message); None ends it
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (pusher or "", message); None ends it
     pushed: int = 0
+    refused_pushers: set[str] = field(default_factory=set)  # peers whose push was refused: not heard again
     client_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_QUEUED_CLIENT_MESSAGES))
 
     def extend_mask(self, new: Optional[torch.Tensor], tokens: int) -> Optional[torch.Tensor]:
@@ -73,14 +79,33 @@ class ServerSession:
             self.cache.release()
             self.cache = None
 
-    def accept_push(self, request: runtime_pb2.ExpertRequest) -> None:
-        """Queues a step the previous server pushed (its header already names this session)."""
+    def accept_push(self, request: runtime_pb2.ExpertRequest, pusher: str) -> None:
+        """Queues a step that peer `pusher` pushed (its header already names this session)."""
         if self.closed is not None:
             raise bad_request("no open session with this id here")
+        if pusher in self.refused_pushers:
+            raise bad_request("an earlier push from this server into this session was refused")
         if self.pushed >= MAX_QUEUED_PUSHES:
             raise WireError(ErrorKind.BUSY, f"{MAX_QUEUED_PUSHES} pushed steps already wait in this session")
         self.pushed += 1
-        self.inbox.put_nowait((True, request))
+        self.inbox.put_nowait((pusher, request))
+
+    def pushed_step(self, step: Step) -> Step:
+        """A pushed step as the client asked for it: its sealed route opened with this session's key
+        (position, rewind and number are checked with it) into where it goes next. WireError
+        BAD_PUSH if it was not sealed for this session and step: the pusher's fault, not the client's."""
+        if not self.route_key:
+            return step  # a client that does not seal routes: the route came in the clear
+        if step.route:
+            raise WireError(ErrorKind.BAD_PUSH, "a push into this session must carry its route sealed only")
+        try:
+            following, rest = open_route(
+                self.route_key, self.key, step.step_id, step.position, step.rewind, step.sealed_route
+            )
+        except SealedRouteError as e:
+            raise WireError(ErrorKind.BAD_PUSH, str(e)) from None
+        route = (following,) if following is not None else ()
+        return Step(position=step.position, step_id=step.step_id, route=route, sealed_route=rest, rewind=step.rewind)
 
     async def read_client(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
         """Moves the client's stream messages into the inbox, a few at most ahead of the one being
@@ -88,16 +113,16 @@ class ServerSession:
         try:
             async for message in requests:
                 await self.client_slots.acquire()
-                self.inbox.put_nowait((False, message))
+                self.inbox.put_nowait(("", message))
         finally:
-            self.inbox.put_nowait((False, None))
+            self.inbox.put_nowait(("", None))
 
-    async def steps(self, idle_timeout: float) -> AsyncIterator[tuple[Step, runtime_pb2.ExpertRequest]]:
-        """The session's steps to compute, client's and pushed, until the client's stream ends; a session
-        idle for `idle_timeout` seconds raises TimeoutError."""
+    async def steps(self, idle_timeout: float) -> AsyncIterator[tuple[Step, runtime_pb2.ExpertRequest, str]]:
+        """The session's steps to compute, client's and pushed, with who pushed each ("": the client),
+        until the client's stream ends; a session idle for `idle_timeout` seconds raises TimeoutError."""
         while True:
-            pushed, message = await asyncio.wait_for(self.inbox.get(), timeout=idle_timeout)
-            if pushed:
+            pusher, message = await asyncio.wait_for(self.inbox.get(), timeout=idle_timeout)
+            if pusher:
                 self.pushed -= 1
             else:
                 self.client_slots.release()
@@ -107,11 +132,11 @@ class ServerSession:
                 raise WireError(ErrorKind.WRONG_MODEL, self.closed)
             if _is_expect(message):
                 continue
-            step = read_header(message, Step)
-            if step.step_id and self.last_step == (step.step_id, step.position):
-                logger.debug("session %s: step %d arrived again; computed once", self.key, step.step_id)
+            step = read_header(message, Step)  # a push's header was read as a `Push` when it came
+            if step.step_id and step.step_id <= self.last_step_id:
+                logger.debug("session %s: step %d arrived again or late; computed once", self.key, step.step_id)
                 continue
-            yield step, message
+            yield step, message, pusher
 
 
 def _is_expect(message: runtime_pb2.ExpertRequest) -> bool:

@@ -178,6 +178,29 @@ def test_a_server_that_pushes_other_outputs_than_it_returns_does_not_get_the_nex
 
 
 @pytest.mark.slow
+def test_a_server_that_pushes_malformed_steps_is_blamed_and_the_next_one_keeps_its_session(model6, ref6, honest_swarm):
+    """The next server refuses the push as the pusher's fault (BAD_PUSH on the client's stream): the
+    client bans the pusher, not itself, replaces it and goes on without push; the output is unchanged."""
+    liar = honest_swarm.add_server(
+        0, 3, "--throughput", "10000", module="tests.helpers.lying_server", env={"LYING_SERVER_MODE": "bad_push"}
+    )
+    try:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, honest_swarm.initial_peers, request_timeout=60, ban_seconds=3600
+        ) as model:
+            wait_for_route(model, liar.peer_id)
+            ids = prompt(4)
+            with model.inference_session(max_length=64) as session:
+                output = model.generate(ids, max_new_tokens=NEW_TOKENS, session=session)
+                assert not session.push and session.failovers == 1
+                assert liar.peer_id not in [peer for peer, _, _ in session.chain]
+            assert liar.peer_id in model.remote.bans.banned() and not model.convicted
+        assert torch.equal(output, ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False))
+    finally:
+        liar.stop()
+
+
+@pytest.mark.slow
 def test_checks_prefer_servers_of_another_owner(model6, honest_swarm):
     """A wrong server's sibling (same announced owner) is the fastest other server of its blocks, but
     the check goes to another owner's servers."""

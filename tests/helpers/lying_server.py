@@ -5,7 +5,8 @@ LYING_SERVER_MODE says how:
 - `checkpoint`: runs the weights of another checkpoint of the same architecture (LYING_SERVER_CHECKPOINT);
 - `precision`: runs its weights rounded to bfloat16 while it announces and computes in float32;
 - `push`: computes honestly and returns the right output to the client, but pushes a noisy one to
-  the next server of the chain.
+  the next server of the chain;
+- `bad_push`: the same, but what it pushes has one value too few per row (a malformed step).
 
 `noise` applies to a session's step with probability LYING_SERVER_PROBABILITY (default 1), only after
 LYING_SERVER_AFTER of that session's steps (default 0), and with LYING_SERVER_SESSIONS=odd only in every
@@ -59,6 +60,10 @@ def _lying_push_on(self, session, step, output, mask):
     return _push_on(self, session, step, _noisy(output), mask)
 
 
+def _malformed_push_on(self, session, step, output, mask):
+    return _push_on(self, session, step, output[..., :-1], mask)
+
+
 def _other_checkpoint_load(checkpoint, start, end, *args, **kwargs):
     from blocks.checkpoint import Checkpoint
 
@@ -83,6 +88,8 @@ elif _mode == "precision":
     server_module.load_span = _rounded_load
 elif _mode == "push":
     BlockHandler.push_on = _lying_push_on
+elif _mode == "bad_push":
+    BlockHandler.push_on = _malformed_push_on
 else:
     raise SystemExit(f"unknown LYING_SERVER_MODE {_mode!r}")
 

@@ -1,5 +1,5 @@
 """The server's RPC handler driven in process: sessions on a retired span end clearly, a step pushed twice
-is computed once, the attention mask stays on the server."""
+is computed once, a push counts only as the client sealed it, the attention mask stays on the server."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from blocks.checkpoint import Checkpoint
 from blocks.loading import load_span
 from protocol.errors import ErrorKind, WireError
 from protocol.messages import (
+    Hop,
     OpenSession,
     Push,
     PushAccepted,
@@ -25,6 +26,7 @@ from protocol.messages import (
     pack,
     read_header,
 )
+from protocol.routes import new_route_key, seal_route
 from protocol.tensors import read_tensors
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
@@ -197,5 +199,73 @@ async def test_the_attention_mask_stays_on_the_server_and_steps_carry_only_new_c
         queue.put_nowait(pack(Step(position=5, step_id=3), [token, torch.ones(2, 6, dtype=torch.int64)], request=True))
         with pytest.raises(WireError, match=r"new tokens must be .* shape \[2, 1\]"):
             read_header(await asyncio.wait_for(anext(replies), 60), StepDone)
+    finally:
+        server.close()
+
+
+async def test_a_push_opens_only_what_the_client_sealed_a_bad_one_blames_the_pusher_and_a_late_one_is_dropped(
+    llama_path,
+):
+    """A push the client did not seal for this step (another position, a forged rewind, no seal) or of the
+    wrong dtype is answered on the client's stream as BAD_PUSH naming the pusher, and leaves the session
+    as it was; a push that comes again after later steps were computed is dropped."""
+    server = InProcessServer(llama_path)
+    span, handler, size = server.span, server.handler, server.span.config.hidden_size
+    queue, replies = server.stream("client")
+    key, route_key = uuid.uuid4().hex, new_route_key()
+    me = Hop(peer_id="this-server", session_id=key, dtype="float32")
+
+    def push(step_id, position, tensor, rewind=False, sealed_for=None):
+        sealed_for = sealed_for or (step_id, position, rewind)
+        _, sealed = seal_route([(me, route_key)], *sealed_for)
+        header = Push(position=position, step_id=step_id, rewind=rewind, session_id=key, sealed_route=sealed)
+        return pack(header, [tensor], request=True)
+
+    async def pushed_by(pusher, message):
+        read_header(await handler.rpc_push(message, SimpleNamespace(remote_id=pusher)), PushAccepted)
+        return await asyncio.wait_for(anext(replies), 60)
+
+    try:
+        queue.put_nowait(
+            pack(
+                OpenSession(
+                    model="m",
+                    start_block=0,
+                    end_block=2,
+                    max_length=16,
+                    batch_size=1,
+                    session_id=key,
+                    route_key=route_key,
+                ),
+                request=True,
+            )
+        )
+        read_header(await anext(replies), SessionOpened)
+        prompt, token = torch.randn(1, 3, size), torch.randn(1, 1, size)
+        bad = {
+            "unsealed": pack(Push(position=0, step_id=1, session_id=key), [prompt], request=True),
+            "moved": push(1, 0, prompt, sealed_for=(1, 2, False)),
+            "rewound": push(1, 0, prompt, rewind=True, sealed_for=(1, 0, False)),
+            "float64": push(1, 0, prompt.double()),
+        }
+        for pusher, message in bad.items():
+            with pytest.raises(WireError) as error:
+                read_header(await pushed_by(pusher, message), StepDone)
+            assert error.value.kind == ErrorKind.BAD_PUSH and pusher in error.value.message
+        # A pusher refused once is not heard again in this session.
+        with pytest.raises(WireError, match="refused"):
+            read_header(await handler.rpc_push(push(2, 0, prompt), SimpleNamespace(remote_id="float64")), PushAccepted)
+
+        assert read_header(await pushed_by("previous", push(5, 0, prompt)), StepDone).position == 3
+        assert read_header(await pushed_by("previous", push(6, 3, token)), StepDone).position == 4
+        # Step 5 again, late (its pusher was given up on, say): dropped, not an error that ends the session.
+        read_header(await handler.rpc_push(push(5, 0, prompt), SimpleNamespace(remote_id="late")), PushAccepted)
+        queue.put_nowait(pack(Step(position=4), [token], request=True))
+        reply = await asyncio.wait_for(anext(replies), 60)
+        assert read_header(reply, StepDone).position == 5
+        cache = span.new_cache()
+        span.forward(prompt, cache)
+        span.forward(token, cache)
+        torch.testing.assert_close(read_tensors(reply, max_count=1)[0], span.forward(token, cache), atol=1e-5, rtol=0)
     finally:
         server.close()
