@@ -288,12 +288,12 @@ class InferenceSession:
                             [other.hop() for other in later],
                             rewind=any(other.rewinding for other in later),
                         )
-                        output = await span.receive(part)
+                        output = await span.receive(part, new_mask)
                     else:
                         output = await span.step(part, new_mask)
                         send_to = index + 1
                 else:
-                    output = await span.receive(part, self.spans[index - 1].plan.peer_id, self._step_id)
+                    output = await span.receive(part, new_mask, self.spans[index - 1].plan.peer_id, self._step_id)
             except BadPush as e:
                 if index <= send_to:
                     raise ServerFailure(e.peer_id, f"reported a bad push for a step it was sent: {e}") from e

@@ -29,7 +29,7 @@ from protocol.messages import (
     pack,
     read_header,
 )
-from protocol.receipts import Receipt, verify
+from protocol.receipts import Receipt, mask_digest, verify
 from protocol.routes import new_route_key, seal_route
 from protocol.tensors import read_tensors, tensor_digest
 
@@ -51,6 +51,7 @@ class SpanSession:
         self.route_key = new_route_key()
         self._stream = RequestStream()
         self._inputs: list[torch.Tensor] = []  # what this server has received, to rebuild its cache elsewhere
+        self._mask: Optional[torch.Tensor] = None  # [batch, position] the mask it attended with (None: all)
         self._outputs: list[torch.Tensor] = []  # what it answered, for spot checks
         self.receipts: list[Receipt] = []  # its signatures of each step, for evidence against it
         self.model = ""
@@ -92,6 +93,7 @@ class SpanSession:
         """Forgets positions from `position` on; the next step tells the server to do the same."""
         if position < self.position:
             self._inputs = [self.history()[:, :position]] if position else []
+            self._mask = self._mask[:, :position] if self._mask is not None else None
             self._outputs = [self.outputs()[:, :position]] if position and self._outputs else []
             self.receipts = [receipt for receipt in self.receipts if receipt.position + receipt.tokens <= position]
             self.position = position
@@ -141,7 +143,7 @@ class SpanSession:
 
     async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         self.send(hidden, mask, 0)  # unnumbered: only routed steps can arrive twice
-        return await self.receive(hidden)
+        return await self.receive(hidden, mask)
 
     @property
     def rewinding(self) -> bool:
@@ -175,11 +177,16 @@ class SpanSession:
         self._stream.send(pack(Expect(expect_step=step_id), request=True))
 
     async def receive(
-        self, hidden: torch.Tensor, previous_peer_id: str = "", step_id: Optional[int] = None
+        self,
+        hidden: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        previous_peer_id: str = "",
+        step_id: Optional[int] = None,
     ) -> torch.Tensor:
-        """This span's output for the step whose input was `hidden` (sent by us, or pushed to the server
-        by the previous one, `previous_peer_id`, as step `step_id`: if its reply is late, an `Expect`
-        probes the stream); the input is kept to rebuild the cache elsewhere."""
+        """This span's output for the step whose input was `hidden` and whose new mask columns were `mask`
+        (sent by us, or pushed to the server by the previous one, `previous_peer_id`, as step
+        `step_id`: if its reply is late, an `Expect` probes the stream); the input is kept to rebuild
+        the cache elsewhere."""
         nudge = (lambda: self.expect(step_id)) if step_id is not None else None
         with server_errors(self.plan.peer_id, lambda: self.bridge):
             reply = await self._stream.receive(self.timeout, nudge)
@@ -192,10 +199,12 @@ class SpanSession:
         sent = tensor_digest(hidden.to(self.dtype))
         if done.input_digest and done.input_digest != sent:
             raise InputMismatch(self.plan.peer_id, previous_peer_id or "(none: the client sent it)")
-        receipt = self._receipt(done, sent, hidden.shape[1], outputs[0])
+        full_mask = self._extended_mask(mask, hidden.shape[0], hidden.shape[1])
+        receipt = self._receipt(done, sent, hidden.shape[1], outputs[0], full_mask)
         output = check_output(self.plan.peer_id, outputs[0], hidden, self.dtype)
         self.position = done.position
         self._inputs.append(hidden)
+        self._mask = full_mask
         if self.keep_outputs:
             self._outputs.append(output)
             if receipt is not None:
@@ -203,17 +212,35 @@ class SpanSession:
         self._rewind = False  # the server holds exactly this position now
         return output
 
-    def _receipt(self, done: StepDone, sent: str, tokens: int, output: torch.Tensor) -> Optional[Receipt]:
+    def _extended_mask(self, new: Optional[torch.Tensor], batch: int, tokens: int) -> Optional[torch.Tensor]:
+        """The mask of every position through this step (None while every position so far is attended)."""
+        if new is None and self._mask is None:
+            return None
+        before = self._mask if self._mask is not None else torch.ones(batch, self.position, dtype=torch.bool)
+        columns = new.ne(0) if new is not None else torch.ones(batch, tokens, dtype=torch.bool)
+        return torch.cat([before, columns], dim=1)
+
+    def _receipt(
+        self, done: StepDone, sent: str, tokens: int, output: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> Optional[Receipt]:
         """The step's receipt, checked: a server that announces a receipt key must sign every step, over
-        the digests of what the client sent (`sent`) and what it received."""
+        the digests of what the client sent (`sent`), what it received, and the mask attended with."""
         key = self.plan.info.record.receipt_key
         if not key:
             return None
         receipt = Receipt(self.position, tokens, done.input_digest, done.output_digest, done.receipt)
+        signed = receipt.message(
+            self.model,
+            self.plan.start,
+            self.plan.end,
+            self.key,
+            self.plan.info.record.dtype,
+            mask_digest(mask, output.shape[0], self.position + tokens),
+        )
         if (
             done.input_digest != sent
             or done.output_digest != tensor_digest(output)
-            or not verify(key, receipt.message(self.model, self.plan.start, self.plan.end, self.key), done.receipt)
+            or not verify(key, signed, done.receipt)
         ):
             raise ServerFailure(self.plan.peer_id, "reply without a valid receipt of the step")
         return receipt

@@ -1,21 +1,26 @@
 """Step receipts: a server signs what it computed for a client, so a third party (the relay) can tell
 a server's real answer from one an accuser made up.
 
-A receipt covers one step of one session: the blocks, the client's session id, the positions, and
-SHA-256 digests of the step's input and output bytes. The key is an Ed25519 key derived from the
-server's identity (`dht.identity.receipt_signer`) and announced in its DHT record, which its
-identity signs; Ed25519 costs tens of microseconds per step, where RSA would cost a millisecond.
+A receipt covers one step of one session: the blocks, the client's session id, the dtype computed in,
+the positions, SHA-256 digests of the step's input and output bytes, and a digest of the attention
+mask the step attended with (every position so far): whatever a third party recomputes with is
+signed. The key is an Ed25519 key derived from the server's identity (`dht.identity.receipt_signer`)
+and announced in its DHT record, which its identity signs; Ed25519 costs tens of microseconds per
+step, where RSA would cost a millisecond.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
+import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-VERSION = "swarm-receipt-v1"
+VERSION = "swarm-receipt-v2"
 
 
 @dataclass(frozen=True)
@@ -28,18 +33,46 @@ class Receipt:
     output_digest: str
     signature: str
 
-    def message(self, model: str, start: int, end: int, session_id: str) -> bytes:
+    def message(self, model: str, start: int, end: int, session_id: str, dtype: str, mask_digest: str) -> bytes:
+        """What was signed; `mask_digest` is `mask_digest()` of the mask up to this step's end."""
         return receipt_message(
-            model, start, end, session_id, self.position, self.tokens, self.input_digest, self.output_digest
+            model,
+            start,
+            end,
+            session_id,
+            dtype,
+            self.position,
+            self.tokens,
+            self.input_digest,
+            self.output_digest,
+            mask_digest,
         )
 
 
 def receipt_message(
-    model: str, start: int, end: int, session_id: str, position: int, tokens: int, input_digest: str, output_digest: str
+    model: str,
+    start: int,
+    end: int,
+    session_id: str,
+    dtype: str,
+    position: int,
+    tokens: int,
+    input_digest: str,
+    output_digest: str,
+    mask_digest: str,
 ) -> bytes:
-    return "|".join(
-        [VERSION, model, str(start), str(end), session_id, str(position), str(tokens), input_digest, output_digest]
-    ).encode()
+    fields = [VERSION, model, str(start), str(end), session_id, dtype, str(position), str(tokens)]
+    return "|".join(fields + [input_digest, output_digest, mask_digest]).encode()
+
+
+def mask_digest(mask: Optional[torch.Tensor], batch: int, length: int) -> str:
+    """Digest of the attention mask of positions [0, length) ([batch, length], nonzero: attended; None:
+    every position), the same whichever way it is written down."""
+    if mask is None:
+        mask = torch.ones(batch, length, dtype=torch.uint8)
+    shape = ",".join(str(size) for size in mask.shape)
+    attended = mask.detach().ne(0).to(torch.uint8).cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(shape.encode() + b"|" + attended).hexdigest()
 
 
 def public_key_hex(key: Ed25519PrivateKey) -> str:

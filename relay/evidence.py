@@ -99,6 +99,7 @@ class EvidenceJudge:
                 inputs,
                 outputs,
                 report.verified,
+                mask,
             ),
         )
         if problem is not None:
@@ -136,12 +137,8 @@ class EvidenceJudge:
             "dtype": report.dtype,
             "receipts": len(receipts),
         }
-        # One fault per disputed stretch of one session, however often (and by whomever) it is sent.
-        fingerprint = hashlib.sha256(
-            json.dumps(
-                [report.peer_id, report.model, report.start_block, report.end_block, report.session_id, report.verified]
-            ).encode()
-        ).hexdigest()
+        # One fault per server and session, whatever stretch of it (and by whomever) it is sent.
+        fingerprint = hashlib.sha256(json.dumps([report.peer_id, report.model, report.session_id]).encode()).hexdigest()
         count, new = await self.record_fault(
             report.peer_id,
             report.model,

@@ -43,7 +43,7 @@ from protocol.messages import (
     pack,
     read_header,
 )
-from protocol.receipts import receipt_message, sign
+from protocol.receipts import mask_digest, receipt_message, sign
 from protocol.tensors import read_tensors, tensor_digest
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
@@ -350,26 +350,42 @@ class BlockHandler:
         session.position += hidden.shape[1]
         if step.route:
             self.push_on(session, step, output, mask)
-        done = self._step_done(
-            session.key, header.start_block, header.end_block, position, step.step_id, hidden, output
-        )
+        done = self._step_done(session, header.start_block, header.end_block, position, step.step_id, hidden, output)
         return pack(done, [output], request=False)
 
     def _step_done(
-        self, key: str, start: int, end: int, position: int, step_id: int, hidden: torch.Tensor, output: torch.Tensor
+        self,
+        session: ServerSession,
+        start: int,
+        end: int,
+        position: int,
+        step_id: int,
+        hidden: torch.Tensor,
+        output: torch.Tensor,
     ) -> StepDone:
         """The reply header; in a session, with digests of the step's input and output and their signed
-        receipt (a stateless forward's reply carries none: nobody checks it against anything)."""
+        receipt, which covers the dtype and the mask attended with too (a stateless forward's reply
+        carries none: nobody checks it against anything)."""
         done = position + hidden.shape[1]
-        if not key:
+        if not session.key:
             return StepDone(position=done, step_id=step_id)
         input_digest, output_digest = tensor_digest(hidden), tensor_digest(output)
         receipt = ""
         if self.signer is not None:
-            receipt = sign(
-                self.signer,
-                receipt_message(self.model, start, end, key, position, hidden.shape[1], input_digest, output_digest),
+            mask = session.mask[:, :done] if session.mask is not None else None
+            message = receipt_message(
+                self.model,
+                start,
+                end,
+                session.key,
+                dtype_name(self.span.dtype),
+                position,
+                hidden.shape[1],
+                input_digest,
+                output_digest,
+                mask_digest(mask, session.batch, done),
             )
+            receipt = sign(self.signer, message)
         return StepDone(
             position=done, step_id=step_id, input_digest=input_digest, output_digest=output_digest, receipt=receipt
         )

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import safetensors.torch
 import torch
 
-from protocol.receipts import Receipt, verify
+from protocol.receipts import Receipt, mask_digest, verify
 from protocol.tensors import tensor_digest
 
 
@@ -84,12 +84,15 @@ def check_receipts(
     inputs: torch.Tensor,
     outputs: torch.Tensor,
     verified: int,
+    mask: Optional[torch.Tensor] = None,
 ) -> Optional[str]:
     """Why signed receipts do not prove that the server computed `outputs` (its outputs at positions
-    [verified, end of inputs)) from exactly `inputs` (every position of the session from 0), or None
-    if they do: one receipt per step, contiguous from position 0, each signed by `receipt_key`, the
-    input digests over `inputs` in the server's dtype and the output digests over `outputs`."""
+    [verified, end of inputs)) from exactly `inputs` (every position of the session from 0) in
+    `dtype` with attention `mask` (None: every position), or None if they do: one receipt per step,
+    contiguous from position 0, each signed by `receipt_key` over the dtype and the mask up to its
+    step's end, the input digests over `inputs` in that dtype and the output digests over `outputs`."""
     total = inputs.shape[1]
+    batch, name = inputs.shape[0], str(dtype).removeprefix("torch.")
     if outputs.shape[1] != total - verified:
         return f"outputs cover {outputs.shape[1]} positions, not the {total - verified} from {verified} to {total}"
     position = 0
@@ -98,8 +101,13 @@ def check_receipts(
             return f"receipts are not one contiguous run of steps from position 0 to {total} (at {position})"
         if position < verified < position + receipt.tokens:
             return f"position {verified} is not where a step starts"
-        if not verify(receipt_key, receipt.message(model, start, end, session_id), receipt.signature):
-            return f"the receipt of positions {position}:{position + receipt.tokens} is not signed by the server"
+        through = position + receipt.tokens
+        attended = mask_digest(mask[:, :through] if mask is not None else None, batch, through)
+        if not verify(receipt_key, receipt.message(model, start, end, session_id, name, attended), receipt.signature):
+            return (
+                f"the receipt of positions {position}:{through} is not signed by the server "
+                f"(for this dtype and attention mask)"
+            )
         if tensor_digest(inputs[:, position : position + receipt.tokens].to(dtype)) != receipt.input_digest:
             return f"inputs at positions {position}:{position + receipt.tokens} are not what the server signed"
         if (

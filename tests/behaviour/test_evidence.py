@@ -4,6 +4,7 @@ receipts, then its own recomputation) before it counts; a false accusation costs
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from client.reliability import RelayScores
 from dht.ports import free_port
 from harness.local_swarm import LocalSwarm
 from tests.helpers.client_worker import prompt
+from tests.helpers.models import wait_for_route
 from tests.helpers.relay_process import RelayProcess, http, wait_until
 from verification.evidence import Evidence, evidence_body
 
@@ -122,6 +124,14 @@ def test_a_forged_accusation_is_rejected_and_costs_the_accuser(relay_swarm, llam
     assert status == 403 and "false accusations" in body["error"]["message"], body
     status, body, _ = http("POST", url, evidence_body(genuine), {"X-API-Key": KEYS[2]})
     assert status == 422, body
+    # 4. The genuine receipts and outputs with another attention mask, under which the relay's
+    # recomputation would disagree: the server signed the mask it attended with, so this does not hold.
+    masked = torch.ones(inputs.shape[:2], dtype=torch.int64)
+    masked[:, 0] = 0
+    status, body, _ = http(
+        "POST", url, evidence_body(dataclasses.replace(genuine, mask=masked)), {"X-API-Key": KEYS[2]}
+    )
+    assert status == 422 and "not signed by the server" in body["error"]["message"], body
     # Malformed evidence is a 400 and counts against nobody; the accused's record stays clean.
     body = evidence_body(genuine)
     status, reply, _ = http("POST", url, {**body, "tensors": "not base64!"}, {"X-API-Key": KEYS[2]})
@@ -174,6 +184,51 @@ def test_a_proven_fault_reaches_the_relay_and_sinks_the_servers_score(relay_swar
         honest = [server.peer_id for server in swarm.servers[:2]]
         # One proven fault divides the score by ten: far below any honest server's.
         assert score[liar.peer_id] < 0.1 and all(score[peer] > 5 * score[liar.peer_id] for peer in honest)
+    finally:
+        liar.stop()
+
+
+def test_one_session_proves_at_most_one_fault_per_server_whatever_stretch_is_sent(relay_swarm, llama_path):
+    """Evidence of several wrong steps can be cut at any step boundary; each cut is the same session."""
+    swarm, relay = relay_swarm
+    liar = swarm.add_server(
+        0,
+        4,
+        "--throughput",
+        "10000",
+        "--relay",
+        relay.api,
+        "--relay-join-token",
+        JOIN,
+        "--relay-heartbeat-period",
+        "1",
+        module="tests.helpers.lying_server",
+        env={"LYING_SERVER_AFTER": "1"},  # its first step (which the first check covers) is right
+    )
+    try:
+        wait_until(lambda: liar.peer_id in workers_by_peer(relay), 120, what="the liar registered")
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            llama_path,
+            swarm.initial_peers,
+            request_timeout=60,
+            verify=1e-9,  # the first check only, in effect
+        ) as model:
+            wait_for_route(model, liar.peer_id)
+            # Its first step is checked at once; the others only when generate() settles before it returns:
+            # all wrong, in one claim.
+            model.generate(prompt(3), max_new_tokens=6)
+            evidence = model.convicted[liar.peer_id]
+        first, end = evidence.positions
+        cuts = sorted(r.position for r in evidence.receipts if first <= r.position < end)
+        assert len(cuts) >= 3, evidence.positions
+        url = f"{relay.api}/api/v1/evidence"
+        verdicts = []
+        for cut, key in zip(cuts, itertools.cycle(KEYS[1:])):  # the first key made its 3 false accusations
+            stretch = dataclasses.replace(evidence, positions=(cut, end), outputs=evidence.outputs[:, cut - first :])
+            status, body, _ = http("POST", url, evidence_body(stretch), {"X-API-Key": key})
+            assert status == 201 and body["confirmed"], body
+            verdicts.append((body["already_known"], body["proven_faults"]))
+        assert verdicts == [(False, 1)] + [(True, 1)] * (len(verdicts) - 1)
     finally:
         liar.stop()
 
