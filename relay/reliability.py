@@ -1,6 +1,8 @@
 """Reliability score of a worker in [0, 1] (spec R5): 40 % task success, 30 % uptime stability,
-20 % latency, 10 % long-term history, times FAULT_FACTOR for every fault proven against it (wrong
-results, re-checked by the relay: far worse than a timeout). Pure functions of counters the relay keeps.
+20 % latency, 10 % long-term history, all from what the relay observed itself; plus what API-key
+holders reported, each key's reports together moving the score by at most MAX_KEY_EFFECT, whatever
+and however often it sends; times FAULT_FACTOR for every fault proven against it (wrong results,
+re-checked by the relay: far worse than a timeout). Pure functions of counters the relay keeps.
 
 Every component has a neutral prior (0.5) so a new worker is neither trusted nor shunned, and
 moves away from it as evidence accumulates.
@@ -15,7 +17,8 @@ WEIGHTS = {"success": 0.4, "stability": 0.3, "latency": 0.2, "history": 0.1}
 TARGET_SESSION_SECONDS = 3600.0  # an hour online without a drop counts as fully stable
 REFERENCE_LATENCY_MS = 200.0  # a step this slow scores 0.5
 HISTORY_WEIGHT_PER_UPDATE = 0.05
-REPORT_WEIGHT = 0.25  # a client's report, which the relay cannot check, counts a quarter of its own observation
+REPORT_STEP = 0.01  # how far one report moves a score (before its key's cap)
+MAX_KEY_EFFECT = 0.1  # the most one API key's reports move a worker's score, up or down
 FAULT_FACTOR = 0.1  # each proven wrong result divides the score by ten
 
 
@@ -23,8 +26,7 @@ FAULT_FACTOR = 0.1  # each proven wrong result divides the score by ten
 class WorkerStats:
     tasks_succeeded: int = 0
     tasks_failed: int = 0
-    reports_succeeded: int = 0  # outcomes reported by API-key holders
-    reports_failed: int = 0
+    reported: float = 0.0  # the sum over API keys of `key_effect` of each key's reports
     online_seconds: float = 0.0  # summed over the worker's online periods
     online_periods: int = 0  # periods that ended or are running
     unexpected_drops: int = 0  # periods that ended without a graceful offline
@@ -34,11 +36,24 @@ class WorkerStats:
 
 
 def success_rate(stats: WorkerStats) -> float:
-    """Share of successful tasks, with one imaginary success and failure (Laplace) as the prior;
-    reported outcomes weigh REPORT_WEIGHT of the relay's own."""
-    succeeded = stats.tasks_succeeded + REPORT_WEIGHT * stats.reports_succeeded
-    failed = stats.tasks_failed + REPORT_WEIGHT * stats.reports_failed
-    return (succeeded + 1) / (succeeded + failed + 2)
+    """Share of the tasks the relay saw succeed, with one imaginary success and failure (Laplace) as the prior."""
+    return (stats.tasks_succeeded + 1) / (stats.tasks_succeeded + stats.tasks_failed + 2)
+
+
+def report_value(success: bool, latency_ms: Optional[float] = None) -> float:
+    """One report's worth in [-1, 1]: a failure -1, a success +1, or with its latency 2 × its latency
+    score - 1 (+1 at 0 ms, 0 at REFERENCE_LATENCY_MS, towards -1 when far slower)."""
+    if not success:
+        return -1.0
+    if latency_ms is None:
+        return 1.0
+    return 2.0 / (1.0 + max(latency_ms, 0.0) / REFERENCE_LATENCY_MS) - 1.0
+
+
+def key_effect(values: float) -> float:
+    """How far one key's reports (their `report_value`s summed) move a score: REPORT_STEP each, and
+    never more than MAX_KEY_EFFECT either way."""
+    return min(max(REPORT_STEP * values, -MAX_KEY_EFFECT), MAX_KEY_EFFECT)
 
 
 def stability(stats: WorkerStats) -> float:
@@ -63,6 +78,7 @@ def reliability_score(stats: WorkerStats) -> float:
         + WEIGHTS["stability"] * stability(stats)
         + WEIGHTS["latency"] * latency_score(stats)
         + WEIGHTS["history"] * min(max(stats.history, 0.0), 1.0)
+        + stats.reported
     ) * FAULT_FACTOR**stats.proven_faults
     return round(min(max(score, 0.0), 1.0), 6)
 

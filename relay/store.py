@@ -85,6 +85,14 @@ _SCHEMA = [
         created_at REAL NOT NULL
     )""",
     """CREATE INDEX IF NOT EXISTS faults_peer ON faults (peer_id)""",
+    """CREATE TABLE IF NOT EXISTS reports (
+        key_hash TEXT NOT NULL,
+        peer_id TEXT NOT NULL,
+        value_sum REAL NOT NULL,
+        reports BIGINT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (key_hash, peer_id)
+    )""",
     """CREATE TABLE IF NOT EXISTS accusers (
         key_hash TEXT PRIMARY KEY,
         false_accusations INTEGER NOT NULL DEFAULT 0,

@@ -34,7 +34,7 @@ from relay.auth import (
     verify_signature,
 )
 from relay.http import HTTPError
-from relay.reliability import REPORT_WEIGHT, WorkerStats, reliability_score, updated_history
+from relay.reliability import WorkerStats, key_effect, reliability_score, report_value, updated_history
 from relay.schemas import HeartbeatRequest, LoadConfig, RegisterRequest
 from relay.store import Store, dumps, loads
 from relay.timestamps import iso
@@ -60,17 +60,16 @@ def load_or_create_key(path: Path) -> bytes:
     return key
 
 
-def stats_of(row: dict[str, Any], now: float, proven_faults: int = 0) -> WorkerStats:
-    """Reliability counters of a worker row, counting its running online period so far, and the
-    faults proven against its peer id (`relay.evidence`)."""
+def stats_of(row: dict[str, Any], now: float, proven_faults: int = 0, reported: float = 0.0) -> WorkerStats:
+    """Reliability counters of a worker row, counting its running online period so far, the faults
+    proven against its peer id (`relay.evidence`) and what API keys reported on it (capped per key)."""
     online_seconds = row["online_seconds"]
     if row["online_since"] is not None:
         online_seconds += max(0.0, now - row["online_since"])
     return WorkerStats(
         tasks_succeeded=row["tasks_succeeded"],
         tasks_failed=row["tasks_failed"],
-        reports_succeeded=row["reports_succeeded"],
-        reports_failed=row["reports_failed"],
+        reported=reported,
         online_seconds=online_seconds,
         online_periods=row["online_periods"],
         unexpected_drops=row["unexpected_drops"],
@@ -334,7 +333,8 @@ class WorkerRegistry:
             message = {"joining": "joining: loading blocks", "draining": "draining: finishing open sessions"}
             values.update(state="ready" if ready else "not_ready", state_message=message.get(body.status), offline=0)
         merged = {**row, **values}
-        score = reliability_score(stats_of(merged, now, await self._faults_of(row["peer_id"])))
+        reported = (await self._reported(row["peer_id"])).get(row["peer_id"], 0.0)
+        score = reliability_score(stats_of(merged, now, await self._faults_of(row["peer_id"]), reported))
         values["history"] = updated_history(row["history"], score)
         await self.store.update("workers", "id", row["id"], values)
         return {
@@ -396,8 +396,9 @@ class WorkerRegistry:
     async def record_report(
         self, reporter: str, peer_id: str, success: bool, latency_ms: Optional[float] = None
     ) -> int:
-        """Counts an outcome an API-key holder reports (weighed less: the relay cannot check it), at most
-        REPORTS_PER_HOUR per reporter and worker; returns how many workers it counted for."""
+        """Counts an outcome an API-key holder reports, at most REPORTS_PER_HOUR per reporter and worker;
+        returns how many workers it counted for. The relay cannot check a report, so all of one key's
+        reports on a worker move its score by at most MAX_KEY_EFFECT (`relay.reliability`)."""
         wait = self.report_quota.hit((reporter, peer_id), self.clock())
         if wait is not None:
             raise HTTPError(
@@ -406,10 +407,32 @@ class WorkerRegistry:
                 f"hour; further reports are not counted",
                 headers={"Retry-After": str(math.ceil(wait))},
             )
-        # a reported latency moves the average a quarter as far as a measured one
-        return await self._count(
-            "reports_succeeded" if success else "reports_failed", peer_id, latency_ms, LATENCY_STEP * REPORT_WEIGHT
-        )
+        counted = await self._count("reports_succeeded" if success else "reports_failed", peer_id, None, 0.0)
+        if counted:
+            now, value = self.clock(), report_value(success, latency_ms)
+            await self.store.execute(
+                "INSERT INTO reports (key_hash, peer_id, value_sum, reports, updated_at) VALUES (?, ?, ?, 1, ?) "
+                "ON CONFLICT (key_hash, peer_id) DO UPDATE SET value_sum = reports.value_sum + ?, "
+                "reports = reports.reports + 1, updated_at = ?",
+                reporter,
+                peer_id,
+                value,
+                now,
+                value,
+                now,
+            )
+        return counted
+
+    async def _reported(self, peer_id: Optional[str] = None) -> dict[str, float]:
+        """Per peer id (or for `peer_id` only), the sum over keys of each key's capped effect."""
+        if peer_id is None:
+            rows = await self.store.fetch("SELECT peer_id, value_sum FROM reports")
+        else:
+            rows = await self.store.fetch("SELECT peer_id, value_sum FROM reports WHERE peer_id = ?", peer_id)
+        effects: dict[str, float] = {}
+        for row in rows:
+            effects[row["peer_id"]] = effects.get(row["peer_id"], 0.0) + key_effect(row["value_sum"])
+        return effects
 
     async def _count(self, column: str, peer_id: str, latency_ms: Optional[float], step: float) -> int:
         """One statement per outcome (counters incremented in place), so concurrent outcomes are all
@@ -432,8 +455,10 @@ class WorkerRegistry:
             row["peer_id"]: row["n"]
             for row in await self.store.fetch("SELECT peer_id, COUNT(*) AS n FROM faults GROUP BY peer_id")
         }
+        reported = await self._reported()
         for row in await self.store.fetch("SELECT * FROM workers ORDER BY id"):
-            result[row["peer_id"]] = reliability_score(stats_of(row, now, faults.get(row["peer_id"], 0)))
+            peer = row["peer_id"]
+            result[peer] = reliability_score(stats_of(row, now, faults.get(peer, 0), reported.get(peer, 0.0)))
         return result
 
     async def _faults_of(self, peer_id: str) -> int:
@@ -490,7 +515,8 @@ class WorkerRegistry:
     async def detail(self, worker_id: int) -> dict[str, Any]:
         row = await self.row(worker_id)
         now = self.clock()
-        stats = stats_of(row, now, await self._faults_of(row["peer_id"]))
+        reported = (await self._reported(row["peer_id"])).get(row["peer_id"], 0.0)
+        stats = stats_of(row, now, await self._faults_of(row["peer_id"]), reported)
         item = self.gpustack_item(row, now)
         item.update(
             peer_id=row["peer_id"],
@@ -507,6 +533,9 @@ class WorkerRegistry:
                 "online_periods": stats.online_periods,
                 "unexpected_drops": stats.unexpected_drops,
                 "latency_ms": stats.latency_ms,
+                "reports_succeeded": row["reports_succeeded"],
+                "reports_failed": row["reports_failed"],
+                "reported_effect": round(stats.reported, 6),
                 "proven_faults": stats.proven_faults,
             },
         )

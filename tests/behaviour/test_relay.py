@@ -581,8 +581,8 @@ def test_clients_avoid_servers_with_low_reliability(relay_swarm, llama_path):
     assert status == 429 and int(headers["Retry-After"]) > 0 and "20 times in the last hour" in body["error"]["message"]
     assert http("POST", f"{relay.api}/api/v1/reports", {"peer_id": "QmNobody", "success": True}, KEY_H)[0] == 404
     after = scores()
-    # The reports pushed the two apart. They weigh a quarter of what the relay saw itself, and these
-    # servers served its earlier generations, so which of the two now scores lower depends on those.
+    # The reports pushed the two apart, by at most a tenth each (one key's cap); these servers served
+    # the relay's earlier generations, so which of the two now scores lower depends on those.
     assert after[good] - after[bad] > before[good] - before[bad]
     low, high = sorted((bad, good), key=after.get)
     threshold = (after[low] + after[high]) / 2
