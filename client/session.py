@@ -57,6 +57,8 @@ class InferenceSession:
         self.broken: Optional[str] = None  # why the servers' caches may no longer match this session
         self.failovers = 0
         self.push = remote.push
+        # (pusher, next server) links that failed a push: the client sends those hops' steps itself
+        self.links_relayed: set[tuple[str, str]] = set()
         self._step_id = 0
         self._mask: Optional[torch.Tensor] = None  # the attention mask of positions [0, position), if padded
         self.audit = SessionAudit(remote.audit, self.session_id)
@@ -270,32 +272,39 @@ class InferenceSession:
         client sends the step itself to the replacement, which pushes it on."""
         self._step_id += 1
         new_mask = mask[:, -part.shape[1] :] if mask is not None else None
+        for span in self.spans:  # links that failed since the last step
+            self.links_relayed.update((span.plan.peer_id, peer) for peer in span.failed_pushes())
         index, send_to = 0, 0
         inputs: list[torch.Tensor] = []  # each span's input for this chunk, so far
         while index < len(self.spans):
             span = self.spans[index]
             del inputs[index:]
             inputs.append(part)
+            pushed = index != send_to
             try:
-                if index == send_to:
-                    later = self.spans[index + 1 :]
+                if not pushed:
                     fits = all(part.shape[1] <= other.max_chunk_tokens for other in self.spans[index:])
                     if self.push and fits:
+                        route = self.spans[index + 1 : self._route_end(index)]
                         span.send(
                             part,
                             new_mask,
                             self._step_id,
-                            [other.hop() for other in later],
-                            rewind=any(other.rewinding for other in later),
+                            [other.hop() for other in route],
+                            rewind=any(other.rewinding for other in route),
                         )
                         output = await span.receive(part, new_mask)
+                        send_to = index + 1 + len(route)
                     else:
                         output = await span.step(part, new_mask)
                         send_to = index + 1
                 else:
-                    output = await span.receive(part, new_mask, self.spans[index - 1].plan.peer_id, self._step_id)
+                    output = await self._receive_pushed(span, self.spans[index - 1], part, new_mask)
+                    if output is None:  # the link failed: nobody's fault; this hop goes through the client
+                        send_to = index
+                        continue
             except BadPush as e:
-                if index <= send_to:
+                if not pushed:
                     raise ServerFailure(e.peer_id, f"reported a bad push for a step it was sent: {e}") from e
                 # The receiving session dropped the push and is as it was: the pusher is replaced, and
                 # its step computed again. Either of the two may lie, so push is off from now on.
@@ -329,6 +338,42 @@ class InferenceSession:
             part = output
             index += 1
         return part
+
+    def _route_end(self, index: int) -> int:
+        """Where a step sent to span `index` stops being pushed: at the first link that failed a push."""
+        end = index + 1
+        while end < len(self.spans) and (self.spans[end - 1].plan.peer_id, self.spans[end].plan.peer_id) not in (
+            self.links_relayed
+        ):
+            end += 1
+        return end
+
+    async def _receive_pushed(
+        self, span: SpanSession, pusher: SpanSession, part: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """`span`'s output for the step `pusher` pushed to it, or None as soon as `pusher` says it could
+        not push it there (the link joins `links_relayed`, and the client sends the step itself: a
+        server that did get it after all drops it as a duplicate and its reply stands)."""
+        receiving = asyncio.ensure_future(span.receive(part, mask, pusher.plan.peer_id, self._step_id))
+        failing = asyncio.ensure_future(pusher.push_failure(span.plan.peer_id))
+        try:
+            await asyncio.wait({receiving, failing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (receiving, failing):
+                if not task.done():
+                    task.cancel()
+        if receiving.done() and not receiving.cancelled():
+            return receiving.result()
+        link = (pusher.plan.peer_id, span.plan.peer_id)
+        logger.warning(
+            "session %s: %s cannot push to %s (%s); the client relays that hop from now on",
+            self.session_id,
+            link[0],
+            link[1],
+            failing.result(),
+        )
+        self.links_relayed.add(link)
+        return None
 
     async def _replace(self, index: int, mask: Optional[torch.Tensor], failures: FailureBudget, failed: str) -> None:
         """Replaces span `index` (after server `failed` failed it) with a chain that rebuilds its cache

@@ -16,6 +16,7 @@ from client.errors import InputMismatch, ServerFailure
 from client.routing import SpanPlan
 from client.server_errors import check_output, server_errors
 from client.streams import RequestStream, connect
+from protocol.errors import WireError
 from protocol.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -23,6 +24,7 @@ from protocol.messages import (
     ForwardRequest,
     Hop,
     OpenSession,
+    PushFailed,
     SessionOpened,
     Step,
     StepDone,
@@ -31,7 +33,7 @@ from protocol.messages import (
 )
 from protocol.receipts import Receipt, mask_digest, verify
 from protocol.routes import new_route_key, seal_route
-from protocol.tensors import read_tensors, tensor_digest
+from protocol.tensors import off_loop, read_tensors, tensor_digest
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class SpanSession:
         # (later hops travel sealed, `protocol.routes`); the route key opens what is sealed for it.
         self.key = uuid.uuid4().hex
         self.route_key = new_route_key()
-        self._stream = RequestStream()
+        self._stream = RequestStream(is_notice=_is_push_failure)
         self._inputs: list[torch.Tensor] = []  # what this server has received, to rebuild its cache elsewhere
         self._mask: Optional[torch.Tensor] = None  # [batch, position] the mask it attended with (None: all)
         self._outputs: list[torch.Tensor] = []  # what it answered, for spot checks
@@ -191,17 +193,11 @@ class SpanSession:
         with server_errors(self.plan.peer_id, lambda: self.bridge):
             reply = await self._stream.receive(self.timeout, nudge)
             done = read_header(reply, StepDone)
-            outputs = read_tensors(reply, max_count=1)
-        if done.position != self.position + hidden.shape[1] or len(outputs) != 1:
-            raise ServerFailure(
-                self.plan.peer_id, f"inconsistent reply: position {done.position}, {len(outputs)} tensors"
-            )
-        sent = tensor_digest(hidden.to(self.dtype))
-        if done.input_digest and done.input_digest != sent:
-            raise InputMismatch(self.plan.peer_id, previous_peer_id or "(none: the client sent it)")
         full_mask = self._extended_mask(mask, hidden.shape[0], hidden.shape[1])
-        receipt = self._receipt(done, sent, hidden.shape[1], outputs[0], full_mask)
-        output = check_output(self.plan.peer_id, outputs[0], hidden, self.dtype)
+        nbytes = sum(len(tensor.buffer) for tensor in reply.tensors)
+        output, receipt = await off_loop(
+            lambda: self._check_reply(reply, done, hidden, full_mask, previous_peer_id), nbytes
+        )
         self.position = done.position
         self._inputs.append(hidden)
         self._mask = full_mask
@@ -211,6 +207,27 @@ class SpanSession:
                 self.receipts.append(receipt)
         self._rewind = False  # the server holds exactly this position now
         return output
+
+    def _check_reply(
+        self,
+        reply,
+        done: StepDone,
+        hidden: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        previous_peer_id: str,
+    ) -> tuple[torch.Tensor, Optional[Receipt]]:
+        """The reply's output and receipt, checked against what was sent (on a worker thread when large)."""
+        with server_errors(self.plan.peer_id, lambda: self.bridge):
+            outputs = read_tensors(reply, max_count=1)
+        if done.position != self.position + hidden.shape[1] or len(outputs) != 1:
+            raise ServerFailure(
+                self.plan.peer_id, f"inconsistent reply: position {done.position}, {len(outputs)} tensors"
+            )
+        sent = tensor_digest(hidden.to(self.dtype))
+        if done.input_digest and done.input_digest != sent:
+            raise InputMismatch(self.plan.peer_id, previous_peer_id or "(none: the client sent it)")
+        receipt = self._receipt(done, sent, hidden.shape[1], outputs[0], mask)
+        return check_output(self.plan.peer_id, outputs[0], hidden, self.dtype), receipt
 
     def _extended_mask(self, new: Optional[torch.Tensor], batch: int, tokens: int) -> Optional[torch.Tensor]:
         """The mask of every position through this step (None while every position so far is attended)."""
@@ -245,8 +262,33 @@ class SpanSession:
             raise ServerFailure(self.plan.peer_id, "reply without a valid receipt of the step")
         return receipt
 
+    def failed_pushes(self) -> list[str]:
+        """Peers this server has said, since the last call, that it cannot push to (`PushFailed`)."""
+        failed = []
+        while not self._stream.notices.empty():
+            failed.append(read_header(self._stream.notices.get_nowait(), PushFailed).failed_push_to)
+        return failed
+
+    async def push_failure(self, peer_id: str) -> str:
+        """Waits until this server says it cannot push to `peer_id`; returns its reason."""
+        while True:
+            notice = read_header(await self._stream.notices.get(), PushFailed)
+            if notice.failed_push_to == peer_id:
+                return notice.reason
+
     async def close(self) -> None:
         await self._stream.close()
+
+
+def _is_push_failure(reply) -> bool:
+    """Whether a reply is a server's unasked `PushFailed` notice (it carries no tensors)."""
+    if reply.tensors:
+        return False
+    try:
+        read_header(reply, PushFailed)
+    except WireError:
+        return False
+    return True
 
 
 async def forward_span(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Callable, Collection, Optional
+from typing import Any, AsyncIterator, Callable, Collection, Optional
 
 from hivemind.p2p import P2P
 
@@ -32,11 +32,17 @@ async def connect(p2p: P2P, plan: SpanPlan, timeout: float, avoid_bridges: Colle
 
 
 class RequestStream:
-    """A request queue feeding a hivemind protobuf stream, and its reply iterator."""
+    """A request queue feeding a hivemind protobuf stream, and its replies, read as they come by one
+    task: replies that `is_notice` picks (the server's unasked notices) go to `notices`, the others
+    are `receive`d in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, is_notice: Callable[[Any], bool] = lambda reply: False) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
         self.replies: Optional[AsyncIterator] = None
+        self.is_notice = is_notice
+        self.notices: asyncio.Queue = asyncio.Queue()
+        self._replies: asyncio.Queue = asyncio.Queue()  # replies, then None or the error that ended the stream
+        self._reader: Optional[asyncio.Task] = None
 
     async def _requests(self):
         while True:
@@ -46,7 +52,23 @@ class RequestStream:
             yield message
 
     async def open(self, p2p: P2P, target: Target, handler: str) -> None:
-        self.replies = await iterate(p2p, target, handler, self._requests())
+        self.attach(await iterate(p2p, target, handler, self._requests()))
+
+    def attach(self, replies: AsyncIterator) -> None:
+        """Starts reading `replies`, the open stream's reply iterator."""
+        self.replies = replies
+        self._reader = asyncio.create_task(self._read(replies), name="stream replies")
+
+    async def _read(self, replies: AsyncIterator) -> None:
+        try:
+            async for reply in replies:
+                (self.notices if self.is_notice(reply) else self._replies).put_nowait(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # handed to the next `receive`, which raises it as the stream's failure
+            self._replies.put_nowait(e)
+            return
+        self._replies.put_nowait(None)
 
     def send(self, message) -> None:
         self._queue.put_nowait(message)
@@ -59,16 +81,21 @@ class RequestStream:
             else None
         )
         try:
-            reply = await asyncio.wait_for(anext(self.replies, None), timeout)
+            reply = await asyncio.wait_for(self._replies.get(), timeout)
         finally:
             if late is not None:
                 late.cancel()
-        if reply is None:
-            raise ConnectionError("stream closed by the server")
+        if reply is None or isinstance(reply, Exception):
+            self._replies.put_nowait(reply)  # the stream stays ended for any later receive
+            if reply is None:
+                raise ConnectionError("stream closed by the server")
+            raise reply
         return reply
 
     async def close(self) -> None:
         self._queue.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
         if self.replies is not None:
             try:
                 await self.replies.aclose()

@@ -103,6 +103,15 @@ class PushAccepted(_Header):
     session_id: str
 
 
+class PushFailed(_Header):
+    """From a server, unasked, on its client's stream: it cannot push this session's steps on to the
+    next server `failed_push_to` (the link between the two failed, which is nobody's fault yet). The
+    client sends that hop's steps itself from now on."""
+
+    failed_push_to: str = Field(min_length=1, max_length=128)
+    reason: str = Field(default="", max_length=1024)
+
+
 class Expect(_Header):
     """From the client: step `step_id` will arrive pushed by the previous server. The server ignores
     it; writing it makes a dead server's stream fail now rather than after `request_timeout`."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -18,6 +18,8 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from protocol.errors import MalformedMessage
+
+T = TypeVar("T")
 
 # One message on a stream stays well below what the libp2p daemon accepts; longer inputs are chunked.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
@@ -30,10 +32,25 @@ BF16_BITS = "bfloat16_bits"
 _ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 4, BF16_BITS: 2, "int64": 8, "bool": 1}
 
 
+# A message whose tensors are larger than this is (de)serialized, checked and hashed on a worker thread:
+# on the event loop, a long prefill's megabytes would hold up every other session's replies.
+OFF_LOOP_BYTES = 1 << 20
+
+
+async def off_loop(work: Callable[[], T], nbytes: int) -> T:
+    """`work()`, on a worker thread if it handles more than OFF_LOOP_BYTES (a small decode step costs
+    less inline than the thread hop would)."""
+    if nbytes <= OFF_LOOP_BYTES:
+        return work()
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes in its own dtype (bfloat16 included)."""
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+    """SHA-256 of a tensor's bytes in its own dtype (bfloat16 included), on any device: a GPU tensor
+    is copied to host first (which waits for the kernels that write it); a host tensor is hashed in
+    place, without a copy."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(memoryview(data.numpy())).hexdigest()
 
 
 def read_tensors(message: Any, max_count: int, max_bytes: int = MAX_MESSAGE_BYTES) -> list[torch.Tensor]:

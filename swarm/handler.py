@@ -44,7 +44,7 @@ from protocol.messages import (
     read_header,
 )
 from protocol.receipts import mask_digest, receipt_message, sign
-from protocol.tensors import read_tensors, tensor_digest
+from protocol.tensors import off_loop, read_tensors, tensor_digest
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.metrics import ServerMetrics
@@ -83,7 +83,7 @@ class BlockHandler:
         accepting: Callable[[], bool],
         admit: Callable[[int], None] = lambda open_sessions: None,
         metrics: Optional[ServerMetrics] = None,
-        push: Optional[Callable[[Hop], PushStream | LocalPush]] = None,
+        push: Optional[Callable[[Hop, Callable[[str], None]], PushStream | LocalPush]] = None,
         signer: Optional[Ed25519PrivateKey] = None,
     ):
         self.model = model
@@ -96,7 +96,9 @@ class BlockHandler:
         self.accepting = accepting
         self.admit = admit
         self.metrics = metrics
-        self.push = push  # opens a stream to a later server of the chain (None: steps with a route are refused)
+        # opens a stream to a later server of the chain, with what to call if it breaks (None: steps
+        # with a route are refused)
+        self.push = push
         self.signer = signer  # signs a receipt of every session step (None: no receipts)
         self._sessions: set[ServerSession] = set()
         self._keyed: dict[str, ServerSession] = {}  # sessions by the id their client gave, for pushes
@@ -229,6 +231,9 @@ class BlockHandler:
             reader = asyncio.create_task(session.read_client(requests))
             try:
                 async for step, message, pusher in session.steps(self.limits.session_timeout):
+                    if step is None:
+                        yield message  # a notice for the client: a push of this session failed
+                        continue
                     try:
                         if pusher:
                             step = session.pushed_step(step)
@@ -335,7 +340,10 @@ class BlockHandler:
             raise WireError(ErrorKind.WRONG_MODEL, session.closed)
         if step.route and self.push is None:
             raise bad_request("this server does not push steps to other servers")
-        hidden, mask = self._check_step(read_tensors(message, max_count=2), session, step)
+        hidden, mask = await off_loop(
+            lambda: self._check_step(read_tensors(message, max_count=2), session, step),
+            sum(len(tensor.buffer) for tensor in message.tensors),
+        )
         full_mask = session.extend_mask(mask, hidden.shape[1])
         began = time.perf_counter()
         # hidden: [batch, tokens, hidden_size]; full_mask: [batch, position + tokens] or None
@@ -349,9 +357,15 @@ class BlockHandler:
             session.last_step_id = step.step_id
         session.position += hidden.shape[1]
         if step.route:
-            self.push_on(session, step, output, mask)
-        done = self._step_done(session, header.start_block, header.end_block, position, step.step_id, hidden, output)
-        return pack(done, [output], request=False)
+            await self.push_on(session, step, output, mask)
+
+        def reply() -> runtime_pb2.ExpertResponse:
+            done = self._step_done(
+                session, header.start_block, header.end_block, position, step.step_id, hidden, output
+            )
+            return pack(done, [output], request=False)
+
+        return await off_loop(reply, output.numel() * output.element_size())
 
     def _step_done(
         self,
@@ -390,27 +404,30 @@ class BlockHandler:
             position=done, step_id=step_id, input_digest=input_digest, output_digest=output_digest, receipt=receipt
         )
 
-    def push_on(self, session: ServerSession, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    async def push_on(
+        self, session: ServerSession, step: Step, output: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> None:
         """Sends the output to the route's first hop, in its dtype, with the rest of the route (its sealed
         part, for that hop to open), on the session's stream to that server; the reply to the client is
         not held up by it."""
         hop = step.route[0]
-        tensors = [output.to(parse_dtype(hop.dtype))] + ([mask] if mask is not None else [])
-        message = pack(
-            Push(
-                position=step.position,
-                step_id=step.step_id,
-                route=step.route[1:],
-                sealed_route=step.sealed_route,
-                rewind=step.rewind,
-                session_id=hop.session_id,
+        header = Push(
+            position=step.position,
+            step_id=step.step_id,
+            route=step.route[1:],
+            sealed_route=step.sealed_route,
+            rewind=step.rewind,
+            session_id=hop.session_id,
+        )
+        message = await off_loop(
+            lambda: pack(
+                header, [output.to(parse_dtype(hop.dtype))] + ([mask] if mask is not None else []), request=True
             ),
-            tensors,
-            request=True,
+            output.numel() * output.element_size(),
         )
         key = (hop.peer_id, hop.session_id)
         if key not in session.push_streams:
-            session.push_streams[key] = self.push(hop)
+            session.push_streams[key] = self.push(hop, lambda reason: session.push_failed(key, reason))
         session.push_streams[key].send(message)
 
     async def _next(self, requests) -> Optional[runtime_pb2.ExpertRequest]:

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
@@ -234,11 +234,12 @@ class Server:
         )
         return p2p
 
-    def _push(self, hop: Hop) -> PushStream | LocalPush:
-        """A stream to the next server of a client's chain (server-to-server push)."""
+    def _push(self, hop: Hop, failed: Callable[[str], None]) -> PushStream | LocalPush:
+        """A stream to the next server of a client's chain (server-to-server push); `failed(reason)`
+        hears if it breaks."""
         if hop.peer_id == self.dht.peer_id:
-            return LocalPush(hop, lambda message: self.handler.accept_push(message, self.dht.peer_id))
-        return PushStream(self.p2p, hop, self.options.session_timeout)
+            return LocalPush(hop, lambda message: self.handler.accept_push(message, self.dht.peer_id), failed)
+        return PushStream(self.p2p, hop, failed)
 
     async def _measure_network(self, p2p: P2P) -> None:
         """Bandwidth to a few other servers of the swarm (none yet: stays unknown until a restart)."""

@@ -21,7 +21,7 @@ from hivemind.proto import runtime_pb2
 
 from blocks.kv_pool import PooledCache
 from protocol.errors import ErrorKind, WireError, bad_request
-from protocol.messages import Expect, Step, read_header
+from protocol.messages import Expect, PushFailed, Step, pack, read_header
 from protocol.routes import SealedRouteError, open_route
 from swarm.push import LocalPush, PushStream
 
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 MAX_QUEUED_PUSHES = 4
 # Client messages read ahead of the one being computed (the rest wait in the stream: backpressure).
 MAX_QUEUED_CLIENT_MESSAGES = 2
+_NOTICE = "\0notice"  # in the inbox in place of a pusher: a reply for the client, not a step
 
 
 @dataclass(eq=False)
@@ -90,6 +91,14 @@ class ServerSession:
         self.pushed += 1
         self.inbox.put_nowait((pusher, request))
 
+    def push_failed(self, key: tuple[str, str], reason: str) -> None:
+        """The push stream to `key` (next peer, its session) broke: it is dropped (a later push opens a
+        new one) and the client is told on its stream, at once, so it sends that hop's steps itself."""
+        if self.push_streams.pop(key, None) is None or self.closed is not None:
+            return
+        notice = pack(PushFailed(failed_push_to=key[0], reason=reason[:1024]), request=False)
+        self.inbox.put_nowait((_NOTICE, notice))
+
     def pushed_step(self, step: Step) -> Step:
         """A pushed step as the client asked for it: its sealed route opened with this session's key
         (position, rewind and number are checked with it) into where it goes next. WireError
@@ -117,11 +126,15 @@ class ServerSession:
         finally:
             self.inbox.put_nowait(("", None))
 
-    async def steps(self, idle_timeout: float) -> AsyncIterator[tuple[Step, runtime_pb2.ExpertRequest, str]]:
+    async def steps(self, idle_timeout: float) -> AsyncIterator[tuple[Optional[Step], Any, str]]:
         """The session's steps to compute, client's and pushed, with who pushed each ("": the client),
-        until the client's stream ends; a session idle for `idle_timeout` seconds raises TimeoutError."""
+        until the client's stream ends; a session idle for `idle_timeout` seconds raises TimeoutError.
+        (None, reply, "") is a notice to pass on to the client as it is."""
         while True:
             pusher, message = await asyncio.wait_for(self.inbox.get(), timeout=idle_timeout)
+            if pusher == _NOTICE:
+                yield None, message, ""
+                continue
             if pusher:
                 self.pushed -= 1
             else:

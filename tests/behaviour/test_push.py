@@ -118,6 +118,30 @@ def test_a_chain_that_uses_one_server_for_two_spans_pushes_within_it(llama_path,
 
 
 @pytest.mark.slow
+def test_a_server_that_cannot_push_to_the_next_says_so_and_the_client_relays_that_hop(llama_path, llama_ref, tmp_path):
+    """A's pushes to B fail: A tells the client on its stream at once, the client sends B that step and
+    every later one itself (A still gets every step), nobody is banned and no failover happens. Were
+    the client to wait out its request timeout instead, this test would run past its own."""
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(15))
+    expected = llama_ref.generate(ids, max_new_tokens=12, do_sample=False)
+    with LocalSwarm(llama_path, [], workdir=tmp_path / "swarm") as swarm:
+        a = swarm.add_server(0, 2, "--throughput", "100", module="tests.helpers.cut_link_server")
+        b = swarm.add_server(2, 4, "--throughput", "100")
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            llama_path, swarm.initial_peers, request_timeout=3600
+        ) as model:
+            with model.inference_session(max_length=ids.shape[1] + 12) as session:
+                output = model.generate(ids, max_new_tokens=12, session=session)
+                assert session.chain == [(a.peer_id, 0, 2), (b.peer_id, 2, 4)]
+                assert session.links_relayed == {(a.peer_id, b.peer_id)}
+                assert session.failovers == 0 and session.push
+            assert not model.remote.bans.banned()
+        assert pushed_steps(b.metrics_url) == 0
+        assert "cannot dial" in a.log_path.read_text()
+    assert torch.equal(output, expected)
+
+
+@pytest.mark.slow
 def test_a_bfloat16_chain_with_push_matches_transformers_in_bfloat16(llama_path, tmp_path):
     """bf16 steps travel as two bytes per value, client → server → server → client."""
     ref = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.bfloat16).eval()

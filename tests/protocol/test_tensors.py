@@ -38,3 +38,26 @@ def test_bfloat16_travels_as_two_bytes_per_value_and_the_four_byte_form_is_still
     message.tensors[0].buffer = message.tensors[0].buffer[:-2]
     with pytest.raises(WireError, match="expected 96$"):
         read_tensors(message, max_count=1)
+
+
+async def test_large_tensor_work_runs_off_the_event_loop_and_small_work_inline():
+    import threading
+
+    from protocol.tensors import OFF_LOOP_BYTES, off_loop
+
+    here = threading.get_ident()
+    assert await off_loop(threading.get_ident, OFF_LOOP_BYTES) == here
+    assert await off_loop(threading.get_ident, OFF_LOOP_BYTES + 1) != here
+
+
+def test_a_digest_is_of_the_bytes_in_the_tensors_own_dtype_whatever_its_layout():
+    import hashlib
+
+    from protocol.tensors import tensor_digest
+
+    values = torch.randn(4, 6)
+    strided = values.t()  # not contiguous: hashed as its contiguous copy
+    assert tensor_digest(strided) == hashlib.sha256(strided.contiguous().numpy().tobytes()).hexdigest()
+    half = values.to(torch.bfloat16)
+    assert tensor_digest(half) == hashlib.sha256(half.view(torch.int16).numpy().tobytes()).hexdigest()
+    assert tensor_digest(half) != tensor_digest(values)
