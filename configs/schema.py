@@ -183,6 +183,19 @@ class ServerOptions(NetworkOptions):
     max_sessions_per_hour: Optional[int] = Field(
         None, gt=0, description="most new sessions per hour (default: no limit)"
     )
+    max_streams_per_peer: int = Field(
+        64, gt=0, description="most sessions and stateless forwards one peer may have open here at once"
+    )
+    max_sessions_per_peer: int = Field(32, gt=0, description="most sessions one peer may have open here at once")
+    max_cache_share_per_peer: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of --cache-tokens one peer's sessions may reserve (one session of --max-length always fits)",
+    )
+    max_buffered_mbytes_per_peer: float = Field(
+        256.0, gt=0, description="megabytes of one peer's messages that may wait here, read ahead or pushed, at once"
+    )
     working_hours: HoursText = Field(
         None,
         description="daily window in local time when the server takes sessions, e.g. 09:00-18:00 (default: always)",

@@ -26,6 +26,7 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from blocks.checkpoint import dtype_name, parse_dtype
+from blocks.kv_pool import PooledCache
 from blocks.span import BlockSpan
 from protocol.errors import ErrorKind, WireError, bad_request
 from protocol.messages import (
@@ -49,6 +50,7 @@ from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.metrics import ServerMetrics
 from swarm.push import LocalPush, PushStream
+from swarm.quotas import PeerLimits, PeerQuotas
 from swarm.sessions import ServerSession
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class BlockHandler:
         metrics: Optional[ServerMetrics] = None,
         push: Optional[Callable[[Hop, Callable[[str], None]], PushStream | LocalPush]] = None,
         signer: Optional[Ed25519PrivateKey] = None,
+        peer_limits: PeerLimits = PeerLimits(),
     ):
         self.model = model
         self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
@@ -100,6 +103,7 @@ class BlockHandler:
         # with a route are refused)
         self.push = push
         self.signer = signer  # signs a receipt of every session step (None: no receipts)
+        self.quotas = PeerQuotas(peer_limits, budget.total, limits.max_length)
         self._sessions: set[ServerSession] = set()
         self._keyed: dict[str, ServerSession] = {}  # sessions by the id their client gave, for pushes
         self.serve_span(span)
@@ -218,6 +222,11 @@ class BlockHandler:
             yield reply
 
     async def _inference(self, requests, label: "_Label") -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        with self.quotas.stream(str(label.peer)):
+            async for reply in self._session(requests, label):
+                yield reply
+
+    async def _session(self, requests, label: "_Label") -> AsyncIterator[runtime_pb2.ExpertResponse]:
         first = await self._next(requests)
         if first is None:
             return
@@ -253,6 +262,11 @@ class BlockHandler:
                 reader.cancel()
 
     async def _forward(self, requests, label: "_Label") -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        with self.quotas.stream(str(label.peer)):
+            async for reply in self._stateless(requests, label):
+                yield reply
+
+    async def _stateless(self, requests, label: "_Label") -> AsyncIterator[runtime_pb2.ExpertResponse]:
         message = await self._next(requests)
         if message is None:
             return
@@ -272,17 +286,36 @@ class BlockHandler:
     async def _open(
         self, header: OpenSession | ForwardRequest, batch: int, max_length: int, key: str, label: "_Label"
     ) -> AsyncIterator[ServerSession]:
-        """A session's whole lifetime: checked, its cache reserved and admitted, registered under `key`
-        (a stateless forward has none) and timed; on every way out its cache goes back."""
+        """A session's whole lifetime: checked, within its peer's quota, its cache reserved and admitted,
+        registered under `key` (a stateless forward has none) and timed; on every way out its cache
+        and its share of the peer's quota go back."""
         self._check_open(header, batch, max_length)
-        cache = self.budget.reserve(batch, max_length)
-        try:
-            # Load control last: a session refused as busy (no cache room) uses none of the hourly quota.
-            self.admit(self.open_sessions)
-        except WireError:
-            cache.release()
-            raise
-        session = ServerSession(cache=cache, batch=batch, max_length=max_length, key=key)
+        persistent = isinstance(header, OpenSession)
+        peer = str(label.peer)
+        with contextlib.ExitStack() as quota:
+            quota.enter_context(self.quotas.session(peer, batch * max_length, persistent))
+            cache = self.budget.reserve(batch, max_length)
+            try:
+                # Load control last: a session refused as busy (no cache room) uses none of the hourly quota.
+                self.admit(self.open_sessions)
+            except WireError:
+                cache.release()
+                raise
+            async with self._registered(header, cache, batch, max_length, key, peer, label) as session:
+                yield session
+
+    @contextlib.asynccontextmanager
+    async def _registered(
+        self,
+        header: OpenSession | ForwardRequest,
+        cache: PooledCache,
+        batch: int,
+        max_length: int,
+        key: str,
+        peer: str,
+        label: "_Label",
+    ) -> AsyncIterator[ServerSession]:
+        session = ServerSession(cache=cache, batch=batch, max_length=max_length, key=key, peer=peer, quotas=self.quotas)
         persistent = isinstance(header, OpenSession)
         self._sessions.add(session)
         if persistent and header.session_id:

@@ -38,6 +38,7 @@ from swarm.network import measure_bandwidth
 from swarm.placement import Placement
 from swarm.preflight import check_model_and_blocks
 from swarm.push import LocalPush, PushStream
+from swarm.quotas import PeerLimits
 from swarm.throughput import cached_throughput
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,12 @@ class Server:
             metrics=self.metrics,
             push=self._push,
             signer=self.receipt_signer,
+            peer_limits=PeerLimits(
+                max_streams=self.options.max_streams_per_peer,
+                max_sessions=self.options.max_sessions_per_peer,
+                max_cache_share=self.options.max_cache_share_per_peer,
+                max_buffered_bytes=int(self.options.max_buffered_mbytes_per_peer * (1 << 20)),
+            ),
         )
         p2p = self.p2p = await dht.replicate_p2p()
         for name, method, stream in (

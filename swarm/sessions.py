@@ -24,6 +24,7 @@ from protocol.errors import ErrorKind, WireError, bad_request
 from protocol.messages import Expect, PushFailed, Step, pack, read_header
 from protocol.routes import SealedRouteError, open_route
 from swarm.push import LocalPush, PushStream
+from swarm.quotas import PeerQuotas, message_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class ServerSession:
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (pusher or "", message); None ends it
     pushed: int = 0
     refused_pushers: set[str] = field(default_factory=set)  # peers whose push was refused: not heard again
+    peer: str = ""  # the client's peer id
+    quotas: Optional[PeerQuotas] = None  # per-peer limits: messages waiting here count against their sender
     client_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_QUEUED_CLIENT_MESSAGES))
 
     def extend_mask(self, new: Optional[torch.Tensor], tokens: int) -> Optional[torch.Tensor]:
@@ -79,6 +82,19 @@ class ServerSession:
         if self.cache is not None:
             self.cache.release()
             self.cache = None
+        if reason is None:  # the session is over: what still waits is never computed, its bytes go back
+            while not self.inbox.empty():
+                sender, message = self.inbox.get_nowait()
+                self._taken(sender, message)
+
+    def _hold(self, sender: str, message) -> None:
+        if self.quotas is not None and message is not None:
+            self.quotas.hold(sender, message_bytes(message))
+
+    def _taken(self, sender: str, message) -> None:
+        """A message left the inbox: its sender's bytes waiting here go back."""
+        if self.quotas is not None and isinstance(message, runtime_pb2.ExpertRequest) and sender != _NOTICE:
+            self.quotas.drop(sender or self.peer, message_bytes(message))
 
     def accept_push(self, request: runtime_pb2.ExpertRequest, pusher: str) -> None:
         """Queues a step that peer `pusher` pushed (its header already names this session)."""
@@ -88,6 +104,7 @@ class ServerSession:
             raise bad_request("an earlier push from this server into this session was refused")
         if self.pushed >= MAX_QUEUED_PUSHES:
             raise WireError(ErrorKind.BUSY, f"{MAX_QUEUED_PUSHES} pushed steps already wait in this session")
+        self._hold(pusher, request)
         self.pushed += 1
         self.inbox.put_nowait((pusher, request))
 
@@ -122,7 +139,10 @@ class ServerSession:
         try:
             async for message in requests:
                 await self.client_slots.acquire()
+                self._hold(self.peer, message)
                 self.inbox.put_nowait(("", message))
+        except WireError as e:  # over the peer's limit: the session ends with that error
+            self.inbox.put_nowait(("", e))
         finally:
             self.inbox.put_nowait(("", None))
 
@@ -132,6 +152,9 @@ class ServerSession:
         (None, reply, "") is a notice to pass on to the client as it is."""
         while True:
             pusher, message = await asyncio.wait_for(self.inbox.get(), timeout=idle_timeout)
+            self._taken(pusher, message)
+            if isinstance(message, WireError):
+                raise message
             if pusher == _NOTICE:
                 yield None, message, ""
                 continue
