@@ -14,7 +14,7 @@ from hivemind.p2p import P2P
 from blocks.checkpoint import parse_dtype
 from client.errors import InputMismatch, ServerFailure
 from client.routing import SpanPlan
-from client.server_errors import check_output, server_errors
+from client.server_errors import TRANSPORT_ERRORS, check_output, server_errors
 from client.streams import RequestStream, connect
 from protocol.errors import WireError
 from protocol.messages import (
@@ -294,7 +294,23 @@ def _is_push_failure(reply) -> bool:
 async def forward_span(
     p2p: P2P, model: str, plan: SpanPlan, hidden: torch.Tensor, mask: Optional[torch.Tensor], chunk: int, timeout: float
 ) -> torch.Tensor:
-    """A stateless forward of [batch, tokens, hidden] through one span, sent in token chunks."""
+    """A stateless forward of [batch, tokens, hidden] through one span, sent in token chunks.
+
+    It is idempotent, so a forward that timed out or lost its stream is sent once more on a fresh
+    stream before the server is blamed: rarely, the first message of a new stream is lost between two
+    libp2p daemons, and the server never saw the request. An error the server answered is final."""
+    try:
+        return await _forward_once(p2p, model, plan, hidden, mask, chunk, timeout)
+    except ServerFailure as e:
+        if not isinstance(e.__cause__, (asyncio.TimeoutError, *TRANSPORT_ERRORS)):
+            raise
+        logger.info("stateless forward to %s failed (%s); sending it again on a fresh stream", plan.peer_id, e)
+    return await _forward_once(p2p, model, plan, hidden, mask, chunk, timeout)
+
+
+async def _forward_once(
+    p2p: P2P, model: str, plan: SpanPlan, hidden: torch.Tensor, mask: Optional[torch.Tensor], chunk: int, timeout: float
+) -> torch.Tensor:
     stream = RequestStream()
     dtype = parse_dtype(plan.info.record.dtype)
     batch, total = hidden.shape[:2]

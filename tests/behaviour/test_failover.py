@@ -318,6 +318,21 @@ def test_stateless_forward_reroutes_around_a_failing_server(model6, ref6, tmp_pa
         torch.testing.assert_close(logits, ref6(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_a_stateless_forward_whose_first_message_is_lost_is_sent_again_and_bans_nobody(model6, ref6, tmp_path):
+    """The only server of the blocks loses the first forward stream's message: the client times out,
+    sends the forward once more on a fresh stream, and gets the right answer from the same server."""
+    ids = prompt(7)
+    with start_swarm(model6, [], tmp_path) as swarm:
+        swarm.add_server(0, 6, module="tests.helpers.lossy_server")
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=5, ban_seconds=3600
+        ) as model:
+            logits = model(ids).logits
+            assert not model.remote.bans.banned()
+    with torch.no_grad():
+        torch.testing.assert_close(logits, ref6(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_a_failed_prefill_is_resent_within_the_replacements_chunk_limit(model6, ref6, tmp_path):
     ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(9))
     expected = ref6.generate(ids, max_new_tokens=12, do_sample=False)
