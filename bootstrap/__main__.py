@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         port, announce = public_announce(options.public_ip, options.host, options.port, options.announce_maddrs)
-        dht, _ = start_dht(
+        dht, validator = start_dht(
             options.initial_peers,
             host=options.host,
             port=port,
@@ -43,16 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     addrs = [str(addr) for addr in dht.get_visible_maddrs()]  # hivemind answers this only outside an event loop
     try:
-        asyncio.run(serve(dht, options, addrs))
+        asyncio.run(serve(dht, validator, options, addrs))
     finally:
         dht.shutdown()
     return 0
 
 
-async def serve(dht, options: BootstrapOptions, addrs: list[str]) -> None:
+async def serve(dht, validator, options: BootstrapOptions, addrs: list[str]) -> None:
     """Answers reachability checks and bridges for servers behind NAT (unless --no-bridge) until
     SIGINT/SIGTERM. (Signal handlers only now: the DHT's forked child keeps the default ones.)"""
-    from bridge.node import BridgeLimits, BridgeNode
+    from bridge.node import BridgeLimits, BridgeNode, swarm_membership
+    from dht.swarm_dht import SwarmDHT
+    from protocol.messages import SWARM_RPCS
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,7 +62,8 @@ async def serve(dht, options: BootstrapOptions, addrs: list[str]) -> None:
         loop.add_signal_handler(sig, stop.set)
     p2p = await dht.replicate_p2p()
     try:
-        await BridgeNode(p2p, BridgeLimits.of(options), carry=not options.no_bridge).start()
+        prove = swarm_membership(SwarmDHT(dht, validator), dht.peer_id.to_base58())
+        await BridgeNode(p2p, SWARM_RPCS, prove, BridgeLimits.of(options), carry=not options.no_bridge).start()
         for addr in addrs:
             print(addr, flush=True)
         logger.info(

@@ -15,6 +15,7 @@ from bridge.frames import (
     CIRCUIT_ATTACH,
     CIRCUIT_DIAL_BACK,
     COPY_BYTES,
+    Attach,
     DialBack,
     Reply,
     bridge_id,
@@ -50,18 +51,22 @@ async def ask_dial_back(p2p: P2P, peers: Iterable[str], ports: list[int], timeou
 class BridgeAttachment:
     """Keeps an unreachable server attached to `want` bridges at once (so that clients can fail
     over to another as soon as one dies), topping up from `candidates` whenever one is lost and every
-    `retry` seconds while fewer are held. `on_change` gets the bridge addresses held after each change."""
+    `retry` seconds while fewer are held. `on_change` gets the bridge addresses held after each change
+    (the server announces them: each bridge detaches a server whose record does not name it soon);
+    `claim()` is the (model, first block) this server serves, where a bridge looks for that record."""
 
     def __init__(
         self,
         p2p: P2P,
         candidates: Callable[[], Awaitable[list[str]]],
         on_change: Callable[[tuple[str, ...]], Awaitable[None]],
+        claim: Callable[[], tuple[str, int]],
         want: int = 2,
         timeout: float = 10.0,
         retry: float = 10.0,
     ):
         self.p2p = p2p
+        self.claim = claim
         self.candidates = candidates
         self.on_change = on_change
         self.want = want
@@ -130,6 +135,8 @@ class BridgeAttachment:
             _, reader, writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(peer, CIRCUIT_ATTACH), self.timeout
             )
+            model, start_block = self.claim()
+            await send(writer, Attach(model=model, start_block=start_block))
             reply = await asyncio.wait_for(receive(reader, Reply), self.timeout)
         except Exception as e:
             logger.info("bridge %s unavailable: %s: %s", addr, type(e).__name__, e)

@@ -17,7 +17,6 @@ from dht.dialing import dial
 CIRCUIT_ATTACH = "swarm.Circuit.attach"
 CIRCUIT_OPEN = "swarm.Circuit.open"
 CIRCUIT_DIAL_BACK = "swarm.Circuit.dial_back"
-CARRIED_PREFIX = "swarm.BlockService."  # the only RPCs a circuit may carry
 MAX_HEADER_BYTES = 4096
 MAX_UNARY_BYTES = 1 << 20
 DIAL_BACK_TIMEOUT = 3.0
@@ -25,11 +24,20 @@ COPY_BYTES = 1 << 16
 
 
 class CircuitError(ConnectionError):
-    """A bridge refused or lost a circuit (the target is not attached, limits, no such RPC)."""
+    """A bridge refused or lost a circuit (the target is not attached or not proven, limits, an RPC
+    it does not carry)."""
 
 
 class _Header(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Attach(_Header):
+    """From a server attaching: the model and first block it serves, where its DHT record (signed by
+    its identity) must name this bridge among its bridge addresses."""
+
+    model: str = Field(min_length=1, max_length=160)
+    start_block: int = Field(ge=0, le=1 << 16)
 
 
 class OpenCircuit(_Header):

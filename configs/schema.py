@@ -115,6 +115,9 @@ class NetworkOptions(_Schema):
         1024.0, gt=0, description="as a bridge: megabytes one circuit may carry, both ways"
     )
     bridge_max_seconds: float = Field(3600.0, gt=0, description="as a bridge: seconds one circuit may stay open")
+    bridge_max_circuits_per_source: int = Field(
+        8, ge=0, description="as a bridge: circuits one caller may have open through it at once"
+    )
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
 
     @field_validator("public_ip")

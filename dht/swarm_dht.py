@@ -187,6 +187,19 @@ class SwarmDHT:
             result.append(servers)
         return result
 
+    async def fetch_block(self, model: str, block: int) -> dict[str, ServerInfo]:
+        """The valid records of the servers that announce block `block` of `model`, keyed by peer id."""
+        if not 0 <= block < MAX_BLOCKS:
+            raise ValueError(f"block must be within 0..{MAX_BLOCKS - 1}, got {block}")
+        key = block_key(model, block)
+        raw = await self._run("read", partial(_get_many, keys=[key]))
+        servers = {}
+        for subkey, (value, expiration) in raw.get(key, {}).items():
+            info = parse_server_entry(peer_id_of_subkey(subkey), value, expiration)
+            if info is not None:
+                servers[info.peer_id] = info
+        return servers
+
     async def fetch_meta(self, model: str) -> dict[str, ModelRecord]:
         """The model records announced for `model`, keyed by the peer id that signed each (normally all equal)."""
         raw = await self._run("read", partial(_get_many, keys=[meta_key(model)]))

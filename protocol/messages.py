@@ -24,6 +24,8 @@ RPC_ECHO = "swarm.BlockService.rpc_echo"  # returns its payload: peers measure t
 RPC_PUSH = "swarm.BlockService.rpc_push"  # the previous server of a chain hands a step's output straight on
 RPC_PUSH_STREAM = "swarm.BlockService.rpc_push_stream"  # the same, one stream per session and next server
 ECHO_MAX_BYTES = 1536 * 1024
+# Every RPC of a server: all a bridge carries to a server behind NAT.
+SWARM_RPCS = frozenset({RPC_INFERENCE, RPC_FORWARD, RPC_INFO, RPC_ECHO, RPC_PUSH, RPC_PUSH_STREAM})
 
 # A header larger than this is refused unread.
 MAX_HEADER_BYTES = 64 * 1024

@@ -10,11 +10,12 @@ from typing import Awaitable, Callable, Optional
 from hivemind.p2p import P2P
 
 from bridge.attached import BridgeAttachment
-from bridge.node import BridgeLimits, BridgeNode
+from bridge.node import BridgeLimits, BridgeNode, swarm_membership
 from configs.schema import ServerOptions
 from dht.ports import free_port
 from dht.records import ServerInfo, ServerState
-from dht.swarm_dht import public_announce
+from dht.swarm_dht import SwarmDHT, public_announce
+from protocol.messages import SWARM_RPCS
 from swarm.reachability import check_reachability, is_loopback
 
 logger = logging.getLogger(__name__)
@@ -51,16 +52,18 @@ class Bridging:
     async def start(
         self,
         p2p: P2P,
+        dht: SwarmDHT,
         servers: Callable[[], Awaitable[list[dict[str, ServerInfo]]]],
-        own_peer_id: str,
         changed: Callable[[], Awaitable[None]],
+        claim: Callable[[], tuple[str, int]],
     ) -> Optional[asyncio.Task]:
         """A reachable server is a bridge for unreachable ones (unless --no-bridge); an unreachable one
         attaches to bridges found among the initial peers and `servers()` (calling `changed()` whenever
         the set changes) and waits, bounded, for the first attachment, so that it goes online usable."""
         opts = self.options
         if self.reachable:
-            await BridgeNode(p2p, BridgeLimits.of(opts), carry=not opts.no_bridge).start()
+            prove = swarm_membership(dht, dht.peer_id)
+            await BridgeNode(p2p, SWARM_RPCS, prove, BridgeLimits.of(opts), carry=not opts.no_bridge).start()
             return None
         if opts.no_bridge:
             logger.warning("this server is unreachable and --no-bridge is set: no peer can use it")
@@ -78,9 +81,9 @@ class Bridging:
             except Exception as e:
                 logger.info("could not read the swarm for bridges: %s", e)
                 found = []
-            return bridge_candidates(opts.initial_peers, found, own_peer_id)
+            return bridge_candidates(opts.initial_peers, found, dht.peer_id)
 
-        self.attachment = BridgeAttachment(p2p, candidates, on_change)
+        self.attachment = BridgeAttachment(p2p, candidates, on_change, claim)
         task = asyncio.create_task(self.attachment.run(), name="bridge attachment")
         try:
             await asyncio.wait_for(attached.wait(), FIRST_ATTACH_TIMEOUT)

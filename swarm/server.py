@@ -132,7 +132,9 @@ class Server:
                 return
             self.throughput = await self._throughput()
             p2p = await self._open_handlers(dht)
-            attachment_task = await self.bridging.start(p2p, self._read_swarm, self.dht.peer_id, self._bridges_changed)
+            attachment_task = await self.bridging.start(
+                p2p, self.dht, self._read_swarm, self._bridges_changed, lambda: (self.model_name, self.placement.start)
+            )
             metrics_runner, self.metrics_port = await self.metrics.serve(opts.host, opts.metrics_port)
             await self._announce()
             self.state = ServerState.ONLINE

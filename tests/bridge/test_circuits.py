@@ -39,6 +39,19 @@ async def echo_once(request, context):
     return runtime_pb2.ExpertResponse(metadata=request.metadata)
 
 
+CARRIED = {HANDLER, HANDLER + "_unary"}
+
+
+def announced(*peers: str):
+    """A proof that holds for `peers` only (what the DHT would say: the bridge's use of it is what these
+    tests are about; the NAT test proves servers through the real DHT)."""
+
+    async def prove(peer: str, model: str, start_block: int) -> bool:
+        return peer in peers and (model, start_block) == ("m", 0)
+
+    return prove
+
+
 async def attached(p2p: P2P, bridge_addr: str) -> BridgeAttachment:
     changed = asyncio.Event()
 
@@ -46,7 +59,7 @@ async def attached(p2p: P2P, bridge_addr: str) -> BridgeAttachment:
         if bridges:
             changed.set()
 
-    attachment = BridgeAttachment(p2p, lambda: _as_list(bridge_addr), on_change, want=1)
+    attachment = BridgeAttachment(p2p, lambda: _as_list(bridge_addr), on_change, lambda: ("m", 0), want=1)
     attachment.task = asyncio.create_task(attachment.run())
     await asyncio.wait_for(changed.wait(), 30)
     return attachment
@@ -72,7 +85,12 @@ async def test_a_bridge_carries_swarm_rpcs_to_attached_servers_only_and_within_i
     bridge_addr = f"/ip4/127.0.0.1/tcp/{bridge_port}/p2p/{bridge.peer_id.to_base58()}"
     attachments = []
     try:
-        node = BridgeNode(bridge, BridgeLimits(max_servers=1, max_circuits=4, max_bytes=20_000, max_seconds=60))
+        node = BridgeNode(
+            bridge,
+            CARRIED,
+            announced(home.peer_id.to_base58()),
+            BridgeLimits(max_servers=1, max_circuits=4, max_bytes=20_000, max_seconds=60),
+        )
         await node.start()
         for p2p in (home, other):
             await p2p.add_protobuf_handler(
@@ -98,14 +116,16 @@ async def test_a_bridge_carries_swarm_rpcs_to_attached_servers_only_and_within_i
         # beyond max_servers.
         with pytest.raises(CircuitError, match="not attached"):
             await iterate(client, Target(other.peer_id.to_base58(), bridge=bridge_addr), HANDLER, requests(b"x"))
-        with pytest.raises(CircuitError, match="carries only swarm.BlockService"):
+        with pytest.raises(CircuitError, match="carries only the swarm's RPCs"):
             await call(
                 client,
                 Target(home.peer_id.to_base58(), bridge=bridge_addr),
                 "hivemind.Other.rpc",
                 runtime_pb2.ExpertRequest(),
             )
-        refused = BridgeAttachment(other, lambda: _as_list(bridge_addr), lambda bridges: asyncio.sleep(0), want=1)
+        refused = BridgeAttachment(
+            other, lambda: _as_list(bridge_addr), lambda bridges: asyncio.sleep(0), lambda: ("m", 0), want=1
+        )
         await refused.top_up()
         assert refused.bridges == ()
         assert node.attached.keys() == {home.peer_id.to_base58()}
@@ -129,4 +149,58 @@ async def test_a_bridge_carries_swarm_rpcs_to_attached_servers_only_and_within_i
         for attachment in attachments:
             attachment.task.cancel()
         for p2p in (client, other, home, bridge):
+            await p2p.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_bridge_carries_nothing_to_a_server_that_does_not_prove_it_serves_the_swarm_and_detaches_it():
+    """Throwaway identities that attach without a record naming the bridge hold few slots, briefly,
+    give them up to newcomers, and get no circuit; one caller gets a bounded number of circuits at once."""
+    bridge_port = free_port("127.0.0.1")
+    bridge = await daemon(bridge_port)
+    stranger, honest, client = await daemon(), await daemon(), await daemon()
+    bridge_addr = f"/ip4/127.0.0.1/tcp/{bridge_port}/p2p/{bridge.peer_id.to_base58()}"
+    attachments = []
+    try:
+        limits = BridgeLimits(max_servers=4, max_unproven=1, proof_seconds=4, max_circuits_per_source=1)
+        node = BridgeNode(bridge, CARRIED, announced(honest.peer_id.to_base58()), limits)
+        await node.start()
+        for p2p in (stranger, honest):
+            await p2p.add_protobuf_handler(
+                HANDLER, echo, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+            )
+        attachments.append(await attached(stranger, bridge_addr))
+        await dial(client, bridge.peer_id.to_base58(), [bridge_addr], 30)
+
+        async def requests(*payloads):
+            for payload in payloads:
+                yield runtime_pb2.ExpertRequest(metadata=payload)
+
+        with pytest.raises(CircuitError, match="has not announced a record"):
+            await iterate(client, Target(stranger.peer_id.to_base58(), bridge=bridge_addr), HANDLER, requests(b"x"))
+        # The unproven slot is taken: a newcomer takes it (the stranger goes) and proves itself.
+        attachments.append(await attached(honest, bridge_addr))
+        await until(lambda: honest.peer_id.to_base58() in node.proven, "the honest server proven")
+        assert stranger.peer_id.to_base58() not in node.attached
+        through = Target(honest.peer_id.to_base58(), bridge=bridge_addr)
+
+        async def held(*payloads):
+            for payload in payloads:
+                yield runtime_pb2.ExpertRequest(metadata=payload)
+            await asyncio.sleep(30)  # keeps the circuit open
+
+        first = await iterate(client, through, HANDLER, held(b"a"))
+        assert (await anext(first)).metadata == b"a"
+        with pytest.raises(CircuitError, match="circuits of yours"):
+            await iterate(client, through, HANDLER, requests(b"b"))
+        await first.aclose()
+        # A stranger that attaches again (its attachment retries) never proves itself: detached once its
+        # time is up, while the proven server stays.
+        await until(lambda: stranger.peer_id.to_base58() in node.attached, "the stranger back", timeout=60)
+        await until(lambda: stranger.peer_id.to_base58() not in node.attached, "the stranger detached")
+        assert honest.peer_id.to_base58() in node.attached
+    finally:
+        for attachment in attachments:
+            attachment.task.cancel()
+        for p2p in (client, honest, stranger, bridge):
             await p2p.shutdown()
