@@ -33,7 +33,7 @@ from protocol.messages import (
 )
 from protocol.receipts import Receipt, mask_digest, verify
 from protocol.routes import new_route_key, seal_route
-from protocol.tensors import off_loop, read_tensors, tensor_digest
+from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +194,8 @@ class SpanSession:
             reply = await self._stream.receive(self.timeout, nudge)
             done = read_header(reply, StepDone)
         full_mask = self._extended_mask(mask, hidden.shape[0], hidden.shape[1])
-        nbytes = sum(len(tensor.buffer) for tensor in reply.tensors)
         output, receipt = await off_loop(
-            lambda: self._check_reply(reply, done, hidden, full_mask, previous_peer_id), nbytes
+            lambda: self._check_reply(reply, done, hidden, full_mask, previous_peer_id), message_bytes(reply)
         )
         self.position = done.position
         self._inputs.append(hidden)

@@ -45,6 +45,11 @@ async def off_loop(work: Callable[[], T], nbytes: int) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, work)
 
 
+def message_bytes(message: Any) -> int:
+    """The tensor bytes a request or reply carries (its header is capped separately)."""
+    return sum(len(tensor.buffer) for tensor in message.tensors)
+
+
 def tensor_digest(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes in its own dtype (bfloat16 included), on any device: a GPU tensor
     is copied to host first (which waits for the kernels that write it); a host tensor is hashed in

@@ -45,7 +45,7 @@ from protocol.messages import (
     read_header,
 )
 from protocol.receipts import mask_digest, receipt_message, sign
-from protocol.tensors import off_loop, read_tensors, tensor_digest
+from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.metrics import ServerMetrics
@@ -375,7 +375,7 @@ class BlockHandler:
             raise bad_request("this server does not push steps to other servers")
         hidden, mask = await off_loop(
             lambda: self._check_step(read_tensors(message, max_count=2), session, step),
-            sum(len(tensor.buffer) for tensor in message.tensors),
+            message_bytes(message),
         )
         full_mask = session.extend_mask(mask, hidden.shape[1])
         began = time.perf_counter()

@@ -89,8 +89,3 @@ def _decrement(counter: Counter[str], peer: str, amount: int) -> None:
 
 def _busy(message: str) -> WireError:
     return WireError(ErrorKind.BUSY, f"per-peer limit: {message}")
-
-
-def message_bytes(message) -> int:
-    """The tensor bytes a request carries (its header is capped separately)."""
-    return sum(len(tensor.buffer) for tensor in message.tensors)

@@ -23,8 +23,9 @@ from blocks.kv_pool import PooledCache
 from protocol.errors import ErrorKind, WireError, bad_request
 from protocol.messages import Expect, PushFailed, Step, pack, read_header
 from protocol.routes import SealedRouteError, open_route
+from protocol.tensors import message_bytes
 from swarm.push import LocalPush, PushStream
-from swarm.quotas import PeerQuotas, message_bytes
+from swarm.quotas import PeerQuotas
 
 logger = logging.getLogger(__name__)
 
