@@ -10,6 +10,7 @@ once a server it used is convicted. Sessions ask for that (`rollback`); nothing 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ import torch
 
 from blocks.checkpoint import Checkpoint, parse_dtype
 from client.bans import BanList
-from client.errors import BadRequestError, MissingBlocksError, ServerFailure
+from client.check_chain import CheckChain
+from client.errors import BadRequestError, MissingBlocksError, ServerFailure, SwarmBusyError
 from client.failures import FailurePolicy
 from client.pings import PingCache
 from client.reliability import RelayScores
@@ -38,8 +40,12 @@ CHECK_ROUTE_MAX_AGE = 10.0  # seconds a spot check may route on an earlier DHT r
 # and decisive against a server that is always wrong), then any later one (a longer history).
 FIRST_CHECK_LAG = 4
 CHECK_LAG = 16
+# Check chains kept open at once (each holds a session, and its KV, on every server of its chain); the
+# least recently used is closed past it, and its span's next check starts over.
+MAX_CHECK_CHAINS = 32
 
 Forward = Callable[[SpanPlan, torch.Tensor, Optional[torch.Tensor]], Awaitable[torch.Tensor]]
+OpenSpan = Callable[[SpanPlan, int, int], Awaitable[SpanSession]]  # (plan, batch, max length) -> an open session
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,11 @@ class Rollback:
 
 
 class ClientAudit:
-    """`forward(plan, hidden, mask)` is a stateless forward through one server (what recomputes a
-    claim); `rate` the spot-check rate (0: no checks, and no verifier)."""
+    """`rate` is the spot-check rate (0: no checks, and no verifier). A span's checks go to a check
+    chain (`CheckChain`) of inference sessions that `open_span(plan, batch, max_length)` opens on other
+    servers and that is then sent only the new positions, `chunk_tokens(batch)` at a time; disputes
+    and claims of no session are recomputed by `forward(plan, hidden, mask)`, a stateless forward
+    through one server."""
 
     def __init__(
         self,
@@ -63,6 +72,8 @@ class ClientAudit:
         bans: BanList,
         pings: PingCache,
         forward: Forward,
+        open_span: OpenSpan,
+        chunk_tokens: Callable[[int], int],
         reliability=None,
     ):
         self.router = router
@@ -70,7 +81,11 @@ class ClientAudit:
         self.bans = bans
         self.pings = pings
         self.forward = forward
+        self.open_span = open_span
+        self.chunk_tokens = chunk_tokens
         self.reliability = reliability
+        self.chains: collections.OrderedDict[str, CheckChain] = collections.OrderedDict()  # span's session -> chain
+        self._closing: set[asyncio.Task] = set()
         self.convicted: dict[str, Evidence] = {}
         self.fault_listeners: list[Callable[[Evidence], None]] = []
         self._reports: set[asyncio.Task] = set()  # evidence on its way to the relay
@@ -111,27 +126,106 @@ class ClientAudit:
             logger.warning("relay did not take the evidence against %s: %s: %s", evidence.peer_id, type(e).__name__, e)
 
     async def recompute(self, claim: Claim, avoid: frozenset[str]) -> Optional[Recomputation]:
-        """A claim's outputs recomputed by a chain of other servers (none of `avoid`), as one stateless
-        prefill of its whole input history; None if no such chain exists."""
+        """A claim's outputs recomputed by a chain of other servers (none of `avoid`); None if no such
+        chain exists. A span's own check goes to its check chain, which is sent only what it does not
+        hold yet; a dispute's referee (more servers to avoid) gets the whole history, stateless."""
+        if not claim.session_id or avoid != {claim.peer_id}:
+            return await self._recompute_stateless(claim, avoid)
+        chain = self.chains.pop(claim.session_id, None)
+        if chain is not None and chain.peers & (avoid | self.bans.banned()):
+            self._close(chain)
+            chain = None
+        if chain is not None:
+            try:
+                return self._kept(claim, chain, await chain.advance(claim, self._step, self._chunk(claim)))
+            except ServerFailure as e:  # a session kept idle may have been closed by its server: start over
+                logger.info("check chain of span %s failed (%s); opening another", claim.session_id, e)
+                self._close(chain)
+            except BaseException:
+                self._close(chain)
+                raise
+        chain = await self._open_chain(claim, avoid)
+        if chain is None:
+            return await self._recompute_stateless(claim, avoid)
         try:
-            chain = await self.router.chain(
+            return self._kept(claim, chain, await chain.advance(claim, self._step, self._chunk(claim)))
+        except BaseException as e:
+            self._close(chain)
+            if isinstance(e, ServerFailure):
+                self._blame(e)
+            raise
+
+    def _kept(self, claim: Claim, chain: CheckChain, result: tuple[int, torch.Tensor]) -> Recomputation:
+        self.chains[claim.session_id] = chain
+        while len(self.chains) > MAX_CHECK_CHAINS:
+            self._close(self.chains.popitem(last=False)[1])
+        since, outputs = result
+        return Recomputation(
+            by=" → ".join(span.plan.peer_id for span in chain.spans),
+            peers=chain.peers,
+            outputs=outputs,
+            dtype=least_precise([span.dtype for span in chain.spans]),
+            since=since,
+        )
+
+    def _chunk(self, claim: Claim) -> int:
+        return self.chunk_tokens(claim.inputs.shape[0])
+
+    async def _step(self, span: SpanSession, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return await self._unless_failed(span.plan.peer_id, span.step(hidden, mask))
+
+    async def _open_chain(self, claim: Claim, avoid: frozenset[str]) -> Optional[CheckChain]:
+        """Sessions for the claim's blocks on other servers, long enough for the claim's session; None
+        if no chain exists or its servers have no room (the check is then stateless)."""
+        batch, length = claim.inputs.shape[0], max(claim.max_length, claim.inputs.shape[1])
+        plans = await self._check_route(claim, avoid, length)
+        if plans is None:
+            return None
+        outcomes = await asyncio.gather(
+            *(self.open_span(plan, batch, length) for plan in plans), return_exceptions=True
+        )
+        spans = [outcome for outcome in outcomes if isinstance(outcome, SpanSession)]
+        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if not errors:
+            return CheckChain(spans)
+        await asyncio.gather(*(span.close() for span in spans), return_exceptions=True)
+        for error in errors:
+            if isinstance(error, ServerFailure):
+                self._blame(error)
+                raise error
+            if not isinstance(error, (SwarmBusyError, BadRequestError)):
+                raise error
+        return None  # busy, or not this long after all
+
+    async def _check_route(self, claim: Claim, avoid: frozenset[str], length: int) -> Optional[list[SpanPlan]]:
+        try:
+            return await self.router.chain(
                 claim.start,
                 claim.end,
                 exclude=avoid,
                 avoid_owner=claim.owner,
                 max_age=CHECK_ROUTE_MAX_AGE,
-                max_length=claim.inputs.shape[1],
+                max_length=length,
                 batch=claim.inputs.shape[0],
             )
         except (MissingBlocksError, BadRequestError):  # nobody else, or nobody else holds a history this long
+            return None
+
+    def _blame(self, error: ServerFailure) -> None:
+        if error.peer_id not in self.bans.banned():  # an abandoned request's server is banned already
+            self.failures.report(error.peer_id, str(error), error.bridge)
+
+    async def _recompute_stateless(self, claim: Claim, avoid: frozenset[str]) -> Optional[Recomputation]:
+        """The claim's whole input history as one stateless prefill through a chain of other servers."""
+        chain = await self._check_route(claim, avoid, claim.inputs.shape[1])
+        if chain is None:
             return None
         hidden = claim.inputs
         for plan in chain:
             try:
                 hidden = await self._unless_failed(plan.peer_id, self.forward(plan, hidden, claim.mask))
             except ServerFailure as e:
-                if plan.peer_id not in self.bans.banned():  # an abandoned request's server is banned already
-                    self.failures.report(plan.peer_id, str(e), e.bridge)
+                self._blame(e)
                 raise
         return Recomputation(
             by=" → ".join(plan.peer_id for plan in chain),
@@ -139,6 +233,18 @@ class ClientAudit:
             outputs=hidden,
             dtype=least_precise([parse_dtype(plan.info.record.dtype) for plan in chain]),
         )
+
+    def forget(self, session_ids) -> None:
+        """Closes the check chains of these spans' sessions (the spans are gone)."""
+        for session_id in session_ids:
+            chain = self.chains.pop(session_id, None)
+            if chain is not None:
+                self._close(chain)
+
+    def _close(self, chain: CheckChain) -> None:
+        task = asyncio.get_running_loop().create_task(chain.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _unless_failed(self, peer_id: str, request: Awaitable[torch.Tensor]) -> torch.Tensor:
         """Awaits `request` to `peer_id`, abandoning it as soon as a session reports that server failed:
@@ -175,10 +281,12 @@ class SessionAudit:
     """One session's spot checks: started after each step, waited for when they lag, and the
     rollback that a conviction of one of the session's servers calls for."""
 
-    def __init__(self, audit: ClientAudit, session_id: str):
+    def __init__(self, audit: ClientAudit, session_id: str, max_length: int = 0):
         self.audit = audit
         self.session_id = session_id
+        self.max_length = max_length
         self.steps = 0
+        self._checked: set[str] = set()  # sessions of the spans checked so far (each may have a check chain)
         self._checks: dict[asyncio.Task, tuple[int, int]] = {}  # check in flight -> (step it followed, lag)
         self._retired: list[tuple[str, int]] = []  # (peer, verified position) of spans replaced after a failure
         self._rolled_back: set[str] = set()  # convicted servers this session has rolled back from already
@@ -186,6 +294,12 @@ class SessionAudit:
     def retire(self, span: SpanSession) -> None:
         """A span replaced after a failure: what was verified of it still bounds a later rollback."""
         self._retired.append((span.plan.peer_id, span.verified))
+        self.drop(span)
+
+    def drop(self, span: SpanSession) -> None:
+        """A span no longer in use: its check chain is closed."""
+        self._checked.discard(span.key)
+        self.audit.forget([span.key])
 
     def stepped(self, spans: Sequence[SpanSession], mask: Optional[torch.Tensor]) -> None:
         """After each step: spot-checks each span's outputs since its last check."""
@@ -218,7 +332,10 @@ class SessionAudit:
                 session_id=span.key,
                 receipts=tuple(span.receipts),
                 owner=span.plan.info.record.public_name,
+                rewinds=tuple(span.rewound_to),
+                max_length=self.max_length,
             )
+            self._checked.add(span.key)
             span.checks += 1
             span.checking = True
             task = asyncio.create_task(self._check(span, claim, span.rewinds))
@@ -277,5 +394,8 @@ class SessionAudit:
             await asyncio.gather(*list(self._checks), return_exceptions=True)
 
     def cancel(self) -> None:
+        """The session is closed: its checks stop and their chains close."""
         for task in list(self._checks):
             task.cancel()
+        self.audit.forget(self._checked)
+        self._checked.clear()

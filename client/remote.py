@@ -19,7 +19,7 @@ from client.pings import PingCache
 from client.router import Router
 from client.routing import SpanPlan
 from client.runtime import LoopThread
-from client.span import forward_span
+from client.span import SpanSession, forward_span
 from client.swarm_view import SwarmView
 from configs.schema import DEFAULT_VERIFY_RATE
 from dht.swarm_dht import SwarmDHT, start_dht
@@ -71,7 +71,16 @@ class RemoteModel:
         self.router = Router(self.view, self.bans, self.pings, reliability, min_reliability)
         self.failures = FailurePolicy(self.bans, self.pings, self.view.latest_record)
         self.audit = ClientAudit(
-            verify, checkpoint, self.router, self.failures, self.bans, self.pings, self.forward_span, reliability
+            verify,
+            checkpoint,
+            self.router,
+            self.failures,
+            self.bans,
+            self.pings,
+            self.forward_span,
+            self.open_span,
+            self.chunk_tokens,
+            reliability,
         )
 
     async def make_chain(
@@ -95,6 +104,12 @@ class RemoteModel:
         """A stateless forward through one server's span of the chain."""
         chunk = self.chunk_tokens(hidden.shape[0])
         return await forward_span(self.p2p, self.model_name, plan, hidden, mask, chunk, self.request_timeout)
+
+    async def open_span(self, plan: SpanPlan, batch_size: int, max_length: int) -> SpanSession:
+        """An inference session on one server's span (what a spot check keeps its KV in)."""
+        span = SpanSession(plan, self.request_timeout)
+        await span.open(self.p2p, self.model_name, batch_size, max_length, self.failures.bridges_to_avoid())
+        return span
 
     async def aforward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Hidden states of all positions after every block, without keeping any cache."""

@@ -61,7 +61,7 @@ class InferenceSession:
         self.links_relayed: set[tuple[str, str]] = set()
         self._step_id = 0
         self._mask: Optional[torch.Tensor] = None  # the attention mask of positions [0, position), if padded
-        self.audit = SessionAudit(remote.audit, self.session_id)
+        self.audit = SessionAudit(remote.audit, self.session_id, max_length)
 
     @property
     def chain(self) -> list[tuple[str, int, int]]:
@@ -244,6 +244,7 @@ class InferenceSession:
             if span.plan.peer_id in self.remote.audit.convicted:
                 history = span.history()
                 await span.close()
+                self.audit.drop(span)
                 spans += await self._connect(
                     span.plan.start, span.plan.end, history[:, :position] if position else None, mask, failures
                 )

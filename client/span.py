@@ -60,9 +60,13 @@ class SpanSession:
         self.verified = 0  # positions [0, verified) of its outputs agreed with a recomputation
         self.checks = 0  # spot checks started on this span
         self.checking = False  # one is in flight
-        self.rewinds = 0
+        self.rewound_to: list[int] = []  # the position of each rewind so far, in order
         self._rewind = False
         self.bridge = ""  # the bridge this span's stream goes through, if the server is unreachable
+
+    @property
+    def rewinds(self) -> int:
+        return len(self.rewound_to)
 
     @property
     def max_chunk_tokens(self) -> int:
@@ -100,7 +104,7 @@ class SpanSession:
             self.receipts = [receipt for receipt in self.receipts if receipt.position + receipt.tokens <= position]
             self.position = position
             self.verified = min(self.verified, position)
-            self.rewinds += 1
+            self.rewound_to.append(position)
             self._rewind = True
 
     async def open(

@@ -2,9 +2,10 @@
 
 Servers are strangers: one with a broken GPU, a cheaper model or a lower precision returns plausible
 hidden states that nothing else would notice. After a sampled step (and always after a span's first
-step), the client sends the span's whole input history, as one stateless prefill, to other servers
-of the same blocks (or runs it itself when it can hold those blocks) and compares the span's outputs
-since its last check with the recomputation, position by position.
+step), the client sends the span's inputs since its last check to other servers of the same blocks,
+which keep a session of their own for that span (`client.check_chain`: each position is sent once),
+or runs them itself when it can hold those blocks, and compares the span's outputs since its last
+check with the recomputation, position by position.
 
 A disagreement is settled by a referee: the client itself when its checkpoint holds the blocks and
 its memory allows (in float32), otherwise a third chain that avoids both servers. Whoever disagrees
@@ -74,7 +75,7 @@ class SpotChecker:
         window = slice(claim.verified, claim.outputs.shape[1])
         claimed = claim.outputs[:, window]
         mask = claim.mask[:, window] if claim.mask is not None else None
-        if discrepancy(claimed, first.outputs[:, window], mask) <= tol:
+        if discrepancy(claimed, first.window(claim), mask) <= tol:
             return Verdict(verified=True)
 
         self.disputes += 1
@@ -89,8 +90,8 @@ class SpotChecker:
                 first.by,
             )
             return Verdict(verified=False)
-        claimed_error = discrepancy(claimed, referee.outputs[:, window], mask)
-        verifier_error = discrepancy(first.outputs[:, window], referee.outputs[:, window], mask)
+        claimed_error = discrepancy(claimed, referee.window(claim), mask)
+        verifier_error = discrepancy(first.window(claim), referee.window(claim), mask)
         claimed_tol = tolerance(claim.dtype, referee.dtype, claim.end - claim.start)
         verifier_tol = tolerance(first.dtype, referee.dtype, claim.end - claim.start)
         common = dict(
@@ -100,9 +101,9 @@ class SpotChecker:
             input_digest=tensor_digest(claim.inputs),
             claimed_digest=tensor_digest(claimed),
             verifier_id=first.by,
-            verifier_digest=tensor_digest(first.outputs[:, window]),
+            verifier_digest=tensor_digest(first.window(claim)),
             referee=referee.by,
-            referee_digest=tensor_digest(referee.outputs[:, window]),
+            referee_digest=tensor_digest(referee.window(claim)),
         )
         wrong = []
         if claimed_error > claimed_tol:

@@ -125,7 +125,9 @@ def check_receipts(
 @dataclass(frozen=True)
 class Claim:
     """One span's outputs to check: positions [verified, end) of `outputs`, computed by `peer_id` in `dtype`
-    from `inputs` (every position so far, [batch, end, hidden])."""
+    from `inputs` (every position so far, [batch, end, hidden]). `session_id` is the span's session on
+    that server, `rewinds` the positions it was rewound to so far (in order: a checker that keeps its
+    own session of the span follows them), and `max_length` the longest that session may grow."""
 
     peer_id: str
     start: int
@@ -139,13 +141,21 @@ class Claim:
     session_id: str = ""
     receipts: tuple[Receipt, ...] = ()
     owner: str = ""  # the server's announced public_name: checks prefer servers of other owners
+    rewinds: tuple[int, ...] = ()
+    max_length: int = 0  # 0: as long as `inputs`
 
 
 @dataclass(frozen=True)
 class Recomputation:
-    """A recomputation of a claim's outputs: by whom (peer ids, or "client"), in which dtype."""
+    """A recomputation of a claim's outputs at positions [since, end) (`since` ≤ the claim's verified
+    position): by whom (peer ids, or "client"), in which dtype."""
 
     by: str
     peers: frozenset[str]
     outputs: torch.Tensor
     dtype: torch.dtype
+    since: int = 0
+
+    def window(self, claim: "Claim") -> torch.Tensor:
+        """The outputs at the positions the claim puts to the check, [claim.verified, end)."""
+        return self.outputs[:, claim.verified - self.since :]

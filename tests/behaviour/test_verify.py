@@ -14,6 +14,7 @@ from blocks.synthetic import make_random_checkpoint
 from client import AutoDistributedModelForCausalLM, ServerFailure, WrongResultWarning
 from harness.local_swarm import LocalSwarm
 from tests.helpers.client_worker import prompt
+from tests.helpers.metrics import scrape
 from tests.helpers.models import wait_for_route
 from verification.evidence import Claim
 
@@ -230,3 +231,45 @@ def test_checks_prefer_servers_of_another_owner(model6, honest_swarm):
     finally:
         liar.stop()
         sibling.stop()
+
+
+def computed_tokens(server) -> float:
+    """Positions a server has computed, by its own /metrics (prefill and decode)."""
+    return sum(
+        sum(scrape(server.metrics_url, name).values()) for name in ("prompt_tokens_total", "generation_tokens_total")
+    )
+
+
+@pytest.mark.slow
+def test_check_traffic_grows_linearly_with_the_session(tmp_path):
+    """Every step of a 2 000-position session is checked by another server, which keeps a session of its
+    own for the span: it computes each position once (a stateless check of the whole history at every
+    step would be 41 000 positions), and after a rewind only the positions sent again."""
+    long = make_random_checkpoint(tmp_path / "llama-long", "llama", num_layers=2, max_position_embeddings=4096, seed=9)
+    steps, width = 40, 50
+    with LocalSwarm(long, [], workdir=tmp_path / "swarm") as swarm:
+        fast = swarm.add_server(0, 2, "--throughput", "1000")
+        checker = swarm.add_server(0, 2, "--throughput", "10")
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            long, swarm.initial_peers, request_timeout=60, verify=1.0
+        ) as model:
+            wait_for_route(model, fast.peer_id)
+            hidden = torch.randn(
+                1, steps * width + width, model.config.hidden_size, generator=torch.Generator().manual_seed(0)
+            )
+            with model.inference_session(max_length=steps * width + width) as session:
+                for step in range(steps):
+                    session.step(hidden[:, step * width : (step + 1) * width])
+                    assert session.settle() is None  # every position checked before the next step
+                assert session.chain == [(fast.peer_id, 0, 2)]
+                assert session.spans[0].verified == steps * width
+                checked = computed_tokens(checker)
+                assert steps * width <= checked <= 2 * steps * width, checked
+
+                session.rewind(steps * width - width)
+                session.step(hidden[:, steps * width : (steps + 1) * width])
+                assert session.settle() is None
+                assert session.spans[0].verified == steps * width
+                assert computed_tokens(checker) - checked <= 2 * width
+            verifier = model.remote.audit.verifier
+            assert verifier.disputes == 0 and not model.convicted
