@@ -56,7 +56,8 @@ class ModelHead:
 
     @torch.inference_mode()
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids)
+        """Embeddings on the head's device, wherever the ids are."""
+        return self.embed(input_ids.to(self.embed.weight.device))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,9 @@ CHECK_LAG = 16
 # Check chains kept open at once (each holds a session, and its KV, on every server of its chain); the
 # least recently used is closed past it, and its span's next check starts over.
 MAX_CHECK_CHAINS = 32
+# A check chain's session takes a server's KV only where the server announced room for this many such
+# sessions: room goes to the sessions that generate, and a check where room is short goes stateless.
+CHECK_CHAIN_ROOM = 2
 
 Forward = Callable[[SpanPlan, torch.Tensor, Optional[torch.Tensor]], Awaitable[torch.Tensor]]
 OpenSpan = Callable[[SpanPlan, int, int], Awaitable[SpanSession]]  # (plan, batch, max length) -> an open session
@@ -176,10 +179,11 @@ class ClientAudit:
 
     async def _open_chain(self, claim: Claim, avoid: frozenset[str]) -> Optional[CheckChain]:
         """Sessions for the claim's blocks on other servers, long enough for the claim's session; None
-        if no chain exists or its servers have no room (the check is then stateless)."""
+        if no chain exists or its servers have no room to spare (the check is then stateless)."""
         batch, length = claim.inputs.shape[0], max(claim.max_length, claim.inputs.shape[1])
         plans = await self._check_route(claim, avoid, length)
-        if plans is None:
+        needed = CHECK_CHAIN_ROOM * batch * length
+        if plans is None or any(plan.info.record.cache_tokens_free < needed for plan in plans):
             return None
         outcomes = await asyncio.gather(
             *(self.open_span(plan, batch, length) for plan in plans), return_exceptions=True

@@ -154,7 +154,7 @@ def decode(
                     hidden = session.step(head.embed_tokens(feed), mask)
                 except ServerProvenWrongError:
                     continue  # a check finished just before the step, which sent nothing: roll back first
-                logits = head.logits(hidden[:, -1])
+                logits = head.logits(hidden[:, -1]).to(all_ids.device)  # the head's device may be another
                 scores = processors(all_ids, logits)
                 if config.do_sample:
                     next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)

@@ -23,7 +23,7 @@ from client.span import SpanSession, forward_span
 from client.swarm_view import SwarmView
 from configs.schema import DEFAULT_VERIFY_RATE
 from dht.swarm_dht import SwarmDHT, start_dht
-from protocol.tensors import MAX_MESSAGE_BYTES, cap_incoming_messages
+from protocol.tensors import MAX_MESSAGE_BYTES, cap_incoming_messages, moved
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +112,13 @@ class RemoteModel:
         return span
 
     async def aforward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Hidden states of all positions after every block, without keeping any cache."""
+        """Hidden states of all positions after every block, without keeping any cache (on the input's
+        device; what travels is copied to host off the event loop)."""
+        device = hidden.device
+        hidden, mask = await moved(hidden, "cpu"), await moved(mask, "cpu")
         async with step_deadline(self.step_timeout, "forward pass"):
-            return await forward_chain(self.router, self.failures, self.forward_span, hidden, mask, self.max_retries)
+            output = await forward_chain(self.router, self.failures, self.forward_span, hidden, mask, self.max_retries)
+        return await moved(output, device)
 
     def shutdown(self) -> None:
         try:

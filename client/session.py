@@ -30,6 +30,7 @@ from client.failures import FailureBudget, step_deadline
 from client.remote import RemoteModel
 from client.router import BAN_WAIT_SECONDS
 from client.span import SpanSession
+from protocol.tensors import moved
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class InferenceSession:
         """Runs new positions [batch, tokens, hidden] through every block; returns the last block's output.
 
         `mask` is the attention mask of the whole session so far, new tokens included ([batch, position + tokens]).
+        Inputs on a device are copied to host off the event loop, and the output comes back on their device.
         """
         if self.closed:
             raise SwarmError("inference session is closed")
@@ -184,8 +186,11 @@ class InferenceSession:
             raise ValueError(
                 f"session max_length is {self.max_length} tokens; {self.position} used, {tokens} more requested"
             )
+        device = hidden.device
+        hidden, mask = await moved(hidden, "cpu"), await moved(mask, "cpu")
         async with step_deadline(self.remote.step_timeout, "step"):
-            return await self._step(hidden, mask)
+            output = await self._step(hidden, mask)
+        return await moved(output, device)
 
     async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         batch, tokens = hidden.shape[:2]
@@ -287,7 +292,7 @@ class InferenceSession:
                     fits = all(part.shape[1] <= other.max_chunk_tokens for other in self.spans[index:])
                     if self.push and fits:
                         route = self.spans[index + 1 : self._route_end(index)]
-                        span.send(
+                        await span.send(
                             part,
                             new_mask,
                             self._step_id,

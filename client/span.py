@@ -148,7 +148,7 @@ class SpanSession:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        self.send(hidden, mask, 0)  # unnumbered: only routed steps can arrive twice
+        await self.send(hidden, mask, 0)  # unnumbered: only routed steps can arrive twice
         return await self.receive(hidden, mask)
 
     @property
@@ -156,7 +156,7 @@ class SpanSession:
         """The server still holds positions this span has forgotten (see `rewind`)."""
         return self._rewind
 
-    def send(
+    async def send(
         self,
         hidden: torch.Tensor,
         mask: Optional[torch.Tensor],
@@ -167,15 +167,14 @@ class SpanSession:
         """Sends one step (within this server's chunk limit); with a `route` (later spans' `hop()`), the
         server pushes its output along it, each server learning only its own next hop (with `rewind`,
         every server on the way first forgets what follows the step's position). The reply is read
-        by `receive`."""
-        tensors = [hidden.to(self.dtype)] + ([mask] if mask is not None else [])
+        by `receive`. A long input is converted and serialized on a worker thread."""
         rewind = rewind or self._rewind
         header = Step(position=self.position, step_id=step_id, rewind=rewind)
         if route:
             first, sealed = seal_route(route, step_id, self.position, rewind)
             header = Step(position=self.position, step_id=step_id, route=(first,), sealed_route=sealed, rewind=rewind)
-        self._stream.send(pack(header, tensors, request=True))
         self._rewind = False
+        self._stream.send(await packed(header, hidden, mask, self.dtype))
 
     def expect(self, step_id: int) -> None:
         """Tells the server that step `step_id` comes pushed by the previous one: nothing to compute,
@@ -294,6 +293,16 @@ def _is_push_failure(reply) -> bool:
     return True
 
 
+async def packed(header, hidden: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype):
+    """A step's request: `hidden` in the server's `dtype` and the mask, converted and serialized on a
+    worker thread if they are large."""
+
+    def build():
+        return pack(header, [hidden.to(dtype)] + ([mask] if mask is not None else []), request=True)
+
+    return await off_loop(build, hidden.numel() * hidden.element_size())
+
+
 async def forward_span(
     p2p: P2P, model: str, plan: SpanPlan, hidden: torch.Tensor, mask: Optional[torch.Tensor], chunk: int, timeout: float
 ) -> torch.Tensor:
@@ -325,8 +334,8 @@ async def _forward_once(
             target = await connect(p2p, plan, timeout)
             await asyncio.wait_for(stream.open(p2p, target, RPC_FORWARD), timeout)
             for position in range(0, total, chunk):
-                part = hidden[:, position : position + chunk].to(dtype)
-                tensors = [part] + ([mask[:, position : position + part.shape[1]]] if mask is not None else [])
+                part = hidden[:, position : position + chunk]
+                part_mask = mask[:, position : position + part.shape[1]] if mask is not None else None
                 header = (
                     ForwardRequest(
                         model=model, start_block=plan.start, end_block=plan.end, batch_size=batch, total_tokens=total
@@ -334,13 +343,18 @@ async def _forward_once(
                     if position == 0
                     else Step(position=position)
                 )
-                stream.send(pack(header, tensors, request=True))
+                stream.send(await packed(header, part, part_mask, dtype))
                 reply = await stream.receive(timeout)
                 read_header(reply, StepDone)
-                replied = read_tensors(reply, max_count=1)
-                if len(replied) != 1:
-                    raise ServerFailure(plan.peer_id, f"inconsistent reply: {len(replied)} tensors")
-                outputs.append(check_output(plan.peer_id, replied[0], part, dtype))
+                outputs.append(await off_loop(lambda: _checked(plan.peer_id, reply, part, dtype), message_bytes(reply)))
     finally:
         await stream.close()
     return torch.cat(outputs, dim=1)
+
+
+def _checked(peer_id: str, reply, sent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stateless forward's output, read and checked against what was sent (on a worker thread when large)."""
+    replied = read_tensors(reply, max_count=1)
+    if len(replied) != 1:
+        raise ServerFailure(peer_id, f"inconsistent reply: {len(replied)} tensors")
+    return check_output(peer_id, replied[0], sent, dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -43,6 +43,14 @@ async def off_loop(work: Callable[[], T], nbytes: int) -> T:
     if nbytes <= OFF_LOOP_BYTES:
         return work()
     return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+async def moved(tensor: Optional[torch.Tensor], device: torch.device | str) -> Optional[torch.Tensor]:
+    """`tensor` on `device`. A copy between devices runs on a worker thread: a copy to host waits for
+    the kernels still writing the tensor, and the event loop must not wait with it."""
+    if tensor is None or tensor.device == torch.device(device):
+        return tensor
+    return await asyncio.get_running_loop().run_in_executor(None, tensor.to, device)
 
 
 def message_bytes(message: Any) -> int:

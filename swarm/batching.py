@@ -190,7 +190,9 @@ def _forward(group: list[tuple[_Step, int]]) -> list[torch.Tensor]:
         if mask is not None and step.cache is not None:
             mask = mask[:, : span.cache_length(step.cache, start) + take]
         inputs.append(SpanInput(hidden, step.cache, mask))
-    return span.forward_batch(inputs, start, end)
+    # To host here, on the compute thread, once the kernels are done: everything after (digests,
+    # receipts, serialization, push) reads host memory and never waits on the device.
+    return [output.cpu() for output in span.forward_batch(inputs, start, end)]
 
 
 def _lengths(cache: Any) -> Optional[list[int]]:

@@ -61,3 +61,12 @@ def test_a_digest_is_of_the_bytes_in_the_tensors_own_dtype_whatever_its_layout()
     half = values.to(torch.bfloat16)
     assert tensor_digest(half) == hashlib.sha256(half.view(torch.int16).numpy().tobytes()).hexdigest()
     assert tensor_digest(half) != tensor_digest(values)
+
+
+async def test_a_tensor_already_on_the_device_is_not_copied_and_another_is_moved():
+    from protocol.tensors import moved
+
+    host = torch.ones(2, 3)
+    assert await moved(host, "cpu") is host and await moved(None, "cpu") is None
+    elsewhere = await moved(host, "meta")  # a device every machine has
+    assert elsewhere.device.type == "meta" and elsewhere.shape == host.shape
