@@ -54,6 +54,10 @@ class ModelHead:
     norm: torch.nn.Module
     lm_head: torch.nn.Linear
 
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
     @torch.inference_mode()
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings on the head's device, wherever the ids are."""

@@ -27,14 +27,54 @@ from client.audit import Rollback
 from client.errors import ServerProvenWrongError, WrongResultWarning
 from client.session import InferenceSession
 from client.shared_head import SharedHead
+from client.speculation import (
+    DEFAULT_ASSISTANT_TOKENS,
+    DEFAULT_NGRAM,
+    AssistantDrafter,
+    DraftSize,
+    PromptLookup,
+    verify_greedy,
+    verify_sampled,
+)
 
 logger = logging.getLogger(__name__)
+
+
+# What generate() implements; any other generation argument the caller sets is refused, never dropped.
+SUPPORTED = frozenset(
+    {
+        "max_new_tokens",
+        "max_length",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "eos_token_id",
+        "pad_token_id",
+        "bos_token_id",
+        "num_beams",
+        "use_cache",
+        "prompt_lookup_num_tokens",
+        "max_matching_ngram_size",
+        "num_assistant_tokens",
+        "transformers_version",
+    }
+)
 
 
 def prepare_config(
     base: GenerationConfig, generation_config: Optional[GenerationConfig], kwargs: dict[str, Any]
 ) -> GenerationConfig:
-    """The model's generation config, updated by the caller's, then by keyword arguments, like transformers."""
+    """The model's generation config, updated by the caller's, then by keyword arguments, like transformers.
+    An argument generate() does not implement, set by the caller, is an error."""
+    given = set(kwargs) | (set(generation_config.to_diff_dict()) if generation_config is not None else set())
+    if given - SUPPORTED:
+        raise TypeError(
+            f"generate() does not support {', '.join(sorted(given - SUPPORTED))}; it supports "
+            f"{', '.join(sorted(SUPPORTED - {'transformers_version'}))} and assistant_model"
+        )
     config = copy.deepcopy(generation_config if generation_config is not None else base)
     unused = config.update(**kwargs)
     if unused:
@@ -44,7 +84,29 @@ def prepare_config(
         raise NotImplementedError("beam search is not supported; use greedy decoding or sampling")
     if config.max_new_tokens is None and config.max_length is None:
         raise ValueError("pass max_new_tokens (or max_length)")
+    if config.use_cache is False:
+        raise ValueError("use_cache=False is not supported: servers keep every session's KV cache")
     return config
+
+
+def make_drafter(config: GenerationConfig, assistant_model: Any, vocab_size: int, batch: int, processors):
+    """The drafter that speculative decoding was asked for (None: plain decoding) and its DraftSize."""
+    lookup = config.prompt_lookup_num_tokens
+    if lookup is None and assistant_model is None:
+        return None, None
+    if lookup is not None and assistant_model is not None:
+        raise ValueError("pass prompt_lookup_num_tokens or assistant_model, not both")
+    if batch != 1:
+        raise ValueError(
+            f"speculative decoding (prompt_lookup_num_tokens, assistant_model) needs a batch of 1, got {batch}"
+        )
+    if assistant_model is not None:
+        return AssistantDrafter(assistant_model, vocab_size, processors), DraftSize(
+            config.num_assistant_tokens or DEFAULT_ASSISTANT_TOKENS
+        )
+    if not isinstance(lookup, int) or lookup < 1:
+        raise ValueError(f"prompt_lookup_num_tokens must be a positive integer, got {lookup!r}")
+    return PromptLookup(config.max_matching_ngram_size or DEFAULT_NGRAM), DraftSize(lookup)
 
 
 def build_processors(config: GenerationConfig) -> LogitsProcessorList:
@@ -109,8 +171,10 @@ def decode(
     attention_mask: Optional[torch.Tensor],
     config: GenerationConfig,
     streamer: Optional[BaseStreamer] = None,
+    assistant_model: Any = None,
 ) -> torch.Tensor:
-    """Appends `new_ids` to the session, generates, and returns every token of the session.
+    """Appends `new_ids` to the session, generates, and returns every token of the session (with
+    speculation if `config.prompt_lookup_num_tokens` or `assistant_model` asks for it).
 
     The last generated token is kept in `session.token_ids` but not yet sent, so a later call on the
     same session continues exactly where this one stopped.
@@ -137,6 +201,8 @@ def decode(
     eos = _eos_ids(config)
     pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if eos is not None else None)
     unfinished = torch.ones(all_ids.shape[0], dtype=torch.bool)
+    drafter, draft_size = make_drafter(config, assistant_model, head.vocab_size, all_ids.shape[0], processors)
+    session.draft_size = draft_size
     if streamer is not None:
         streamer.put(new_ids.cpu())
 
@@ -150,6 +216,25 @@ def decode(
                     )
                     continue
                 feed = all_ids[:, session.position :]
+                if drafter is not None:
+                    try:
+                        all_ids, mask, finished = _speculate(
+                            head,
+                            session,
+                            drafter,
+                            draft_size,
+                            all_ids,
+                            mask,
+                            config,
+                            processors,
+                            eos,
+                            streamer,
+                            max_new - (all_ids.shape[1] - prompt_length),
+                        )
+                    except ServerProvenWrongError:
+                        continue
+                    unfinished &= ~finished
+                    continue
                 try:
                     hidden = session.step(head.embed_tokens(feed), mask)
                 except ServerProvenWrongError:
@@ -179,3 +264,60 @@ def decode(
         if streamer is not None:
             streamer.end()
     return all_ids
+
+
+def _speculate(
+    head: SharedHead,
+    session: InferenceSession,
+    drafter,
+    size: DraftSize,
+    all_ids: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    config: GenerationConfig,
+    processors: LogitsProcessorList,
+    eos: Optional[torch.Tensor],
+    streamer: Optional[BaseStreamer],
+    remaining: int,
+):
+    """One trip through the chain with a draft (batch 1): the session's unsent tokens and up to
+    `size.size` drafted ones go in one step, the tokens the model agrees with (and its own next one)
+    are kept, and the servers forget the rest. Returns the tokens, their mask and whether the row
+    finished (an end-of-sequence token)."""
+    room = min(remaining - 1, session.max_length - all_ids.shape[1])
+    draft = drafter.draft(all_ids, min(size.size, room), config.do_sample) if room > 0 else None
+    drafted = draft.tokens.to(all_ids.device) if draft is not None else all_ids[0, :0]
+    count = drafted.shape[0]
+    step_ids = torch.cat([all_ids[:, session.position :], drafted[None]], dim=1)
+    step_mask = mask
+    if mask is not None:
+        step_mask = torch.cat([mask, torch.ones(1, count, dtype=mask.dtype, device=mask.device)], dim=1)
+    hidden = session.step(head.embed_tokens(step_ids), step_mask)
+    logits = head.logits(hidden[:, -(count + 1) :]).to(all_ids.device)
+    context = torch.cat([all_ids, drafted[None]], dim=1)
+    length = all_ids.shape[1]
+    scores = [processors(context[:, : length + i], logits[:, i])[0] for i in range(count + 1)]
+    if config.do_sample:
+        probs = draft.probs if draft is not None else None
+        kept = verify_sampled(drafted, probs, [torch.softmax(score.float(), dim=-1) for score in scores])
+    else:
+        kept = verify_greedy(drafted, scores)
+    size.update(count, len(kept) - 1)
+    finished = False
+    if eos is not None:
+        for index, token in enumerate(kept):
+            if token in eos.tolist():
+                kept, finished = kept[: index + 1], True
+                break
+    kept = kept[:remaining]
+    new = torch.tensor([kept], dtype=all_ids.dtype, device=all_ids.device)
+    all_ids = torch.cat([all_ids, new], dim=1)
+    if mask is not None:
+        mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)
+    if streamer is not None:
+        for token in new[0]:
+            streamer.put(token.view(1).cpu())
+    held = all_ids.shape[1] - 1  # the last token is not sent yet
+    if session.position > held:
+        session.rewind(held)
+    drafter.accepted(held)
+    return all_ids, mask, torch.tensor([finished])

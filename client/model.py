@@ -150,10 +150,16 @@ class AutoDistributedModelForCausalLM:
         """Generates like `transformers`' `generate()` and returns prompt + new tokens [batch, length].
 
         Accepts `max_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`, `min_p`,
-        `repetition_penalty`, `eos_token_id`, `pad_token_id`, and a `streamer`. With `session`, the
-        call continues that session: `input_ids` are tokens to append (or None) and the result is
-        every token of the session so far.
+        `repetition_penalty`, `eos_token_id`, `pad_token_id`, and a `streamer`; any other generation
+        argument is refused (TypeError). Speculative decoding (batch 1): `prompt_lookup_num_tokens=k`
+        drafts up to k tokens from n-grams of the context (`max_matching_ngram_size`, 2), and
+        `assistant_model=` a small local transformers model of the same vocabulary drafts them
+        (`num_assistant_tokens`, 20); each draft is verified in one trip through the chain and the
+        output is what plain decoding gives (greedy: the same tokens; sampling: the same
+        distribution). With `session`, the call continues that session: `input_ids` are tokens to
+        append (or None) and the result is every token of the session so far.
         """
+        assistant_model = kwargs.pop("assistant_model", None)
         config = prepare_config(self.generation_config, generation_config, kwargs)
         if input_ids is None:
             if session is None or session.token_ids is None:
@@ -161,10 +167,10 @@ class AutoDistributedModelForCausalLM:
             input_ids = torch.empty(session.token_ids.shape[0], 0, dtype=torch.long)
         _check_ids(input_ids, attention_mask)
         if session is not None:
-            return decode(self.head, session, input_ids, attention_mask, config, streamer)
+            return decode(self.head, session, input_ids, attention_mask, config, streamer, assistant_model)
         max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
         with self.inference_session(max_length=max(input_ids.shape[1] + max_new, 1)) as new_session:
-            return decode(self.head, new_session, input_ids, attention_mask, config, streamer)
+            return decode(self.head, new_session, input_ids, attention_mask, config, streamer, assistant_model)
 
     def shutdown(self) -> None:
         self.remote.shutdown()

@@ -60,6 +60,8 @@ class InferenceSession:
         self.push = remote.push
         # (pusher, next server) links that failed a push: the client sends those hops' steps itself
         self.links_relayed: set[tuple[str, str]] = set()
+        # With speculative decoding: the draft size and the tokens drafted, accepted and traversals made
+        self.draft_size = None
         self._step_id = 0
         self._mask: Optional[torch.Tensor] = None  # the attention mask of positions [0, position), if padded
         self.audit = SessionAudit(remote.audit, self.session_id, max_length)
@@ -243,10 +245,13 @@ class InferenceSession:
             raise ValueError(f"cannot rewind to position {position}: the session holds {self.position}")
         failures = FailureBudget(self.remote.max_retries)
         rollback = self.take_rollback()
+        # A rewind that stops short of a pending rollback (a speculative step's rejected tokens) leaves
+        # the rollback pending: the spans of convicted servers are replaced only by one that reaches it.
+        reaches = rollback is None or position <= rollback.position
         mask = self._mask[:, :position] if self._mask is not None and position else None
         spans: list[SpanSession] = []
         for span in self.spans:
-            if span.plan.peer_id in self.remote.audit.convicted:
+            if reaches and span.plan.peer_id in self.remote.audit.convicted:
                 history = span.history()
                 await span.close()
                 self.audit.drop(span)
@@ -259,7 +264,7 @@ class InferenceSession:
         self.spans = spans
         self.position = position
         self._mask = mask
-        if rollback is not None:
+        if rollback is not None and reaches:
             self.audit.rolled_back(rollback)
         logger.info("session %s: rewound to position %d; chain now %s", self.session_id, position, self._describe())
 

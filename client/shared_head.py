@@ -38,6 +38,10 @@ class SharedHead:
         with self._cond:
             return [request.hidden.shape[0] for request in self._queue]
 
+    @property
+    def vocab_size(self) -> int:
+        return self.head.vocab_size
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.head.embed_tokens(input_ids)
 
