@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=options.top_p,
             repetition_penalty=options.repetition_penalty,
             streamer=streamer,
+            **({"prompt_lookup_num_tokens": options.prompt_lookup} if options.prompt_lookup else {}),
         )
     except SwarmError as e:
         print(f"\nclient.generate: error: {e}", file=sys.stderr)

@@ -217,6 +217,7 @@ def decode(
                     continue
                 feed = all_ids[:, session.position :]
                 if drafter is not None:
+                    before = all_ids.shape[1]
                     try:
                         all_ids, mask, finished = _speculate(
                             head,
@@ -228,12 +229,14 @@ def decode(
                             config,
                             processors,
                             eos,
-                            streamer,
                             max_new - (all_ids.shape[1] - prompt_length),
                         )
                     except ServerProvenWrongError:
                         continue
                     unfinished &= ~finished
+                    if streamer is not None:
+                        for token in all_ids[0, before:]:
+                            streamer.put(token.view(1).cpu())
                     continue
                 try:
                     hidden = session.step(head.embed_tokens(feed), mask)
@@ -276,7 +279,6 @@ def _speculate(
     config: GenerationConfig,
     processors: LogitsProcessorList,
     eos: Optional[torch.Tensor],
-    streamer: Optional[BaseStreamer],
     remaining: int,
 ):
     """One trip through the chain with a draft (batch 1): the session's unsent tokens and up to
@@ -313,9 +315,6 @@ def _speculate(
     all_ids = torch.cat([all_ids, new], dim=1)
     if mask is not None:
         mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)
-    if streamer is not None:
-        for token in new[0]:
-            streamer.put(token.view(1).cpu())
     held = all_ids.shape[1] - 1  # the last token is not sent yet
     if session.position > held:
         session.rewind(held)

@@ -285,6 +285,12 @@ class GenerateOptions(_Schema):
     top_k: int = Field(50, ge=0, description="sample among the k most likely tokens (0: no limit)")
     top_p: float = Field(1.0, gt=0, le=1, description="sample among the most likely tokens whose probability sums to p")
     repetition_penalty: float = Field(1.0, gt=0, description="penalty for repeating tokens (1.0: none)")
+    prompt_lookup: int = Field(
+        0,
+        ge=0,
+        description="speculative decoding: draft up to this many tokens from n-grams of the context, "
+        "verified in one trip through the swarm (transformers' prompt_lookup_num_tokens; 0: off)",
+    )
     request_timeout: float = Field(60.0, gt=0, description="seconds to wait for any server reply")
     step_timeout: float = Field(
         300.0, gt=0, description="seconds one step through the swarm may take in all, retries and failovers included"
@@ -364,6 +370,13 @@ class RelayOptions(_Schema):
         "that the relay sends a server a few random tokens as a "
         "stateless forward and compares the answer with its own "
         "computation (0: none)",
+    )
+    prompt_lookup: int = Field(
+        10,
+        ge=0,
+        description="speculative decoding in the relay's generations: up to this many tokens drafted from "
+        "n-grams of the context and verified in one trip through the swarm (the draft shrinks when it "
+        "fails; the output is unchanged); 0 turns it off",
     )
     max_concurrent_generations: int = Field(4, gt=0, description="generations (API requests and jobs) run at once")
     max_queued_jobs: int = Field(

@@ -234,6 +234,7 @@ class Relay:
                 opts.min_reliability,
                 lambda peer, ok: self._record_outcome(loop, peer, ok),
                 opts.verify,
+                opts.prompt_lookup,
             )
             self.services[service.name] = service
             logger.info("serving model %s from %s", service.name, path)

@@ -128,8 +128,10 @@ class ModelService:
         min_reliability: float,
         outcome: Callable[[str, bool], None],
         verify: float,
+        prompt_lookup: int = 0,
     ):
         self.path = Path(path)
+        self.prompt_lookup = prompt_lookup  # prompt_lookup_num_tokens of every generation (0: none)
         self.model = AutoDistributedModelForCausalLM.from_pretrained(
             self.path,
             initial_peers,
@@ -240,6 +242,8 @@ class ModelService:
             if request.temperature == 0
             else dict(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
         )
+        if self.prompt_lookup > 0:
+            sampling["prompt_lookup_num_tokens"] = self.prompt_lookup
         result = Result(prompt_tokens=len(request.prompt_ids))
         session_id = uuid.uuid4().hex[:8]
         with self.model.inference_session(max_length=len(request.prompt_ids) + request.max_tokens) as session:

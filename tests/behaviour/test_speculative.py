@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from client import AutoDistributedModelForCausalLM
+from client import AutoDistributedModelForCausalLM, WrongResultWarning
 from harness.local_swarm import LocalSwarm
+from tests.helpers.models import wait_for_route
+from tests.helpers.streamers import AtToken
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +68,55 @@ def test_a_generation_argument_that_is_not_implemented_is_refused(model):
         model.generate(torch.cat([ids, ids]), max_new_tokens=2, prompt_lookup_num_tokens=4)
     with pytest.raises(ValueError, match="positive"):
         model.generate(ids, max_new_tokens=2, prompt_lookup_num_tokens=0)
+
+
+def test_a_server_killed_mid_speculation_is_replaced_and_the_output_is_unchanged(model6, ref6, tmp_path):
+    ids = repetitive_prompt()
+    expected = ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    splits = [(0, 3), (3, 6), (3, 6)]
+    with LocalSwarm(model6, splits, server_args=["--throughput", "100"], workdir=tmp_path / "swarm") as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60) as model:
+            model.generation_config.eos_token_id = None
+            with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+                streamer = AtToken(10, lambda: swarm.server(session.chain[-1][0]).kill())
+                output = model.generate(
+                    ids, max_new_tokens=NEW_TOKENS, prompt_lookup_num_tokens=8, session=session, streamer=streamer
+                )
+                assert session.failovers >= 1 and session.draft_size.accepted > 0
+    assert torch.equal(output, expected)
+
+
+def test_a_lying_server_is_caught_under_speculation_and_its_work_redone(model6, ref6, tmp_path):
+    ids = repetitive_prompt()
+    expected = ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    with LocalSwarm(model6, [(0, 6)], server_args=["--throughput", "100"], workdir=tmp_path / "swarm") as swarm:
+        liar = swarm.add_server(0, 6, "--throughput", "10000", module="tests.helpers.lying_server")
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, request_timeout=60, verify=0.5
+        ) as model:
+            model.generation_config.eos_token_id = None
+            wait_for_route(model, liar.peer_id)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", WrongResultWarning)
+                output = model.generate(ids, max_new_tokens=NEW_TOKENS, prompt_lookup_num_tokens=8)
+            assert liar.peer_id in model.convicted
+    assert torch.equal(output, expected)
+
+
+def test_sampling_with_prompt_lookup_generates_every_token_asked_for(model):
+    ids = repetitive_prompt()
+    torch.manual_seed(0)
+    for temperature in (1.0, 0.7):
+        with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+            output = model.generate(
+                ids,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                prompt_lookup_num_tokens=8,
+                session=session,
+            )
+            assert output.shape == (1, ids.shape[1] + NEW_TOKENS)
+            assert torch.equal(output[:, : ids.shape[1]], ids)
+            assert session.position == output.shape[1] - 1 and session.draft_size.traversals <= NEW_TOKENS
