@@ -33,11 +33,10 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_model_flags, bench_model, bench_parser, work_folder  # noqa: E402
-from bench.timing import TokenClock  # noqa: E402
 from blocks.checkpoint import Checkpoint  # noqa: E402
 from blocks.loading import load_head, load_span  # noqa: E402
 from blocks.span import SpanInput  # noqa: E402
-from client import AutoDistributedModelForCausalLM  # noqa: E402
+from client import AutoDistributedModelForCausalLM, TokenClock  # noqa: E402
 from harness.local_swarm import LocalSwarm, even_splits  # noqa: E402
 
 SOLO_REPEATS = 5  # one session alone, and single-process transformers: the median of this many runs each

@@ -29,9 +29,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_model_flags, bench_model, bench_parser, work_folder  # noqa: E402
-from bench.timing import TokenClock  # noqa: E402
 from blocks.checkpoint import Checkpoint, parse_dtype  # noqa: E402
-from client import AutoDistributedModelForCausalLM  # noqa: E402
+from client import AutoDistributedModelForCausalLM, TokenClock  # noqa: E402
 from harness.local_swarm import LocalSwarm, even_splits  # noqa: E402
 
 

@@ -26,6 +26,7 @@ _EXPORTS = {
     "Evidence": "verification.evidence",
     "SpanPlan": "client.routing",
     "forward_span": "client.span",
+    "TokenClock": "client.timing",
 }
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "Evidence",
     "SpanPlan",
     "forward_span",
+    "TokenClock",
 ]
 
 if TYPE_CHECKING:
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
     from client.routing import SpanPlan
     from client.session import InferenceSession
     from client.span import forward_span
+    from client.timing import TokenClock
     from verification.evidence import Evidence
 
 

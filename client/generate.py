@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from blocks.errors import BlocksError
     from client.errors import SwarmError
     from client.model import AutoDistributedModelForCausalLM
+    from client.timing import TokenClock
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(options.model)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"client.generate: error: {e}", file=sys.stderr)
         return 1
     try:
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TokenClock(inner=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
         if not chat:
             print(options.prompt, end="", flush=True)
         model.generate(
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         model.shutdown()
+    print(f"\n[{streamer.summary()}]", file=sys.stderr)
     return 0
 
 

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from blocks.checkpoint import Checkpoint
     from blocks.embedded import ensure_embedded_checkpoint
-    from client import AutoDistributedModelForCausalLM
+    from client import AutoDistributedModelForCausalLM, TokenClock
 
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -64,14 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
             print(f"User: {args.prompt}\nAssistant: ", end="", flush=True)
-            started = time.monotonic()
-            output = model.generate(
-                input_ids,
-                max_new_tokens=args.max_new_tokens,
-                streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-            )
-            new_tokens = output.shape[1] - input_ids.shape[1]
-            say(f"{new_tokens} tokens in {time.monotonic() - started:.1f} s through {len(splits)} servers")
+            clock = TokenClock(inner=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+            model.generate(input_ids, max_new_tokens=args.max_new_tokens, streamer=clock)
+            say(f"{clock.summary()}, through {len(splits)} servers")
         say("shutting the swarm down")
     return 0
 
