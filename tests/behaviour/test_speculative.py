@@ -120,3 +120,55 @@ def test_sampling_with_prompt_lookup_generates_every_token_asked_for(model):
             assert output.shape == (1, ids.shape[1] + NEW_TOKENS)
             assert torch.equal(output[:, : ids.shape[1]], ids)
             assert session.position == output.shape[1] - 1 and session.draft_size.traversals <= NEW_TOKENS
+
+
+CHI2_DF7_P001 = 24.322  # chi-square critical value, 7 degrees of freedom, significance 0.001
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_sampling_with_speculation_keeps_the_models_distribution(tmp_path):
+    """Through a live swarm, on a vocabulary of 8: the first sampled token after a prompt whose last
+    2-gram occurred before (so prompt lookup drafts it, and the rejection scheme decides), and the
+    token after it where the draft was kept (sampled in the same trip), follow the model's own
+    distributions by transformers (chi-square at significance 0.001, 1 500 samples, fixed seed)."""
+    from blocks.synthetic import make_random_checkpoint
+    from tests.helpers.models import reference_model
+
+    path = make_random_checkpoint(tmp_path / "tiny-vocab", "llama", num_layers=2, vocab_size=8, seed=4)
+    reference = reference_model(path)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]])
+    temperature = 2.0  # flattens the random model's distribution: every token is drawn often enough
+    with torch.no_grad():
+        first_p = torch.softmax(reference(ids).logits[0, -1] / temperature, dim=-1)
+        drafted = 3  # what prompt lookup drafts after "1 2"
+        after = reference(torch.cat([ids, torch.tensor([[drafted]])], dim=1)).logits[0, -1]
+        second_p = torch.softmax(after / temperature, dim=-1)
+    samples = 1500
+    first, second = torch.zeros(8), torch.zeros(8)
+    with LocalSwarm(path, [(0, 2)], workdir=tmp_path / "swarm") as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, verify=0) as model:
+            model.generation_config.eos_token_id = None
+            torch.manual_seed(0)
+            with model.inference_session(max_length=ids.shape[1] + 2) as session:
+                for _ in range(samples):
+                    session.rewind(0)
+                    session.token_ids = session.attention_mask = None
+                    output = model.generate(
+                        ids,
+                        max_new_tokens=2,
+                        do_sample=True,
+                        temperature=temperature,
+                        top_k=0,
+                        prompt_lookup_num_tokens=2,
+                        session=session,
+                    )
+                    first[output[0, -2]] += 1
+                    if output[0, -2] == drafted:
+                        second[output[0, -1]] += 1
+                assert session.draft_size.drafted > 0
+    assert chi_square(first, first_p) < CHI2_DF7_P001, (first, first_p)
+    assert chi_square(second, second_p) < CHI2_DF7_P001, (second, second_p)
