@@ -98,9 +98,9 @@ class SpanSession:
     def rewind(self, position: int) -> None:
         """Forgets positions from `position` on; the next step tells the server to do the same."""
         if position < self.position:
-            self._inputs = [self.history()[:, :position]] if position else []
+            self._inputs = _trimmed(self._inputs, position)
             self._mask = self._mask[:, :position] if self._mask is not None else None
-            self._outputs = [self.outputs()[:, :position]] if position and self._outputs else []
+            self._outputs = _trimmed(self._outputs, position)
             self.receipts = [receipt for receipt in self.receipts if receipt.position + receipt.tokens <= position]
             self.position = position
             self.verified = min(self.verified, position)
@@ -280,6 +280,18 @@ class SpanSession:
 
     async def close(self) -> None:
         await self._stream.close()
+
+
+def _trimmed(chunks: list[torch.Tensor], position: int) -> list[torch.Tensor]:
+    """The chunks [batch, tokens, ...] of positions [0, position): a rewind by a few positions (a
+    speculative step's rejected draft) drops or cuts the last chunks and copies nothing."""
+    kept, total = [], 0
+    for chunk in chunks:
+        if total >= position:
+            break
+        kept.append(chunk if total + chunk.shape[1] <= position else chunk[:, : position - total])
+        total += kept[-1].shape[1]
+    return kept
 
 
 def _is_push_failure(reply) -> bool:

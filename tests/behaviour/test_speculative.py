@@ -172,3 +172,27 @@ def test_sampling_with_speculation_keeps_the_models_distribution(tmp_path):
                 assert session.draft_size.drafted > 0
     assert chi_square(first, first_p) < CHI2_DF7_P001, (first, first_p)
     assert chi_square(second, second_p) < CHI2_DF7_P001, (second, second_p)
+
+
+def test_speculative_sessions_batched_with_plain_ones_each_generate_their_own_output(model, ref6):
+    """Three threads at once on the same servers, two with prompt lookup and one without: their steps
+    are batched together, and each output is transformers' greedy output for its prompt."""
+    import threading
+
+    base = repetitive_prompt()
+    prompts = [base, base[:, 2:], base[:, 5:]]
+    speculate = [True, True, False]
+    outputs: dict[int, torch.Tensor] = {}
+
+    def run(index: int) -> None:
+        extra = {"prompt_lookup_num_tokens": 6} if speculate[index] else {}
+        outputs[index] = model.generate(prompts[index], max_new_tokens=NEW_TOKENS, **extra)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    for index, ids in enumerate(prompts):
+        expected = ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+        assert torch.equal(outputs[index], expected), index
