@@ -72,7 +72,8 @@ class ServerSession:
         return self.mask[:, : self.position + tokens]
 
     def rewind(self, position: int) -> None:
-        """Forgets the positions from `position` on (a client rolls back what a wrong server made it compute)."""
+        """Forgets the positions from `position` on, in place (a client rolls back what a wrong server made it
+        compute, or the rejected part of a speculative draft)."""
         self.cache.restore([position] * len(self.cache.lengths()))
         self.position = position
 
