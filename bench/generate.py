@@ -1,6 +1,9 @@
 """Greedy decoding speed through a local swarm vs single-process transformers on the same model.
 
-The swarm is measured with server-to-server push (the default) and without it.
+The swarm is measured with server-to-server push (the default) and without it. The memory roofline
+of a decode step is reported beside it: the bytes a step must read (every block's weights, the LM
+head, the KV cache at the generation's middle position) over the bandwidth of a large copy measured
+in the same run, and the share of it that the swarm's and the single process's steps reach.
 
 Prints one JSON object. Examples:
   .venv/bin/python bench/generate.py                       # random Llama, ~220 M parameters, 2 servers
@@ -110,6 +113,9 @@ def main() -> None:
 
     local_rate = args.new_tokens / local_time
     swarm_rate = args.new_tokens / swarm_time
+    bound = roofline(checkpoint, dtype, args.prompt_tokens + args.new_tokens // 2, memory_bandwidth())
+    swarm_tpot = statistics.median(clock.time_per_output_token for _, _, clock in runs[args.link_delay_ms, True])
+    local_tpot = statistics.median(clock.time_per_output_token for _, _, clock in local_runs)
     print(
         json.dumps(
             {
@@ -130,6 +136,12 @@ def main() -> None:
                 "single_process_tokens_per_s": round(local_rate, 2),
                 "swarm_tokens_per_s": round(swarm_rate, 2),
                 "ratio": round(swarm_rate / local_rate, 3),
+                **bound,
+                # the share of the roofline a step reaches: far below 1 is overhead above the bytes read
+                "swarm_roofline_fraction": round(bound["roofline_ms_per_output_token"] / (1000 * swarm_tpot), 3),
+                "single_process_roofline_fraction": round(
+                    bound["roofline_ms_per_output_token"] / (1000 * local_tpot), 3
+                ),
                 "identical_output": all(
                     torch.equal(local_output, output) for variant in runs.values() for _, output, _ in variant
                 ),
@@ -137,6 +149,33 @@ def main() -> None:
             }
         )
     )
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large copy (each byte read and written), the best of `repeats`: the memory
+    roofline of this machine, measured in the same run as the steps it bounds."""
+    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.numel() * source.element_size() / best
+
+
+def roofline(checkpoint: Checkpoint, dtype: torch.dtype, position: int, bandwidth: float) -> dict:
+    """What one decode step must read at least: every block's weights, the LM head, and the KV cache
+    of `position` tokens; and the time that takes at `bandwidth`."""
+    weights = sum(checkpoint.block_bytes(index, dtype) for index in range(checkpoint.num_blocks))
+    head = checkpoint.config.vocab_size * checkpoint.hidden_size * torch.empty(0, dtype=dtype).element_size()
+    kv = checkpoint.num_blocks * checkpoint.kv_bytes_per_token(dtype) * position
+    return {
+        "step_weight_mbytes": round((weights + head) / 2**20, 1),
+        "step_kv_mbytes": round(kv / 2**20, 2),
+        "memory_bandwidth_gbytes_per_s": round(bandwidth / 1e9, 2),
+        "roofline_ms_per_output_token": round(1000 * (weights + head + kv) / bandwidth, 2),
+    }
 
 
 def extra_per_token(runs: dict, args) -> dict:
