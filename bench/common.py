@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -71,3 +72,35 @@ def bench_model(args: argparse.Namespace, workdir: Path) -> Path:
         vocab_size=args.vocab,
         max_position_embeddings=args.max_positions,
     )
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large copy (each byte read and written), the best of `repeats`: the memory
+    roofline of this machine, measured in the same run as the steps it bounds."""
+    import torch
+
+    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.numel() * source.element_size() / best
+
+
+def roofline(checkpoint, dtype, position: int, bandwidth: float) -> dict:
+    """What one decode step must read at least: every block's weights, the LM head, and the KV cache
+    of `position` tokens (of a `blocks.checkpoint.Checkpoint` in `dtype`); and the time that takes at
+    `bandwidth`."""
+    import torch
+
+    weights = sum(checkpoint.block_bytes(index, dtype) for index in range(checkpoint.num_blocks))
+    head = checkpoint.config.vocab_size * checkpoint.hidden_size * torch.empty(0, dtype=dtype).element_size()
+    kv = checkpoint.num_blocks * checkpoint.kv_bytes_per_token(dtype) * position
+    return {
+        "step_weight_mbytes": round((weights + head) / 2**20, 1),
+        "step_kv_mbytes": round(kv / 2**20, 2),
+        "memory_bandwidth_gbytes_per_s": round(bandwidth / 1e9, 2),
+        "roofline_ms_per_output_token": round(1000 * (weights + head + kv) / bandwidth, 2),
+    }

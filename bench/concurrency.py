@@ -3,8 +3,10 @@
 One session alone, then 4 and 16 at once (different prompts), as threads of one client process
 (as the relay runs them) or as separate client processes. Reports aggregate tokens/s, per-session
 p50/p99 time per token and time to first token, whether every session's output equals
-single-process `transformers` on the same prompt, and the servers' resident memory at step 10 and
-step 1000 of a long session. Prints one JSON object. Examples:
+single-process `transformers` on the same prompt, the servers' resident memory at step 10 and
+step 1000 of a long session, and the memory roofline of one session's decode step (what it must
+read over a large copy's bandwidth, measured in the same run) with the share of it that the one
+session reaches. Prints one JSON object. Examples:
   .venv/bin/python bench/concurrency.py                      # random Llama 768 × 8, 2 servers, threads
   .venv/bin/python bench/concurrency.py --clients processes  # 16 client processes instead
 """
@@ -32,7 +34,14 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_model_flags, bench_model, bench_parser, work_folder  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_model_flags,
+    bench_model,
+    bench_parser,
+    memory_bandwidth,
+    roofline,
+    work_folder,
+)
 from blocks.checkpoint import Checkpoint  # noqa: E402
 from blocks.loading import load_head, load_span  # noqa: E402
 from blocks.span import SpanInput  # noqa: E402
@@ -342,6 +351,13 @@ def main() -> None:
             report["compute_floor"] = floor | {
                 "ceiling_over_one_session_threads": round(solo_ms / floor["threads_ms_per_token"], 2),
                 "ceiling_over_one_session_processes": round(solo_ms / floor["processes_ms_per_token"], 2),
+            }
+            position = all_prompts[0].shape[1] + args.new_tokens // 2  # the one session's middle step
+            bound = roofline(checkpoint, torch.float32, position, memory_bandwidth())
+            report["roofline"] = bound | {
+                "one_session_roofline_fraction": round(
+                    bound["roofline_ms_per_output_token"] / solo["time_per_token_ms_p50"], 3
+                )
             }
             if args.memory_steps:
                 report["memory"] = memory_over_a_long_session(model, swarm, args.vocab, args.memory_steps)
