@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout=options.request_timeout,
             step_timeout=options.step_timeout,
             verify=options.verify,
+            region=options.region,
         )
     except (BlocksError, SwarmError, ValueError, OSError) as e:
         print(f"client.generate: error: {e}", file=sys.stderr)

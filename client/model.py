@@ -54,6 +54,7 @@ class AutoDistributedModelForCausalLM:
         ban_seconds: float = 5.0,
         push: bool = True,
         verify: float = DEFAULT_VERIFY_RATE,
+        region: Optional[str] = None,
     ) -> "AutoDistributedModelForCausalLM":
         """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`.
 
@@ -74,6 +75,9 @@ class AutoDistributedModelForCausalLM:
         of its blocks (or by this process, from `path`, when they fit in its memory) and compared. A
         server proven wrong is banned for good and `generate()` rolls back and recomputes what it
         touched, so the text it returns does not depend on it.
+
+        `region` is this client's region (default: the `SWARM_REGION` environment variable, else
+        none): among comparable chains, the one of servers announcing the same `--region` wins.
         """
         checkpoint = Checkpoint(path)
         head = load_head(checkpoint, dtype=dtype, device=device)
@@ -94,6 +98,7 @@ class AutoDistributedModelForCausalLM:
             ban_seconds=ban_seconds,
             push=push,
             verify=verify,
+            region=os.environ.get("SWARM_REGION", "") if region is None else region,
         )
         return cls(checkpoint, head, remote, generation_config)
 

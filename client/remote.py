@@ -47,6 +47,7 @@ class RemoteModel:
         ban_seconds: float = 5.0,
         push: bool = True,
         verify: float = DEFAULT_VERIFY_RATE,
+        region: str = "",
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one swarm peer")
@@ -68,7 +69,7 @@ class RemoteModel:
         self.bans = BanList(base=ban_seconds)
         self.view = SwarmView(self.dht, checkpoint, self.model_name)
         self.pings = PingCache(self.p2p, self.bans.ban, timeout=min(request_timeout, 5.0))
-        self.router = Router(self.view, self.bans, self.pings, reliability, min_reliability)
+        self.router = Router(self.view, self.bans, self.pings, reliability, min_reliability, region)
         self.failures = FailurePolicy(self.bans, self.pings, self.view.latest_record)
         self.audit = ClientAudit(
             verify,

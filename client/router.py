@@ -31,7 +31,9 @@ class Router:
         pings: PingCache,
         reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
         min_reliability: float = 0.0,
+        region: str = "",
     ):
+        self.region = region  # the client's own region: chains prefer servers that announce it
         self.view = view
         self.bans = bans
         self.pings = pings
@@ -111,11 +113,30 @@ class Router:
         rtts = self.pings.route_rtts()
         if not preferences:
             return make_chain(
-                model, index, start, end, excluded, rtts=rtts, rng=self.rng, max_length=max_length, batch=batch
+                model,
+                index,
+                start,
+                end,
+                excluded,
+                rtts=rtts,
+                rng=self.rng,
+                max_length=max_length,
+                batch=batch,
+                region=self.region,
             )
         avoided = set().union(*(peers for peers, _ in preferences))
         chain = chain_avoiding(
-            model, index, start, end, excluded, avoided, rtts=rtts, rng=self.rng, max_length=max_length, batch=batch
+            model,
+            index,
+            start,
+            end,
+            excluded,
+            avoided,
+            rtts=rtts,
+            rng=self.rng,
+            max_length=max_length,
+            batch=batch,
+            region=self.region,
         )
         for peers, fallback in preferences:
             if any(plan.peer_id in peers for plan in chain):

@@ -22,6 +22,10 @@ from client.errors import BadRequestError, MissingBlocksError
 from dht.records import ServerInfo, ServerState
 
 DEFAULT_RTT = 0.05  # seconds, for servers not measured yet
+# What a hop to a server of another region than the client's costs on top of its round trip: a
+# measured round trip says how far a server is now, the region that a link that far tends to be
+# slower and dearer (the same-region chain wins among comparable ones).
+CROSS_REGION_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class RouteIndex:
         self.open = np.array([usable(info, ()) for info in infos], dtype=bool)
         self.max_length = np.array([info.record.max_length for info in infos], dtype=np.int64)
         self.cache_total = np.array([info.record.cache_tokens_total for info in infos], dtype=np.int64)
+        self.region = np.array([info.record.region for info in infos], dtype=object)
         self.first, self.last = np.array(first, dtype=np.int64), np.array(last, dtype=np.int64)
         self.present = [
             np.flatnonzero((self.first <= block) & (self.last >= block)) for block in range(self.num_blocks)
@@ -144,10 +149,13 @@ def make_chain(
     jitter: float = 0.1,
     max_length: int = 0,
     batch: int = 1,
+    region: str = "",
 ) -> list[SpanPlan]:
     """The fastest chain over usable servers that accept a session of `batch` × `max_length` tokens;
     raises MissingBlocksError naming uncovered blocks, or BadRequestError if servers cover them but
-    none of some block accepts a session that long."""
+    none of some block accepts a session that long. With the client's `region`, a hop to a server
+    that announces another region costs CROSS_REGION_SECONDS more: among comparable chains the
+    same-region one wins, and a block only other regions serve is still served."""
     index = servers if isinstance(servers, RouteIndex) else RouteIndex(servers)
     end = index.num_blocks if end is None else end
     ok = index.open.copy()
@@ -178,6 +186,8 @@ def make_chain(
     per_block = index.per_block * noise[index.peer_of]
     # An unusable record costs an infinite round trip: it is never chosen, and the arrays keep their shape.
     rtt = np.where(ok, peer_rtt[index.peer_of] * noise[index.peer_of], np.inf)
+    if region:
+        rtt = rtt + np.where((index.region != "") & (index.region != region), CROSS_REGION_SECONDS, 0.0)
 
     # best[j]: fastest way to have blocks [start, j) done. entry[r]: the least best[i] - i * per_block[r]
     # over the blocks i at which record r could have been entered so far (entered_at[r] is that i).
@@ -229,6 +239,7 @@ def chain_avoiding(
     rng: random.Random | None = None,
     max_length: int = 0,
     batch: int = 1,
+    region: str = "",
 ) -> list[SpanPlan]:
     """The fastest chain that uses servers in `avoid` only for blocks that no other server covers
     (so one block without an alternative does not bring every avoided server back)."""
@@ -236,7 +247,16 @@ def chain_avoiding(
     while True:
         try:
             return make_chain(
-                model, index, start, end, set(exclude) | avoid, rtts=rtts, rng=rng, max_length=max_length, batch=batch
+                model,
+                index,
+                start,
+                end,
+                set(exclude) | avoid,
+                rtts=rtts,
+                rng=rng,
+                max_length=max_length,
+                batch=batch,
+                region=region,
             )
         except BadRequestError:
             if not avoid:

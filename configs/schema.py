@@ -291,6 +291,12 @@ class GenerateOptions(_Schema):
         description="speculative decoding: draft up to this many tokens from n-grams of the context, "
         "verified in one trip through the swarm (transformers' prompt_lookup_num_tokens; 0: off)",
     )
+    region: str = Field(
+        "",
+        max_length=64,
+        description="this client's region, e.g. europe-west: among comparable chains, servers announcing "
+        "the same --region are preferred (empty: no preference)",
+    )
     request_timeout: float = Field(60.0, gt=0, description="seconds to wait for any server reply")
     step_timeout: float = Field(
         300.0, gt=0, description="seconds one step through the swarm may take in all, retries and failovers included"

@@ -170,3 +170,13 @@ def test_a_session_is_routed_only_to_servers_that_accept_its_length_and_batch():
         chain_of(blocks, max_length=600)
     with pytest.raises(MissingBlocksError):  # nobody serves the blocks at all: not a question of size
         chain_of(servers(("a", 0, 4)), max_length=10)
+
+
+def test_a_client_prefers_servers_of_its_region_and_still_uses_others_for_blocks_only_they_serve():
+    regions = {"eu": {"region": "europe-west"}, "us": {"region": "us-east"}, "us-only": {"region": "us-east"}}
+    blocks = servers(("eu", 0, 8), ("us", 0, 8), limits=regions)
+    assert chain_of(blocks, region="europe-west") == [("eu", 0, 8)]
+    assert chain_of(blocks, region="us-east") == [("us", 0, 8)]
+    assert chain_of(blocks, region="us-east", rtts={"us": 0.5, "eu": 0.01}) == [("eu", 0, 8)]  # far is far
+    partial = servers(("eu", 0, 4), ("us-only", 4, 8), limits=regions)
+    assert chain_of(partial, region="europe-west") == [("eu", 0, 4), ("us-only", 4, 8)]
