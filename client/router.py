@@ -111,33 +111,11 @@ class Router:
             preferences.append((full, room))
         preferences = [(peers, fallback) for peers, fallback in preferences if peers - excluded]
         rtts = self.pings.route_rtts()
+        search = dict(rtts=rtts, rng=self.rng, max_length=max_length, batch=batch, region=self.region)
         if not preferences:
-            return make_chain(
-                model,
-                index,
-                start,
-                end,
-                excluded,
-                rtts=rtts,
-                rng=self.rng,
-                max_length=max_length,
-                batch=batch,
-                region=self.region,
-            )
+            return make_chain(model, index, start, end, excluded, **search)
         avoided = set().union(*(peers for peers, _ in preferences))
-        chain = chain_avoiding(
-            model,
-            index,
-            start,
-            end,
-            excluded,
-            avoided,
-            rtts=rtts,
-            rng=self.rng,
-            max_length=max_length,
-            batch=batch,
-            region=self.region,
-        )
+        chain = chain_avoiding(model, index, start, end, excluded, avoided, **search)
         for peers, fallback in preferences:
             if any(plan.peer_id in peers for plan in chain):
                 logger.info(fallback)
