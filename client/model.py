@@ -21,7 +21,7 @@ from client.generation import decode, prepare_config
 from client.remote import RemoteModel
 from client.session import InferenceSession
 from client.shared_head import SharedHead
-from configs.schema import DEFAULT_VERIFY_RATE
+from configs.schema import DEFAULT_VERIFY_RATE, valid_region
 from verification.evidence import Evidence
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,9 @@ class AutoDistributedModelForCausalLM:
         server proven wrong is banned for good and `generate()` rolls back and recomputes what it
         touched, so the text it returns does not depend on it.
 
-        `region` is this client's region (default: the `SWARM_REGION` environment variable, else
-        none): among comparable chains, the one of servers announcing the same `--region` wins.
+        `region` is this client's region (one of `configs.schema.REGIONS`; default: the
+        `SWARM_REGION` environment variable, else none): among comparable chains, the one of servers
+        announcing the same `--region` wins.
         """
         checkpoint = Checkpoint(path)
         head = load_head(checkpoint, dtype=dtype, device=device)
@@ -98,7 +99,7 @@ class AutoDistributedModelForCausalLM:
             ban_seconds=ban_seconds,
             push=push,
             verify=verify,
-            region=os.environ.get("SWARM_REGION", "") if region is None else region,
+            region=valid_region(os.environ.get("SWARM_REGION", "") if region is None else region),
         )
         return cls(checkpoint, head, remote, generation_config)
 

@@ -69,6 +69,19 @@ def _valid_announce_maddrs(values: list[str]) -> list[str]:
 
 
 AnnounceMaddrs = Annotated[list[str], AfterValidator(_valid_announce_maddrs)]
+
+# The regions of the volunteer platform's README: servers announce one, clients prefer their own.
+REGIONS = ("asia-east", "asia-south", "europe-west", "europe-east", "america-north", "america-south", "oceania")
+
+
+def valid_region(value: str) -> str:
+    """A region is one of REGIONS, or empty (none)."""
+    if value and value not in REGIONS:
+        raise ValueError(f"unknown region {value!r}: use one of {', '.join(REGIONS)} (or leave it empty)")
+    return value
+
+
+Region = Annotated[str, AfterValidator(valid_region)]
 ANNOUNCE_MADDRS_HELP = (
     "multiaddrs other peers dial instead of the listen address, for a port forward or a proxy "
     "in front of this node, e.g. /ip4/203.0.113.5/tcp/31337 (default: the listen address)"
@@ -212,7 +225,7 @@ class ServerOptions(NetworkOptions):
     throughput: Optional[float] = Field(
         None, gt=0, description="announce this throughput (tokens/s) instead of measuring it"
     )
-    region: str = Field("", max_length=64, description="region announced to clients, e.g. europe-west")
+    region: Region = Field("", description=f"region announced to clients, one of {', '.join(REGIONS)} (empty: none)")
     public_name: str = Field("", max_length=64, description="name shown on the swarm's health page")
     announce_period: float = Field(30.0, gt=0, description="seconds between refreshes of this server's DHT records")
     record_ttl: float = Field(90.0, gt=0, description="seconds a DHT record lives unless refreshed")
@@ -291,11 +304,10 @@ class GenerateOptions(_Schema):
         description="speculative decoding: draft up to this many tokens from n-grams of the context, "
         "verified in one trip through the swarm (transformers' prompt_lookup_num_tokens; 0: off)",
     )
-    region: str = Field(
+    region: Region = Field(
         "",
-        max_length=64,
-        description="this client's region, e.g. europe-west: among comparable chains, servers announcing "
-        "the same --region are preferred (empty: no preference)",
+        description=f"this client's region, one of {', '.join(REGIONS)}: among comparable chains, servers "
+        "announcing the same --region are preferred (empty: no preference)",
     )
     request_timeout: float = Field(60.0, gt=0, description="seconds to wait for any server reply")
     step_timeout: float = Field(
