@@ -80,6 +80,9 @@ class AssistantDrafter:
     def draft(self, ids: torch.Tensor, size: int, sample: bool) -> Draft:
         tokens, probs = [], []
         context = ids.to(self.device)
+        # The cache holds at most all but the last token, whose logits the draft starts from (a
+        # rollback may have cut the context below what the cache holds).
+        self.accepted(min(self.cached, context.shape[1] - 1))
         for _ in range(size):
             new = context[:, self.cached :]
             out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True)
@@ -99,9 +102,10 @@ class AssistantDrafter:
         return Draft(draft, torch.stack(probs).to(ids.device) if probs else None)
 
     def accepted(self, position: int) -> None:
-        """The swarm holds `position` tokens of context now: the cache forgets what lies beyond."""
+        """The context is certain up to `position` tokens (the swarm accepted them, or a rollback cut
+        the rest): the cache forgets what lies beyond."""
         if self.cache is not None and self.cached > position:
-            self.cache.crop(position)
+            self.cache.crop(position - self.cached)  # transformers 5: a negative count of tokens to drop
             self.cached = position
 
 

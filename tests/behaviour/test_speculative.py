@@ -86,8 +86,11 @@ def test_a_server_killed_mid_speculation_is_replaced_and_the_output_is_unchanged
     assert torch.equal(output, expected)
 
 
-def test_a_lying_server_is_caught_under_speculation_and_its_work_redone(model6, ref6, tmp_path):
+@pytest.mark.parametrize("drafter", ["prompt lookup", "assistant model"])
+def test_a_lying_server_is_caught_under_speculation_and_its_work_redone(model6, ref6, tmp_path, drafter):
+    """The rollback cuts the context under the drafter too (an assistant's own cache included)."""
     ids = repetitive_prompt()
+    speculation = {"prompt_lookup_num_tokens": 8} if drafter == "prompt lookup" else {"assistant_model": ref6}
     expected = ref6.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
     with LocalSwarm(model6, [(0, 6)], server_args=["--throughput", "100"], workdir=tmp_path / "swarm") as swarm:
         liar = swarm.add_server(0, 6, "--throughput", "10000", module="tests.helpers.lying_server")
@@ -98,13 +101,15 @@ def test_a_lying_server_is_caught_under_speculation_and_its_work_redone(model6, 
             wait_for_route(model, liar.peer_id)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", WrongResultWarning)
-                output = model.generate(ids, max_new_tokens=NEW_TOKENS, prompt_lookup_num_tokens=8)
+                output = model.generate(ids, max_new_tokens=NEW_TOKENS, **speculation)
             assert liar.peer_id in model.convicted
     assert torch.equal(output, expected)
 
 
-def test_sampling_with_prompt_lookup_generates_every_token_asked_for(model):
+@pytest.mark.parametrize("drafter", ["prompt lookup", "assistant model"])
+def test_sampling_with_speculation_generates_every_token_asked_for(model, ref6, drafter):
     ids = repetitive_prompt()
+    speculation = {"prompt_lookup_num_tokens": 8} if drafter == "prompt lookup" else {"assistant_model": ref6}
     torch.manual_seed(0)
     for temperature in (1.0, 0.7):
         with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
@@ -114,8 +119,8 @@ def test_sampling_with_prompt_lookup_generates_every_token_asked_for(model):
                 do_sample=True,
                 temperature=temperature,
                 top_k=0,
-                prompt_lookup_num_tokens=8,
                 session=session,
+                **speculation,
             )
             assert output.shape == (1, ids.shape[1] + NEW_TOKENS)
             assert torch.equal(output[:, : ids.shape[1]], ids)
