@@ -215,7 +215,6 @@ def decode(
                         session, rollback, all_ids, mask, prompt_length, eos, streamer
                     )
                     continue
-                feed = all_ids[:, session.position :]
                 if drafter is not None:
                     before = all_ids.shape[1]
                     try:
@@ -238,6 +237,7 @@ def decode(
                         for token in all_ids[0, before:]:
                             streamer.put(token.view(1).cpu())
                     continue
+                feed = all_ids[:, session.position :]
                 try:
                     hidden = session.step(head.embed_tokens(feed), mask)
                 except ServerProvenWrongError:
@@ -306,8 +306,9 @@ def _speculate(
     size.update(count, len(kept) - 1)
     finished = False
     if eos is not None:
+        ends = set(eos.tolist())
         for index, token in enumerate(kept):
-            if token in eos.tolist():
+            if token in ends:
                 kept, finished = kept[: index + 1], True
                 break
     kept = kept[:remaining]
