@@ -57,7 +57,8 @@ class KVPool:
         with self._lock:
             return max((length for _, length in self._free), default=0)
 
-    def _give_back(self, start: int, size: int) -> None:
+    def give_back(self, start: int, size: int) -> None:
+        """Returns tokens [start, start + size) to the free runs (a session's slice, or a cached page)."""
         with self._lock:
             index = bisect.bisect(self._free, (start, size))
             self._free.insert(index, (start, size))
@@ -108,9 +109,25 @@ class PooledCache:
         self._lengths[layer] = end
         return stored[0, :, :, :end], stored[1, :, :, :end]
 
-    def release(self) -> None:
-        """Gives the slice back to the pool, once."""
-        if not self._released:
-            self._released = True
-            self._views = None
-            self._pool._give_back(self._start, self._size)
+    def release(self, keep: int = 0) -> int:
+        """Gives the slice back to the pool, once, except its first `keep` tokens of row 0 (a batch of
+        one only): those stay allocated as pool tokens [returned start, start + keep), for the caller
+        to hand back to the pool later (the prefix cache keeps a finished prompt's KV so)."""
+        if self._released:
+            return -1
+        if keep and self._size != self.max_length:
+            raise ValueError("only a batch of one keeps its tokens")
+        self._released = True
+        self._views = None
+        self._pool.give_back(self._start + keep, self._size - keep)
+        return self._start
+
+    def fill(self, sources: torch.Tensor) -> None:
+        """Copies the pool tokens at `sources` (absolute indices, in order) into positions [0, n) of
+        row 0, in every layer, and makes them the session's tokens: a cached prefix reused."""
+        count = sources.shape[0]
+        if count > self.max_length or self._released:
+            raise ValueError(f"cannot fill {count} tokens into this cache")
+        storage = self._pool.storage
+        storage[:, :, :, self._start : self._start + count] = storage.index_select(3, sources.to(storage.device))
+        self._lengths = [count] * len(self._lengths)

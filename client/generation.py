@@ -205,6 +205,8 @@ def decode(
     session.draft_size = draft_size
     if streamer is not None:
         streamer.put(new_ids.cpu())
+    if session.position == 0 and not session.spans and all_ids.shape[0] == 1 and mask is None:
+        session.reuse_prefix(all_ids[0])  # servers may hold the prompt's start already (prefix caches)
 
     try:
         while True:

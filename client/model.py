@@ -18,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from blocks.checkpoint import Checkpoint
 from blocks.loading import ModelHead, load_head
 from client.generation import decode, prepare_config
+from client.prefix_memory import DEFAULT_PREFIX_MEMORY_MBYTES
 from client.remote import RemoteModel
 from client.session import InferenceSession
 from client.shared_head import SharedHead
@@ -55,6 +56,7 @@ class AutoDistributedModelForCausalLM:
         push: bool = True,
         verify: float = DEFAULT_VERIFY_RATE,
         region: Optional[str] = None,
+        prefix_cache_mbytes: float = DEFAULT_PREFIX_MEMORY_MBYTES,
     ) -> "AutoDistributedModelForCausalLM":
         """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`.
 
@@ -79,6 +81,11 @@ class AutoDistributedModelForCausalLM:
         `region` is this client's region (one of `configs.schema.REGIONS`; default: the
         `SWARM_REGION` environment variable, else none): among comparable chains, the one of servers
         announcing the same `--region` wins.
+
+        `prefix_cache_mbytes` is the memory this client keeps of finished prompts (what each server
+        was sent and answered for them), so that a later `generate()` whose prompt starts the same
+        reuses the servers' prefix caches and computes only the rest; servers keep the KV of a
+        client's prompts for that client only. 0 turns reuse off (servers are not told prompts).
         """
         checkpoint = Checkpoint(path)
         head = load_head(checkpoint, dtype=dtype, device=device)
@@ -100,6 +107,7 @@ class AutoDistributedModelForCausalLM:
             push=push,
             verify=verify,
             region=valid_region(os.environ.get("SWARM_REGION", "") if region is None else region),
+            prefix_cache_mbytes=prefix_cache_mbytes,
         )
         return cls(checkpoint, head, remote, generation_config)
 

@@ -16,6 +16,7 @@ from client.bans import BanList
 from client.failures import FailurePolicy, step_deadline
 from client.forward import forward_chain
 from client.pings import PingCache
+from client.prefix_memory import DEFAULT_PREFIX_MEMORY_MBYTES, PrefixMemory
 from client.router import Router
 from client.routing import SpanPlan
 from client.runtime import LoopThread
@@ -48,6 +49,7 @@ class RemoteModel:
         push: bool = True,
         verify: float = DEFAULT_VERIFY_RATE,
         region: str = "",
+        prefix_cache_mbytes: float = DEFAULT_PREFIX_MEMORY_MBYTES,
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one swarm peer")
@@ -60,6 +62,10 @@ class RemoteModel:
         self.max_chunk_tokens = max_chunk_tokens
         self.max_retries = max_retries
         self.push = push  # servers hand each step's output to the next server of the chain
+        if prefix_cache_mbytes < 0:
+            raise ValueError(f"prefix_cache_mbytes must be 0 or more, got {prefix_cache_mbytes}")
+        # finished prompts, to reuse servers' prefix caches (None: this client never does)
+        self.prefix_memory = PrefixMemory(int(prefix_cache_mbytes * 2**20)) if prefix_cache_mbytes > 0 else None
         self.step_timeout = step_timeout
         dht, validator = start_dht(initial_peers, client_mode=True, nat_port_map=nat_port_map)
         self.dht = SwarmDHT(dht, validator)

@@ -9,18 +9,37 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Collection, Mapping, Optional
 
 from client.bans import BanList
 from client.errors import MissingBlocksError
 from client.pings import PingCache
-from client.routing import SpanPlan, chain_avoiding, has_room, longest_accepted, make_chain, usable
+from client.routing import (
+    SpanPlan,
+    chain_avoiding,
+    has_room,
+    longest_accepted,
+    make_chain,
+    prefer_cached,
+    usable,
+)
 from client.swarm_view import SwarmView
 
 logger = logging.getLogger(__name__)
 
 # How long a session or a forward waits, in all, for the bans of the only servers of some blocks to end.
 BAN_WAIT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class CachedChain:
+    """A chain whose servers hold `tokens` of a session's prompt in their prefix caches, for a session
+    that will compute about `new_tokens` more."""
+
+    chain: tuple[tuple[str, int, int], ...]  # (peer, start, end) of each span
+    tokens: int
+    new_tokens: int
 
 
 class Router:
@@ -51,6 +70,7 @@ class Router:
         max_length: int = 0,
         batch: int = 1,
         wait_for_bans: float = 0.0,
+        cached: Optional[CachedChain] = None,
     ) -> list[SpanPlan]:
         """`search` (below); with `wait_for_bans`, when some block is served only by servers banned for
         a failure, waits for the first of their bans to end (if that comes within `wait_for_bans`
@@ -59,7 +79,7 @@ class Router:
         give_up = time.monotonic() + wait_for_bans
         while True:
             try:
-                return await self.search(start, end, exclude, avoid_owner, max_age, max_length, batch)
+                return await self.search(start, end, exclude, avoid_owner, max_age, max_length, batch, cached)
             except MissingBlocksError as e:
                 wait = await self._ban_wait(e.blocks, exclude)
                 if wait is None or time.monotonic() + wait > give_up:
@@ -84,13 +104,15 @@ class Router:
         max_age: float = 0.0,
         max_length: int = 0,
         batch: int = 1,
+        cached: Optional[CachedChain] = None,
     ) -> list[SpanPlan]:
         """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`
         and accept a session of `batch` × `max_length` tokens (BadRequestError if some block has none),
         preferring servers that announced room for it, servers with a good score and, with
         `avoid_owner`, servers of another owner (another announced `public_name`) wherever other
         servers cover the blocks. With `max_age`, a DHT read that recent is used again instead of a
-        new one."""
+        new one. With `cached`, the chain that holds the session's prompt in its prefix caches wins
+        where the prefill it saves beats its slower steps (and every server of it is still usable)."""
         index = await self.view.index(max_age)
         model = self.view.model_name
         end = self.view.num_blocks if end is None else end
@@ -112,13 +134,21 @@ class Router:
         preferences = [(peers, fallback) for peers, fallback in preferences if peers - excluded]
         rtts = self.pings.route_rtts()
         search = dict(rtts=rtts, rng=self.rng, max_length=max_length, batch=batch, region=self.region)
-        if not preferences:
-            return make_chain(model, index, start, end, excluded, **search)
         avoided = set().union(*(peers for peers, _ in preferences))
-        chain = chain_avoiding(model, index, start, end, excluded, avoided, **search)
-        for peers, fallback in preferences:
-            if any(plan.peer_id in peers for plan in chain):
-                logger.info(fallback)
+        if not preferences:
+            chain = make_chain(model, index, start, end, excluded, **search)
+        else:
+            chain = chain_avoiding(model, index, start, end, excluded, avoided, **search)
+            for peers, fallback in preferences:
+                if any(plan.peer_id in peers for plan in chain):
+                    logger.info(fallback)
+        if cached is not None and (cached.chain[0][1], cached.chain[-1][2]) == (start, end):
+            plans = [
+                index.plan(peer, first, last, excluded | avoided, max_length, batch)
+                for peer, first, last in cached.chain
+            ]
+            if all(plan is not None for plan in plans):
+                chain = prefer_cached(chain, plans, cached.tokens, cached.new_tokens, rtts)
         return chain
 
     async def longest_session(self) -> int:

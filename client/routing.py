@@ -127,6 +127,21 @@ class RouteIndex:
         runs = self.runs_of.get(peer_id)
         return self.infos[runs[0]] if runs else None
 
+    def plan(
+        self, peer_id: str, start: int, end: int, exclude: Collection[str], max_length: int = 0, batch: int = 1
+    ) -> Optional[SpanPlan]:
+        """Server `peer_id` for blocks [start, end), if one of its usable records covers them, it is not
+        in `exclude` and it accepts the session; else None."""
+        if peer_id in exclude:
+            return None
+        for run in self.runs_of.get(peer_id, []):
+            info = self.infos[run]
+            covers = self.first[run] <= start and self.last[run] >= end - 1
+            fits = max_length <= 0 or min(int(self.max_length[run]), int(self.cache_total[run]) // batch) >= max_length
+            if covers and fits and self.open[run]:
+                return SpanPlan(peer_id, start, end, info)
+        return None
+
     def candidates(self, start: int, end: int, exclude: Collection[str]) -> dict[str, ServerInfo]:
         """One usable record per peer present in blocks [start, end) (the servers worth pinging)."""
         runs = np.flatnonzero(self.open & (self.first < end) & (self.last >= start))
@@ -267,6 +282,30 @@ def chain_avoiding(
             if not needed:
                 raise
             avoid -= needed
+
+
+def prefill_seconds(chain: list[SpanPlan], tokens: int) -> float:
+    """What computing `tokens` prompt tokens costs `chain`, at its servers' announced forward throughput."""
+    seconds = 0.0
+    for plan in chain:
+        record = plan.info.record
+        share = (plan.end - plan.start) / max(record.end_block - record.start_block, 1)
+        seconds += tokens * share / max(record.throughput.forward, 1e-6)
+    return seconds
+
+
+def prefer_cached(
+    best: list[SpanPlan],
+    cached: list[SpanPlan],
+    cached_tokens: int,
+    new_tokens: int,
+    rtts: Mapping[str, float] | None = None,
+) -> list[SpanPlan]:
+    """`cached` (the chain whose servers hold `cached_tokens` of the prompt) instead of the fastest
+    chain `best` when the prefill it saves beats what its slower steps cost over `new_tokens` tokens."""
+    saving = prefill_seconds(cached, cached_tokens)
+    extra = (estimated_step_time(cached, rtts) - estimated_step_time(best, rtts)) * new_tokens
+    return cached if saving > extra else best
 
 
 def estimated_step_time(chain: list[SpanPlan], rtts: Mapping[str, float] | None = None) -> float:

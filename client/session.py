@@ -27,9 +27,12 @@ from client.errors import (
     SwarmError,
 )
 from client.failures import FailureBudget, step_deadline
+from client.prefix_memory import RememberedPrompt, RememberedSpan
 from client.remote import RemoteModel
-from client.router import BAN_WAIT_SECONDS
+from client.router import BAN_WAIT_SECONDS, CachedChain
+from client.routing import SpanPlan
 from client.span import SpanSession
+from protocol.messages import PREFIX_BLOCK_TOKENS
 from protocol.tensors import moved
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,9 @@ class InferenceSession:
         self.draft_size = None
         self._step_id = 0
         self._mask: Optional[torch.Tensor] = None  # the attention mask of positions [0, position), if padded
+        self.cached_tokens = 0  # prompt positions the servers started this session from (prefix caches)
+        self._prompt: Optional[torch.Tensor] = None  # the prompt's ids the servers were told (prefix caches)
+        self._lowest_rewind: Optional[int] = None
         self.audit = SessionAudit(remote.audit, self.session_id, max_length)
 
     @property
@@ -78,8 +84,13 @@ class InferenceSession:
         history: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
         failures: FailureBudget,
+        prompt: Optional[torch.Tensor] = None,
+        remembered: Optional[RememberedPrompt] = None,
+        cached: Optional[CachedChain] = None,
     ) -> list[SpanSession]:
         """Opens sessions for blocks [start, end) and replays `history` (inputs of block `start` so far).
+        With `prompt`, each server is told the prompt's ids and asked to reuse what it cached of them
+        where `remembered` holds its span (`cached`: the chain that does, for the router).
 
         Server failures count toward the step's one `failures` budget; servers that answer "busy", or
         that refuse a session this long (their record did not say so), are skipped, so the loop ends
@@ -97,6 +108,7 @@ class InferenceSession:
                     max_length=self.max_length,
                     batch=batch,
                     wait_for_bans=BAN_WAIT_SECONDS,
+                    cached=cached,
                 )
             except (MissingBlocksError, BadRequestError) as e:
                 if busy:
@@ -119,7 +131,15 @@ class InferenceSession:
                 bridges = self.remote.failures.bridges_to_avoid()
                 outcomes = await asyncio.gather(
                     *(
-                        span.open(self.remote.p2p, self.remote.model_name, batch, self.max_length, bridges)
+                        span.open(
+                            self.remote.p2p,
+                            self.remote.model_name,
+                            batch,
+                            self.max_length,
+                            bridges,
+                            prompt,
+                            _reusable(remembered, span.plan, span.keep_outputs),
+                        )
                         for span in opened
                     ),
                     return_exceptions=True,
@@ -151,6 +171,72 @@ class InferenceSession:
                     self.remote.failures.report(error.peer_id, str(error), error.bridge)
                     failures.add(error)
             last_error = errors[0]
+
+    async def areuse_prefix(self, ids: torch.Tensor) -> int:
+        """Opens the chain for a prompt of one sequence (`ids` [tokens] int64) before its first step,
+        telling every server the prompt's ids: each keeps the prompt's KV when the session ends, and
+        starts this session from as much of it as it kept before and this client remembers (the
+        shortest such prefix over the chain, in whole blocks). Returns how many positions the
+        session holds already: the caller sends only the rest. 0 where the client keeps no memory of
+        prompts (`prefix_cache_mbytes=0`)."""
+        if self.spans or self.position:
+            raise ValueError("reuse_prefix() comes before the session's first step")
+        memory = self.remote.prefix_memory
+        if memory is None or self.closed:
+            return 0
+        ids = ids.detach().to("cpu", torch.int64)
+        if ids.ndim != 1 or not 0 < ids.shape[0] <= self.max_length:
+            raise ValueError(f"prompt ids must be [tokens], 1 to {self.max_length} of them, got {list(ids.shape)}")
+        entry, tokens = memory.lookup(ids)
+        cached = None
+        if entry is not None and tokens:
+            cached = CachedChain(tuple(entry.chain), tokens, self.max_length - ids.shape[0])
+        self.batch_size = 1
+        failures = FailureBudget(self.remote.max_retries)
+        try:
+            async with step_deadline(self.remote.step_timeout, "opening the session"):
+                spans = await self._connect(0, self.remote.num_blocks, None, None, failures, ids, entry, cached)
+        except BaseException:
+            self.batch_size = None
+            raise
+        held = min(span.cached for span in spans)
+        for span in spans:
+            kept = entry.span(span.plan.peer_id, span.plan.start, span.plan.end) if held else None
+            span.adopt(kept.inputs if kept else None, kept.outputs if kept else None, held)
+        self.spans, self._prompt, self.position, self.cached_tokens = spans, ids, held, held
+        logger.info(
+            "session %s: chain %s, %d of %d prompt tokens reused", self.session_id, self._describe(), held, len(ids)
+        )
+        return held
+
+    def reuse_prefix(self, ids: torch.Tensor) -> int:
+        return self.remote.runtime.run(self.areuse_prefix(ids))
+
+    def _remember_prompt(self) -> None:
+        """Keeps what each span was sent and answered for the prompt's positions, for a later session's
+        reuse of the servers' prefix caches (only if every span's server was told the prompt)."""
+        memory = self.remote.prefix_memory
+        if memory is None or self._prompt is None or self.broken is not None:
+            return
+        tokens = min(self._prompt.shape[0], self.position)
+        if self._lowest_rewind is not None:
+            tokens = min(tokens, self._lowest_rewind)
+        tokens -= tokens % PREFIX_BLOCK_TOKENS
+        if not tokens or any(not span.prompted for span in self.spans):
+            return
+        remembered = []
+        for span in self.spans:
+            outputs = span.outputs()
+            remembered.append(
+                RememberedSpan(
+                    span.plan.peer_id,
+                    span.plan.start,
+                    span.plan.end,
+                    span.history()[:, :tokens].clone(),
+                    outputs[:, :tokens].clone() if outputs is not None else None,
+                )
+            )
+        memory.remember(self._prompt[:tokens], remembered)
 
     async def _replay(self, spans: list[SpanSession], history: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Rebuilds the replacement servers' caches from the inputs the failed span had received."""
@@ -263,6 +349,7 @@ class InferenceSession:
                 spans.append(span)
         self.spans = spans
         self.position = position
+        self._lowest_rewind = position if self._lowest_rewind is None else min(self._lowest_rewind, position)
         self._mask = mask
         if rollback is not None and reaches:
             self.audit.rolled_back(rollback)
@@ -416,6 +503,7 @@ class InferenceSession:
         if not self.closed:
             self.closed = True
             self.audit.cancel()
+            self._remember_prompt()
             await asyncio.gather(*(span.close() for span in self.spans), return_exceptions=True)
 
     def close(self) -> None:
@@ -427,3 +515,13 @@ class InferenceSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _reusable(remembered: Optional[RememberedPrompt], plan: SpanPlan, with_outputs: bool) -> int:
+    """How many prompt tokens server `plan` may start from: those of its span the client remembers."""
+    if remembered is None:
+        return 0
+    kept = remembered.span(plan.peer_id, plan.start, plan.end)
+    if kept is None or (with_outputs and kept.outputs is None):
+        return 0
+    return kept.inputs.shape[1]

@@ -63,6 +63,8 @@ class SpanSession:
         self.rewound_to: list[int] = []  # the position of each rewind so far, in order
         self._rewind = False
         self.bridge = ""  # the bridge this span's stream goes through, if the server is unreachable
+        self.cached = 0  # positions the server started the session from, out of its prefix cache
+        self.prompted = False  # the server was told the session's prompt ids (it keeps their KV at the end)
 
     @property
     def rewinds(self) -> int:
@@ -108,8 +110,18 @@ class SpanSession:
             self._rewind = True
 
     async def open(
-        self, p2p: P2P, model: str, batch_size: int, max_length: int, avoid_bridges: Collection[str] = ()
+        self,
+        p2p: P2P,
+        model: str,
+        batch_size: int,
+        max_length: int,
+        avoid_bridges: Collection[str] = (),
+        prompt: Optional[torch.Tensor] = None,
+        reuse: int = 0,
     ) -> None:
+        """Opens the session; with `prompt` (its token ids, [tokens] int64, batch of one), the server
+        keeps the prompt's KV when the session ends, and starts it from up to `reuse` tokens of it
+        that it kept before (`cached`: how many; `adopt` the inputs and outputs of those)."""
         self.model = model
         with server_errors(self.plan.peer_id, lambda: self.bridge):
             try:
@@ -126,14 +138,33 @@ class SpanSession:
                             batch_size=batch_size,
                             session_id=self.key,
                             route_key=self.route_key,
+                            reuse_tokens=reuse if prompt is not None else 0,
                         ),
+                        [prompt] if prompt is not None else [],
                         request=True,
                     )
                 )
-                read_header(await self._stream.receive(self.timeout), SessionOpened)
+                opened = read_header(await self._stream.receive(self.timeout), SessionOpened)
+                if opened.cached_tokens > (reuse if prompt is not None else 0):
+                    raise ServerFailure(
+                        self.plan.peer_id, f"claims {opened.cached_tokens} cached tokens, {reuse} were asked for"
+                    )
+                self.cached = self.position = opened.cached_tokens
+                self.prompted = prompt is not None
             except Exception:
                 await self._stream.close()
                 raise
+
+    def adopt(self, inputs: torch.Tensor, outputs: Optional[torch.Tensor], tokens: int) -> None:
+        """Takes positions [0, tokens) of a prompt the server holds in its prefix cache as this span's
+        own: what it was sent and answered for them in the session that left them there. The server
+        forgets what it holds beyond `tokens` at the next step."""
+        if not 0 <= tokens <= self.position:
+            raise ValueError(f"the server holds {self.position} cached tokens, not {tokens}")
+        self._inputs = [inputs[:, :tokens]] if tokens else []
+        self._outputs = [outputs[:, :tokens]] if tokens and self.keep_outputs and outputs is not None else []
+        self._rewind = tokens < self.position
+        self.position = tokens
 
     async def step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Sends new positions [batch, tokens, hidden] (in pieces within this server's chunk limit) and

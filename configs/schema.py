@@ -172,6 +172,14 @@ class ServerOptions(NetworkOptions):
     device: str = Field("cpu", description="torch device for the blocks: cpu, cuda, cuda:1, mps")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     cache_tokens: int = Field(16384, gt=0, description="KV-cache budget in tokens across all open sessions")
+    prefix_cache: bool = Field(
+        True,
+        description="keep finished sessions' prompt KV in the cache budget for a later session of the same "
+        "client that starts the same (it yields to live sessions; --no-prefix-cache keeps none)",
+    )
+    prefix_cache_tokens: Optional[int] = Field(
+        None, gt=0, description="most tokens the prefix cache may keep (default: all of --cache-tokens)"
+    )
     max_length: Optional[int] = Field(
         None,
         gt=0,

@@ -27,6 +27,9 @@ ECHO_MAX_BYTES = 1536 * 1024
 # Every RPC of a server: all a bridge carries to a server behind NAT.
 SWARM_RPCS = frozenset({RPC_INFERENCE, RPC_FORWARD, RPC_INFO, RPC_ECHO, RPC_PUSH, RPC_PUSH_STREAM})
 
+# A prefix cache reuses a prompt in blocks of this many tokens (vLLM's default block size).
+PREFIX_BLOCK_TOKENS = 16
+
 # A header larger than this is refused unread.
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -36,7 +39,12 @@ class _Header(BaseModel):
 
 
 class OpenSession(_Header):
-    """First message of an inference stream: reserves cache for `batch_size × max_length` tokens."""
+    """First message of an inference stream: reserves cache for `batch_size × max_length` tokens.
+
+    With a batch of one, the message may carry the prompt's token ids (int64 [tokens]): the server
+    keeps the prompt's KV when the session ends, for a later session of the same client that starts
+    the same. `reuse_tokens` asks it to start this one from as much of its cached prefix as it holds,
+    up to that many tokens (`SessionOpened.cached_tokens` says how many: the session's position)."""
 
     model: str = Field(max_length=160)
     start_block: int = Field(ge=0)
@@ -47,11 +55,13 @@ class OpenSession(_Header):
     # The key that opens this session's layers of sealed routes (`protocol.routes`); empty: routes of
     # pushes into this session travel in the clear, as before sealed routes.
     route_key: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
+    reuse_tokens: int = Field(default=0, ge=0)
 
 
 class SessionOpened(_Header):
     session_id: str
     max_length: int
+    cached_tokens: int = Field(default=0, ge=0)  # positions [0, cached_tokens) came from the prefix cache
 
 
 class Hop(_Header):

@@ -31,6 +31,7 @@ from blocks.span import BlockSpan
 from protocol.errors import ErrorKind, WireError, bad_request
 from protocol.messages import (
     ECHO_MAX_BYTES,
+    PREFIX_BLOCK_TOKENS,
     ForwardRequest,
     Hop,
     OpenSession,
@@ -49,6 +50,7 @@ from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_diges
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.metrics import ServerMetrics
+from swarm.prefix_cache import block_keys, prefix_root
 from swarm.push import LocalPush, PushStream
 from swarm.quotas import PeerLimits, PeerQuotas
 from swarm.sessions import ServerSession
@@ -233,10 +235,12 @@ class BlockHandler:
         header = read_header(first, OpenSession)
         if header.session_id and header.session_id in self._keyed:
             raise bad_request("a session with this id is already open here")
+        prompt = self._prompt_ids(first, header)
         key = label.session = header.session_id or uuid.uuid4().hex[:12]
         async with self._open(header, header.batch_size, header.max_length, key, label) as session:
             session.route_key = bytes.fromhex(header.route_key)
-            yield pack(SessionOpened(session_id=key, max_length=header.max_length), request=False)
+            cached = await self._reuse_prefix(session, header, prompt, str(label.peer))
+            yield pack(SessionOpened(session_id=key, max_length=header.max_length, cached_tokens=cached), request=False)
             reader = asyncio.create_task(session.read_client(requests))
             try:
                 async for step, message, pusher in session.steps(self.limits.session_timeout):
@@ -260,6 +264,61 @@ class BlockHandler:
                     yield reply
             finally:
                 reader.cancel()
+
+    def _prompt_ids(self, message, header: OpenSession) -> Optional[list[int]]:
+        """The prompt's token ids an OpenSession may carry, checked (None: it carries none)."""
+        tensors = read_tensors(message, max_count=1)
+        if not tensors:
+            if header.reuse_tokens:
+                raise bad_request("reuse_tokens needs the prompt's token ids")
+            return None
+        ids = tensors[0]
+        if header.batch_size != 1:
+            raise bad_request("prompt token ids are for a batch of one only")
+        if ids.dtype != torch.int64 or ids.ndim != 1 or not 0 < ids.shape[0] <= header.max_length:
+            raise bad_request(
+                f"prompt token ids must be int64 of shape [tokens], 1 to {header.max_length} tokens, "
+                f"got {str(ids.dtype).removeprefix('torch.')} {list(ids.shape)}"
+            )
+        vocab = self.span.config.vocab_size if self.span is not None else 0
+        if vocab and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise bad_request(f"prompt token ids must be in [0, {vocab})")
+        if header.reuse_tokens > ids.shape[0]:
+            raise bad_request(f"reuse_tokens {header.reuse_tokens} exceeds the {ids.shape[0]} prompt tokens sent")
+        return ids.tolist()
+
+    async def _reuse_prefix(
+        self, session: ServerSession, header: OpenSession, prompt: Optional[list[int]], peer: str
+    ) -> int:
+        """Keys the session's prompt for the prefix cache and starts the session from as much of the
+        prompt's cached KV as the client asked to reuse (copied into its own slice); returns how much."""
+        prefixes = self.budget.prefixes
+        if prompt is None or prefixes is None:
+            return 0
+        root = prefix_root(self.model, header.start_block, header.end_block, dtype_name(self.span.dtype), peer)
+        session.prompt_keys = block_keys(root, prompt)
+        pages = prefixes.match(session.prompt_keys[: header.reuse_tokens // PREFIX_BLOCK_TOKENS])
+        try:
+            if pages:
+                sources = torch.cat([torch.arange(page.start, page.start + PREFIX_BLOCK_TOKENS) for page in pages])
+                await self.scheduler.compute.run(session.cache.fill, sources)
+        finally:
+            prefixes.unpin(pages)
+        session.position = len(pages) * PREFIX_BLOCK_TOKENS
+        if self.metrics is not None:
+            self.metrics.prefix_lookup(len(prompt), session.position)
+        return session.position
+
+    def _keep_prompt(self, session: ServerSession) -> None:
+        """A session that ended well leaves its prompt's KV to the prefix cache (the rest goes back)."""
+        prefixes = self.budget.prefixes
+        if prefixes is None or session.cache is None or session.closed is not None or not session.prompt_keys:
+            return
+        tokens = session.kept_prompt_tokens(PREFIX_BLOCK_TOKENS)
+        if tokens:
+            start = session.cache.release(keep=tokens)
+            session.cache = None
+            prefixes.store(session.prompt_keys[: tokens // PREFIX_BLOCK_TOKENS], start)
 
     async def _forward(self, requests, label: "_Label") -> AsyncIterator[runtime_pb2.ExpertResponse]:
         with self.quotas.stream(str(label.peer)):
@@ -337,6 +396,8 @@ class BlockHandler:
         finally:
             for stream in session.push_streams.values():
                 stream.close()
+            if ok:
+                self._keep_prompt(session)
             session.release()
             self._sessions.discard(session)
             if persistent and self._keyed.get(header.session_id) is session:
@@ -385,6 +446,7 @@ class BlockHandler:
         )
         if session.timing is not None:
             session.timing.step(hidden.shape[1], time.perf_counter() - began)
+        session.computed = True
         position = session.position
         if step.step_id:
             session.last_step_id = step.step_id

@@ -71,6 +71,8 @@ class ServerMetrics:
             "generation_seconds": 0.0,
             "succeeded": 0,
             "failed": 0,
+            "prefix_query_tokens": 0,
+            "prefix_hit_tokens": 0,
         }
         gauge("avg_prompt_throughput_toks_per_s", "Average prefill throughput in tokens/s.").set_function(
             lambda: self._rate("prompt_tokens", "prompt_seconds")
@@ -87,7 +89,15 @@ class ServerMetrics:
         gauge("cpu_cache_usage_perc", "CPU KV-cache usage. 1 means 100 percent usage.").set_function(
             (lambda: 0.0) if on_gpu else cache_usage
         )
-        gauge("npu_prefix_cache_hit_rate", "NPU prefix cache block hit rate.")
+        self.prefix_queries = counter(
+            "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache (vLLM's name)."
+        )
+        self.prefix_hits = counter(
+            "prefix_cache_hits_total", "Prompt tokens served from the prefix cache, not computed (vLLM's name)."
+        )
+        gauge("npu_prefix_cache_hit_rate", "NPU prefix cache block hit rate.").set_function(
+            lambda: self._rate("prefix_hit_tokens", "prefix_query_tokens")
+        )
         self.ttft = histogram(
             "time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
         )
@@ -121,6 +131,13 @@ class ServerMetrics:
     def session(self, prompt_only: bool = False) -> "SessionMetrics":
         self.received.inc()
         return SessionMetrics(self, prompt_only)
+
+    def prefix_lookup(self, tokens: int, hits: int) -> None:
+        """A session's prompt of `tokens` looked up in the prefix cache, `hits` of them found."""
+        self.prefix_queries.inc(tokens)
+        self.prefix_hits.inc(hits)
+        self.totals["prefix_query_tokens"] += tokens
+        self.totals["prefix_hit_tokens"] += hits
 
     def batch_round(self, steps: int) -> None:
         self.batch_steps.observe(steps)

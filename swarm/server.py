@@ -58,7 +58,8 @@ class Server:
         self.dtype = parse_dtype(options.dtype)
         self.placement = Placement(options, self.checkpoint, self.dtype)
         self.bridging = Bridging(options)
-        self.budget = CacheBudget(options.cache_tokens)
+        prefix_tokens = (options.prefix_cache_tokens or options.cache_tokens) if options.prefix_cache else 0
+        self.budget = CacheBudget(options.cache_tokens, min(prefix_tokens, options.cache_tokens))
         self.load = LoadControl(
             LoadPolicy(
                 acceptance_rate=options.acceptance_rate,

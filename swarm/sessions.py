@@ -60,6 +60,9 @@ class ServerSession:
     peer: str = ""  # the client's peer id
     quotas: Optional[PeerQuotas] = None  # per-peer limits: messages waiting here count against their sender
     client_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_QUEUED_CLIENT_MESSAGES))
+    prompt_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its prompt's blocks, if sent
+    lowest_rewind: Optional[int] = None  # positions from here on may hold other tokens than the prompt's
+    computed: bool = False  # a step has been computed (a rewind before that only trims a reused prefix)
 
     def extend_mask(self, new: Optional[torch.Tensor], tokens: int) -> Optional[torch.Tensor]:
         """The attention mask of positions [0, position + tokens), kept here: steps carry only the new
@@ -76,6 +79,19 @@ class ServerSession:
         compute, or the rejected part of a speculative draft)."""
         self.cache.restore([position] * len(self.cache.lengths()))
         self.position = position
+        if self.computed:
+            self.lowest_rewind = position if self.lowest_rewind is None else min(self.lowest_rewind, position)
+
+    def kept_prompt_tokens(self, block: int) -> int:
+        """How much of its prompt's KV the session can leave to the prefix cache when it ends: whole
+        blocks, computed once (not since rewound over) with no padding."""
+        end = min(len(self.prompt_keys) * block, self.position)
+        if self.lowest_rewind is not None:
+            end = min(end, self.lowest_rewind)
+        end -= end % block
+        if self.mask is not None and end and not bool(self.mask[:, :end].all()):
+            return 0
+        return end
 
     def release(self, reason: Optional[str] = None) -> None:
         """Gives the cache back, once; with `reason`, the session's next message is answered with it."""

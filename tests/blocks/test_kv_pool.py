@@ -37,3 +37,19 @@ def test_the_kv_pool_hands_out_slices_writes_in_place_and_merges_what_comes_back
     assert pool.largest_free_run() == 100
     with pytest.raises(RuntimeError, match="given back"):
         c.update(0, keys, values)
+
+
+def test_a_finished_session_keeps_its_first_tokens_and_a_new_one_is_filled_from_them():
+    pool = KVPool(num_layers=1, kv_heads=1, head_dim=2, tokens=64, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="batch of one"):
+        pool.allocate(2, 8).release(keep=4)
+    first = pool.allocate(1, 32)
+    written = torch.randn(1, 1, 20, 2)
+    first.update(0, written, written)
+    start = first.release(keep=16)
+    assert pool.free == 64 - 16 - 16  # the batch of two above was not given back
+    second = pool.allocate(1, 24)
+    second.fill(torch.arange(start, start + 16))
+    assert second.lengths() == [16]
+    keys, _ = second.update(0, written[:, :, 16:], written[:, :, 16:])
+    assert torch.equal(keys, written)

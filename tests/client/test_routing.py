@@ -181,3 +181,16 @@ def test_a_client_prefers_servers_of_its_region_and_still_uses_others_for_blocks
     assert chain_of(blocks, region="america-north", rtts={"us": 0.5, "eu": 0.01}) == [("eu", 0, 8)]  # far is far
     partial = servers(("eu", 0, 4), ("us-only", 4, 8), limits=regions)
     assert chain_of(partial, region="europe-west") == [("eu", 0, 4), ("us-only", 4, 8)]
+
+
+def test_the_chain_that_holds_a_prompt_wins_only_when_the_prefill_it_saves_beats_its_slower_steps():
+    from client.routing import prefer_cached
+
+    index = RouteIndex(servers(("slow", 0, 8, "online", 100, 5.0), ("fast", 0, 8, "online", 100, 10.0)))
+    best = make_chain("m", index)
+    assert [plan.peer_id for plan in best] == ["fast"]
+    cached = [index.plan("slow", 0, 8, ())]
+    # A step costs the slow server 0.1 s more; 2 000 cached tokens at 5 tokens/s save 400 s.
+    assert prefer_cached(best, cached, 2000, 100, {"slow": 0.05, "fast": 0.05}) == cached
+    assert prefer_cached(best, cached, 16, 100, {"slow": 0.05, "fast": 0.05}) == best
+    assert index.plan("slow", 0, 8, {"slow"}) is None and index.plan("slow", 0, 9, ()) is None

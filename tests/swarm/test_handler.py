@@ -97,14 +97,14 @@ class InProcessServer:
     """A BlockHandler on blocks 0:2 of a checkpoint, driven without sockets; `stream()` is one
     client stream to it: (queue of requests to put, iterator of replies)."""
 
-    def __init__(self, path):
+    def __init__(self, path, prefix_tokens: int = 0):
         self.span = load_span(Checkpoint(path), 0, 2, torch.float32, "cpu")
         self.compute = ComputeThread()
         self.scheduler = StepScheduler(self.compute, max_batch_tokens=64)
         self.handler = BlockHandler(
             "m",
             self.span,
-            CacheBudget(1000),
+            CacheBudget(1000, prefix_tokens),
             self.scheduler,
             Limits(max_length=64, max_batch_size=4, max_chunk_tokens=64, session_timeout=60),
             version="test",
@@ -267,5 +267,55 @@ async def test_a_push_opens_only_what_the_client_sealed_a_bad_one_blames_the_pus
         span.forward(prompt, cache)
         span.forward(token, cache)
         torch.testing.assert_close(read_tensors(reply, max_count=1)[0], span.forward(token, cache), atol=1e-5, rtol=0)
+    finally:
+        server.close()
+
+
+async def test_a_prompt_kept_by_the_prefix_cache_is_reused_by_its_client_only_and_bad_prompt_ids_are_refused(
+    llama_path,
+):
+    server = InProcessServer(llama_path, prefix_tokens=1000)
+    span, size = server.span, server.span.config.hidden_size
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(1, 48, size, generator=generator)
+    ids = torch.randint(0, span.config.vocab_size, (48,), generator=generator)
+
+    async def session(peer: str, prompt, reuse: int, batch: int = 1):
+        queue, replies = server.stream(peer)
+        header = OpenSession(model="m", start_block=0, end_block=2, max_length=64, batch_size=batch, reuse_tokens=reuse)
+        queue.put_nowait(pack(header, [prompt] if prompt is not None else [], request=True))
+        opened = read_header(await asyncio.wait_for(anext(replies), 60), SessionOpened)
+        queue.put_nowait(pack(Step(position=opened.cached_tokens), [hidden[:, opened.cached_tokens :]], request=True))
+        reply = await asyncio.wait_for(anext(replies), 60)
+        read_header(reply, StepDone)
+        queue.put_nowait(None)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(replies), 60)
+        return opened.cached_tokens, read_tensors(reply, max_count=1)[0]
+
+    try:
+        want = span.forward(hidden, span.new_cache())
+        cached, output = await session("client", ids[:40], 0)
+        assert cached == 0
+        assert server.handler.budget.prefixes.tokens == 32  # two whole blocks of the 40-token prompt
+        cached, output = await session("client", ids, 48)
+        assert cached == 32
+        torch.testing.assert_close(output, want[:, 32:], atol=1e-5, rtol=0)
+        cached, _ = await session("another-client", ids, 48)
+        assert cached == 0
+        cached, _ = await session("client", torch.cat([ids[:20] + 1, ids[20:]]), 48)
+        assert cached == 0  # another first block: nothing after it matches either
+
+        for prompt, reuse, batch, message in [
+            (ids.float(), 0, 1, "must be int64"),
+            (ids[None], 0, 1, "must be int64 of shape"),
+            (torch.full((4,), span.config.vocab_size), 0, 1, "must be in"),
+            (ids[:8], 16, 1, "exceeds the 8 prompt tokens"),
+            (None, 16, 1, "needs the prompt"),
+            (ids[:8], 0, 2, "batch of one"),
+        ]:
+            with pytest.raises(WireError, match=message) as error:
+                await session("client", prompt, reuse, batch=batch)
+            assert error.value.kind == ErrorKind.BAD_REQUEST
     finally:
         server.close()
