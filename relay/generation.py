@@ -48,6 +48,7 @@ class Request:
 class Result:
     text: str = ""
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the servers started from their prefix caches
     completion_tokens: int = 0
     finish_reason: str = "length"
     chain: list[str] = field(default_factory=list)
@@ -258,6 +259,7 @@ class ModelService:
             except _Stopped:
                 result.finish_reason = "stop"
             result.chain = [peer for peer, _, _ in session.chain]
+            result.cached_tokens = session.cached_tokens
         for peer in result.chain:
             self.outcome(peer, True)
         result.text = streamer.text

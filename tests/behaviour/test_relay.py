@@ -22,8 +22,9 @@ from client.reliability import RelayScores
 from dht.ports import free_port
 from harness.local_swarm import LocalSwarm
 from protocol.worker_auth import signature_headers
+from relay.observability import SCRAPE_MAX_AGE
 from swarm.relay_link import RelayLink
-from tests.helpers.metrics import values
+from tests.helpers.metrics import scrape, values
 from tests.helpers.relay_process import RelayProcess, http, signed_registration, wait_until
 
 pytestmark = pytest.mark.slow
@@ -334,6 +335,31 @@ def test_completions_stream_and_stop_strings(relay, model_name, llama_ref, token
     sampled = client.completions.create(model=model_name, prompt="The swarm", max_tokens=5, temperature=1.2, top_p=0.9)
     choice, used = sampled.choices[0], sampled.usage.completion_tokens
     assert 1 <= used <= 5 and (used == 5 or choice.finish_reason == "stop")  # sampling may draw </s> early
+
+
+def test_a_repeated_prompt_is_served_from_the_servers_prefix_caches(relay_swarm, model_name, tokenizer):
+    swarm, relay = relay_swarm
+    words = []
+    while len(tokenizer(" ".join(words))["input_ids"]) < 36:  # sessions here hold 48 tokens at most
+        words.append(f"cache{len(words)}")
+    body = {"model": model_name, "prompt": " ".join(words), "max_tokens": 4, "temperature": 0}
+
+    def server_hits() -> float:
+        return sum(sum(scrape(server.metrics_url, "prefix_cache_hits_total").values()) for server in swarm.servers)
+
+    hits_before = server_hits()
+    first = http("POST", f"{relay.api}/v1/completions", body, KEY_H)
+    second = http("POST", f"{relay.api}/v1/completions", body, KEY_H)
+    assert first[0] == second[0] == 200
+    assert first[1]["choices"][0]["text"] == second[1]["choices"][0]["text"]
+    assert first[1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second[1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}  # two whole blocks of 16
+    # Both spans of the chain served it (two servers hold blocks 0:2: the client went back to the one that had it).
+    assert server_hits() - hits_before == 2 * 32
+    time.sleep(SCRAPE_MAX_AGE + 0.5)  # the relay's last scrape of its servers is too old now: it scrapes again
+    full = http("GET", f"{relay.obs}/metrics")[1]
+    assert sum(values(full, "prefix_cache_hits_total").values()) == server_hits()
+    assert sum(values(full, "npu_prefix_cache_hit_rate").values()) > 0
 
 
 def test_a_request_whose_client_leaves_stops_generating(relay, model_name):

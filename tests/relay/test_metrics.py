@@ -49,8 +49,9 @@ def server_text(sessions: list[tuple[int, int, bool]], cache_usage: float) -> st
 def test_a_server_exports_the_mindie_metric_names():
     text = server_text([(10, 4, True), (3, 0, False)], 0.25)
     families = {f.name for f in text_string_to_metric_families(text)}
-    # The MindIE names, how well steps batch and how many arrive pushed by another server.
-    assert families == MINDIE_NAMES | {"swarm_batch_steps", "swarm_pushed_steps"}
+    # The MindIE names, vLLM's prefix-cache counters, how well steps batch and how many arrive pushed.
+    prefix = {"prefix_cache_queries", "prefix_cache_hits"}
+    assert families == MINDIE_NAMES | prefix | {"swarm_batch_steps", "swarm_pushed_steps"}
     assert values(text, "request_received_total") == {(("model_name", "m"),): 2.0}
     assert values(text, "request_success_total") == {(("model_name", "m"),): 1.0}
     assert values(text, "prompt_tokens_total") == {(("model_name", "m"),): 13.0}
@@ -63,6 +64,17 @@ def test_a_server_exports_the_mindie_metric_names():
     assert not any(
         name.endswith("_created") for f in text_string_to_metric_families(text) for name in [s.name for s in f.samples]
     )
+
+
+def test_the_prefix_cache_counts_tokens_looked_up_and_found():
+    metrics = ServerMetrics("m", on_gpu=False, open_sessions=lambda: 0, waiting=lambda: 0, cache_usage=lambda: 0.0)
+    assert values(metrics.render().decode(), "npu_prefix_cache_hit_rate") == {(("model_name", "m"),): 0.0}
+    metrics.prefix_lookup(100, 64)
+    metrics.prefix_lookup(60, 0)
+    text = metrics.render().decode()
+    assert values(text, "prefix_cache_queries_total") == {(("model_name", "m"),): 160.0}
+    assert values(text, "prefix_cache_hits_total") == {(("model_name", "m"),): 64.0}
+    assert values(text, "npu_prefix_cache_hit_rate") == {(("model_name", "m"),): 0.4}
 
 
 def test_instance_full_and_role_views():
