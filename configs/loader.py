@@ -74,8 +74,11 @@ def build_parser(
             help_text += f" (formerly {_flag(earlier[name])}, still accepted)"
         kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
         if base is bool and not is_list and name.startswith("no_"):
-            # A negative option is a plain switch: BooleanOptionalAction would read --no-x as "x is false".
+            # A negative option `no_x` gets the natural pair --x / --no-x (BooleanOptionalAction would
+            # add --no-no-x): --no-x sets it, --x clears it.
             parser.add_argument(*flags, action="store_true", **kwargs)
+            positive = dict(kwargs, help=f"the opposite of {flags[0]}")
+            parser.add_argument(_flag(name.removeprefix("no_")), action="store_false", **positive)
         elif base is bool and not is_list:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif is_list:
