@@ -24,7 +24,7 @@ from transformers.generation.logits_process import (
 from transformers.generation.streamers import BaseStreamer
 
 from client.audit import Rollback
-from client.errors import ServerProvenWrongError, WrongResultWarning
+from client.errors import BadRequestError, ServerProvenWrongError, WrongResultWarning
 from client.session import InferenceSession
 from client.shared_head import SharedHead
 from client.speculation import (
@@ -197,6 +197,11 @@ def decode(
 
     prompt_length = all_ids.shape[1]
     max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_length
+    if prompt_length + max_new > session.max_length:
+        raise BadRequestError(
+            f"{prompt_length} tokens and max_new_tokens={max_new} need a session of {prompt_length + max_new} "
+            f"tokens; this one was opened with max_length={session.max_length} (nothing was generated)"
+        )
     processors = build_processors(config)
     eos = _eos_ids(config)
     pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if eos is not None else None)

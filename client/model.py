@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from blocks.checkpoint import Checkpoint
 from blocks.loading import ModelHead, load_head
+from client.errors import BadRequestError
 from client.generation import decode, prepare_config
 from client.prefix_memory import DEFAULT_PREFIX_MEMORY_MBYTES
 from client.remote import RemoteModel
@@ -138,7 +139,14 @@ class AutoDistributedModelForCausalLM:
         return self.remote.runtime.run(self.remote.router.longest_session(), timeout=self.remote.request_timeout)
 
     def inference_session(self, max_length: int) -> InferenceSession:
-        """A session whose server-side KV caches live until it is closed (use it as a context manager)."""
+        """A session whose server-side KV caches live until it is closed (use it as a context manager).
+        BadRequestError if `max_length` exceeds the model's context (`max_position_embeddings`)."""
+        context = self.config.max_position_embeddings
+        if max_length > context:
+            raise BadRequestError(
+                f"a session of {max_length} tokens exceeds the model's context of {context} tokens "
+                f"(max_position_embeddings in config.json): shorten the prompt or ask for fewer new tokens"
+            )
         return InferenceSession(self.remote, max_length)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:

@@ -70,6 +70,28 @@ def _valid_announce_maddrs(values: list[str]) -> list[str]:
 
 AnnounceMaddrs = Annotated[list[str], AfterValidator(_valid_announce_maddrs)]
 
+_PEER_MADDR_RE = re.compile(
+    r"^/(ip4|ip6|dns|dns4|dns6)/[^/]+/(tcp|udp)/([0-9]{1,5})(/[a-z0-9-]+)*/p2p/[1-9A-HJ-NP-Za-km-z]{20,128}$"
+)
+
+
+def valid_initial_peers(values: list[str]) -> list[str]:
+    """`--initial-peers A B` and `A,B` mean the same; each must be a peer's full multiaddr (host,
+    port and peer id, as a bootstrap node prints it), checked here rather than by the DHT daemon
+    seconds later."""
+    addrs = [addr.strip() for value in values for addr in value.split(",") if addr.strip()]
+    for addr in addrs:
+        match = _PEER_MADDR_RE.match(addr)
+        if match is None or not 0 < int(match.group(3)) <= 65535:
+            raise ValueError(
+                f"{addr!r} is not a peer's multiaddr like /ip4/127.0.0.1/tcp/31337/p2p/QmXyz… "
+                "(a host, a port and the peer id, as the bootstrap node prints it)"
+            )
+    return addrs
+
+
+InitialPeers = Annotated[list[str], AfterValidator(valid_initial_peers)]
+
 # The regions of the volunteer platform's README: servers announce one, clients prefer their own.
 REGIONS = ("asia-east", "asia-south", "europe-west", "europe-east", "america-north", "america-south", "oceania")
 
@@ -103,7 +125,7 @@ class NetworkOptions(_Schema):
         "relay_max_seconds": "bridge_max_seconds",
     }
 
-    initial_peers: list[str] = Field(
+    initial_peers: InitialPeers = Field(
         default_factory=list, description="multiaddrs of DHT peers to join, e.g. /ip4/127.0.0.1/tcp/31337/p2p/Qm..."
     )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 to accept other machines)")
@@ -292,7 +314,7 @@ class GenerateOptions(_Schema):
     model: str = Field(
         description="path to the same checkpoint the servers run (the client loads embeddings and LM head)"
     )
-    initial_peers: list[str] = Field(description="multiaddrs of swarm peers, e.g. the bootstrap node's")
+    initial_peers: InitialPeers = Field(description="multiaddrs of swarm peers, e.g. the bootstrap node's")
     prompt: str = Field(description="text to continue or (with a chat template) to answer")
     max_new_tokens: int = Field(64, gt=0, description="tokens to generate")
     model_name: Optional[str] = Field(
@@ -327,12 +349,12 @@ class GenerateOptions(_Schema):
 
 EXAMPLE_SERVER_VALUES = {
     "model": "/path/to/checkpoint",
-    "initial_peers": ["/ip4/127.0.0.1/tcp/31337/p2p/QmBootstrapPeerId"],
+    "initial_peers": ["/ip4/127.0.0.1/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"],
 }
 
 
 class HealthOptions(_Schema):
-    initial_peers: list[str] = Field(description="multiaddrs of swarm peers, e.g. the bootstrap node's")
+    initial_peers: InitialPeers = Field(description="multiaddrs of swarm peers, e.g. the bootstrap node's")
     host: str = Field("127.0.0.1", description="address the web page listens on (0.0.0.0 to publish it)")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port of the page")
     refresh_period: float = Field(10.0, gt=0, description="seconds between crawls of the DHT (and page refreshes)")
@@ -345,7 +367,7 @@ class HealthOptions(_Schema):
 class RelayOptions(_Schema):
     ENV_PREFIX: ClassVar[str] = "SWARM_RELAY_"
 
-    initial_peers: list[str] = Field(
+    initial_peers: InitialPeers = Field(
         default_factory=list,
         description="multiaddrs of swarm peers (default: none, the relay starts a new swarm others join)",
     )

@@ -119,6 +119,11 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
         self.dht = SwarmDHT(dht, validator)
+        if not opts.initial_peers:
+            logger.warning(
+                "no --initial-peers: this server starts a swarm of its own; others join it with --initial-peers %s",
+                next(iter(self.dht.visible_maddrs()), "(this server's address)"),
+            )
         self.receipt_signer = receipt_signer(validator)
         p2p = None
         metrics_runner = None

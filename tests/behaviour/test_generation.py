@@ -9,6 +9,8 @@ import torch
 from transformers import AutoTokenizer, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from client import BadRequestError, TokenClock
+
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 24
@@ -59,6 +61,19 @@ def test_session_continues_across_generate_calls(llama_client, llama_ref):
     assert torch.equal(second, llama_ref.generate(ids, max_new_tokens=20, do_sample=False))
     continued = torch.cat([second, extra], dim=1)
     assert torch.equal(third, llama_ref.generate(continued, max_new_tokens=5, do_sample=False))
+
+
+def test_a_request_that_cannot_fit_is_refused_before_anything_is_generated(llama_client):
+    ids = prompts(1, length=8, seed=6)
+    clock = TokenClock()
+    with llama_client.inference_session(max_length=12) as session:
+        with pytest.raises(BadRequestError, match="need a session of 13 tokens; .* opened with max_length=12"):
+            llama_client.generate(ids, max_new_tokens=5, session=session, streamer=clock)
+        assert session.position == 0 and clock.times == []
+        assert llama_client.generate(ids, max_new_tokens=4, session=session).shape == (1, 12)  # what fits works
+    context = llama_client.config.max_position_embeddings
+    with pytest.raises(BadRequestError, match=f"exceeds the model's context of {context} tokens"):
+        llama_client.generate(ids, max_new_tokens=context)
 
 
 def test_left_padded_batch_matches_transformers(llama_client, llama_ref):

@@ -15,14 +15,18 @@ def parse(argv, environ=None):
 def test_config_precedence_cli_over_env_over_yaml_over_default(tmp_path):
     yaml_file = tmp_path / "server.yaml"
     yaml_file.write_text(
-        "cache_tokens: 111\nregion: asia-east\ndtype: bfloat16\ninitial_peers: [/ip4/127.0.0.1/tcp/1/p2p/QmA]\n"
+        "cache_tokens: 111\nregion: asia-east\ndtype: bfloat16\n"
+        "initial_peers: [/ip4/127.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N]\n"
     )
     base = ["--model", "m", "--blocks", "0:2", "--config", str(yaml_file)]
     options = parse(base)
     assert (options.cache_tokens, options.region, options.dtype) == (111, "asia-east", "bfloat16")
     assert options.session_timeout == 300 and options.nat_port_map is False
-    options = parse(base, {"SWARM_CACHE_TOKENS": "222", "SWARM_REGION": "oceania", "SWARM_INITIAL_PEERS": "a,b"})
-    assert (options.cache_tokens, options.region, options.initial_peers) == (222, "oceania", ["a", "b"])
+    peers = [f"/ip4/127.0.0.{i}/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N" for i in (1, 2)]
+    options = parse(
+        base, {"SWARM_CACHE_TOKENS": "222", "SWARM_REGION": "oceania", "SWARM_INITIAL_PEERS": ",".join(peers)}
+    )
+    assert (options.cache_tokens, options.region, options.initial_peers) == (222, "oceania", peers)
     options = parse(base + ["--cache-tokens", "333", "--nat-port-map"], {"SWARM_CACHE_TOKENS": "222"})
     assert options.cache_tokens == 333 and options.nat_port_map is True
     assert options.block_range == (0, 2)
