@@ -4,7 +4,9 @@ and the event loop all of it runs on. Sessions and `generate()` use it; it calls
 
 from __future__ import annotations
 
+import atexit
 import logging
+import weakref
 from typing import Awaitable, Callable, Collection, Mapping, Optional, Sequence
 
 import torch
@@ -89,6 +91,9 @@ class RemoteModel:
             self.chunk_tokens,
             reliability,
         )
+        self.closed = False
+        # A script that never calls shutdown() still exits at once and quietly (no pending-task warnings).
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     async def make_chain(
         self,
@@ -128,6 +133,10 @@ class RemoteModel:
         return await moved(output, device)
 
     def shutdown(self) -> None:
+        """Leaves the swarm: the P2P daemon, the loop thread and the DHT node stop (once; at exit too)."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             self.runtime.run(self.p2p.shutdown(), timeout=5)
         except Exception:
@@ -135,3 +144,9 @@ class RemoteModel:
         self.runtime.stop()
         self.dht.shutdown()
         self.audit.shutdown()
+
+
+def _shutdown_at_exit(remote: "weakref.ref[RemoteModel]") -> None:
+    model = remote()
+    if model is not None:
+        model.shutdown()

@@ -196,3 +196,16 @@ def test_generate_cli_reports_a_model_nobody_serves(llama_swarm, tmp_path):
     )
     assert result.returncode == 1
     assert "error: no server of model" in result.stderr and "serves block(s) 0-2" in result.stderr
+
+
+def test_a_library_script_that_never_shuts_the_model_down_exits_cleanly(llama_swarm, llama_path):
+    script = (
+        "import torch\n"
+        "from client import AutoDistributedModelForCausalLM\n"
+        f"model = AutoDistributedModelForCausalLM.from_pretrained({str(llama_path)!r}, {llama_swarm.initial_peers!r})\n"
+        "print(model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape)\n"
+    )
+    result = run("-c", script, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch.Size([1, 5])"
+    assert "Task was destroyed" not in result.stderr and "Traceback" not in result.stderr
