@@ -10,6 +10,7 @@ from client import AutoDistributedModelForCausalLM
 from client.span import SpanSession
 from harness.local_swarm import LocalSwarm
 from tests.helpers.metrics import scrape
+from tests.helpers.streamers import AtToken
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +112,20 @@ def test_a_server_started_with_no_prefix_cache_keeps_no_prompt(model6, ref6, tmp
             output, cached = generate(model, prompt)
         assert cached == 0 and torch.equal(output, reference(ref6, prompt))
         assert metric(swarm.servers[0], "prefix_cache_queries_total") == 0
+
+
+def test_a_server_killed_after_a_reused_prefix_is_replaced_from_the_remembered_inputs(model6, ref6, tmp_path):
+    first = ids(50, seed=7)
+    second = torch.cat([first, ids(6, seed=8)], dim=1)
+    expected = ref6.generate(second, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    splits = [(0, 3), (3, 6), (3, 6)]
+    with LocalSwarm(model6, splits, server_args=["--throughput", "100"], workdir=tmp_path / "swarm") as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60) as model:
+            model.generation_config.eos_token_id = None
+            generate(model, first)
+            with model.inference_session(max_length=second.shape[1] + 12) as session:
+                streamer = AtToken(4, lambda: swarm.server(session.chain[-1][0]).kill())
+                output = model.generate(second, max_new_tokens=12, session=session, streamer=streamer)
+                assert session.cached_tokens == 48 and session.failovers >= 1
+            assert model.convicted == {}  # the replacement's checks agree with what was remembered
+    assert torch.equal(output, expected)
