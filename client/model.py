@@ -138,16 +138,17 @@ class AutoDistributedModelForCausalLM:
         block has none. Raises SwarmError if the DHT cannot be read."""
         return self.remote.runtime.run(self.remote.router.longest_session(), timeout=self.remote.request_timeout)
 
-    def inference_session(self, max_length: int) -> InferenceSession:
+    def inference_session(self, max_length: int, region: Optional[str] = None) -> InferenceSession:
         """A session whose server-side KV caches live until it is closed (use it as a context manager).
-        BadRequestError if `max_length` exceeds the model's context (`max_position_embeddings`)."""
+        BadRequestError if `max_length` exceeds the model's context (`max_position_embeddings`). With
+        `region`, its chains prefer servers of that region instead of the client's own."""
         context = self.config.max_position_embeddings
         if max_length > context:
             raise BadRequestError(
                 f"a session of {max_length} tokens exceeds the model's context of {context} tokens "
                 f"(max_position_embeddings in config.json): shorten the prompt or ask for fewer new tokens"
             )
-        return InferenceSession(self.remote, max_length)
+        return InferenceSession(self.remote, max_length, None if region is None else valid_region(region))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """Logits of every position, like `transformers` (a stateless pass: nothing stays cached)."""

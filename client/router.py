@@ -71,6 +71,7 @@ class Router:
         batch: int = 1,
         wait_for_bans: float = 0.0,
         cached: Optional[CachedChain] = None,
+        region: Optional[str] = None,
     ) -> list[SpanPlan]:
         """`search` (below); with `wait_for_bans`, when some block is served only by servers banned for
         a failure, waits for the first of their bans to end (if that comes within `wait_for_bans`
@@ -79,7 +80,7 @@ class Router:
         give_up = time.monotonic() + wait_for_bans
         while True:
             try:
-                return await self.search(start, end, exclude, avoid_owner, max_age, max_length, batch, cached)
+                return await self.search(start, end, exclude, avoid_owner, max_age, max_length, batch, cached, region)
             except MissingBlocksError as e:
                 wait = await self._ban_wait(e.blocks, exclude)
                 if wait is None or time.monotonic() + wait > give_up:
@@ -105,6 +106,7 @@ class Router:
         max_length: int = 0,
         batch: int = 1,
         cached: Optional[CachedChain] = None,
+        region: Optional[str] = None,
     ) -> list[SpanPlan]:
         """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`
         and accept a session of `batch` × `max_length` tokens (BadRequestError if some block has none),
@@ -112,7 +114,8 @@ class Router:
         `avoid_owner`, servers of another owner (another announced `public_name`) wherever other
         servers cover the blocks. With `max_age`, a DHT read that recent is used again instead of a
         new one. With `cached`, the chain that holds the session's prompt in its prefix caches wins
-        where the prefill it saves beats its slower steps (and every server of it is still usable)."""
+        where the prefill it saves beats its slower steps (and every server of it is still usable).
+        `region` is the region preferred for this one search (default: the client's own)."""
         index = await self.view.index(max_age)
         model = self.view.model_name
         end = self.view.num_blocks if end is None else end
@@ -133,7 +136,13 @@ class Router:
             preferences.append((full, room))
         preferences = [(peers, fallback) for peers, fallback in preferences if peers - excluded]
         rtts = self.pings.route_rtts()
-        search = dict(rtts=rtts, rng=self.rng, max_length=max_length, batch=batch, region=self.region)
+        search = dict(
+            rtts=rtts,
+            rng=self.rng,
+            max_length=max_length,
+            batch=batch,
+            region=self.region if region is None else region,
+        )
         avoided = set().union(*(peers for peers, _ in preferences))
         if not preferences:
             chain = make_chain(model, index, start, end, excluded, **search)

@@ -46,12 +46,13 @@ class InferenceSession:
     continue where the previous call stopped.
     """
 
-    def __init__(self, remote: RemoteModel, max_length: int):
+    def __init__(self, remote: RemoteModel, max_length: int, region: Optional[str] = None):
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.remote = remote
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex[:12]
+        self.region = region  # the region this session's chains prefer (None: the client's own)
         self.spans: list[SpanSession] = []
         self.batch_size: Optional[int] = None
         self.position = 0
@@ -109,6 +110,7 @@ class InferenceSession:
                     batch=batch,
                     wait_for_bans=BAN_WAIT_SECONDS,
                     cached=cached,
+                    region=self.region,
                 )
             except (MissingBlocksError, BadRequestError) as e:
                 if busy:

@@ -42,6 +42,7 @@ class Request:
     temperature: float
     top_p: float
     stop: Sequence[str] = ()
+    region: str = ""  # the servers' region its chain prefers ("": the relay's client's own)
 
 
 @dataclass
@@ -247,7 +248,9 @@ class ModelService:
             sampling["prompt_lookup_num_tokens"] = self.prompt_lookup
         result = Result(prompt_tokens=len(request.prompt_ids))
         session_id = uuid.uuid4().hex[:8]
-        with self.model.inference_session(max_length=len(request.prompt_ids) + request.max_tokens) as session:
+        with self.model.inference_session(
+            max_length=len(request.prompt_ids) + request.max_tokens, region=request.region or None
+        ) as session:
             try:
                 output = self.model.generate(
                     ids, session=session, streamer=streamer, max_new_tokens=request.max_tokens, **sampling

@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from configs.schema import HoursText
+from configs.schema import HoursText, Region
 
 Role = Literal["prefill", "decode", "mixed"]
 WorkerStatus = Literal["joining", "online", "draining", "offline"]  # a server's own states
@@ -208,3 +208,5 @@ class JobRequest(_Body):
     max_tokens: Optional[int] = Field(None, ge=1, le=1_000_000)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
+    # the job runs on a chain that prefers servers of this region (one of the platform's; empty: any)
+    region: Region = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from client import AutoDistributedModelForCausalLM
@@ -22,3 +23,12 @@ def test_a_client_in_each_region_picks_the_chain_of_its_region(model6, ref6, tmp
                 with model.inference_session(max_length=ids.shape[1] + 8) as session:
                     assert torch.equal(model.generate(ids, max_new_tokens=8, session=session), expected)
                     assert session.chain == [(server.peer_id, 0, 6)], region
+        # One session may prefer another region than its client's (the relay's jobs do so).
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, region="europe-west", verify=0
+        ) as model:
+            with model.inference_session(max_length=ids.shape[1] + 8, region="america-north") as session:
+                assert torch.equal(model.generate(ids, max_new_tokens=8, session=session), expected)
+                assert session.chain == [(america.peer_id, 0, 6)]
+            with pytest.raises(ValueError, match="unknown region 'mars'"):
+                model.inference_session(max_length=8, region="mars")

@@ -393,8 +393,11 @@ def test_jobs_run_through_the_swarm(relay, model_name, llama_ref, tokenizer):
         "messages": [{"role": "user", "content": "job"}],
         "max_tokens": 6,
         "temperature": 0,
+        "region": "europe-west",  # a preference: these servers announce none, and still run it
     }
     assert http("POST", f"{relay.api}/api/v1/jobs", body)[0] == 401
+    status, refused, _ = http("POST", f"{relay.api}/api/v1/jobs", {**body, "region": "mars"}, KEY_H)
+    assert status == 400 and "unknown region 'mars'" in refused["error"]["message"]
     status, job, _ = http("POST", f"{relay.api}/api/v1/jobs", body, KEY_H)
     assert status == 201 and job["status"] == "queued"
     done = wait_until(
