@@ -275,9 +275,10 @@ class BlockHandler:
         ids = tensors[0]
         if header.batch_size != 1:
             raise bad_request("prompt token ids are for a batch of one only")
-        if ids.dtype != torch.int64 or ids.ndim != 1 or not 0 < ids.shape[0] <= header.max_length:
+        longest = min(header.max_length, self.limits.max_length)  # checked before anything is read of them
+        if ids.dtype != torch.int64 or ids.ndim != 1 or not 0 < ids.shape[0] <= longest:
             raise bad_request(
-                f"prompt token ids must be int64 of shape [tokens], 1 to {header.max_length} tokens, "
+                f"prompt token ids must be int64 of shape [tokens], 1 to {longest} tokens, "
                 f"got {str(ids.dtype).removeprefix('torch.')} {list(ids.shape)}"
             )
         vocab = self.span.config.vocab_size if self.span is not None else 0
