@@ -169,8 +169,9 @@ class ModelService:
         temperature: Optional[float],
         top_p: Optional[float],
         stop: Sequence[str] = (),
+        region: str = "",
     ) -> Request:
-        return await self.make_request(self.chat_prompt(messages), max_tokens, temperature, top_p, stop)
+        return await self.make_request(self.chat_prompt(messages), max_tokens, temperature, top_p, stop, region)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -195,7 +196,9 @@ class ModelService:
         temperature: Optional[float],
         top_p: Optional[float],
         stop: Sequence[str],
+        region: str = "",
     ) -> Request:
+        """A request checked against the swarm's context (`region`: the servers' region its chain prefers)."""
         ids = self.encode(prompt)
         if not ids:
             raise HTTPError(400, "the prompt is empty after tokenization")
@@ -214,7 +217,12 @@ class ModelService:
                 f"has {len(ids)}, so max_tokens may be at most {room} (got {max_tokens})",
             )
         return Request(
-            ids, max_tokens, 1.0 if temperature is None else temperature, 1.0 if top_p is None else top_p, tuple(stop)
+            ids,
+            max_tokens,
+            1.0 if temperature is None else temperature,
+            1.0 if top_p is None else top_p,
+            tuple(stop),
+            region,
         )
 
     async def generate(

@@ -5,7 +5,6 @@ stopped is queued again at the next start, so nothing submitted is lost."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -112,8 +111,10 @@ class JobQueue:
 
     async def _request(self, body: JobRequest) -> tuple[ModelService, Request]:
         service = find_service(self.services, body.model)
-        request = await service.chat_request(body.messages, body.max_tokens, body.temperature, body.top_p)
-        return service, dataclasses.replace(request, region=body.region)
+        request = await service.chat_request(
+            body.messages, body.max_tokens, body.temperature, body.top_p, region=body.region
+        )
+        return service, request
 
     async def _run(self, row: dict[str, Any]) -> None:
         values: dict[str, Any]

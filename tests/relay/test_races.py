@@ -44,7 +44,7 @@ async def test_concurrent_outcomes_and_config_pushes_are_all_counted(tmp_path):
 class _AcceptingService:
     """Stands in for a model service at submission time: the queue's admission is what is tested."""
 
-    async def chat_request(self, *args):
+    async def chat_request(self, *args, **kwargs):
         return None
 
 
