@@ -43,6 +43,11 @@ def env_prefix(schema: type[BaseModel]) -> str:
     return getattr(schema, "ENV_PREFIX", ENV_PREFIX)
 
 
+def env_aliases(schema: type[BaseModel]) -> dict[str, str]:
+    """{option: another environment variable read for it where the schema's own is unset} (`ENV_ALIASES`)."""
+    return dict(getattr(schema, "ENV_ALIASES", {}))
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -66,6 +71,8 @@ def build_parser(
     for name, field in fields:
         base, is_list = _base_type(field.annotation)
         env = env_prefix(schema) + name.upper()
+        if name in env_aliases(schema):
+            env += " or " + env_aliases(schema)[name]
         default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
         help_text = f"{field.description or ''} [{default}; env {env}]"
         flags = [_flag(name)]
@@ -103,10 +110,13 @@ def load_config(
     if config_file:
         values.update(_read_yaml(Path(config_file), schema))
     earlier = _earlier_names(schema)
+    aliases = env_aliases(schema)
     for name, field in schema.model_fields.items():
         raw = environ.get(prefix + name.upper())
         if (raw is None or raw == "") and name in earlier:
             raw = environ.get(prefix + earlier[name].upper())
+        if (raw is None or raw == "") and name in aliases:
+            raw = environ.get(aliases[name])
         if raw is not None and raw != "":
             _, is_list = _base_type(field.annotation)
             values[name] = [item.strip() for item in raw.split(",") if item.strip()] if is_list else raw

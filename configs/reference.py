@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from configs.loader import _base_type, _earlier_names, _flag, env_prefix
+from configs.loader import _base_type, _earlier_names, _flag, env_aliases, env_prefix
 from configs.schema import BootstrapOptions, GenerateOptions, HealthOptions, RelayOptions, ServerOptions
 
 PROGRAMS: tuple[tuple[str, type[BaseModel]], ...] = (
@@ -56,7 +56,10 @@ def _row(schema: type[BaseModel], name: str, earlier: dict[str, str]) -> str:
     if name in earlier:
         flags += f" (formerly `{_flag(earlier[name])}`)"
     description = (field.description or "").replace("|", "\\|")
-    return f"| {flags} | `{env_prefix(schema)}{name.upper()}` | {_default(schema, name)} | {description} |"
+    env = f"`{env_prefix(schema)}{name.upper()}`"
+    if name in env_aliases(schema):
+        env += f" or `{env_aliases(schema)[name]}`"
+    return f"| {flags} | {env} | {_default(schema, name)} | {description} |"
 
 
 def flag_reference() -> str:

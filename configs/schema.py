@@ -171,6 +171,15 @@ class NetworkOptions(_Schema):
 
 
 class ServerOptions(NetworkOptions):
+    # The volunteer platform's worker environment variables, read where the SWARM_* name is unset.
+    ENV_ALIASES: ClassVar[dict[str, str]] = {
+        "relay": "GPU_SERVER_URL",
+        "region": "GPU_REGION",
+        "acceptance_rate": "GPU_ACCEPTANCE_RATE",
+        "max_concurrent_sessions": "GPU_MAX_CONCURRENT_JOBS",
+        "relay_heartbeat_period": "GPU_HEARTBEAT_INTERVAL",
+    }
+
     model: str = Field(description="path to a checkpoint directory (config.json + *.safetensors)")
     blocks: Optional[str] = Field(
         None,

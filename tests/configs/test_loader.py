@@ -91,3 +91,19 @@ def test_renamed_options_still_work_under_their_earlier_names(tmp_path):
     both.write_text("model: m\nrelay_max_seconds: 12\nbridge_max_seconds: 13\n")
     with pytest.raises(ConfigError, match="both relay_max_seconds and bridge_max_seconds"):
         parse(["--config", str(both)])
+
+
+def test_the_platforms_worker_variables_are_read_where_the_swarm_names_are_unset():
+    platform = {
+        "GPU_SERVER_URL": "http://127.0.0.1:8000",
+        "GPU_REGION": "asia-east",
+        "GPU_ACCEPTANCE_RATE": "0.5",
+        "GPU_MAX_CONCURRENT_JOBS": "3",
+        "GPU_HEARTBEAT_INTERVAL": "15",
+    }
+    options = parse(["--model", "m"], platform)
+    assert (options.relay, options.region, options.acceptance_rate) == ("http://127.0.0.1:8000", "asia-east", 0.5)
+    assert (options.max_concurrent_sessions, options.relay_heartbeat_period) == (3, 15.0)
+    assert parse(["--model", "m"], {**platform, "SWARM_REGION": "oceania"}).region == "oceania"  # ours first
+    with pytest.raises(ConfigError, match="region"):
+        parse(["--model", "m"], {"GPU_REGION": "mars"})
