@@ -43,13 +43,21 @@ def env_prefix(schema: type[BaseModel]) -> str:
     return getattr(schema, "ENV_PREFIX", ENV_PREFIX)
 
 
-def env_aliases(schema: type[BaseModel]) -> dict[str, str]:
-    """{option: another environment variable read for it where the schema's own is unset} (`ENV_ALIASES`)."""
-    return dict(getattr(schema, "ENV_ALIASES", {}))
+def env_names(schema: type[BaseModel], name: str) -> list[str]:
+    """The environment variables read for option `name`, first found wins: the schema's own, then
+    an alias it names in `ENV_ALIASES` (the volunteer platform's worker variables)."""
+    aliases = getattr(schema, "ENV_ALIASES", {})
+    return [env_prefix(schema) + name.upper()] + ([aliases[name]] if name in aliases else [])
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def boolean_flags(name: str) -> tuple[str, str]:
+    """(on, off) flags of a boolean option: `--x` / `--no-x`; an option named `no_x` is the same pair."""
+    positive = name.removeprefix("no_")
+    return _flag(positive), _flag("no_" + positive)
 
 
 def _earlier_names(schema: type[BaseModel]) -> dict[str, str]:
@@ -70,9 +78,7 @@ def build_parser(
     earlier = _earlier_names(schema)
     for name, field in fields:
         base, is_list = _base_type(field.annotation)
-        env = env_prefix(schema) + name.upper()
-        if name in env_aliases(schema):
-            env += " or " + env_aliases(schema)[name]
+        env = " or ".join(env_names(schema, name))
         default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
         help_text = f"{field.description or ''} [{default}; env {env}]"
         flags = [_flag(name)]
@@ -85,7 +91,7 @@ def build_parser(
             # add --no-no-x): --no-x sets it, --x clears it.
             parser.add_argument(*flags, action="store_true", **kwargs)
             positive = dict(kwargs, help=f"the opposite of {flags[0]}")
-            parser.add_argument(_flag(name.removeprefix("no_")), action="store_false", **positive)
+            parser.add_argument(boolean_flags(name)[0], action="store_false", **positive)
         elif base is bool and not is_list:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif is_list:
@@ -110,14 +116,12 @@ def load_config(
     if config_file:
         values.update(_read_yaml(Path(config_file), schema))
     earlier = _earlier_names(schema)
-    aliases = env_aliases(schema)
     for name, field in schema.model_fields.items():
-        raw = environ.get(prefix + name.upper())
-        if (raw is None or raw == "") and name in earlier:
-            raw = environ.get(prefix + earlier[name].upper())
-        if (raw is None or raw == "") and name in aliases:
-            raw = environ.get(aliases[name])
-        if raw is not None and raw != "":
+        names = env_names(schema, name)
+        if name in earlier:
+            names.insert(1, prefix + earlier[name].upper())
+        raw = next((environ[env] for env in names if environ.get(env)), None)
+        if raw is not None:
             _, is_list = _base_type(field.annotation)
             values[name] = [item.strip() for item in raw.split(",") if item.strip()] if is_list else raw
     values.update(cli)
