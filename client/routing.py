@@ -134,13 +134,18 @@ class RouteIndex:
         in `exclude` and it accepts the session; else None."""
         if peer_id in exclude:
             return None
+        accepted = self.accepted(batch)
         for run in self.runs_of.get(peer_id, []):
             info = self.infos[run]
             covers = self.first[run] <= start and self.last[run] >= end - 1
-            fits = max_length <= 0 or min(int(self.max_length[run]), int(self.cache_total[run]) // batch) >= max_length
+            fits = max_length <= 0 or int(accepted[run]) >= max_length
             if covers and fits and self.open[run]:
                 return SpanPlan(peer_id, start, end, info)
         return None
+
+    def accepted(self, batch: int) -> np.ndarray:
+        """Per record, the longest session it accepts at `batch`: its max_length, capped by its whole cache."""
+        return np.minimum(self.max_length, self.cache_total // batch)
 
     def candidates(self, start: int, end: int, exclude: Collection[str]) -> dict[str, ServerInfo]:
         """One usable record per peer present in blocks [start, end) (the servers worth pinging)."""
@@ -180,7 +185,7 @@ def make_chain(
     if missing:
         raise MissingBlocksError(model, missing)
     if max_length > 0:
-        accepted = np.minimum(index.max_length, index.cache_total // batch)  # per record, at this batch
+        accepted = index.accepted(batch)
         fitting = ok & (accepted >= max_length)
         short = [block for block in range(start, end) if not fitting[index.present[block]].any()]
         if short:

@@ -123,6 +123,7 @@ class SpanSession:
         keeps the prompt's KV when the session ends, and starts it from up to `reuse` tokens of it
         that it kept before (`cached`: how many; `adopt` the inputs and outputs of those)."""
         self.model = model
+        reuse = reuse if prompt is not None else 0
         with server_errors(self.plan.peer_id, lambda: self.bridge):
             try:
                 target = await connect(p2p, self.plan, self.timeout, avoid_bridges)
@@ -138,14 +139,14 @@ class SpanSession:
                             batch_size=batch_size,
                             session_id=self.key,
                             route_key=self.route_key,
-                            reuse_tokens=reuse if prompt is not None else 0,
+                            reuse_tokens=reuse,
                         ),
                         [prompt] if prompt is not None else [],
                         request=True,
                     )
                 )
                 opened = read_header(await self._stream.receive(self.timeout), SessionOpened)
-                if opened.cached_tokens > (reuse if prompt is not None else 0):
+                if opened.cached_tokens > reuse:
                     raise ServerFailure(
                         self.plan.peer_id, f"claims {opened.cached_tokens} cached tokens, {reuse} were asked for"
                     )
