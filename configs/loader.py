@@ -38,6 +38,11 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+def is_list_option(schema: type[BaseModel], name: str) -> bool:
+    """Whether option `name` takes several values (on the command line: one per word)."""
+    return _base_type(schema.model_fields[name].annotation)[1]
+
+
 def env_prefix(schema: type[BaseModel]) -> str:
     """`SWARM_` for most programs; a schema may set its own (the relay's options are `SWARM_RELAY_*`)."""
     return getattr(schema, "ENV_PREFIX", ENV_PREFIX)
@@ -65,15 +70,16 @@ def _earlier_names(schema: type[BaseModel]) -> dict[str, str]:
     return {new: old for old, new in getattr(schema, "RENAMED", {}).items()}
 
 
+CONFIG_HELP = "YAML file with any of the options below (keys use underscores)"
+
+
 def build_parser(
-    schema: type[BaseModel], prog: str, description: str, epilog: str | None = None
+    schema: type[BaseModel], prog: str, description: str, epilog: str | None = None, config_help: str = CONFIG_HELP
 ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--config", metavar="FILE", help="YAML file with any of the options below (keys use underscores)"
-    )
+    parser.add_argument("--config", metavar="FILE", help=config_help)
     fields = sorted(schema.model_fields.items(), key=lambda item: not item[1].is_required())
     earlier = _earlier_names(schema)
     for name, field in fields:
@@ -114,7 +120,7 @@ def load_config(
     config_file = cli.pop("config", None) or environ.get(prefix + "CONFIG")
     values: dict[str, Any] = {}
     if config_file:
-        values.update(_read_yaml(Path(config_file), schema))
+        values.update(read_yaml(Path(config_file), schema))
     earlier = _earlier_names(schema)
     for name, field in schema.model_fields.items():
         names = env_names(schema, name)
@@ -125,6 +131,11 @@ def load_config(
             _, is_list = _base_type(field.annotation)
             values[name] = [item.strip() for item in raw.split(",") if item.strip()] if is_list else raw
     values.update(cli)
+    return validate(schema, values)
+
+
+def validate(schema: type[Config], values: Mapping[str, Any]) -> Config:
+    """`schema` built from `values`, or a ConfigError naming every wrong key and why."""
     try:
         return schema.model_validate(values)
     except ValidationError as e:
@@ -132,7 +143,8 @@ def load_config(
         raise ConfigError(f"invalid configuration: {problems}") from None
 
 
-def _read_yaml(path: Path, schema: type[BaseModel]) -> dict[str, Any]:
+def read_yaml(path: Path, schema: type[BaseModel]) -> dict[str, Any]:
+    """The options a YAML file sets (earlier names mapped to current ones); an unknown key is an error."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as e:

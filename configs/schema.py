@@ -276,6 +276,10 @@ class ServerOptions(NetworkOptions):
     )
     relay_join_token: Optional[str] = Field(None, description="join token the relay requires to register, if any")
     relay_heartbeat_period: float = Field(30.0, gt=0, description="seconds between heartbeats to the relay")
+    status_file: Optional[str] = Field(
+        None,
+        description="while running, write the pid and the local status URL here (`swarm.worker status` reads it)",
+    )
 
     @field_validator("relay")
     @classmethod

@@ -111,7 +111,10 @@ class SwarmDHT:
         return list(self._maddrs)
 
     async def _run(self, what: str, fn):
-        """Runs `fn` in the DHT process without blocking this event loop, bounded by `timeout`."""
+        """Runs `fn` in the DHT process without blocking this event loop, bounded by `timeout`; at once
+        a DHTUnavailableError if that process has exited (a signal sent to the whole process group)."""
+        if not self.dht.is_alive():
+            raise DHTUnavailableError(f"DHT {what}: the DHT process has exited (exit code {self.dht.exitcode})")
         try:
             return await asyncio.wait_for(self.dht.run_coroutine(fn, return_future=True), self.timeout)
         except asyncio.TimeoutError:

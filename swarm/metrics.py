@@ -156,14 +156,19 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def serve(self, host: str, port: int) -> tuple[web.AppRunner, int]:
-        """Serves `GET /metrics` on host:port; returns the runner (to clean up) and the bound port."""
+    async def serve(self, host: str, port: int, status: Callable[[], str]) -> tuple[web.AppRunner, int]:
+        """Serves `GET /metrics` and `GET /status` (`status()`: the server's own account, JSON) on
+        host:port; returns the runner (to clean up) and the bound port."""
 
         async def metrics(_request: web.Request) -> web.Response:
             return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+        async def status_page(_request: web.Request) -> web.Response:
+            return web.Response(text=status(), content_type="application/json")
+
         app = web.Application()
         app.router.add_get("/metrics", metrics)
+        app.router.add_get("/status", status_page)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)

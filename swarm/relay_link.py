@@ -68,6 +68,7 @@ class RelayLink:
         self.credentials = self._load_credentials()
         self.config_version = 0
         self.last_error: Optional[str] = None
+        self.last_beat: Optional[float] = None  # when the relay last acknowledged a heartbeat
         self._session: Optional[aiohttp.ClientSession] = None
 
     # ---- credentials -------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class RelayLink:
         while not stop.is_set():
             try:
                 await self.beat(status())
+                self.last_beat = time.time()
                 if self.last_error is not None:
                     logger.info("relay %s reachable again", self.url)
                 self.last_error = None

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from hivemind.p2p import P2P
@@ -20,7 +21,7 @@ from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
 from dht.identity import receipt_signer
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
-from dht.swarm_dht import SwarmDHT, start_dht
+from dht.swarm_dht import DHTUnavailableError, SwarmDHT, start_dht
 from protocol.messages import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, RPC_PUSH_STREAM, Hop
 from protocol.receipts import public_key_hex
 from protocol.tensors import cap_incoming_messages
@@ -39,6 +40,7 @@ from swarm.placement import Placement
 from swarm.preflight import check_model_and_blocks
 from swarm.push import LocalPush, PushStream
 from swarm.quotas import PeerLimits
+from swarm.status import Cache, Load, Reachability, RecentProblems, RelayState, ServerStatus, Sessions, StatusFile
 from swarm.throughput import cached_throughput
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,9 @@ class Server:
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
         self.exit_code = 0  # what `python -m swarm.serve` exits with once `run()` returns
+        self.started = time.time()
+        self.problems = RecentProblems()
+        logging.getLogger().addHandler(self.problems)
 
     def stop(self) -> None:
         """First call: drain, then leave. A second call (another Ctrl-C) skips the drain."""
@@ -141,7 +146,9 @@ class Server:
             attachment_task = await self.bridging.start(
                 p2p, self.dht, self._read_swarm, self._bridges_changed, lambda: (self.model_name, self.placement.start)
             )
-            metrics_runner, self.metrics_port = await self.metrics.serve(opts.host, opts.metrics_port)
+            metrics_runner, self.metrics_port = await self.metrics.serve(opts.host, opts.metrics_port, self.status)
+            if opts.status_file:
+                StatusFile.write(Path(opts.status_file), f"http://{local_host(opts.host)}:{self.metrics_port}/status")
             await self._announce()
             self.state = ServerState.ONLINE
             await self._announce()
@@ -167,7 +174,59 @@ class Server:
                 await self.coordinator.link.goodbye()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
+            if opts.status_file:
+                StatusFile.remove(Path(opts.status_file))
             await self._leave(p2p)
+
+    def status(self) -> str:
+        """This server's state for its operator (`GET /status`, read by `swarm.worker status`), as JSON."""
+        opts = self.options
+        link = self.coordinator.link if self.coordinator is not None else None
+        relay = None
+        if opts.relay:
+            relay = RelayState(
+                url=opts.relay,
+                worker_id=link.credentials.worker_id if link is not None and link.credentials else None,
+                last_heartbeat_seconds_ago=time.time() - link.last_beat if link and link.last_beat else None,
+                last_error=link.last_error if link is not None else None,
+            )
+        prefixes = self.budget.prefixes
+        return ServerStatus(
+            state=self.state.value,
+            version=__version__,
+            model=self.model_name,
+            start_block=self.placement.start,
+            end_block=self.placement.end,
+            peer_id=self.dht.peer_id if self.dht is not None else "",
+            addresses=self.dht.visible_maddrs() if self.dht is not None else [],
+            region=opts.region,
+            uptime_seconds=time.time() - self.started,
+            sessions=Sessions(
+                open=self.handler.open_sessions if self.handler else 0,
+                max_concurrent=self.load.policy.max_concurrent_sessions,
+                max_length=self.limits.max_length,
+            ),
+            cache=Cache(
+                tokens_total=self.budget.total,
+                tokens_free=self.budget.free,
+                prefix_tokens=prefixes.tokens if prefixes is not None else 0,
+            ),
+            load=Load(
+                throughput_tokens_per_s=self.throughput.inference if self.throughput else None,
+                acceptance_rate=self.load.policy.acceptance_rate,
+                requests_waiting=self.scheduler.waiting,
+                median_step_ms=self.metrics.median_step_ms(),
+                prompt_tokens=self.metrics.totals["prompt_tokens"],
+                generation_tokens=self.metrics.totals["generation_tokens"],
+            ),
+            relay=relay,
+            reachability=Reachability(
+                reachable=self.bridging.reachable,
+                bridge=self.bridging.is_bridge,
+                attached_bridges=list(self.bridging.bridge_addrs),
+            ),
+            recent_problems=self.problems.problems(),
+        ).model_dump_json()
 
     def _coordinator(self) -> Coordinator:
         return Coordinator(
@@ -396,7 +455,8 @@ class Server:
             receipt_key=public_key_hex(self.receipt_signer),
         )
 
-    async def _announce(self) -> None:
+    async def _announce(self) -> bool:
+        """Publishes this server's records; False (logged) when the DHT could not take them."""
         try:
             await self.dht.announce(self.model_name, self.record(), ttl=self.options.record_ttl)
             config = self.checkpoint.config
@@ -410,8 +470,13 @@ class Server:
                 ),
                 ttl=self.options.record_ttl,
             )
+        except DHTUnavailableError as e:
+            logger.warning("could not announce to the DHT: %s", e)
+            return False
         except Exception:
             logger.warning("could not announce to the DHT; will retry", exc_info=True)
+            return False
+        return True
 
     async def _drain(self) -> None:
         """Announces `draining`, refuses new sessions, and waits (bounded) for open ones to finish."""
@@ -444,10 +509,17 @@ class Server:
     async def _leave(self, p2p) -> None:
         if self.throughput is not None:  # it has announced itself (a server that never loaded has not)
             self.state = ServerState.OFFLINE
-            await self._announce()
-            logger.info("announced offline; shutting down")
+            if await self._announce():
+                logger.info("announced offline; shutting down")
+            else:
+                logger.info("shutting down; this server's records expire within %.0f s", self.options.record_ttl)
         if p2p is not None:
             await p2p.shutdown()
         self.dht.shutdown()
         self.scheduler.close()
         self.compute.shutdown()
+
+
+def local_host(host: str) -> str:
+    """The address a local tool dials to reach a port bound on `host` (a wildcard means loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host

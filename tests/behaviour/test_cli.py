@@ -110,6 +110,16 @@ def test_help_and_bad_flags_answer_without_heavy_imports(module, argv, code):
     assert ("usage:" in result.stdout) if code == 0 else ("unrecognized arguments: --no-such-flag" in result.stderr)
 
 
+@pytest.mark.parametrize("command", [[], ["configure"], ["set"], ["start"], ["status"]])
+def test_every_worker_command_answers_help_and_bad_flags_without_heavy_imports(command):
+    result = run("-c", _PROBE.format(heavy=HEAVY, argv=[*command, "--help"], module="swarm.worker"))
+    assert result.returncode == 0 and "usage: python -m swarm.worker" in result.stdout, result.stderr
+    assert "IMPORTED []" in result.stderr
+    argv = {(): ["status"], ("set",): ["set", "max_length", "5"]}.get(tuple(command), command) + ["--no-such-flag"]
+    result = run("-c", _PROBE.format(heavy=HEAVY, argv=argv, module="swarm.worker"))
+    assert result.returncode == 2 and "--no-such-flag" in result.stderr and "IMPORTED []" in result.stderr
+
+
 def test_serve_rejects_bad_paths_and_ranges_without_heavy_imports(tmp_path, llama_path):
     for argv, message in [
         (["--model", str(tmp_path / "nowhere"), "--blocks", "0:1"], "config.json not found"),
