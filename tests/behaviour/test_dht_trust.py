@@ -106,6 +106,9 @@ class _StalledDHT:
     def get_visible_maddrs(self):
         return []
 
+    def is_alive(self) -> bool:
+        return True
+
     def run_coroutine(self, fn, return_future=False):
         return asyncio.get_running_loop().create_future()  # never done
 
