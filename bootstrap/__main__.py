@@ -26,30 +26,45 @@ across restarts."""
 
 def main(argv: list[str] | None = None) -> int:
     options = cli_options(BootstrapOptions, "python -m bootstrap", "Run a bootstrap node of a Swarm DHT.", EPILOG, argv)
-    from dht.swarm_dht import public_announce, start_dht  # hivemind: only once the options are known to be good
+    from discovery.mdns import MdnsUnavailable, lan_python
 
     try:
+        if options.mdns:
+            lan_python()
+    except MdnsUnavailable as e:
+        print(f"bootstrap: error: {e}", file=sys.stderr)
+        return 2
+    from dht.swarm_dht import public_announce, start_dht
+    from discovery.presence import LanPresence  # hivemind: only once the options are known to be good
+
+    lan = LanPresence(options.mdns)
+    try:
+        initial_peers = asyncio.run(lan.initial_peers(options.initial_peers))
         port, announce = public_announce(options.public_ip, options.host, options.port, options.announce_maddrs)
         dht, validator = start_dht(
-            options.initial_peers,
+            initial_peers,
+            require_peers=not lan.found_at_start,
             host=options.host,
             port=port,
             identity_path=options.identity,
             nat_port_map=options.nat_port_map,
             announce_maddrs=announce,
         )
+    except MdnsUnavailable as e:
+        print(f"bootstrap: error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:
         print(f"bootstrap: error: could not start the DHT node: {e}", file=sys.stderr)
         return 1
     addrs = [str(addr) for addr in dht.get_visible_maddrs()]  # hivemind answers this only outside an event loop
     try:
-        asyncio.run(serve(dht, validator, options, addrs))
+        asyncio.run(serve(dht, validator, options, addrs, lan))
     finally:
         dht.shutdown()
     return 0
 
 
-async def serve(dht, validator, options: BootstrapOptions, addrs: list[str]) -> None:
+async def serve(dht, validator, options: BootstrapOptions, addrs: list[str], lan) -> None:
     """Answers reachability checks and bridges for servers behind NAT (unless --no-bridge) until
     SIGINT/SIGTERM. (Signal handlers only now: the DHT's forked child keeps the default ones.)"""
     from bridge.node import BridgeLimits, BridgeNode, swarm_membership
@@ -62,10 +77,12 @@ async def serve(dht, validator, options: BootstrapOptions, addrs: list[str]) -> 
         loop.add_signal_handler(sig, stop.set)
     p2p = await dht.replicate_p2p()
     try:
-        prove = swarm_membership(SwarmDHT(dht, validator), dht.peer_id.to_base58())
+        swarm_dht = SwarmDHT(dht, validator)
+        prove = swarm_membership(swarm_dht, dht.peer_id.to_base58())
         await BridgeNode(p2p, SWARM_RPCS, prove, BridgeLimits.of(options), carry=not options.no_bridge).start()
         for addr in addrs:
             print(addr, flush=True)
+        lan.announce(swarm_dht, reachable=True)
         logger.info(
             "bootstrap node %s is up%s; Ctrl-C to stop",
             dht.peer_id,
@@ -74,6 +91,7 @@ async def serve(dht, validator, options: BootstrapOptions, addrs: list[str]) -> 
         await stop.wait()
         logger.info("shutting down")
     finally:
+        await lan.close()
         await p2p.shutdown()
 
 

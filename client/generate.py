@@ -12,6 +12,7 @@ example:
   python -m client.generate --model ./SmolLM2-135M-Instruct \\
       --initial-peers /ip4/127.0.0.1/tcp/31337/p2p/QmBootstrap... \\
       --prompt "What is the capital of France?" --max-new-tokens 32
+  python -m client.generate --model ./SmolLM2-135M-Instruct --mdns --prompt "Hi"   # a swarm on this LAN
 
 The checkpoint directory must also hold the tokenizer."""
 
@@ -51,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         model = AutoDistributedModelForCausalLM.from_pretrained(
             options.model,
             options.initial_peers,
+            mdns=options.mdns,
             model_name=options.model_name,
             request_timeout=options.request_timeout,
             step_timeout=options.step_timeout,
             verify=options.verify,
             region=options.region,
+            otlp_endpoint=options.otlp_endpoint,
         )
     except (BlocksError, SwarmError, ValueError, OSError) as e:
         print(f"client.generate: error: {e}", file=sys.stderr)

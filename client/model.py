@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -17,16 +18,21 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from blocks.checkpoint import Checkpoint
 from blocks.loading import ModelHead, load_head
-from client.errors import BadRequestError
+from client.errors import BadRequestError, SwarmError
 from client.generation import decode, prepare_config
 from client.prefix_memory import DEFAULT_PREFIX_MEMORY_MBYTES
 from client.remote import RemoteModel
 from client.session import InferenceSession
 from client.shared_head import SharedHead
-from configs.schema import DEFAULT_VERIFY_RATE, valid_region
+from client.timing import TokenClock
+from configs.schema import DEFAULT_VERIFY_RATE, valid_otlp_endpoint, valid_region
+from discovery.mdns import LanDiscovery, MdnsUnavailable
+from telemetry import tracing
 from verification.evidence import Evidence
 
 logger = logging.getLogger(__name__)
+
+MDNS_WAIT_SECONDS = 10.0  # how long from_pretrained(mdns=True) looks for the swarm's peers on the LAN
 
 
 class AutoDistributedModelForCausalLM:
@@ -42,8 +48,9 @@ class AutoDistributedModelForCausalLM:
     def from_pretrained(
         cls,
         path: str | os.PathLike,
-        initial_peers: Sequence[str],
+        initial_peers: Sequence[str] = (),
         *,
+        mdns: bool = False,
         model_name: Optional[str] = None,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
@@ -58,8 +65,11 @@ class AutoDistributedModelForCausalLM:
         verify: float = DEFAULT_VERIFY_RATE,
         region: Optional[str] = None,
         prefix_cache_mbytes: float = DEFAULT_PREFIX_MEMORY_MBYTES,
+        otlp_endpoint: Optional[str] = None,
     ) -> "AutoDistributedModelForCausalLM":
-        """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`.
+        """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`,
+        or, with `mdns=True` and no `initial_peers`, through the peers found on this LAN with libp2p
+        mDNS (multicast: off unless asked; a `SwarmError` if none answers within 10 s).
 
         `model_name` defaults to the name servers derive from the same checkpoint. `request_timeout`
         bounds every wait for a server (a hung server is replaced after it); `max_retries` bounds how
@@ -87,6 +97,11 @@ class AutoDistributedModelForCausalLM:
         was sent and answered for them), so that a later `generate()` whose prompt starts the same
         reuses the servers' prefix caches and computes only the rest; servers keep the KV of a
         client's prompts for that client only. 0 turns reuse off (servers are not told prompts).
+
+        `otlp_endpoint` (an OTLP/HTTP receiver, e.g. "http://127.0.0.1:4318") turns on OpenTelemetry
+        tracing in this process: each `generate()` is one trace, with a span per step on this side
+        and, on servers that trace too, per server step, push and reply (W3C trace context travels
+        with each step). Off by default, and nothing of OpenTelemetry is loaded then.
         """
         checkpoint = Checkpoint(path)
         head = load_head(checkpoint, dtype=dtype, device=device)
@@ -94,6 +109,8 @@ class AutoDistributedModelForCausalLM:
             generation_config = GenerationConfig.from_pretrained(checkpoint.path)
         else:
             generation_config = GenerationConfig.from_model_config(dict(checkpoint.config.raw))
+        if mdns and not initial_peers:
+            initial_peers = lan_peers()
         remote = RemoteModel(
             checkpoint,
             initial_peers,
@@ -109,6 +126,7 @@ class AutoDistributedModelForCausalLM:
             verify=verify,
             region=valid_region(os.environ.get("SWARM_REGION", "") if region is None else region),
             prefix_cache_mbytes=prefix_cache_mbytes,
+            otlp_endpoint=valid_otlp_endpoint(otlp_endpoint),
         )
         return cls(checkpoint, head, remote, generation_config)
 
@@ -189,11 +207,19 @@ class AutoDistributedModelForCausalLM:
                 raise ValueError("input_ids is required (unless continuing a session)")
             input_ids = torch.empty(session.token_ids.shape[0], 0, dtype=torch.long)
         _check_ids(input_ids, attention_mask)
-        if session is not None:
-            return decode(self.head, session, input_ids, attention_mask, config, streamer, assistant_model)
         max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
-        with self.inference_session(max_length=max(input_ids.shape[1] + max_new, 1)) as new_session:
-            return decode(self.head, new_session, input_ids, attention_mask, config, streamer, assistant_model)
+        with tracing.span(
+            f"text_completion {self.model_name}", kind="client", attributes=_request_attributes(self.model_name, config)
+        ) as current:
+            clock = TokenClock(inner=streamer) if current is not None else streamer
+            if session is not None:
+                output = decode(self.head, session, input_ids, attention_mask, config, clock, assistant_model)
+            else:
+                with self.inference_session(max_length=max(input_ids.shape[1] + max_new, 1)) as new_session:
+                    output = decode(self.head, new_session, input_ids, attention_mask, config, clock, assistant_model)
+            if current is not None:
+                _record_usage(current, clock, input_ids.shape)
+            return output
 
     def shutdown(self) -> None:
         self.remote.shutdown()
@@ -203,6 +229,46 @@ class AutoDistributedModelForCausalLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def lan_peers(timeout: float = MDNS_WAIT_SECONDS) -> list[str]:
+    """Multiaddrs of the swarm's peers found on this LAN with mDNS (a SwarmError if none answers)."""
+    try:
+        with LanDiscovery() as lan:
+            found = lan.wait_for_peers(timeout)
+    except MdnsUnavailable as e:
+        raise SwarmError(str(e)) from None
+    if not found:
+        raise SwarmError(f"mDNS: no swarm peer answered on this LAN within {timeout:g} s; pass initial_peers instead")
+    return found
+
+
+def _request_attributes(model_name: str, config: GenerationConfig) -> dict[str, Any]:
+    """A generation's span attributes, as the GenAI semantic conventions name them."""
+    sampled = bool(config.do_sample)
+    return {
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.provider.name": "swarm",
+        "gen_ai.request.model": model_name,
+        "gen_ai.request.max_tokens": config.max_new_tokens,
+        "gen_ai.request.temperature": config.temperature if sampled else None,
+        "gen_ai.request.top_p": config.top_p if sampled else None,
+        "gen_ai.request.top_k": config.top_k if sampled else None,
+    }
+
+
+def _record_usage(current: Any, clock: TokenClock, shape: torch.Size) -> None:
+    """Tokens in and out, and vLLM's latency attributes (TTFT, end to end), on a generation's span."""
+    batch, prompt = shape
+    tracing.set_attributes(
+        current,
+        **{
+            "gen_ai.usage.input_tokens": batch * prompt,
+            "gen_ai.usage.output_tokens": batch * len(clock.times),
+            "gen_ai.latency.time_to_first_token": clock.time_to_first_token if clock.times else None,
+            "gen_ai.latency.e2e": time.perf_counter() - clock.started,
+        },
+    )
 
 
 def _check_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> None:

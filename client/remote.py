@@ -27,6 +27,7 @@ from client.swarm_view import SwarmView
 from configs.schema import DEFAULT_VERIFY_RATE
 from dht.swarm_dht import SwarmDHT, start_dht
 from protocol.tensors import MAX_MESSAGE_BYTES, cap_incoming_messages, moved
+from telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class RemoteModel:
         verify: float = DEFAULT_VERIFY_RATE,
         region: str = "",
         prefix_cache_mbytes: float = DEFAULT_PREFIX_MEMORY_MBYTES,
+        otlp_endpoint: Optional[str] = None,
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one swarm peer")
@@ -70,6 +72,8 @@ class RemoteModel:
         self.prefix_memory = PrefixMemory(int(prefix_cache_mbytes * 2**20)) if prefix_cache_mbytes > 0 else None
         self.step_timeout = step_timeout
         dht, validator = start_dht(initial_peers, client_mode=True, nat_port_map=nat_port_map)
+        if otlp_endpoint:  # after the DHT's process is forked: it needs no exporter thread of its own
+            tracing.enable(otlp_endpoint, "swarm-client")
         self.dht = SwarmDHT(dht, validator)
         self.runtime = LoopThread()
         cap_incoming_messages()  # a server's reply cannot make this process buffer more than the cap either
@@ -144,6 +148,7 @@ class RemoteModel:
         self.runtime.stop()
         self.dht.shutdown()
         self.audit.shutdown()
+        tracing.flush()  # this client's last spans leave now, not at the exporter's next batch
 
 
 def _shutdown_at_exit(remote: "weakref.ref[RemoteModel]") -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import threading
 from typing import Any, Coroutine, Optional
 
@@ -14,10 +16,30 @@ class LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, Any], timeout: Optional[float] = None) -> Any:
-        """Runs `coro` on the loop and waits for its result (called from any other thread)."""
+        """Runs `coro` on the loop and waits for its result (called from any other thread). The coroutine
+        runs in a copy of the caller's context, so that what the caller set (its current trace span)
+        holds inside it too."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("LoopThread.run() called from its own loop; await the coroutine instead")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        context = contextvars.copy_context()
+        result: concurrent.futures.Future = concurrent.futures.Future()
+
+        def finished(task: asyncio.Task) -> None:
+            if task.cancelled():
+                result.cancel()
+            elif task.exception() is not None:
+                result.set_exception(task.exception())
+            else:
+                result.set_result(task.result())
+
+        def start() -> None:
+            if result.set_running_or_notify_cancel():
+                self.loop.create_task(coro, context=context).add_done_callback(finished)
+            else:
+                coro.close()
+
+        self.loop.call_soon_threadsafe(start)
+        return result.result(timeout)
 
     def stop(self) -> None:
         if self.loop.is_running():

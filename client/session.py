@@ -34,6 +34,7 @@ from client.routing import SpanPlan
 from client.span import SpanSession
 from protocol.messages import PREFIX_BLOCK_TOKENS
 from protocol.tensors import moved
+from telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -277,9 +278,11 @@ class InferenceSession:
                 f"session max_length is {self.max_length} tokens; {self.position} used, {tokens} more requested"
             )
         device = hidden.device
-        hidden, mask = await moved(hidden, "cpu"), await moved(mask, "cpu")
-        async with step_deadline(self.remote.step_timeout, "step"):
-            output = await self._step(hidden, mask)
+        attributes = {"swarm.session_id": self.session_id, "swarm.position": self.position, "swarm.tokens": tokens}
+        with tracing.span("swarm.client.step", kind="client", attributes=attributes):
+            hidden, mask = await moved(hidden, "cpu"), await moved(mask, "cpu")
+            async with step_deadline(self.remote.step_timeout, "step"):
+                output = await self._step(hidden, mask)
         return await moved(output, device)
 
     async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -34,6 +34,7 @@ from protocol.messages import (
 from protocol.receipts import Receipt, mask_digest, verify
 from protocol.routes import new_route_key, seal_route
 from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
+from telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +202,18 @@ class SpanSession:
         every server on the way first forgets what follows the step's position). The reply is read
         by `receive`. A long input is converted and serialized on a worker thread."""
         rewind = rewind or self._rewind
-        header = Step(position=self.position, step_id=step_id, rewind=rewind)
+        trace = tracing.traceparent()  # the current step's span: the server's span of it is its child
+        header = Step(position=self.position, step_id=step_id, rewind=rewind, traceparent=trace)
         if route:
             first, sealed = seal_route(route, step_id, self.position, rewind)
-            header = Step(position=self.position, step_id=step_id, route=(first,), sealed_route=sealed, rewind=rewind)
+            header = Step(
+                position=self.position,
+                step_id=step_id,
+                route=(first,),
+                sealed_route=sealed,
+                rewind=rewind,
+                traceparent=trace,
+            )
         self._rewind = False
         self._stream.send(await packed(header, hidden, mask, self.dtype))
 

@@ -139,7 +139,10 @@ def validate(schema: type[Config], values: Mapping[str, Any]) -> Config:
     try:
         return schema.model_validate(values)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
         raise ConfigError(f"invalid configuration: {problems}") from None
 
 

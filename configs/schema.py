@@ -104,6 +104,26 @@ def valid_region(value: str) -> str:
 
 
 Region = Annotated[str, AfterValidator(valid_region)]
+
+_OTLP_RE = re.compile(r"^https?://[^/\s]+(/[^\s]*)?$")
+
+
+def valid_otlp_endpoint(value: Optional[str]) -> Optional[str]:
+    """An OTLP/HTTP receiver's URL (its base, or its /v1/traces path), or None: tracing off."""
+    if value is not None and not _OTLP_RE.match(value):
+        raise ValueError("must be an OTLP/HTTP receiver's URL, e.g. http://127.0.0.1:4318")
+    return value
+
+
+OtlpEndpoint = Annotated[Optional[str], AfterValidator(valid_otlp_endpoint)]
+OTLP_HELP = (
+    "send OpenTelemetry traces (one per generation) to this OTLP/HTTP receiver, e.g. http://127.0.0.1:4318 "
+    "(/v1/traces is added to a base URL); off when unset"
+)
+MDNS_HELP = (
+    "LAN discovery with libp2p mDNS (multicast; off unless given): without --initial-peers, join the swarm "
+    "of the peers found on this LAN (or start one), announce this node there, and join peers found later"
+)
 ANNOUNCE_MADDRS_HELP = (
     "multiaddrs other peers dial instead of the listen address, for a port forward or a proxy "
     "in front of this node, e.g. /ip4/203.0.113.5/tcp/31337 (default: the listen address)"
@@ -153,6 +173,7 @@ class NetworkOptions(_Schema):
     bridge_max_circuits_per_source: int = Field(
         8, ge=0, description="as a bridge: circuits one caller may have open through it at once"
     )
+    mdns: bool = Field(False, description=MDNS_HELP)
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
 
     @field_validator("public_ip")
@@ -276,6 +297,7 @@ class ServerOptions(NetworkOptions):
     )
     relay_join_token: Optional[str] = Field(None, description="join token the relay requires to register, if any")
     relay_heartbeat_period: float = Field(30.0, gt=0, description="seconds between heartbeats to the relay")
+    otlp_endpoint: OtlpEndpoint = Field(None, description=OTLP_HELP)
     status_file: Optional[str] = Field(
         None,
         description="while running, write the pid and the local status URL here (`swarm.worker status` reads it)",
@@ -327,7 +349,14 @@ class GenerateOptions(_Schema):
     model: str = Field(
         description="path to the same checkpoint the servers run (the client loads embeddings and LM head)"
     )
-    initial_peers: InitialPeers = Field(description="multiaddrs of swarm peers, e.g. the bootstrap node's")
+    initial_peers: InitialPeers = Field(
+        default_factory=list, description="multiaddrs of swarm peers, e.g. the bootstrap node's (or --mdns)"
+    )
+    mdns: bool = Field(
+        False,
+        description="find the swarm's peers on this LAN with libp2p mDNS instead of --initial-peers "
+        "(multicast; off unless given)",
+    )
     prompt: str = Field(description="text to continue or (with a chat template) to answer")
     max_new_tokens: int = Field(64, gt=0, description="tokens to generate")
     model_name: Optional[str] = Field(
@@ -357,7 +386,14 @@ class GenerateOptions(_Schema):
         300.0, gt=0, description="seconds one step through the swarm may take in all, retries and failovers included"
     )
     verify: float = Field(DEFAULT_VERIFY_RATE, ge=0, le=1, description=VERIFY_HELP)
+    otlp_endpoint: OtlpEndpoint = Field(None, description=OTLP_HELP)
     log_level: str = Field("warning", description=f"one of {', '.join(LOG_LEVELS)}")
+
+    @model_validator(mode="after")
+    def _check_peers(self) -> "GenerateOptions":
+        if not self.initial_peers and not self.mdns:
+            raise ValueError("give --initial-peers (a swarm peer's multiaddr) or --mdns (find peers on this LAN)")
+        return self
 
 
 EXAMPLE_SERVER_VALUES = {
@@ -446,6 +482,9 @@ class RelayOptions(_Schema):
     standby: bool = Field(False, description="start as the standby of a primary/standby pair (readiness answers 503)")
     nat_port_map: bool = Field(
         False, description="ask the LAN gateway to forward a port (UPnP/NAT-PMP); off unless you opt in"
+    )
+    otlp_endpoint: OtlpEndpoint = Field(
+        None, description=OTLP_HELP + "; the OpenAI API continues an incoming traceparent header"
     )
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
 

@@ -19,6 +19,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.utils import get_dht_time
 
+from dht.dialing import dial
 from dht.identity import ensure_identity, make_validator, peer_id_of_subkey
 from dht.ports import free_port
 from dht.records import (
@@ -53,12 +54,15 @@ def start_dht(
     client_mode: bool = False,
     nat_port_map: bool = False,
     announce_maddrs: Sequence[str] = (),
+    require_peers: bool = True,
 ) -> tuple[hivemind.DHT, RSASignatureValidator]:
     """Starts a DHT node whose libp2p identity is also its record-signing key.
 
     Without `identity_path` a fresh identity is made in a private temp file. NAT port mapping (UPnP /
     NAT-PMP probes of the LAN gateway) stays off unless the operator opts in. `announce_maddrs`
     (transport addresses, no /p2p part) replace the listen address in what peers learn and dial.
+    `require_peers=False` starts alone when no initial peer answers (peers a stranger announced on the
+    LAN may not), where by default that is an error.
     """
     if identity_path is None:
         identity_path = os.path.join(tempfile.mkdtemp(prefix="swarm-identity-"), "identity.key")
@@ -81,6 +85,7 @@ def start_dht(
         check_if_identity_free=False,
         host_maddrs=[f"/{family}/{host}/tcp/{0 if client_mode else port}"],
         announce_maddrs=list(announce_maddrs) or None,
+        ensure_bootstrap_success=require_peers,
     )
     return dht, validator
 
@@ -115,10 +120,29 @@ class SwarmDHT:
         a DHTUnavailableError if that process has exited (a signal sent to the whole process group)."""
         if not self.dht.is_alive():
             raise DHTUnavailableError(f"DHT {what}: the DHT process has exited (exit code {self.dht.exitcode})")
+        call = asyncio.ensure_future(self.dht.run_coroutine(fn, return_future=True))
+        deadline = asyncio.get_running_loop().time() + self.timeout
         try:
-            return await asyncio.wait_for(self.dht.run_coroutine(fn, return_future=True), self.timeout)
-        except asyncio.TimeoutError:
-            raise DHTUnavailableError(f"DHT {what} did not finish within {self.timeout:g} s") from None
+            while True:  # the process may die during the call (a signal to the whole group): see it at once
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise DHTUnavailableError(f"DHT {what} did not finish within {self.timeout:g} s")
+                done, _ = await asyncio.wait([call], timeout=min(left, 0.5))
+                if done:
+                    return call.result()
+                if not self.dht.is_alive():
+                    raise DHTUnavailableError(f"DHT {what}: the DHT process has exited (exit code {self.dht.exitcode})")
+        finally:
+            call.cancel()
+
+    async def meet(self, maddrs: Sequence[str], timeout: float = 15.0) -> bool:
+        """Joins the swarm of a peer learned after start (on the LAN, say): dials it at `maddrs` (all
+        ending in its /p2p/ id), pings it into the routing table and looks up this node's neighbours
+        through it. False if it did not answer."""
+        peer_id = maddrs[0].rsplit("/p2p/", 1)[-1]
+        return await self._run(
+            f"meeting {peer_id}", partial(_meet, peer_id=peer_id, maddrs=list(maddrs), timeout=timeout)
+        )
 
     @property
     def port(self) -> int:
@@ -241,6 +265,19 @@ async def _store_many(dht, node, keys, subkey, value, expiration_time) -> None:
         expiration_time=expiration_time,
         num_workers=min(len(keys), 16),
     )
+
+
+async def _meet(dht, node, peer_id: str, maddrs: list[str], timeout: float) -> bool:
+    """Runs inside the DHT process (`SwarmDHT.meet`)."""
+    try:
+        peer = await dial(node.p2p, peer_id, maddrs, timeout)
+    except Exception as e:  # unreachable, or a malformed address from a stranger
+        logger.info("could not dial %s: %s", peer_id, e)
+        return False
+    if await node.protocol.call_ping(peer) is None:
+        return False
+    await node.find_nearest_nodes([node.node_id])
+    return True
 
 
 async def _get_many(dht, node, keys) -> dict:

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from protocol.errors import ErrorKind, MalformedMessage, WireError
 from protocol.tensors import serialize_tensor
+from telemetry.tracing import TRACEPARENT_PATTERN
 
 RPC_INFERENCE = "swarm.BlockService.rpc_inference"
 RPC_FORWARD = "swarm.BlockService.rpc_forward"
@@ -93,7 +94,8 @@ class Step(_Header):
     With a `route`, the server pushes its output to the first hop as well as replying to the client;
     `sealed_route` goes with it, for that hop's server to open (`protocol.routes`: where it pushes
     next). `step_id` numbers a session's routed steps in order (0: not numbered), so that a server can
-    drop a pushed step that arrives again late.
+    drop a pushed step that arrives again late. `traceparent` (W3C trace context; empty unless the
+    sender traces) makes the receiver's span of this step a child of the sender's.
     """
 
     position: int = Field(ge=0)
@@ -101,6 +103,7 @@ class Step(_Header):
     route: tuple[Hop, ...] = Field(default=(), max_length=64)
     sealed_route: str = Field(default="", max_length=48 * 1024)
     rewind: bool = False
+    traceparent: str = Field(default="", pattern=TRACEPARENT_PATTERN.replace("^", "^(").replace("$", ")?$"))
 
 
 class Push(Step):

@@ -37,6 +37,7 @@ from relay.openai_api import OpenAIRoutes
 from relay.schemas import EvidenceReport
 from relay.store import Store
 from relay.workers import WorkerRegistry, bearer_token, load_or_create_key
+from telemetry import tracing
 from verification.evidence import Evidence, evidence_body
 
 logger = logging.getLogger(__name__)
@@ -238,6 +239,8 @@ class Relay:
             )
             self.services[service.name] = service
             logger.info("serving model %s from %s", service.name, path)
+        if opts.otlp_endpoint:  # after every DHT process is forked: they need no exporter thread of their own
+            tracing.enable(opts.otlp_endpoint, "swarm-relay")
         self.jobs = JobQueue(self.store, self.services, opts.max_concurrent_generations, opts.max_queued_jobs)
         self.evidence = EvidenceJudge(self.store, self.services, lambda: self.dht, self._executor)
         for service in self.services.values():
@@ -322,3 +325,4 @@ class Relay:
         if self.dht is not None:
             self.dht.dht.shutdown()
         await self.store.close()
+        tracing.flush()

@@ -9,6 +9,8 @@ every session's outcome feeds the servers' reliability scores.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 import uuid
@@ -238,7 +240,9 @@ class ModelService:
                 loop.call_soon_threadsafe(on_delta, delta)
 
         try:
-            return await loop.run_in_executor(self.executor, self._generate, request, emit, cancelled)
+            # in a copy of this task's context: the generation's spans are children of the request's
+            run = functools.partial(contextvars.copy_context().run, self._generate, request, emit, cancelled)
+            return await loop.run_in_executor(self.executor, run)
         except BadRequestError as e:  # the servers judged the request itself wrong: the caller's to fix
             raise HTTPError(400, f"the swarm refused this request: {e}") from None
         except SwarmError as e:

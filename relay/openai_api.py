@@ -15,8 +15,11 @@ from aiohttp import web
 from relay.generation import ModelService, Result, find_service
 from relay.http import HTTPError, json_reply, read_body
 from relay.schemas import ChatCompletionRequest, CompletionRequest
+from telemetry import tracing
 
 logger = logging.getLogger(__name__)
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 class OpenAIRoutes:
@@ -28,6 +31,7 @@ class OpenAIRoutes:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.middlewares.insert(0, _traced)  # outermost: the span sees the status of error replies too
 
     async def models(self, request: web.Request) -> web.Response:
         self.check_key(request)
@@ -149,6 +153,23 @@ class OpenAIRoutes:
             if not task.done():  # the caller went away or writing failed: end the generation too
                 gone = True
                 await asyncio.gather(task, return_exceptions=True)
+
+
+@web.middleware
+async def _traced(request: web.Request, handler):
+    """With tracing on, a generation request is a server span, the child of the caller's `traceparent`
+    header when it sends one (W3C trace context); the generation's own spans are its children."""
+    if not tracing.enabled() or request.method != "POST" or request.path not in GENERATION_PATHS:
+        return await handler(request)
+    with tracing.span(
+        f"POST {request.path}",
+        kind="server",
+        parent=request.headers.get("traceparent", "").strip(),
+        attributes={"http.request.method": "POST", "http.route": request.path},
+    ) as current:
+        response = await handler(request)
+        tracing.set_attributes(current, **{"http.response.status_code": response.status})
+        return response
 
 
 def _client_gone(request: web.Request) -> Callable[[], bool]:

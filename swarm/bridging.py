@@ -27,6 +27,7 @@ class Bridging:
     def __init__(self, options: ServerOptions):
         self.options = options
         self.reachable = True
+        self.initial_peers: list[str] = list(options.initial_peers)
         self.attachment: Optional[BridgeAttachment] = None  # when unreachable: the bridges it is attached to
 
     @property
@@ -37,16 +38,17 @@ class Bridging:
     def is_bridge(self) -> bool:
         return self.reachable and not self.options.no_bridge
 
-    async def listen_address(self) -> tuple[int, list[str]]:
+    async def listen_address(self, initial_peers: list[str]) -> tuple[int, list[str]]:
         """The port to listen on and the addresses to announce; sets `reachable`. An operator's
         --public-ip or --announce-maddrs is trusted; a loopback server is reachable by all its peers;
-        otherwise the initial peers are asked to dial this machine back."""
+        otherwise the initial peers (given, or found on the LAN) are asked to dial this machine back."""
         opts = self.options
+        self.initial_peers = list(initial_peers)
         port, announce = public_announce(opts.public_ip, opts.host, opts.port, opts.announce_maddrs)
-        if announce or is_loopback(opts.host) or not opts.initial_peers:
+        if announce or is_loopback(opts.host) or not initial_peers:
             return port, announce
         port = port or free_port(opts.host)
-        self.reachable = await check_reachability(opts.initial_peers, opts.host, port) is not False
+        self.reachable = await check_reachability(initial_peers, opts.host, port) is not False
         return port, announce
 
     async def start(
@@ -81,7 +83,7 @@ class Bridging:
             except Exception as e:
                 logger.info("could not read the swarm for bridges: %s", e)
                 found = []
-            return bridge_candidates(opts.initial_peers, found, dht.peer_id)
+            return bridge_candidates(self.initial_peers, found, dht.peer_id)
 
         self.attachment = BridgeAttachment(p2p, candidates, on_change, claim)
         task = asyncio.create_task(self.attachment.run(), name="bridge attachment")

@@ -54,6 +54,7 @@ from swarm.prefix_cache import block_keys, prefix_root
 from swarm.push import LocalPush, PushStream
 from swarm.quotas import PeerLimits, PeerQuotas
 from swarm.sessions import ServerSession
+from telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -431,6 +432,23 @@ class BlockHandler:
     ) -> runtime_pb2.ExpertResponse:
         """Validates a step against its session, computes it in the next batching round, pushes the
         output on along the step's route, and returns the reply (signed, in a session)."""
+        with tracing.span(
+            "swarm.server.step",
+            kind="server",
+            parent=step.traceparent,
+            attributes={
+                "gen_ai.request.model": self.model,
+                "swarm.blocks": f"{header.start_block}:{header.end_block}",
+                "swarm.session_id": session.key or None,
+                "swarm.position": step.position,
+                "swarm.step_id": step.step_id,
+            },
+        ) as current:
+            return await self._traced_step(session, step, message, header, current)
+
+    async def _traced_step(
+        self, session: ServerSession, step: Step, message, header: OpenSession | ForwardRequest, current
+    ) -> runtime_pb2.ExpertResponse:
         if session.closed is not None:
             raise WireError(ErrorKind.WRONG_MODEL, session.closed)
         if step.route and self.push is None:
@@ -452,8 +470,10 @@ class BlockHandler:
         if step.step_id:
             session.last_step_id = step.step_id
         session.position += hidden.shape[1]
+        tracing.set_attributes(current, **{"swarm.tokens": hidden.shape[1], "swarm.batch_size": hidden.shape[0]})
         if step.route:
-            await self.push_on(session, step, output, mask)
+            with tracing.span("swarm.push", kind="producer", attributes={"swarm.next_peer": step.route[0].peer_id}):
+                await self.push_on(session, step, output, mask)
 
         def reply() -> runtime_pb2.ExpertResponse:
             done = self._step_done(
@@ -461,7 +481,8 @@ class BlockHandler:
             )
             return pack(done, [output], request=False)
 
-        return await off_loop(reply, output.numel() * output.element_size())
+        with tracing.span("swarm.reply", kind="internal"):
+            return await off_loop(reply, output.numel() * output.element_size())
 
     def _step_done(
         self,
@@ -514,6 +535,7 @@ class BlockHandler:
             sealed_route=step.sealed_route,
             rewind=step.rewind,
             session_id=hop.session_id,
+            traceparent=tracing.traceparent(),
         )
         message = await off_loop(
             lambda: pack(

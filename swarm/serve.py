@@ -8,6 +8,7 @@ import sys
 from blocks.errors import BlocksError
 from configs.loader import cli_options
 from configs.schema import ServerOptions
+from discovery.mdns import MdnsUnavailable, lan_python
 from swarm.preflight import check_model_and_blocks
 
 EPILOG = """\
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         check_model_and_blocks(options)
-    except (BlocksError, ValueError, OSError) as e:
+        if options.mdns:
+            lan_python()
+    except (BlocksError, ValueError, OSError, MdnsUnavailable) as e:
         print(f"swarm.serve: error: {e}", file=sys.stderr)
         return 2
     from swarm.server import Server  # torch and hivemind: only once the options are known to be good

@@ -22,6 +22,8 @@ from configs.schema import ServerOptions, WorkingHours
 from dht.identity import receipt_signer
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, start_dht
+from discovery.mdns import MdnsUnavailable
+from discovery.presence import BROWSE_SECONDS, LanPresence
 from protocol.messages import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, RPC_PUSH_STREAM, Hop
 from protocol.receipts import public_key_hex
 from protocol.tensors import cap_incoming_messages
@@ -42,6 +44,7 @@ from swarm.push import LocalPush, PushStream
 from swarm.quotas import PeerLimits
 from swarm.status import Cache, Load, Reachability, RecentProblems, RelayState, ServerStatus, Sessions, StatusFile
 from swarm.throughput import cached_throughput
+from telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class Server:
         self.dtype = parse_dtype(options.dtype)
         self.placement = Placement(options, self.checkpoint, self.dtype)
         self.bridging = Bridging(options)
+        self.lan = LanPresence(options.mdns)
         prefix_tokens = (options.prefix_cache_tokens or options.cache_tokens) if options.prefix_cache else 0
         self.budget = CacheBudget(options.cache_tokens, min(prefix_tokens, options.cache_tokens))
         self.load = LoadControl(
@@ -108,11 +112,18 @@ class Server:
 
     async def run(self) -> None:
         opts = self.options
-        port, announce = await self.bridging.listen_address()
+        try:
+            initial_peers = await self.lan.initial_peers(opts.initial_peers)
+        except MdnsUnavailable as e:
+            print(f"swarm.serve: error: {e}", file=sys.stderr, flush=True)
+            self.exit_code = 2
+            return
+        port, announce = await self.bridging.listen_address(initial_peers)
         # The DHT forks a child process: start it before torch spins up its thread pools, and before
         # installing signal handlers that the child must not inherit.
         dht, validator = start_dht(
-            opts.initial_peers,
+            initial_peers,
+            require_peers=not self.lan.found_at_start,  # a stranger on the LAN may announce what never answers
             host=opts.host,
             port=port,
             identity_path=opts.identity,
@@ -124,11 +135,20 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
         self.dht = SwarmDHT(dht, validator)
-        if not opts.initial_peers:
+        if opts.otlp_endpoint:  # after the DHT's process is forked: it needs no exporter thread of its own
+            tracing.enable(opts.otlp_endpoint, "swarm-server", {"service.instance.id": self.dht.peer_id})
+        if opts.mdns and not initial_peers:
+            logger.warning(
+                "mDNS: no swarm peer found on this LAN in %g s: this server starts a swarm of its own, and "
+                "joins the peers it finds later",
+                BROWSE_SECONDS,
+            )
+        elif not initial_peers:
             logger.warning(
                 "no --initial-peers: this server starts a swarm of its own; others join it with --initial-peers %s",
                 next(iter(self.dht.visible_maddrs()), "(this server's address)"),
             )
+        self.lan.announce(self.dht, self.bridging.reachable)
         self.receipt_signer = receipt_signer(validator)
         p2p = None
         metrics_runner = None
@@ -176,6 +196,7 @@ class Server:
                 await metrics_runner.cleanup()
             if opts.status_file:
                 StatusFile.remove(Path(opts.status_file))
+            await self.lan.close()
             await self._leave(p2p)
 
     def status(self) -> str:
@@ -518,6 +539,7 @@ class Server:
         self.dht.shutdown()
         self.scheduler.close()
         self.compute.shutdown()
+        tracing.flush()  # the last steps' spans leave before the process does
 
 
 def local_host(host: str) -> str:

@@ -149,7 +149,14 @@ class ServerSession:
         except SealedRouteError as e:
             raise WireError(ErrorKind.BAD_PUSH, str(e)) from None
         route = (following,) if following is not None else ()
-        return Step(position=step.position, step_id=step.step_id, route=route, sealed_route=rest, rewind=step.rewind)
+        return Step(
+            position=step.position,
+            step_id=step.step_id,
+            route=route,
+            sealed_route=rest,
+            rewind=step.rewind,
+            traceparent=step.traceparent,
+        )
 
     async def read_client(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
         """Moves the client's stream messages into the inbox, a few at most ahead of the one being

@@ -36,3 +36,11 @@ def test_initial_peers_must_be_full_multiaddrs_and_a_bad_one_is_named(bad):
     assert ServerOptions(model="m", initial_peers=[f"{PEER},{dns}"]).initial_peers == [PEER, dns]
     with pytest.raises(ValidationError, match="is not a peer's multiaddr"):
         GenerateOptions(model="m", initial_peers=[PEER, bad], prompt="x")
+
+
+def test_a_client_needs_initial_peers_or_mdns_and_either_is_enough():
+    with pytest.raises(ValidationError, match="give --initial-peers .* or --mdns"):
+        GenerateOptions(model="m", prompt="x")
+    assert GenerateOptions(model="m", prompt="x", mdns=True).initial_peers == []
+    assert not GenerateOptions(model="m", prompt="x", initial_peers=[PEER]).mdns
+    assert not ServerOptions(model="m").mdns  # multicast only when asked

@@ -1,9 +1,12 @@
-"""Network namespaces for NAT tests: a public network, and a home network behind a router that
-masquerades outbound traffic and lets nothing in.
+"""Network namespaces for tests that cross a network: NAT (a public network, and a home network behind
+a router that masquerades outbound traffic and lets nothing in) and a LAN (hosts on one bridge).
 
     with NatTopology() as nat:
         nat.popen("public", [...])   # a process on the public network, at PUBLIC_IP
         nat.popen("home", [...])     # a process at home, at HOME_IP: it can dial out, nobody can dial in
+
+    with LanTopology(["a", "b"]) as lan:
+        lan.popen("a", [...])        # a process on host a, at lan.ips["a"]; multicast reaches b
 
 Every address is the test's own, inside namespaces it creates and deletes: the namespaces have no
 link to anything else, so nothing is routed outside them. The public network uses a public-looking
@@ -31,7 +34,91 @@ HOME_IP = "192.168.77.2"
 START_TIMEOUT = 240.0  # seconds a process may take to say it is up (slow days are slow)
 
 
-class NatTopology:
+class Namespaces:
+    """Named network namespaces of this test's own, and processes in them; deleted on close."""
+
+    namespaces: dict[str, str]
+
+    def popen(self, where: str, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+        """Starts `argv` in namespace `where`."""
+        return subprocess.Popen(["ip", "netns", "exec", self.namespaces[where], *argv], **kwargs)
+
+    def run(self, where: str, argv: Sequence[str], timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.namespaces[where], *argv], timeout=timeout, **kwargs)
+
+    def _make(self, commands: list[list[str]]) -> None:
+        try:
+            for command in commands:
+                subprocess.run(command, check=True, capture_output=True, text=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Kills what still runs in the namespaces and deletes them (the veths go with them)."""
+        for name in self.namespaces.values():
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LanTopology(Namespaces):
+    """Hosts on one LAN: a namespace each, joined by a bridge in a namespace of its own (the switch),
+    10.78.0.0/24, multicast allowed (mDNS works between them). Nothing links it to anything else."""
+
+    def __init__(self, hosts: Sequence[str]) -> None:
+        tag = secrets.token_hex(3)
+        self.hosts = list(hosts)
+        self.namespaces = {name: f"swarm-lan-{name}-{tag}" for name in [*self.hosts, "switch"]}
+        self.ips = {name: f"10.78.0.{i + 1}" for i, name in enumerate(self.hosts)}
+        self._tag = tag
+
+    @staticmethod
+    def unavailable() -> Optional[str]:
+        """Why the LAN cannot be built here, or None."""
+        if os.geteuid() != 0:
+            return "network namespaces need root (CI runs the tests as root)"
+        if shutil.which("ip") is None:
+            return "ip not installed (Debian package iproute2)"
+        probe = f"swarm-probe-{secrets.token_hex(3)}"
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+        if made.returncode != 0:
+            return f"cannot create a network namespace: {made.stderr.strip()}"
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return None
+
+    def __enter__(self) -> "LanTopology":
+        switch = self.namespaces["switch"]
+        commands = [
+            *(["ip", "netns", "add", ns] for ns in self.namespaces.values()),
+            ["ip", "-n", switch, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"],
+            ["ip", "-n", switch, "link", "set", "br0", "up"],
+        ]
+        for i, host in enumerate(self.hosts):
+            ns, port, end = self.namespaces[host], f"swl{i}{self._tag}", f"swlh{i}{self._tag}"  # ≤ 15 characters
+            commands += [
+                ["ip", "link", "add", end, "type", "veth", "peer", "name", port],
+                ["ip", "link", "set", end, "netns", ns],
+                ["ip", "link", "set", port, "netns", switch],
+                ["ip", "-n", switch, "link", "set", port, "master", "br0"],
+                ["ip", "-n", switch, "link", "set", port, "up"],
+                ["ip", "-n", ns, "addr", "add", f"{self.ips[host]}/24", "dev", end],
+                ["ip", "-n", ns, "link", "set", end, "up"],
+                ["ip", "-n", ns, "link", "set", "lo", "up"],
+                ["ip", "-n", ns, "route", "add", "224.0.0.0/4", "dev", end],
+            ]
+        self._make(commands)
+        return self
+
+
+class NatTopology(Namespaces):
     def __init__(self) -> None:
         tag = secrets.token_hex(3)
         self.namespaces = {name: f"swarm-{name}-{tag}" for name in ("public", "router", "home")}
@@ -134,41 +221,15 @@ class NatTopology:
                 "DROP",
             ],
         ]
-        try:
-            for command in commands:
-                subprocess.run(command, check=True, capture_output=True, text=True)
-        except BaseException:
-            self.close()
-            raise
+        self._make(commands)
         return self
-
-    def popen(self, where: str, argv: Sequence[str], **kwargs) -> subprocess.Popen:
-        """Starts `argv` in namespace `where` ("public", "router" or "home")."""
-        return subprocess.Popen(["ip", "netns", "exec", self.namespaces[where], *argv], **kwargs)
-
-    def run(self, where: str, argv: Sequence[str], timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.namespaces[where], *argv], timeout=timeout, **kwargs)
-
-    def close(self) -> None:
-        """Kills what still runs in the namespaces and deletes them (the veths go with them)."""
-        for name in self.namespaces.values():
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class Process:
     """A process in one namespace, in its own process group (killing it kills its daemons too), with
     stdout read line by line and stderr in a log file."""
 
-    def __init__(self, nat: NatTopology, where: str, argv: list[str], log: Path, stdin: bool = False):
+    def __init__(self, nat: Namespaces, where: str, argv: list[str], log: Path, stdin: bool = False):
         self.log = log
         self.handle = nat.popen(
             where,

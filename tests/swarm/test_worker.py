@@ -51,7 +51,7 @@ def test_configure_writes_only_what_was_given_owner_only_and_keeps_earlier_keys(
     [
         (["--blocks", "0:2"], "--model is required (there is no terminal to ask on)"),
         (["--model", "MODEL", "--blocks", "0:9"], "it has 4 blocks"),
-        (["--model", "MODEL", "--region", "mars"], "region: Value error, unknown region 'mars'"),
+        (["--model", "MODEL", "--region", "mars"], "region: unknown region 'mars'"),
         (["--model", "MODEL", "--initial-peers", "127.0.0.1:31337"], "is not a peer's multiaddr"),
     ],
 )

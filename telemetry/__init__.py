@@ -1,0 +1,1 @@
+"""Tracing across the swarm (OpenTelemetry), off unless asked for: see `telemetry.tracing`."""
