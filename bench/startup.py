@@ -5,6 +5,8 @@ Measures, each `--runs` times (median, min, max in seconds):
 - `python -m swarm.serve …` from launch to its `online` line, with a bootstrap node already up,
   started as an operator would (a fresh interpreter);
 - the same server forked from the preloaded parent that local swarms use (`harness.forker`);
+- the one-line client (`python -m client.generate`, 8 new tokens, a fresh interpreter each run)
+  against `--servers` servers already online: its whole wall time, from launch to exit;
 - the demo (`python -m demo`, a fresh process each run): its "swarm online in X s" (bootstrap +
   `--servers` servers, from launch to all online) and the whole command's wall time.
 Prints one JSON object. Example:
@@ -25,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.local_swarm import LocalSwarm  # noqa: E402
+from harness.local_swarm import LocalSwarm, even_splits  # noqa: E402
 from harness.processes import Child, shared_forker  # noqa: E402
 
 CLIS = ("swarm.serve", "bootstrap", "client.generate", "relay", "relay.health")
@@ -111,6 +113,33 @@ def main() -> None:
                 finally:
                     child.stop()
             result[key] = summary(times)
+        for start, end in even_splits(num_blocks, args.servers):
+            swarm.add_server(start, end, wait=False)
+        for server in swarm.servers:
+            swarm.wait_online(server)
+        wall = []
+        for _ in range(args.runs):
+            started = time.perf_counter()
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "client.generate",
+                    "--model",
+                    str(model),
+                    "--initial-peers",
+                    *swarm.initial_peers,
+                    "--prompt",
+                    "What is the capital of France?",
+                    "--max-new-tokens",
+                    "8",
+                ],
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                check=True,
+            )
+            wall.append(time.perf_counter() - started)
+        result["client_generate"] = {"servers": args.servers, "new_tokens": 8, "whole_command": summary(wall)}
 
     online, wall = [], []
     for _ in range(args.runs):

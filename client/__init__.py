@@ -27,6 +27,7 @@ _EXPORTS = {
     "SpanPlan": "client.routing",
     "forward_span": "client.span",
     "TokenClock": "client.timing",
+    "load_tokenizer": "client.tokenizer",
 }
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "SpanPlan",
     "forward_span",
     "TokenClock",
+    "load_tokenizer",
 ]
 
 if TYPE_CHECKING:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from configs.loader import cli_options
@@ -26,15 +27,16 @@ def main(argv: list[str] | None = None) -> int:
         argv,
     )
     # torch, transformers and hivemind only once the options are known to be good: --help and a bad flag answer at once.
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
     from blocks.errors import BlocksError
     from client.errors import SwarmError
     from client.model import AutoDistributedModelForCausalLM
     from client.timing import TokenClock
+    from client.tokenizer import load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(options.model)
+        tokenizer = load_tokenizer(options.model)
     except (OSError, ValueError) as e:
         print(f"client.generate: error: cannot load a tokenizer from {options.model}: {e}", file=sys.stderr)
         return 2
@@ -88,4 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # All is said and the swarm left (DHT process joined, spans sent): skip the interpreter's teardown of
+    # torch and the other big modules, a second or more of waiting for nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

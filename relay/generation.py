@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Optional, Sequence
 
 import torch
-from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
-from client import AutoDistributedModelForCausalLM, BadRequestError, SwarmError
+from client import AutoDistributedModelForCausalLM, BadRequestError, SwarmError, load_tokenizer
 from relay.http import HTTPError
 from relay.schemas import ChatMessage
 
@@ -146,7 +145,7 @@ class ModelService:
         )
         self.model.on_server_failure(lambda peer, _reason: outcome(peer, False))
         self.outcome = outcome
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.tokenizer = load_tokenizer(self.path)
         self.executor = executor
         self.created = int(time.time())
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
