@@ -23,6 +23,7 @@ from safetensors import safe_open
 from blocks.architecture import Architecture
 from blocks.errors import CheckpointError
 from blocks.family import Family, get_family
+from blocks.quantization import bytes_per_weight, is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -105,16 +106,20 @@ class Checkpoint:
                     tensors[name] = f.get_tensor(name).to(device=device, dtype=dtype)
         return tensors
 
-    def block_bytes(self, index: int, dtype: torch.dtype) -> int:
-        """Memory one block's weights take in `dtype`, from the files' headers (no tensor is read)."""
+    def block_bytes(self, index: int, dtype: torch.dtype, quant: str = "none") -> int:
+        """Memory one block's weights take in `dtype` (its linear weights stored as `quant`), from the
+        files' headers (no tensor is read)."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in self.block_tensor_names(index):
             by_file[self.weight_map[name]].append(name)
-        numel = 0
+        total = 0.0
         for file, names in by_file.items():
             with safe_open(file, framework="pt") as f:
-                numel += sum(math.prod(f.get_slice(name).get_shape()) for name in names)
-        return numel * torch.empty(0, dtype=dtype).element_size()
+                for name in names:
+                    numel = math.prod(f.get_slice(name).get_shape())
+                    size = bytes_per_weight(quant, dtype) if is_quantized(name) else bytes_per_weight("none", dtype)
+                    total += numel * size
+        return int(total)
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """KV-cache memory of one token in one block."""

@@ -11,6 +11,7 @@ import torch
 from blocks.checkpoint import Checkpoint
 from blocks.errors import CheckpointError
 from blocks.layers import DecoderLayer, RMSNorm, Rotary
+from blocks.quantization import quantize_layer
 from blocks.span import BlockSpan
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,11 @@ def load_span(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
+    quant: str = "none",
 ) -> BlockSpan:
-    """Loads blocks `[start, end)`; `progress(i)` is called after each block is in memory."""
+    """Loads blocks `[start, end)`; `progress(i)` is called after each block is in memory. With `quant`
+    (`blocks.quantization`), each block's projections are quantized as soon as it is read, so that
+    memory holds the quantized blocks read so far and one block at full precision, never more."""
     if not 0 <= start < end <= checkpoint.num_blocks:
         raise ValueError(f"block range {start}:{end} is outside the model's 0:{checkpoint.num_blocks}")
     config, family = checkpoint.config, checkpoint.family
@@ -39,11 +43,12 @@ def load_span(
             layer.load_state_dict({name[len(prefix) :]: t for name, t in tensors.items()}, strict=True, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"block {index} of {checkpoint.path} does not match its config: {e}") from e
-        layers.append(layer.eval().requires_grad_(False))
+        del tensors  # the layer holds them now: quantizing replaces them and lets them go
+        layers.append(quantize_layer(layer.eval().requires_grad_(False), quant, device))
         if progress is not None:
             progress(index)
     rotary = Rotary(config).to(device)
-    return BlockSpan(config, layers, rotary, start)
+    return BlockSpan(config, layers, rotary, start, quant)
 
 
 @dataclass

@@ -21,14 +21,17 @@ class BlockSpan:
     A span's cache holds one entry per layer of the span, addressed by the layer's local index.
     """
 
-    def __init__(self, config: Architecture, layers: list[DecoderLayer], rotary: Rotary, start: int):
+    def __init__(
+        self, config: Architecture, layers: list[DecoderLayer], rotary: Rotary, start: int, quant: str = "none"
+    ):
         self.config = config
+        self.quant = quant  # how the layers' linear weights are stored (`blocks.quantization`)
         self.layers = layers
         self.rotary = rotary
         self.start = start
         self.end = start + len(layers)
         self.kinds = [config.attention_kind(start + i) for i in range(len(layers))]
-        first = next(layers[0].parameters())
+        first = layers[0].input_layernorm.weight  # never quantized
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
 

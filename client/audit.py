@@ -169,6 +169,7 @@ class ClientAudit:
             outputs=outputs,
             dtype=least_precise([span.dtype for span in chain.spans]),
             since=since,
+            quant=claim.quant,  # the chain was routed over servers quantized alike
         )
 
     def _chunk(self, claim: Claim) -> int:
@@ -211,6 +212,7 @@ class ClientAudit:
                 max_age=CHECK_ROUTE_MAX_AGE,
                 max_length=length,
                 batch=claim.inputs.shape[0],
+                quant=claim.quant,
             )
         except (MissingBlocksError, BadRequestError):  # nobody else, or nobody else holds a history this long
             return None
@@ -236,6 +238,7 @@ class ClientAudit:
             peers=frozenset(p.peer_id for p in chain),
             outputs=hidden,
             dtype=least_precise([parse_dtype(plan.info.record.dtype) for plan in chain]),
+            quant=claim.quant,
         )
 
     def forget(self, session_ids) -> None:
@@ -338,6 +341,7 @@ class SessionAudit:
                 owner=span.plan.info.record.public_name,
                 rewinds=tuple(span.rewound_to),
                 max_length=self.max_length,
+                quant=span.plan.info.record.quant,
             )
             self._checked.add(span.key)
             span.checks += 1

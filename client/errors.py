@@ -10,10 +10,12 @@ class SwarmError(Exception):
 class MissingBlocksError(SwarmError):
     """No usable server announces these blocks of the model."""
 
-    def __init__(self, model: str, blocks: list[int]):
+    def __init__(self, model: str, blocks: list[int], condition: str = ""):
+        """`condition`: what the servers had to satisfy (e.g. "with quantization none"), if anything."""
         self.model = model
         self.blocks = blocks
-        super().__init__(f"no server of model {model!r} serves block(s) {_ranges(blocks)}")
+        where = f" {condition}" if condition else ""
+        super().__init__(f"no server of model {model!r}{where} serves block(s) {_ranges(blocks)}")
 
 
 class ModelMismatchError(SwarmError):

@@ -18,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from blocks.checkpoint import Checkpoint
 from blocks.loading import ModelHead, load_head
+from blocks.quantization import QUANT_MODES
 from client.errors import BadRequestError, SwarmError
 from client.generation import decode, prepare_config
 from client.prefix_memory import DEFAULT_PREFIX_MEMORY_MBYTES
@@ -66,6 +67,7 @@ class AutoDistributedModelForCausalLM:
         region: Optional[str] = None,
         prefix_cache_mbytes: float = DEFAULT_PREFIX_MEMORY_MBYTES,
         otlp_endpoint: Optional[str] = None,
+        quant: str | Sequence[str] = "any",
     ) -> "AutoDistributedModelForCausalLM":
         """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`,
         or, with `mdns=True` and no `initial_peers`, through the peers found on this LAN with libp2p
@@ -98,6 +100,11 @@ class AutoDistributedModelForCausalLM:
         reuses the servers' prefix caches and computes only the rest; servers keep the KV of a
         client's prompts for that client only. 0 turns reuse off (servers are not told prompts).
 
+        `quant` says which servers' quantization this client accepts: "any" (the default, as in Petals:
+        whatever the swarm serves, int8 and nf4 servers included), "none" (full-precision servers only:
+        greedy output is then token-identical to transformers), or a list of modes ("none", "int8",
+        "nf4"). `session.quant_modes` tells which a session actually used.
+
         `otlp_endpoint` (an OTLP/HTTP receiver, e.g. "http://127.0.0.1:4318") turns on OpenTelemetry
         tracing in this process: each `generate()` is one trace, with a span per step on this side
         and, on servers that trace too, per server step, push and reply (W3C trace context travels
@@ -127,6 +134,7 @@ class AutoDistributedModelForCausalLM:
             region=valid_region(os.environ.get("SWARM_REGION", "") if region is None else region),
             prefix_cache_mbytes=prefix_cache_mbytes,
             otlp_endpoint=valid_otlp_endpoint(otlp_endpoint),
+            quant=accepted_quant(quant),
         )
         return cls(checkpoint, head, remote, generation_config)
 
@@ -229,6 +237,17 @@ class AutoDistributedModelForCausalLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def accepted_quant(quant: str | Sequence[str]) -> Optional[frozenset[str]]:
+    """The quantizations a client accepts (None: any), from `from_pretrained(quant=...)`."""
+    if quant == "any":
+        return None
+    modes = frozenset([quant] if isinstance(quant, str) else quant)
+    unknown = sorted(modes - set(QUANT_MODES))
+    if unknown or not modes:
+        raise ValueError(f"quant must be 'any', or one or more of {', '.join(QUANT_MODES)}; got {quant!r}")
+    return modes
 
 
 def lan_peers(timeout: float = MDNS_WAIT_SECONDS) -> list[str]:

@@ -54,6 +54,7 @@ class RemoteModel:
         region: str = "",
         prefix_cache_mbytes: float = DEFAULT_PREFIX_MEMORY_MBYTES,
         otlp_endpoint: Optional[str] = None,
+        quant: Optional[frozenset[str]] = None,
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one swarm peer")
@@ -81,7 +82,7 @@ class RemoteModel:
         self.bans = BanList(base=ban_seconds)
         self.view = SwarmView(self.dht, checkpoint, self.model_name)
         self.pings = PingCache(self.p2p, self.bans.ban, timeout=min(request_timeout, 5.0))
-        self.router = Router(self.view, self.bans, self.pings, reliability, min_reliability, region)
+        self.router = Router(self.view, self.bans, self.pings, reliability, min_reliability, region, quant)
         self.failures = FailurePolicy(self.bans, self.pings, self.view.latest_record)
         self.audit = ClientAudit(
             verify,

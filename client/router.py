@@ -51,8 +51,10 @@ class Router:
         reliability: Optional[Callable[[], Awaitable[Mapping[str, float]]]] = None,
         min_reliability: float = 0.0,
         region: str = "",
+        quant: Optional[frozenset[str]] = None,
     ):
         self.region = region  # the client's own region: chains prefer servers that announce it
+        self.quant = quant  # the quantizations a chain may use (None: any)
         self.view = view
         self.bans = bans
         self.pings = pings
@@ -72,6 +74,7 @@ class Router:
         wait_for_bans: float = 0.0,
         cached: Optional[CachedChain] = None,
         region: Optional[str] = None,
+        quant: Optional[str] = None,
     ) -> list[SpanPlan]:
         """`search` (below); with `wait_for_bans`, when some block is served only by servers banned for
         a failure, waits for the first of their bans to end (if that comes within `wait_for_bans`
@@ -80,7 +83,9 @@ class Router:
         give_up = time.monotonic() + wait_for_bans
         while True:
             try:
-                return await self.search(start, end, exclude, avoid_owner, max_age, max_length, batch, cached, region)
+                return await self.search(
+                    start, end, exclude, avoid_owner, max_age, max_length, batch, cached, region, quant
+                )
             except MissingBlocksError as e:
                 wait = await self._ban_wait(e.blocks, exclude)
                 if wait is None or time.monotonic() + wait > give_up:
@@ -107,6 +112,7 @@ class Router:
         batch: int = 1,
         cached: Optional[CachedChain] = None,
         region: Optional[str] = None,
+        quant: Optional[str] = None,
     ) -> list[SpanPlan]:
         """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`
         and accept a session of `batch` × `max_length` tokens (BadRequestError if some block has none),
@@ -115,11 +121,12 @@ class Router:
         servers cover the blocks. With `max_age`, a DHT read that recent is used again instead of a
         new one. With `cached`, the chain that holds the session's prompt in its prefix caches wins
         where the prefill it saves beats its slower steps (and every server of it is still usable).
-        `region` is the region preferred for this one search (default: the client's own)."""
+        `region` is the region preferred for this one search (default: the client's own). With `quant`,
+        only servers quantized that way are used (a spot check's recomputation must be)."""
         index = await self.view.index(max_age)
         model = self.view.model_name
         end = self.view.num_blocks if end is None else end
-        excluded = set(exclude) | self.bans.banned()
+        excluded = set(exclude) | self.bans.banned() | self._refused(index.infos, quant)
         # A banned server is not pinged: a hung one would cost another timeout for nothing.
         await self.pings.refresh(index.candidates(start, end, excluded).values())
         preferences = []
@@ -144,13 +151,19 @@ class Router:
             region=self.region if region is None else region,
         )
         avoided = set().union(*(peers for peers, _ in preferences))
-        if not preferences:
-            chain = make_chain(model, index, start, end, excluded, **search)
-        else:
-            chain = chain_avoiding(model, index, start, end, excluded, avoided, **search)
-            for peers, fallback in preferences:
-                if any(plan.peer_id in peers for plan in chain):
-                    logger.info(fallback)
+        try:
+            if not preferences:
+                chain = make_chain(model, index, start, end, excluded, **search)
+            else:
+                chain = chain_avoiding(model, index, start, end, excluded, avoided, **search)
+        except MissingBlocksError as e:
+            accepted = {quant} if quant is not None else self.quant
+            if accepted is None:
+                raise
+            raise MissingBlocksError(e.model, e.blocks, f"with quantization {' or '.join(sorted(accepted))}") from None
+        for peers, fallback in preferences:
+            if any(plan.peer_id in peers for plan in chain):
+                logger.info(fallback)
         if cached is not None and (cached.chain[0][1], cached.chain[-1][2]) == (start, end):
             plans = [
                 index.plan(peer, first, last, excluded | avoided, max_length, batch)
@@ -165,12 +178,19 @@ class Router:
         generous usable server accepts (`max_length`, capped by its whole cache budget), and the least
         of those over blocks (0 if some block has no usable server)."""
         servers = await self.view.servers()
-        banned = self.bans.banned()
+        banned = self.bans.banned() | self._refused([info for block in servers for info in block.values()])
         per_block = [
             max((longest_accepted(info) for info in block.values() if usable(info, banned)), default=0)
             for block in servers
         ]
         return min(per_block, default=0)
+
+    def _refused(self, infos, quant: Optional[str] = None) -> set[str]:
+        """Servers of a quantization this client does not accept (or, with `quant`, of any other)."""
+        accepted = {quant} if quant is not None else self.quant
+        if accepted is None:
+            return set()
+        return {info.peer_id for info in infos if info.record.quant not in accepted}
 
     async def _unreliable(self) -> set[str]:
         """Peers whose reliability score (from a relay) is below `min_reliability`."""

@@ -55,6 +55,7 @@ class InferenceSession:
         self.session_id = uuid.uuid4().hex[:12]
         self.region = region  # the region this session's chains prefer (None: the client's own)
         self.spans: list[SpanSession] = []
+        self._quant_used: set[str] = set()  # of spans no longer in use (`quant_modes`)
         self.batch_size: Optional[int] = None
         self.position = 0
         self.token_ids: Optional[torch.Tensor] = None  # every token of the session, fed or not yet fed
@@ -78,6 +79,12 @@ class InferenceSession:
     def chain(self) -> list[tuple[str, int, int]]:
         """(peer id, start, end) of every span in use."""
         return [(span.plan.peer_id, span.plan.start, span.plan.end) for span in self.spans]
+
+    @property
+    def quant_modes(self) -> set[str]:
+        """The quantizations of every server this session has computed on ("none": full precision)."""
+        self._quant_used.update(span.plan.info.record.quant for span in self.spans)
+        return set(self._quant_used)
 
     async def _connect(
         self,
@@ -352,6 +359,7 @@ class InferenceSession:
             else:
                 span.rewind(position)
                 spans.append(span)
+        self._quant_used.update(span.plan.info.record.quant for span in self.spans)
         self.spans = spans
         self.position = position
         self._lowest_rewind = position if self._lowest_rewind is None else min(self._lowest_rewind, position)
@@ -486,6 +494,7 @@ class InferenceSession:
         history = span.history()
         history_mask = mask[:, : history.shape[1]] if mask is not None and history is not None else None
         replacement = await self._connect(span.plan.start, span.plan.end, history, history_mask, failures)
+        self._quant_used.update(span.plan.info.record.quant for span in self.spans[index : index + 1])
         self.spans[index : index + 1] = replacement
         self.audit.retire(span)
         self.failovers += 1

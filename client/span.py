@@ -31,7 +31,7 @@ from protocol.messages import (
     pack,
     read_header,
 )
-from protocol.receipts import Receipt, mask_digest, verify
+from protocol.receipts import Receipt, mask_digest, precision, verify
 from protocol.routes import new_route_key, seal_route
 from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
 from telemetry import tracing
@@ -294,7 +294,7 @@ class SpanSession:
             self.plan.start,
             self.plan.end,
             self.key,
-            self.plan.info.record.dtype,
+            precision(self.plan.info.record.dtype, self.plan.info.record.quant),
             mask_digest(mask, output.shape[0], self.position + tokens),
         )
         if (

@@ -71,7 +71,7 @@ class SpotChecker:
         first = await self._recompute(claim, frozenset({claim.peer_id}))
         if first is None:
             return Verdict(verified=False)
-        tol = tolerance(claim.dtype, first.dtype, claim.end - claim.start)
+        tol = tolerance(claim.dtype, first.dtype, claim.end - claim.start, claim.quant)
         window = slice(claim.verified, claim.outputs.shape[1])
         claimed = claim.outputs[:, window]
         mask = claim.mask[:, window] if claim.mask is not None else None
@@ -92,8 +92,8 @@ class SpotChecker:
             return Verdict(verified=False)
         claimed_error = discrepancy(claimed, referee.window(claim), mask)
         verifier_error = discrepancy(first.window(claim), referee.window(claim), mask)
-        claimed_tol = tolerance(claim.dtype, referee.dtype, claim.end - claim.start)
-        verifier_tol = tolerance(first.dtype, referee.dtype, claim.end - claim.start)
+        claimed_tol = tolerance(claim.dtype, referee.dtype, claim.end - claim.start, claim.quant)
+        verifier_tol = tolerance(first.dtype, referee.dtype, claim.end - claim.start, claim.quant)
         common = dict(
             start_block=claim.start,
             end_block=claim.end,
@@ -116,6 +116,7 @@ class SpotChecker:
                     model=claim.model,
                     session_id=claim.session_id,
                     dtype=dtype_name(claim.dtype),
+                    quant=claim.quant,
                     receipts=claim.receipts,
                     inputs=claim.inputs,
                     outputs=claimed,
@@ -131,6 +132,7 @@ class SpotChecker:
                     verifier_error=claimed_error,
                     tolerance=verifier_tol,
                     dtype=dtype_name(first.dtype),
+                    quant=first.quant,
                     **common,
                 )
                 for peer in sorted(first.peers)
@@ -150,6 +152,15 @@ class SpotChecker:
                 result = await source(claim, avoid)
             except (SwarmError, MemoryError) as e:  # a failing verifier is not evidence against the claim
                 logger.info("recomputing span %d:%d failed: %s: %s", claim.start, claim.end, type(e).__name__, e)
+                continue
+            if result is not None and result.quant != claim.quant:  # weights quantized otherwise judge nothing
+                logger.warning(
+                    "a recomputation of span %d:%d came back quantized as %s, not %s; ignored",
+                    claim.start,
+                    claim.end,
+                    result.quant,
+                    claim.quant,
+                )
                 continue
             if result is not None:
                 return result

@@ -223,6 +223,12 @@ class ServerOptions(NetworkOptions):
     )
     device: str = Field("cpu", description="torch device for the blocks: cpu, cuda, cuda:1, mps")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    quant: str = Field(
+        "none",
+        description="store the blocks' linear weights quantized: int8 (weight-only, per channel; torchao) or nf4 "
+        "(4-bit NormalFloat; bitsandbytes), for less memory; announced, so clients that want exact "
+        "output (quant='none') route around this server",
+    )
     cache_tokens: int = Field(16384, gt=0, description="KV-cache budget in tokens across all open sessions")
     prefix_cache: bool = Field(
         True,
@@ -325,6 +331,13 @@ class ServerOptions(NetworkOptions):
     def _check_dtype(cls, value: str) -> str:
         if value not in ("float32", "bfloat16", "float16"):
             raise ValueError("must be float32, bfloat16 or float16")
+        return value
+
+    @field_validator("quant")
+    @classmethod
+    def _check_quant(cls, value: str) -> str:
+        if value not in ("none", "int8", "nf4"):
+            raise ValueError("must be none, int8 or nf4")
         return value
 
     @model_validator(mode="after")

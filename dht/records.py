@@ -19,6 +19,7 @@ MAX_RECORD_BYTES = 8192
 META_KEY_SUFFIX = "_meta"
 MAX_BLOCKS = 4096  # more blocks than any model has: a record claiming more is not believed
 WireDtype = Literal["float32", "bfloat16", "float16"]  # what a server may compute and send in
+QuantMode = Literal["none", "int8", "nf4"]
 
 
 class ServerState(str, enum.Enum):
@@ -73,6 +74,7 @@ class ServerRecord(_Wire):
     max_length: int = Field(gt=0)
     max_chunk_tokens: int = Field(default=2048, gt=0)
     dtype: WireDtype
+    quant: QuantMode = "none"  # how the blocks' linear weights are stored (`blocks.quantization`)
     hardware: HardwareSummary
     region: str = Field(default="", max_length=64)
     version: str = Field(max_length=32)

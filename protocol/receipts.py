@@ -1,7 +1,8 @@
 """Step receipts: a server signs what it computed for a client, so a third party (the relay) can tell
 a server's real answer from one an accuser made up.
 
-A receipt covers one step of one session: the blocks, the client's session id, the dtype computed in,
+A receipt covers one step of one session: the blocks, the client's session id, the dtype computed in
+(and the weights' quantization, `precision`),
 the positions, SHA-256 digests of the step's input and output bytes, and a digest of the attention
 mask the step attended with (every position so far): whatever a third party recomputes with is
 signed. The key is an Ed25519 key derived from the server's identity (`dht.identity.receipt_signer`)
@@ -63,6 +64,12 @@ def receipt_message(
 ) -> bytes:
     fields = [VERSION, model, str(start), str(end), session_id, dtype, str(position), str(tokens)]
     return "|".join(fields + [input_digest, output_digest, mask_digest]).encode()
+
+
+def precision(dtype: str, quant: str = "none") -> str:
+    """What a receipt names as the dtype computed in: the dtype, and the quantization of the weights
+    when they are quantized ("float32+int8"), so that nobody can claim a server computed otherwise."""
+    return dtype if quant == "none" else f"{dtype}+{quant}"
 
 
 def mask_digest(mask: Optional[torch.Tensor], batch: int, length: int) -> str:

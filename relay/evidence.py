@@ -100,6 +100,7 @@ class EvidenceJudge:
                 outputs,
                 report.verified,
                 mask,
+                report.quant,
             ),
         )
         if problem is not None:
@@ -116,6 +117,7 @@ class EvidenceJudge:
                 outputs=outputs,
                 mask=mask,
                 verified=report.verified,
+                quant=report.quant,  # signed in every receipt: the accuser cannot change it
             ),
         )
         if judged is None:
@@ -245,6 +247,7 @@ class EvidenceJudge:
                 outputs=output,
                 mask=None,
                 verified=0,
+                quant=record.quant,
             ),
         )
         if judged is None:
@@ -268,7 +271,7 @@ class EvidenceJudge:
             error,
             limit,
             OWN_ACCUSER,
-            {"canary": True, "tokens": tokens, "dtype": record.dtype},
+            {"canary": True, "tokens": tokens, "dtype": record.dtype, "quant": record.quant},
         )
         return False
 
@@ -283,7 +286,7 @@ class EvidenceJudge:
             return None
         mask = claim.mask[:, claim.verified :] if claim.mask is not None else None
         error = discrepancy(claim.outputs, reference.outputs[:, claim.verified :], mask)
-        return error, tolerance(claim.dtype, torch.float32, claim.end - claim.start)
+        return error, tolerance(claim.dtype, torch.float32, claim.end - claim.start, claim.quant)
 
     def _tensors(self, report: EvidenceReport, hidden: int, dtype: torch.dtype):
         try:

@@ -94,6 +94,7 @@ class EvidenceReport(_Body):
     start_block: StrictInt = Field(ge=0)
     end_block: StrictInt = Field(gt=0)
     dtype: Literal["float32", "bfloat16", "float16"]
+    quant: Literal["none", "int8", "nf4"] = "none"  # the server's weights, as its receipts sign them
     session_id: str = Field(min_length=16, max_length=64)
     verified: StrictInt = Field(ge=0)
     receipts: list[ReceiptBody] = Field(min_length=1, max_length=8192)

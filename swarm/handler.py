@@ -45,7 +45,7 @@ from protocol.messages import (
     pack,
     read_header,
 )
-from protocol.receipts import mask_digest, receipt_message, sign
+from protocol.receipts import mask_digest, precision, receipt_message, sign
 from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
@@ -121,6 +121,11 @@ class BlockHandler:
         self.budget.unbind()  # the old pool goes before the new one is allocated
         self.budget.bind(span.new_pool(self.budget.total))
         self.span = span
+
+    @property
+    def _precision(self) -> str:
+        """What this server's receipts and prefix-cache keys name as what it computes in."""
+        return precision(dtype_name(self.span.dtype), self.span.quant)
 
     def retire_span(self, reason: str) -> int:
         """Stops serving the current span: every session still open is closed (its next message is
@@ -297,7 +302,7 @@ class BlockHandler:
         prefixes = self.budget.prefixes
         if prompt is None or prefixes is None:
             return 0
-        root = prefix_root(self.model, header.start_block, header.end_block, dtype_name(self.span.dtype), peer)
+        root = prefix_root(self.model, header.start_block, header.end_block, self._precision, peer)
         session.prompt_keys = block_keys(root, prompt)
         pages = prefixes.match(session.prompt_keys[: header.reuse_tokens // PREFIX_BLOCK_TOKENS])
         try:
@@ -509,7 +514,7 @@ class BlockHandler:
                 start,
                 end,
                 session.key,
-                dtype_name(self.span.dtype),
+                self._precision,
                 position,
                 hidden.shape[1],
                 input_digest,

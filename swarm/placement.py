@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 
 def blocks_that_fit(checkpoint: Checkpoint, dtype: torch.dtype, options: ServerOptions) -> int:
     """As many blocks as --max-memory-fraction of free memory holds, with their share of the KV cache."""
-    per_block = checkpoint.block_bytes(0, dtype) + options.cache_tokens * checkpoint.kv_bytes_per_token(dtype)
+    per_block = checkpoint.block_bytes(0, dtype, options.quant) + options.cache_tokens * checkpoint.kv_bytes_per_token(
+        dtype
+    )
     fit = int(options.max_memory_fraction * free_memory(options.device) // per_block)
     if fit < 1:
         raise ValueError(

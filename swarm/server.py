@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
 from blocks.loading import load_span
+from blocks.quantization import resident_bytes
 from blocks.span import BlockSpan
 from configs.paths import cache_dir
 from configs.schema import ServerOptions, WorkingHours
@@ -284,6 +285,7 @@ class Server:
             describe_device(self.options.device).device_name,
             __version__,
             cache_dir(),
+            self.options.quant,
         )
 
     async def _open_handlers(self, dht) -> P2P:
@@ -441,14 +443,24 @@ class Server:
             file=sys.stderr,
             disable=None,
         ) as bar:
-            return load_span(
+            span = load_span(
                 self.checkpoint,
                 self.placement.start,
                 self.placement.end,
                 self.dtype,
                 self.options.device,
                 progress=lambda _: bar.update(1),
+                quant=self.options.quant,
             )
+        logger.info(
+            "blocks %d:%d hold %.1f MiB of weights (%s%s)",
+            span.start,
+            span.end,
+            resident_bytes(span.layers) / 2**20,
+            dtype_name(self.dtype),
+            "" if self.options.quant == "none" else f", {self.options.quant}",
+        )
+        return span
 
     def record(self) -> ServerRecord:
         return ServerRecord(
@@ -461,6 +473,7 @@ class Server:
             max_length=self.limits.max_length,
             max_chunk_tokens=self.limits.max_chunk_tokens,
             dtype=dtype_name(self.dtype),
+            quant=self.options.quant,
             hardware=describe_device(self.options.device),
             region=self.options.region,
             version=__version__,

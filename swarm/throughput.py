@@ -47,12 +47,13 @@ def measure_throughput(span: BlockSpan) -> Throughput:
     return Throughput(inference=inference, forward=forward)
 
 
-def cached_throughput(span: BlockSpan, model: str, device_name: str, version: str, cache_dir: Path) -> Throughput:
-    """The span's throughput from the per-block timing cached for this model/dtype/device/version,
-    measuring (and caching) it first if needed. Scaled to the span's length."""
-    key = hashlib.sha256(
-        json.dumps([model, str(span.dtype), str(span.device), device_name, version]).encode()
-    ).hexdigest()[:24]
+def cached_throughput(
+    span: BlockSpan, model: str, device_name: str, version: str, cache_dir: Path, quant: str = "none"
+) -> Throughput:
+    """The span's throughput from the per-block timing cached for this model/dtype/quantization/device/
+    version, measuring (and caching) it first if needed. Scaled to the span's length."""
+    parts = [model, str(span.dtype), str(span.device), device_name, version] + ([quant] if quant != "none" else [])
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
     path = cache_dir / "throughput" / f"{key}.json"
     blocks = len(span)
     try:
@@ -69,6 +70,7 @@ def cached_throughput(span: BlockSpan, model: str, device_name: str, version: st
                 {
                     "model": model,
                     "dtype": str(span.dtype),
+                    "quant": quant,
                     "device": device_name,
                     "version": version,
                     "inference_per_block": per_block.inference,

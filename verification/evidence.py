@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import safetensors.torch
 import torch
 
-from protocol.receipts import Receipt, mask_digest, verify
+from protocol.receipts import Receipt, mask_digest, precision, verify
 from protocol.tensors import tensor_digest
 
 
@@ -39,6 +39,7 @@ class Evidence:
     model: str = ""
     session_id: str = ""
     dtype: str = "float32"
+    quant: str = "none"
     receipts: tuple[Receipt, ...] = ()
     inputs: Optional[torch.Tensor] = field(default=None, repr=False)
     outputs: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -57,6 +58,7 @@ def evidence_body(evidence: Evidence) -> dict:
         "start_block": evidence.start_block,
         "end_block": evidence.end_block,
         "dtype": evidence.dtype,
+        "quant": evidence.quant,
         "session_id": evidence.session_id,
         "verified": evidence.positions[0],
         "receipts": [
@@ -85,6 +87,7 @@ def check_receipts(
     outputs: torch.Tensor,
     verified: int,
     mask: Optional[torch.Tensor] = None,
+    quant: str = "none",
 ) -> Optional[str]:
     """Why signed receipts do not prove that the server computed `outputs` (its outputs at positions
     [verified, end of inputs)) from exactly `inputs` (every position of the session from 0) in
@@ -92,7 +95,7 @@ def check_receipts(
     contiguous from position 0, each signed by `receipt_key` over the dtype and the mask up to its
     step's end, the input digests over `inputs` in that dtype and the output digests over `outputs`."""
     total = inputs.shape[1]
-    batch, name = inputs.shape[0], str(dtype).removeprefix("torch.")
+    batch, name = inputs.shape[0], precision(str(dtype).removeprefix("torch."), quant)
     if outputs.shape[1] != total - verified:
         return f"outputs cover {outputs.shape[1]} positions, not the {total - verified} from {verified} to {total}"
     position = 0
@@ -143,6 +146,7 @@ class Claim:
     owner: str = ""  # the server's announced public_name: checks prefer servers of other owners
     rewinds: tuple[int, ...] = ()
     max_length: int = 0  # 0: as long as `inputs`
+    quant: str = "none"  # how the server's weights are quantized: only a recomputation quantized alike judges it
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class Recomputation:
     outputs: torch.Tensor
     dtype: torch.dtype
     since: int = 0
+    quant: str = "none"
 
     def window(self, claim: "Claim") -> torch.Tensor:
         """The outputs at the positions the claim puts to the check, [claim.verified, end)."""

@@ -1,4 +1,5 @@
-"""The local referee: a span recomputed on this machine, in float32, from a local copy of the checkpoint.
+"""The local referee: a span recomputed on this machine, in float32, from a local copy of the checkpoint
+(with its weights quantized as the claim's server quantizes them, if it does).
 
 The client uses it to settle disputes (and as the verifier of last resort), the relay to re-check
 evidence and canaries.
@@ -57,23 +58,23 @@ class LocalReferee:
         self.memory_fraction = memory_fraction
         self.keep_sessions = keep_sessions
         self.keep_bytes = keep_bytes  # what the kept sessions' caches, inputs and outputs may take in all
-        self._blocks: dict[int, DecoderLayer] = {}
+        self._blocks: dict[tuple[int, str], DecoderLayer] = {}  # (block, quantization) -> layer
         self._rotary: Optional[Rotary] = None
-        self._progress: collections.OrderedDict[tuple[str, int, int], _Progress] = collections.OrderedDict()
+        self._progress: collections.OrderedDict[tuple[str, int, int, str], _Progress] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     async def __call__(self, claim: Claim, avoid: frozenset[str]) -> Optional[Recomputation]:
         outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self._compute, claim)
         if outputs is None:
             return None
-        return Recomputation("client", frozenset(), outputs, torch.float32)
+        return Recomputation("client", frozenset(), outputs, torch.float32, quant=claim.quant)
 
     def _compute(self, claim: Claim) -> Optional[torch.Tensor]:
         with self._lock:
-            span = self._span(claim.start, claim.end)
+            span = self._span(claim.start, claim.end, claim.quant)
             if span is None:
                 return None
-            key = (claim.session_id, claim.start, claim.end)
+            key = (claim.session_id, claim.start, claim.end, claim.quant)
             done = self._progress.pop(key, None)
             inputs = claim.inputs.float()
             if done is None or not (_extends(inputs, done.inputs) and _extends(claim.mask, done.mask)):
@@ -90,24 +91,23 @@ class LocalReferee:
                     self._progress.popitem(last=False)
             return done.outputs
 
-    def _span(self, start: int, end: int) -> Optional[BlockSpan]:
-        """Blocks [start, end) in float32, loading those not held yet if they fit (after letting go of
-        held blocks outside the range, if that is what it takes)."""
-        missing = [index for index in range(start, end) if index not in self._blocks]
-        needed = sum(self.checkpoint.block_bytes(index, torch.float32) for index in missing)
+    def _span(self, start: int, end: int, quant: str) -> Optional[BlockSpan]:
+        """Blocks [start, end) in float32 (quantized as `quant`), loading those not held yet if they fit
+        (after letting go of held blocks outside the range, if that is what it takes)."""
+        wanted = [(index, quant) for index in range(start, end)]
+        missing = [key for key in wanted if key not in self._blocks]
+        needed = sum(self.checkpoint.block_bytes(index, torch.float32, quant) for index, _ in missing)
         if needed > psutil.virtual_memory().available * self.memory_fraction:
-            for index in [index for index in self._blocks if not start <= index < end]:
-                del self._blocks[index]
+            for key in [key for key in self._blocks if key not in wanted]:
+                del self._blocks[key]
             gc.collect()
             if needed > psutil.virtual_memory().available * self.memory_fraction:
                 return None
-        for index in missing:
-            loaded = load_span(self.checkpoint, index, index + 1, torch.float32)
-            self._blocks[index] = loaded.layers[0]
+        for index, _ in missing:
+            loaded = load_span(self.checkpoint, index, index + 1, torch.float32, quant=quant)
+            self._blocks[index, quant] = loaded.layers[0]
             self._rotary = self._rotary or loaded.rotary
-        return BlockSpan(
-            self.checkpoint.config, [self._blocks[index] for index in range(start, end)], self._rotary, start
-        )
+        return BlockSpan(self.checkpoint.config, [self._blocks[key] for key in wanted], self._rotary, start, quant)
 
 
 def _bytes(progress: _Progress) -> int:
