@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blocks.adapters import LoraAdapter, lora_delta
 from blocks.architecture import Architecture, Rope
 
 _ACTIVATIONS = {
@@ -63,12 +64,13 @@ class KVCache:
 @dataclass
 class Segment:
     """One caller's rows in a packed batch: `batch × tokens` rows with their own masks (boolean
-    [batch, 1, tokens, kv] per attention kind, or None for plain causal) and cache."""
+    [batch, 1, tokens, kv] per attention kind, or None for plain causal), cache and LoRA adapter."""
 
     batch: int
     tokens: int
     masks: dict[str, Optional[torch.Tensor]]
     cache: Any
+    adapter: Optional[LoraAdapter] = None
 
     @property
     def size(self) -> int:
@@ -135,6 +137,21 @@ class Rotary(nn.Module):
         return (emb.cos() * self.scaling).to(like.dtype), (emb.sin() * self.scaling).to(like.dtype)
 
 
+def _project(linear: nn.Module, x: torch.Tensor, segments: "list[Segment]", block: int, module: str) -> torch.Tensor:
+    """`linear` over all rows, plus each segment's LoRA on its own rows (as peft adds it)."""
+    out = linear(x)
+    if all(segment.adapter is None for segment in segments):
+        return out
+    offset = 0
+    for segment in segments:
+        rows = slice(offset, offset + segment.size)
+        offset += segment.size
+        lora = segment.adapter.lookup(block, module) if segment.adapter is not None else None
+        if lora is not None:
+            out[rows] = out[rows] + lora_delta(x[rows], lora).to(out.dtype)
+    return out
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -167,15 +184,17 @@ class Attention(nn.Module):
         segments: "list[Segment]",
         kind: str,
         layer: int,
+        block: int,
     ) -> torch.Tensor:
         """`hidden` [rows, hidden_size]: the rows of every segment, one after the other, and `cos_sin`
         [rows, head_dim] their rotary embedding. Projections and rotary run over all rows at once;
-        cache and attention run per segment."""
+        cache and attention run per segment (`layer`: its index in the span's cache; `block`: in the model)."""
         heads_shape = (hidden.shape[0], -1, self.head_dim)
-        queries, keys = self.q_proj(hidden).view(heads_shape), self.k_proj(hidden).view(heads_shape)
+        queries = _project(self.q_proj, hidden, segments, block, "self_attn.q_proj").view(heads_shape)
+        keys = _project(self.k_proj, hidden, segments, block, "self_attn.k_proj").view(heads_shape)
         if self.qk_norm:
             queries, keys = self.q_norm(queries), self.k_norm(keys)
-        values = self.v_proj(hidden).view(heads_shape)
+        values = _project(self.v_proj, hidden, segments, block, "self_attn.v_proj").view(heads_shape)
         cos, sin = (t.unsqueeze(1) for t in cos_sin)
         queries = queries * cos + _rotate_half(queries) * sin
         keys = keys * cos + _rotate_half(keys) * sin
@@ -192,7 +211,7 @@ class Attention(nn.Module):
             output = _sdpa(query, key, value, segment.masks[kind], self.groups, self.scaling)
             outputs.append(output.reshape(segment.size, -1))
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        return self.o_proj(output)
+        return _project(self.o_proj, output, segments, block, "self_attn.o_proj")
 
 
 def _sdpa(query, key, value, mask, groups: int, scaling: float) -> torch.Tensor:
@@ -227,8 +246,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
         self.act = _ACTIVATIONS[arch.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, segments: "list[Segment]", block: int) -> torch.Tensor:
+        gate = _project(self.gate_proj, x, segments, block, "mlp.gate_proj")
+        inner = self.act(gate) * _project(self.up_proj, x, segments, block, "mlp.up_proj")
+        return _project(self.down_proj, inner, segments, block, "mlp.down_proj")
 
 
 class DecoderLayer(nn.Module):
@@ -246,6 +267,7 @@ class DecoderLayer(nn.Module):
         segments: "list[Segment]",
         kind: str,
         layer: int,
+        block: int,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, segments, kind, layer)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, segments, kind, layer, block)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), segments, block)

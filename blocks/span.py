@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from blocks.adapters import LoraAdapter
 from blocks.architecture import SLIDING_ATTENTION, Architecture
 from blocks.kv_pool import KVPool
 from blocks.layers import DecoderLayer, KVCache, Rotary, Segment
@@ -26,6 +27,7 @@ class BlockSpan:
     ):
         self.config = config
         self.quant = quant  # how the layers' linear weights are stored (`blocks.quantization`)
+        self.adapters: dict[str, LoraAdapter] = {}  # the LoRA adapters served with it, by name
         self.layers = layers
         self.rotary = rotary
         self.start = start
@@ -47,6 +49,12 @@ class BlockSpan:
             return 0
         return cache.length((self.start if block is None else block) - self.start)
 
+    def kv_bytes_per_token(self) -> int:
+        """What one token's keys and values take in every layer of the span."""
+        config = self.config
+        element = torch.empty(0, dtype=self.dtype).element_size()
+        return len(self.layers) * 2 * config.num_key_value_heads * config.head_dim * element
+
     def new_pool(self, tokens: int) -> KVPool:
         """Preallocated KV memory for `tokens` tokens in every layer of the span."""
         return KVPool(
@@ -60,6 +68,7 @@ class BlockSpan:
         attention_mask: torch.Tensor | None = None,
         start: int | None = None,
         end: int | None = None,
+        adapter: Optional[LoraAdapter] = None,
     ) -> torch.Tensor:
         """Runs `hidden` [batch, tokens, hidden_size] through blocks `[start, end)` (global indices,
         default: the whole span), appending to `cache` (a `KVCache` or `PooledCache`) if given.
@@ -67,7 +76,7 @@ class BlockSpan:
         `attention_mask` [batch, past + tokens] (1 = real token, 0 = padding) follows transformers'
         convention: positions are counted over real tokens only, as `generate()` does.
         """
-        return self.forward_batch([SpanInput(hidden, cache, attention_mask)], start, end)[0]
+        return self.forward_batch([SpanInput(hidden, cache, attention_mask, adapter)], start, end)[0]
 
     @torch.inference_mode()
     def forward_batch(
@@ -101,14 +110,14 @@ class BlockSpan:
             item_cos, item_sin = self.rotary(hidden, _position_ids(hidden, past, item.attention_mask))
             cos.append(item_cos.reshape(batch * tokens, -1))
             sin.append(item_sin.reshape(batch * tokens, -1))
-            segments.append(Segment(batch, tokens, masks, item.cache))
+            segments.append(Segment(batch, tokens, masks, item.cache, item.adapter))
             rows.append(hidden.reshape(batch * tokens, -1))
         if len(rows) == 1:
             packed, cos_sin = rows[0], (cos[0], sin[0])
         else:
             packed, cos_sin = torch.cat(rows), (torch.cat(cos), torch.cat(sin))
         for index, (layer, kind) in enumerate(zip(self.layers[first:last], kinds), start=first):
-            packed = layer(packed, cos_sin, segments, kind, index)
+            packed = layer(packed, cos_sin, segments, kind, index, self.start + index)
         outputs, offset = [], 0
         for segment in segments:
             outputs.append(packed[offset : offset + segment.size].view(segment.batch, segment.tokens, -1))
@@ -123,6 +132,7 @@ class SpanInput:
     hidden: torch.Tensor
     cache: Any = None
     attention_mask: Optional[torch.Tensor] = None
+    adapter: Optional[LoraAdapter] = None  # a LoRA adapter this caller's rows run with
 
 
 def causal_mask(

@@ -19,6 +19,7 @@ from typing import Awaitable, Callable, Optional, Sequence
 import torch
 
 from blocks.checkpoint import Checkpoint, parse_dtype
+from client.adapters import LocalAdapters, SessionAdapter
 from client.bans import BanList
 from client.check_chain import CheckChain
 from client.errors import BadRequestError, MissingBlocksError, ServerFailure, SwarmBusyError
@@ -47,8 +48,10 @@ MAX_CHECK_CHAINS = 32
 # sessions: room goes to the sessions that generate, and a check where room is short goes stateless.
 CHECK_CHAIN_ROOM = 2
 
-Forward = Callable[[SpanPlan, torch.Tensor, Optional[torch.Tensor]], Awaitable[torch.Tensor]]
-OpenSpan = Callable[[SpanPlan, int, int], Awaitable[SpanSession]]  # (plan, batch, max length) -> an open session
+# (plan, hidden, mask, adapter name) -> the span's output of a stateless forward
+Forward = Callable[[SpanPlan, torch.Tensor, Optional[torch.Tensor], str], Awaitable[torch.Tensor]]
+# (plan, batch, max length, adapter) -> an open session
+OpenSpan = Callable[[SpanPlan, int, int, Optional[SessionAdapter]], Awaitable[SpanSession]]
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,9 @@ class ClientAudit:
         open_span: OpenSpan,
         chunk_tokens: Callable[[int], int],
         reliability=None,
+        adapters: Optional[LocalAdapters] = None,
     ):
+        self.adapters = adapters or LocalAdapters(checkpoint)  # the client's own LoRA adapters
         self.router = router
         self.failures = failures
         self.bans = bans
@@ -96,7 +101,11 @@ class ClientAudit:
         self._abandoned: set[asyncio.Task] = set()
         self._referee_executor = ThreadPoolExecutor(1, thread_name_prefix="referee")
         self.verifier: Optional[SpotChecker] = (
-            SpotChecker(rate, self.recompute, LocalReferee(checkpoint, self._referee_executor)) if rate > 0 else None
+            SpotChecker(
+                rate, self.recompute, LocalReferee(checkpoint, self._referee_executor, adapters=self.adapters.for_span)
+            )
+            if rate > 0
+            else None
         )
         failures.on_ban.append(self._abandon_checks_on)
 
@@ -186,8 +195,9 @@ class ClientAudit:
         needed = CHECK_CHAIN_ROOM * batch * length
         if plans is None or any(plan.info.record.cache_tokens_free < needed for plan in plans):
             return None
+        adapter = self.adapters.session_adapter(claim.adapter)
         outcomes = await asyncio.gather(
-            *(self.open_span(plan, batch, length) for plan in plans), return_exceptions=True
+            *(self.open_span(plan, batch, length, adapter) for plan in plans), return_exceptions=True
         )
         spans = [outcome for outcome in outcomes if isinstance(outcome, SpanSession)]
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
@@ -213,6 +223,7 @@ class ClientAudit:
                 max_length=length,
                 batch=claim.inputs.shape[0],
                 quant=claim.quant,
+                adapter=self.adapters.session_adapter(claim.adapter),
             )
         except (MissingBlocksError, BadRequestError):  # nobody else, or nobody else holds a history this long
             return None
@@ -222,14 +233,18 @@ class ClientAudit:
             self.failures.report(error.peer_id, str(error), error.bridge)
 
     async def _recompute_stateless(self, claim: Claim, avoid: frozenset[str]) -> Optional[Recomputation]:
-        """The claim's whole input history as one stateless prefill through a chain of other servers."""
+        """The claim's whole input history as one stateless prefill through a chain of other servers
+        (none for a session with the client's own adapter: a stateless forward cannot carry it)."""
+        adapter = self.adapters.session_adapter(claim.adapter)
+        if adapter is not None and adapter.own:
+            return None
         chain = await self._check_route(claim, avoid, claim.inputs.shape[1])
         if chain is None:
             return None
         hidden = claim.inputs
         for plan in chain:
             try:
-                hidden = await self._unless_failed(plan.peer_id, self.forward(plan, hidden, claim.mask))
+                hidden = await self._unless_failed(plan.peer_id, self.forward(plan, hidden, claim.mask, claim.adapter))
             except ServerFailure as e:
                 self._blame(e)
                 raise
@@ -342,6 +357,7 @@ class SessionAudit:
                 rewinds=tuple(span.rewound_to),
                 max_length=self.max_length,
                 quant=span.plan.info.record.quant,
+                adapter=span.adapter,
             )
             self._checked.add(span.key)
             span.checks += 1

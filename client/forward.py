@@ -7,6 +7,7 @@ from typing import Awaitable, Callable, Optional
 
 import torch
 
+from client.adapters import SessionAdapter
 from client.errors import BadRequestError, ServerFailure, SwarmBusyError
 from client.failures import FailureBudget, FailurePolicy
 from client.router import BAN_WAIT_SECONDS, Router
@@ -22,12 +23,14 @@ async def forward_chain(
     hidden: torch.Tensor,
     mask: Optional[torch.Tensor],
     max_retries: int,
+    adapter: Optional[SessionAdapter] = None,
 ) -> torch.Tensor:
     """`hidden` [batch, tokens, hidden] after every block; `forward(plan, hidden, mask)` runs one span.
-    Only servers that accept a request this long are routed to. A busy server, like a failed one, is
-    routed around (only a failed one is banned), and so is one that refuses the request's size."""
+    Only servers that accept a request this long (and serve `adapter`, if any) are routed to. A busy
+    server, like a failed one, is routed around (only a failed one is banned), and so is one that
+    refuses the request's size."""
     batch, tokens = hidden.shape[0], hidden.shape[1]
-    chain = await router.chain(max_length=tokens, batch=batch, wait_for_bans=BAN_WAIT_SECONDS)
+    chain = await router.chain(max_length=tokens, batch=batch, wait_for_bans=BAN_WAIT_SECONDS, adapter=adapter)
     dtype = hidden.dtype
     budget = FailureBudget(max_retries)
     refused: set[str] = set()
@@ -49,7 +52,13 @@ async def forward_chain(
             refused.add(e.peer_id)  # too long for it, though its record said otherwise: nobody's fault
             exclude = refused
         replacement = await router.chain(
-            plan.start, plan.end, exclude=exclude, max_length=tokens, batch=batch, wait_for_bans=BAN_WAIT_SECONDS
+            plan.start,
+            plan.end,
+            exclude=exclude,
+            max_length=tokens,
+            batch=batch,
+            wait_for_bans=BAN_WAIT_SECONDS,
+            adapter=adapter,
         )
         chain[index:] = replacement + chain[index + 1 :]
     return hidden.to(dtype)

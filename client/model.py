@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
 
@@ -16,6 +17,7 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import CausalLMOutput
 
+from blocks.adapters import NAME_PATTERN as ADAPTER_NAME_PATTERN
 from blocks.checkpoint import Checkpoint
 from blocks.loading import ModelHead, load_head
 from blocks.quantization import QUANT_MODES
@@ -36,6 +38,13 @@ logger = logging.getLogger(__name__)
 MDNS_WAIT_SECONDS = 10.0  # how long from_pretrained(mdns=True) looks for the swarm's peers on the LAN
 
 
+class _Unset:
+    """The value of an argument left out (None may mean something)."""
+
+
+UNSET = _Unset()
+
+
 class AutoDistributedModelForCausalLM:
     def __init__(
         self, checkpoint: Checkpoint, head: ModelHead, remote: RemoteModel, generation_config: GenerationConfig
@@ -44,6 +53,7 @@ class AutoDistributedModelForCausalLM:
         self.head = SharedHead(head)
         self.remote = remote
         self.generation_config = generation_config
+        self.active_adapter: Optional[str] = None  # the LoRA adapter new sessions run with (`set_adapter`)
 
     @classmethod
     def from_pretrained(
@@ -68,6 +78,7 @@ class AutoDistributedModelForCausalLM:
         prefix_cache_mbytes: float = DEFAULT_PREFIX_MEMORY_MBYTES,
         otlp_endpoint: Optional[str] = None,
         quant: str | Sequence[str] = "any",
+        active_adapter: Optional[str] = None,
     ) -> "AutoDistributedModelForCausalLM":
         """Loads embeddings, norm and LM head from `path` and joins the swarm through `initial_peers`,
         or, with `mdns=True` and no `initial_peers`, through the peers found on this LAN with libp2p
@@ -105,6 +116,10 @@ class AutoDistributedModelForCausalLM:
         greedy output is then token-identical to transformers), or a list of modes ("none", "int8",
         "nf4"). `session.quant_modes` tells which a session actually used.
 
+        `active_adapter` names a LoRA adapter every session runs with unless told otherwise (see
+        `set_adapter`): one that servers serve (`swarm.serve --adapters`), or one loaded here with
+        `load_adapter`. Output is then the local `peft` model's with that adapter.
+
         `otlp_endpoint` (an OTLP/HTTP receiver, e.g. "http://127.0.0.1:4318") turns on OpenTelemetry
         tracing in this process: each `generate()` is one trace, with a span per step on this side
         and, on servers that trace too, per server step, push and reply (W3C trace context travels
@@ -136,7 +151,23 @@ class AutoDistributedModelForCausalLM:
             otlp_endpoint=valid_otlp_endpoint(otlp_endpoint),
             quant=accepted_quant(quant),
         )
-        return cls(checkpoint, head, remote, generation_config)
+        model = cls(checkpoint, head, remote, generation_config)
+        model.set_adapter(active_adapter)
+        return model
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: Optional[str] = None) -> str:
+        """Loads a LoRA adapter of this client's own (a folder as `peft` saves it; safetensors only) as
+        `adapter_name` (default: the folder's name), and returns the name. A session that runs with it
+        sends each server its blocks' share, kept for that session only and freed with it; servers
+        serving an adapter of the same name are not used for it. Raises ValueError (an AdapterError)
+        naming what does not fit the model."""
+        return self.remote.local_adapters.add(path, adapter_name)
+
+    def set_adapter(self, adapter_name: Optional[str]) -> None:
+        """The LoRA adapter new sessions run with (None: none), as peft's `set_adapter`."""
+        if adapter_name is not None and not re.match(ADAPTER_NAME_PATTERN, adapter_name):
+            raise ValueError(f"adapter name {adapter_name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        self.active_adapter = adapter_name
 
     @property
     def config(self):
@@ -164,24 +195,38 @@ class AutoDistributedModelForCausalLM:
         block has none. Raises SwarmError if the DHT cannot be read."""
         return self.remote.runtime.run(self.remote.router.longest_session(), timeout=self.remote.request_timeout)
 
-    def inference_session(self, max_length: int, region: Optional[str] = None) -> InferenceSession:
+    def served_adapters(self) -> list[str]:
+        """The LoRA adapters this model's servers serve now, by name (from their DHT records)."""
+        return self.remote.runtime.run(self.remote.served_adapters(), timeout=self.remote.request_timeout)
+
+    def inference_session(
+        self, max_length: int, region: Optional[str] = None, active_adapter: Optional[str] | _Unset = UNSET
+    ) -> InferenceSession:
         """A session whose server-side KV caches live until it is closed (use it as a context manager).
         BadRequestError if `max_length` exceeds the model's context (`max_position_embeddings`). With
-        `region`, its chains prefer servers of that region instead of the client's own."""
+        `region`, its chains prefer servers of that region instead of the client's own; with
+        `active_adapter`, it runs with that LoRA adapter (default: the model's `active_adapter`)."""
         context = self.config.max_position_embeddings
         if max_length > context:
             raise BadRequestError(
                 f"a session of {max_length} tokens exceeds the model's context of {context} tokens "
                 f"(max_position_embeddings in config.json): shorten the prompt or ask for fewer new tokens"
             )
-        return InferenceSession(self.remote, max_length, None if region is None else valid_region(region))
+        adapter = self.active_adapter if isinstance(active_adapter, _Unset) else active_adapter
+        return InferenceSession(
+            self.remote,
+            max_length,
+            None if region is None else valid_region(region),
+            self.remote.local_adapters.session_adapter(adapter),
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """Logits of every position, like `transformers` (a stateless pass: nothing stays cached)."""
         _check_ids(input_ids, attention_mask)
         hidden = self.head.embed_tokens(input_ids)
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        hidden = self.remote.runtime.run(self.remote.aforward(hidden, mask))
+        adapter = self.remote.local_adapters.session_adapter(self.active_adapter)
+        hidden = self.remote.runtime.run(self.remote.aforward(hidden, mask, adapter))
         return CausalLMOutput(logits=self.head.logits(hidden))
 
     __call__ = forward
@@ -206,9 +251,11 @@ class AutoDistributedModelForCausalLM:
         (`num_assistant_tokens`, 20); each draft is verified in one trip through the chain and the
         output is what plain decoding gives (greedy: the same tokens; sampling: the same
         distribution). With `session`, the call continues that session: `input_ids` are tokens to
-        append (or None) and the result is every token of the session so far.
+        append (or None) and the result is every token of the session so far. `active_adapter` runs
+        this call's session with that LoRA adapter (default: the model's `active_adapter`).
         """
         assistant_model = kwargs.pop("assistant_model", None)
+        active_adapter = kwargs.pop("active_adapter", UNSET)
         config = prepare_config(self.generation_config, generation_config, kwargs)
         if input_ids is None:
             if session is None or session.token_ids is None:
@@ -221,9 +268,13 @@ class AutoDistributedModelForCausalLM:
         ) as current:
             clock = TokenClock(inner=streamer) if current is not None else streamer
             if session is not None:
+                asked = None if isinstance(active_adapter, _Unset) else active_adapter
+                if asked is not None and (session.adapter is None or session.adapter.name != asked):
+                    raise ValueError(f"this session runs with adapter {session.adapter_name!r}, not {asked!r}")
                 output = decode(self.head, session, input_ids, attention_mask, config, clock, assistant_model)
             else:
-                with self.inference_session(max_length=max(input_ids.shape[1] + max_new, 1)) as new_session:
+                length = max(input_ids.shape[1] + max_new, 1)
+                with self.inference_session(max_length=length, active_adapter=active_adapter) as new_session:
                     output = decode(self.head, new_session, input_ids, attention_mask, config, clock, assistant_model)
             if current is not None:
                 _record_usage(current, clock, input_ids.shape)

@@ -4,6 +4,7 @@ and the event loop all of it runs on. Sessions and `generate()` use it; it calls
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import weakref
@@ -12,7 +13,9 @@ from typing import Awaitable, Callable, Collection, Mapping, Optional, Sequence
 import torch
 from hivemind.p2p import P2P
 
+from blocks.adapters import LoraAdapter
 from blocks.checkpoint import Checkpoint
+from client.adapters import LocalAdapters, SessionAdapter
 from client.audit import ClientAudit
 from client.bans import BanList
 from client.failures import FailurePolicy, step_deadline
@@ -72,6 +75,7 @@ class RemoteModel:
         # finished prompts, to reuse servers' prefix caches (None: this client never does)
         self.prefix_memory = PrefixMemory(int(prefix_cache_mbytes * 2**20)) if prefix_cache_mbytes > 0 else None
         self.step_timeout = step_timeout
+        self.local_adapters = LocalAdapters(checkpoint)  # the client's own LoRA adapters (`load_adapter`)
         dht, validator = start_dht(initial_peers, client_mode=True, nat_port_map=nat_port_map)
         if otlp_endpoint:  # after the DHT's process is forked: it needs no exporter thread of its own
             tracing.enable(otlp_endpoint, "swarm-client")
@@ -95,6 +99,7 @@ class RemoteModel:
             self.open_span,
             self.chunk_tokens,
             reliability,
+            self.local_adapters,
         )
         self.closed = False
         # A script that never calls shutdown() still exits at once and quietly (no pending-task warnings).
@@ -111,30 +116,67 @@ class RemoteModel:
         """The fastest chain for blocks [start, end) now (see `Router.chain`)."""
         return await self.router.chain(start, end, exclude, avoid_owner, max_age)
 
+    async def served_adapters(self) -> list[str]:
+        servers = await self.view.servers()
+        return sorted({name for block in servers for info in block.values() for name in info.record.adapters})
+
     def chunk_tokens(self, batch_size: int) -> int:
         """Tokens per message within the client's limit and the message size limit (each span further
         splits by its own server's announced limit)."""
         bytes_per_token = batch_size * self.checkpoint.hidden_size * 4
         return max(1, min(self.max_chunk_tokens, MAX_MESSAGE_BYTES // 2 // bytes_per_token))
 
-    async def forward_span(self, plan: SpanPlan, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """A stateless forward through one server's span of the chain."""
+    async def forward_span(
+        self, plan: SpanPlan, hidden: torch.Tensor, mask: Optional[torch.Tensor], adapter: str = ""
+    ) -> torch.Tensor:
+        """A stateless forward through one server's span of the chain (with `adapter`, one it serves)."""
         chunk = self.chunk_tokens(hidden.shape[0])
-        return await forward_span(self.p2p, self.model_name, plan, hidden, mask, chunk, self.request_timeout)
+        return await forward_span(self.p2p, self.model_name, plan, hidden, mask, chunk, self.request_timeout, adapter)
 
-    async def open_span(self, plan: SpanPlan, batch_size: int, max_length: int) -> SpanSession:
+    async def open_span(
+        self, plan: SpanPlan, batch_size: int, max_length: int, adapter: Optional[SessionAdapter] = None
+    ) -> SpanSession:
         """An inference session on one server's span (what a spot check keeps its KV in)."""
         span = SpanSession(plan, self.request_timeout)
-        await span.open(self.p2p, self.model_name, batch_size, max_length, self.failures.bridges_to_avoid())
+        name, own = await self.span_adapter(adapter, plan)
+        await span.open(
+            self.p2p, self.model_name, batch_size, max_length, self.failures.bridges_to_avoid(), adapter=name, own=own
+        )
         return span
 
-    async def aforward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    async def span_adapter(
+        self, adapter: Optional[SessionAdapter], plan: SpanPlan
+    ) -> tuple[str, Optional[LoraAdapter]]:
+        """What a span of a session with `adapter` opens with: the adapter's name, and for the client's
+        own its tensors for the span's blocks (read off the event loop); ("", None) where the
+        client's own adapter has no weights for those blocks, or without an adapter."""
+        if adapter is None:
+            return "", None
+        if not adapter.own:
+            return adapter.name, None
+        own = await asyncio.to_thread(self.local_adapters.for_span, adapter.name, plan.start, plan.end)
+        return (adapter.name, own) if own is not None and own.layers else ("", None)
+
+    async def aforward(
+        self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None, adapter: Optional[SessionAdapter] = None
+    ) -> torch.Tensor:
         """Hidden states of all positions after every block, without keeping any cache (on the input's
-        device; what travels is copied to host off the event loop)."""
+        device; what travels is copied to host off the event loop). With `adapter`, one the servers
+        serve: a stateless forward carries no adapter of the client's own (ValueError)."""
+        if adapter is not None and adapter.own:
+            raise ValueError(
+                f"a stateless forward cannot send the client's own adapter {adapter.name!r}: "
+                "use generate() or an inference session"
+            )
+        name = adapter.name if adapter is not None else ""
         device = hidden.device
         hidden, mask = await moved(hidden, "cpu"), await moved(mask, "cpu")
+
+        async def forward(plan: SpanPlan, part: torch.Tensor, part_mask: Optional[torch.Tensor]) -> torch.Tensor:
+            return await self.forward_span(plan, part, part_mask, name)
+
         async with step_deadline(self.step_timeout, "forward pass"):
-            output = await forward_chain(self.router, self.failures, self.forward_span, hidden, mask, self.max_retries)
+            output = await forward_chain(self.router, self.failures, forward, hidden, mask, self.max_retries, adapter)
         return await moved(output, device)
 
     def shutdown(self) -> None:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Collection, Mapping, Optional
 
+from client.adapters import SessionAdapter
 from client.bans import BanList
 from client.errors import MissingBlocksError
 from client.pings import PingCache
@@ -75,6 +76,7 @@ class Router:
         cached: Optional[CachedChain] = None,
         region: Optional[str] = None,
         quant: Optional[str] = None,
+        adapter: Optional[SessionAdapter] = None,
     ) -> list[SpanPlan]:
         """`search` (below); with `wait_for_bans`, when some block is served only by servers banned for
         a failure, waits for the first of their bans to end (if that comes within `wait_for_bans`
@@ -84,7 +86,7 @@ class Router:
         while True:
             try:
                 return await self.search(
-                    start, end, exclude, avoid_owner, max_age, max_length, batch, cached, region, quant
+                    start, end, exclude, avoid_owner, max_age, max_length, batch, cached, region, quant, adapter
                 )
             except MissingBlocksError as e:
                 wait = await self._ban_wait(e.blocks, exclude)
@@ -113,6 +115,7 @@ class Router:
         cached: Optional[CachedChain] = None,
         region: Optional[str] = None,
         quant: Optional[str] = None,
+        adapter: Optional[SessionAdapter] = None,
     ) -> list[SpanPlan]:
         """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`
         and accept a session of `batch` × `max_length` tokens (BadRequestError if some block has none),
@@ -122,11 +125,12 @@ class Router:
         new one. With `cached`, the chain that holds the session's prompt in its prefix caches wins
         where the prefill it saves beats its slower steps (and every server of it is still usable).
         `region` is the region preferred for this one search (default: the client's own). With `quant`,
-        only servers quantized that way are used (a spot check's recomputation must be)."""
+        only servers quantized that way are used (a spot check's recomputation must be); with `adapter`,
+        only servers that serve it (or, for the client's own, that take a client's adapter)."""
         index = await self.view.index(max_age)
         model = self.view.model_name
         end = self.view.num_blocks if end is None else end
-        excluded = set(exclude) | self.bans.banned() | self._refused(index.infos, quant)
+        excluded = set(exclude) | self.bans.banned() | self._refused(index.infos, quant, adapter)
         # A banned server is not pinged: a hung one would cost another timeout for nothing.
         await self.pings.refresh(index.candidates(start, end, excluded).values())
         preferences = []
@@ -158,9 +162,12 @@ class Router:
                 chain = chain_avoiding(model, index, start, end, excluded, avoided, **search)
         except MissingBlocksError as e:
             accepted = {quant} if quant is not None else self.quant
-            if accepted is None:
+            conditions = [f"with quantization {' or '.join(sorted(accepted))}"] if accepted is not None else []
+            if adapter is not None:
+                conditions.append("taking a client's adapter" if adapter.own else f"serving adapter {adapter.name!r}")
+            if not conditions:
                 raise
-            raise MissingBlocksError(e.model, e.blocks, f"with quantization {' or '.join(sorted(accepted))}") from None
+            raise MissingBlocksError(e.model, e.blocks, " and ".join(conditions)) from None
         for peers, fallback in preferences:
             if any(plan.peer_id in peers for plan in chain):
                 logger.info(fallback)
@@ -185,12 +192,16 @@ class Router:
         ]
         return min(per_block, default=0)
 
-    def _refused(self, infos, quant: Optional[str] = None) -> set[str]:
-        """Servers of a quantization this client does not accept (or, with `quant`, of any other)."""
+    def _refused(self, infos, quant: Optional[str] = None, adapter: Optional[SessionAdapter] = None) -> set[str]:
+        """Servers of a quantization this client does not accept (or, with `quant`, of any other), and
+        with `adapter`, those that cannot run it."""
         accepted = {quant} if quant is not None else self.quant
-        if accepted is None:
-            return set()
-        return {info.peer_id for info in infos if info.record.quant not in accepted}
+        return {
+            info.peer_id
+            for info in infos
+            if (accepted is not None and info.record.quant not in accepted)
+            or (adapter is not None and not adapter.served_by(info))
+        }
 
     async def _unreliable(self) -> set[str]:
         """Peers whose reliability score (from a relay) is below `min_reliability`."""

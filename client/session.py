@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from client.adapters import SessionAdapter
 from client.audit import Rollback, SessionAudit
 from client.errors import (
     BadPush,
@@ -47,11 +48,18 @@ class InferenceSession:
     continue where the previous call stopped.
     """
 
-    def __init__(self, remote: RemoteModel, max_length: int, region: Optional[str] = None):
+    def __init__(
+        self,
+        remote: RemoteModel,
+        max_length: int,
+        region: Optional[str] = None,
+        adapter: Optional[SessionAdapter] = None,
+    ):
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.remote = remote
         self.max_length = max_length
+        self.adapter = adapter  # the LoRA adapter every span runs with (None: the model alone)
         self.session_id = uuid.uuid4().hex[:12]
         self.region = region  # the region this session's chains prefer (None: the client's own)
         self.spans: list[SpanSession] = []
@@ -74,6 +82,11 @@ class InferenceSession:
         self._prompt: Optional[torch.Tensor] = None  # the prompt's ids the servers were told (prefix caches)
         self._lowest_rewind: Optional[int] = None
         self.audit = SessionAudit(remote.audit, self.session_id, max_length)
+
+    @property
+    def adapter_name(self) -> Optional[str]:
+        """The LoRA adapter this session runs with (None: none)."""
+        return self.adapter.name if self.adapter is not None else None
 
     @property
     def chain(self) -> list[tuple[str, int, int]]:
@@ -119,6 +132,7 @@ class InferenceSession:
                     wait_for_bans=BAN_WAIT_SECONDS,
                     cached=cached,
                     region=self.region,
+                    adapter=self.adapter,
                 )
             except (MissingBlocksError, BadRequestError) as e:
                 if busy:
@@ -135,6 +149,7 @@ class InferenceSession:
                 SpanSession(plan, self.remote.request_timeout, keep_outputs=self.remote.audit.verifier is not None)
                 for plan in chain
             ]
+            adapters = await asyncio.gather(*(self.remote.span_adapter(self.adapter, plan) for plan in chain))
             errors: list[BaseException] = []
             try:
                 # All at once: over a WAN each opening costs round trips, which a chain should pay once, not per span.
@@ -149,8 +164,9 @@ class InferenceSession:
                             bridges,
                             prompt,
                             _reusable(remembered, span.plan, span.keep_outputs),
+                            *adapter,
                         )
-                        for span in opened
+                        for span, adapter in zip(opened, adapters)
                     ),
                     return_exceptions=True,
                 )

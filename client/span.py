@@ -11,6 +11,7 @@ from typing import Collection, Optional, Sequence
 import torch
 from hivemind.p2p import P2P
 
+from blocks.adapters import LoraAdapter
 from blocks.checkpoint import parse_dtype
 from client.errors import InputMismatch, ServerFailure
 from client.routing import SpanPlan
@@ -20,6 +21,7 @@ from protocol.errors import WireError
 from protocol.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
+    ClientAdapter,
     Expect,
     ForwardRequest,
     Hop,
@@ -58,6 +60,7 @@ class SpanSession:
         self._outputs: list[torch.Tensor] = []  # what it answered, for spot checks
         self.receipts: list[Receipt] = []  # its signatures of each step, for evidence against it
         self.model = ""
+        self.adapter = ""  # the LoRA adapter the session runs with (its receipts name it)
         self.verified = 0  # positions [0, verified) of its outputs agreed with a recomputation
         self.checks = 0  # spot checks started on this span
         self.checking = False  # one is in flight
@@ -119,12 +122,18 @@ class SpanSession:
         avoid_bridges: Collection[str] = (),
         prompt: Optional[torch.Tensor] = None,
         reuse: int = 0,
+        adapter: str = "",
+        own: Optional[LoraAdapter] = None,
     ) -> None:
         """Opens the session; with `prompt` (its token ids, [tokens] int64, batch of one), the server
         keeps the prompt's KV when the session ends, and starts it from up to `reuse` tokens of it
-        that it kept before (`cached`: how many; `adopt` the inputs and outputs of those)."""
+        that it kept before (`cached`: how many; `adopt` the inputs and outputs of those). With
+        `adapter`, the session runs with that LoRA adapter: one the server serves, or `own`, the
+        client's, whose tensors for this span are sent along."""
         self.model = model
+        self.adapter = adapter
         reuse = reuse if prompt is not None else 0
+        sent, client_adapter = _own_adapter(own)
         with server_errors(self.plan.peer_id, lambda: self.bridge):
             try:
                 target = await connect(p2p, self.plan, self.timeout, avoid_bridges)
@@ -141,8 +150,10 @@ class SpanSession:
                             session_id=self.key,
                             route_key=self.route_key,
                             reuse_tokens=reuse,
+                            adapter=adapter,
+                            client_adapter=client_adapter,
                         ),
-                        [prompt] if prompt is not None else [],
+                        ([prompt] if prompt is not None else []) + sent,
                         request=True,
                     )
                 )
@@ -294,7 +305,7 @@ class SpanSession:
             self.plan.start,
             self.plan.end,
             self.key,
-            precision(self.plan.info.record.dtype, self.plan.info.record.quant),
+            precision(self.plan.info.record.dtype, self.plan.info.record.quant, self.adapter),
             mask_digest(mask, output.shape[0], self.position + tokens),
         )
         if (
@@ -356,25 +367,49 @@ async def packed(header, hidden: torch.Tensor, mask: Optional[torch.Tensor], dty
     return await off_loop(build, hidden.numel() * hidden.element_size())
 
 
+def _own_adapter(own: Optional[LoraAdapter]) -> tuple[list[torch.Tensor], Optional[ClientAdapter]]:
+    """The tensors and description of the client's own adapter for one span (nothing without one)."""
+    if own is None or not own.layers:
+        return [], None
+    entries = [(block, module) for block, modules in sorted(own.layers.items()) for module in sorted(modules)]
+    tensors = [tensor for block, module in entries for tensor in own.layers[block][module][:2]]
+    return tensors, ClientAdapter(alpha=own.config.alpha, rslora=own.config.rslora, entries=tuple(entries))
+
+
 async def forward_span(
-    p2p: P2P, model: str, plan: SpanPlan, hidden: torch.Tensor, mask: Optional[torch.Tensor], chunk: int, timeout: float
+    p2p: P2P,
+    model: str,
+    plan: SpanPlan,
+    hidden: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    chunk: int,
+    timeout: float,
+    adapter: str = "",
 ) -> torch.Tensor:
-    """A stateless forward of [batch, tokens, hidden] through one span, sent in token chunks.
+    """A stateless forward of [batch, tokens, hidden] through one span, sent in token chunks (with
+    `adapter`, a LoRA adapter the server serves).
 
     It is idempotent, so a forward that timed out or lost its stream is sent once more on a fresh
     stream before the server is blamed: rarely, the first message of a new stream is lost between two
     libp2p daemons, and the server never saw the request. An error the server answered is final."""
     try:
-        return await _forward_once(p2p, model, plan, hidden, mask, chunk, timeout)
+        return await _forward_once(p2p, model, plan, hidden, mask, chunk, timeout, adapter)
     except ServerFailure as e:
         if not isinstance(e.__cause__, (asyncio.TimeoutError, *TRANSPORT_ERRORS)):
             raise
         logger.info("stateless forward to %s failed (%s); sending it again on a fresh stream", plan.peer_id, e)
-    return await _forward_once(p2p, model, plan, hidden, mask, chunk, timeout)
+    return await _forward_once(p2p, model, plan, hidden, mask, chunk, timeout, adapter)
 
 
 async def _forward_once(
-    p2p: P2P, model: str, plan: SpanPlan, hidden: torch.Tensor, mask: Optional[torch.Tensor], chunk: int, timeout: float
+    p2p: P2P,
+    model: str,
+    plan: SpanPlan,
+    hidden: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    chunk: int,
+    timeout: float,
+    adapter: str,
 ) -> torch.Tensor:
     stream = RequestStream()
     dtype = parse_dtype(plan.info.record.dtype)
@@ -391,7 +426,12 @@ async def _forward_once(
                 part_mask = mask[:, position : position + part.shape[1]] if mask is not None else None
                 header = (
                     ForwardRequest(
-                        model=model, start_block=plan.start, end_block=plan.end, batch_size=batch, total_tokens=total
+                        model=model,
+                        start_block=plan.start,
+                        end_block=plan.end,
+                        batch_size=batch,
+                        total_tokens=total,
+                        adapter=adapter,
                     )
                     if position == 0
                     else Step(position=position)

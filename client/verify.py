@@ -117,6 +117,7 @@ class SpotChecker:
                     session_id=claim.session_id,
                     dtype=dtype_name(claim.dtype),
                     quant=claim.quant,
+                    adapter=claim.adapter,
                     receipts=claim.receipts,
                     inputs=claim.inputs,
                     outputs=claimed,
@@ -133,6 +134,7 @@ class SpotChecker:
                     tolerance=verifier_tol,
                     dtype=dtype_name(first.dtype),
                     quant=first.quant,
+                    adapter=claim.adapter,
                     **common,
                 )
                 for peer in sorted(first.peers)

@@ -120,6 +120,17 @@ OTLP_HELP = (
     "send OpenTelemetry traces (one per generation) to this OTLP/HTTP receiver, e.g. http://127.0.0.1:4318 "
     "(/v1/traces is added to a base URL); off when unset"
 )
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def adapter_name(entry: str) -> str:
+    """The name an --adapters entry serves its adapter under: NAME=PATH, else the folder's name."""
+    name = entry.split("=", 1)[0] if "=" in entry else entry.rstrip("/").rsplit("/", 1)[-1]
+    if not ADAPTER_NAME_RE.match(name):
+        raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    return name
+
+
 MDNS_HELP = (
     "LAN discovery with libp2p mDNS (multicast; off unless given): without --initial-peers, join the swarm "
     "of the peers found on this LAN (or start one), announce this node there, and join peers found later"
@@ -229,6 +240,18 @@ class ServerOptions(NetworkOptions):
         "(4-bit NormalFloat; bitsandbytes), for less memory; announced, so clients that want exact "
         "output (quant='none') route around this server",
     )
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapters to serve, each a folder as peft saves it (adapter_config.json and "
+        "adapter_model.safetensors; pickles are never loaded), named after the folder or NAME=PATH; "
+        "announced, so a session that asks for one is routed here",
+    )
+    max_client_adapter_mbytes: float = Field(
+        16.0,
+        ge=0,
+        description="largest LoRA adapter a client may send for its own session (its share for this "
+        "server's blocks, charged to --cache-tokens and freed with the session; 0: none)",
+    )
     cache_tokens: int = Field(16384, gt=0, description="KV-cache budget in tokens across all open sessions")
     prefix_cache: bool = Field(
         True,
@@ -332,6 +355,16 @@ class ServerOptions(NetworkOptions):
         if value not in ("float32", "bfloat16", "float16"):
             raise ValueError("must be float32, bfloat16 or float16")
         return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, value: list[str]) -> list[str]:
+        entries = [item.strip() for raw in value for item in raw.split(",") if item.strip()]
+        names = [adapter_name(entry) for entry in entries]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"two adapters are named {', '.join(repeated)}: name them with NAME=PATH")
+        return entries
 
     @field_validator("quant")
     @classmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import msgpack
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,6 +20,7 @@ META_KEY_SUFFIX = "_meta"
 MAX_BLOCKS = 4096  # more blocks than any model has: a record claiming more is not believed
 WireDtype = Literal["float32", "bfloat16", "float16"]  # what a server may compute and send in
 QuantMode = Literal["none", "int8", "nf4"]
+AdapterName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
 
 
 class ServerState(str, enum.Enum):
@@ -75,6 +76,8 @@ class ServerRecord(_Wire):
     max_chunk_tokens: int = Field(default=2048, gt=0)
     dtype: WireDtype
     quant: QuantMode = "none"  # how the blocks' linear weights are stored (`blocks.quantization`)
+    adapters: tuple[AdapterName, ...] = Field(default=(), max_length=64)  # LoRA adapters it serves
+    client_adapter_bytes: int = Field(default=0, ge=0)  # largest adapter a client may send it (0: none)
     hardware: HardwareSummary
     region: str = Field(default="", max_length=64)
     version: str = Field(max_length=32)

@@ -18,6 +18,7 @@ from protocol.errors import ErrorKind, MalformedMessage, WireError
 from protocol.tensors import serialize_tensor
 from telemetry.tracing import TRACEPARENT_PATTERN
 
+ADAPTER_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})?$"
 RPC_INFERENCE = "swarm.BlockService.rpc_inference"
 RPC_FORWARD = "swarm.BlockService.rpc_forward"
 RPC_INFO = "swarm.BlockService.rpc_info"
@@ -39,6 +40,15 @@ class _Header(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class ClientAdapter(_Header):
+    """A client's own LoRA adapter for one session: its scaling, and what its tensors are, in order
+    (lora_A then lora_B of each projection of each block listed)."""
+
+    alpha: float = Field(gt=0, le=1e6)
+    rslora: bool = False
+    entries: tuple[tuple[int, str], ...] = Field(min_length=1, max_length=7 * 4096)
+
+
 class OpenSession(_Header):
     """First message of an inference stream: reserves cache for `batch_size × max_length` tokens.
 
@@ -57,6 +67,10 @@ class OpenSession(_Header):
     # pushes into this session travel in the clear, as before sealed routes.
     route_key: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
     reuse_tokens: int = Field(default=0, ge=0)
+    # A LoRA adapter for this session: one the server serves, by name, or with `client_adapter` the
+    # client's own, whose tensors follow the prompt ids in the message (`ClientAdapter.entries`).
+    adapter: str = Field(default="", pattern=ADAPTER_PATTERN)
+    client_adapter: Optional[ClientAdapter] = None
 
 
 class SessionOpened(_Header):
@@ -153,6 +167,7 @@ class ForwardRequest(_Header):
     end_block: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     total_tokens: int = Field(gt=0)
+    adapter: str = Field(default="", pattern=ADAPTER_PATTERN)  # one the server serves, by name
 
 
 class ServerInfoReply(_Header):

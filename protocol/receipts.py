@@ -66,10 +66,11 @@ def receipt_message(
     return "|".join(fields + [input_digest, output_digest, mask_digest]).encode()
 
 
-def precision(dtype: str, quant: str = "none") -> str:
-    """What a receipt names as the dtype computed in: the dtype, and the quantization of the weights
-    when they are quantized ("float32+int8"), so that nobody can claim a server computed otherwise."""
-    return dtype if quant == "none" else f"{dtype}+{quant}"
+def precision(dtype: str, quant: str = "none", adapter: str = "") -> str:
+    """What a receipt names as the dtype computed in: the dtype, the quantization of the weights when
+    they are quantized and the LoRA adapter a session runs with ("float32+int8+lora:math"), so that
+    nobody can claim a server computed otherwise."""
+    return dtype + (f"+{quant}" if quant != "none" else "") + (f"+lora:{adapter}" if adapter else "")
 
 
 def mask_digest(mask: Optional[torch.Tensor], batch: int, length: int) -> str:

@@ -80,6 +80,8 @@ class EvidenceJudge:
                 400,
                 f"blocks {report.start_block}:{report.end_block} are not within the model's 0:{checkpoint.num_blocks}",
             )
+        if report.adapter:  # the relay holds no adapter: it cannot judge, which is nobody's fault
+            raise HTTPError(503, f"the relay cannot re-check a session that ran with LoRA adapter {report.adapter!r}")
         dtype = getattr(torch, report.dtype)  # one of the three names the schema allows
         inputs, outputs, mask = self._tensors(report, checkpoint.hidden_size, dtype)
         key = await self._receipt_key(report.model, checkpoint.num_blocks, report.peer_id)

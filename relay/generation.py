@@ -44,6 +44,7 @@ class Request:
     top_p: float
     stop: Sequence[str] = ()
     region: str = ""  # the servers' region its chain prefers ("": the relay's client's own)
+    adapter: str = ""  # the LoRA adapter it runs with ("": none), asked for as model "base:adapter"
 
 
 @dataclass
@@ -109,13 +110,18 @@ class _DeltaStreamer(BaseStreamer):
             self._flush(len(self.text))
 
 
-def find_service(services: Mapping[str, "ModelService"], name: str) -> "ModelService":
-    """The served model called `name`, or a 404 naming the ones that are served."""
-    service = services.get(name)
+async def find_model(services: Mapping[str, "ModelService"], name: str) -> tuple["ModelService", str]:
+    """The served model called `name` and the LoRA adapter it names ("base:adapter", "" for none),
+    or a 404 naming what is served."""
+    base, _, adapter = name.partition(":")
+    service = services.get(base)
     if service is None:
         known = ", ".join(sorted(services)) or "none"
-        raise HTTPError(404, f"the model {name!r} is not served by this relay (served: {known})")
-    return service
+        raise HTTPError(404, f"the model {base!r} is not served by this relay (served: {known})")
+    if adapter and adapter not in await service.adapters():
+        served = ", ".join(await service.adapters()) or "none"
+        raise HTTPError(404, f"no server of {base} serves the adapter {adapter!r} now (served: {served})")
+    return service, adapter
 
 
 class ModelService:
@@ -150,6 +156,7 @@ class ModelService:
         self.created = int(time.time())
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self._limit: Optional[tuple[float, int]] = None  # (when read, longest session the swarm can hold)
+        self._adapters: Optional[tuple[float, list[str]]] = None  # (when read, adapters its servers serve)
 
     @property
     def name(self) -> str:
@@ -171,11 +178,25 @@ class ModelService:
         top_p: Optional[float],
         stop: Sequence[str] = (),
         region: str = "",
+        adapter: str = "",
     ) -> Request:
-        return await self.make_request(self.chat_prompt(messages), max_tokens, temperature, top_p, stop, region)
+        return await self.make_request(
+            self.chat_prompt(messages), max_tokens, temperature, top_p, stop, region, adapter
+        )
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    async def adapters(self) -> list[str]:
+        """The LoRA adapters the swarm's servers of this model serve (read again every 30 s at most)."""
+        now = time.monotonic()
+        if self._adapters is None or now - self._adapters[0] > LIMIT_MAX_AGE:
+            try:
+                self._adapters = (now, await asyncio.to_thread(self.model.served_adapters))
+            except Exception as e:
+                logger.warning("could not read %s's servers from the DHT: %s", self.name, e)
+                return self._adapters[1] if self._adapters is not None else []
+        return self._adapters[1]
 
     async def context_limit(self) -> int:
         """The longest session possible: the model's context, capped by what the servers accept (for
@@ -198,8 +219,10 @@ class ModelService:
         top_p: Optional[float],
         stop: Sequence[str],
         region: str = "",
+        adapter: str = "",
     ) -> Request:
-        """A request checked against the swarm's context (`region`: the servers' region its chain prefers)."""
+        """A request checked against the swarm's context (`region`: the servers' region its chain prefers;
+        `adapter`: the LoRA adapter it runs with)."""
         ids = self.encode(prompt)
         if not ids:
             raise HTTPError(400, "the prompt is empty after tokenization")
@@ -224,6 +247,7 @@ class ModelService:
             1.0 if top_p is None else top_p,
             tuple(stop),
             region,
+            adapter,
         )
 
     async def generate(
@@ -260,7 +284,9 @@ class ModelService:
         result = Result(prompt_tokens=len(request.prompt_ids))
         session_id = uuid.uuid4().hex[:8]
         with self.model.inference_session(
-            max_length=len(request.prompt_ids) + request.max_tokens, region=request.region or None
+            max_length=len(request.prompt_ids) + request.max_tokens,
+            region=request.region or None,
+            active_adapter=request.adapter or None,
         ) as session:
             try:
                 output = self.model.generate(

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Mapping, Optional
 
-from relay.generation import ModelService, Request, find_service
+from relay.generation import ModelService, Request, find_model
 from relay.http import HTTPError
 from relay.schemas import JobRequest
 from relay.store import Store, dumps, loads
@@ -110,9 +110,9 @@ class JobQueue:
             await self._run(row)
 
     async def _request(self, body: JobRequest) -> tuple[ModelService, Request]:
-        service = find_service(self.services, body.model)
+        service, adapter = await find_model(self.services, body.model)
         request = await service.chat_request(
-            body.messages, body.max_tokens, body.temperature, body.top_p, region=body.region
+            body.messages, body.max_tokens, body.temperature, body.top_p, region=body.region, adapter=adapter
         )
         return service, request
 

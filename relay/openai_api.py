@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from aiohttp import web
 
-from relay.generation import ModelService, Result, find_service
+from relay.generation import ModelService, Result, find_model
 from relay.http import HTTPError, json_reply, read_body
 from relay.schemas import ChatCompletionRequest, CompletionRequest
 from telemetry import tracing
@@ -35,25 +35,28 @@ class OpenAIRoutes:
 
     async def models(self, request: web.Request) -> web.Response:
         self.check_key(request)
-        data = [
-            {"id": name, "object": "model", "created": s.created, "owned_by": "swarm"}
-            for name, s in self.services.items()
-        ]
+        data = []
+        for name, service in self.services.items():
+            for model in [name] + [f"{name}:{adapter}" for adapter in await service.adapters()]:
+                data.append({"id": model, "object": "model", "created": service.created, "owned_by": "swarm"})
         return json_reply({"object": "list", "data": data})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.check_key(request)
         body = await read_body(request, CompletionRequest)
-        service = find_service(self.services, body.model)
-        gen = await service.make_request(body.prompt, body.max_tokens, body.temperature, body.top_p, body.stop_list())
+        service, adapter = await find_model(self.services, body.model)
+        gen = await service.make_request(
+            body.prompt, body.max_tokens, body.temperature, body.top_p, body.stop_list(), adapter=adapter
+        )
         ident = f"cmpl-{uuid.uuid4().hex}"
+        model = f"{service.name}:{adapter}" if adapter else service.name
 
         def chunk(text: str, finish: Optional[str]) -> dict[str, Any]:
             return {
                 "id": ident,
                 "object": "text_completion",
                 "created": int(time.time()),
-                "model": service.name,
+                "model": model,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
             }
 
@@ -67,10 +70,16 @@ class OpenAIRoutes:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self.check_key(request)
         body = await read_body(request, ChatCompletionRequest)
-        service = find_service(self.services, body.model)
+        service, adapter = await find_model(self.services, body.model)
         gen = await service.chat_request(
-            body.messages, body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p, body.stop_list()
+            body.messages,
+            body.max_completion_tokens or body.max_tokens,
+            body.temperature,
+            body.top_p,
+            body.stop_list(),
+            adapter=adapter,
         )
+        model = f"{service.name}:{adapter}" if adapter else service.name
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         first = True
 
@@ -84,7 +93,7 @@ class OpenAIRoutes:
                 "id": ident,
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
-                "model": service.name,
+                "model": model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
             }
 
@@ -96,7 +105,7 @@ class OpenAIRoutes:
                 "id": ident,
                 "object": "chat.completion",
                 "created": int(time.time()),
-                "model": service.name,
+                "model": model,
                 "choices": [
                     {
                         "index": 0,

@@ -95,6 +95,7 @@ class EvidenceReport(_Body):
     end_block: StrictInt = Field(gt=0)
     dtype: Literal["float32", "bfloat16", "float16"]
     quant: Literal["none", "int8", "nf4"] = "none"  # the server's weights, as its receipts sign them
+    adapter: str = Field(default="", max_length=64)  # the LoRA adapter the session ran with, as signed
     session_id: str = Field(min_length=16, max_length=64)
     verified: StrictInt = Field(ge=0)
     receipts: list[ReceiptBody] = Field(min_length=1, max_length=8192)

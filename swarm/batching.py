@@ -32,6 +32,7 @@ class _Step:
     cache: Any
     mask: Optional[torch.Tensor]
     future: asyncio.Future
+    adapter: Any = None  # the session's LoRA adapter, if any
     done: int = 0  # tokens of this step already computed (a long prompt runs in chunks)
     outputs: list[torch.Tensor] = field(default_factory=list)
 
@@ -63,13 +64,21 @@ class StepScheduler:
         return sum(1 for step in self._pending if not step.future.done() and id(step) not in self._in_round)
 
     async def run(
-        self, span: BlockSpan, hidden: torch.Tensor, cache: Any, mask: Optional[torch.Tensor], start: int, end: int
+        self,
+        span: BlockSpan,
+        hidden: torch.Tensor,
+        cache: Any,
+        mask: Optional[torch.Tensor],
+        start: int,
+        end: int,
+        adapter: Any = None,
     ) -> torch.Tensor:
-        """Runs one session's step in the next round that has room for it; returns its output."""
+        """Runs one session's step in the next round that has room for it (with its LoRA `adapter`, if
+        any: steps of other adapters share the round); returns its output."""
         if self._driver is None or self._driver.done():
             self._wake = asyncio.Event()
             self._driver = asyncio.create_task(self._drive(), name="swarm-batching")
-        step = _Step(span, start, end, hidden, cache, mask, asyncio.get_running_loop().create_future())
+        step = _Step(span, start, end, hidden, cache, mask, asyncio.get_running_loop().create_future(), adapter)
         self._pending.append(step)
         self._wake.set()
         return await step.future
@@ -189,7 +198,7 @@ def _forward(group: list[tuple[_Step, int]]) -> list[torch.Tensor]:
         mask = step.mask
         if mask is not None and step.cache is not None:
             mask = mask[:, : span.cache_length(step.cache, start) + take]
-        inputs.append(SpanInput(hidden, step.cache, mask))
+        inputs.append(SpanInput(hidden, step.cache, mask, step.adapter))
     # To host here, on the compute thread, once the kernels are done: everything after (digests,
     # receipts, serialization, push) reads host memory and never waits on the device.
     return [output.cpu() for output in span.forward_batch(inputs, start, end)]

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
+from blocks.adapters import AdapterConfig, AdapterError, LoraAdapter, adapter_from_tensors
 from blocks.checkpoint import dtype_name, parse_dtype
 from blocks.kv_pool import PooledCache
 from blocks.span import BlockSpan
@@ -73,6 +74,7 @@ class Limits:
     max_batch_size: int
     max_chunk_tokens: int
     session_timeout: float
+    max_client_adapter_bytes: int = 0  # the largest adapter a client may send for its session (0: none)
 
 
 class BlockHandler:
@@ -122,10 +124,9 @@ class BlockHandler:
         self.budget.bind(span.new_pool(self.budget.total))
         self.span = span
 
-    @property
-    def _precision(self) -> str:
-        """What this server's receipts and prefix-cache keys name as what it computes in."""
-        return precision(dtype_name(self.span.dtype), self.span.quant)
+    def _precision(self, adapter: Optional[LoraAdapter] = None) -> str:
+        """What this server's receipts and prefix-cache keys name as what a session computes in."""
+        return precision(dtype_name(self.span.dtype), self.span.quant, adapter.name if adapter is not None else "")
 
     def retire_span(self, reason: str) -> int:
         """Stops serving the current span: every session still open is closed (its next message is
@@ -241,10 +242,17 @@ class BlockHandler:
         header = read_header(first, OpenSession)
         if header.session_id and header.session_id in self._keyed:
             raise bad_request("a session with this id is already open here")
-        prompt = self._prompt_ids(first, header)
+        tensors = read_tensors(
+            first, max_count=1 + 2 * len(header.client_adapter.entries if header.client_adapter else ())
+        )
+        prompt, sent_adapter = self._split_open(tensors, header)
+        prompt = self._prompt_ids(prompt, header)
+        adapter = await self._session_adapter(header, sent_adapter)
         key = label.session = header.session_id or uuid.uuid4().hex[:12]
         async with self._open(header, header.batch_size, header.max_length, key, label) as session:
             session.route_key = bytes.fromhex(header.route_key)
+            if adapter is not None:
+                self._charge(session, adapter, header.client_adapter is not None)
             cached = await self._reuse_prefix(session, header, prompt, str(label.peer))
             yield pack(SessionOpened(session_id=key, max_length=header.max_length, cached_tokens=cached), request=False)
             reader = asyncio.create_task(session.read_client(requests))
@@ -271,9 +279,78 @@ class BlockHandler:
             finally:
                 reader.cancel()
 
-    def _prompt_ids(self, message, header: OpenSession) -> Optional[list[int]]:
+    def _split_open(self, tensors: list[torch.Tensor], header: OpenSession) -> tuple[list[torch.Tensor], list]:
+        """An OpenSession's tensors: (the prompt ids, if sent; the client's adapter's, if sent: last)."""
+        sent = 2 * len(header.client_adapter.entries) if header.client_adapter is not None else 0
+        if len(tensors) < sent or len(tensors) > sent + 1:
+            raise bad_request(f"an OpenSession carries the prompt ids (optional) and {sent} adapter tensors")
+        return tensors[: len(tensors) - sent], tensors[len(tensors) - sent :]
+
+    async def _session_adapter(self, header: OpenSession, sent: list[torch.Tensor]) -> Optional[LoraAdapter]:
+        """The LoRA adapter a session asks for: one this server serves, or the client's own (checked
+        against the model and this server's size limit, converted off the event loop); None: none."""
+        if header.client_adapter is None:
+            return self._served_adapter(header.adapter, header.start_block, header.end_block)
+        limit = self.limits.max_client_adapter_bytes
+        size = sum(t.numel() * t.element_size() for t in sent)
+        if not header.adapter:
+            raise bad_request("a client's own adapter needs a name (OpenSession.adapter)")
+        if size > limit:
+            raise bad_request(
+                f"the adapter's {size / 2**20:.1f} MiB for blocks {header.start_block}:{header.end_block} exceed "
+                f"this server's limit of {limit / 2**20:.1f} MiB"
+                if limit
+                else "this server takes no client adapters"
+            )
+        names = [
+            f"base_model.model.model.layers.{block}.{module}.lora_{ab}.weight"
+            for block, module in header.client_adapter.entries
+            for ab in "AB"
+        ]
+        if len(set(names)) != len(names):
+            raise bad_request("the adapter lists a projection twice")
+        config = AdapterConfig(alpha=header.client_adapter.alpha, rslora=header.client_adapter.rslora)
+        try:
+            return await off_loop(
+                lambda: adapter_from_tensors(
+                    header.adapter,
+                    config,
+                    dict(zip(names, sent)),
+                    self.span.config,
+                    header.start_block,
+                    header.end_block,
+                    self.span.dtype,
+                    self.span.device,
+                ),
+                size,
+            )
+        except AdapterError as e:
+            raise bad_request(f"adapter {header.adapter!r}: {e}") from None
+
+    def _served_adapter(self, name: str, start: int, end: int) -> Optional[LoraAdapter]:
+        if not name:
+            return None
+        adapter = self.span.adapters.get(name)
+        if adapter is None:
+            held = ", ".join(sorted(self.span.adapters)) or "none"
+            raise bad_request(f"this server serves no adapter named {name!r} (it serves: {held})")
+        if not adapter.covers(start, end):
+            raise bad_request(f"adapter {name!r} is loaded here for blocks {adapter.start}:{adapter.end} only")
+        return adapter
+
+    def _charge(self, session: ServerSession, adapter: LoraAdapter, own: bool) -> None:
+        """The session runs with `adapter`; a client's own is charged to the cache budget (as the KV
+        tokens its bytes would hold) and freed with the session."""
+        if own:
+            per_token = max(1, self.span.kv_bytes_per_token())
+            try:
+                session.adapter_room = self.budget.reserve(1, -(-adapter.nbytes // per_token))
+            except WireError:
+                raise WireError(ErrorKind.BUSY, "no room left in the cache budget for this session's adapter") from None
+        session.adapter = adapter
+
+    def _prompt_ids(self, tensors: list[torch.Tensor], header: OpenSession) -> Optional[list[int]]:
         """The prompt's token ids an OpenSession may carry, checked (None: it carries none)."""
-        tensors = read_tensors(message, max_count=1)
         if not tensors:
             if header.reuse_tokens:
                 raise bad_request("reuse_tokens needs the prompt's token ids")
@@ -302,7 +379,10 @@ class BlockHandler:
         prefixes = self.budget.prefixes
         if prompt is None or prefixes is None:
             return 0
-        root = prefix_root(self.model, header.start_block, header.end_block, self._precision, peer)
+        precision = self._precision(session.adapter)
+        if session.adapter is not None:  # the adapter's very tensors: another one of the same name keys apart
+            precision += f"#{session.adapter.digest}"
+        root = prefix_root(self.model, header.start_block, header.end_block, precision, peer)
         session.prompt_keys = block_keys(root, prompt)
         pages = prefixes.match(session.prompt_keys[: header.reuse_tokens // PREFIX_BLOCK_TOKENS])
         try:
@@ -337,7 +417,9 @@ class BlockHandler:
         if message is None:
             return
         header = read_header(message, ForwardRequest)
+        adapter = self._served_adapter(header.adapter, header.start_block, header.end_block)
         async with self._open(header, header.batch_size, header.total_tokens, "", label) as session:
+            session.adapter = adapter
             step = Step(position=0)
             while True:
                 yield await self._run_step(session, step, message, header)
@@ -466,7 +548,7 @@ class BlockHandler:
         began = time.perf_counter()
         # hidden: [batch, tokens, hidden_size]; full_mask: [batch, position + tokens] or None
         output = await self.scheduler.run(
-            self.span, hidden, session.cache, full_mask, header.start_block, header.end_block
+            self.span, hidden, session.cache, full_mask, header.start_block, header.end_block, session.adapter
         )
         if session.timing is not None:
             session.timing.step(hidden.shape[1], time.perf_counter() - began)
@@ -514,7 +596,7 @@ class BlockHandler:
                 start,
                 end,
                 session.key,
-                self._precision,
+                self._precision(session.adapter),
                 position,
                 hidden.shape[1],
                 input_digest,

@@ -14,12 +14,13 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from tqdm import tqdm
 
+from blocks.adapters import AdapterError, check_adapter, load_adapter
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
 from blocks.loading import load_span
 from blocks.quantization import resident_bytes
 from blocks.span import BlockSpan
 from configs.paths import cache_dir
-from configs.schema import ServerOptions, WorkingHours
+from configs.schema import ServerOptions, WorkingHours, adapter_name
 from dht.identity import receipt_signer
 from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, start_dht
@@ -65,6 +66,8 @@ class Server:
         self.placement = Placement(options, self.checkpoint, self.dtype)
         self.bridging = Bridging(options)
         self.lan = LanPresence(options.mdns)
+        # LoRA adapters served, by name: NAME=PATH, or the folder named after the adapter
+        self.adapter_paths = {adapter_name(entry): entry.split("=", 1)[-1] for entry in options.adapters}
         prefix_tokens = (options.prefix_cache_tokens or options.cache_tokens) if options.prefix_cache else 0
         self.budget = CacheBudget(options.cache_tokens, min(prefix_tokens, options.cache_tokens))
         self.load = LoadControl(
@@ -80,6 +83,7 @@ class Server:
             max_batch_size=options.max_batch_size,
             max_chunk_tokens=options.max_chunk_tokens,
             session_timeout=options.session_timeout,
+            max_client_adapter_bytes=int(options.max_client_adapter_mbytes * 2**20),
         )
         self.compute = ComputeThread()
         self.metrics = ServerMetrics(
@@ -113,6 +117,12 @@ class Server:
 
     async def run(self) -> None:
         opts = self.options
+        try:
+            await self.compute.run(self._check_adapters)
+        except AdapterError as e:
+            print(f"swarm.serve: error: {e}", file=sys.stderr, flush=True)
+            self.exit_code = 2
+            return
         try:
             initial_peers = await self.lan.initial_peers(opts.initial_peers)
         except MdnsUnavailable as e:
@@ -435,6 +445,15 @@ class Server:
         )
         return True
 
+    def _check_adapters(self) -> None:
+        """Every --adapters entry is a LoRA adapter of this model (read whole once, before joining)."""
+        for name, path in self.adapter_paths.items():
+            try:
+                check_adapter(path, self.checkpoint.config, name)
+            except AdapterError as e:
+                raise AdapterError(f"adapter {name} ({path}): {e}") from None
+            logger.info("serving LoRA adapter %s from %s", name, path)
+
     def _load(self) -> BlockSpan:
         with tqdm(
             total=self.placement.end - self.placement.start,
@@ -452,6 +471,12 @@ class Server:
                 progress=lambda _: bar.update(1),
                 quant=self.options.quant,
             )
+        span.adapters = {
+            name: load_adapter(
+                path, self.checkpoint.config, span.start, span.end, self.dtype, self.options.device, name
+            )
+            for name, path in self.adapter_paths.items()
+        }
         logger.info(
             "blocks %d:%d hold %.1f MiB of weights (%s%s)",
             span.start,
@@ -474,6 +499,8 @@ class Server:
             max_chunk_tokens=self.limits.max_chunk_tokens,
             dtype=dtype_name(self.dtype),
             quant=self.options.quant,
+            adapters=tuple(self.adapter_paths),
+            client_adapter_bytes=self.limits.max_client_adapter_bytes,
             hardware=describe_device(self.options.device),
             region=self.options.region,
             version=__version__,

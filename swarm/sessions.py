@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Optional
 import torch
 from hivemind.proto import runtime_pb2
 
+from blocks.adapters import LoraAdapter
 from blocks.kv_pool import PooledCache
 from protocol.errors import ErrorKind, WireError, bad_request
 from protocol.messages import Expect, PushFailed, Step, pack, read_header
@@ -63,6 +64,8 @@ class ServerSession:
     prompt_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its prompt's blocks, if sent
     lowest_rewind: Optional[int] = None  # positions from here on may hold other tokens than the prompt's
     computed: bool = False  # a step has been computed (a rewind before that only trims a reused prefix)
+    adapter: Optional[LoraAdapter] = None  # the LoRA adapter its steps run with
+    adapter_room: Optional[PooledCache] = None  # cache budget a client's own adapter is charged, until the end
 
     def extend_mask(self, new: Optional[torch.Tensor], tokens: int) -> Optional[torch.Tensor]:
         """The attention mask of positions [0, position + tokens), kept here: steps carry only the new
@@ -100,6 +103,10 @@ class ServerSession:
         if self.cache is not None:
             self.cache.release()
             self.cache = None
+        if self.adapter_room is not None:
+            self.adapter_room.release()
+            self.adapter_room = None
+            self.adapter = None
         if reason is None:  # the session is over: what still waits is never computed, its bytes go back
             while not self.inbox.empty():
                 sender, message = self.inbox.get_nowait()

@@ -40,6 +40,7 @@ class Evidence:
     session_id: str = ""
     dtype: str = "float32"
     quant: str = "none"
+    adapter: str = ""
     receipts: tuple[Receipt, ...] = ()
     inputs: Optional[torch.Tensor] = field(default=None, repr=False)
     outputs: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -59,6 +60,7 @@ def evidence_body(evidence: Evidence) -> dict:
         "end_block": evidence.end_block,
         "dtype": evidence.dtype,
         "quant": evidence.quant,
+        "adapter": evidence.adapter,
         "session_id": evidence.session_id,
         "verified": evidence.positions[0],
         "receipts": [
@@ -88,6 +90,7 @@ def check_receipts(
     verified: int,
     mask: Optional[torch.Tensor] = None,
     quant: str = "none",
+    adapter: str = "",
 ) -> Optional[str]:
     """Why signed receipts do not prove that the server computed `outputs` (its outputs at positions
     [verified, end of inputs)) from exactly `inputs` (every position of the session from 0) in
@@ -95,7 +98,7 @@ def check_receipts(
     contiguous from position 0, each signed by `receipt_key` over the dtype and the mask up to its
     step's end, the input digests over `inputs` in that dtype and the output digests over `outputs`."""
     total = inputs.shape[1]
-    batch, name = inputs.shape[0], precision(str(dtype).removeprefix("torch."), quant)
+    batch, name = inputs.shape[0], precision(str(dtype).removeprefix("torch."), quant, adapter)
     if outputs.shape[1] != total - verified:
         return f"outputs cover {outputs.shape[1]} positions, not the {total - verified} from {verified} to {total}"
     position = 0
@@ -147,6 +150,7 @@ class Claim:
     rewinds: tuple[int, ...] = ()
     max_length: int = 0  # 0: as long as `inputs`
     quant: str = "none"  # how the server's weights are quantized: only a recomputation quantized alike judges it
+    adapter: str = ""  # the LoRA adapter the span ran with: only a recomputation with it judges it
 
 
 @dataclass(frozen=True)

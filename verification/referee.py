@@ -13,11 +13,12 @@ import gc
 import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 import torch
 
+from blocks.adapters import LoraAdapter
 from blocks.checkpoint import Checkpoint
 from blocks.layers import DecoderLayer, KVCache, Rotary
 from blocks.loading import load_span
@@ -52,15 +53,17 @@ class LocalReferee:
         memory_fraction: float = 0.5,
         keep_sessions: int = 64,
         keep_bytes: int = 1 << 30,
+        adapters: Callable[[str, int, int], Optional[LoraAdapter]] = lambda name, start, end: None,
     ):
         self.checkpoint = checkpoint
         self.executor = executor
         self.memory_fraction = memory_fraction
         self.keep_sessions = keep_sessions
         self.keep_bytes = keep_bytes  # what the kept sessions' caches, inputs and outputs may take in all
+        self.adapters = adapters  # a LoRA adapter's tensors for blocks [start, end), when this machine has it
         self._blocks: dict[tuple[int, str], DecoderLayer] = {}  # (block, quantization) -> layer
         self._rotary: Optional[Rotary] = None
-        self._progress: collections.OrderedDict[tuple[str, int, int, str], _Progress] = collections.OrderedDict()
+        self._progress: collections.OrderedDict[tuple[str, int, int, str, str], _Progress] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     async def __call__(self, claim: Claim, avoid: frozenset[str]) -> Optional[Recomputation]:
@@ -72,16 +75,19 @@ class LocalReferee:
     def _compute(self, claim: Claim) -> Optional[torch.Tensor]:
         with self._lock:
             span = self._span(claim.start, claim.end, claim.quant)
-            if span is None:
+            adapter = self.adapters(claim.adapter, claim.start, claim.end) if claim.adapter else None
+            if span is None or (claim.adapter and adapter is None):
                 return None
-            key = (claim.session_id, claim.start, claim.end, claim.quant)
+            key = (claim.session_id, claim.start, claim.end, claim.quant, claim.adapter)
             done = self._progress.pop(key, None)
             inputs = claim.inputs.float()
             if done is None or not (_extends(inputs, done.inputs) and _extends(claim.mask, done.mask)):
                 empty = inputs[:, :0]
                 done = _Progress(empty, None if claim.mask is None else claim.mask[:, :0], empty, span.new_cache())
             if done.inputs.shape[1] < inputs.shape[1]:
-                added = span.forward(inputs[:, done.inputs.shape[1] :], cache=done.cache, attention_mask=claim.mask)
+                added = span.forward(
+                    inputs[:, done.inputs.shape[1] :], cache=done.cache, attention_mask=claim.mask, adapter=adapter
+                )
                 done = _Progress(inputs, claim.mask, torch.cat([done.outputs, added], dim=1), done.cache)
             if claim.session_id and self.keep_sessions > 0:
                 self._progress[key] = done
