@@ -122,6 +122,28 @@ class PooledCache:
         self._pool.give_back(self._start + keep, self._size - keep)
         return self._start
 
+    def export(self, position: int, chunk_tokens: int, first: int, count: int) -> list[torch.Tensor]:
+        """Copies of positions [0, position) of layers [first, first + count), `chunk_tokens` at a
+        time, on the host: [count, 2, batch, kv_heads, tokens, head_dim] each (what another server
+        takes with `write_layers`)."""
+        if self._released or any(length < position for length in self._lengths[first : first + count]):
+            raise ValueError(f"the cache does not hold {position} positions in layers {first}:{first + count}")
+        layers = self._views[first : first + count]
+        return [
+            layers[:, :, :, :, start : min(start + chunk_tokens, position)].to("cpu", copy=True).contiguous()
+            for start in range(0, position, chunk_tokens)
+        ]
+
+    def write_layers(self, chunk: torch.Tensor, at: int, first: int) -> None:
+        """Writes `chunk` ([count, 2, batch, kv_heads, tokens, head_dim], as `export` gives) at positions
+        [at, at + tokens) of layers [first, first + count), which then hold that many positions."""
+        count, tokens = chunk.shape[0], chunk.shape[4]
+        lengths = self._lengths[first : first + count]
+        if self._released or at + tokens > self.max_length or len(lengths) != count or any(n != at for n in lengths):
+            raise ValueError(f"cannot write {tokens} positions at {at} into layers {first}:{first + count}")
+        self._views[first : first + count, :, :, :, at : at + tokens] = chunk.to(self._views.device, self._views.dtype)
+        self._lengths[first : first + count] = [at + tokens] * count
+
     def fill(self, sources: torch.Tensor) -> None:
         """Copies the pool tokens at `sources` (absolute indices, in order) into positions [0, n) of
         row 0, in every layer, and makes them the session's tokens: a cached prefix reused."""

@@ -86,6 +86,16 @@ class InputMismatch(ServerFailure):
         super().__init__(peer_id, f"computed on another input than server {previous_peer_id} returned")
 
 
+class SessionMoved(ServerFailure):
+    """A server handed this span's session, KV cache and all, to another server (`moved`, a
+    `protocol.messages.Moved`) as it left: the session goes on there without replaying anything.
+    Where a session cannot take it up, it is a failure of the server that left, as any other."""
+
+    def __init__(self, peer_id: str, moved):
+        self.moved = moved
+        super().__init__(peer_id, f"handed its session over to {moved.moved_to} at position {moved.position}")
+
+
 class BadPush(ServerFailure):
     """A server refused the step the previous server of the chain pushed to it (not sealed by the client
     for that step, or of the wrong shape or dtype): the pusher is blamed, never the client, and the

@@ -24,6 +24,7 @@ from client.errors import (
     MissingBlocksError,
     ServerFailure,
     ServerProvenWrongError,
+    SessionMoved,
     SwarmBusyError,
     SwarmError,
 )
@@ -71,6 +72,8 @@ class InferenceSession:
         self.closed = False
         self.broken: Optional[str] = None  # why the servers' caches may no longer match this session
         self.failovers = 0
+        self.replayed_tokens = 0  # positions sent again to rebuild a replacement server's cache
+        self.moves = 0  # spans a leaving server handed to another with their caches (nothing replayed)
         self.push = remote.push
         # (pusher, next server) links that failed a push: the client sends those hops' steps itself
         self.links_relayed: set[tuple[str, str]] = set()
@@ -267,6 +270,7 @@ class InferenceSession:
     async def _replay(self, spans: list[SpanSession], history: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Rebuilds the replacement servers' caches from the inputs the failed span had received."""
         chunk = self.remote.chunk_tokens(history.shape[0])
+        self.replayed_tokens += history.shape[1]
         for offset in range(0, history.shape[1], chunk):
             part = history[:, offset : offset + chunk]
             part_mask = mask[:, offset : offset + part.shape[1]] if mask is not None else None
@@ -450,6 +454,9 @@ class InferenceSession:
                 part, send_to = inputs[index], index
                 continue
             except ServerFailure as e:
+                if isinstance(e, SessionMoved) and await self._take_over(index, e):
+                    send_to = index  # the step goes (again) to the server that now holds the session
+                    continue
                 if isinstance(e, InputMismatch):
                     # One of the two lies, and the client cannot tell which: it stops using push, so
                     # that every server computes on what the client holds (what spot checks judge),
@@ -465,6 +472,44 @@ class InferenceSession:
             part = output
             index += 1
         return part
+
+    async def _take_over(self, index: int, moved: SessionMoved) -> bool:
+        """Span `index`'s server handed its session over as it left: the span goes on on the new
+        server at the same position, nothing replayed. False where that fails (the caller then fails
+        over as from any failed server, replaying)."""
+        old = self.spans[index]
+        try:
+            routes = await self.remote.view.index(max_age=0)
+            info = routes.record_of(moved.moved.moved_to)
+            if info is None:
+                raise SwarmError(f"{moved.moved.moved_to} announces no record")
+            span = old.moved_to(SpanPlan(info.peer_id, old.plan.start, old.plan.end, info))
+            await span.resume(
+                self.remote.p2p,
+                moved.moved,
+                old.plan.info,
+                self.batch_size,
+                self.max_length,
+                self.remote.failures.bridges_to_avoid(),
+            )
+        except SwarmError as e:
+            logger.warning("session %s: could not take up a session handed over: %s", self.session_id, e)
+            return False
+        self.audit.retire(old)
+        self._quant_used.add(old.plan.info.record.quant)
+        await old.close()
+        self.spans[index] = span
+        self.moves += 1
+        logger.info(
+            "session %s: blocks %d:%d moved from %s to %s at position %d, nothing replayed",
+            self.session_id,
+            span.plan.start,
+            span.plan.end,
+            old.plan.peer_id,
+            span.plan.peer_id,
+            span.position,
+        )
+        return True
 
     def _route_end(self, index: int) -> int:
         """Where a step sent to span `index` stops being pushed: at the first link that failed a push."""

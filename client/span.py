@@ -13,10 +13,11 @@ from hivemind.p2p import P2P
 
 from blocks.adapters import LoraAdapter
 from blocks.checkpoint import parse_dtype
-from client.errors import InputMismatch, ServerFailure
+from client.errors import InputMismatch, ServerFailure, SessionMoved
 from client.routing import SpanPlan
 from client.server_errors import TRANSPORT_ERRORS, check_output, server_errors
 from client.streams import RequestStream, connect
+from dht.records import ServerInfo
 from protocol.errors import WireError
 from protocol.messages import (
     RPC_FORWARD,
@@ -25,6 +26,7 @@ from protocol.messages import (
     Expect,
     ForwardRequest,
     Hop,
+    Moved,
     OpenSession,
     PushFailed,
     SessionOpened,
@@ -33,7 +35,7 @@ from protocol.messages import (
     pack,
     read_header,
 )
-from protocol.receipts import Receipt, mask_digest, precision, verify
+from protocol.receipts import Receipt, export_message, mask_digest, precision, verify
 from protocol.routes import new_route_key, seal_route
 from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
 from telemetry import tracing
@@ -100,6 +102,68 @@ class SpanSession:
         """This span's outputs at every position it has processed, as the client received them (kept
         only with `keep_outputs`, for spot checks)."""
         return torch.cat(self._outputs, dim=1) if self._outputs else None
+
+    def moved_to(self, plan: SpanPlan) -> "SpanSession":
+        """This span's session as another server took it over (`SessionMoved`): the same session id,
+        route key, history and position, on `plan`'s server; its receipts and checks start anew
+        there (what this server computed stays this server's: `verified` is where the other's begin).
+        Open it with `resume`."""
+        other = SpanSession(plan, self.timeout, self.keep_outputs)
+        other.key, other.route_key, other.model, other.adapter = self.key, self.route_key, self.model, self.adapter
+        other._inputs, other._outputs, other._mask = list(self._inputs), list(self._outputs), self._mask
+        other.position = other.verified = self.position
+        other.rewound_to, other.cached, other.prompted = list(self.rewound_to), self.cached, self.prompted
+        return other
+
+    async def resume(
+        self, p2p: P2P, moved: Moved, exporter: ServerInfo, batch_size: int, max_length: int, avoid_bridges=()
+    ) -> None:
+        """Attaches to the session `exporter` handed over to this span's server, once `moved` is shown
+        to be the exporter's signed word for this session at this position (ServerFailure otherwise)."""
+        record = exporter.record
+        signed = export_message(
+            self.model,
+            self.plan.start,
+            self.plan.end,
+            self.key,
+            precision(record.dtype, record.quant, self.adapter),
+            batch_size,
+            max_length,
+            moved.position,
+            moved.digest,
+            moved.moved_to,
+        )
+        if moved.position != self.position or moved.moved_to != self.plan.peer_id:
+            raise ServerFailure(exporter.peer_id, f"handed over position {moved.position}, not {self.position}")
+        if not record.receipt_key or not verify(record.receipt_key, signed, moved.signature):
+            raise ServerFailure(exporter.peer_id, "said it handed its session over, without its signature")
+        with server_errors(self.plan.peer_id, lambda: self.bridge):
+            try:
+                target = await connect(p2p, self.plan, self.timeout, avoid_bridges)
+                self.bridge = target.bridge
+                await asyncio.wait_for(self._stream.open(p2p, target, RPC_INFERENCE), self.timeout)
+                self._stream.send(
+                    pack(
+                        OpenSession(
+                            model=self.model,
+                            start_block=self.plan.start,
+                            end_block=self.plan.end,
+                            max_length=max_length,
+                            batch_size=batch_size,
+                            session_id=self.key,
+                            route_key=self.route_key,
+                            adapter=self.adapter,
+                            resume=True,
+                        ),
+                        request=True,
+                    )
+                )
+                opened = read_header(await self._stream.receive(self.timeout), SessionOpened)
+                if opened.cached_tokens != self.position:
+                    raise ServerFailure(self.plan.peer_id, f"resumed at {opened.cached_tokens}, not {self.position}")
+            except Exception:
+                await self._stream.close()
+                raise
 
     def rewind(self, position: int) -> None:
         """Forgets positions from `position` on; the next step tells the server to do the same."""
@@ -247,6 +311,9 @@ class SpanSession:
         nudge = (lambda: self.expect(step_id)) if step_id is not None else None
         with server_errors(self.plan.peer_id, lambda: self.bridge):
             reply = await self._stream.receive(self.timeout, nudge)
+            moved = _moved(reply)
+            if moved is not None:
+                raise SessionMoved(self.plan.peer_id, moved)
             done = read_header(reply, StepDone)
         full_mask = self._extended_mask(mask, hidden.shape[0], hidden.shape[1])
         output, receipt = await off_loop(
@@ -344,6 +411,16 @@ def _trimmed(chunks: list[torch.Tensor], position: int) -> list[torch.Tensor]:
         kept.append(chunk if total + chunk.shape[1] <= position else chunk[:, : position - total])
         total += kept[-1].shape[1]
     return kept
+
+
+def _moved(reply) -> Optional[Moved]:
+    """A server's `Moved` reply (it carries no tensors), or None for any other reply."""
+    if reply.tensors:
+        return None
+    try:
+        return read_header(reply, Moved)
+    except WireError:
+        return None
 
 
 def _is_push_failure(reply) -> bool:

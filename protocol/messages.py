@@ -25,9 +25,11 @@ RPC_INFO = "swarm.BlockService.rpc_info"
 RPC_ECHO = "swarm.BlockService.rpc_echo"  # returns its payload: peers measure their bandwidth with it
 RPC_PUSH = "swarm.BlockService.rpc_push"  # the previous server of a chain hands a step's output straight on
 RPC_PUSH_STREAM = "swarm.BlockService.rpc_push_stream"  # the same, one stream per session and next server
+RPC_IMPORT = "swarm.BlockService.rpc_import"  # a server hands an open session's KV cache to another
 ECHO_MAX_BYTES = 1536 * 1024
 # Every RPC of a server: all a bridge carries to a server behind NAT.
-SWARM_RPCS = frozenset({RPC_INFERENCE, RPC_FORWARD, RPC_INFO, RPC_ECHO, RPC_PUSH, RPC_PUSH_STREAM})
+SWARM_RPCS = frozenset({RPC_INFERENCE, RPC_FORWARD, RPC_INFO, RPC_ECHO, RPC_PUSH, RPC_PUSH_STREAM, RPC_IMPORT})
+PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{40,60}$"
 
 # A prefix cache reuses a prompt in blocks of this many tokens (vLLM's default block size).
 PREFIX_BLOCK_TOKENS = 16
@@ -71,6 +73,9 @@ class OpenSession(_Header):
     # client's own, whose tensors follow the prompt ids in the message (`ClientAdapter.entries`).
     adapter: str = Field(default="", pattern=ADAPTER_PATTERN)
     client_adapter: Optional[ClientAdapter] = None
+    # Attach to the session `session_id` another server handed over here (`ImportSession`), at the
+    # position it reached there, instead of opening a new one: only its client may.
+    resume: bool = False
 
 
 class SessionOpened(_Header):
@@ -139,6 +144,48 @@ class PushFailed(_Header):
 
     failed_push_to: str = Field(min_length=1, max_length=128)
     reason: str = Field(default="", max_length=1024)
+
+
+class ImportSession(_Header):
+    """First message of `rpc_import`: server `exporter` hands its client `owner`'s open session
+    `session_id` (blocks, batch, length, position, what it computes in: `precision`) to this server.
+    Its KV cache follows in `chunks` messages of [layers · 2 · batch, kv_heads, tokens, head_dim] (and
+    a last one with the boolean attention mask [batch, position], if the session has one). `digest` covers all
+    of it in order and `signature` is the exporter's receipt key's over `export_message()`."""
+
+    model: str = Field(max_length=160)
+    start_block: int = Field(ge=0)
+    end_block: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    max_length: int = Field(gt=0)
+    position: int = Field(ge=0)
+    session_id: str = Field(min_length=8, max_length=64)
+    route_key: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
+    owner: str = Field(pattern=PEER_ID_PATTERN)
+    exporter: str = Field(pattern=PEER_ID_PATTERN)
+    precision: str = Field(max_length=160)
+    adapter: str = Field(default="", pattern=ADAPTER_PATTERN)
+    last_step_id: int = Field(default=0, ge=0)
+    chunks: int = Field(ge=0, le=1 << 16)
+    masked: bool = False
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class SessionImported(_Header):
+    session_id: str
+
+
+class Moved(_Header):
+    """From a server, on its client's stream, as the last reply: the session now lives on server
+    `moved_to` (at `addrs`), which imported its KV cache at `position`; the client attaches there
+    (`OpenSession.resume`) and goes on without replaying anything. Signed like the import."""
+
+    moved_to: str = Field(pattern=PEER_ID_PATTERN)
+    addrs: tuple[str, ...] = Field(default=(), max_length=16)
+    position: int = Field(ge=0)
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
 
 
 class Expect(_Header):

@@ -66,6 +66,27 @@ def receipt_message(
     return "|".join(fields + [input_digest, output_digest, mask_digest]).encode()
 
 
+EXPORT_VERSION = "swarm-kv-export-v1"
+
+
+def export_message(
+    model: str,
+    start: int,
+    end: int,
+    session_id: str,
+    precision: str,
+    batch: int,
+    max_length: int,
+    position: int,
+    digest: str,
+    moved_to: str,
+) -> bytes:
+    """What an exporting server signs when it hands a session's KV cache to server `moved_to`: the
+    importer and the client check it against the exporter's announced receipt key."""
+    fields = [EXPORT_VERSION, model, str(start), str(end), session_id, precision]
+    return "|".join(fields + [str(batch), str(max_length), str(position), digest, moved_to]).encode()
+
+
 def precision(dtype: str, quant: str = "none", adapter: str = "") -> str:
     """What a receipt names as the dtype computed in: the dtype, the quantization of the weights when
     they are quantized and the LoRA adapter a session runs with ("float32+int8+lora:math"), so that

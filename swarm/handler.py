@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -35,10 +35,12 @@ from protocol.messages import (
     PREFIX_BLOCK_TOKENS,
     ForwardRequest,
     Hop,
+    ImportSession,
     OpenSession,
     Push,
     PushAccepted,
     ServerInfoReply,
+    SessionImported,
     SessionOpened,
     Step,
     StepDone,
@@ -46,10 +48,11 @@ from protocol.messages import (
     pack,
     read_header,
 )
-from protocol.receipts import mask_digest, precision, receipt_message, sign
+from protocol.receipts import export_message, mask_digest, precision, receipt_message, sign, verify
 from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
+from swarm.handover import kv_digest
 from swarm.metrics import ServerMetrics
 from swarm.prefix_cache import block_keys, prefix_root
 from swarm.push import LocalPush, PushStream
@@ -66,6 +69,21 @@ class _Label:
 
     peer: object
     session: str = "-"
+
+
+@dataclass
+class _Imported:
+    """A session another server handed over, waiting for its client: what holds its cache and quota,
+    and the timer that releases them if the client never comes."""
+
+    session: ServerSession
+    header: ImportSession
+    held: contextlib.ExitStack
+    expiry: Any
+
+
+async def _no_key() -> str:
+    return ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,8 @@ class BlockHandler:
         push: Optional[Callable[[Hop, Callable[[str], None]], PushStream | LocalPush]] = None,
         signer: Optional[Ed25519PrivateKey] = None,
         peer_limits: PeerLimits = PeerLimits(),
+        peer_id: str = "",
+        receipt_key_of: Callable[[str, int], Awaitable[str]] = lambda peer, block: _no_key(),
     ):
         self.model = model
         self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
@@ -111,6 +131,9 @@ class BlockHandler:
         self.quotas = PeerQuotas(peer_limits, budget.total, limits.max_length)
         self._sessions: set[ServerSession] = set()
         self._keyed: dict[str, ServerSession] = {}  # sessions by the id their client gave, for pushes
+        self._imported: dict[str, _Imported] = {}  # sessions handed over here, until their client resumes them
+        self.peer_id = peer_id  # this server's own (what an exporter signs a handover to)
+        self.receipt_key_of = receipt_key_of  # (peer, one of its blocks) -> the receipt key it announces
         self.serve_span(span)
 
     @property
@@ -123,6 +146,24 @@ class BlockHandler:
         self.budget.unbind()  # the old pool goes before the new one is allocated
         self.budget.bind(span.new_pool(self.budget.total))
         self.span = span
+
+    def movable_sessions(self) -> list[ServerSession]:
+        """Open sessions another server could take over with their caches: those of a client, past
+        their first step, and with no adapter of the client's own (the importer would need it too)."""
+        return [
+            session
+            for session in self._sessions
+            if session.key
+            and session.closed is None
+            and session.cache is not None
+            and session.key not in self._imported
+            and self._keyed.get(session.key) is session
+            and session.adapter_room is None
+        ]
+
+    def precision_of(self, session: ServerSession) -> str:
+        """What a session computes in here (its receipts and a handover name it)."""
+        return self._precision(session.adapter)
 
     def _precision(self, adapter: Optional[LoraAdapter] = None) -> str:
         """What this server's receipts and prefix-cache keys name as what a session computes in."""
@@ -240,7 +281,16 @@ class BlockHandler:
         if first is None:
             return
         header = read_header(first, OpenSession)
-        if header.session_id and header.session_id in self._keyed:
+        if header.resume:
+            async with self._resumed(header, label) as session:
+                opened = SessionOpened(
+                    session_id=session.key, max_length=session.max_length, cached_tokens=session.position
+                )
+                yield pack(opened, request=False)
+                async for reply in self._serve(session, requests, header, label):
+                    yield reply
+            return
+        if header.session_id and (header.session_id in self._keyed or header.session_id in self._imported):
             raise bad_request("a session with this id is already open here")
         tensors = read_tensors(
             first, max_count=1 + 2 * len(header.client_adapter.entries if header.client_adapter else ())
@@ -255,29 +305,221 @@ class BlockHandler:
                 self._charge(session, adapter, header.client_adapter is not None)
             cached = await self._reuse_prefix(session, header, prompt, str(label.peer))
             yield pack(SessionOpened(session_id=key, max_length=header.max_length, cached_tokens=cached), request=False)
-            reader = asyncio.create_task(session.read_client(requests))
-            try:
-                async for step, message, pusher in session.steps(self.limits.session_timeout):
-                    if step is None:
-                        yield message  # a notice for the client: a push of this session failed
-                        continue
-                    try:
-                        if pusher:
-                            step = session.pushed_step(step)
-                        if step.rewind and step.position < session.position:
-                            session.rewind(step.position)
-                        reply = await self._run_step(session, step, message, header)
-                    except WireError as e:
-                        if not pusher or e.kind not in (ErrorKind.BAD_REQUEST, ErrorKind.BAD_PUSH):
-                            raise
-                        # Not the client's fault, and the session is as it was: the client hears whom
-                        # to blame on its own stream, and may send the step again itself.
-                        logger.info("session %s: push from %s refused: %s", label.session, pusher, e.message)
-                        session.refused_pushers.add(pusher)
-                        reply = error_response(WireError(ErrorKind.BAD_PUSH, f"push from {pusher}: {e.message}"))
-                    yield reply
-            finally:
-                reader.cancel()
+            async for reply in self._serve(session, requests, header, label):
+                yield reply
+
+    async def _serve(
+        self, session: ServerSession, requests, header: OpenSession, label: "_Label"
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A session's steps, the client's and pushed ones, each answered in turn, until the client's
+        stream ends (or the session moves to another server: its last reply says where)."""
+        reader = asyncio.create_task(session.read_client(requests))
+        try:
+            async for step, message, pusher in session.steps(self.limits.session_timeout):
+                if step is None:
+                    yield message  # a notice for the client: a push failed, or the session moved
+                    continue
+                try:
+                    if pusher:
+                        step = session.pushed_step(step)
+                    if step.rewind and step.position < session.position:
+                        session.rewind(step.position)
+                    reply = await self._run_step(session, step, message, header)
+                except WireError as e:
+                    if not pusher or e.kind not in (ErrorKind.BAD_REQUEST, ErrorKind.BAD_PUSH):
+                        raise
+                    # Not the client's fault, and the session is as it was: the client hears whom
+                    # to blame on its own stream, and may send the step again itself.
+                    logger.info("session %s: push from %s refused: %s", label.session, pusher, e.message)
+                    session.refused_pushers.add(pusher)
+                    reply = error_response(WireError(ErrorKind.BAD_PUSH, f"push from {pusher}: {e.message}"))
+                yield reply
+        finally:
+            reader.cancel()
+
+    # ---- sessions handed over by another server ----------------------------------------------
+
+    async def rpc_import(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Another server hands over one of its open sessions with its KV cache (`swarm.handover`)."""
+        label = _Label(context.remote_id)
+        async for reply in self._replying(self._import(requests, label), label):
+            yield reply
+
+    async def _import(self, requests, label: "_Label") -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        first = await self._next(requests)
+        if first is None:
+            return
+        header = read_header(first, ImportSession)
+        label.session = header.session_id
+        if header.exporter != str(label.peer):
+            raise bad_request("a session is handed over by the server that held it, not by another peer")
+        self._check_open(header, header.batch_size, header.max_length)
+        adapter = self._served_adapter(header.adapter, header.start_block, header.end_block)
+        if header.precision != self._precision(adapter):
+            raise bad_request(f"the session computes in {header.precision}; this server in {self._precision(adapter)}")
+        if header.position > header.max_length:
+            raise bad_request(f"position {header.position} exceeds the session's length {header.max_length}")
+        if header.session_id in self._keyed or header.session_id in self._imported:
+            raise bad_request("a session with this id is already open here")
+        key = await self.receipt_key_of(header.exporter, header.start_block)
+        signed = export_message(
+            header.model,
+            header.start_block,
+            header.end_block,
+            header.session_id,
+            header.precision,
+            header.batch_size,
+            header.max_length,
+            header.position,
+            header.digest,
+            self.peer_id,
+        )
+        if not key or not verify(key, signed, header.signature):
+            raise bad_request("the handed-over session is not signed by the server that announces it")
+        held = contextlib.ExitStack()
+        held.enter_context(self.quotas.session(header.owner, header.batch_size * header.max_length, True))
+        try:
+            cache = self.budget.reserve(header.batch_size, header.max_length)
+        except BaseException:
+            held.close()
+            raise
+        session = ServerSession(
+            cache=cache,
+            batch=header.batch_size,
+            max_length=header.max_length,
+            key=header.session_id,
+            peer=header.owner,
+            quotas=self.quotas,
+        )
+        held.callback(session.release)
+        try:
+            await self._receive_kv(session, header, requests)
+        except BaseException:
+            held.close()
+            raise
+        session.route_key = bytes.fromhex(header.route_key)
+        session.last_step_id = header.last_step_id
+        session.adapter = adapter
+        session.blocks = (header.start_block, header.end_block)
+        session.computed = True
+        expiry = asyncio.get_running_loop().call_later(
+            self.limits.session_timeout, self._expire_import, header.session_id
+        )
+        self._imported[header.session_id] = _Imported(session, header, held, expiry)
+        self._sessions.add(session)
+        self._keyed[header.session_id] = session  # pushes reach it as soon as its client steps again
+        logger.info(
+            "session %s of %s imported from %s at position %d",
+            header.session_id,
+            header.owner,
+            label.peer,
+            session.position,
+        )
+        yield pack(SessionImported(session_id=header.session_id), request=False)
+
+    async def _receive_kv(self, session: ServerSession, header: ImportSession, requests) -> None:
+        """Reads the handed-over KV cache into the session's own slice, every chunk checked (shape,
+        dtype, positions) and all of it against the signed digest."""
+        span, batch = self.span, header.batch_size
+        layers = header.end_block - header.start_block
+        first_layer = header.start_block - span.start
+        heads, head_dim = span.config.num_key_value_heads, span.config.head_dim
+        chunks, written = [], 0
+        for _ in range(header.chunks):
+            message = await self._next(requests)
+            if message is None:
+                raise bad_request(f"the export ended after {written} of {header.position} positions")
+            tensors = read_tensors(message, max_count=1)
+            chunk = tensors[0] if tensors else None
+            if (
+                chunk is None
+                or chunk.dtype != span.dtype
+                or chunk.ndim != 4
+                or tuple(chunk.shape[:2]) != (layers * 2 * batch, heads)
+                or chunk.shape[3] != head_dim
+                or not 0 < chunk.shape[2] <= header.position - written
+            ):
+                raise bad_request(
+                    f"a KV chunk must be {dtype_name(span.dtype)} [{layers * 2 * batch}, {heads}, tokens, {head_dim}] "
+                    f"within the {header.position} positions handed over"
+                )
+            chunks.append(chunk)
+            written += chunk.shape[2]
+        if written != header.position:
+            raise bad_request(f"the export carries {written} positions, not {header.position}")
+        mask = None
+        if header.masked:
+            message = await self._next(requests)
+            tensors = read_tensors(message, max_count=1) if message is not None else []
+            if not tensors or tensors[0].dtype != torch.bool or tuple(tensors[0].shape) != (batch, header.position):
+                raise bad_request(f"the attention mask must be bool [{batch}, {header.position}]")
+            mask = tensors[0]
+        if await off_loop(lambda: kv_digest(chunks, mask), sum(c.nbytes for c in chunks)) != header.digest:
+            raise bad_request("the KV cache handed over does not match its signed digest")
+
+        def write() -> None:
+            at = 0
+            for chunk in chunks:
+                tokens = chunk.shape[2]
+                view = chunk.view(layers, 2, batch, heads, tokens, head_dim)
+                session.cache.write_layers(view, at, first_layer)
+                at += tokens
+
+        await self.scheduler.compute.run(write)
+        if mask is not None:
+            session.mask = torch.ones(batch, header.max_length, dtype=torch.bool)
+            session.mask[:, : header.position] = mask
+        session.position = header.position
+
+    def _expire_import(self, key: str) -> None:
+        imported = self._imported.pop(key, None)
+        if imported is None:
+            return
+        logger.info("session %s handed over here was never resumed by its client; released", key)
+        self._forget(imported.session)
+        imported.held.close()
+
+    def _forget(self, session: ServerSession) -> None:
+        self._sessions.discard(session)
+        if self._keyed.get(session.key) is session:
+            del self._keyed[session.key]
+
+    @contextlib.asynccontextmanager
+    async def _resumed(self, header: OpenSession, label: "_Label") -> AsyncIterator[ServerSession]:
+        """The session handed over here under `header.session_id`, for its own client only; released
+        as any session is when its stream ends."""
+        imported = self._imported.get(header.session_id)
+        if imported is None:
+            raise bad_request("no session was handed over here under this id")
+        origin = imported.header
+        if str(label.peer) != origin.owner:
+            raise bad_request("only the client whose session it is may resume it")
+        if (header.model, header.start_block, header.end_block, header.batch_size, header.max_length) != (
+            origin.model,
+            origin.start_block,
+            origin.end_block,
+            origin.batch_size,
+            origin.max_length,
+        ):
+            raise bad_request("the session handed over here has other blocks, batch or length")
+        del self._imported[header.session_id]
+        imported.expiry.cancel()
+        label.session = header.session_id
+        session = imported.session
+        session.timing = self.metrics.session(prompt_only=False) if self.metrics is not None else None
+        ok = False
+        try:
+            yield session
+            ok = True
+        finally:
+            for stream in session.push_streams.values():
+                stream.close()
+            imported.held.close()
+            self._forget(session)
+            if session.timing is not None:
+                session.timing.finished(ok=ok)
 
     def _split_open(self, tensors: list[torch.Tensor], header: OpenSession) -> tuple[list[torch.Tensor], list]:
         """An OpenSession's tensors: (the prompt ids, if sent; the client's adapter's, if sent: last)."""
@@ -464,6 +706,7 @@ class BlockHandler:
         label: "_Label",
     ) -> AsyncIterator[ServerSession]:
         session = ServerSession(cache=cache, batch=batch, max_length=max_length, key=key, peer=peer, quotas=self.quotas)
+        session.blocks = (header.start_block, header.end_block)
         persistent = isinstance(header, OpenSession)
         self._sessions.add(session)
         if persistent and header.session_id:

@@ -26,7 +26,16 @@ from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, start_dht
 from discovery.mdns import MdnsUnavailable
 from discovery.presence import BROWSE_SECONDS, LanPresence
-from protocol.messages import RPC_ECHO, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, RPC_PUSH_STREAM, Hop
+from protocol.messages import (
+    RPC_ECHO,
+    RPC_FORWARD,
+    RPC_IMPORT,
+    RPC_INFERENCE,
+    RPC_INFO,
+    RPC_PUSH,
+    RPC_PUSH_STREAM,
+    Hop,
+)
 from protocol.receipts import public_key_hex
 from protocol.tensors import cap_incoming_messages
 from swarm import __version__
@@ -36,6 +45,7 @@ from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
 from swarm.coordinator import Coordinator
 from swarm.handler import BlockHandler, Limits
+from swarm.handover import Exporter, handover_target
 from swarm.hardware import describe_device, release_memory
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
@@ -101,6 +111,7 @@ class Server:
         self.span: Optional[BlockSpan] = None
         self.dht: Optional[SwarmDHT] = None
         self.handler: Optional[BlockHandler] = None
+        self.exporter: Optional[Exporter] = None
         self.p2p: Optional[P2P] = None
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
@@ -320,8 +331,20 @@ class Server:
                 max_cache_share=self.options.max_cache_share_per_peer,
                 max_buffered_bytes=int(self.options.max_buffered_mbytes_per_peer * (1 << 20)),
             ),
+            peer_id=self.dht.peer_id,
+            receipt_key_of=self._receipt_key_of,
         )
         p2p = self.p2p = await dht.replicate_p2p()
+        self.exporter = Exporter(
+            p2p,
+            self.model_name,
+            self.dht.peer_id,
+            self.receipt_signer,
+            self.handler.precision_of,
+            lambda: self.span.kv_bytes_per_token(),
+            lambda: self.span.start,
+            lambda: len(self.span),
+        )
         for name, method, stream in (
             (RPC_INFERENCE, self.handler.rpc_inference, True),
             (RPC_FORWARD, self.handler.rpc_forward, True),
@@ -339,7 +362,43 @@ class Server:
             stream_input=True,
             stream_output=False,
         )
+        await p2p.add_protobuf_handler(
+            RPC_IMPORT, self.handler.rpc_import, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
         return p2p
+
+    async def _receipt_key_of(self, peer_id: str, block: int) -> str:
+        """The receipt key `peer_id` announces in its record of `block` ("" if it announces none)."""
+        try:
+            servers = await self.dht.fetch_block(self.model_name, block)
+        except DHTUnavailableError:
+            return ""
+        info = servers.get(peer_id)
+        return info.record.receipt_key if info is not None else ""
+
+    async def _hand_over(self) -> None:
+        """On drain: every open session that another server of its blocks can take (the same dtype,
+        quantization and adapter, room in its cache) goes there with its KV cache, and its client
+        goes on without replaying anything; the others finish here as before."""
+        sessions = self.handler.movable_sessions() if self.handler is not None else []
+        if not sessions or self.exporter is None:
+            return
+        try:
+            servers = await self.dht.fetch_servers(self.model_name, self.checkpoint.num_blocks)
+        except DHTUnavailableError as e:
+            logger.warning("draining: cannot read the swarm to hand sessions over (%s)", e)
+            return
+        room = {info.peer_id: info.record.cache_tokens_free for block in servers for info in block.values()}
+        moves = []
+        for session in sessions:
+            target = handover_target(servers, session, self.dht.peer_id, (self.options.dtype, self.options.quant), room)
+            if target is not None:
+                room[target.peer_id] -= session.batch * session.max_length
+                moves.append(self.exporter.move(session, *session.blocks, target))
+        moved = sum(await asyncio.gather(*moves)) if moves else 0
+        logger.info(
+            "draining: handed %d of %d open session(s) to other servers with their caches", moved, len(sessions)
+        )
 
     def _push(self, hop: Hop, failed: Callable[[str], None]) -> PushStream | LocalPush:
         """A stream to the next server of a client's chain (server-to-server push); `failed(reason)`
@@ -397,6 +456,7 @@ class Server:
         )
         self.state = ServerState.DRAINING
         await self._announce()
+        await self._hand_over()
         await self._wait_for_sessions()
         self.state = ServerState.OFFLINE
         await self._announce()
@@ -540,9 +600,11 @@ class Server:
         return True
 
     async def _drain(self) -> None:
-        """Announces `draining`, refuses new sessions, and waits (bounded) for open ones to finish."""
+        """Announces `draining`, refuses new sessions, hands open ones to other servers where it can,
+        and waits (bounded) for the others to finish."""
         self.state = ServerState.DRAINING
         await self._announce()
+        await self._hand_over()
         await self._wait_for_sessions()
 
     async def _wait_for_sessions(self) -> None:

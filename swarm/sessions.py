@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -35,6 +35,7 @@ MAX_QUEUED_PUSHES = 4
 # Client messages read ahead of the one being computed (the rest wait in the stream: backpressure).
 MAX_QUEUED_CLIENT_MESSAGES = 2
 _NOTICE = "\0notice"  # in the inbox in place of a pusher: a reply for the client, not a step
+_MOVE = "\0move"  # in the inbox in place of a pusher: a session handover to run between two steps
 
 
 @dataclass(eq=False)
@@ -64,6 +65,7 @@ class ServerSession:
     prompt_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its prompt's blocks, if sent
     lowest_rewind: Optional[int] = None  # positions from here on may hold other tokens than the prompt's
     computed: bool = False  # a step has been computed (a rewind before that only trims a reused prefix)
+    blocks: tuple[int, int] = (0, 0)  # the blocks [start, end) it runs through
     adapter: Optional[LoraAdapter] = None  # the LoRA adapter its steps run with
     adapter_room: Optional[PooledCache] = None  # cache budget a client's own adapter is charged, until the end
 
@@ -118,7 +120,11 @@ class ServerSession:
 
     def _taken(self, sender: str, message) -> None:
         """A message left the inbox: its sender's bytes waiting here go back."""
-        if self.quotas is not None and isinstance(message, runtime_pb2.ExpertRequest) and sender != _NOTICE:
+        if (
+            self.quotas is not None
+            and isinstance(message, runtime_pb2.ExpertRequest)
+            and sender not in (_NOTICE, _MOVE)
+        ):
             self.quotas.drop(sender or self.peer, message_bytes(message))
 
     def accept_push(self, request: runtime_pb2.ExpertRequest, pusher: str) -> None:
@@ -140,6 +146,15 @@ class ServerSession:
             return
         notice = pack(PushFailed(failed_push_to=key[0], reason=reason[:1024]), request=False)
         self.inbox.put_nowait((_NOTICE, notice))
+
+    def move_at_boundary(self, mover: Callable[[], Awaitable[Any]]) -> bool:
+        """Runs `mover()` once the steps queued so far are computed (a step boundary, between two
+        replies). If it returns a reply (the client's `Moved` notice), the session goes with it to the
+        client and ends here; if None, it goes on. False if the session is over already."""
+        if self.closed is not None or self.cache is None:
+            return False
+        self.inbox.put_nowait((_MOVE, mover))
+        return True
 
     def pushed_step(self, step: Step) -> Step:
         """A pushed step as the client asked for it: its sealed route opened with this session's key
@@ -189,6 +204,12 @@ class ServerSession:
                 raise message
             if pusher == _NOTICE:
                 yield None, message, ""
+                continue
+            if pusher == _MOVE:
+                moved = await message()
+                if moved is not None:
+                    yield None, moved, ""
+                    return
                 continue
             if pusher:
                 self.pushed -= 1

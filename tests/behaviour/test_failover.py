@@ -174,7 +174,7 @@ def test_full_server_sends_sessions_elsewhere_then_swarm_busy(model6, ref6, tmp_
             assert torch.equal(model.generate(ids, max_new_tokens=20), expected)
 
 
-def test_drain_lets_open_sessions_finish_and_sends_new_ones_elsewhere(model6, ref6, tmp_path):
+def test_drain_hands_open_sessions_over_and_sends_new_ones_elsewhere(model6, ref6, tmp_path):
     ids = prompt(5)
     expected = ref6.generate(ids, max_new_tokens=30, do_sample=False)
     with start_swarm(model6, [(0, 6), (0, 6)], tmp_path, "--drain-timeout", "60") as swarm:
@@ -183,12 +183,33 @@ def test_drain_lets_open_sessions_finish_and_sends_new_ones_elsewhere(model6, re
                 model.generate(ids, max_new_tokens=10, session=session)
                 draining = swarm.server(session.chain[0][0])
                 draining.signal(signal.SIGTERM)
-                wait_for_state(model, draining.peer_id, "draining")
+                # The idle session goes to the other server with its cache: nothing keeps this one.
+                assert draining.proc.wait(60) == 0
                 with model.inference_session(max_length=64) as newcomer:
                     assert torch.equal(model.generate(ids, max_new_tokens=30, session=newcomer), expected)
                     assert newcomer.chain[0][0] != draining.peer_id
                 output = model.generate(None, max_new_tokens=20, session=session)
-                assert torch.equal(output, expected) and session.failovers == 0
+                assert torch.equal(output, expected)
+                assert (session.failovers, session.replayed_tokens, session.moves) == (0, 0, 1)
+
+
+def test_drain_lets_sessions_no_other_server_can_take_finish_there(model6, ref6, tmp_path):
+    ids = prompt(5)
+    expected = ref6.generate(ids, max_new_tokens=30, do_sample=False)
+    with start_swarm(model6, [(0, 6)], tmp_path, "--drain-timeout", "60") as swarm:
+        # The other server takes sessions of 40 tokens at most: not the open one, of 64.
+        swarm.add_server(0, 6, "--max-length", "40", "--throughput", "100")
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60) as model:
+            with model.inference_session(max_length=64) as session:
+                model.generate(ids, max_new_tokens=10, session=session)
+                draining = swarm.server(session.chain[0][0])
+                draining.signal(signal.SIGTERM)
+                wait_for_state(model, draining.peer_id, "draining")
+                with model.inference_session(max_length=40) as newcomer:
+                    assert torch.equal(model.generate(ids, max_new_tokens=30, session=newcomer), expected)
+                    assert newcomer.chain[0][0] != draining.peer_id
+                output = model.generate(None, max_new_tokens=20, session=session)
+                assert torch.equal(output, expected) and session.failovers == 0 and session.moves == 0
                 assert draining.proc.poll() is None  # still serving the open session
             assert draining.proc.wait(30) == 0  # exits once the session is closed
 

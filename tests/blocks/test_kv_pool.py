@@ -53,3 +53,28 @@ def test_a_finished_session_keeps_its_first_tokens_and_a_new_one_is_filled_from_
     assert second.lengths() == [16]
     keys, _ = second.update(0, written[:, :, 16:], written[:, :, 16:])
     assert torch.equal(keys, written)
+
+
+def test_a_session_s_cache_exported_from_one_pool_is_the_same_in_another():
+    """What a server hands over (`export`) and another takes (`write_layers`), a sub-range of layers included."""
+    torch.manual_seed(0)
+    source, target = (KVPool(3, 2, 4, 64, torch.float32, "cpu") for _ in range(2))
+    cache = source.allocate(2, 16)
+    for layer in range(3):
+        cache.update(layer, torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4))
+    chunks = cache.export(10, 4, first=1, count=2)
+    assert [chunk.shape[4] for chunk in chunks] == [4, 4, 2] and chunks[0].shape[:4] == (2, 2, 2, 2)
+    other = target.allocate(2, 16)
+    at = 0
+    for chunk in chunks:
+        other.write_layers(chunk, at, first=0)
+        at += chunk.shape[4]
+    assert other.lengths()[:2] == [10, 10] and other.lengths()[2] == 0
+    for layer in (0, 1):
+        keys, values = other.update(layer, torch.zeros(2, 2, 0, 4), torch.zeros(2, 2, 0, 4))
+        mine, theirs = cache.update(layer + 1, torch.zeros(2, 2, 0, 4), torch.zeros(2, 2, 0, 4))
+        assert torch.equal(keys, mine) and torch.equal(values, theirs)
+    with pytest.raises(ValueError, match="does not hold 11 positions"):
+        cache.export(11, 4, first=0, count=3)
+    with pytest.raises(ValueError, match="cannot write"):
+        other.write_layers(chunks[0], 3, first=0)  # not where the layers end

@@ -1,0 +1,198 @@
+"""Handing open sessions to other servers with their KV caches, so that a server can leave (drain)
+without its clients replaying anything.
+
+The exporting server waits for a session to reach a step boundary, copies the KV cache of its
+positions so far, and streams it to a server that serves the same blocks in the same precision
+(`rpc_import`, `ImportSession` then chunks of at most `CHUNK_BYTES`), signed with its receipt key over
+a digest of all of it. The importer checks everything (who sends it, model, blocks, precision,
+shapes, dtype, the digest, the signature) before it keeps the session for its client. The exporter
+then tells the client (`Moved`, signed the same way) and ends the session here; the client attaches
+to the importer (`OpenSession.resume`) at the same position and goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Awaitable, Callable, Optional
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
+
+from bridge.dial import iterate, reach
+from dht.records import ServerInfo, ServerState
+from protocol.messages import RPC_IMPORT, ImportSession, Moved, SessionImported, pack, read_header
+from protocol.receipts import export_message, sign
+from swarm.sessions import ServerSession
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 8 << 20  # KV bytes per message of an export
+EXPORT_TIMEOUT = 60.0  # seconds one export may take, dial included
+BOUNDARY_TIMEOUT = 30.0  # seconds a session may take to finish the step it is computing before it moves
+
+
+def kv_digest(chunks: list[torch.Tensor], mask: Optional[torch.Tensor]) -> str:
+    """SHA-256 over an export's tensors in order: shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for tensor in [*chunks, *([mask] if mask is not None else [])]:
+        digest.update(f"{list(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Exporter:
+    """Moves sessions of this server (`model`, signing with `signer`, peer `peer_id`) to others."""
+
+    def __init__(
+        self,
+        p2p: P2P,
+        model: str,
+        peer_id: str,
+        signer: Ed25519PrivateKey,
+        precision: Callable[[ServerSession], str],
+        kv_bytes_per_token: Callable[[], int],
+        span_start: Callable[[], int],
+        span_length: Callable[[], int],
+    ):
+        self.p2p = p2p
+        self.model = model
+        self.peer_id = peer_id
+        self.signer = signer
+        self.precision = precision
+        self.kv_bytes_per_token = kv_bytes_per_token  # of the whole span served here
+        self.span_start = span_start
+        self.span_length = span_length
+
+    async def move(self, session: ServerSession, start: int, end: int, target: ServerInfo) -> bool:
+        """Moves `session` (blocks [start, end) of this server's span) to `target` once it reaches a
+        step boundary; False
+        (logged) if the target would not take it or the session ended first: it then stays here."""
+        moved: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def at_boundary() -> Optional[runtime_pb2.ExpertResponse]:
+            try:
+                notice = await asyncio.wait_for(self._export(session, start, end, target), EXPORT_TIMEOUT)
+            except Exception as e:  # the session simply stays here
+                why = f"{type(e).__name__}: {e}"
+                logger.warning("could not hand session %s to %s: %s", session.key, target.peer_id, why)
+                notice = None
+            if not moved.done():
+                moved.set_result(notice is not None)
+            return notice
+
+        if not session.move_at_boundary(at_boundary):
+            return False
+        try:
+            return await asyncio.wait_for(asyncio.shield(moved), BOUNDARY_TIMEOUT + EXPORT_TIMEOUT)
+        except asyncio.TimeoutError:
+            return False
+
+    async def _export(
+        self, session: ServerSession, start: int, end: int, target: ServerInfo
+    ) -> runtime_pb2.ExpertResponse:
+        position = session.position
+        per_token = self.kv_bytes_per_token() * session.batch * (end - start) // max(1, self.span_length())
+        chunk_tokens = max(1, CHUNK_BYTES // max(1, per_token))
+        first, count = start - self.span_start(), end - start
+        exported = await asyncio.to_thread(session.cache.export, position, chunk_tokens, first, count)
+        # [layers · 2 · batch, kv_heads, tokens, head_dim]: four dimensions, as messages carry
+        chunks = [chunk.reshape(-1, *chunk.shape[3:]) for chunk in exported]
+        mask = session.mask[:, :position].contiguous() if session.mask is not None else None
+        digest = await asyncio.to_thread(kv_digest, chunks, mask)
+        precision = self.precision(session)
+        signature = sign(
+            self.signer,
+            export_message(
+                self.model,
+                start,
+                end,
+                session.key,
+                precision,
+                session.batch,
+                session.max_length,
+                position,
+                digest,
+                target.peer_id,
+            ),
+        )
+        header = ImportSession(
+            model=self.model,
+            start_block=start,
+            end_block=end,
+            batch_size=session.batch,
+            max_length=session.max_length,
+            position=position,
+            session_id=session.key,
+            route_key=session.route_key.hex(),
+            owner=session.peer,
+            exporter=self.peer_id,
+            precision=precision,
+            adapter=session.adapter.name if session.adapter is not None else "",
+            last_step_id=session.last_step_id,
+            chunks=len(chunks),
+            masked=mask is not None,
+            digest=digest,
+            signature=signature,
+        )
+
+        async def requests():
+            yield pack(header, [], request=True)
+            for chunk in chunks:
+                yield pack(None, [chunk], request=True)
+            if mask is not None:
+                yield pack(None, [mask], request=True)
+
+        record = target.record
+        destination = await reach(self.p2p, target.peer_id, record.addrs, record.bridge_addrs, EXPORT_TIMEOUT)
+        replies = await iterate(self.p2p, destination, RPC_IMPORT, requests())
+        reply = await anext(replies)
+        read_header(reply, SessionImported)
+        logger.info(
+            "session %s: handed %d positions (%.1f MiB of KV) to %s",
+            session.key,
+            position,
+            sum(chunk.nbytes for chunk in chunks) / 2**20,
+            target.peer_id,
+        )
+        return pack(
+            Moved(moved_to=target.peer_id, addrs=record.addrs, position=position, digest=digest, signature=signature),
+            request=False,
+        )
+
+
+TargetFinder = Callable[[ServerSession, int, int], Awaitable[Optional[ServerInfo]]]
+
+
+def handover_target(
+    servers: list[dict[str, ServerInfo]],
+    session: ServerSession,
+    own_peer_id: str,
+    computes_in: tuple[str, str],
+    room: dict[str, int],
+) -> Optional[ServerInfo]:
+    """The server to hand `session` to: online and available, serving all its blocks in the same
+    (dtype, quantization) and its adapter, accepting its length, with the most cache `room` left."""
+    start, end = session.blocks
+    needed = session.batch * session.max_length
+    best: Optional[ServerInfo] = None
+    for info in servers[start].values() if start < len(servers) else ():
+        record = info.record
+        if (
+            info.peer_id == own_peer_id
+            or record.state != ServerState.ONLINE
+            or not record.available
+            or not record.start_block <= start < end <= record.end_block
+            or (record.dtype, record.quant) != computes_in
+            or (session.adapter is not None and session.adapter.name not in record.adapters)
+            or record.max_length < session.max_length
+            or room.get(info.peer_id, 0) < needed
+            or not (record.reachable or record.bridge_addrs)
+        ):
+            continue
+        if best is None or room[info.peer_id] > room[best.peer_id]:
+            best = info
+    return best

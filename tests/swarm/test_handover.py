@@ -1,0 +1,58 @@
+"""swarm.handover: which server takes a leaving server's session, and the digest it is signed over."""
+
+from __future__ import annotations
+
+import torch
+
+from dht.records import ServerInfo, ServerRecord
+from swarm.handover import handover_target, kv_digest
+from swarm.sessions import ServerSession
+from tests.helpers.records import record_wire
+
+
+def info(peer, start, end, **fields) -> ServerInfo:
+    wire = record_wire(start_block=start, end_block=end, cache_tokens_free=1000, max_length=256)
+    return ServerInfo(peer_id=peer, record=ServerRecord.from_wire({**wire, **fields}), expiration_time=0)
+
+
+def table(*infos, blocks=4):
+    return [{i.peer_id: i for i in infos if i.record.start_block <= b < i.record.end_block} for b in range(blocks)]
+
+
+def session(start=1, end=3, batch=2, max_length=100) -> ServerSession:
+    s = ServerSession(cache=None, batch=batch, max_length=max_length, key="k" * 16)
+    s.blocks = (start, end)
+    return s
+
+
+def test_the_session_goes_to_a_server_of_all_its_blocks_in_its_precision_with_the_most_room():
+    candidates = [
+        info("me", 0, 4),
+        info("short", 2, 4),  # misses block 1
+        info("bf16", 0, 4, dtype="bfloat16"),
+        info("int8", 0, 4, quant="int8"),
+        info("draining", 0, 4, state="draining"),
+        info("closed", 0, 4, available=False),
+        info("too-short", 0, 4, max_length=64),
+        info("roomy", 0, 4),
+        info("roomier", 1, 3),
+    ]
+    servers = table(*candidates)
+    room = {c.peer_id: 1000 for c in candidates} | {"roomier": 5000, "roomy": 3000}
+    assert handover_target(servers, session(), "me", ("float32", "none"), room).peer_id == "roomier"
+    room["roomier"] = 150  # less than batch × max_length
+    assert handover_target(servers, session(), "me", ("float32", "none"), room).peer_id == "roomy"
+    assert handover_target(servers, session(), "me", ("float32", "int8"), room).peer_id == "int8"
+    assert handover_target(servers, session(), "me", ("float16", "none"), room) is None
+
+
+def test_the_digest_covers_every_tensor_and_the_mask():
+    chunks = [torch.ones(2, 3), torch.zeros(2, 1)]
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    base = kv_digest(chunks, mask)
+    assert base == kv_digest([c.clone() for c in chunks], mask.clone())
+    assert base != kv_digest(chunks, None)
+    assert base != kv_digest([chunks[0], torch.zeros(2, 1, dtype=torch.float64)], mask)
+    changed = [chunks[0].clone(), chunks[1]]
+    changed[0][1, 2] = 2
+    assert base != kv_digest(changed, mask)
