@@ -279,7 +279,10 @@ class ServerOptions(NetworkOptions):
         300.0, gt=0, description="seconds a session may stay idle before the server closes it"
     )
     drain_timeout: float = Field(
-        60.0, ge=0, description="on SIGTERM, seconds open sessions may take to finish before the server exits"
+        60.0,
+        ge=0,
+        description="on SIGTERM, seconds the open sessions no other server could take over may take to finish "
+        "before the server exits",
     )
     acceptance_rate: float = Field(1.0, gt=0, le=1, description="fraction of new sessions to accept (load control)")
     max_concurrent_sessions: Optional[int] = Field(
