@@ -77,6 +77,7 @@ class Router:
         region: Optional[str] = None,
         quant: Optional[str] = None,
         adapter: Optional[SessionAdapter] = None,
+        prefill: bool = False,
     ) -> list[SpanPlan]:
         """`search` (below); with `wait_for_bans`, when some block is served only by servers banned for
         a failure, waits for the first of their bans to end (if that comes within `wait_for_bans`
@@ -86,7 +87,18 @@ class Router:
         while True:
             try:
                 return await self.search(
-                    start, end, exclude, avoid_owner, max_age, max_length, batch, cached, region, quant, adapter
+                    start,
+                    end,
+                    exclude,
+                    avoid_owner,
+                    max_age,
+                    max_length,
+                    batch,
+                    cached,
+                    region,
+                    quant,
+                    adapter,
+                    prefill,
                 )
             except MissingBlocksError as e:
                 wait = await self._ban_wait(e.blocks, exclude)
@@ -116,6 +128,7 @@ class Router:
         region: Optional[str] = None,
         quant: Optional[str] = None,
         adapter: Optional[SessionAdapter] = None,
+        prefill: bool = False,
     ) -> list[SpanPlan]:
         """The fastest chain for blocks [start, end) over servers that are neither banned nor in `exclude`
         and accept a session of `batch` × `max_length` tokens (BadRequestError if some block has none),
@@ -126,7 +139,9 @@ class Router:
         where the prefill it saves beats its slower steps (and every server of it is still usable).
         `region` is the region preferred for this one search (default: the client's own). With `quant`,
         only servers quantized that way are used (a spot check's recomputation must be); with `adapter`,
-        only servers that serve it (or, for the client's own, that take a client's adapter)."""
+        only servers that serve it (or, for the client's own, that take a client's adapter). Servers of
+        the other role are avoided where others cover their blocks: `prefill` servers for a session's
+        prompt (`prefill=True`: then `decode` servers are avoided), `decode` ones otherwise."""
         index = await self.view.index(max_age)
         model = self.view.model_name
         end = self.view.num_blocks if end is None else end
@@ -134,6 +149,10 @@ class Router:
         # A banned server is not pinged: a hung one would cost another timeout for nothing.
         await self.pings.refresh(index.candidates(start, end, excluded).values())
         preferences = []
+        other_role = "decode" if prefill else "prefill"
+        role = {info.peer_id for info in index.infos if info.record.role == other_role}
+        if role:
+            preferences.append((role, f"only {other_role} servers cover some blocks; using them"))
         if avoid_owner:
             owned = {info.peer_id for info in index.infos if info.record.public_name == avoid_owner}
             preferences.append((owned, f"only servers of owner {avoid_owner!r} cover some blocks; using them"))

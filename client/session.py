@@ -17,6 +17,7 @@ import torch
 
 from client.adapters import SessionAdapter
 from client.audit import Rollback, SessionAudit
+from client.disaggregation import decode_server, prompt_goes_to_prefill
 from client.errors import (
     BadPush,
     BadRequestError,
@@ -73,7 +74,8 @@ class InferenceSession:
         self.broken: Optional[str] = None  # why the servers' caches may no longer match this session
         self.failovers = 0
         self.replayed_tokens = 0  # positions sent again to rebuild a replacement server's cache
-        self.moves = 0  # spans a leaving server handed to another with their caches (nothing replayed)
+        self.moves = 0  # spans handed to another server with their caches (nothing replayed)
+        self._prefill = False  # the prompt runs on prefill servers, then the spans move to decode ones
         self.push = remote.push
         # (pusher, next server) links that failed a push: the client sends those hops' steps itself
         self.links_relayed: set[tuple[str, str]] = set()
@@ -112,6 +114,7 @@ class InferenceSession:
         prompt: Optional[torch.Tensor] = None,
         remembered: Optional[RememberedPrompt] = None,
         cached: Optional[CachedChain] = None,
+        prefill: bool = False,
     ) -> list[SpanSession]:
         """Opens sessions for blocks [start, end) and replays `history` (inputs of block `start` so far).
         With `prompt`, each server is told the prompt's ids and asked to reuse what it cached of them
@@ -136,6 +139,7 @@ class InferenceSession:
                     cached=cached,
                     region=self.region,
                     adapter=self.adapter,
+                    prefill=prefill,
                 )
             except (MissingBlocksError, BadRequestError) as e:
                 if busy:
@@ -224,7 +228,10 @@ class InferenceSession:
         failures = FailureBudget(self.remote.max_retries)
         try:
             async with step_deadline(self.remote.step_timeout, "opening the session"):
-                spans = await self._connect(0, self.remote.num_blocks, None, None, failures, ids, entry, cached)
+                self._prefill = await self._prompt_to_prefill(ids.shape[0] - tokens, 1)
+                spans = await self._connect(
+                    0, self.remote.num_blocks, None, None, failures, ids, entry, cached, prefill=self._prefill
+                )
         except BaseException:
             self.batch_size = None
             raise
@@ -318,7 +325,8 @@ class InferenceSession:
         if not self.spans:
             self.batch_size = batch
             try:
-                self.spans = await self._connect(0, self.remote.num_blocks, None, None, failures)
+                self._prefill = await self._prompt_to_prefill(tokens, batch)
+                self.spans = await self._connect(0, self.remote.num_blocks, None, None, failures, prefill=self._prefill)
             except BaseException:
                 self.batch_size = None  # nothing was sent: the session can still be used
                 raise
@@ -342,7 +350,36 @@ class InferenceSession:
         if mask is not None:
             self._mask = mask[:, : self.position]
         self.audit.stepped(self.spans, self._mask)
+        if self._prefill:
+            self._prefill = False
+            await self._move_to_decode(failures)
         return torch.cat(outputs, dim=1).to(dtype)
+
+    async def _prompt_to_prefill(self, tokens: int, batch: int) -> bool:
+        """Whether this session's prompt goes to prefill servers (then moves to decode ones)."""
+        routes = await self.remote.view.index(max_age=5.0)
+        per_token_block = self.remote.checkpoint.kv_bytes_per_token(torch.float32)
+        return prompt_goes_to_prefill(routes, tokens, batch, per_token_block, self.remote.num_blocks)
+
+    async def _move_to_decode(self, failures: FailureBudget) -> None:
+        """After the prompt: every span on a prefill server moves, KV cache and all, to a decode server
+        of its blocks (where there is one with room); the session goes on there. A span whose server
+        let go of it but that no decode server took up is replaced as after a failure."""
+        routes = await self.remote.view.index(max_age=5.0)
+        for index, span in enumerate(list(self.spans)):
+            if span.plan.info.record.role != "prefill":
+                continue
+            exclude = self.remote.bans.banned()
+            target = decode_server(routes, span.plan, exclude, self.max_length, self.batch_size, self.adapter)
+            if target is None:
+                continue
+            try:
+                moved = await span.request_move(target.peer_id)
+            except SwarmError as e:
+                logger.info("session %s: span %s stays on its prefill server: %s", self.session_id, span.plan, e)
+                continue
+            if not await self._take_over(index, SessionMoved(span.plan.peer_id, moved)):
+                await self._replace(index, self._mask, failures, span.plan.peer_id)
 
     def take_rollback(self) -> Optional[Rollback]:
         """The pending rollback, if a server of this session was proven wrong (the caller rewinds)."""

@@ -27,6 +27,7 @@ from protocol.messages import (
     ForwardRequest,
     Hop,
     Moved,
+    MoveSession,
     OpenSession,
     PushFailed,
     SessionOpened,
@@ -164,6 +165,18 @@ class SpanSession:
             except Exception:
                 await self._stream.close()
                 raise
+
+    async def request_move(self, peer_id: str) -> Moved:
+        """Asks this span's server to hand the session over to `peer_id` now (between steps): its
+        signed `Moved` notice, or the error it answered (the session then stays there)."""
+        with server_errors(self.plan.peer_id, lambda: self.bridge):
+            self._stream.send(pack(MoveSession(move_to=peer_id), request=True))
+            reply = await self._stream.receive(self.timeout)
+            moved = _moved(reply)
+            if moved is None:
+                read_header(reply, StepDone)  # an error reply raises; anything else is a broken server
+                raise ServerFailure(self.plan.peer_id, "answered a move with a step")
+        return moved
 
     def rewind(self, position: int) -> None:
         """Forgets positions from `position` on; the next step tells the server to do the same."""

@@ -240,6 +240,12 @@ class ServerOptions(NetworkOptions):
         "(4-bit NormalFloat; bitsandbytes), for less memory; announced, so clients that want exact "
         "output (quant='none') route around this server",
     )
+    role: str = Field(
+        "mixed",
+        description="prefill: long prompts are computed here and their KV then moves to a decode server of "
+        "the same blocks; decode: sessions go on here after a prefill server computed their prompt; mixed: "
+        "both (where the swarm has no prefill and decode servers for some blocks, everyone computes everything)",
+    )
     adapters: list[str] = Field(
         default_factory=list,
         description="LoRA adapters to serve, each a folder as peft saves it (adapter_config.json and "
@@ -368,6 +374,13 @@ class ServerOptions(NetworkOptions):
         if repeated:
             raise ValueError(f"two adapters are named {', '.join(repeated)}: name them with NAME=PATH")
         return entries
+
+    @field_validator("role")
+    @classmethod
+    def _check_role(cls, value: str) -> str:
+        if value not in ("prefill", "decode", "mixed"):
+            raise ValueError("must be prefill, decode or mixed")
+        return value
 
     @field_validator("quant")
     @classmethod

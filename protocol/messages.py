@@ -172,6 +172,14 @@ class ImportSession(_Header):
     signature: str = Field(pattern=r"^[0-9a-f]{128}$")
 
 
+class MoveSession(_Header):
+    """From the client, on its session's stream, between steps: hand this session over to server
+    `move_to` (a decode server, once a prefill server has computed the prompt). The answer is the
+    `Moved` notice, or an error reply if it stays here."""
+
+    move_to: str = Field(pattern=PEER_ID_PATTERN)
+
+
 class SessionImported(_Header):
     session_id: str
 

@@ -65,7 +65,7 @@ class Coordinator:
                 "peer_id": self.dht.peer_id,
                 "signed_at": int(time.time()),
                 "model": self.model_name,
-                "role": "mixed",
+                "role": self.options.role,
                 "region": self.options.region,
                 "labels": {"os": platform.system().lower(), "arch": platform.machine().lower()},
                 "status": status.model_dump(mode="json"),

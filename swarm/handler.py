@@ -113,6 +113,7 @@ class BlockHandler:
         peer_limits: PeerLimits = PeerLimits(),
         peer_id: str = "",
         receipt_key_of: Callable[[str, int], Awaitable[str]] = lambda peer, block: _no_key(),
+        move_session: Optional[Callable[[ServerSession, str], Awaitable[tuple[Any, bool]]]] = None,
     ):
         self.model = model
         self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
@@ -134,6 +135,7 @@ class BlockHandler:
         self._imported: dict[str, _Imported] = {}  # sessions handed over here, until their client resumes them
         self.peer_id = peer_id  # this server's own (what an exporter signs a handover to)
         self.receipt_key_of = receipt_key_of  # (peer, one of its blocks) -> the receipt key it announces
+        self.move_session = move_session  # hands a session to the server its client names (`MoveSession`)
         self.serve_span(span)
 
     @property
@@ -404,6 +406,8 @@ class BlockHandler:
         session.adapter = adapter
         session.blocks = (header.start_block, header.end_block)
         session.computed = True
+        if self.move_session is not None:
+            session.mover = lambda peer_id: self.move_session(session, peer_id)
         expiry = asyncio.get_running_loop().call_later(
             self.limits.session_timeout, self._expire_import, header.session_id
         )
@@ -708,6 +712,8 @@ class BlockHandler:
         session = ServerSession(cache=cache, batch=batch, max_length=max_length, key=key, peer=peer, quotas=self.quotas)
         session.blocks = (header.start_block, header.end_block)
         persistent = isinstance(header, OpenSession)
+        if persistent and self.move_session is not None:
+            session.mover = lambda peer_id: self.move_session(session, peer_id)
         self._sessions.add(session)
         if persistent and header.session_id:
             self._keyed[header.session_id] = session

@@ -75,7 +75,7 @@ class Exporter:
 
         async def at_boundary() -> Optional[runtime_pb2.ExpertResponse]:
             try:
-                notice = await asyncio.wait_for(self._export(session, start, end, target), EXPORT_TIMEOUT)
+                notice = await asyncio.wait_for(self.export(session, start, end, target), EXPORT_TIMEOUT)
             except Exception as e:  # the session simply stays here
                 why = f"{type(e).__name__}: {e}"
                 logger.warning("could not hand session %s to %s: %s", session.key, target.peer_id, why)
@@ -91,7 +91,7 @@ class Exporter:
         except asyncio.TimeoutError:
             return False
 
-    async def _export(
+    async def export(
         self, session: ServerSession, start: int, end: int, target: ServerInfo
     ) -> runtime_pb2.ExpertResponse:
         position = session.position
@@ -167,6 +167,26 @@ class Exporter:
 TargetFinder = Callable[[ServerSession, int, int], Awaitable[Optional[ServerInfo]]]
 
 
+def can_take(
+    info: ServerInfo, session: ServerSession, own_peer_id: str, computes_in: tuple[str, str], room: dict[str, int]
+) -> bool:
+    """Whether server `info` can take `session` over: online and available, serving all its blocks in
+    the same (dtype, quantization) and its adapter, accepting its length, with cache `room` for it."""
+    start, end = session.blocks
+    record = info.record
+    return not (
+        info.peer_id == own_peer_id
+        or record.state != ServerState.ONLINE
+        or not record.available
+        or not record.start_block <= start < end <= record.end_block
+        or (record.dtype, record.quant) != computes_in
+        or (session.adapter is not None and session.adapter.name not in record.adapters)
+        or record.max_length < session.max_length
+        or room.get(info.peer_id, 0) < session.batch * session.max_length
+        or not (record.reachable or record.bridge_addrs)
+    )
+
+
 def handover_target(
     servers: list[dict[str, ServerInfo]],
     session: ServerSession,
@@ -174,25 +194,12 @@ def handover_target(
     computes_in: tuple[str, str],
     room: dict[str, int],
 ) -> Optional[ServerInfo]:
-    """The server to hand `session` to: online and available, serving all its blocks in the same
-    (dtype, quantization) and its adapter, accepting its length, with the most cache `room` left."""
-    start, end = session.blocks
-    needed = session.batch * session.max_length
+    """The server to hand `session` to on a drain: one that `can_take` it, with the most cache room."""
+    start = session.blocks[0]
     best: Optional[ServerInfo] = None
     for info in servers[start].values() if start < len(servers) else ():
-        record = info.record
-        if (
-            info.peer_id == own_peer_id
-            or record.state != ServerState.ONLINE
-            or not record.available
-            or not record.start_block <= start < end <= record.end_block
-            or (record.dtype, record.quant) != computes_in
-            or (session.adapter is not None and session.adapter.name not in record.adapters)
-            or record.max_length < session.max_length
-            or room.get(info.peer_id, 0) < needed
-            or not (record.reachable or record.bridge_addrs)
+        if can_take(info, session, own_peer_id, computes_in, room) and (
+            best is None or room[info.peer_id] > room[best.peer_id]
         ):
-            continue
-        if best is None or room[info.peer_id] > room[best.peer_id]:
             best = info
     return best

@@ -26,6 +26,7 @@ from dht.records import ModelRecord, ServerRecord, ServerState, Throughput
 from dht.swarm_dht import DHTUnavailableError, SwarmDHT, start_dht
 from discovery.mdns import MdnsUnavailable
 from discovery.presence import BROWSE_SECONDS, LanPresence
+from protocol.errors import ErrorKind, WireError, bad_request
 from protocol.messages import (
     RPC_ECHO,
     RPC_FORWARD,
@@ -35,6 +36,7 @@ from protocol.messages import (
     RPC_PUSH,
     RPC_PUSH_STREAM,
     Hop,
+    error_response,
 )
 from protocol.receipts import public_key_hex
 from protocol.tensors import cap_incoming_messages
@@ -45,7 +47,7 @@ from swarm.cache import CacheBudget
 from swarm.compute import ComputeThread
 from swarm.coordinator import Coordinator
 from swarm.handler import BlockHandler, Limits
-from swarm.handover import Exporter, handover_target
+from swarm.handover import EXPORT_TIMEOUT, Exporter, can_take, handover_target
 from swarm.hardware import describe_device, release_memory
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
@@ -54,6 +56,7 @@ from swarm.placement import Placement
 from swarm.preflight import check_model_and_blocks
 from swarm.push import LocalPush, PushStream
 from swarm.quotas import PeerLimits
+from swarm.sessions import ServerSession
 from swarm.status import Cache, Load, Reachability, RecentProblems, RelayState, ServerStatus, Sessions, StatusFile
 from swarm.throughput import cached_throughput
 from telemetry import tracing
@@ -333,6 +336,7 @@ class Server:
             ),
             peer_id=self.dht.peer_id,
             receipt_key_of=self._receipt_key_of,
+            move_session=self._move_on_request,
         )
         p2p = self.p2p = await dht.replicate_p2p()
         self.exporter = Exporter(
@@ -375,6 +379,27 @@ class Server:
             return ""
         info = servers.get(peer_id)
         return info.record.receipt_key if info is not None else ""
+
+    async def _move_on_request(self, session: ServerSession, peer_id: str) -> tuple[runtime_pb2.ExpertResponse, bool]:
+        """A client asks to move its session to `peer_id` (from a prefill server to a decode one):
+        (the signed `Moved` notice, True), or (an error reply saying why not, False): it stays here."""
+        start, end = session.blocks
+        try:
+            servers = await self.dht.fetch_block(self.model_name, start)
+        except DHTUnavailableError as e:
+            return error_response(WireError(ErrorKind.BUSY, f"cannot read the swarm now: {e}")), False
+        info = servers.get(peer_id)
+        computes_in = (self.options.dtype, self.options.quant)
+        room = {peer_id: info.record.cache_tokens_free} if info is not None else {}
+        if info is None or not can_take(info, session, self.dht.peer_id, computes_in, room):
+            why = f"server {peer_id} cannot take this session (blocks, precision, adapter, length or room)"
+            return error_response(bad_request(why)), False
+        try:
+            reply = await asyncio.wait_for(self.exporter.export(session, start, end, info), EXPORT_TIMEOUT)
+        except Exception as e:
+            logger.info("session %s: could not move to %s: %s: %s", session.key, peer_id, type(e).__name__, e)
+            return error_response(WireError(ErrorKind.BUSY, f"could not move the session to {peer_id}: {e}")), False
+        return reply, True
 
     async def _hand_over(self) -> None:
         """On drain: every open session that another server of its blocks can take (the same dtype,
@@ -560,6 +585,7 @@ class Server:
             dtype=dtype_name(self.dtype),
             quant=self.options.quant,
             adapters=tuple(self.adapter_paths),
+            role=self.options.role,
             client_adapter_bytes=self.limits.max_client_adapter_bytes,
             hardware=describe_device(self.options.device),
             region=self.options.region,

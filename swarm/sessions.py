@@ -22,7 +22,7 @@ from hivemind.proto import runtime_pb2
 from blocks.adapters import LoraAdapter
 from blocks.kv_pool import PooledCache
 from protocol.errors import ErrorKind, WireError, bad_request
-from protocol.messages import Expect, PushFailed, Step, pack, read_header
+from protocol.messages import Expect, MoveSession, PushFailed, Step, error_response, pack, read_header
 from protocol.routes import SealedRouteError, open_route
 from protocol.tensors import message_bytes
 from swarm.push import LocalPush, PushStream
@@ -66,6 +66,8 @@ class ServerSession:
     lowest_rewind: Optional[int] = None  # positions from here on may hold other tokens than the prompt's
     computed: bool = False  # a step has been computed (a rewind before that only trims a reused prefix)
     blocks: tuple[int, int] = (0, 0)  # the blocks [start, end) it runs through
+    # Hands the session to a server its client names (`MoveSession`): (the reply, whether it moved)
+    mover: Optional[Callable[[str], Awaitable[tuple[Any, bool]]]] = None
     adapter: Optional[LoraAdapter] = None  # the LoRA adapter its steps run with
     adapter_room: Optional[PooledCache] = None  # cache budget a client's own adapter is charged, until the end
 
@@ -221,11 +223,32 @@ class ServerSession:
                 raise WireError(ErrorKind.WRONG_MODEL, self.closed)
             if _is_expect(message):
                 continue
+            move_to = _move_request(message)
+            if move_to is not None:
+                if self.mover is None:
+                    yield None, error_response(bad_request("this session cannot move")), ""
+                    continue
+                reply, moved = await self.mover(move_to)
+                yield None, reply, ""
+                if moved:
+                    return
+                continue
             step = read_header(message, Step)  # a push's header was read as a `Push` when it came
             if step.step_id and step.step_id <= self.last_step_id:
                 logger.debug("session %s: step %d arrived again or late; computed once", self.key, step.step_id)
                 continue
             yield step, message, pusher
+
+
+def _move_request(message: runtime_pb2.ExpertRequest) -> Optional[str]:
+    """The server a client's `MoveSession` names, or None for any other message (a step carries
+    tensors: its header is not decoded twice)."""
+    if message.tensors:
+        return None
+    try:
+        return read_header(message, MoveSession).move_to
+    except WireError:
+        return None
 
 
 def _is_expect(message: runtime_pb2.ExpertRequest) -> bool:
