@@ -170,7 +170,7 @@ class InferenceSession:
                             self.max_length,
                             bridges,
                             prompt,
-                            _reusable(remembered, span.plan, span.keep_outputs),
+                            min(_reusable(remembered, span.plan, span.keep_outputs), cached.tokens if cached else 0),
                             *adapter,
                         )
                         for span, adapter in zip(opened, adapters)

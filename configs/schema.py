@@ -264,6 +264,13 @@ class ServerOptions(NetworkOptions):
         description="keep finished sessions' prompt KV in the cache budget for a later session of the same "
         "client that starts the same (it yields to live sessions; --no-prefix-cache keeps none)",
     )
+    kv_redis: Optional[str] = Field(
+        None,
+        description="a Redis server for the prefix cache's pages once they leave the pool (evicted, or at exit), "
+        "e.g. redis://127.0.0.1:6379/0: a later prompt that starts the same takes them back, on this server "
+        "or after its restart with the same --identity; entries are signed, checked and expire",
+    )
+    kv_redis_ttl: float = Field(86400.0, gt=0, description="seconds a page stays in --kv-redis")
     prefix_cache_tokens: Optional[int] = Field(
         None, gt=0, description="most tokens the prefix cache may keep (default: all of --cache-tokens)"
     )
@@ -374,6 +381,13 @@ class ServerOptions(NetworkOptions):
         if repeated:
             raise ValueError(f"two adapters are named {', '.join(repeated)}: name them with NAME=PATH")
         return entries
+
+    @field_validator("kv_redis")
+    @classmethod
+    def _check_redis(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.match(r"^rediss?://[^/\s]+(/\d+)?$", value):
+            raise ValueError("must be a Redis URL, e.g. redis://127.0.0.1:6379/0")
+        return value
 
     @field_validator("role")
     @classmethod

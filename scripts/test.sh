@@ -8,7 +8,7 @@ scripts/install.sh
 # Lint and format first: a style error fails the run as a test would (ruff is pinned in pyproject.toml).
 .venv/bin/ruff check --quiet . || { echo "test: ruff check failed (fix, or .venv/bin/ruff check --fix .)" >&2; exit 1; }
 .venv/bin/ruff format --check --quiet . || { echo "test: files need formatting (.venv/bin/ruff format .)" >&2; exit 1; }
-# The health page is tested in a real headless Chromium, the relay's storage in a real PostgreSQL
+# The health page is tested in a real headless Chromium, the relay's storage in a real PostgreSQL, the KV tier in a real Redis
 # (Debian's packages; the PostgreSQL test is skipped only where they cannot be installed), NAT in
 # network namespaces with iptables.
 missing=""
@@ -21,6 +21,10 @@ fi
 # The NAT tests build network namespaces behind an iptables masquerade (root only; skipped elsewhere).
 if [ "$(id -u)" = 0 ] && ! command -v iptables >/dev/null; then
   missing="$missing iptables"
+fi
+# The KV tier's tests start a real redis-server on loopback (skipped, with the reason, without it).
+if ! command -v redis-server >/dev/null; then
+  missing="$missing redis-server"
 fi
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -22,6 +22,7 @@ class CacheBudget:
         self.prefix_tokens = prefix_tokens  # most tokens the prefix cache may keep (0: it keeps none)
         self._pool: Optional[KVPool] = None
         self.prefixes: Optional[PrefixCache] = None
+        self.on_evict = None  # where a prefix page leaving the pool goes (`PrefixCache.on_evict`), if anywhere
 
     @property
     def free(self) -> int:
@@ -35,7 +36,7 @@ class CacheBudget:
         if pool.tokens != self.total:
             raise ValueError(f"a pool of {pool.tokens} tokens for a budget of {self.total}")
         self._pool = pool
-        self.prefixes = PrefixCache(pool, self.prefix_tokens) if self.prefix_tokens else None
+        self.prefixes = PrefixCache(pool, self.prefix_tokens, self.on_evict) if self.prefix_tokens else None
         logger.info("KV pool: %d tokens × %d blocks, %.0f MiB", pool.tokens, pool.num_layers, pool.nbytes / 2**20)
 
     def unbind(self) -> None:

@@ -53,6 +53,7 @@ from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_diges
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.handover import kv_digest
+from swarm.kv_tier import RedisTier
 from swarm.metrics import ServerMetrics
 from swarm.prefix_cache import block_keys, prefix_root
 from swarm.push import LocalPush, PushStream
@@ -114,6 +115,7 @@ class BlockHandler:
         peer_id: str = "",
         receipt_key_of: Callable[[str, int], Awaitable[str]] = lambda peer, block: _no_key(),
         move_session: Optional[Callable[[ServerSession, str], Awaitable[tuple[Any, bool]]]] = None,
+        kv_tier: Optional[RedisTier] = None,
     ):
         self.model = model
         self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
@@ -136,6 +138,10 @@ class BlockHandler:
         self.peer_id = peer_id  # this server's own (what an exporter signs a handover to)
         self.receipt_key_of = receipt_key_of  # (peer, one of its blocks) -> the receipt key it announces
         self.move_session = move_session  # hands a session to the server its client names (`MoveSession`)
+        self.tier = kv_tier  # where prefix pages leaving the pool go, and come back from
+        if kv_tier is not None:
+            loop = asyncio.get_running_loop()
+            budget.on_evict = lambda key, page: loop.call_soon_threadsafe(kv_tier.put_later, key, page)
         self.serve_span(span)
 
     @property
@@ -630,7 +636,8 @@ class BlockHandler:
             precision += f"#{session.adapter.digest}"
         root = prefix_root(self.model, header.start_block, header.end_block, precision, peer)
         session.prompt_keys = block_keys(root, prompt)
-        pages = prefixes.match(session.prompt_keys[: header.reuse_tokens // PREFIX_BLOCK_TOKENS])
+        wanted = session.prompt_keys[: header.reuse_tokens // PREFIX_BLOCK_TOKENS]
+        pages = prefixes.match(wanted)
         try:
             if pages:
                 sources = torch.cat([torch.arange(page.start, page.start + PREFIX_BLOCK_TOKENS) for page in pages])
@@ -638,6 +645,17 @@ class BlockHandler:
         finally:
             prefixes.unpin(pages)
         session.position = len(pages) * PREFIX_BLOCK_TOKENS
+        if self.tier is not None and len(pages) < len(wanted):  # what left the pool, from the second tier
+            span, config = self.span, self.span.config
+            shape = (len(span), 2, config.num_key_value_heads, PREFIX_BLOCK_TOKENS, config.head_dim)
+            taken = await self.tier.take(wanted[len(pages) :], shape, span.dtype)
+
+            def write() -> None:
+                for page in taken:
+                    session.cache.write_layers(page.unsqueeze(2), session.position, 0)
+                    session.position += PREFIX_BLOCK_TOKENS
+
+            await self.scheduler.compute.run(write)
         if self.metrics is not None:
             self.metrics.prefix_lookup(len(prompt), session.position)
         return session.position

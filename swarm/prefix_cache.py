@@ -19,7 +19,9 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
+
+import torch
 
 from blocks.kv_pool import KVPool
 from protocol.messages import PREFIX_BLOCK_TOKENS as BLOCK_TOKENS
@@ -54,9 +56,11 @@ class Page:
 class PrefixCache:
     """Pages of the KV pool, by block key, within `max_tokens`."""
 
-    def __init__(self, pool: KVPool, max_tokens: int):
+    def __init__(self, pool: KVPool, max_tokens: int, on_evict: Optional[Callable[[bytes, torch.Tensor], None]] = None):
         self.pool = pool
         self.max_tokens = max_tokens
+        # told each page that leaves the pool: its key and a copy of its KV [layers, 2, kv_heads, tokens, head_dim]
+        self.on_evict = on_evict
         self._pages: dict[bytes, Page] = {}
         self._clock = itertools.count(1)
         self._lock = threading.Lock()
@@ -120,6 +124,17 @@ class PrefixCache:
         self._evict_until(lambda freed: self.pool.largest_free_run() >= contiguous)
         return self.pool.largest_free_run() >= contiguous
 
+    def spill_all(self) -> int:
+        """Hands a copy of every page to `on_evict` (they also stay here); returns how many."""
+        with self._lock:
+            for key, page in self._pages.items():
+                self._spill(key, page)
+            return len(self._pages) if self.on_evict is not None else 0
+
+    def _spill(self, key: bytes, page: Page) -> None:
+        if self.on_evict is not None:
+            self.on_evict(key, self.pool.storage[:, :, :, page.start : page.start + BLOCK_TOKENS].to("cpu", copy=True))
+
     def _evict_until(self, done: Callable[[int], bool]) -> int:
         freed = 0
         with self._lock:
@@ -129,6 +144,7 @@ class PrefixCache:
                     break
                 del self._pages[key]
                 page.evicted = True
+                self._spill(key, page)
                 if not page.pins:
                     self.pool.give_back(page.start, BLOCK_TOKENS)
                 freed += BLOCK_TOKENS

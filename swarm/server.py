@@ -49,6 +49,7 @@ from swarm.coordinator import Coordinator
 from swarm.handler import BlockHandler, Limits
 from swarm.handover import EXPORT_TIMEOUT, Exporter, can_take, handover_target
 from swarm.hardware import describe_device, release_memory
+from swarm.kv_tier import RedisTier
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
 from swarm.network import measure_bandwidth
@@ -115,6 +116,7 @@ class Server:
         self.dht: Optional[SwarmDHT] = None
         self.handler: Optional[BlockHandler] = None
         self.exporter: Optional[Exporter] = None
+        self.tier: Optional[RedisTier] = None  # the prefix cache's second tier (--kv-redis)
         self.p2p: Optional[P2P] = None
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
@@ -337,6 +339,7 @@ class Server:
             peer_id=self.dht.peer_id,
             receipt_key_of=self._receipt_key_of,
             move_session=self._move_on_request,
+            kv_tier=self._kv_tier(),
         )
         p2p = self.p2p = await dht.replicate_p2p()
         self.exporter = Exporter(
@@ -370,6 +373,23 @@ class Server:
             RPC_IMPORT, self.handler.rpc_import, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
         return p2p
+
+    def _kv_tier(self) -> Optional[RedisTier]:
+        if not self.options.kv_redis:
+            return None
+        if not self.options.prefix_cache:
+            logger.warning("--kv-redis holds prefix-cache pages, and --no-prefix-cache keeps none: it stays unused")
+        self.tier = RedisTier(self.options.kv_redis, self.receipt_signer, self.options.kv_redis_ttl)
+        return self.tier
+
+    async def _spill_prefixes(self) -> None:
+        """Copies every prefix page to the second tier (before the pool goes: a move, or exit)."""
+        prefixes = self.budget.prefixes
+        if self.tier is not None and prefixes is not None:
+            spilled = prefixes.spill_all()
+            await asyncio.sleep(0)  # the copies' writes are scheduled on this loop
+            await self.tier.flush()
+            logger.info("kv tier: %d prefix page(s) kept in Redis", spilled)
 
     async def _receipt_key_of(self, peer_id: str, block: int) -> str:
         """The receipt key `peer_id` announces in its record of `block` ("" if it announces none)."""
@@ -487,6 +507,7 @@ class Server:
         await self._announce()
         # Free the old blocks before loading the new ones: holding both could exhaust the memory that
         # automatic sizing counted for one span. Sessions left after the drain end with a clear error.
+        await self._spill_prefixes()
         closed = self.handler.retire_span(
             f"server moved from blocks {old[0]}:{old[1]} to other blocks; open the session again elsewhere"
         )
@@ -656,6 +677,12 @@ class Server:
                 pass
 
     async def _leave(self, p2p) -> None:
+        if self.tier is not None:
+            try:
+                await asyncio.wait_for(self._spill_prefixes(), 30)
+            except Exception as e:  # Redis is a cache: leaving does not wait on it
+                logger.info("kv tier: could not keep the prefix pages: %s: %s", type(e).__name__, e)
+            await self.tier.close()
         if self.throughput is not None:  # it has announced itself (a server that never loaded has not)
             self.state = ServerState.OFFLINE
             if await self._announce():

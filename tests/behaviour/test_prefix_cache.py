@@ -70,6 +70,17 @@ def test_a_prompt_that_starts_like_an_earlier_one_is_computed_only_past_the_cach
         assert metric(server, "prefix_cache_queries_total") == 70 + 80
 
 
+def test_the_same_prompt_of_whole_blocks_again_leaves_its_last_token_to_compute(model6, ref6, swarm):
+    """A prompt of exactly 4 blocks, sent twice: the servers hold all of it, but its last token is
+    computed again (its logits are the first new token's)."""
+    prompt = ids(64, seed=9)
+    with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, verify=0) as model:
+        first, cached = generate(model, prompt)
+        assert cached == 0 and torch.equal(first, reference(ref6, prompt))
+        output, cached = generate(model, prompt)
+    assert cached == 48 and torch.equal(output, reference(ref6, prompt))
+
+
 def test_a_servers_prefix_is_reused_by_the_client_that_computed_it_only(model6, swarm):
     prompt = ids(40, seed=3)
     with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, verify=0) as owner:

@@ -1,0 +1,151 @@
+"""The prefix cache's second tier: pages of KV that leave the pool go to Redis (`--kv-redis`), and a
+later session whose prompt starts the same takes them back instead of computing them again, on
+this server or on this server after a restart (the same `--identity`).
+
+Keys are the prefix cache's hash chains (`swarm.prefix_cache`), rooted in the model, the blocks, what
+the server computes in (dtype, quantization, adapter) and the client, so they say everything the KV
+depends on. A presence check walks a prompt's keys in order and stops at the first missing one: only
+a whole prefix is ever used. Entries expire after `--kv-redis-ttl` seconds.
+
+Redis is not trusted: it may be shared, full, flushed or written by anyone who reaches it. Each
+entry carries its digest and this server's signature (its receipt key) over the key and the digest;
+one that is missing, malformed, of another shape or dtype, or signed by anyone else is a miss, never
+a wrong token. The payload is safetensors, never a pickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Optional, Sequence
+
+import msgpack
+import safetensors.torch
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol.receipts import public_key_hex, sign, verify
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1
+KEY_PREFIX = "swarm:kv:"
+MAX_ENTRY_BYTES = 64 << 20  # a page bigger than this is not a page of this server's
+MAX_CONNECTIONS = 4  # to Redis at once: many pages leaving the pool together wait their turn
+
+
+def _signed(key: bytes, digest: str, shape: Sequence[int], dtype: str) -> bytes:
+    return f"swarm-kv-page-v{VERSION}|{key.hex()}|{digest}|{list(shape)}|{dtype}".encode()
+
+
+class RedisTier:
+    """Pages [layers, 2, kv_heads, tokens, head_dim] of one span's KV, by prefix key, in Redis."""
+
+    def __init__(self, url: str, signer: Ed25519PrivateKey, ttl: float, timeout: float = 5.0):
+        import redis.asyncio
+
+        self.client = redis.asyncio.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=MAX_CONNECTIONS
+        )
+        self._writing = asyncio.Semaphore(MAX_CONNECTIONS - 1)  # one connection stays for reads
+        self.signer = signer
+        self.public_key = public_key_hex(signer)
+        self.ttl = max(1, int(ttl))
+        self.stored = 0  # pages written
+        self.queries = 0  # pages looked for
+        self.hits = 0  # pages taken back
+        self._writes: set[asyncio.Task] = set()
+
+    def put_later(self, key: bytes, page: torch.Tensor) -> None:
+        """Writes `page` under `key` in the background (a page leaving the pool must not wait for Redis)."""
+        task = asyncio.get_running_loop().create_task(self.put(key, page))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def put(self, key: bytes, page: torch.Tensor) -> bool:
+        payload = await asyncio.to_thread(safetensors.torch.save, {"kv": page.contiguous()})
+        digest = hashlib.sha256(payload).hexdigest()
+        dtype = str(page.dtype).removeprefix("torch.")
+        entry = msgpack.packb(
+            {
+                "v": VERSION,
+                "digest": digest,
+                "shape": list(page.shape),
+                "dtype": dtype,
+                "signer": self.public_key,
+                "signature": sign(self.signer, _signed(key, digest, page.shape, dtype)),
+                "payload": payload,
+            },
+            use_bin_type=True,
+        )
+        try:
+            async with self._writing:
+                await self.client.set(KEY_PREFIX + key.hex(), entry, ex=self.ttl)
+        except Exception as e:  # a full or absent Redis loses the page, nothing else
+            logger.info("kv tier: could not store a page: %s: %s", type(e).__name__, e)
+            return False
+        self.stored += 1
+        return True
+
+    async def take(self, keys: Sequence[bytes], shape: Sequence[int], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The pages of the longest stored prefix of `keys` that are this server's, of `shape` and
+        `dtype`, and intact (a page failing any check ends the prefix there)."""
+        if not keys:
+            return []
+        await self.flush()  # a page on its way to Redis may be the one asked for
+        self.queries += len(keys)
+        names = [KEY_PREFIX + key.hex() for key in keys]
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.exists(name)
+                present = await pipe.execute()
+            run = next((i for i, found in enumerate(present) if not found), len(present))
+            values = await self.client.mget(names[:run]) if run else []
+        except Exception as e:
+            logger.info("kv tier: could not read Redis: %s: %s", type(e).__name__, e)
+            return []
+        pages = []
+        for key, value in zip(keys, values):
+            page = await asyncio.to_thread(self._check, key, value, shape, dtype)
+            if page is None:
+                break
+            pages.append(page)
+        self.hits += len(pages)
+        return pages
+
+    def _check(self, key: bytes, value: Optional[bytes], shape: Sequence[int], dtype: torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+        if value is None or len(value) > MAX_ENTRY_BYTES:
+            return None
+        try:
+            entry = msgpack.unpackb(value, raw=False)
+            digest, payload = entry["digest"], entry["payload"]
+            if (
+                entry.get("v") != VERSION
+                or entry["signer"] != self.public_key
+                or list(entry["shape"]) != list(shape)
+                or entry["dtype"] != name
+                or hashlib.sha256(payload).hexdigest() != digest
+                or not verify(self.public_key, _signed(key, digest, shape, name), entry["signature"])
+            ):
+                return None
+            page = safetensors.torch.load(payload)["kv"]
+        except Exception:  # whatever Redis holds, it is a miss unless it is exactly one of ours
+            return None
+        if list(page.shape) != list(shape) or page.dtype != dtype:
+            return None
+        return page
+
+    async def flush(self) -> None:
+        """Waits for the writes in flight (a server about to leave)."""
+        if self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.flush()
+        try:
+            await self.client.aclose()
+        except Exception:
+            pass
