@@ -47,11 +47,13 @@ def long_model(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("splits", [[(0, 4)], [(0, 2), (2, 4)]], ids=["one span", "two spans"])
-def test_a_long_session_survives_its_server_s_drain_without_replay(long_model, splits, tmp_path):
+@pytest.mark.parametrize(
+    "splits, new_tokens", [([(0, 4)], NEW_TOKENS), ([(0, 2), (2, 4)], 600)], ids=["one span", "two spans"]
+)
+def test_a_long_session_survives_its_server_s_drain_without_replay(long_model, splits, new_tokens, tmp_path):
     ids = prompt(5)
     expected = reference_model(long_model).generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
     )
     with LocalSwarm(long_model, [], workdir=tmp_path / "swarm") as swarm:
         # The chain first: fast servers; then a slower one of all blocks, where the sessions go.
@@ -61,9 +63,9 @@ def test_a_long_session_survives_its_server_s_drain_without_replay(long_model, s
             swarm.wait_online(server)
         with AutoDistributedModelForCausalLM.from_pretrained(long_model, swarm.initial_peers) as model:
             wait_for_route(model, *(server.peer_id for server in leaving))
-            with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+            with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
                 output = model.generate(
-                    ids, max_new_tokens=NEW_TOKENS, session=session, streamer=DrainAt(leaving[-1], DRAIN_AT)
+                    ids, max_new_tokens=new_tokens, session=session, streamer=DrainAt(leaving[-1], DRAIN_AT)
                 )
                 assert session.moves == 1 and session.replayed_tokens == 0 and session.failovers == 0
                 chain = [peer for peer, _, _ in session.chain]
