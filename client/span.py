@@ -138,33 +138,21 @@ class SpanSession:
             raise ServerFailure(exporter.peer_id, f"handed over position {moved.position}, not {self.position}")
         if not record.receipt_key or not verify(record.receipt_key, signed, moved.signature):
             raise ServerFailure(exporter.peer_id, "said it handed its session over, without its signature")
-        with server_errors(self.plan.peer_id, lambda: self.bridge):
-            try:
-                target = await connect(p2p, self.plan, self.timeout, avoid_bridges)
-                self.bridge = target.bridge
-                await asyncio.wait_for(self._stream.open(p2p, target, RPC_INFERENCE), self.timeout)
-                self._stream.send(
-                    pack(
-                        OpenSession(
-                            model=self.model,
-                            start_block=self.plan.start,
-                            end_block=self.plan.end,
-                            max_length=max_length,
-                            batch_size=batch_size,
-                            session_id=self.key,
-                            route_key=self.route_key,
-                            adapter=self.adapter,
-                            resume=True,
-                        ),
-                        request=True,
-                    )
-                )
-                opened = read_header(await self._stream.receive(self.timeout), SessionOpened)
-                if opened.cached_tokens != self.position:
-                    raise ServerFailure(self.plan.peer_id, f"resumed at {opened.cached_tokens}, not {self.position}")
-            except Exception:
-                await self._stream.close()
-                raise
+        header = OpenSession(
+            model=self.model,
+            start_block=self.plan.start,
+            end_block=self.plan.end,
+            max_length=max_length,
+            batch_size=batch_size,
+            session_id=self.key,
+            route_key=self.route_key,
+            adapter=self.adapter,
+            resume=True,
+        )
+        opened = await self._open_stream(p2p, header, [], avoid_bridges)
+        if opened.cached_tokens != self.position:
+            await self._stream.close()
+            raise ServerFailure(self.plan.peer_id, f"resumed at {opened.cached_tokens}, not {self.position}")
 
     async def request_move(self, peer_id: str) -> Moved:
         """Asks this span's server to hand the session over to `peer_id` now (between steps): its
@@ -211,36 +199,38 @@ class SpanSession:
         self.adapter = adapter
         reuse = reuse if prompt is not None else 0
         sent, client_adapter = _own_adapter(own)
+        header = OpenSession(
+            model=model,
+            start_block=self.plan.start,
+            end_block=self.plan.end,
+            max_length=max_length,
+            batch_size=batch_size,
+            session_id=self.key,
+            route_key=self.route_key,
+            reuse_tokens=reuse,
+            adapter=adapter,
+            client_adapter=client_adapter,
+        )
+        opened = await self._open_stream(p2p, header, ([prompt] if prompt is not None else []) + sent, avoid_bridges)
+        if opened.cached_tokens > reuse:
+            await self._stream.close()
+            raise ServerFailure(
+                self.plan.peer_id, f"claims {opened.cached_tokens} cached tokens, {reuse} were asked for"
+            )
+        self.cached = self.position = opened.cached_tokens
+        self.prompted = prompt is not None
+
+    async def _open_stream(
+        self, p2p: P2P, header: OpenSession, tensors: list[torch.Tensor], avoid_bridges: Collection[str]
+    ) -> SessionOpened:
+        """Opens this span's stream to its server with `header` (and `tensors`); the server's answer."""
         with server_errors(self.plan.peer_id, lambda: self.bridge):
             try:
                 target = await connect(p2p, self.plan, self.timeout, avoid_bridges)
                 self.bridge = target.bridge
                 await asyncio.wait_for(self._stream.open(p2p, target, RPC_INFERENCE), self.timeout)
-                self._stream.send(
-                    pack(
-                        OpenSession(
-                            model=model,
-                            start_block=self.plan.start,
-                            end_block=self.plan.end,
-                            max_length=max_length,
-                            batch_size=batch_size,
-                            session_id=self.key,
-                            route_key=self.route_key,
-                            reuse_tokens=reuse,
-                            adapter=adapter,
-                            client_adapter=client_adapter,
-                        ),
-                        ([prompt] if prompt is not None else []) + sent,
-                        request=True,
-                    )
-                )
-                opened = read_header(await self._stream.receive(self.timeout), SessionOpened)
-                if opened.cached_tokens > reuse:
-                    raise ServerFailure(
-                        self.plan.peer_id, f"claims {opened.cached_tokens} cached tokens, {reuse} were asked for"
-                    )
-                self.cached = self.position = opened.cached_tokens
-                self.prompted = prompt is not None
+                self._stream.send(pack(header, tensors, request=True))
+                return read_header(await self._stream.receive(self.timeout), SessionOpened)
             except Exception:
                 await self._stream.close()
                 raise
