@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 
@@ -515,22 +515,29 @@ class InferenceSession:
         server at the same position, nothing replayed. False where that fails (the caller then fails
         over as from any failed server, replaying)."""
         old = self.spans[index]
+        notice = moved.moved
         try:
             routes = await self.remote.view.index(max_age=0)
-            info = routes.record_of(moved.moved.moved_to)
-            if info is None:
-                raise SwarmError(f"{moved.moved.moved_to} announces no record")
-            span = old.moved_to(SpanPlan(info.peer_id, old.plan.start, old.plan.end, info))
-            await span.resume(
-                self.remote.p2p,
-                moved.moved,
-                old.plan.info,
-                self.batch_size,
-                self.max_length,
-                self.remote.failures.bridges_to_avoid(),
-            )
         except SwarmError as e:
             logger.warning("session %s: could not take up a session handed over: %s", self.session_id, e)
+            return False
+        for info in _takers(routes, old, notice, self.remote.bans.banned()):
+            span = old.moved_to(SpanPlan(info.peer_id, old.plan.start, old.plan.end, info))
+            try:
+                await span.resume(
+                    self.remote.p2p,
+                    notice,
+                    old.plan.info,
+                    self.batch_size,
+                    self.max_length,
+                    self.remote.failures.bridges_to_avoid(),
+                )
+                break
+            except SwarmError as e:
+                logger.warning("session %s: %s could not take up the session: %s", self.session_id, info.peer_id, e)
+                if isinstance(e, ServerFailure):  # gone, as a failure of any other kind: not asked again
+                    self.remote.failures.report(e.peer_id, str(e), e.bridge)
+        else:
             return False
         self.audit.retire(old)
         self._quant_used.add(old.plan.info.record.quant)
@@ -627,6 +634,27 @@ class InferenceSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _takers(routes, old: SpanSession, notice, banned: Collection[str]) -> list:
+    """Who may take up a span's session: the server its notice names, and for a session kept in a
+    KV tier, any other server of its blocks that reaches the same tier (the named one may be gone);
+    none that is banned."""
+    named = routes.record_of(notice.moved_to)
+    takers = [named] if named is not None and named.peer_id not in banned else []
+    tier = old.plan.info.record.kv_tier
+    if notice.tier and tier:
+        for info in routes.candidates(old.plan.start, old.plan.end, {notice.moved_to, *banned}).values():
+            record = info.record
+            covers = record.start_block <= old.plan.start and old.plan.end <= record.end_block
+            same = (record.kv_tier, record.dtype, record.quant) == (
+                tier,
+                old.plan.info.record.dtype,
+                old.plan.info.record.quant,
+            )
+            if covers and same:
+                takers.append(info)
+    return takers
 
 
 def _reusable(remembered: Optional[RememberedPrompt], plan: SpanPlan, with_outputs: bool) -> int:

@@ -36,7 +36,7 @@ from protocol.messages import (
     pack,
     read_header,
 )
-from protocol.receipts import Receipt, export_message, mask_digest, precision, verify
+from protocol.receipts import TIER_TARGET, Receipt, export_message, mask_digest, precision, verify
 from protocol.routes import new_route_key, seal_route
 from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
 from telemetry import tracing
@@ -119,8 +119,9 @@ class SpanSession:
     async def resume(
         self, p2p: P2P, moved: Moved, exporter: ServerInfo, batch_size: int, max_length: int, avoid_bridges=()
     ) -> None:
-        """Attaches to the session `exporter` handed over to this span's server, once `moved` is shown
-        to be the exporter's signed word for this session at this position (ServerFailure otherwise)."""
+        """Attaches to the session `exporter` handed over to this span's server (or, with `moved.tier`,
+        kept in a KV tier this span's server reaches), once `moved` is shown to be the exporter's signed
+        word for this session at this position (ServerFailure otherwise)."""
         record = exporter.record
         signed = export_message(
             self.model,
@@ -132,9 +133,9 @@ class SpanSession:
             max_length,
             moved.position,
             moved.digest,
-            moved.moved_to,
+            TIER_TARGET if moved.tier else moved.moved_to,
         )
-        if moved.position != self.position or moved.moved_to != self.plan.peer_id:
+        if moved.position != self.position or (not moved.tier and moved.moved_to != self.plan.peer_id):
             raise ServerFailure(exporter.peer_id, f"handed over position {moved.position}, not {self.position}")
         if not record.receipt_key or not verify(record.receipt_key, signed, moved.signature):
             raise ServerFailure(exporter.peer_id, "said it handed its session over, without its signature")
@@ -148,6 +149,8 @@ class SpanSession:
             route_key=self.route_key,
             adapter=self.adapter,
             resume=True,
+            from_tier=moved.tier,
+            exporter_key=record.receipt_key if moved.tier else "",
         )
         opened = await self._open_stream(p2p, header, [], avoid_bridges)
         if opened.cached_tokens != self.position:

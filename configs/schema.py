@@ -289,7 +289,10 @@ class ServerOptions(NetworkOptions):
         "a longer prompt runs in chunks of this size between the other sessions' steps",
     )
     session_timeout: float = Field(
-        300.0, gt=0, description="seconds a session may stay idle before the server closes it"
+        300.0,
+        gt=0,
+        description="seconds a session may stay idle before the server closes it (with --kv-redis: keeps it "
+        "in Redis, where its client takes it up again)",
     )
     drain_timeout: float = Field(
         60.0,

@@ -78,6 +78,7 @@ class ServerRecord(_Wire):
     quant: QuantMode = "none"  # how the blocks' linear weights are stored (`blocks.quantization`)
     adapters: tuple[AdapterName, ...] = Field(default=(), max_length=64)  # LoRA adapters it serves
     role: Literal["prefill", "decode", "mixed"] = "mixed"  # what it is for (`swarm.serve --role`)
+    kv_tier: str = Field(default="", pattern=r"^([0-9a-f]{16})?$")  # which Redis it spills to (a digest of it)
     client_adapter_bytes: int = Field(default=0, ge=0)  # largest adapter a client may send it (0: none)
     hardware: HardwareSummary
     region: str = Field(default="", max_length=64)

@@ -76,6 +76,10 @@ class OpenSession(_Header):
     # Attach to the session `session_id` another server handed over here (`ImportSession`), at the
     # position it reached there, instead of opening a new one: only its client may.
     resume: bool = False
+    # With `resume`: the session was spilled to the server's KV tier (`Moved.tier`), by the server
+    # whose receipt key is `exporter_key` (this server, or one that shared the tier and is gone).
+    from_tier: bool = False
+    exporter_key: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
 
 
 class SessionOpened(_Header):
@@ -192,6 +196,9 @@ class Moved(_Header):
     moved_to: str = Field(pattern=PEER_ID_PATTERN)
     addrs: tuple[str, ...] = Field(default=(), max_length=16)
     position: int = Field(ge=0)
+    # The session went to the server's KV tier (Redis) instead, idle too long: `moved_to` (or another
+    # server announcing the same `kv_tier`) takes it back from there (`OpenSession.from_tier`).
+    tier: bool = False
     digest: str = Field(pattern=r"^[0-9a-f]{64}$")
     signature: str = Field(pattern=r"^[0-9a-f]{128}$")
 

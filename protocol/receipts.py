@@ -67,6 +67,7 @@ def receipt_message(
 
 
 EXPORT_VERSION = "swarm-kv-export-v1"
+TIER_TARGET = "kv-tier"  # what an export to a KV tier names as the importer
 
 
 def export_message(

@@ -48,7 +48,7 @@ from protocol.messages import (
     pack,
     read_header,
 )
-from protocol.receipts import export_message, mask_digest, precision, receipt_message, sign, verify
+from protocol.receipts import TIER_TARGET, export_message, mask_digest, precision, receipt_message, sign, verify
 from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
@@ -116,6 +116,7 @@ class BlockHandler:
         receipt_key_of: Callable[[str, int], Awaitable[str]] = lambda peer, block: _no_key(),
         move_session: Optional[Callable[[ServerSession, str], Awaitable[tuple[Any, bool]]]] = None,
         kv_tier: Optional[RedisTier] = None,
+        spill_session: Optional[Callable[[ServerSession], Awaitable[Any]]] = None,
     ):
         self.model = model
         self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
@@ -139,6 +140,7 @@ class BlockHandler:
         self.receipt_key_of = receipt_key_of  # (peer, one of its blocks) -> the receipt key it announces
         self.move_session = move_session  # hands a session to the server its client names (`MoveSession`)
         self.tier = kv_tier  # where prefix pages leaving the pool go, and come back from
+        self.spill_session = spill_session  # an idle session to the tier: the client's notice, or None
         if kv_tier is not None:
             loop = asyncio.get_running_loop()
             budget.on_evict = lambda key, page: loop.call_soon_threadsafe(kv_tier.put_later, key, page)
@@ -323,27 +325,39 @@ class BlockHandler:
         stream ends (or the session moves to another server: its last reply says where)."""
         reader = asyncio.create_task(session.read_client(requests))
         try:
-            async for step, message, pusher in session.steps(self.limits.session_timeout):
-                if step is None:
-                    yield message  # a notice for the client: a push failed, or the session moved
-                    continue
-                try:
-                    if pusher:
-                        step = session.pushed_step(step)
-                    if step.rewind and step.position < session.position:
-                        session.rewind(step.position)
-                    reply = await self._run_step(session, step, message, header)
-                except WireError as e:
-                    if not pusher or e.kind not in (ErrorKind.BAD_REQUEST, ErrorKind.BAD_PUSH):
-                        raise
-                    # Not the client's fault, and the session is as it was: the client hears whom
-                    # to blame on its own stream, and may send the step again itself.
-                    logger.info("session %s: push from %s refused: %s", label.session, pusher, e.message)
-                    session.refused_pushers.add(pusher)
-                    reply = error_response(WireError(ErrorKind.BAD_PUSH, f"push from {pusher}: {e.message}"))
+            async for reply in self._steps(session, header, label):
                 yield reply
+        except asyncio.TimeoutError:  # idle too long: to the KV tier, where there is one, else closed
+            spilled = await self.spill_session(session) if self.spill_session is not None else None
+            if spilled is None:
+                raise
+            yield spilled
         finally:
             reader.cancel()
+
+    async def _steps(
+        self, session: ServerSession, header: OpenSession, label: "_Label"
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """The session's steps answered in turn (a step refused as a pusher's fault is answered so)."""
+        async for step, message, pusher in session.steps(self.limits.session_timeout):
+            if step is None:
+                yield message  # a notice for the client: a push failed, or the session moved
+                continue
+            try:
+                if pusher:
+                    step = session.pushed_step(step)
+                if step.rewind and step.position < session.position:
+                    session.rewind(step.position)
+                reply = await self._run_step(session, step, message, header)
+            except WireError as e:
+                if not pusher or e.kind not in (ErrorKind.BAD_REQUEST, ErrorKind.BAD_PUSH):
+                    raise
+                # Not the client's fault, and the session is as it was: the client hears whom
+                # to blame on its own stream, and may send the step again itself.
+                logger.info("session %s: push from %s refused: %s", label.session, pusher, e.message)
+                session.refused_pushers.add(pusher)
+                reply = error_response(WireError(ErrorKind.BAD_PUSH, f"push from {pusher}: {e.message}"))
+            yield reply
 
     # ---- sessions handed over by another server ----------------------------------------------
 
@@ -363,6 +377,32 @@ class BlockHandler:
         label.session = header.session_id
         if header.exporter != str(label.peer):
             raise bad_request("a session is handed over by the server that held it, not by another peer")
+        key = await self.receipt_key_of(header.exporter, header.start_block)
+
+        async def next_tensors() -> list[torch.Tensor]:
+            message = await self._next(requests)
+            return read_tensors(message, max_count=1) if message is not None else []
+
+        await self._accept(header, key, self.peer_id, next_tensors)
+        logger.info(
+            "session %s of %s imported from %s at position %d",
+            header.session_id,
+            header.owner,
+            label.peer,
+            header.position,
+        )
+        yield pack(SessionImported(session_id=header.session_id), request=False)
+
+    async def _accept(
+        self,
+        header: ImportSession,
+        exporter_key: str,
+        signed_to: str,
+        next_tensors: Callable[[], Awaitable[list[torch.Tensor]]],
+    ) -> _Imported:
+        """Takes a handed-over session once everything about it is checked (model, blocks, precision,
+        positions, the exporter's signature with `exporter_key` for `signed_to`, every chunk, the
+        digest), into a cache reserved under its client's quotas, and keeps it for that client."""
         self._check_open(header, header.batch_size, header.max_length)
         adapter = self._served_adapter(header.adapter, header.start_block, header.end_block)
         if header.precision != self._precision(adapter):
@@ -371,7 +411,6 @@ class BlockHandler:
             raise bad_request(f"position {header.position} exceeds the session's length {header.max_length}")
         if header.session_id in self._keyed or header.session_id in self._imported:
             raise bad_request("a session with this id is already open here")
-        key = await self.receipt_key_of(header.exporter, header.start_block)
         signed = export_message(
             header.model,
             header.start_block,
@@ -382,9 +421,9 @@ class BlockHandler:
             header.max_length,
             header.position,
             header.digest,
-            self.peer_id,
+            signed_to,
         )
-        if not key or not verify(key, signed, header.signature):
+        if not exporter_key or not verify(exporter_key, signed, header.signature):
             raise bad_request("the handed-over session is not signed by the server that announces it")
         held = contextlib.ExitStack()
         held.enter_context(self.quotas.session(header.owner, header.batch_size * header.max_length, True))
@@ -403,7 +442,7 @@ class BlockHandler:
         )
         held.callback(session.release)
         try:
-            await self._receive_kv(session, header, requests)
+            await self._receive_kv(session, header, next_tensors)
         except BaseException:
             held.close()
             raise
@@ -417,19 +456,41 @@ class BlockHandler:
         expiry = asyncio.get_running_loop().call_later(
             self.limits.session_timeout, self._expire_import, header.session_id
         )
-        self._imported[header.session_id] = _Imported(session, header, held, expiry)
+        imported = self._imported[header.session_id] = _Imported(session, header, held, expiry)
         self._sessions.add(session)
         self._keyed[header.session_id] = session  # pushes reach it as soon as its client steps again
-        logger.info(
-            "session %s of %s imported from %s at position %d",
-            header.session_id,
-            header.owner,
-            label.peer,
-            session.position,
-        )
-        yield pack(SessionImported(session_id=header.session_id), request=False)
+        return imported
 
-    async def _receive_kv(self, session: ServerSession, header: ImportSession, requests) -> None:
+    async def _from_tier(self, header: OpenSession, label: "_Label") -> Optional[_Imported]:
+        """A session that went to the KV tier idle (here, or on a server gone since), taken back for
+        its own client: None if the tier holds none such."""
+        stored = await self.tier.take_session(header.session_id) if self.tier is not None else None
+        if stored is None:
+            return None
+        try:
+            origin = ImportSession.model_validate(stored[0])
+        except ValueError:
+            return None
+        if origin.owner != str(label.peer) or origin.session_id != header.session_id:
+            return None
+        tensors = iter([[tensor] for tensor in stored[1]])
+
+        async def next_tensors() -> list[torch.Tensor]:
+            return next(tensors, [])
+
+        key = header.exporter_key or await self.receipt_key_of(origin.exporter, origin.start_block)
+        imported = await self._accept(origin, key, TIER_TARGET, next_tensors)
+        logger.info(
+            "session %s of %s taken back from the KV tier at position %d",
+            origin.session_id,
+            label.peer,
+            origin.position,
+        )
+        return imported
+
+    async def _receive_kv(
+        self, session: ServerSession, header: ImportSession, next_tensors: Callable[[], Awaitable[list[torch.Tensor]]]
+    ) -> None:
         """Reads the handed-over KV cache into the session's own slice, every chunk checked (shape,
         dtype, positions) and all of it against the signed digest."""
         span, batch = self.span, header.batch_size
@@ -438,14 +499,12 @@ class BlockHandler:
         heads, head_dim = span.config.num_key_value_heads, span.config.head_dim
         chunks, written = [], 0
         for _ in range(header.chunks):
-            message = await self._next(requests)
-            if message is None:
+            tensors = await next_tensors()
+            if not tensors:
                 raise bad_request(f"the export ended after {written} of {header.position} positions")
-            tensors = read_tensors(message, max_count=1)
-            chunk = tensors[0] if tensors else None
+            chunk = tensors[0]
             if (
-                chunk is None
-                or chunk.dtype != span.dtype
+                chunk.dtype != span.dtype
                 or chunk.ndim != 4
                 or tuple(chunk.shape[:2]) != (layers * 2 * batch, heads)
                 or chunk.shape[3] != head_dim
@@ -461,8 +520,7 @@ class BlockHandler:
             raise bad_request(f"the export carries {written} positions, not {header.position}")
         mask = None
         if header.masked:
-            message = await self._next(requests)
-            tensors = read_tensors(message, max_count=1) if message is not None else []
+            tensors = await next_tensors()
             if not tensors or tensors[0].dtype != torch.bool or tuple(tensors[0].shape) != (batch, header.position):
                 raise bad_request(f"the attention mask must be bool [{batch}, {header.position}]")
             mask = tensors[0]
@@ -501,6 +559,8 @@ class BlockHandler:
         """The session handed over here under `header.session_id`, for its own client only; released
         as any session is when its stream ends."""
         imported = self._imported.get(header.session_id)
+        if imported is None and header.from_tier:
+            imported = await self._from_tier(header, label)
         if imported is None:
             raise bad_request("no session was handed over here under this id")
         origin = imported.header

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import Awaitable, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -91,9 +91,11 @@ class Exporter:
         except asyncio.TimeoutError:
             return False
 
-    async def export(
-        self, session: ServerSession, start: int, end: int, target: ServerInfo
-    ) -> runtime_pb2.ExpertResponse:
+    async def package(
+        self, session: ServerSession, start: int, end: int, moved_to: str
+    ) -> tuple[ImportSession, list[torch.Tensor]]:
+        """What an import of `session` (blocks [start, end)) by `moved_to` needs: the signed header,
+        and the KV chunks [layers · 2 · batch, kv_heads, tokens, head_dim] then the mask, if any."""
         position = session.position
         per_token = self.kv_bytes_per_token() * session.batch * (end - start) // max(1, self.span_length())
         chunk_tokens = max(1, CHUNK_BYTES // max(1, per_token))
@@ -104,20 +106,17 @@ class Exporter:
         mask = session.mask[:, :position].contiguous() if session.mask is not None else None
         digest = await asyncio.to_thread(kv_digest, chunks, mask)
         precision = self.precision(session)
-        signature = sign(
-            self.signer,
-            export_message(
-                self.model,
-                start,
-                end,
-                session.key,
-                precision,
-                session.batch,
-                session.max_length,
-                position,
-                digest,
-                target.peer_id,
-            ),
+        message = export_message(
+            self.model,
+            start,
+            end,
+            session.key,
+            precision,
+            session.batch,
+            session.max_length,
+            position,
+            digest,
+            moved_to,
         )
         header = ImportSession(
             model=self.model,
@@ -136,15 +135,20 @@ class Exporter:
             chunks=len(chunks),
             masked=mask is not None,
             digest=digest,
-            signature=signature,
+            signature=sign(self.signer, message),
         )
+        return header, chunks + ([mask] if mask is not None else [])
+
+    async def export(
+        self, session: ServerSession, start: int, end: int, target: ServerInfo
+    ) -> runtime_pb2.ExpertResponse:
+        """Streams `session` to `target`; the client's `Moved` notice once `target` has taken it."""
+        header, tensors = await self.package(session, start, end, target.peer_id)
 
         async def requests():
             yield pack(header, [], request=True)
-            for chunk in chunks:
-                yield pack(None, [chunk], request=True)
-            if mask is not None:
-                yield pack(None, [mask], request=True)
+            for tensor in tensors:
+                yield pack(None, [tensor], request=True)
 
         record = target.record
         destination = await reach(self.p2p, target.peer_id, record.addrs, record.bridge_addrs, EXPORT_TIMEOUT)
@@ -154,17 +158,20 @@ class Exporter:
         logger.info(
             "session %s: handed %d positions (%.1f MiB of KV) to %s",
             session.key,
-            position,
-            sum(chunk.nbytes for chunk in chunks) / 2**20,
+            header.position,
+            sum(tensor.nbytes for tensor in tensors) / 2**20,
             target.peer_id,
         )
         return pack(
-            Moved(moved_to=target.peer_id, addrs=record.addrs, position=position, digest=digest, signature=signature),
+            Moved(
+                moved_to=target.peer_id,
+                addrs=record.addrs,
+                position=header.position,
+                digest=header.digest,
+                signature=header.signature,
+            ),
             request=False,
         )
-
-
-TargetFinder = Callable[[ServerSession, int, int], Awaitable[Optional[ServerInfo]]]
 
 
 def can_take(

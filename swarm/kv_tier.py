@@ -1,6 +1,8 @@
-"""The prefix cache's second tier: pages of KV that leave the pool go to Redis (`--kv-redis`), and a
-later session whose prompt starts the same takes them back instead of computing them again, on
-this server or on this server after a restart (the same `--identity`).
+"""The KV cache's second tier, Redis (`--kv-redis`): pages of the prefix cache that leave the pool go
+there, and a later session whose prompt starts the same takes them back instead of computing them
+again, on this server or on this server after a restart (the same `--identity`); a session idle too
+long goes there whole (`put_session`) and its client takes it up again from there, on this server or
+another that reaches the same Redis.
 
 Keys are the prefix cache's hash chains (`swarm.prefix_cache`), rooted in the model, the blocks, what
 the server computes in (dtype, quantization, adapter) and the client, so they say everything the KV
@@ -18,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
+import secrets
 from typing import Optional, Sequence
 
 import msgpack
@@ -32,6 +36,9 @@ logger = logging.getLogger(__name__)
 VERSION = 1
 KEY_PREFIX = "swarm:kv:"
 MAX_ENTRY_BYTES = 64 << 20  # a page bigger than this is not a page of this server's
+MAX_SESSION_BYTES = 1 << 30  # a session entry bigger than this is not one of a session this big
+SESSION_PREFIX = "swarm:session:"
+IDENTITY_KEY = "swarm:tier-id"
 MAX_CONNECTIONS = 4  # to Redis at once: many pages leaving the pool together wait their turn
 
 
@@ -56,6 +63,20 @@ class RedisTier:
         self.queries = 0  # pages looked for
         self.hits = 0  # pages taken back
         self._writes: set[asyncio.Task] = set()
+
+    async def identity(self) -> str:
+        """Which Redis this is, the same for every server that reaches the same one ("" if it cannot
+        be read): servers announce it, so that a client knows which of them can take a session back."""
+        try:
+            await self.client.set(IDENTITY_KEY, secrets.token_hex(8), nx=True)
+            value = await self.client.get(IDENTITY_KEY)
+        except Exception as e:
+            logger.warning(
+                "kv tier: Redis cannot be reached now (%s: %s); pages go nowhere until it can", type(e).__name__, e
+            )
+            return ""
+        text = value.decode() if isinstance(value, bytes) else str(value or "")
+        return text if re.fullmatch(r"[0-9a-f]{16}", text) else ""
 
     def put_later(self, key: bytes, page: torch.Tensor) -> None:
         """Writes `page` under `key` in the background (a page leaving the pool must not wait for Redis)."""
@@ -137,6 +158,47 @@ class RedisTier:
         if list(page.shape) != list(shape) or page.dtype != dtype:
             return None
         return page
+
+    async def put_session(self, session_id: str, header: dict, tensors: Sequence[torch.Tensor]) -> bool:
+        """Keeps an idle session handed to the tier: its `ImportSession` header (whose signature and
+        digest cover all of it, checked by whoever takes it back) and its KV chunks and mask."""
+        payload = await asyncio.to_thread(
+            safetensors.torch.save, {f"t{i}": t.contiguous() for i, t in enumerate(tensors)}
+        )
+        entry = msgpack.packb(
+            {"v": VERSION, "header": header, "count": len(tensors), "payload": payload}, use_bin_type=True
+        )
+        try:
+            async with self._writing:
+                await self.client.set(SESSION_PREFIX + session_id, entry, ex=self.ttl)
+        except Exception as e:
+            logger.info("kv tier: could not keep session %s: %s: %s", session_id, type(e).__name__, e)
+            return False
+        return True
+
+    async def take_session(self, session_id: str) -> Optional[tuple[dict, list[torch.Tensor]]]:
+        """A session kept by `put_session`, once (it is deleted as it is taken): (its header as stored,
+        its tensors), or None. What they are worth is for the taker to check against the signature."""
+        try:
+            value = await self.client.getdel(SESSION_PREFIX + session_id)
+        except Exception as e:
+            logger.info("kv tier: could not read session %s: %s: %s", session_id, type(e).__name__, e)
+            return None
+        if value is None or len(value) > MAX_SESSION_BYTES:
+            return None
+        try:
+            entry = msgpack.unpackb(value, raw=False)
+            count, header = int(entry["count"]), entry["header"]
+            tensors = await asyncio.to_thread(safetensors.torch.load, entry["payload"])
+            if (
+                entry.get("v") != VERSION
+                or not isinstance(header, dict)
+                or sorted(tensors) != sorted(f"t{i}" for i in range(count))
+            ):
+                return None
+            return header, [tensors[f"t{i}"] for i in range(count)]
+        except Exception:
+            return None
 
     async def flush(self) -> None:
         """Waits for the writes in flight (a server about to leave)."""

@@ -36,9 +36,11 @@ from protocol.messages import (
     RPC_PUSH,
     RPC_PUSH_STREAM,
     Hop,
+    Moved,
     error_response,
+    pack,
 )
-from protocol.receipts import public_key_hex
+from protocol.receipts import TIER_TARGET, public_key_hex
 from protocol.tensors import cap_incoming_messages
 from swarm import __version__
 from swarm.batching import StepScheduler
@@ -117,6 +119,7 @@ class Server:
         self.handler: Optional[BlockHandler] = None
         self.exporter: Optional[Exporter] = None
         self.tier: Optional[RedisTier] = None  # the prefix cache's second tier (--kv-redis)
+        self.tier_id = ""  # which Redis that is, as servers sharing it announce
         self.p2p: Optional[P2P] = None
         self._stop = asyncio.Event()
         self._force_stop = asyncio.Event()
@@ -340,7 +343,10 @@ class Server:
             receipt_key_of=self._receipt_key_of,
             move_session=self._move_on_request,
             kv_tier=self._kv_tier(),
+            spill_session=self._spill_session if self.options.kv_redis else None,
         )
+        if self.tier is not None:
+            self.tier_id = await self.tier.identity()
         p2p = self.p2p = await dht.replicate_p2p()
         self.exporter = Exporter(
             p2p,
@@ -381,6 +387,30 @@ class Server:
             logger.warning("--kv-redis holds prefix-cache pages, and --no-prefix-cache keeps none: it stays unused")
         self.tier = RedisTier(self.options.kv_redis, self.receipt_signer, self.options.kv_redis_ttl)
         return self.tier
+
+    async def _spill_session(self, session: ServerSession) -> Optional[runtime_pb2.ExpertResponse]:
+        """A session idle past --session-timeout goes to the KV tier instead of being dropped: its
+        client's notice (`Moved`, tier) or None where it cannot (then it is closed as before)."""
+        movable = session in self.handler.movable_sessions()
+        if self.tier is None or self.exporter is None or not movable:
+            return None
+        try:
+            header, tensors = await self.exporter.package(session, *session.blocks, TIER_TARGET)
+        except Exception as e:
+            logger.info("session %s: could not keep it in the KV tier: %s: %s", session.key, type(e).__name__, e)
+            return None
+        if not await self.tier.put_session(session.key, header.model_dump(mode="json"), tensors):
+            return None
+        logger.info("session %s idle: kept in the KV tier at position %d", session.key, header.position)
+        notice = Moved(
+            moved_to=self.dht.peer_id,
+            addrs=tuple(self.dht.visible_maddrs()[:16]),
+            position=header.position,
+            digest=header.digest,
+            signature=header.signature,
+            tier=True,
+        )
+        return pack(notice, request=False)
 
     async def _spill_prefixes(self) -> None:
         """Copies every prefix page to the second tier (before the pool goes: a move, or exit)."""
@@ -607,6 +637,7 @@ class Server:
             quant=self.options.quant,
             adapters=tuple(self.adapter_paths),
             role=self.options.role,
+            kv_tier=self.tier_id,
             client_adapter_bytes=self.limits.max_client_adapter_bytes,
             hardware=describe_device(self.options.device),
             region=self.options.region,

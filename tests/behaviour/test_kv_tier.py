@@ -50,3 +50,36 @@ def test_prompt_pages_come_back_from_redis_after_eviction_and_after_a_restart(mo
                 for key in keys:
                     raw.set(key, b"garbage")
                 assert run(model, ref6, first) == 0
+
+
+def test_an_idle_session_goes_to_redis_and_on_from_there_even_when_its_server_is_gone(model6, ref6, tmp_path):
+    """Idle past --session-timeout, a session is kept in Redis instead of dropped: its client goes on
+    from there, on the same server, or on another that shares the Redis when that one has died."""
+    import signal
+    import time
+
+    from tests.helpers.models import wait_for_route
+
+    ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(3))
+    expected = ref6.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
+    with RedisServer() as store:
+        args = ["--kv-redis", store.url, "--session-timeout", "2"]
+        with LocalSwarm(model6, [], workdir=tmp_path / "swarm") as swarm:
+            first = swarm.add_server(0, 6, *args, "--throughput", "100000")
+            second = swarm.add_server(0, 6, *args, "--throughput", "10")
+            with AutoDistributedModelForCausalLM.from_pretrained(
+                model6, swarm.initial_peers, verify=0, request_timeout=10
+            ) as model:
+                wait_for_route(model, first.peer_id)
+                with model.inference_session(max_length=ids.shape[1] + 30) as session:
+                    model.generate(ids, max_new_tokens=10, session=session)
+                    time.sleep(4)  # idle: the session goes to Redis, and on from there on the same server
+                    model.generate(None, max_new_tokens=10, session=session)
+                    assert session.chain == [(first.peer_id, 0, 6)] and session.moves == 1
+                    time.sleep(4)  # idle again; then its server dies
+                    first.signal(signal.SIGKILL)
+                    output = model.generate(None, max_new_tokens=10, session=session)
+                    assert session.chain == [(second.peer_id, 0, 6)]
+                    assert session.moves >= 2 and session.replayed_tokens == 0
+                assert model.convicted == {}
+    assert torch.equal(output, expected)
