@@ -122,8 +122,8 @@ class PooledCache:
         self._pool.give_back(self._start + keep, self._size - keep)
         return self._start
 
-    def export(self, position: int, chunk_tokens: int, first: int, count: int) -> list[torch.Tensor]:
-        """Copies of positions [0, position) of layers [first, first + count), `chunk_tokens` at a
+    def export(self, position: int, chunk_tokens: int, first: int, count: int, begin: int = 0) -> list[torch.Tensor]:
+        """Copies of positions [begin, position) of layers [first, first + count), `chunk_tokens` at a
         time, on the host: [count, 2, batch, kv_heads, tokens, head_dim] each (what another server
         takes with `write_layers`)."""
         if self._released or any(length < position for length in self._lengths[first : first + count]):
@@ -131,7 +131,7 @@ class PooledCache:
         layers = self._views[first : first + count]
         return [
             layers[:, :, :, :, start : min(start + chunk_tokens, position)].to("cpu", copy=True).contiguous()
-            for start in range(0, position, chunk_tokens)
+            for start in range(begin, position, chunk_tokens)
         ]
 
     def write_layers(self, chunk: torch.Tensor, at: int, first: int) -> None:

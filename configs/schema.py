@@ -271,6 +271,12 @@ class ServerOptions(NetworkOptions):
         "or after its restart with the same --identity; entries are signed, checked and expire",
     )
     kv_redis_ttl: float = Field(86400.0, gt=0, description="seconds a page stays in --kv-redis")
+    kv_host_mbytes: float = Field(
+        0.0,
+        ge=0,
+        description="host memory for prefix pages that leave the pool, before --kv-redis (for a pool on an "
+        "accelerator: --device cuda or mps; 0: none)",
+    )
     prefix_cache_tokens: Optional[int] = Field(
         None, gt=0, description="most tokens the prefix cache may keep (default: all of --cache-tokens)"
     )

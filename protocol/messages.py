@@ -7,6 +7,7 @@ carries one of the typed models below. Readers validate headers before acting on
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Optional, Sequence
 
 import msgpack
@@ -150,12 +151,45 @@ class PushFailed(_Header):
     reason: str = Field(default="", max_length=1024)
 
 
+MAX_PREFIX_KEYS = 512  # prompt blocks an import names (8 192 tokens): the header stays far below its cap
+
+_PREFIX_KEY = r"^[0-9a-f]{64}$"
+
+
+class ImportProbe(_Header):
+    """An optional first message of `rpc_import`: the exporter names the prefix-cache keys of the
+    session's prompt blocks (`swarm.prefix_cache.block_keys`, hex), and the importer answers
+    `ImportHeld` with how many of their tokens its own prefix cache holds (kept for this import):
+    the `ImportSession` that follows then carries only the rest."""
+
+    start_block: int = Field(ge=0)  # the session's first block (only a server announcing it may ask)
+    probe_keys: tuple[str, ...] = Field(min_length=1, max_length=MAX_PREFIX_KEYS)
+
+    @field_validator("probe_keys")
+    @classmethod
+    def _hex_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_keys(keys)
+
+
+class ImportHeld(_Header):
+    tokens: int = Field(ge=0)  # the prompt's first `tokens` positions are cached here already
+
+
+def _check_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
+    for key in keys:
+        if not re.fullmatch(_PREFIX_KEY, key):
+            raise ValueError("a prefix key is 64 lowercase hex digits")
+    return keys
+
+
 class ImportSession(_Header):
-    """First message of `rpc_import`: server `exporter` hands its client `owner`'s open session
-    `session_id` (blocks, batch, length, position, what it computes in: `precision`) to this server.
-    Its KV cache follows in `chunks` messages of [layers · 2 · batch, kv_heads, tokens, head_dim] (and
-    a last one with the boolean attention mask [batch, position], if the session has one). `digest` covers all
-    of it in order and `signature` is the exporter's receipt key's over `export_message()`."""
+    """First message of `rpc_import` (after an `ImportProbe`, if any): server `exporter` hands its
+    client `owner`'s open session `session_id` (blocks, batch, length, position, what it computes in:
+    `precision`) to this server. Its KV cache from position `skip` on follows in `chunks` messages of
+    [layers · 2 · batch, kv_heads, tokens, head_dim] (and a last one with the boolean attention mask
+    [batch, position], if the session has one); positions [0, skip) are the importer's own cached
+    prefix of the prompt whose block keys are `prefix_keys`. `digest` covers the keys, `skip` and the
+    tensors in order, and `signature` is the exporter's receipt key's over `export_message()`."""
 
     model: str = Field(max_length=160)
     start_block: int = Field(ge=0)
@@ -172,8 +206,15 @@ class ImportSession(_Header):
     last_step_id: int = Field(default=0, ge=0)
     chunks: int = Field(ge=0, le=1 << 16)
     masked: bool = False
+    skip: int = Field(default=0, ge=0)
+    prefix_keys: tuple[str, ...] = Field(default=(), max_length=MAX_PREFIX_KEYS)
     digest: str = Field(pattern=r"^[0-9a-f]{64}$")
     signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+    @field_validator("prefix_keys")
+    @classmethod
+    def _hex_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_keys(keys)
 
 
 class MoveSession(_Header):

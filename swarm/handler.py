@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -35,6 +35,8 @@ from protocol.messages import (
     PREFIX_BLOCK_TOKENS,
     ForwardRequest,
     Hop,
+    ImportHeld,
+    ImportProbe,
     ImportSession,
     OpenSession,
     Push,
@@ -53,9 +55,9 @@ from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_diges
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.handover import kv_digest
-from swarm.kv_tier import RedisTier
+from swarm.kv_tier import HostTier, RedisTier
 from swarm.metrics import ServerMetrics
-from swarm.prefix_cache import block_keys, prefix_root
+from swarm.prefix_cache import Page, block_keys, prefix_root
 from swarm.push import LocalPush, PushStream
 from swarm.quotas import PeerLimits, PeerQuotas
 from swarm.sessions import ServerSession
@@ -117,6 +119,7 @@ class BlockHandler:
         move_session: Optional[Callable[[ServerSession, str], Awaitable[tuple[Any, bool]]]] = None,
         kv_tier: Optional[RedisTier] = None,
         spill_session: Optional[Callable[[ServerSession], Awaitable[Any]]] = None,
+        host_tier: Optional[HostTier] = None,
     ):
         self.model = model
         self.span: Optional[BlockSpan] = None  # None while the server moves to other blocks
@@ -140,10 +143,12 @@ class BlockHandler:
         self.receipt_key_of = receipt_key_of  # (peer, one of its blocks) -> the receipt key it announces
         self.move_session = move_session  # hands a session to the server its client names (`MoveSession`)
         self.tier = kv_tier  # where prefix pages leaving the pool go, and come back from
+        self.host_tier = host_tier  # the same in host memory first (a pool on an accelerator)
         self.spill_session = spill_session  # an idle session to the tier: the client's notice, or None
-        if kv_tier is not None:
+        if kv_tier is not None or host_tier is not None:
             loop = asyncio.get_running_loop()
-            budget.on_evict = lambda key, page: loop.call_soon_threadsafe(kv_tier.put_later, key, page)
+            keep = host_tier.put if host_tier is not None else kv_tier.put_later
+            budget.on_evict = lambda key, page: loop.call_soon_threadsafe(keep, key, page)
         self.serve_span(span)
 
     @property
@@ -373,23 +378,41 @@ class BlockHandler:
         first = await self._next(requests)
         if first is None:
             return
-        header = read_header(first, ImportSession)
-        label.session = header.session_id
-        if header.exporter != str(label.peer):
-            raise bad_request("a session is handed over by the server that held it, not by another peer")
-        key = await self.receipt_key_of(header.exporter, header.start_block)
+        probe, pages = _probe(first), []
+        prefixes = self.budget.prefixes
+        try:
+            if probe is not None:  # what of the prompt is cached here already: kept for this import
+                if not await self.receipt_key_of(str(label.peer), probe.start_block):
+                    raise bad_request("only a server announcing the session's blocks may hand it over")
+                if prefixes is not None:
+                    pages = prefixes.match([bytes.fromhex(key) for key in probe.probe_keys])
+                yield pack(ImportHeld(tokens=len(pages) * PREFIX_BLOCK_TOKENS), request=False)
+                first = await self._next(requests)
+                if first is None:
+                    return
+            header = read_header(first, ImportSession)
+            label.session = header.session_id
+            if header.exporter != str(label.peer):
+                raise bad_request("a session is handed over by the server that held it, not by another peer")
+            if probe is not None and header.prefix_keys[: len(pages)] != probe.probe_keys[: len(pages)]:
+                raise bad_request("the handed-over session's prompt keys are not those it asked about")
+            key = await self.receipt_key_of(header.exporter, header.start_block)
 
-        async def next_tensors() -> list[torch.Tensor]:
-            message = await self._next(requests)
-            return read_tensors(message, max_count=1) if message is not None else []
+            async def next_tensors() -> list[torch.Tensor]:
+                message = await self._next(requests)
+                return read_tensors(message, max_count=1) if message is not None else []
 
-        await self._accept(header, key, self.peer_id, next_tensors)
+            await self._accept(header, key, self.peer_id, next_tensors, pages)
+        finally:
+            if pages:
+                prefixes.unpin(pages)
         logger.info(
-            "session %s of %s imported from %s at position %d",
+            "session %s of %s imported from %s at position %d (%d positions from this server's prefix cache)",
             header.session_id,
             header.owner,
             label.peer,
             header.position,
+            header.skip,
         )
         yield pack(SessionImported(session_id=header.session_id), request=False)
 
@@ -399,11 +422,19 @@ class BlockHandler:
         exporter_key: str,
         signed_to: str,
         next_tensors: Callable[[], Awaitable[list[torch.Tensor]]],
+        pages: Sequence[Page] = (),
     ) -> _Imported:
         """Takes a handed-over session once everything about it is checked (model, blocks, precision,
         positions, the exporter's signature with `exporter_key` for `signed_to`, every chunk, the
-        digest), into a cache reserved under its client's quotas, and keeps it for that client."""
+        digest), into a cache reserved under its client's quotas, and keeps it for that client. Its
+        first `header.skip` positions are the prefix cache's `pages`, this server's own."""
         self._check_open(header, header.batch_size, header.max_length)
+        if (
+            header.skip % PREFIX_BLOCK_TOKENS
+            or header.skip > min(len(pages), len(header.prefix_keys)) * PREFIX_BLOCK_TOKENS
+            or header.skip > header.position
+        ):
+            raise bad_request(f"{header.skip} positions cannot come from this server's prefix cache")
         adapter = self._served_adapter(header.adapter, header.start_block, header.end_block)
         if header.precision != self._precision(adapter):
             raise bad_request(f"the session computes in {header.precision}; this server in {self._precision(adapter)}")
@@ -442,7 +473,7 @@ class BlockHandler:
         )
         held.callback(session.release)
         try:
-            await self._receive_kv(session, header, next_tensors)
+            await self._receive_kv(session, header, next_tensors, pages[: header.skip // PREFIX_BLOCK_TOKENS])
         except BaseException:
             held.close()
             raise
@@ -450,6 +481,7 @@ class BlockHandler:
         session.last_step_id = header.last_step_id
         session.adapter = adapter
         session.blocks = (header.start_block, header.end_block)
+        session.prompt_keys = [bytes.fromhex(key) for key in header.prefix_keys]
         session.computed = True
         if self.move_session is not None:
             session.mover = lambda peer_id: self.move_session(session, peer_id)
@@ -489,15 +521,19 @@ class BlockHandler:
         return imported
 
     async def _receive_kv(
-        self, session: ServerSession, header: ImportSession, next_tensors: Callable[[], Awaitable[list[torch.Tensor]]]
+        self,
+        session: ServerSession,
+        header: ImportSession,
+        next_tensors: Callable[[], Awaitable[list[torch.Tensor]]],
+        pages: Sequence[Page],
     ) -> None:
-        """Reads the handed-over KV cache into the session's own slice, every chunk checked (shape,
-        dtype, positions) and all of it against the signed digest."""
+        """Reads the handed-over KV cache into the session's own slice after the prefix cache's `pages`,
+        every chunk checked (shape, dtype, positions) and all of it against the signed digest."""
         span, batch = self.span, header.batch_size
         layers = header.end_block - header.start_block
         first_layer = header.start_block - span.start
         heads, head_dim = span.config.num_key_value_heads, span.config.head_dim
-        chunks, written = [], 0
+        chunks, written = [], header.skip
         for _ in range(header.chunks):
             tensors = await next_tensors()
             if not tensors:
@@ -524,11 +560,18 @@ class BlockHandler:
             if not tensors or tensors[0].dtype != torch.bool or tuple(tensors[0].shape) != (batch, header.position):
                 raise bad_request(f"the attention mask must be bool [{batch}, {header.position}]")
             mask = tensors[0]
-        if await off_loop(lambda: kv_digest(chunks, mask), sum(c.nbytes for c in chunks)) != header.digest:
+        digest = await off_loop(
+            lambda: kv_digest(chunks, mask, header.prefix_keys, header.skip), sum(c.nbytes for c in chunks)
+        )
+        if digest != header.digest:
             raise bad_request("the KV cache handed over does not match its signed digest")
 
         def write() -> None:
-            at = 0
+            if pages:
+                session.cache.fill(
+                    torch.cat([torch.arange(page.start, page.start + PREFIX_BLOCK_TOKENS) for page in pages])
+                )
+            at = header.skip
             for chunk in chunks:
                 tokens = chunk.shape[2]
                 view = chunk.view(layers, 2, batch, heads, tokens, head_dim)
@@ -586,6 +629,8 @@ class BlockHandler:
         finally:
             for stream in session.push_streams.values():
                 stream.close()
+            if ok:
+                self._keep_prompt(session)
             imported.held.close()
             self._forget(session)
             if session.timing is not None:
@@ -705,10 +750,14 @@ class BlockHandler:
         finally:
             prefixes.unpin(pages)
         session.position = len(pages) * PREFIX_BLOCK_TOKENS
-        if self.tier is not None and len(pages) < len(wanted):  # what left the pool, from the second tier
+        if (self.tier is not None or self.host_tier is not None) and len(pages) < len(wanted):
+            # what left the pool: from host memory first, then from Redis
             span, config = self.span, self.span.config
             shape = (len(span), 2, config.num_key_value_heads, PREFIX_BLOCK_TOKENS, config.head_dim)
-            taken = await self.tier.take(wanted[len(pages) :], shape, span.dtype)
+            rest = wanted[len(pages) :]
+            taken = self.host_tier.take(rest, shape, span.dtype) if self.host_tier is not None else []
+            if self.tier is not None and len(taken) < len(rest):
+                taken += await self.tier.take(rest[len(taken) :], shape, span.dtype)
 
             def write() -> None:
                 for page in taken:
@@ -1021,3 +1070,8 @@ class BlockHandler:
             if ((mask != 0) & (mask != 1)).any():
                 raise bad_request("attention mask may hold only 0 and 1")
         return hidden, mask
+
+
+def _probe(message: runtime_pb2.ExpertRequest) -> Optional[ImportProbe]:
+    """An import's first message as an `ImportProbe` (checked), or None if it is the `ImportSession`."""
+    return read_header(message, ImportProbe) if b"probe_keys" in message.metadata else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -24,7 +24,18 @@ from hivemind.proto import runtime_pb2
 
 from bridge.dial import iterate, reach
 from dht.records import ServerInfo, ServerState
-from protocol.messages import RPC_IMPORT, ImportSession, Moved, SessionImported, pack, read_header
+from protocol.messages import (
+    MAX_PREFIX_KEYS,
+    PREFIX_BLOCK_TOKENS,
+    RPC_IMPORT,
+    ImportHeld,
+    ImportProbe,
+    ImportSession,
+    Moved,
+    SessionImported,
+    pack,
+    read_header,
+)
 from protocol.receipts import export_message, sign
 from swarm.sessions import ServerSession
 
@@ -35,9 +46,14 @@ EXPORT_TIMEOUT = 60.0  # seconds one export may take, dial included
 BOUNDARY_TIMEOUT = 30.0  # seconds a session may take to finish the step it is computing before it moves
 
 
-def kv_digest(chunks: list[torch.Tensor], mask: Optional[torch.Tensor]) -> str:
-    """SHA-256 over an export's tensors in order: shapes, dtypes and bytes."""
+def kv_digest(
+    chunks: list[torch.Tensor], mask: Optional[torch.Tensor], prefix_keys: Sequence[str] = (), skip: int = 0
+) -> str:
+    """SHA-256 over an export's tensors in order (shapes, dtypes and bytes), after the prompt's block
+    keys and the positions the importer had cached, when there are any."""
     digest = hashlib.sha256()
+    if prefix_keys or skip:
+        digest.update(f"skip {skip}|{','.join(prefix_keys)}|".encode())
     for tensor in [*chunks, *([mask] if mask is not None else [])]:
         digest.update(f"{list(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
@@ -92,19 +108,21 @@ class Exporter:
             return False
 
     async def package(
-        self, session: ServerSession, start: int, end: int, moved_to: str
+        self, session: ServerSession, start: int, end: int, moved_to: str, skip: int = 0
     ) -> tuple[ImportSession, list[torch.Tensor]]:
         """What an import of `session` (blocks [start, end)) by `moved_to` needs: the signed header,
-        and the KV chunks [layers · 2 · batch, kv_heads, tokens, head_dim] then the mask, if any."""
+        and the KV chunks [layers · 2 · batch, kv_heads, tokens, head_dim] of positions [skip, position)
+        then the mask, if any (the importer holds the prompt's first `skip` positions already)."""
         position = session.position
         per_token = self.kv_bytes_per_token() * session.batch * (end - start) // max(1, self.span_length())
         chunk_tokens = max(1, CHUNK_BYTES // max(1, per_token))
         first, count = start - self.span_start(), end - start
-        exported = await asyncio.to_thread(session.cache.export, position, chunk_tokens, first, count)
+        exported = await asyncio.to_thread(session.cache.export, position, chunk_tokens, first, count, skip)
         # [layers · 2 · batch, kv_heads, tokens, head_dim]: four dimensions, as messages carry
         chunks = [chunk.reshape(-1, *chunk.shape[3:]) for chunk in exported]
         mask = session.mask[:, :position].contiguous() if session.mask is not None else None
-        digest = await asyncio.to_thread(kv_digest, chunks, mask)
+        keys = prompt_keys(session)
+        digest = await asyncio.to_thread(kv_digest, chunks, mask, keys, skip)
         precision = self.precision(session)
         message = export_message(
             self.model,
@@ -134,6 +152,8 @@ class Exporter:
             last_step_id=session.last_step_id,
             chunks=len(chunks),
             masked=mask is not None,
+            skip=skip,
+            prefix_keys=keys,
             digest=digest,
             signature=sign(self.signer, message),
         )
@@ -142,10 +162,19 @@ class Exporter:
     async def export(
         self, session: ServerSession, start: int, end: int, target: ServerInfo
     ) -> runtime_pb2.ExpertResponse:
-        """Streams `session` to `target`; the client's `Moved` notice once `target` has taken it."""
-        header, tensors = await self.package(session, start, end, target.peer_id)
+        """Streams `session` to `target` (only what `target` does not cache of its prompt already);
+        the client's `Moved` notice once `target` has taken it."""
+        keys = prompt_keys(session)
+        held: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        packaged: asyncio.Future[ImportSession] = asyncio.get_running_loop().create_future()
 
         async def requests():
+            skip = 0
+            if keys:
+                yield pack(ImportProbe(start_block=start, probe_keys=keys), request=True)
+                skip = await held
+            header, tensors = await self.package(session, start, end, target.peer_id, skip)
+            packaged.set_result(header)
             yield pack(header, [], request=True)
             for tensor in tensors:
                 yield pack(None, [tensor], request=True)
@@ -153,14 +182,24 @@ class Exporter:
         record = target.record
         destination = await reach(self.p2p, target.peer_id, record.addrs, record.bridge_addrs, EXPORT_TIMEOUT)
         replies = await iterate(self.p2p, destination, RPC_IMPORT, requests())
-        reply = await anext(replies)
-        read_header(reply, SessionImported)
+        try:
+            if keys:
+                tokens = read_header(await anext(replies), ImportHeld).tokens
+                if tokens > len(keys) * PREFIX_BLOCK_TOKENS or tokens % PREFIX_BLOCK_TOKENS:
+                    raise ValueError(f"{target.peer_id} claims {tokens} cached positions of {session.position}")
+                held.set_result(tokens)
+            read_header(await anext(replies), SessionImported)
+        finally:
+            held.cancel()  # a failed import: the stream's writer stops waiting
+            await replies.aclose()
+        header = packaged.result()
         logger.info(
-            "session %s: handed %d positions (%.1f MiB of KV) to %s",
+            "session %s: handed %d positions to %s (%d of them sent, %d cached there)",
             session.key,
             header.position,
-            sum(tensor.nbytes for tensor in tensors) / 2**20,
             target.peer_id,
+            header.position - header.skip,
+            header.skip,
         )
         return pack(
             Moved(
@@ -172,6 +211,15 @@ class Exporter:
             ),
             request=False,
         )
+
+
+def prompt_keys(session: ServerSession) -> tuple[str, ...]:
+    """The prefix-cache keys (hex) of the prompt blocks `session` holds as computed from its prompt
+    (none for a batch: the prefix cache keeps batches of one only)."""
+    if session.batch != 1:
+        return ()
+    blocks = min(session.kept_prompt_tokens(PREFIX_BLOCK_TOKENS) // PREFIX_BLOCK_TOKENS, MAX_PREFIX_KEYS)
+    return tuple(key.hex() for key in session.prompt_keys[:blocks])
 
 
 def can_take(

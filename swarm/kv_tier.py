@@ -18,6 +18,7 @@ a wrong token. The payload is safetensors, never a pickle.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import re
@@ -211,3 +212,49 @@ class RedisTier:
             await self.client.aclose()
         except Exception:
             pass
+
+
+class HostTier:
+    """Prefix pages that leave a pool on an accelerator, kept in host memory first (`--kv-host-mbytes`):
+    the least recently used go on to Redis when the budget is full (or nowhere, without one)."""
+
+    def __init__(self, max_bytes: int, next_tier: Optional[RedisTier] = None):
+        self.max_bytes = max_bytes
+        self.next_tier = next_tier
+        self.pages: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+
+    def put(self, key: bytes, page: torch.Tensor) -> None:
+        """Keeps `page` (on the host), pushing the least recently used out while over budget."""
+        old = self.pages.pop(key, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+        self.pages[key] = page
+        self.bytes += page.nbytes
+        while self.bytes > self.max_bytes and self.pages:
+            evicted, tensor = self.pages.popitem(last=False)
+            self.bytes -= tensor.nbytes
+            if self.next_tier is not None:
+                self.next_tier.put_later(evicted, tensor)
+
+    def take(self, keys: Sequence[bytes], shape: Sequence[int], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The pages of the longest prefix of `keys` held here (they leave: the session that takes
+        them keeps them in the pool)."""
+        pages = []
+        for key in keys:
+            page = self.pages.get(key)
+            if page is None or list(page.shape) != list(shape) or page.dtype != dtype:
+                break
+            pages.append(self.pages.pop(key))
+            self.bytes -= page.nbytes
+        self.hits += len(pages)
+        return pages
+
+    def spill_all(self) -> None:
+        """Every page on to Redis (a server about to leave)."""
+        while self.pages and self.next_tier is not None:
+            key, tensor = self.pages.popitem(last=False)
+            self.next_tier.put_later(key, tensor)
+        self.pages.clear()
+        self.bytes = 0

@@ -51,7 +51,7 @@ from swarm.coordinator import Coordinator
 from swarm.handler import BlockHandler, Limits
 from swarm.handover import EXPORT_TIMEOUT, Exporter, can_take, handover_target
 from swarm.hardware import describe_device, release_memory
-from swarm.kv_tier import RedisTier
+from swarm.kv_tier import HostTier, RedisTier
 from swarm.load_control import LoadControl, LoadPolicy
 from swarm.metrics import ServerMetrics
 from swarm.network import measure_bandwidth
@@ -118,7 +118,8 @@ class Server:
         self.dht: Optional[SwarmDHT] = None
         self.handler: Optional[BlockHandler] = None
         self.exporter: Optional[Exporter] = None
-        self.tier: Optional[RedisTier] = None  # the prefix cache's second tier (--kv-redis)
+        self.tier: Optional[RedisTier] = None  # the prefix cache's Redis tier (--kv-redis)
+        self.host_tier: Optional[HostTier] = None  # ... and its host-memory tier before it (--kv-host-mbytes)
         self.tier_id = ""  # which Redis that is, as servers sharing it announce
         self.p2p: Optional[P2P] = None
         self._stop = asyncio.Event()
@@ -344,6 +345,7 @@ class Server:
             move_session=self._move_on_request,
             kv_tier=self._kv_tier(),
             spill_session=self._spill_session if self.options.kv_redis else None,
+            host_tier=self.host_tier,
         )
         if self.tier is not None:
             self.tier_id = await self.tier.identity()
@@ -381,11 +383,13 @@ class Server:
         return p2p
 
     def _kv_tier(self) -> Optional[RedisTier]:
-        if not self.options.kv_redis:
-            return None
-        if not self.options.prefix_cache:
-            logger.warning("--kv-redis holds prefix-cache pages, and --no-prefix-cache keeps none: it stays unused")
-        self.tier = RedisTier(self.options.kv_redis, self.receipt_signer, self.options.kv_redis_ttl)
+        """The KV cache's tiers beyond the pool: host memory (`self.host_tier`), then Redis (returned)."""
+        if self.options.kv_redis:
+            self.tier = RedisTier(self.options.kv_redis, self.receipt_signer, self.options.kv_redis_ttl)
+        if self.options.kv_host_mbytes > 0:
+            self.host_tier = HostTier(int(self.options.kv_host_mbytes * 2**20), self.tier)
+        if (self.tier or self.host_tier) and not self.options.prefix_cache:
+            logger.warning("the KV tiers hold prefix-cache pages, and --no-prefix-cache keeps none")
         return self.tier
 
     async def _spill_session(self, session: ServerSession) -> Optional[runtime_pb2.ExpertResponse]:
@@ -413,13 +417,17 @@ class Server:
         return pack(notice, request=False)
 
     async def _spill_prefixes(self) -> None:
-        """Copies every prefix page to the second tier (before the pool goes: a move, or exit)."""
+        """Copies every prefix page to the tiers (before the pool goes: a move, or exit), and what host
+        memory holds on to Redis."""
         prefixes = self.budget.prefixes
-        if self.tier is not None and prefixes is not None:
-            spilled = prefixes.spill_all()
-            await asyncio.sleep(0)  # the copies' writes are scheduled on this loop
-            await self.tier.flush()
-            logger.info("kv tier: %d prefix page(s) kept in Redis", spilled)
+        if self.tier is None or prefixes is None:
+            return
+        spilled = prefixes.spill_all()
+        await asyncio.sleep(0)  # the copies are handed over on this loop
+        if self.host_tier is not None:
+            self.host_tier.spill_all()
+        await self.tier.flush()
+        logger.info("kv tier: %d prefix page(s) kept in Redis", spilled)
 
     async def _receipt_key_of(self, peer_id: str, block: int) -> str:
         """The receipt key `peer_id` announces in its record of `block` ("" if it announces none)."""

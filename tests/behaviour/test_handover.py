@@ -17,7 +17,15 @@ from client import AutoDistributedModelForCausalLM
 from client.streams import connect
 from harness.local_swarm import LocalSwarm
 from protocol.errors import WireError
-from protocol.messages import RPC_IMPORT, RPC_INFERENCE, ImportSession, OpenSession, pack, read_header
+from protocol.messages import (
+    RPC_IMPORT,
+    RPC_INFERENCE,
+    ImportProbe,
+    ImportSession,
+    OpenSession,
+    pack,
+    read_header,
+)
 from tests.helpers.client_worker import prompt
 from tests.helpers.models import reference_model, wait_for_route
 
@@ -125,6 +133,11 @@ def test_a_forged_handover_and_a_stranger_s_resume_are_refused(long_model, tmp_p
             stranger = plan.peer_id  # any peer id but the caller's own
             assert "not by another peer" in refusal(RPC_IMPORT, ImportSession(**{**header, "exporter": stranger}))
             assert "not signed by the server that announces it" in refusal(RPC_IMPORT, ImportSession(**header))
+            # Nor may a client ask what the server's prefix cache holds, or claim positions from it.
+            probe = ImportProbe(start_block=0, probe_keys=("a" * 64,))
+            assert "only a server announcing the session's blocks" in refusal(RPC_IMPORT, probe)
+            skipping = ImportSession(**{**header, "skip": 16, "prefix_keys": ("a" * 64,)})
+            assert "16 positions cannot come from this server's prefix cache" in refusal(RPC_IMPORT, skipping)
             resume = OpenSession(
                 model=remote.model_name,
                 start_block=0,

@@ -83,3 +83,16 @@ def test_an_idle_session_goes_to_redis_and_on_from_there_even_when_its_server_is
                     assert session.moves >= 2 and session.replayed_tokens == 0
                 assert model.convicted == {}
     assert torch.equal(output, expected)
+
+
+def test_pages_that_leave_the_pool_wait_in_host_memory_first(model6, ref6, tmp_path):
+    """--kv-host-mbytes (meant for a pool on an accelerator; the same code on a CPU pool): evicted pages
+    come back from host memory, without any Redis."""
+    first = torch.randint(3, 100, (1, 68), generator=torch.Generator().manual_seed(4))
+    second = torch.randint(3, 100, (1, 68), generator=torch.Generator().manual_seed(5))
+    args = ["--prefix-cache-tokens", "64", "--kv-host-mbytes", "16"]
+    with LocalSwarm(model6, [(0, 6)], server_args=args, workdir=tmp_path / "swarm") as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, verify=0) as model:
+            assert run(model, ref6, first) == 0
+            assert run(model, ref6, second) == 0  # the first prompt's pages go to host memory
+            assert run(model, ref6, first) == 64  # and come back from there

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dht.records import ServerInfo, ServerRecord
-from swarm.handover import handover_target, kv_digest
+from swarm.handover import handover_target, kv_digest, prompt_keys
 from swarm.sessions import ServerSession
 from tests.helpers.records import record_wire
 
@@ -56,3 +56,18 @@ def test_the_digest_covers_every_tensor_and_the_mask():
     changed = [chunks[0].clone(), chunks[1]]
     changed[0][1, 2] = 2
     assert base != kv_digest(changed, mask)
+    # the prompt's block keys and the positions the importer had cached are covered too
+    keys = ("a" * 64, "b" * 64)
+    with_keys = kv_digest(chunks, mask, keys, 16)
+    assert with_keys not in (base, kv_digest(chunks, mask, keys, 0), kv_digest(chunks, mask, keys[:1], 16))
+    assert with_keys == kv_digest(chunks, mask, keys, 16)
+
+
+def test_only_whole_computed_prompt_blocks_are_offered_to_an_importer():
+    keys = [bytes([n]) * 32 for n in range(3)]
+    done = ServerSession(cache=None, batch=1, max_length=64, prompt_keys=keys, position=40)
+    assert prompt_keys(done) == (keys[0].hex(), keys[1].hex())  # 40 positions: two whole blocks of 16
+    done.lowest_rewind = 20  # rewound into the second block: only the first is still the prompt's
+    assert prompt_keys(done) == (keys[0].hex(),)
+    batch = ServerSession(cache=None, batch=2, max_length=64, prompt_keys=keys, position=40)
+    assert prompt_keys(batch) == ()

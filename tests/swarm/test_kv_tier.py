@@ -11,7 +11,7 @@ import redis
 import torch
 
 from dht.identity import ensure_identity, make_validator, receipt_signer
-from swarm.kv_tier import KEY_PREFIX, RedisTier
+from swarm.kv_tier import KEY_PREFIX, HostTier, RedisTier
 from tests.helpers.redis_server import RedisServer
 
 pytestmark = pytest.mark.skipif(RedisServer.unavailable() is not None, reason=str(RedisServer.unavailable()))
@@ -67,6 +67,26 @@ def test_an_absent_redis_is_a_miss_not_an_error(tmp_path):
         tier = RedisTier("redis://127.0.0.1:9/0", signer(tmp_path / "me.key"), ttl=60, timeout=1)
         assert not await tier.put(b"k" * 32, torch.zeros(SHAPE))
         assert await tier.take([b"k" * 32], SHAPE, torch.float32) == []
+        await tier.close()
+
+    run(scenario())
+
+
+def test_host_memory_keeps_the_latest_pages_and_sends_the_oldest_on_to_redis(redis_url, tmp_path):
+    keys = [bytes([i]) * 32 for i in range(4)]
+    pages = [torch.randn(SHAPE) for _ in keys]
+
+    async def scenario():
+        tier = RedisTier(redis_url, signer(tmp_path / "me.key"), ttl=60)
+        host = HostTier(max_bytes=2 * pages[0].nbytes, next_tier=tier)
+        for key, page in zip(keys, pages):
+            host.put(key, page)
+        assert list(host.pages) == keys[2:] and host.bytes == 2 * pages[0].nbytes
+        assert host.take(keys, SHAPE, torch.float32) == []  # the prefix starts with a page sent on
+        from_redis = await tier.take(keys, SHAPE, torch.float32)
+        assert len(from_redis) == 2 and torch.equal(from_redis[1], pages[1])
+        taken = host.take(keys[2:], SHAPE, torch.float32)
+        assert [torch.equal(a, b) for a, b in zip(taken, pages[2:])] == [True, True] and not host.pages
         await tier.close()
 
     run(scenario())
