@@ -7,7 +7,7 @@ server sends the session there whole (its pool slice freed) and the client takes
 step; without, the server drops it and the client replays the whole history. The figure is the time
 of that next step, one token (resume against replay), with the output checked equal to the same
 session never left idle. Also reported: the pool freed by the spill (the server's
-`npu_cache_usage_perc` while the session is live and once it is in Redis, in tokens and MiB), and the
+`cpu_cache_usage_perc` (a CPU pool) while the session is live and once it is in Redis, in tokens and MiB), and the
 hit rate (resumes that replayed nothing). Prints one JSON object. Example:
   .venv/bin/python bench/session_resume.py                # random Llama 512 × 8, 2 000-token sessions
 """
@@ -40,7 +40,7 @@ TIMEOUT = 2.0  # the servers' --session-timeout: idle longer, a session leaves t
 
 def usage(server) -> float:
     """The server's KV pool in use, 0 to 1."""
-    return next(iter(scrape(server.metrics_url, "npu_cache_usage_perc").values()))
+    return next(iter(scrape(server.metrics_url, "cpu_cache_usage_perc").values()))
 
 
 def idle_then_step(model, server, ids: torch.Tensor) -> dict:
@@ -113,7 +113,7 @@ def main() -> None:
         json.dumps(
             {
                 "model": str(model_path),
-                "session_tokens": tokens + 1,
+                "session_tokens": tokens,
                 "runs": args.runs,
                 "next_token_after_idle_s": {name: round(value, 3) for name, value in median.items()},
                 "resume_over_replay": round(median["resume"] / median["replay"], 3),

@@ -96,6 +96,11 @@ class SessionMoved(ServerFailure):
         super().__init__(peer_id, f"handed its session over to {moved.moved_to} at position {moved.position}")
 
 
+class SessionExpired(ServerFailure):
+    """A server closed this span's session idle (its `--session-timeout`): the client opens it again
+    and replays its history, on the same server if it is still the best, which is not at fault."""
+
+
 class BadPush(ServerFailure):
     """A server refused the step the previous server of the chain pushed to it (not sealed by the client
     for that step, or of the wrong shape or dtype): the pusher is blamed, never the client, and the

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import torch
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 
-from client.errors import BadPush, BadRequestError, ServerFailure, SwarmBusyError, SwarmError
+from client.errors import BadPush, BadRequestError, ServerFailure, SessionExpired, SwarmBusyError, SwarmError
 from protocol.errors import ErrorKind, MalformedMessage, WireError
 
 # What a failing link or peer raises: the server's fault (or its network's), never the caller's.
@@ -36,6 +36,8 @@ def to_client_error(peer_id: str, error: BaseException, bridge: str = "") -> Bas
             return SwarmBusyError(f"server {peer_id} is busy: {error.message}", peer_id=peer_id)
         if error.kind == ErrorKind.BAD_PUSH:
             return BadPush(peer_id, error.message, bridge)
+        if error.kind == ErrorKind.EXPIRED:
+            return SessionExpired(peer_id, error.message, bridge)
         if error.kind == ErrorKind.WRONG_MODEL:
             return ServerFailure(peer_id, f"serves other blocks than it announced: {error.message}", bridge)
         return ServerFailure(peer_id, error.message, bridge)

@@ -25,6 +25,7 @@ from client.errors import (
     MissingBlocksError,
     ServerFailure,
     ServerProvenWrongError,
+    SessionExpired,
     SessionMoved,
     SwarmBusyError,
     SwarmError,
@@ -494,7 +495,9 @@ class InferenceSession:
                 if isinstance(e, SessionMoved) and await self._take_over(index, e):
                     send_to = index  # the step goes (again) to the server that now holds the session
                     continue
-                if isinstance(e, InputMismatch):
+                if isinstance(e, SessionExpired):  # idle too long on a server without a KV tier: replayed
+                    logger.info("session %s: %s; opening it again", self.session_id, e)
+                elif isinstance(e, InputMismatch):
                     # One of the two lies, and the client cannot tell which: it stops using push, so
                     # that every server computes on what the client holds (what spot checks judge),
                     # and rebuilds this span's cache from it (the same server may serve it again).

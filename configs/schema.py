@@ -297,8 +297,8 @@ class ServerOptions(NetworkOptions):
     session_timeout: float = Field(
         300.0,
         gt=0,
-        description="seconds a session may stay idle before the server closes it (with --kv-redis: keeps it "
-        "in Redis, where its client takes it up again)",
+        description="seconds a session may stay idle before the server closes it (its client then opens it "
+        "again and replays it; with --kv-redis: keeps it in Redis, where its client takes it up again)",
     )
     drain_timeout: float = Field(
         60.0,

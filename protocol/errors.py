@@ -11,6 +11,7 @@ class ErrorKind(str, enum.Enum):
     WRONG_MODEL = "wrong_model"  # the server does not serve this model or these blocks
     SERVER_ERROR = "server_error"  # the server failed: ban and reroute
     BAD_PUSH = "bad_push"  # a step the previous server of the chain pushed was refused: the pusher's fault
+    EXPIRED = "expired"  # the session was closed idle (`--session-timeout`): open it again; nobody's fault
 
 
 class WireError(Exception):

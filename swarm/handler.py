@@ -883,7 +883,8 @@ class BlockHandler:
             logger.info(
                 "session %s from %s closed after %.0f s idle", label.session, label.peer, self.limits.session_timeout
             )
-            yield error_response(bad_request(f"session idle for more than {self.limits.session_timeout:.0f} s"))
+            idle = f"session idle for more than {self.limits.session_timeout:.0f} s"
+            yield error_response(WireError(ErrorKind.EXPIRED, idle))
         except Exception as e:
             logger.exception("session %s from %s failed", label.session, label.peer)
             yield error_response(WireError(ErrorKind.SERVER_ERROR, f"{type(e).__name__}: {e}"))

@@ -156,10 +156,18 @@ def test_idle_sessions_expire(llama_swarm, llama_path, tmp_path):
         with AutoDistributedModelForCausalLM.from_pretrained(
             llama_path, llama_swarm.initial_peers, model_name="idle-test"
         ) as model:
+            first, second = torch.randn(1, 3, 64), torch.randn(1, 2, 64)
+            with model.inference_session(max_length=100) as fresh:
+                fresh.step(first)
+                expected = fresh.step(second)
             session = model.inference_session(max_length=100)
-            session.step(torch.randn(1, 3, 64))
+            session.step(first)
             assert model.remote.runtime.run(info(model), 30).open_sessions == 1
             assert wait_for_full_budget(model, timeout=180).open_sessions == 0
+            # The client goes on: it opens the session again on the same server (not at fault, not
+            # banned: no other server has these blocks) and replays what it had sent.
+            assert torch.allclose(session.step(second), expected, atol=1e-5)
+            assert session.replayed_tokens == 3 and session.chain == [(child.peer_id, 0, 4)]
             session.close()
         assert re.search(r"closed after \d+ s idle", child.log_path.read_text())
     finally:

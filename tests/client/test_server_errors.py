@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from client.errors import BadRequestError, ServerFailure, SwarmBusyError
+from client.errors import BadRequestError, ServerFailure, SessionExpired, SwarmBusyError
 from client.server_errors import check_output, to_client_error
 from protocol.errors import ErrorKind, MalformedMessage, WireError
 
@@ -22,6 +22,7 @@ from protocol.errors import ErrorKind, MalformedMessage, WireError
         (WireError(ErrorKind.WRONG_MODEL, "blocks 0:2 requested, this server has 4:6"), ServerFailure),  # it moved
         (WireError(ErrorKind.BUSY, "cache full"), SwarmBusyError),
         (WireError(ErrorKind.BAD_REQUEST, "length 999 exceeds"), BadRequestError),  # the server says we are wrong
+        (WireError(ErrorKind.EXPIRED, "session idle for more than 300 s"), SessionExpired),  # open it again
     ],
 )
 def test_errors_of_the_server_or_its_link_are_server_failures(error, expected):
