@@ -1,6 +1,8 @@
 """Greedy decoding speed through a local swarm vs single-process transformers on the same model.
 
-The swarm is measured with server-to-server push (the default) and without it. The memory roofline
+The swarm is measured with server-to-server push (the default) and without it, and with spot checks at
+the default rate and off; single-process transformers is timed in turns with them, in the same
+repeats, so that a slower minute of the machine hits every variant alike. The memory roofline
 of a decode step is reported beside it: the bytes a step must read (every block's weights, the LM
 head, the KV cache at the generation's middle position) over the bandwidth of a large copy measured
 in the same run, and the share of it that the swarm's and the single process's steps reach.
@@ -85,9 +87,7 @@ def main() -> None:
     params = sum(p.numel() for p in reference.parameters())
     with torch.no_grad():
         reference.generate(ids, max_new_tokens=4, do_sample=False)
-        local_runs = [timed_generate(reference.generate, ids, args.new_tokens) for _ in range(args.repeats)]
-    local_time, local_output, _ = min(local_runs, key=lambda run: run[0])
-    del reference
+    local_runs = []
 
     splits = even_splits(checkpoint.num_blocks, args.servers)
     delays = [args.link_delay_ms, 0.0] if args.link_delay_ms > 0 else [0.0]
@@ -112,11 +112,23 @@ def main() -> None:
                 model.generation_config.eos_token_id = None
                 model.generate(ids, max_new_tokens=4)
                 models[delay, push] = model
+            if delay == args.link_delay_ms:  # and with spot checks off
+                model = stack.enter_context(
+                    AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, dtype=dtype, verify=0)
+                )
+                model.generation_config.eos_token_id = None
+                model.generate(ids, max_new_tokens=4)
+                models["checks_off"] = model
         for _ in range(args.repeats):  # in turns, so that a slower minute of the machine hits every variant
+            with torch.no_grad():
+                local_runs.append(timed_generate(reference.generate, ids, args.new_tokens))
             for key, model in models.items():
                 runs.setdefault(key, []).append(timed_generate(model.generate, ids, args.new_tokens))
+    del reference
+    local_time, local_output, _ = min(local_runs, key=lambda run: run[0])
     swarm_time, swarm_output, _ = min(runs[args.link_delay_ms, True], key=lambda run: run[0])
     star_time, star_output, _ = min(runs[args.link_delay_ms, False], key=lambda run: run[0])
+    unchecked_time = min(run[0] for run in runs["checks_off"])
 
     local_rate = args.new_tokens / local_time
     swarm_rate = args.new_tokens / swarm_time
@@ -143,6 +155,8 @@ def main() -> None:
                 "single_process_tokens_per_s": round(local_rate, 2),
                 "swarm_tokens_per_s": round(swarm_rate, 2),
                 "ratio": round(swarm_rate / local_rate, 3),
+                "swarm_checks_off_tokens_per_s": round(args.new_tokens / unchecked_time, 2),
+                "ratio_checks_off": round(local_time / unchecked_time, 3),
                 **bound,
                 # the share of the roofline a step reaches: far below 1 is overhead above the bytes read
                 "swarm_roofline_fraction": round(bound["roofline_ms_per_output_token"] / (1000 * swarm_tpot), 3),

@@ -495,7 +495,8 @@ class InferenceSession:
                 if isinstance(e, SessionMoved) and await self._take_over(index, e):
                     send_to = index  # the step goes (again) to the server that now holds the session
                     continue
-                if isinstance(e, SessionExpired):  # idle too long on a server without a KV tier: replayed
+                if isinstance(e, SessionExpired) or (isinstance(e, SessionMoved) and e.moved.tier):
+                    # idle too long, and not (or no longer) kept in a KV tier: replayed; nobody's fault
                     logger.info("session %s: %s; opening it again", self.session_id, e)
                 elif isinstance(e, InputMismatch):
                     # One of the two lies, and the client cannot tell which: it stops using push, so

@@ -274,8 +274,8 @@ class ServerOptions(NetworkOptions):
     kv_host_mbytes: float = Field(
         0.0,
         ge=0,
-        description="host memory for prefix pages that leave the pool, before --kv-redis (for a pool on an "
-        "accelerator: --device cuda or mps; 0: none)",
+        description="host memory for prefix pages and idle sessions that leave the pool, before --kv-redis "
+        "(for a pool on an accelerator: --device cuda or mps; 0: none)",
     )
     prefix_cache_tokens: Optional[int] = Field(
         None, gt=0, description="most tokens the prefix cache may keep (default: all of --cache-tokens)"

@@ -65,6 +65,8 @@ from telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
+MOVED_LINGER = 10.0  # seconds a moved session's stream stays for its client to read where it went
+
 
 @dataclass
 class _Label:
@@ -332,6 +334,8 @@ class BlockHandler:
         try:
             async for reply in self._steps(session, header, label):
                 yield reply
+            if session.moved_away:  # the stream stays until the client, told where, leaves it
+                await session.until_client_leaves(MOVED_LINGER)
         except asyncio.TimeoutError:  # idle too long: to the KV tier, where there is one, else closed
             spilled = await self.spill_session(session) if self.spill_session is not None else None
             if spilled is None:
@@ -496,7 +500,9 @@ class BlockHandler:
     async def _from_tier(self, header: OpenSession, label: "_Label") -> Optional[_Imported]:
         """A session that went to the KV tier idle (here, or on a server gone since), taken back for
         its own client: None if the tier holds none such."""
-        stored = await self.tier.take_session(header.session_id) if self.tier is not None else None
+        stored = self.host_tier.take_session(header.session_id) if self.host_tier is not None else None
+        if stored is None and self.tier is not None:
+            stored = await self.tier.take_session(header.session_id)
         if stored is None:
             return None
         try:

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import re
 import secrets
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import msgpack
 import safetensors.torch
@@ -160,6 +160,12 @@ class RedisTier:
             return None
         return page
 
+    def put_session_later(self, session_id: str, header: dict, tensors: Sequence[torch.Tensor]) -> None:
+        """`put_session` in the background (from host memory, which must not wait for Redis)."""
+        task = asyncio.get_running_loop().create_task(self.put_session(session_id, header, tensors))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
     async def put_session(self, session_id: str, header: dict, tensors: Sequence[torch.Tensor]) -> bool:
         """Keeps an idle session handed to the tier: its `ImportSession` header (whose signature and
         digest cover all of it, checked by whoever takes it back) and its KV chunks and mask."""
@@ -215,46 +221,70 @@ class RedisTier:
 
 
 class HostTier:
-    """Prefix pages that leave a pool on an accelerator, kept in host memory first (`--kv-host-mbytes`):
-    the least recently used go on to Redis when the budget is full (or nowhere, without one)."""
+    """What leaves a pool on an accelerator, kept in host memory first (`--kv-host-mbytes`): prefix
+    pages, and idle sessions as they would go to Redis. The least recently kept go on to Redis when
+    the budget is full (or nowhere, without one). Host memory is this process's own: nothing here is
+    checked again when it comes back, as nothing from the pool is."""
 
     def __init__(self, max_bytes: int, next_tier: Optional[RedisTier] = None):
         self.max_bytes = max_bytes
         self.next_tier = next_tier
-        self.pages: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
+        # ("page", key) -> page, or ("session", id) -> (header, tensors)
+        self.entries: collections.OrderedDict[tuple[str, Any], Any] = collections.OrderedDict()
         self.bytes = 0
         self.hits = 0
 
-    def put(self, key: bytes, page: torch.Tensor) -> None:
-        """Keeps `page` (on the host), pushing the least recently used out while over budget."""
-        old = self.pages.pop(key, None)
+    @staticmethod
+    def _size(value: Any) -> int:
+        return value.nbytes if isinstance(value, torch.Tensor) else sum(t.nbytes for t in value[1])
+
+    def _keep(self, name: tuple[str, Any], value: Any) -> None:
+        old = self.entries.pop(name, None)
         if old is not None:
-            self.bytes -= old.nbytes
-        self.pages[key] = page
-        self.bytes += page.nbytes
-        while self.bytes > self.max_bytes and self.pages:
-            evicted, tensor = self.pages.popitem(last=False)
-            self.bytes -= tensor.nbytes
-            if self.next_tier is not None:
-                self.next_tier.put_later(evicted, tensor)
+            self.bytes -= self._size(old)
+        self.entries[name] = value
+        self.bytes += self._size(value)
+        while self.bytes > self.max_bytes and self.entries:
+            self._pass_on(*self.entries.popitem(last=False))
+
+    def _pass_on(self, name: tuple[str, Any], value: Any) -> None:
+        self.bytes -= self._size(value)
+        if self.next_tier is None:
+            return
+        if name[0] == "page":
+            self.next_tier.put_later(name[1], value)
+        else:
+            self.next_tier.put_session_later(name[1], *value)
+
+    def put(self, key: bytes, page: torch.Tensor) -> None:
+        """Keeps a prefix `page` (on the host)."""
+        self._keep(("page", key), page)
 
     def take(self, keys: Sequence[bytes], shape: Sequence[int], dtype: torch.dtype) -> list[torch.Tensor]:
         """The pages of the longest prefix of `keys` held here (they leave: the session that takes
         them keeps them in the pool)."""
         pages = []
         for key in keys:
-            page = self.pages.get(key)
+            page = self.entries.get(("page", key))
             if page is None or list(page.shape) != list(shape) or page.dtype != dtype:
                 break
-            pages.append(self.pages.pop(key))
+            pages.append(self.entries.pop(("page", key)))
             self.bytes -= page.nbytes
         self.hits += len(pages)
         return pages
 
+    def put_session(self, session_id: str, header: dict, tensors: Sequence[torch.Tensor]) -> None:
+        """Keeps an idle session as `RedisTier.put_session` would."""
+        self._keep(("session", session_id), (header, list(tensors)))
+
+    def take_session(self, session_id: str) -> Optional[tuple[dict, list[torch.Tensor]]]:
+        """A session kept by `put_session`, once, or None."""
+        value = self.entries.pop(("session", session_id), None)
+        if value is not None:
+            self.bytes -= self._size(value)
+        return value
+
     def spill_all(self) -> None:
-        """Every page on to Redis (a server about to leave)."""
-        while self.pages and self.next_tier is not None:
-            key, tensor = self.pages.popitem(last=False)
-            self.next_tier.put_later(key, tensor)
-        self.pages.clear()
-        self.bytes = 0
+        """Everything on to Redis (a server about to leave)."""
+        while self.entries:
+            self._pass_on(*self.entries.popitem(last=False))

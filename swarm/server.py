@@ -321,6 +321,7 @@ class Server:
     async def _open_handlers(self, dht) -> P2P:
         """Registers the RPC handlers on the DHT's libp2p daemon; returns the P2P handle to close later."""
         cap_incoming_messages()
+        self._kv_tiers()
         self.handler = BlockHandler(
             model=self.model_name,
             span=self.span,
@@ -343,8 +344,8 @@ class Server:
             peer_id=self.dht.peer_id,
             receipt_key_of=self._receipt_key_of,
             move_session=self._move_on_request,
-            kv_tier=self._kv_tier(),
-            spill_session=self._spill_session if self.options.kv_redis else None,
+            kv_tier=self.tier,
+            spill_session=self._spill_session if self.tier or self.host_tier else None,
             host_tier=self.host_tier,
         )
         if self.tier is not None:
@@ -382,28 +383,29 @@ class Server:
         )
         return p2p
 
-    def _kv_tier(self) -> Optional[RedisTier]:
-        """The KV cache's tiers beyond the pool: host memory (`self.host_tier`), then Redis (returned)."""
+    def _kv_tiers(self) -> None:
+        """The KV cache's tiers beyond the pool: host memory (`self.host_tier`), then Redis (`self.tier`)."""
         if self.options.kv_redis:
             self.tier = RedisTier(self.options.kv_redis, self.receipt_signer, self.options.kv_redis_ttl)
         if self.options.kv_host_mbytes > 0:
             self.host_tier = HostTier(int(self.options.kv_host_mbytes * 2**20), self.tier)
         if (self.tier or self.host_tier) and not self.options.prefix_cache:
-            logger.warning("the KV tiers hold prefix-cache pages, and --no-prefix-cache keeps none")
-        return self.tier
+            logger.warning("with --no-prefix-cache the KV tiers keep idle sessions only (no prefix pages)")
 
     async def _spill_session(self, session: ServerSession) -> Optional[runtime_pb2.ExpertResponse]:
         """A session idle past --session-timeout goes to the KV tier instead of being dropped: its
         client's notice (`Moved`, tier) or None where it cannot (then it is closed as before)."""
         movable = session in self.handler.movable_sessions()
-        if self.tier is None or self.exporter is None or not movable:
+        if (self.tier is None and self.host_tier is None) or self.exporter is None or not movable:
             return None
         try:
             header, tensors = await self.exporter.package(session, *session.blocks, TIER_TARGET)
         except Exception as e:
             logger.info("session %s: could not keep it in the KV tier: %s: %s", session.key, type(e).__name__, e)
             return None
-        if not await self.tier.put_session(session.key, header.model_dump(mode="json"), tensors):
+        if self.host_tier is not None:
+            self.host_tier.put_session(session.key, header.model_dump(mode="json"), tensors)
+        elif not await self.tier.put_session(session.key, header.model_dump(mode="json"), tensors):
             return None
         logger.info("session %s idle: kept in the KV tier at position %d", session.key, header.position)
         notice = Moved(

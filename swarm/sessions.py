@@ -70,6 +70,7 @@ class ServerSession:
     mover: Optional[Callable[[str], Awaitable[tuple[Any, bool]]]] = None
     adapter: Optional[LoraAdapter] = None  # the LoRA adapter its steps run with
     adapter_room: Optional[PooledCache] = None  # cache budget a client's own adapter is charged, until the end
+    moved_away: bool = False  # its last reply told its client that another server holds it now
 
     def extend_mask(self, new: Optional[torch.Tensor], tokens: int) -> Optional[torch.Tensor]:
         """The attention mask of positions [0, position + tokens), kept here: steps carry only the new
@@ -195,6 +196,26 @@ class ServerSession:
         finally:
             self.inbox.put_nowait(("", None))
 
+    async def until_client_leaves(self, timeout: float) -> None:
+        """After the session's last reply (it moved away): waits until its client closes the stream,
+        which it does once it has read that reply, so that a server leaving right after cannot take
+        the reply with it; whatever else arrives meanwhile is dropped. At most `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    pusher, message = await self.inbox.get()
+                    self._taken(pusher, message)
+                    if pusher in (_NOTICE, _MOVE) or isinstance(message, WireError):
+                        continue
+                    if pusher:
+                        self.pushed -= 1
+                        continue
+                    self.client_slots.release()
+                    if message is None:
+                        return
+        except TimeoutError:
+            logger.info("session %s: its client did not leave within %.0f s of the move", self.key, timeout)
+
     async def steps(self, idle_timeout: float) -> AsyncIterator[tuple[Optional[Step], Any, str]]:
         """The session's steps to compute, client's and pushed, with who pushed each ("": the client),
         until the client's stream ends; a session idle for `idle_timeout` seconds raises TimeoutError.
@@ -210,6 +231,7 @@ class ServerSession:
             if pusher == _MOVE:
                 moved = await message()
                 if moved is not None:
+                    self.moved_away = True
                     yield None, moved, ""
                     return
                 continue
@@ -229,6 +251,7 @@ class ServerSession:
                     yield None, error_response(bad_request("this session cannot move")), ""
                     continue
                 reply, moved = await self.mover(move_to)
+                self.moved_away = moved
                 yield None, reply, ""
                 if moved:
                     return

@@ -75,7 +75,8 @@ def test_a_long_session_survives_its_server_s_drain_without_replay(long_model, s
                 output = model.generate(
                     ids, max_new_tokens=new_tokens, session=session, streamer=DrainAt(leaving[-1], DRAIN_AT)
                 )
-                assert session.moves == 1 and session.replayed_tokens == 0 and session.failovers == 0
+                moved = (session.moves, session.replayed_tokens, session.failovers)
+                assert moved == (1, 0, 0), leaving[-1].log_path.read_text()[-3000:]
                 chain = [peer for peer, _, _ in session.chain]
                 assert staying.peer_id in chain and leaving[-1].peer_id not in chain
             assert model.convicted == {}

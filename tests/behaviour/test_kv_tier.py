@@ -96,3 +96,26 @@ def test_pages_that_leave_the_pool_wait_in_host_memory_first(model6, ref6, tmp_p
             assert run(model, ref6, first) == 0
             assert run(model, ref6, second) == 0  # the first prompt's pages go to host memory
             assert run(model, ref6, first) == 64  # and come back from there
+
+
+def test_an_idle_session_waits_in_host_memory_without_any_redis(model6, ref6, tmp_path):
+    """--kv-host-mbytes alone: a session idle past --session-timeout leaves the pool for host memory,
+    and its client goes on from there on the same server, nothing replayed."""
+    import time
+
+    ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(6))
+    expected = ref6.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    args = ["--kv-host-mbytes", "16", "--session-timeout", "2"]
+    with LocalSwarm(model6, [(0, 6)], server_args=args, workdir=tmp_path / "swarm") as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model6, swarm.initial_peers, verify=0, request_timeout=10
+        ) as model:
+            with model.inference_session(max_length=ids.shape[1] + 20) as session:
+                model.generate(ids, max_new_tokens=10, session=session)
+                deadline = time.monotonic() + 120  # idle: the session goes to host memory
+                while "kept in the KV tier" not in swarm.servers[0].log_path.read_text():
+                    assert time.monotonic() < deadline, "the idle session never left the pool"
+                    time.sleep(0.2)
+                output = model.generate(None, max_new_tokens=10, session=session)
+                assert (session.moves, session.replayed_tokens, session.failovers) == (1, 0, 0)
+    assert torch.equal(output, expected)

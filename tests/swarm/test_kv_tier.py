@@ -81,12 +81,33 @@ def test_host_memory_keeps_the_latest_pages_and_sends_the_oldest_on_to_redis(red
         host = HostTier(max_bytes=2 * pages[0].nbytes, next_tier=tier)
         for key, page in zip(keys, pages):
             host.put(key, page)
-        assert list(host.pages) == keys[2:] and host.bytes == 2 * pages[0].nbytes
+        assert list(host.entries) == [("page", key) for key in keys[2:]] and host.bytes == 2 * pages[0].nbytes
         assert host.take(keys, SHAPE, torch.float32) == []  # the prefix starts with a page sent on
         from_redis = await tier.take(keys, SHAPE, torch.float32)
         assert len(from_redis) == 2 and torch.equal(from_redis[1], pages[1])
         taken = host.take(keys[2:], SHAPE, torch.float32)
-        assert [torch.equal(a, b) for a, b in zip(taken, pages[2:])] == [True, True] and not host.pages
+        assert [torch.equal(a, b) for a, b in zip(taken, pages[2:])] == [True, True] and not host.entries
+        await tier.close()
+
+    run(scenario())
+
+
+def test_host_memory_keeps_idle_sessions_and_sends_the_oldest_on_to_redis(redis_url, tmp_path):
+    chunks = [torch.randn(SHAPE) for _ in range(2)]
+
+    async def scenario():
+        tier = RedisTier(redis_url, signer(tmp_path / "me.key"), ttl=60)
+        host = HostTier(max_bytes=3 * chunks[0].nbytes, next_tier=tier)
+        host.put_session("older-session", {"position": 16}, chunks)
+        host.put_session("newer-session", {"position": 32}, chunks)  # over budget: the older one goes on
+        await tier.flush()
+        assert host.bytes == 2 * chunks[0].nbytes
+        header, tensors = host.take_session("newer-session")
+        assert header == {"position": 32} and all(torch.equal(a, b) for a, b in zip(tensors, chunks))
+        assert host.take_session("newer-session") is None and host.bytes == 0  # taken once
+        assert host.take_session("older-session") is None
+        header, tensors = await tier.take_session("older-session")
+        assert header == {"position": 16} and all(torch.equal(a, b) for a, b in zip(tensors, chunks))
         await tier.close()
 
     run(scenario())
