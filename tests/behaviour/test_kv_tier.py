@@ -55,8 +55,6 @@ def test_prompt_pages_come_back_from_redis_after_eviction_and_after_a_restart(mo
 def test_an_idle_session_goes_to_redis_and_on_from_there_even_when_its_server_is_gone(model6, ref6, tmp_path):
     """Idle past --session-timeout, a session is kept in Redis instead of dropped: its client goes on
     from there, on the same server, or on another that shares the Redis when that one has died."""
-    import signal
-    import time
 
     from tests.helpers.models import wait_for_route
 
@@ -73,11 +71,11 @@ def test_an_idle_session_goes_to_redis_and_on_from_there_even_when_its_server_is
                 wait_for_route(model, first.peer_id)
                 with model.inference_session(max_length=ids.shape[1] + 30) as session:
                     model.generate(ids, max_new_tokens=10, session=session)
-                    time.sleep(4)  # idle: the session goes to Redis, and on from there on the same server
+                    kept_idle(first, 1)  # idle: the session goes to Redis, and on from there on the same server
                     model.generate(None, max_new_tokens=10, session=session)
                     assert session.chain == [(first.peer_id, 0, 6)] and session.moves == 1
-                    time.sleep(4)  # idle again; then its server dies
-                    first.signal(signal.SIGKILL)
+                    kept_idle(first, 2)  # idle again; then its server dies
+                    first.kill()  # SIGKILL to its process group (its p2pd daemon too), as a crash would
                     output = model.generate(None, max_new_tokens=10, session=session)
                     assert session.chain == [(second.peer_id, 0, 6)]
                     assert session.moves >= 2 and session.replayed_tokens == 0
@@ -101,7 +99,6 @@ def test_pages_that_leave_the_pool_wait_in_host_memory_first(model6, ref6, tmp_p
 def test_an_idle_session_waits_in_host_memory_without_any_redis(model6, ref6, tmp_path):
     """--kv-host-mbytes alone: a session idle past --session-timeout leaves the pool for host memory,
     and its client goes on from there on the same server, nothing replayed."""
-    import time
 
     ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(6))
     expected = ref6.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
@@ -112,10 +109,17 @@ def test_an_idle_session_waits_in_host_memory_without_any_redis(model6, ref6, tm
         ) as model:
             with model.inference_session(max_length=ids.shape[1] + 20) as session:
                 model.generate(ids, max_new_tokens=10, session=session)
-                deadline = time.monotonic() + 120  # idle: the session goes to host memory
-                while "kept in the KV tier" not in swarm.servers[0].log_path.read_text():
-                    assert time.monotonic() < deadline, "the idle session never left the pool"
-                    time.sleep(0.2)
+                kept_idle(swarm.servers[0], 1)  # idle: the session goes to host memory
                 output = model.generate(None, max_new_tokens=10, session=session)
                 assert (session.moves, session.replayed_tokens, session.failovers) == (1, 0, 0)
     assert torch.equal(output, expected)
+
+
+def kept_idle(server, times: int) -> None:
+    """Waits (bounded) until `server` has sent an idle session to its KV tier `times` times in all."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while server.log_path.read_text().count("kept in the KV tier") < times:
+        assert time.monotonic() < deadline, "the idle session never left the pool"
+        time.sleep(0.2)
