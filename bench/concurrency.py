@@ -6,7 +6,9 @@ p50/p99 time per token and time to first token, whether every session's output e
 single-process `transformers` on the same prompt, the servers' resident memory at step 10 and
 step 1000 of a long session, and the memory roofline of one session's decode step (what it must
 read over a large copy's bandwidth, measured in the same run) with the share of it that the one
-session reaches. Prints one JSON object. Examples:
+session reaches. Each count of sessions is also compared with single-process `transformers`
+generating the same prompts as one left-padded batch, timed right after it: the ceiling batching
+aims at. Prints one JSON object. Examples:
   .venv/bin/python bench/concurrency.py                      # random Llama 768 × 8, 2 servers, threads
   .venv/bin/python bench/concurrency.py --clients processes  # 16 client processes instead
 """
@@ -55,6 +57,21 @@ def prompts(count: int, vocab: int) -> list[torch.Tensor]:
     """Different prompts of different lengths (8 to 38 tokens)."""
     generator = torch.Generator().manual_seed(1)
     return [torch.randint(3, vocab, (1, 8 + (index * 7) % 31), generator=generator) for index in range(count)]
+
+
+def batched_tokens_per_s(reference, batch: list[torch.Tensor], new_tokens: int) -> float:
+    """Single-process transformers generating `batch` as one left-padded batch: the ceiling batching
+    aims at (the weights are read once per step for every row)."""
+    width = max(ids.shape[1] for ids in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, prompt in enumerate(batch):
+        ids[row, width - prompt.shape[1] :] = prompt[0]
+        mask[row, width - prompt.shape[1] :] = 1
+    with torch.no_grad():
+        start = time.perf_counter()
+        reference.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return len(batch) * new_tokens / (time.perf_counter() - start)
 
 
 def run_one(model, ids: torch.Tensor, new_tokens: int) -> dict:
@@ -344,6 +361,10 @@ def main() -> None:
                 summary["speedup_over_one_session"] = round(
                     summary["aggregate_tokens_per_s"] / solo["aggregate_tokens_per_s"], 2
                 )
+                # the same prompts as one batch in one process, timed right after (the machine drifts)
+                batched = batched_tokens_per_s(reference, batch, args.new_tokens)
+                summary["batched_single_process_tokens_per_s"] = round(batched, 2)
+                summary["ratio_to_batched_single_process"] = round(summary["aggregate_tokens_per_s"] / batched, 3)
                 report[f"sessions_{count}"] = summary
             # The most batching could give on this machine if every step cost only its compute (rounds
             # always full, no RPC or Python anywhere), against the one session measured above.

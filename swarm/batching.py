@@ -22,6 +22,9 @@ from swarm.compute import ComputeThread
 
 logger = logging.getLogger(__name__)
 
+GATHER_MAX_SECONDS = 0.02  # the longest a round waits for the steps of sessions that are stepping now
+ACTIVE_ROUNDS = 3  # a session whose last step came within this many rounds is stepping now
+
 
 @dataclass(eq=False)
 class _Step:
@@ -57,6 +60,8 @@ class StepScheduler:
         self._driver: Optional[asyncio.Task] = None
         self._in_round: set[int] = set()  # ids of the steps the running round computes
         self.rounds = 0
+        self._stepped: dict[int, int] = {}  # each session's cache (by id) -> the round its last step came in
+        self._round_seconds = 0.0  # how long the last round took
 
     @property
     def waiting(self) -> int:
@@ -79,6 +84,7 @@ class StepScheduler:
             self._wake = asyncio.Event()
             self._driver = asyncio.create_task(self._drive(), name="swarm-batching")
         step = _Step(span, start, end, hidden, cache, mask, asyncio.get_running_loop().create_future(), adapter)
+        self._stepped[id(cache) if cache is not None else id(step)] = self.rounds
         self._pending.append(step)
         self._wake.set()
         return await step.future
@@ -95,8 +101,30 @@ class StepScheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            await self._gather()
             while await self._one_round():
-                pass
+                await self._gather()
+
+    async def _gather(self) -> None:
+        """Before a round: while fewer steps wait than sessions are stepping now (their steps are on
+        their way through the chain), waits a little for them, at most as long as the last round
+        took and `GATHER_MAX_SECONDS`: sixteen sessions' steps arriving a millisecond apart then share one
+        round (the weights read once) instead of spreading over many. A lone session never waits, nor
+        do sessions for one that steps far less often than they do."""
+        loop = asyncio.get_running_loop()
+        self._stepped = {key: when for key, when in self._stepped.items() if self.rounds - when <= ACTIVE_ROUNDS}
+        deadline = loop.time() + min(GATHER_MAX_SECONDS, self._round_seconds)
+        while True:
+            pending = [step for step in self._pending if not step.future.done()]
+            tokens = sum((step.tokens - step.done) * step.rows for step in pending)
+            remaining = deadline - loop.time()
+            if not pending or len(pending) >= len(self._stepped) or tokens >= self.max_batch_tokens or remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
 
     async def _one_round(self) -> bool:
         """Runs the next round; False when nothing is pending. (Its own frame: nothing of a finished
@@ -105,12 +133,14 @@ class StepScheduler:
         if not chosen:
             return False
         self._in_round = {id(step) for step, _ in chosen}
+        started = asyncio.get_running_loop().time()
         try:
             results = await self.compute.run(_run_round, chosen)
         except Exception as e:  # _run_round answers per step; this is a failure of the thread itself
             results = [e] * len(chosen)
         finally:
             self._in_round = set()
+            self._round_seconds = asyncio.get_running_loop().time() - started
         self.rounds += 1
         self.on_round(len(chosen))
         for (step, _), result in zip(chosen, results):

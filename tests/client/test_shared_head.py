@@ -52,3 +52,35 @@ def test_concurrent_lm_head_calls_of_one_client_share_one_product(llama_path):
     assert FirstCallWaits.calls == [1, 6]  # the three callers that queued went together
     for hidden, got in zip(rows, results):
         torch.testing.assert_close(got, real.logits(hidden), atol=ATOL, rtol=0)
+
+
+def test_a_product_waits_briefly_for_the_rows_of_a_generation_running_now(llama_path, monkeypatch):
+    """Two generations ask for logits in turn, the second a moment after the first: the product waits
+    for its rows (at most as long as the last product took) and computes both at once."""
+    from client import shared_head
+
+    monkeypatch.setattr(shared_head, "GATHER_MAX_SECONDS", 5.0)
+    real = load_head(Checkpoint(llama_path))
+
+    class SlowHead:
+        calls: list[int] = []
+
+        def logits(self, hidden):
+            self.calls.append(hidden.shape[0])
+            time.sleep(0.3)
+            return real.logits(hidden)
+
+    head = SharedHead(SlowHead())
+    row = torch.randn(1, real.lm_head.in_features, generator=torch.Generator().manual_seed(5))
+
+    def generation(delay: float) -> None:
+        for _ in range(2):
+            time.sleep(delay)
+            torch.testing.assert_close(head.logits(row), real.logits(row), atol=ATOL, rtol=0)
+
+    threads = [threading.Thread(target=generation, args=(delay,)) for delay in (0.0, 0.05)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert 2 in SlowHead.calls  # the second generation's row waited for the first one's next row

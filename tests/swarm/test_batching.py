@@ -77,3 +77,37 @@ async def test_the_scheduler_batches_concurrent_steps_and_chunks_a_long_prompt_b
     finally:
         scheduler.close()
         compute.shutdown()
+
+
+async def test_a_round_waits_briefly_for_the_step_of_a_session_that_is_stepping_now(monkeypatch):
+    """Two sessions step in turn; the second one's step comes a moment after the first one's: the
+    round waits for it (at most as long as the last round took) and computes both at once."""
+    import time
+
+    from swarm import batching
+
+    monkeypatch.setattr(batching, "GATHER_MAX_SECONDS", 5.0)
+    sizes: list[int] = []
+
+    def slow_round(chosen):
+        sizes.append(len(chosen))
+        time.sleep(0.3)
+        return [step.hidden for step, _ in chosen]
+
+    monkeypatch.setattr(batching, "_run_round", slow_round)
+    compute = ComputeThread()
+    scheduler = StepScheduler(compute, max_batch_tokens=64)
+    first, second = object(), object()  # the two sessions' caches
+    hidden = torch.zeros(1, 1, 4)
+
+    async def step(cache, after: float = 0.0):
+        await asyncio.sleep(after)
+        return await scheduler.run(None, hidden, cache, None, 0, 1)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(step(first), step(second)), 60)  # both are stepping now
+        await asyncio.wait_for(asyncio.gather(step(first), step(second, after=0.05)), 60)
+        assert sizes[-1] == 2
+    finally:
+        scheduler.close()
+        compute.shutdown()
