@@ -7,8 +7,12 @@ client) generate `--decode-tokens` tokens each; in the busy runs, `--prompts` pr
 decode sessions' time per output token (TPOT, ms) p50 and p99 when idle and when busy, the busy/idle
 p99 ratio per setting, how many sessions moved from the prefill server, and the prompt length from
 which the client moves a prompt's KV rather than letting the decode server compute it, on this
-machine's measured links and throughput. Prints one JSON object. Example:
+machine's measured links and throughput. With `--pin` (at least two cores), each server runs on
+cores of its own, as two machines would: the first server (the prefill one) on the first half of
+the cores, the second and this process (the clients) on the rest, in both settings alike.
+Prints one JSON object. Example:
   .venv/bin/python bench/pd.py                       # random Llama 512 × 8, 2 000-token prompts
+  .venv/bin/python bench/pd.py --pin                 # each server on cores of its own
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,14 +68,32 @@ def decode_gaps(model, sessions: int, tokens: int, vocab: int, during=None) -> l
     return gaps
 
 
+def pin(pid: int, cores: set[int]) -> None:
+    """Runs process `pid` and every process under it (its DHT, its libp2p daemon) on `cores` only."""
+    process = psutil.Process(pid)
+    for each in [process, *process.children(recursive=True)]:
+        each.cpu_affinity(sorted(cores))
+        for thread in each.threads():  # threads started already keep their own mask
+            try:
+                os.sched_setaffinity(thread.id, cores)
+            except OSError:  # a thread that has ended since
+                pass
+
+
 def measure(args, model_path: Path, roles: bool) -> dict:
     vocab = Checkpoint(model_path).config.vocab_size
     blocks = Checkpoint(model_path).num_blocks
     with LocalSwarm(model_path, [], workdir=work_folder("pd")) as swarm:
+        # One after the other: the second measures its bandwidth to the first, which the client's
+        # choice to move a prompt reads (a server alone has nobody to measure it to).
         for role in ("prefill", "decode") if roles else ("mixed", "mixed"):
-            swarm.add_server(0, blocks, "--role", role, "--cache-tokens", str(args.cache_tokens), wait=False)
-        for server in swarm.servers:
-            swarm.wait_online(server)
+            swarm.add_server(0, blocks, "--role", role, "--cache-tokens", str(args.cache_tokens))
+        if args.pin:
+            cores = sorted(os.sched_getaffinity(0))
+            half = len(cores) // 2
+            pin(swarm.servers[0].proc.pid, set(cores[:half]))
+            pin(swarm.servers[1].proc.pid, set(cores[half:]))
+            pin(os.getpid(), set(cores[half:]))
         with AutoDistributedModelForCausalLM.from_pretrained(model_path, swarm.initial_peers, verify=0) as model:
             moved = []
 
@@ -115,10 +138,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=2000)
     parser.add_argument("--cache-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--pin", action="store_true", help="each server on cores of its own (the clients with the second)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model_path = bench_model(args, work_folder("pd-model"))
-    result = {"model": str(model_path), "prompt_tokens": args.prompt_tokens}
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs at least two cores")
+    result = {"model": str(model_path), "prompt_tokens": args.prompt_tokens, "pinned": args.pin}
     for roles in (False, True):
         result["roles" if roles else "no_roles"] = measure(args, model_path, roles)
     print(json.dumps(result, indent=2))

@@ -572,19 +572,15 @@ class BlockHandler:
         if digest != header.digest:
             raise bad_request("the KV cache handed over does not match its signed digest")
 
-        def write() -> None:
-            if pages:
-                session.cache.fill(
-                    torch.cat([torch.arange(page.start, page.start + PREFIX_BLOCK_TOKENS) for page in pages])
-                )
-            at = header.skip
-            for chunk in chunks:
-                tokens = chunk.shape[2]
-                view = chunk.view(layers, 2, batch, heads, tokens, head_dim)
-                session.cache.write_layers(view, at, first_layer)
-                at += tokens
-
-        await self.scheduler.compute.run(write)
+        if pages:
+            sources = torch.cat([torch.arange(page.start, page.start + PREFIX_BLOCK_TOKENS) for page in pages])
+            await self.scheduler.compute.run(session.cache.fill, sources)
+        at = header.skip
+        for chunk in chunks:  # a chunk per turn of the compute thread: other sessions' rounds go between
+            tokens = chunk.shape[2]
+            view = chunk.view(layers, 2, batch, heads, tokens, head_dim)
+            await self.scheduler.compute.run(session.cache.write_layers, view, at, first_layer)
+            at += tokens
         if mask is not None:
             session.mask = torch.ones(batch, header.max_length, dtype=torch.bool)
             session.mask[:, : header.position] = mask
