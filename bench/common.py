@@ -7,6 +7,8 @@ one), but the flags that set it mean the same everywhere.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +48,10 @@ def add_model_flags(
 
 
 def work_folder(name: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"swarm-bench-{name}-"))
+    """A temporary folder for a bench's model and swarm, removed when the bench exits."""
+    path = Path(tempfile.mkdtemp(prefix=f"swarm-bench-{name}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def bench_model(args: argparse.Namespace, workdir: Path) -> Path:

@@ -506,6 +506,10 @@ class InferenceSession:
                     self.push = False
                 else:
                     self.remote.failures.report(e.peer_id, str(e), e.bridge)
+                    if span.plan.info.record.kv_tier and await self._take_over(index, None):
+                        # it had kept the session in its KV tier before it failed (its notice lost)
+                        send_to = index
+                        continue
                 failures.add(e)
                 await self._replace(index, mask, failures, e.peer_id)
                 send_to = index
@@ -514,18 +518,20 @@ class InferenceSession:
             index += 1
         return part
 
-    async def _take_over(self, index: int, moved: SessionMoved) -> bool:
+    async def _take_over(self, index: int, moved: Optional[SessionMoved]) -> bool:
         """Span `index`'s server handed its session over as it left: the span goes on on the new
-        server at the same position, nothing replayed. False where that fails (the caller then fails
-        over as from any failed server, replaying)."""
+        server at the same position, nothing replayed. Without `moved`, its server failed: a server
+        sharing its KV tier takes the session from there if it was kept there. False where that fails
+        (the caller then fails over as from any failed server, replaying)."""
         old = self.spans[index]
-        notice = moved.moved
+        notice = moved.moved if moved is not None else None
         try:
             routes = await self.remote.view.index(max_age=0)
         except SwarmError as e:
             logger.warning("session %s: could not take up a session handed over: %s", self.session_id, e)
             return False
-        for info in _takers(routes, old, notice, self.remote.bans.banned()):
+        takers = _takers(routes, old, notice, self.remote.bans.banned())
+        for info in takers if notice is not None else takers[:1]:  # one asks the shared tier for all
             span = old.moved_to(SpanPlan(info.peer_id, old.plan.start, old.plan.end, info))
             try:
                 await span.resume(
@@ -644,11 +650,12 @@ def _takers(routes, old: SpanSession, notice, banned: Collection[str]) -> list:
     """Who may take up a span's session: the server its notice names, and for a session kept in a
     KV tier, any other server of its blocks that reaches the same tier (the named one may be gone);
     none that is banned."""
-    named = routes.record_of(notice.moved_to)
+    named = routes.record_of(notice.moved_to) if notice is not None else None
     takers = [named] if named is not None and named.peer_id not in banned else []
     tier = old.plan.info.record.kv_tier
-    if notice.tier and tier:
-        for info in routes.candidates(old.plan.start, old.plan.end, {notice.moved_to, *banned}).values():
+    if (notice is None or notice.tier) and tier:
+        avoid = {notice.moved_to} if notice is not None else set()
+        for info in routes.candidates(old.plan.start, old.plan.end, {*avoid, *banned}).values():
             record = info.record
             covers = record.start_block <= old.plan.start and old.plan.end <= record.end_block
             same = (record.kv_tier, record.dtype, record.quant) == (

@@ -117,11 +117,43 @@ class SpanSession:
         return other
 
     async def resume(
-        self, p2p: P2P, moved: Moved, exporter: ServerInfo, batch_size: int, max_length: int, avoid_bridges=()
+        self,
+        p2p: P2P,
+        moved: Optional[Moved],
+        exporter: ServerInfo,
+        batch_size: int,
+        max_length: int,
+        avoid_bridges=(),
     ) -> None:
         """Attaches to the session `exporter` handed over to this span's server (or, with `moved.tier`,
         kept in a KV tier this span's server reaches), once `moved` is shown to be the exporter's signed
-        word for this session at this position (ServerFailure otherwise)."""
+        word for this session at this position (ServerFailure otherwise). Without `moved` (the exporter
+        failed, perhaps after keeping the session in its tier, perhaps before telling us), it asks the
+        tier for it: the server checks the exporter's signature on what it finds, and the position
+        must be this span's."""
+        record = exporter.record
+        if moved is not None:
+            self._check_notice(moved, exporter, batch_size, max_length)
+        header = OpenSession(
+            model=self.model,
+            start_block=self.plan.start,
+            end_block=self.plan.end,
+            max_length=max_length,
+            batch_size=batch_size,
+            session_id=self.key,
+            route_key=self.route_key,
+            adapter=self.adapter,
+            resume=True,
+            from_tier=moved is None or moved.tier,
+            exporter_key=record.receipt_key if moved is None or moved.tier else "",
+        )
+        opened = await self._open_stream(p2p, header, [], avoid_bridges)
+        if opened.cached_tokens != self.position:
+            await self._stream.close()
+            raise ServerFailure(self.plan.peer_id, f"resumed at {opened.cached_tokens}, not {self.position}")
+
+    def _check_notice(self, moved: Moved, exporter: ServerInfo, batch_size: int, max_length: int) -> None:
+        """ServerFailure unless `moved` is `exporter`'s signed word for this session at this position."""
         record = exporter.record
         signed = export_message(
             self.model,
@@ -139,23 +171,6 @@ class SpanSession:
             raise ServerFailure(exporter.peer_id, f"handed over position {moved.position}, not {self.position}")
         if not record.receipt_key or not verify(record.receipt_key, signed, moved.signature):
             raise ServerFailure(exporter.peer_id, "said it handed its session over, without its signature")
-        header = OpenSession(
-            model=self.model,
-            start_block=self.plan.start,
-            end_block=self.plan.end,
-            max_length=max_length,
-            batch_size=batch_size,
-            session_id=self.key,
-            route_key=self.route_key,
-            adapter=self.adapter,
-            resume=True,
-            from_tier=moved.tier,
-            exporter_key=record.receipt_key if moved.tier else "",
-        )
-        opened = await self._open_stream(p2p, header, [], avoid_bridges)
-        if opened.cached_tokens != self.position:
-            await self._stream.close()
-            raise ServerFailure(self.plan.peer_id, f"resumed at {opened.cached_tokens}, not {self.position}")
 
     async def request_move(self, peer_id: str) -> Moved:
         """Asks this span's server to hand the session over to `peer_id` now (between steps): its

@@ -74,7 +74,8 @@ def test_an_idle_session_goes_to_redis_and_on_from_there_even_when_its_server_is
                     kept_idle(first, 1)  # idle: the session goes to Redis, and on from there on the same server
                     model.generate(None, max_new_tokens=10, session=session)
                     assert session.chain == [(first.peer_id, 0, 6)] and session.moves == 1
-                    kept_idle(first, 2)  # idle again; then its server dies
+                    kept_idle(first, 2)  # idle again; then its server dies (its notice delivered, or lost
+                    # with it: the client then asks the tier itself, through another server)
                     first.kill()  # SIGKILL to its process group (its p2pd daemon too), as a crash would
                     output = model.generate(None, max_new_tokens=10, session=session)
                     assert session.chain == [(second.peer_id, 0, 6)]
