@@ -134,14 +134,9 @@ class SpanSession:
         record = exporter.record
         if moved is not None:
             self._check_notice(moved, exporter, batch_size, max_length)
-        header = OpenSession(
-            model=self.model,
-            start_block=self.plan.start,
-            end_block=self.plan.end,
-            max_length=max_length,
-            batch_size=batch_size,
-            session_id=self.key,
-            route_key=self.route_key,
+        header = self._open_header(
+            batch_size,
+            max_length,
             adapter=self.adapter,
             resume=True,
             from_tier=moved is None or moved.tier,
@@ -151,6 +146,19 @@ class SpanSession:
         if opened.cached_tokens != self.position:
             await self._stream.close()
             raise ServerFailure(self.plan.peer_id, f"resumed at {opened.cached_tokens}, not {self.position}")
+
+    def _open_header(self, batch_size: int, max_length: int, **fields) -> OpenSession:
+        """The `OpenSession` of this span's session, with `fields` (how it opens)."""
+        return OpenSession(
+            model=self.model,
+            start_block=self.plan.start,
+            end_block=self.plan.end,
+            max_length=max_length,
+            batch_size=batch_size,
+            session_id=self.key,
+            route_key=self.route_key,
+            **fields,
+        )
 
     def _check_notice(self, moved: Moved, exporter: ServerInfo, batch_size: int, max_length: int) -> None:
         """ServerFailure unless `moved` is `exporter`'s signed word for this session at this position."""
@@ -217,17 +225,8 @@ class SpanSession:
         self.adapter = adapter
         reuse = reuse if prompt is not None else 0
         sent, client_adapter = _own_adapter(own)
-        header = OpenSession(
-            model=model,
-            start_block=self.plan.start,
-            end_block=self.plan.end,
-            max_length=max_length,
-            batch_size=batch_size,
-            session_id=self.key,
-            route_key=self.route_key,
-            reuse_tokens=reuse,
-            adapter=adapter,
-            client_adapter=client_adapter,
+        header = self._open_header(
+            batch_size, max_length, reuse_tokens=reuse, adapter=adapter, client_adapter=client_adapter
         )
         opened = await self._open_stream(p2p, header, ([prompt] if prompt is not None else []) + sent, avoid_bridges)
         if opened.cached_tokens > reuse:
