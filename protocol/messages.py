@@ -7,8 +7,7 @@ carries one of the typed models below. Readers validate headers before acting on
 
 from __future__ import annotations
 
-import re
-from typing import Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import msgpack
 import torch
@@ -153,7 +152,7 @@ class PushFailed(_Header):
 
 MAX_PREFIX_KEYS = 512  # prompt blocks an import names (8 192 tokens): the header stays far below its cap
 
-_PREFIX_KEY = r"^[0-9a-f]{64}$"
+PrefixKey = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # a prefix-cache block key, hex
 
 
 class ImportProbe(_Header):
@@ -163,23 +162,11 @@ class ImportProbe(_Header):
     the `ImportSession` that follows then carries only the rest."""
 
     start_block: int = Field(ge=0)  # the session's first block (only a server announcing it may ask)
-    probe_keys: tuple[str, ...] = Field(min_length=1, max_length=MAX_PREFIX_KEYS)
-
-    @field_validator("probe_keys")
-    @classmethod
-    def _hex_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
-        return _check_keys(keys)
+    probe_keys: tuple[PrefixKey, ...] = Field(min_length=1, max_length=MAX_PREFIX_KEYS)
 
 
 class ImportHeld(_Header):
     tokens: int = Field(ge=0)  # the prompt's first `tokens` positions are cached here already
-
-
-def _check_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
-    for key in keys:
-        if not re.fullmatch(_PREFIX_KEY, key):
-            raise ValueError("a prefix key is 64 lowercase hex digits")
-    return keys
 
 
 class ImportSession(_Header):
@@ -207,14 +194,9 @@ class ImportSession(_Header):
     chunks: int = Field(ge=0, le=1 << 16)
     masked: bool = False
     skip: int = Field(default=0, ge=0)
-    prefix_keys: tuple[str, ...] = Field(default=(), max_length=MAX_PREFIX_KEYS)
+    prefix_keys: tuple[PrefixKey, ...] = Field(default=(), max_length=MAX_PREFIX_KEYS)
     digest: str = Field(pattern=r"^[0-9a-f]{64}$")
     signature: str = Field(pattern=r"^[0-9a-f]{128}$")
-
-    @field_validator("prefix_keys")
-    @classmethod
-    def _hex_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
-        return _check_keys(keys)
 
 
 class MoveSession(_Header):

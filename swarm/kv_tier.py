@@ -81,7 +81,11 @@ class RedisTier:
 
     def put_later(self, key: bytes, page: torch.Tensor) -> None:
         """Writes `page` under `key` in the background (a page leaving the pool must not wait for Redis)."""
-        task = asyncio.get_running_loop().create_task(self.put(key, page))
+        self._later(self.put(key, page))
+
+    def _later(self, write) -> None:
+        """Runs the coroutine `write` in the background, among the writes `flush` waits for."""
+        task = asyncio.get_running_loop().create_task(write)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
@@ -162,9 +166,7 @@ class RedisTier:
 
     def put_session_later(self, session_id: str, header: dict, tensors: Sequence[torch.Tensor]) -> None:
         """`put_session` in the background (from host memory, which must not wait for Redis)."""
-        task = asyncio.get_running_loop().create_task(self.put_session(session_id, header, tensors))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._later(self.put_session(session_id, header, tensors))
 
     async def put_session(self, session_id: str, header: dict, tensors: Sequence[torch.Tensor]) -> bool:
         """Keeps an idle session handed to the tier: its `ImportSession` header (whose signature and

@@ -130,6 +130,13 @@ class ServerSession:
         ):
             self.quotas.drop(sender or self.peer, message_bytes(message))
 
+    def _freed(self, pusher: str) -> None:
+        """A step of `pusher` ("": the client) left the inbox: room for another of its steps."""
+        if pusher:
+            self.pushed -= 1
+        else:
+            self.client_slots.release()
+
     def accept_push(self, request: runtime_pb2.ExpertRequest, pusher: str) -> None:
         """Queues a step that peer `pusher` pushed (its header already names this session)."""
         if self.closed is not None:
@@ -207,11 +214,8 @@ class ServerSession:
                     self._taken(pusher, message)
                     if pusher in (_NOTICE, _MOVE) or isinstance(message, WireError):
                         continue
-                    if pusher:
-                        self.pushed -= 1
-                        continue
-                    self.client_slots.release()
-                    if message is None:
+                    self._freed(pusher)
+                    if message is None and not pusher:
                         return
         except TimeoutError:
             logger.info("session %s: its client did not leave within %.0f s of the move", self.key, timeout)
@@ -235,10 +239,7 @@ class ServerSession:
                     yield None, moved, ""
                     return
                 continue
-            if pusher:
-                self.pushed -= 1
-            else:
-                self.client_slots.release()
+            self._freed(pusher)
             if message is None:
                 return
             if self.closed is not None:
