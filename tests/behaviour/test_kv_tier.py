@@ -105,9 +105,7 @@ def test_an_idle_session_waits_in_host_memory_without_any_redis(model6, ref6, tm
     expected = ref6.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
     args = ["--kv-host-mbytes", "16", "--session-timeout", "2"]
     with LocalSwarm(model6, [(0, 6)], server_args=args, workdir=tmp_path / "swarm") as swarm:
-        with AutoDistributedModelForCausalLM.from_pretrained(
-            model6, swarm.initial_peers, verify=0, request_timeout=10
-        ) as model:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, verify=0) as model:
             with model.inference_session(max_length=ids.shape[1] + 20) as session:
                 model.generate(ids, max_new_tokens=10, session=session)
                 kept_idle(swarm.servers[0], 1)  # idle: the session goes to host memory

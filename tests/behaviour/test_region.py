@@ -12,8 +12,11 @@ from tests.helpers.client_worker import prompt
 
 def test_a_client_in_each_region_picks_the_chain_of_its_region(model6, ref6, tmp_path):
     with LocalSwarm(model6, [], workdir=tmp_path / "swarm") as swarm:
-        europe = swarm.add_server(0, 6, "--region", "europe-west")
-        america = swarm.add_server(0, 6, "--region", "america-north")
+        # The same announced throughput: comparable chains, which only their regions tell apart (a
+        # throughput measured while the machine is busy could make one chain faster by more than a
+        # region's cost, and then rightly chosen).
+        europe = swarm.add_server(0, 6, "--region", "europe-west", "--throughput", "1000")
+        america = swarm.add_server(0, 6, "--region", "america-north", "--throughput", "1000")
         ids = prompt(2)
         expected = ref6.generate(ids, max_new_tokens=8, do_sample=False)
         for region, server in (("europe-west", europe), ("america-north", america)):
