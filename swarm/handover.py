@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PDaemonError
 from hivemind.proto import runtime_pb2
 
 from bridge.dial import iterate, reach
@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20  # KV bytes per message of an export
 EXPORT_TIMEOUT = 60.0  # seconds one export may take, dial included
+EXPORT_TRIES = 2  # a libp2p stream can break under load (seen: BrokenPipeError); a fresh one usually goes through
+TRANSPORT_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, P2PDaemonError)
 BOUNDARY_TIMEOUT = 30.0  # seconds a session may take to finish the step it is computing before it moves
 
 
@@ -90,12 +92,19 @@ class Exporter:
         moved: asyncio.Future = asyncio.get_running_loop().create_future()
 
         async def at_boundary() -> Optional[runtime_pb2.ExpertResponse]:
-            try:
-                notice = await asyncio.wait_for(self.export(session, start, end, target), EXPORT_TIMEOUT)
-            except Exception as e:  # the session simply stays here
-                why = f"{type(e).__name__}: {e}"
-                logger.warning("could not hand session %s to %s: %s", session.key, target.peer_id, why)
-                notice = None
+            loop, notice = asyncio.get_running_loop(), None
+            deadline = loop.time() + EXPORT_TIMEOUT
+            for attempt in range(1, EXPORT_TRIES + 1):
+                try:
+                    notice = await asyncio.wait_for(self.export(session, start, end, target), deadline - loop.time())
+                    break
+                except Exception as e:  # the session simply stays here, or the stream broke and we try again
+                    why = f"{type(e).__name__}: {e}"
+                    if isinstance(e, TRANSPORT_ERRORS) and attempt < EXPORT_TRIES and loop.time() < deadline:
+                        logger.info("handing session %s to %s: %s; trying again", session.key, target.peer_id, why)
+                        continue
+                    logger.warning("could not hand session %s to %s: %s", session.key, target.peer_id, why)
+                    break
             if not moved.done():
                 moved.set_result(notice is not None)
             return notice

@@ -76,7 +76,8 @@ def test_a_long_session_survives_its_server_s_drain_without_replay(long_model, s
                     ids, max_new_tokens=new_tokens, session=session, streamer=DrainAt(leaving[-1], DRAIN_AT)
                 )
                 moved = (session.moves, session.replayed_tokens, session.failovers)
-                assert moved == (1, 0, 0), leaving[-1].log_path.read_text()[-3000:]
+                logs = [server.log_path.read_text()[-3000:] for server in (leaving[-1], staying)]
+                assert moved == (1, 0, 0), "\n---\n".join(logs)
                 chain = [peer for peer, _, _ in session.chain]
                 assert staying.peer_id in chain and leaving[-1].peer_id not in chain
             assert model.convicted == {}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import torch
 
 from dht.records import ServerInfo, ServerRecord
-from swarm.handover import handover_target, kv_digest, prompt_keys
+from protocol.errors import ErrorKind, WireError
+from swarm.handover import EXPORT_TRIES, Exporter, handover_target, kv_digest, prompt_keys
 from swarm.sessions import ServerSession
 from tests.helpers.records import record_wire
 
@@ -71,3 +75,44 @@ def test_only_whole_computed_prompt_blocks_are_offered_to_an_importer():
     assert prompt_keys(done) == (keys[0].hex(),)
     batch = ServerSession(cache=None, batch=2, max_length=64, prompt_keys=keys, position=40)
     assert prompt_keys(batch) == ()
+
+
+class Flaky(Exporter):
+    """An exporter whose exports fail with `errors`, one per try, then succeed."""
+
+    def __init__(self, *errors: Exception):
+        self.errors, self.tries = list(errors), 0
+
+    async def export(self, session, start, end, target):
+        self.tries += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "notice"
+
+
+async def moved(exporter: Exporter) -> bool:
+    s = ServerSession(cache=object(), batch=1, max_length=100, key="k" * 16)
+
+    async def at_boundary():  # what the session's step loop does with a move
+        _, mover = await s.inbox.get()
+        await mover()
+
+    boundary = asyncio.create_task(at_boundary())
+    result = await exporter.move(s, 0, 4, info("other", 0, 4))
+    await boundary
+    return result
+
+
+@pytest.mark.parametrize(
+    "errors, expected, tries",
+    [
+        ([BrokenPipeError(32, "Broken pipe")], True, 2),  # a broken stream: a fresh one goes through
+        ([ConnectionResetError()] * EXPORT_TRIES, False, EXPORT_TRIES),  # bounded
+        ([WireError(ErrorKind.BAD_REQUEST, "no room")], False, 1),  # a refusal is not tried again
+    ],
+    ids=["broken once", "broken every time", "refused"],
+)
+async def test_an_export_whose_stream_breaks_is_tried_again_but_a_refusal_is_not(errors, expected, tries):
+    exporter = Flaky(*errors)
+    assert await moved(exporter) is expected
+    assert exporter.tries == tries
