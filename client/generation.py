@@ -270,6 +270,7 @@ def decode(
                 break
             all_ids, mask, unfinished = _roll_back(session, rollback, all_ids, mask, prompt_length, eos, streamer)
     finally:
+        head.leave()  # no product of the shared head waits for this generation's rows any more
         session.token_ids, session.attention_mask = all_ids, mask
         if streamer is not None:
             streamer.end()

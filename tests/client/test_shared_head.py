@@ -84,3 +84,58 @@ def test_a_product_waits_briefly_for_the_rows_of_a_generation_running_now(llama_
     for thread in threads:
         thread.join(timeout=60)
     assert 2 in SlowHead.calls  # the second generation's row waited for the first one's next row
+
+
+def test_generations_out_of_step_fall_into_one_product_once_their_round_trips_are_known(llama_path):
+    """The second generation starts 0.15 s after the first, each 0.4 s of chain away from its next
+    rows: a product waits for rows due within half a round trip, and from then on both share it."""
+    real = load_head(Checkpoint(llama_path))
+
+    class CountingHead:
+        calls: list[int] = []
+
+        def logits(self, hidden):
+            self.calls.append(hidden.shape[0])
+            return real.logits(hidden)
+
+    head = SharedHead(CountingHead())
+    row = torch.randn(1, real.lm_head.in_features, generator=torch.Generator().manual_seed(6))
+
+    def generation(delay: float) -> None:
+        time.sleep(delay)
+        for _ in range(5):
+            torch.testing.assert_close(head.logits(row), real.logits(row), atol=ATOL, rtol=0)
+            time.sleep(0.4)  # the chain's round trip
+        head.leave()
+
+    threads = [threading.Thread(target=generation, args=(delay,)) for delay in (0.0, 0.15)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert CountingHead.calls[:2] == [1, 1]  # out of step, round trips not known yet
+    assert CountingHead.calls[-2:] == [2, 2]  # in step: one product per token for both
+    assert head.generating() == 0
+
+
+def test_a_finished_generation_is_not_waited_for(llama_path):
+    real = load_head(Checkpoint(llama_path))
+    head = SharedHead(real)
+    row = torch.randn(1, real.lm_head.in_features, generator=torch.Generator().manual_seed(7))
+    first_done, counts = threading.Event(), []
+
+    def first() -> None:
+        head.logits(row)
+        head.leave()  # what decode does at its end
+        first_done.set()
+
+    thread = threading.Thread(target=first)
+    head.logits(row)
+    thread.start()
+    assert first_done.wait(timeout=30)
+    counts.append(head.generating())  # this thread only: the other one left
+    head.logits(row)
+    head.leave()
+    counts.append(head.generating())
+    thread.join(timeout=30)
+    assert counts == [1, 0]
