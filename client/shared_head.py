@@ -3,12 +3,10 @@
 A one-row LM head reads the whole vocabulary matrix (on a 32k × 768 head, 98 MB for every token of
 every session); when the relay or an application runs many generations as threads of one client, the
 rows queued while one product runs go together in the next one. A product also waits for the rows of
-generations that are running now but not queued yet, until they are due: a generation's rows come
-back one round trip of its chain after its last ones. The queued rows pay for the wait, so it lasts
-at most half of their own round trip (and `GATHER_MAX_SECONDS`; before any round trip is known, a
-short while): generations that started out of step fall into one product per token instead of two,
-while a fast one waits for a slow one only when the slow one is due soon. A lone generation never
-waits, and a finished one (`leave`) is not waited for.
+generations that are running now but not queued yet, while they are due soon (`protocol.pacing`; at
+most `GATHER_MAX_SECONDS`, and a short while before any round trip is known): generations that
+started out of step fall into one product per token instead of two. A lone generation never waits,
+and a finished one (`leave`) is not waited for.
 """
 
 from __future__ import annotations
@@ -20,21 +18,11 @@ from typing import Optional
 import torch
 
 from blocks.loading import ModelHead
+from protocol.pacing import Arrivals
 
 GATHER_MAX_SECONDS = 0.25  # the longest a product waits for rows due from generations running now
-GATHER_UNKNOWN_SECONDS = 0.02  # ... for a generation whose round trip is not known yet
-DUE_SLACK = 1.25  # a generation's rows are waited for until this many of its round trips after its last
-PATIENCE_SHARE = 0.5  # a product waits at most this share of the queued generations' shortest round trip
+GATHER_UNKNOWN_SECONDS = 0.02  # ... for rows of generations whose round trip is not known yet
 ACTIVE_PRODUCTS = 3  # a caller whose last rows came within this many products is generating now
-
-
-class _Caller:
-    """A generating thread: when it last asked (product number, time) and its last round trip."""
-
-    __slots__ = ("product", "asked", "round_trip")
-
-    def __init__(self, product: int, asked: float):
-        self.product, self.asked, self.round_trip = product, asked, 0.0
 
 
 class _Request:
@@ -54,19 +42,18 @@ class SharedHead:
         self._cond = threading.Condition()
         self._queue: list[_Request] = []
         self._running = False
-        self._callers: dict[int, _Caller] = {}  # by thread id
-        self._products = 0
+        self._callers = Arrivals(ACTIVE_PRODUCTS)  # by thread id
         self._product_seconds = 0.0  # how long the last product took
 
     def generating(self) -> int:
         """Generations that asked for logits lately and have not left."""
         with self._cond:
-            return len(self._callers)
+            return self._callers.active()
 
     def leave(self) -> None:
         """The calling thread's generation is over: no product waits for its rows any more."""
         with self._cond:
-            self._callers.pop(threading.get_ident(), None)
+            self._callers.left(threading.get_ident())
             self._cond.notify_all()
 
     def queued(self) -> list[int]:
@@ -89,11 +76,7 @@ class SharedHead:
         me, now = threading.get_ident(), time.monotonic()
         request = _Request(hidden, me)
         with self._cond:
-            caller = self._callers.get(me)
-            if caller is None:
-                self._callers[me] = _Caller(self._products, now)
-            else:
-                caller.product, caller.round_trip, caller.asked = self._products, now - caller.asked, now
+            self._callers.arrived(me, now)
             self._queue.append(request)
             self._cond.notify_all()  # a product gathering rows hears of these
             while request.logits is None and request.error is None and self._running:
@@ -112,23 +95,14 @@ class SharedHead:
 
     def _gather(self) -> None:
         """Waits (holding the condition) while fewer callers are queued than are generating now, until
-        the rows of those due soonest are due (see the module's docstring)."""
-        self._callers = {
-            thread: caller
-            for thread, caller in self._callers.items()
-            if self._products - caller.product <= ACTIVE_PRODUCTS
-        }
-        now = time.monotonic()
-        queued = {request.caller for request in self._queue}
-        trips = [self._callers[thread].round_trip for thread in queued if thread in self._callers]
-        # The queued rows lose what the product waits: at most a share of their own round trip.
-        patience = min(GATHER_MAX_SECONDS, PATIENCE_SHARE * min(trips)) if trips and min(trips) else 0.0
-        deadline = now + min(GATHER_UNKNOWN_SECONDS, self._product_seconds)
-        for thread, caller in self._callers.items():
-            due = caller.asked + caller.round_trip
-            if thread not in queued and caller.round_trip and due <= now + patience:
-                deadline = max(deadline, min(caller.asked + caller.round_trip * DUE_SLACK, now + patience))
-        while len(self._queue) < len(self._callers):
+        the rows of those due soon are due (see the module's docstring)."""
+        deadline = self._callers.deadline(
+            time.monotonic(),
+            (request.caller for request in self._queue),
+            min(GATHER_UNKNOWN_SECONDS, self._product_seconds),
+            GATHER_MAX_SECONDS,
+        )
+        while len(self._queue) < self._callers.active():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -149,6 +123,6 @@ class SharedHead:
         finally:
             with self._cond:
                 self._running = False
-                self._products += 1
+                self._callers.batch_ran()
                 self._product_seconds = time.monotonic() - started
                 self._cond.notify_all()

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from blocks.span import BlockSpan, SpanInput
+from protocol.pacing import Arrivals
 from swarm.compute import ComputeThread
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,7 @@ class StepScheduler:
         self._wake: Optional[asyncio.Event] = None
         self._driver: Optional[asyncio.Task] = None
         self._in_round: set[int] = set()  # ids of the steps the running round computes
-        self.rounds = 0
-        self._stepped: dict[int, int] = {}  # each session's cache (by id) -> the round its last step came in
+        self._stepped = Arrivals(ACTIVE_ROUNDS)  # by each session's cache (its id)
         self._round_seconds = 0.0  # how long the last round took
 
     @property
@@ -84,10 +84,23 @@ class StepScheduler:
             self._wake = asyncio.Event()
             self._driver = asyncio.create_task(self._drive(), name="swarm-batching")
         step = _Step(span, start, end, hidden, cache, mask, asyncio.get_running_loop().create_future(), adapter)
-        self._stepped[id(cache) if cache is not None else id(step)] = self.rounds
+        self._stepped.arrived(id(cache) if cache is not None else id(step), asyncio.get_running_loop().time())
         self._pending.append(step)
         self._wake.set()
         return await step.future
+
+    @property
+    def rounds(self) -> int:
+        return self._stepped.batches
+
+    @property
+    def stepping(self) -> int:
+        """Sessions whose steps a round may wait for: they stepped lately and have not closed."""
+        return self._stepped.active()
+
+    def left(self, cache: Any) -> None:
+        """The session of `cache` is over: no round waits for its steps."""
+        self._stepped.left(id(cache))
 
     def close(self) -> None:
         if self._driver is not None:
@@ -108,17 +121,19 @@ class StepScheduler:
     async def _gather(self) -> None:
         """Before a round: while fewer steps wait than sessions are stepping now (their steps are on
         their way through the chain), waits a little for them, at most as long as the last round
-        took and `GATHER_MAX_SECONDS`: sixteen sessions' steps arriving a millisecond apart then share one
-        round (the weights read once) instead of spreading over many. A lone session never waits, nor
-        do sessions for one that steps far less often than they do."""
+        took and `GATHER_MAX_SECONDS`: sixteen sessions' steps arriving a millisecond apart then share
+        one round (the weights read once) instead of spreading over many. A lone session never
+        waits, nor do sessions for one that steps far less often or has closed. (Waiting longer, for
+        steps due within half a round trip as the client's shared head does, measured slower here:
+        the client's products already bring the sessions into step.)"""
         loop = asyncio.get_running_loop()
-        self._stepped = {key: when for key, when in self._stepped.items() if self.rounds - when <= ACTIVE_ROUNDS}
         deadline = loop.time() + min(GATHER_MAX_SECONDS, self._round_seconds)
         while True:
             pending = [step for step in self._pending if not step.future.done()]
             tokens = sum((step.tokens - step.done) * step.rows for step in pending)
             remaining = deadline - loop.time()
-            if not pending or len(pending) >= len(self._stepped) or tokens >= self.max_batch_tokens or remaining <= 0:
+            stepping = self._stepped.active()
+            if not pending or len(pending) >= stepping or tokens >= self.max_batch_tokens or remaining <= 0:
                 return
             self._wake.clear()
             try:
@@ -141,7 +156,7 @@ class StepScheduler:
         finally:
             self._in_round = set()
             self._round_seconds = asyncio.get_running_loop().time() - started
-        self.rounds += 1
+        self._stepped.batch_ran()
         self.on_round(len(chosen))
         for (step, _), result in zip(chosen, results):
             self._finish_chunk(step, result)

@@ -865,6 +865,8 @@ class BlockHandler:
                 stream.close()
             if ok:
                 self._keep_prompt(session)
+            if session.cache is not None:
+                self.scheduler.left(session.cache)
             session.release()
             self._sessions.discard(session)
             if persistent and self._keyed.get(header.session_id) is session:

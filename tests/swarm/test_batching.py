@@ -107,7 +107,25 @@ async def test_a_round_waits_briefly_for_the_step_of_a_session_that_is_stepping_
     try:
         await asyncio.wait_for(asyncio.gather(step(first), step(second)), 60)  # both are stepping now
         await asyncio.wait_for(asyncio.gather(step(first), step(second, after=0.05)), 60)
-        assert sizes[-1] == 2
+        assert sizes[-1] == 2, sizes
+    finally:
+        scheduler.close()
+        compute.shutdown()
+
+
+async def test_a_closed_session_is_not_waited_for(llama_path):
+    span = load_span(Checkpoint(llama_path), 0, 4, torch.float32, "cpu")
+    pool = span.new_pool(64)
+    compute = ComputeThread()
+    scheduler = StepScheduler(compute, max_batch_tokens=64)
+    caches = [pool.allocate(1, 8), pool.allocate(1, 8)]
+    hidden = torch.randn(1, 1, span.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    try:
+        for cache in caches:
+            await asyncio.wait_for(scheduler.run(span, hidden, cache, None, 0, 4), 60)
+        assert scheduler.stepping == 2
+        scheduler.left(caches[0])  # what the handler does when a session ends
+        assert scheduler.stepping == 1
     finally:
         scheduler.close()
         compute.shutdown()
