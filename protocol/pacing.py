@@ -1,11 +1,12 @@
-"""When the next step of each session (or generation) that is stepping now is due, so that a batch
-can wait for the ones due soon.
+"""Which sessions (or generations) are stepping now, and when the next step of each is due, so that
+a batch can wait for the ones due soon.
 
-A session's next step comes one round trip of its chain after its last one. A batch (a server's
-round, the client's LM-head product) that waits for steps due soon takes them in one product instead
-of two; the steps already queued pay for the wait, so it lasts at most a share of their own round
-trip: sessions out of step fall into one batch, while a fast session waits for a slow one only when
-the slow one's step is due soon.
+A session's next step comes one round trip of its chain after its last one. The client's shared LM
+head waits for rows due soon and so takes them in one product instead of two; the rows already
+queued pay for the wait, so it lasts at most a share of their own round trip: generations out of
+step fall into one product, while a fast one waits for a slow one only when the slow one is due soon.
+A server's rounds use only the first half (which sessions are stepping): the same wait measured
+slower there.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import client.span
 from client import AutoDistributedModelForCausalLM, MissingBlocksError, SwarmBusyError
 from harness.local_swarm import LocalSwarm
 from tests.helpers.client_worker import prompt
+from tests.helpers.models import wait_for_route
 from tests.helpers.streamers import AtToken
 
 pytestmark = pytest.mark.slow
@@ -276,6 +277,9 @@ def test_retries_are_bounded_with_a_clear_error(model6, tmp_path):
         with AutoDistributedModelForCausalLM.from_pretrained(
             model6, swarm.initial_peers, request_timeout=30, max_retries=1, ban_seconds=3600, verify=0
         ) as model:
+            # The chain starts at `first` (on a loaded machine a just-started server may be routed
+            # around for a moment: a failing one first would add a ban of the first step's own).
+            wait_for_route(model, first.peer_id)
             with pytest.raises(RetriesExhaustedError, match="gave up after 2 server failures.*illegal memory access"):
                 model.generate(prompt(6), max_new_tokens=5)
             banned = model.remote.bans.banned()
