@@ -8,7 +8,8 @@ step 1000 of a long session, and the memory roofline of one session's decode ste
 read over a large copy's bandwidth, measured in the same run) with the share of it that the one
 session reaches. Each count of sessions is also compared with single-process `transformers`
 generating the same prompts as one left-padded batch, timed right after it: the ceiling batching
-aims at. Prints one JSON object. Examples:
+aims at. With threads, also the rows per product of the client's shared LM head
+(`head_rows_per_product`), beside the servers' steps per round. Prints one JSON object. Examples:
   .venv/bin/python bench/concurrency.py                      # random Llama 768 × 8, 2 servers, threads
   .venv/bin/python bench/concurrency.py --clients processes  # 16 client processes instead
 """
@@ -348,6 +349,7 @@ def main() -> None:
                 batch = all_prompts[:count]
                 meter = CpuMeter(swarm)
                 batching = steps_per_round(swarm)
+                products, rows = model.head.products, model.head.rows
                 if args.clients == "threads":
                     runs = threads_round(model, batch, args.new_tokens)
                 else:
@@ -358,6 +360,10 @@ def main() -> None:
                     round((steps - steps0) / max(rounds - rounds0, 1), 2)
                     for (steps, rounds), (steps0, rounds0) in zip(steps_per_round(swarm), batching)
                 ]
+                if args.clients == "threads":  # the client's shared LM head: rows per product
+                    summary["head_rows_per_product"] = round(
+                        (model.head.rows - rows) / max(model.head.products - products, 1), 2
+                    )
                 summary["speedup_over_one_session"] = round(
                     summary["aggregate_tokens_per_s"] / solo["aggregate_tokens_per_s"], 2
                 )

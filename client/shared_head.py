@@ -44,6 +44,8 @@ class SharedHead:
         self._running = False
         self._callers = Arrivals(ACTIVE_PRODUCTS)  # by thread id
         self._product_seconds = 0.0  # how long the last product took
+        self.products = 0  # products run so far, and the rows they computed (one-row calls batched)
+        self.rows = 0
 
     def generating(self) -> int:
         """Generations that asked for logits lately and have not left."""
@@ -124,5 +126,7 @@ class SharedHead:
             with self._cond:
                 self._running = False
                 self._callers.batch_ran()
+                self.products += 1
+                self.rows += sum(request.hidden.shape[0] for request in batch)
                 self._product_seconds = time.monotonic() - started
                 self._cond.notify_all()
