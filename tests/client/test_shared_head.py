@@ -50,6 +50,7 @@ def test_concurrent_lm_head_calls_of_one_client_share_one_product(llama_path):
     for thread in [first, *others]:
         thread.join(timeout=30)
     assert FirstCallWaits.calls == [1, 6]  # the three callers that queued went together
+    assert (head.products, head.rows) == (2, 7)  # what bench/concurrency.py reports
     for hidden, got in zip(rows, results):
         torch.testing.assert_close(got, real.logits(hidden), atol=ATOL, rtol=0)
 
