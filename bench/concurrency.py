@@ -206,8 +206,9 @@ def worker(path: str, prompt: str, go: str, new_tokens: str, push: str, verify: 
 def compute_floor(checkpoint: Checkpoint, splits: list[tuple[int, int]], threads: int, sessions: int) -> dict:
     """Milliseconds of pure compute per token, in this process with the servers' thread count: each
     server's span for one session's one-token step and for `sessions` sessions' steps in one round
-    (each with a 32-token cache), and the LM head for 1 and `sessions` rows. No RPC, no Python of
-    the client or the server loop: what no scheduling can go below on this machine."""
+    (each with a 32-token cache in a KV pool, as servers keep them), and the LM head for 1 and
+    `sessions` rows. No RPC, no Python of the client or the server loop: what no scheduling can go
+    below on this machine."""
     torch.set_num_threads(threads)
     hidden = checkpoint.hidden_size
     head = load_head(checkpoint)
@@ -225,7 +226,8 @@ def compute_floor(checkpoint: Checkpoint, splits: list[tuple[int, int]], threads
     with torch.inference_mode():
         for start, end in splits:
             span = load_span(checkpoint, start, end)
-            caches = [span.new_cache() for _ in range(sessions)]
+            pool = span.new_pool(sessions * 96)  # the servers' KV pool, a slice per session
+            caches = [pool.allocate(1, 96) for _ in range(sessions)]
             for cache in caches:
                 span.forward(torch.randn(1, 32, hidden), cache=cache)
             one += median_ms(lambda: span.forward(torch.randn(1, 1, hidden), cache=caches[0]))
