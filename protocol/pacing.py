@@ -5,8 +5,8 @@ A session's next step comes one round trip of its chain after its last one. The 
 head waits for rows due soon and so takes them in one product instead of two; the rows already
 queued pay for the wait, so it lasts at most a share of their own round trip: generations out of
 step fall into one product, while a fast one waits for a slow one only when the slow one is due soon.
-A server's rounds use only the first half (which sessions are stepping): the same wait measured
-slower there.
+A server's rounds use only the first half (which sessions are stepping): the same wait gained
+nothing there in the runs measured.
 """
 
 from __future__ import annotations
