@@ -34,14 +34,17 @@ DRAIN_AT = 400
 
 
 class DrainAt(BaseStreamer):
-    """Sends a server SIGTERM (it drains) once `at` new tokens have been generated."""
+    """Sends a server SIGTERM (it drains) once `at` new tokens have been generated, and notes the
+    session's chain just before (the servers it ran on until then)."""
 
-    def __init__(self, server, at: int):
-        self.server, self.at, self.puts = server, at, 0
+    def __init__(self, server, at: int, session):
+        self.server, self.at, self.session, self.puts = server, at, session, 0
+        self.chain_before: list[str] = []
 
     def put(self, value):
         self.puts += 1
         if self.puts == self.at + 1:  # the first put is the prompt
+            self.chain_before = [peer for peer, _, _ in self.session.chain]
             self.server.signal(signal.SIGTERM)
 
     def end(self):
@@ -64,17 +67,18 @@ def test_a_long_session_survives_its_server_s_drain_without_replay(long_model, s
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
     )
     with LocalSwarm(long_model, [], workdir=tmp_path / "swarm") as swarm:
-        # The chain first: fast servers; then a slower one of all blocks, where the sessions go.
+        # The chain first: fast servers; then a far slower one of all blocks, where the sessions go
+        # (slow enough that no ping delay on a loaded machine makes routing prefer it).
         leaving = [swarm.add_server(start, end, "--throughput", "100000", wait=False) for start, end in splits]
-        staying = swarm.add_server(0, 4, "--throughput", "50", wait=False)
+        staying = swarm.add_server(0, 4, "--throughput", "1", wait=False)
         for server in swarm.servers:
             swarm.wait_online(server)
         with AutoDistributedModelForCausalLM.from_pretrained(long_model, swarm.initial_peers) as model:
             wait_for_route(model, *(server.peer_id for server in leaving))
             with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
-                output = model.generate(
-                    ids, max_new_tokens=new_tokens, session=session, streamer=DrainAt(leaving[-1], DRAIN_AT)
-                )
+                drain = DrainAt(leaving[-1], DRAIN_AT, session)
+                output = model.generate(ids, max_new_tokens=new_tokens, session=session, streamer=drain)
+                assert drain.chain_before == [server.peer_id for server in leaving]
                 moved = (session.moves, session.replayed_tokens, session.failovers)
                 logs = [server.log_path.read_text()[-3000:] for server in (leaving[-1], staying)]
                 assert moved == (1, 0, 0), "\n---\n".join(logs)
