@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import tempfile
 from functools import partial
 from typing import Optional, Sequence
@@ -58,14 +59,41 @@ def start_dht(
 ) -> tuple[hivemind.DHT, RSASignatureValidator]:
     """Starts a DHT node whose libp2p identity is also its record-signing key.
 
-    Without `identity_path` a fresh identity is made in a private temp file. NAT port mapping (UPnP /
+    Without `identity_path` a fresh identity is made in a private temp file, removed once the node has
+    started (its daemon holds the key then: a throwaway key must not pile up on disk). NAT port mapping (UPnP /
     NAT-PMP probes of the LAN gateway) stays off unless the operator opts in. `announce_maddrs`
     (transport addresses, no /p2p part) replace the listen address in what peers learn and dial.
     `require_peers=False` starts alone when no initial peer answers (peers a stranger announced on the
     LAN may not), where by default that is an error.
     """
-    if identity_path is None:
-        identity_path = os.path.join(tempfile.mkdtemp(prefix="swarm-identity-"), "identity.key")
+    throwaway = tempfile.mkdtemp(prefix="swarm-identity-") if identity_path is None else None
+    try:
+        return _start_dht(
+            initial_peers,
+            host=host,
+            port=port,
+            identity_path=identity_path or os.path.join(throwaway, "identity.key"),
+            client_mode=client_mode,
+            nat_port_map=nat_port_map,
+            announce_maddrs=announce_maddrs,
+            require_peers=require_peers,
+        )
+    finally:
+        if throwaway is not None:
+            shutil.rmtree(throwaway, ignore_errors=True)
+
+
+def _start_dht(
+    initial_peers: Sequence[str],
+    *,
+    host: str,
+    port: int,
+    identity_path: str,
+    client_mode: bool,
+    nat_port_map: bool,
+    announce_maddrs: Sequence[str],
+    require_peers: bool,
+) -> tuple[hivemind.DHT, RSASignatureValidator]:
     identity_path = str(ensure_identity(identity_path))
     validator = make_validator(identity_path)
     family = "ip6" if ":" in host else "ip4"
