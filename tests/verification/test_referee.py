@@ -60,13 +60,14 @@ async def test_the_local_referee_computes_only_what_a_session_added_since_its_la
     mask = torch.ones(2, 9, dtype=torch.int64)
     mask[1, :3] = 0  # left padding
     computed = []
-    forward = BlockSpan.forward
+    forward, forward_batch = BlockSpan.forward, BlockSpan.forward_batch
 
-    def counting_forward(self, hidden, *args, **kwargs):
-        computed.append(hidden.shape[1])
-        return forward(self, hidden, *args, **kwargs)
+    def counting_forward_batch(self, inputs, *args, **kwargs):
+        if self is not span:  # the referee's, not this test's own
+            computed.extend(item.hidden.shape[1] for item in inputs)
+        return forward_batch(self, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(BlockSpan, "forward", counting_forward)
+    monkeypatch.setattr(BlockSpan, "forward_batch", counting_forward_batch)
     with ThreadPoolExecutor(1) as executor:
         referee = LocalReferee(checkpoint, executor)
         for end in (5, 9):  # a session's first check, then a later one
@@ -95,3 +96,83 @@ async def test_the_local_referee_computes_only_what_a_session_added_since_its_la
         for session in ("s", "t", "s"):
             await small(replace(claim, session_id=session), frozenset())
         assert computed == [9, 9, 9]  # "s" was let go when "t" came
+
+
+async def test_claims_that_wait_together_are_computed_in_one_packed_forward(tmp_path, monkeypatch):
+    """Sessions' checks that wait while the referee computes go in one forward per span (the weights
+    read once), each with its own cache, positions and mask: each result is what it would be alone.
+    Two checks of one session's span never share a turn (the second continues from the first)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blocks.checkpoint import Checkpoint
+    from blocks.loading import load_span
+    from blocks.span import BlockSpan
+    from verification.referee import LocalReferee
+
+    checkpoint = Checkpoint(make_random_checkpoint(tmp_path / "llama", "llama", num_layers=2, seed=5))
+    span = load_span(checkpoint, 0, 2)
+    forward_batch = BlockSpan.forward_batch
+    turns = []
+
+    def counting_forward_batch(self, inputs, *args, **kwargs):
+        if self is not span:  # the referee's, not this test's own
+            turns.append([item.hidden.shape[1] for item in inputs])
+        return forward_batch(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(BlockSpan, "forward_batch", counting_forward_batch)
+    generator = torch.Generator().manual_seed(0)
+    claims: list[Claim] = []
+    for index, (batch, length) in enumerate([(1, 7), (2, 5), (1, 3)]):
+        inputs = torch.randn(batch, length, checkpoint.hidden_size, generator=generator)
+        mask = torch.ones(batch, length, dtype=torch.int64)
+        if batch == 2:
+            mask[1, :2] = 0  # left padding
+        claims.append(
+            Claim(
+                peer_id="A",
+                start=0,
+                end=2,
+                dtype=torch.float32,
+                inputs=inputs,
+                outputs=inputs,
+                mask=mask,
+                verified=0,
+                session_id=f"session-{index}",
+            )
+        )
+    # The first session's next check, longer: it waits for the turn after its first one.
+    longer = torch.cat([claims[0].inputs, torch.randn(1, 2, checkpoint.hidden_size, generator=generator)], dim=1)
+    again = Claim(**{**claims[0].__dict__, "inputs": longer, "outputs": longer, "mask": torch.ones(1, 9)})
+    with ThreadPoolExecutor(1) as executor:
+        referee = LocalReferee(checkpoint, executor)
+        results = await asyncio.gather(*(referee(each, frozenset()) for each in [*claims, again]))
+    assert turns == [[7, 5, 3], [2]] and referee.batches == 2
+    for each, result in zip([*claims, again], results):
+        alone = span.forward(each.inputs, attention_mask=each.mask)
+        assert discrepancy(result.outputs, alone, each.mask) < 1e-5
+
+
+async def test_a_check_nobody_waits_for_any_more_is_not_computed(tmp_path):
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blocks.checkpoint import Checkpoint
+    from verification.referee import LocalReferee
+
+    checkpoint = Checkpoint(make_random_checkpoint(tmp_path / "llama", "llama", num_layers=2, seed=6))
+    inputs = torch.randn(1, 4, checkpoint.hidden_size)
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as executor:
+        referee = LocalReferee(checkpoint, executor)
+        busy = asyncio.get_running_loop().run_in_executor(executor, release.wait, 30)
+        first = asyncio.ensure_future(referee(claim(inputs, inputs), frozenset()))
+        await asyncio.sleep(0.05)  # its turn waits for the executor
+        abandoned = asyncio.ensure_future(referee(claim(inputs, inputs), frozenset()))
+        await asyncio.sleep(0.05)
+        abandoned.cancel()
+        release.set()
+        await busy
+        assert (await first) is not None
+        assert referee.batches == 1  # the abandoned check was dropped before its turn
