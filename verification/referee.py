@@ -37,8 +37,8 @@ class _Progress:
 
 
 class LocalReferee:
-    """Recomputes a span on this machine, in float32, from the client's own checkpoint, when its
-    blocks fit in the memory available (with room to spare); None otherwise.
+    """Recomputes a span on this machine, in float32, from the client's own checkpoint, when its blocks
+    fit in the memory available (with room to spare); None otherwise. Called from one event loop.
 
     Blocks it has loaded stay loaded (checks of one session come back to the same blocks), unless
     blocks of another range need their room. For the last `keep_sessions` sessions' spans (within
@@ -81,7 +81,7 @@ class LocalReferee:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._waiting.append((claim, future))
-        if self._turns is None or self._turns.done():
+        if self._turns is None or self._turns.done() or self._turns.get_loop() is not loop:
             self._turns = loop.create_task(self._take_turns())
         outputs = await future
         if outputs is None:
