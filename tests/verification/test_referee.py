@@ -104,6 +104,7 @@ async def test_claims_that_wait_together_are_computed_in_one_packed_forward(tmp_
     Two checks of one session's span never share a turn (the second continues from the first)."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
 
     from blocks.checkpoint import Checkpoint
     from blocks.loading import load_span
@@ -128,22 +129,10 @@ async def test_claims_that_wait_together_are_computed_in_one_packed_forward(tmp_
         mask = torch.ones(batch, length, dtype=torch.int64)
         if batch == 2:
             mask[1, :2] = 0  # left padding
-        claims.append(
-            Claim(
-                peer_id="A",
-                start=0,
-                end=2,
-                dtype=torch.float32,
-                inputs=inputs,
-                outputs=inputs,
-                mask=mask,
-                verified=0,
-                session_id=f"session-{index}",
-            )
-        )
+        claims.append(replace(claim(inputs, inputs), mask=mask, session_id=f"session-{index}"))
     # The first session's next check, longer: it waits for the turn after its first one.
     longer = torch.cat([claims[0].inputs, torch.randn(1, 2, checkpoint.hidden_size, generator=generator)], dim=1)
-    again = Claim(**{**claims[0].__dict__, "inputs": longer, "outputs": longer, "mask": torch.ones(1, 9)})
+    again = replace(claims[0], inputs=longer, outputs=longer, mask=torch.ones(1, 9))
     with ThreadPoolExecutor(1) as executor:
         referee = LocalReferee(checkpoint, executor)
         results = await asyncio.gather(*(referee(each, frozenset()) for each in [*claims, again]))
