@@ -49,8 +49,8 @@ class LocalReferee:
     Claims that wait while it computes go together in its next turn: one packed forward per span
     for all of them (each with its own positions, mask and cache, as the servers batch sessions'
     steps), up to `max_batch_tokens` rows × positions. Sixteen sessions' checks then read the
-    weights once instead of sixteen times: on a CPU, 16 checks of 18 positions took 0.15 s packed
-    against 0.40 s one by one."""
+    weights once instead of sixteen times: on a 2-core CPU, 16 checks of 18 positions on 4 blocks of a
+    99.5 M model took 0.15 s packed against 0.40 s one by one."""
 
     def __init__(
         self,
