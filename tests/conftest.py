@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tests.helpers.models import reference_model
 logging.getLogger("hivemind").setLevel(logging.WARNING)
 # Throughput caches and converted models of test servers stay out of the user's home.
 os.environ["SWARM_CACHE_DIR"] = tempfile.mkdtemp(prefix="swarm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SWARM_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

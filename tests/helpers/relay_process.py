@@ -114,7 +114,9 @@ def signed_registration(
     from dht.identity import ensure_identity, make_validator, peer_id_of_subkey
     from protocol.registration import sign_registration
 
-    identity = identity or Path(tempfile.mkdtemp(prefix="swarm-test-peer-")) / "identity.key"
+    if identity is None:  # a throwaway key: gone once it has signed
+        with tempfile.TemporaryDirectory(prefix="swarm-test-peer-") as folder:
+            return signed_registration(name, relay, model, signed_at, Path(folder) / "identity.key", **extra)
     validator = make_validator(ensure_identity(identity))
     peer_id = peer_id_of_subkey(validator.local_public_key)
     signed_at = int(time.time()) if signed_at is None else signed_at
