@@ -9,7 +9,8 @@ read over a large copy's bandwidth, measured in the same run) with the share of 
 session reaches. Each count of sessions is also compared with single-process `transformers`
 generating the same prompts as one left-padded batch, timed right after it: the ceiling batching
 aims at. With threads, also the rows per product of the client's shared LM head
-(`head_rows_per_product`), beside the servers' steps per round. Prints one JSON object. Examples:
+(`head_rows_per_product`), beside the servers' steps per round, and the checks the client's local
+referee computes per turn (`referee_claims_per_turn`). Prints one JSON object. Examples:
   .venv/bin/python bench/concurrency.py                      # random Llama 768 × 8, 2 servers, threads
   .venv/bin/python bench/concurrency.py --clients processes  # 16 client processes instead
 """
@@ -248,6 +249,14 @@ def compute_floor(checkpoint: Checkpoint, splits: list[tuple[int, int]], threads
     }
 
 
+def referee_counts(model) -> tuple[int, int]:
+    """(claims, turns) the client's local referee has computed so far ((0, 0) with checks off)."""
+    verifier = model.remote.audit.verifier
+    if verifier is None or verifier.referee is None:
+        return 0, 0
+    return verifier.referee.claims, verifier.referee.batches
+
+
 def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -352,6 +361,7 @@ def main() -> None:
                 meter = CpuMeter(swarm)
                 batching = steps_per_round(swarm)
                 products, rows = model.head.products, model.head.rows
+                referee = referee_counts(model)
                 if args.clients == "threads":
                     runs = threads_round(model, batch, args.new_tokens)
                 else:
@@ -366,6 +376,9 @@ def main() -> None:
                     summary["head_rows_per_product"] = round(
                         (model.head.rows - rows) / max(model.head.products - products, 1), 2
                     )
+                    claims, turns = (now - before for now, before in zip(referee_counts(model), referee))
+                    if turns:
+                        summary["referee_claims_per_turn"] = round(claims / turns, 2)
                 summary["speedup_over_one_session"] = round(
                     summary["aggregate_tokens_per_s"] / solo["aggregate_tokens_per_s"], 2
                 )

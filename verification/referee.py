@@ -70,6 +70,7 @@ class LocalReferee:
         self.adapters = adapters  # a LoRA adapter's tensors for blocks [start, end), when this machine has it
         self.max_batch_tokens = max_batch_tokens
         self.batches = 0  # turns computed (each one packed forward per span)
+        self.claims = 0  # claims computed, in all those turns
         self._blocks: dict[tuple[int, str], DecoderLayer] = {}  # (block, quantization) -> layer
         self._rotary: Optional[Rotary] = None
         self._progress: collections.OrderedDict[tuple[str, int, int, str, str], _Progress] = collections.OrderedDict()
@@ -135,6 +136,7 @@ class LocalReferee:
         one packed forward per span for the positions each claim added since its session's last check."""
         with self._lock:
             self.batches += 1
+            self.claims += len(claims)
             results: list[Optional[torch.Tensor] | BaseException] = [None] * len(claims)
             groups: dict[tuple[int, int, str], list[int]] = collections.defaultdict(list)
             for index, claim in enumerate(claims):

@@ -136,7 +136,7 @@ async def test_claims_that_wait_together_are_computed_in_one_packed_forward(tmp_
     with ThreadPoolExecutor(1) as executor:
         referee = LocalReferee(checkpoint, executor)
         results = await asyncio.gather(*(referee(each, frozenset()) for each in [*claims, again]))
-    assert turns == [[7, 5, 3], [2]] and referee.batches == 2
+    assert turns == [[7, 5, 3], [2]] and (referee.batches, referee.claims) == (2, 4)
     for each, result in zip([*claims, again], results):
         alone = span.forward(each.inputs, attention_mask=each.mask)
         assert discrepancy(result.outputs, alone, each.mask) < 1e-5
