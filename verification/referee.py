@@ -98,13 +98,12 @@ class LocalReferee:
                 continue
             try:
                 results = await loop.run_in_executor(self.executor, self._compute_all, [claim for claim, _ in turn])
-            except BaseException as e:  # the executor itself failed (shut down, say): every waiter hears it
+            except asyncio.CancelledError:
                 for _, future in turn:
-                    if not future.done():
-                        future.set_exception(e)
-                if isinstance(e, asyncio.CancelledError):
-                    raise
-                continue
+                    future.cancel()
+                raise
+            except Exception as e:  # the executor itself failed (shut down, say): every waiter hears it
+                results = [e] * len(turn)
             for (_, future), result in zip(turn, results):
                 if future.done():  # its caller stopped waiting
                     continue
@@ -176,22 +175,15 @@ class LocalReferee:
             ]
             try:
                 added = dict(zip(todo, span.forward_batch(inputs)))
-            except Exception:
+            except Exception as e:
                 if len(todo) == 1:
-                    raise
-                # A packed forward failed (out of memory, say) and may have grown some caches: each
-                # claim is computed again alone, from the start.
-                for i in todo:
-                    progress[i] = _fresh(claims[i])
-                    try:
-                        added[i] = span.forward(
-                            claims[i].inputs.float(),
-                            cache=progress[i].cache,
-                            attention_mask=claims[i].mask,
-                            adapter=adapters[i],
-                        )
-                    except Exception as e:
-                        added[i] = e
+                    added = {todo[0]: e}
+                else:
+                    # A packed forward failed (a malformed claim, out of memory) and may have grown
+                    # some caches: each claim is computed again alone, from the start, and fails alone.
+                    for i in todo:
+                        progress[i] = _fresh(claims[i])
+                        added[i] = _alone(span, claims[i], progress[i], adapters[i])
         results: list[Optional[torch.Tensor] | BaseException] = []
         for index, (claim, adapter, done) in enumerate(zip(claims, adapters, progress)):
             if claim.adapter and adapter is None:
@@ -242,6 +234,16 @@ class LocalReferee:
             self._blocks[index, quant] = loaded.layers[0]
             self._rotary = self._rotary or loaded.rotary
         return BlockSpan(self.checkpoint.config, [self._blocks[key] for key in wanted], self._rotary, start, quant)
+
+
+def _alone(
+    span: BlockSpan, claim: Claim, progress: _Progress, adapter: Optional[LoraAdapter]
+) -> torch.Tensor | Exception:
+    """The claim's whole history through `span` into `progress`'s cache, or what failed."""
+    try:
+        return span.forward(claim.inputs.float(), cache=progress.cache, attention_mask=claim.mask, adapter=adapter)
+    except Exception as e:
+        return e
 
 
 def _fresh(claim: Claim) -> _Progress:

@@ -165,3 +165,30 @@ async def test_a_check_nobody_waits_for_any_more_is_not_computed(tmp_path):
         await busy
         assert (await first) is not None
         assert referee.batches == 1  # the abandoned check was dropped before its turn
+
+
+async def test_a_claim_that_cannot_be_computed_fails_alone_in_a_packed_turn(tmp_path):
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from blocks.checkpoint import Checkpoint
+    from blocks.loading import load_span
+    from verification.referee import LocalReferee
+
+    checkpoint = Checkpoint(make_random_checkpoint(tmp_path / "llama", "llama", num_layers=2, seed=8))
+    good = torch.randn(1, 4, checkpoint.hidden_size)
+    bad = torch.randn(1, 4, checkpoint.hidden_size + 1)  # not this model's width
+    with ThreadPoolExecutor(1) as executor:
+        referee = LocalReferee(checkpoint, executor)
+        results = await asyncio.gather(
+            referee(replace(claim(good, good), session_id="good"), frozenset()),
+            referee(replace(claim(bad, bad), session_id="bad"), frozenset()),
+            referee(replace(claim(bad, bad), session_id="bad", start=1), frozenset()),  # alone in its span
+            return_exceptions=True,
+        )
+        assert referee.batches == 1
+        assert torch.equal(results[0].outputs, load_span(checkpoint, 0, 2).forward(good))
+        assert isinstance(results[1], RuntimeError) and isinstance(results[2], RuntimeError)
+        again = await referee(replace(claim(good, good), session_id="good"), frozenset())  # kept: nothing to add
+        assert torch.equal(again.outputs, results[0].outputs)
