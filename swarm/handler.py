@@ -595,6 +595,10 @@ class BlockHandler:
         imported.held.close()
 
     def _forget(self, session: ServerSession) -> None:
+        """The session is over here (before its cache is released): no round waits for its steps,
+        and it is neither counted nor found by its id any more."""
+        if session.cache is not None:
+            self.scheduler.left(session.cache)
         self._sessions.discard(session)
         if self._keyed.get(session.key) is session:
             del self._keyed[session.key]
@@ -633,8 +637,8 @@ class BlockHandler:
                 stream.close()
             if ok:
                 self._keep_prompt(session)
-            imported.held.close()
             self._forget(session)
+            imported.held.close()
             if session.timing is not None:
                 session.timing.finished(ok=ok)
 
@@ -865,12 +869,8 @@ class BlockHandler:
                 stream.close()
             if ok:
                 self._keep_prompt(session)
-            if session.cache is not None:
-                self.scheduler.left(session.cache)
+            self._forget(session)
             session.release()
-            self._sessions.discard(session)
-            if persistent and self._keyed.get(header.session_id) is session:
-                del self._keyed[header.session_id]
             if session.timing is not None:
                 session.timing.finished(ok=ok)
 
