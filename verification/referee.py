@@ -12,7 +12,7 @@ import collections
 import gc
 import threading
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import psutil
@@ -155,6 +155,7 @@ class LocalReferee:
 
     def _compute_group(self, span: BlockSpan, claims: list[Claim]) -> list[Optional[torch.Tensor] | BaseException]:
         """The claims of one span: each from its kept progress (or from the start), packed."""
+        claims = [replace(claim, inputs=claim.inputs.float()) for claim in claims]  # once, in the referee's dtype
         adapters = [self.adapters(claim.adapter, claim.start, claim.end) if claim.adapter else None for claim in claims]
         progress = [self._progress_of(claim) for claim in claims]
         todo = [
@@ -166,7 +167,7 @@ class LocalReferee:
         if todo:
             inputs = [
                 SpanInput(
-                    claims[i].inputs.float()[:, progress[i].inputs.shape[1] :],
+                    claims[i].inputs[:, progress[i].inputs.shape[1] :],
                     progress[i].cache,
                     claims[i].mask,
                     adapters[i],
@@ -194,16 +195,16 @@ class LocalReferee:
                 results.append(new)
                 continue
             if new is not None:
-                done = _Progress(claim.inputs.float(), claim.mask, torch.cat([done.outputs, new], dim=1), done.cache)
+                done = _Progress(claim.inputs, claim.mask, torch.cat([done.outputs, new], dim=1), done.cache)
             self._keep(claim, done)
             results.append(done.outputs)
         return results
 
     def _progress_of(self, claim: Claim) -> _Progress:
         """What was computed for the claim's session's span, if its inputs still begin the claim's."""
-        done = self._progress.pop(_key(claim), None) if _key(claim) is not None else None
-        inputs = claim.inputs.float()
-        if done is None or not (_extends(inputs, done.inputs) and _extends(claim.mask, done.mask)):
+        key = _key(claim)
+        done = self._progress.pop(key, None) if key is not None else None
+        if done is None or not (_extends(claim.inputs, done.inputs) and _extends(claim.mask, done.mask)):
             return _fresh(claim)
         return done
 
@@ -241,14 +242,14 @@ def _alone(
 ) -> torch.Tensor | Exception:
     """The claim's whole history through `span` into `progress`'s cache, or what failed."""
     try:
-        return span.forward(claim.inputs.float(), cache=progress.cache, attention_mask=claim.mask, adapter=adapter)
+        return span.forward(claim.inputs, cache=progress.cache, attention_mask=claim.mask, adapter=adapter)
     except Exception as e:
         return e
 
 
 def _fresh(claim: Claim) -> _Progress:
     """Nothing computed yet for the claim's span: an empty cache."""
-    empty = claim.inputs.float()[:, :0]
+    empty = claim.inputs[:, :0]
     return _Progress(empty, None if claim.mask is None else claim.mask[:, :0], empty, KVCache(claim.end - claim.start))
 
 
