@@ -304,7 +304,7 @@ class ServerOptions(NetworkOptions):
         60.0,
         ge=0,
         description="on SIGTERM, seconds the open sessions no other server could take over may take to finish "
-        "before the server exits",
+        "before the server exits (it tries again to hand them over meanwhile)",
     )
     acceptance_rate: float = Field(1.0, gt=0, le=1, description="fraction of new sessions to accept (load control)")
     max_concurrent_sessions: Optional[int] = Field(

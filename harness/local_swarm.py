@@ -165,5 +165,14 @@ class LocalSwarm:
     def __enter__(self) -> "LocalSwarm":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def print_log_tails(self, lines: int = 25) -> None:
+        """The last lines of every child's log, on stdout: what each process was doing when the
+        caller failed (a test's report shows them; the files go with the temporary directory)."""
+        for child in ([self.bootstrap] if self.bootstrap else []) + self.servers:
+            tail = "\n".join(line[:300] for line in child.log_tail(lines).splitlines())
+            print(f"--- {child.name} {child.peer_id or ''}, {child.log_path}:\n{tail}", flush=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            self.print_log_tails()
         self.stop()

@@ -66,6 +66,9 @@ from telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
+HANDOVER_RETRY_S = 5.0  # a drain tries again to hand over the sessions it could not, after 5, 10, 20… s
+HANDOVER_RETRY_MAX_S = 30.0
+
 
 class Server:
     """One server's life, from loading its blocks to announcing `offline`. Its collaborators decide
@@ -704,18 +707,31 @@ class Server:
                 self.options.drain_timeout,
                 self.handler.open_sessions,
             )
-        while self.handler.open_sessions and not self._force_stop.is_set():
-            now = asyncio.get_running_loop().time()
-            if now >= deadline:
-                logger.warning("drain timeout: closing %d open session(s)", self.handler.open_sessions)
-                break
-            if now - last_announce >= self.options.announce_period:
-                await self._announce()
-                last_announce = now
-            try:
-                await asyncio.wait_for(self._force_stop.wait(), timeout=min(0.2, deadline - now))
-            except asyncio.TimeoutError:
-                pass
+        # Sessions that could not be handed over at once (the swarm unreadable, no server with room,
+        # an export that failed) are tried again, less and less often, while the drain waits.
+        retry: Optional[asyncio.Task] = None
+        retry_wait = HANDOVER_RETRY_S
+        next_retry = last_announce + retry_wait
+        try:
+            while self.handler.open_sessions and not self._force_stop.is_set():
+                now = asyncio.get_running_loop().time()
+                if now >= deadline:
+                    logger.warning("drain timeout: closing %d open session(s)", self.handler.open_sessions)
+                    break
+                if now - last_announce >= self.options.announce_period:
+                    await self._announce()
+                    last_announce = now
+                if now >= next_retry and (retry is None or retry.done()) and self.handler.movable_sessions():
+                    retry = asyncio.create_task(self._hand_over())
+                    retry_wait = min(2 * retry_wait, HANDOVER_RETRY_MAX_S)
+                    next_retry = now + retry_wait
+                try:
+                    await asyncio.wait_for(self._force_stop.wait(), timeout=min(0.2, deadline - now))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if retry is not None:
+                retry.cancel()
 
     async def _leave(self, p2p) -> None:
         if self.tier is not None:

@@ -215,6 +215,25 @@ def test_drain_lets_sessions_no_other_server_can_take_finish_there(model6, ref6,
             assert draining.proc.wait(30) == 0  # exits once the session is closed
 
 
+def test_a_server_that_comes_during_a_drain_takes_the_session_then(model6, ref6, tmp_path):
+    ids = prompt(5)
+    expected = ref6.generate(ids, max_new_tokens=30, do_sample=False)
+    with start_swarm(model6, [(0, 6)], tmp_path, "--drain-timeout", "150") as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(model6, swarm.initial_peers, request_timeout=60) as model:
+            with model.inference_session(max_length=64) as session:
+                model.generate(ids, max_new_tokens=10, session=session)
+                draining = swarm.servers[0]
+                draining.signal(signal.SIGTERM)
+                wait_for_state(model, draining.peer_id, "draining")
+                # Nobody could take the session when the drain began; a server that comes now can.
+                swarm.add_server(0, 6, "--throughput", "100")
+                assert draining.proc.wait(150) == 0
+                output = model.generate(None, max_new_tokens=20, session=session)
+                assert torch.equal(output, expected)
+                assert (session.failovers, session.replayed_tokens, session.moves) == (0, 0, 1)
+        assert "draining: handed 1 of 1 open session(s)" in draining.log_path.read_text()
+
+
 def test_sixteen_concurrent_sessions_from_several_processes(llama_swarm, llama_path, llama_ref):
     seeds = list(range(100, 116))
     workers = [

@@ -127,7 +127,7 @@ def test_a_forged_handover_and_a_stranger_s_resume_are_refused(long_model, tmp_p
 
                 replies = await remote.p2p.iterate_protobuf_handler(peer, rpc, requests(), runtime_pb2.ExpertResponse)
                 try:
-                    read_header(await anext(replies), ImportSession)
+                    read_header(await asyncio.wait_for(anext(replies), 30), ImportSession)
                 except WireError as e:
                     return e.message
                 finally:
