@@ -91,23 +91,30 @@ def measure(args, model_path: Path, roles: bool) -> dict:
         if args.pin:
             cores = sorted(os.sched_getaffinity(0))
             half = len(cores) // 2
+            # This process first: `pin` takes every process under it, and the servers are forked
+            # from a child of it, so pinning it last would put the prefill server with the decode one.
+            pin(os.getpid(), set(cores[half:]))
             pin(swarm.servers[0].proc.pid, set(cores[:half]))
             pin(swarm.servers[1].proc.pid, set(cores[half:]))
-            pin(os.getpid(), set(cores[half:]))
-        with AutoDistributedModelForCausalLM.from_pretrained(model_path, swarm.initial_peers, verify=0) as model:
+        # The prompts' client is loaded and warmed up before the decoding starts: what is timed is
+        # the prompts arriving, not a client starting on the cores the decoding clients use.
+        with (
+            AutoDistributedModelForCausalLM.from_pretrained(model_path, swarm.initial_peers, verify=0) as model,
+            AutoDistributedModelForCausalLM.from_pretrained(model_path, swarm.initial_peers, verify=0) as other,
+        ):
             moved = []
+            # One prompt first (another seed): its routes and connections are not the prompts' cost.
+            warm = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(99))
+            other.generate(warm, max_new_tokens=2)
 
             def prompts() -> None:
-                with AutoDistributedModelForCausalLM.from_pretrained(
-                    model_path, swarm.initial_peers, verify=0
-                ) as other:
-                    for seed in range(args.prompts):
-                        ids = torch.randint(
-                            3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(100 + seed)
-                        )
-                        with other.inference_session(max_length=args.prompt_tokens + 4) as session:
-                            other.generate(ids, max_new_tokens=4, session=session)
-                            moved.append(session.moves)
+                for seed in range(args.prompts):
+                    ids = torch.randint(
+                        3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(100 + seed)
+                    )
+                    with other.inference_session(max_length=args.prompt_tokens + 4) as session:
+                        other.generate(ids, max_new_tokens=4, session=session)
+                        moved.append(session.moves)
 
             idle = decode_gaps(model, args.decode_sessions, args.decode_tokens, vocab)
             busy = decode_gaps(model, args.decode_sessions, args.decode_tokens, vocab, during=prompts)

@@ -58,7 +58,7 @@ def kv_digest(
         digest.update(f"skip {skip}|{','.join(prefix_keys)}|".encode())
     for tensor in [*chunks, *([mask] if mask is not None else [])]:
         digest.update(f"{list(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy
     return digest.hexdigest()
 
 

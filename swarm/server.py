@@ -215,7 +215,8 @@ class Server:
             if opts.relay:
                 self.coordinator = self._coordinator()
                 coordinator_task = asyncio.create_task(self.coordinator.link.run(self._stop, lambda: self.state.value))
-            await self._measure_network(p2p)
+            if await self._measure_network():
+                await self._announce()
             await self._serve_until_stopped()
             await self._drain()
         finally:
@@ -495,23 +496,25 @@ class Server:
             return LocalPush(hop, lambda message: self.handler.accept_push(message, self.dht.peer_id), failed)
         return PushStream(self.p2p, hop, failed)
 
-    async def _measure_network(self, p2p: P2P) -> None:
-        """Bandwidth to a few other servers of the swarm (none yet: stays unknown until a restart)."""
+    async def _measure_network(self) -> bool:
+        """Bandwidth to a few other servers of the swarm; False while none answers (the first server
+        of a swarm: it measures again at each announce period until one does)."""
         try:
             servers = await self.dht.fetch_servers(self.model_name, self.checkpoint.num_blocks)
         except Exception:
             logger.warning("could not read the swarm to measure bandwidth", exc_info=True)
-            return
+            return False
         others = {
             info.peer_id: info
             for block in servers
             for info in block.values()
             if info.peer_id != self.dht.peer_id and info.record.state == ServerState.ONLINE and info.record.reachable
         }
-        self.network_mbps = await measure_bandwidth(p2p, others.values())
-        if self.network_mbps is not None:
-            logger.info("network: %.0f Mbit/s to other servers", self.network_mbps)
-            await self._announce()
+        self.network_mbps = await measure_bandwidth(self.p2p, others.values())
+        if self.network_mbps is None:
+            return False
+        logger.info("network: %.0f Mbit/s to other servers", self.network_mbps)
+        return True
 
     async def _serve_until_stopped(self) -> None:
         """Refreshes the records every announce period and, with automatic blocks, checks for a better range."""
@@ -526,6 +529,8 @@ class Server:
                     moved = await self._maybe_move()
                     # After a move that could not load its blocks, wait longer before trying again.
                     next_rebalance = loop.time() + self.placement.rebalance_delay() * (1 if moved is not False else 10)
+                if self.network_mbps is None:  # announced with the record: clients weigh moving KV by it
+                    await self._measure_network()
                 await self._announce()
 
     async def _maybe_move(self) -> Optional[bool]:

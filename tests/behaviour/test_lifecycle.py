@@ -94,6 +94,27 @@ def test_sigterm_announces_offline_and_exits_zero(reader, llama_swarm, llama_pat
         llama_swarm.servers.remove(child)
 
 
+def test_a_server_that_started_alone_measures_its_bandwidth_once_another_comes(tmp_path):
+    path = make_random_checkpoint(tmp_path / "llama", "llama", num_layers=2, seed=5)
+    name = Checkpoint(path).default_model_name
+    with LocalSwarm(
+        path, [(0, 2)], server_args=["--throughput", "10", "--announce-period", "1"], workdir=tmp_path / "swarm"
+    ) as swarm:
+        dht, validator = start_dht(swarm.initial_peers, client_mode=True)
+        try:
+            reader = SwarmDHT(dht, validator)
+            first = swarm.servers[0].peer_id
+            record = wait_until(lambda: fetch(reader, name, 2)[0].get(first), 180, "the first server's record")
+            assert record.record.network_mbps is None  # nobody to measure it to yet
+            swarm.add_server(0, 2)
+            estimate = wait_until(
+                lambda: fetch(reader, name, 2)[0][first].record.network_mbps, 180, "the first server's bandwidth"
+            )
+            assert estimate > 0
+        finally:
+            dht.shutdown()
+
+
 def test_missing_blocks_is_a_clear_error_not_a_hang(tmp_path):
     path = make_random_checkpoint(tmp_path / "mistral", "mistral", num_layers=4, seed=3)
     with LocalSwarm(path, [(0, 2)], server_args=["--throughput", "10"], workdir=tmp_path / "swarm") as swarm:
