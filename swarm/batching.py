@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 GATHER_MAX_SECONDS = 0.02  # the longest a round waits for the steps of sessions that are stepping now
 ACTIVE_ROUNDS = 3  # a session whose last step came within this many rounds is stepping now
+AFTER_ROUND_MAX_SECONDS = 0.5  # the longest background work waits for a round of the sessions stepping
 
 
 @dataclass(eq=False)
@@ -62,6 +63,7 @@ class StepScheduler:
         self._in_round: set[int] = set()  # ids of the steps the running round computes
         self._stepped = Arrivals(ACTIVE_ROUNDS)  # by each session's cache (its id)
         self._round_seconds = 0.0  # how long the last round took
+        self._round_waiters: list[asyncio.Future] = []  # `after_round` callers
 
     @property
     def waiting(self) -> int:
@@ -97,6 +99,21 @@ class StepScheduler:
     def stepping(self) -> int:
         """Sessions whose steps a round may wait for: they stepped lately and have not closed."""
         return self._stepped.active()
+
+    async def after_round(self, timeout: float = AFTER_ROUND_MAX_SECONDS) -> None:
+        """Returns once the next round has run, at once if no session is stepping now (at most
+        `timeout` seconds): background work (an import) lets the sessions decoding here go first."""
+        if self._stepped.active() == 0 or self._driver is None or self._driver.done():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._round_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if waiter in self._round_waiters:
+                self._round_waiters.remove(waiter)
 
     def left(self, cache: Any) -> None:
         """The session of `cache` is over: no round waits for its steps."""
@@ -160,6 +177,10 @@ class StepScheduler:
         self.on_round(len(chosen))
         for (step, _), result in zip(chosen, results):
             self._finish_chunk(step, result)
+        waiters, self._round_waiters = self._round_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         return True
 
     def _take_round(self) -> list[tuple[_Step, int]]:

@@ -54,7 +54,7 @@ from protocol.receipts import TIER_TARGET, export_message, mask_digest, precisio
 from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
-from swarm.handover import kv_digest
+from swarm.handover import KVDigest
 from swarm.kv_tier import HostTier, RedisTier
 from swarm.metrics import ServerMetrics
 from swarm.prefix_cache import Page, block_keys, prefix_root
@@ -540,6 +540,7 @@ class BlockHandler:
         first_layer = header.start_block - span.start
         heads, head_dim = span.config.num_key_value_heads, span.config.head_dim
         chunks, written = [], header.skip
+        digest = KVDigest(header.prefix_keys, header.skip)
         for _ in range(header.chunks):
             tensors = await next_tensors()
             if not tensors:
@@ -558,6 +559,10 @@ class BlockHandler:
                 )
             chunks.append(chunk)
             written += chunk.shape[2]
+            await off_loop(lambda: digest.add(chunk), chunk.nbytes)
+            # Sessions decoding here go first: a round of theirs runs before the next chunk is read
+            # (and the sender, its stream's window full, waits), so a long import does not stall them.
+            await self.scheduler.after_round()
         if written != header.position:
             raise bad_request(f"the export carries {written} positions, not {header.position}")
         mask = None
@@ -566,10 +571,8 @@ class BlockHandler:
             if not tensors or tensors[0].dtype != torch.bool or tuple(tensors[0].shape) != (batch, header.position):
                 raise bad_request(f"the attention mask must be bool [{batch}, {header.position}]")
             mask = tensors[0]
-        digest = await off_loop(
-            lambda: kv_digest(chunks, mask, header.prefix_keys, header.skip), sum(c.nbytes for c in chunks)
-        )
-        if digest != header.digest:
+            digest.add(mask)
+        if digest.hexdigest() != header.digest:
             raise bad_request("the KV cache handed over does not match its signed digest")
 
         if pages:

@@ -41,24 +41,38 @@ from swarm.sessions import ServerSession
 
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 8 << 20  # KV bytes per message of an export
+CHUNK_BYTES = 2 << 20  # KV bytes per message of an export
 EXPORT_TIMEOUT = 60.0  # seconds one export may take, dial included
 EXPORT_TRIES = 2  # a libp2p stream can break under load (seen: BrokenPipeError); a fresh one usually goes through
 TRANSPORT_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, P2PDaemonError)
 BOUNDARY_TIMEOUT = 30.0  # seconds a session may take to finish the step it is computing before it moves
 
 
+class KVDigest:
+    """SHA-256 over an export's tensors in order (shapes, dtypes and bytes), after the prompt's block
+    keys and the positions the importer had cached, when there are any; fed a tensor at a time, so
+    that an importer hashes each chunk as it comes."""
+
+    def __init__(self, prefix_keys: Sequence[str] = (), skip: int = 0):
+        self._sha = hashlib.sha256()
+        if prefix_keys or skip:
+            self._sha.update(f"skip {skip}|{','.join(prefix_keys)}|".encode())
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self._sha.update(f"{list(tensor.shape)}|{tensor.dtype}|".encode())
+        self._sha.update(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
 def kv_digest(
     chunks: list[torch.Tensor], mask: Optional[torch.Tensor], prefix_keys: Sequence[str] = (), skip: int = 0
 ) -> str:
-    """SHA-256 over an export's tensors in order (shapes, dtypes and bytes), after the prompt's block
-    keys and the positions the importer had cached, when there are any."""
-    digest = hashlib.sha256()
-    if prefix_keys or skip:
-        digest.update(f"skip {skip}|{','.join(prefix_keys)}|".encode())
+    """The `KVDigest` of a whole export: its chunks, then its mask if any."""
+    digest = KVDigest(prefix_keys, skip)
     for tensor in [*chunks, *([mask] if mask is not None else [])]:
-        digest.update(f"{list(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy
+        digest.add(tensor)
     return digest.hexdigest()
 
 

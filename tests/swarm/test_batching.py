@@ -129,3 +129,34 @@ async def test_a_closed_session_is_not_waited_for(llama_path):
     finally:
         scheduler.close()
         compute.shutdown()
+
+
+async def test_background_work_waits_for_a_round_of_the_sessions_stepping_and_only_then(monkeypatch):
+    """An import reads its next chunk after a round of the sessions decoding here; with none
+    stepping, it does not wait at all."""
+    import time
+
+    from swarm import batching
+
+    rounds: list[float] = []
+
+    def slow_round(chosen):
+        time.sleep(0.3)
+        rounds.append(time.monotonic())
+        return [step.hidden for step, _ in chosen]
+
+    monkeypatch.setattr(batching, "_run_round", slow_round)
+    compute = ComputeThread()
+    scheduler = StepScheduler(compute, max_batch_tokens=64)
+    try:
+        await asyncio.wait_for(scheduler.after_round(timeout=3600), 60)  # nobody steps: no wait at all
+        assert rounds == []
+        hidden = torch.zeros(1, 1, 4)
+        await scheduler.run(None, hidden, "a session", None, 0, 1)  # it steps now
+        step = asyncio.ensure_future(scheduler.run(None, hidden, "a session", None, 0, 1))
+        await asyncio.sleep(0)  # its round has started
+        await asyncio.wait_for(scheduler.after_round(timeout=30), 60)
+        assert len(rounds) == 2 and step.done()
+    finally:
+        scheduler.close()
+        compute.shutdown()
