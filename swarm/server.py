@@ -66,8 +66,9 @@ from telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
-HANDOVER_RETRY_S = 5.0  # a drain tries again to hand over the sessions it could not, after 5, 10, 20… s
-HANDOVER_RETRY_MAX_S = 30.0
+HANDOVER_RETRY_S = 5.0  # a drain tries again to hand over the sessions it could not: 5 s in, then 10 and 20 s later,
+HANDOVER_RETRY_MAX_S = 30.0  # then every 30 s
+NETWORK_MEASURE_SECONDS = 15.0  # the longest a bandwidth measurement may hold up the announcements
 
 
 class Server:
@@ -215,8 +216,7 @@ class Server:
             if opts.relay:
                 self.coordinator = self._coordinator()
                 coordinator_task = asyncio.create_task(self.coordinator.link.run(self._stop, lambda: self.state.value))
-            if await self._measure_network():
-                await self._announce()
+            await self._measure_network()
             await self._serve_until_stopped()
             await self._drain()
         finally:
@@ -496,9 +496,17 @@ class Server:
             return LocalPush(hop, lambda message: self.handler.accept_push(message, self.dht.peer_id), failed)
         return PushStream(self.p2p, hop, failed)
 
-    async def _measure_network(self) -> bool:
-        """Bandwidth to a few other servers of the swarm; False while none answers (the first server
-        of a swarm: it measures again at each announce period until one does)."""
+    async def _measure_network(self) -> None:
+        """Bandwidth to a few other servers of the swarm, announced once known. While none answers
+        (the first server of a swarm), it is measured again at each announce period."""
+        try:
+            measured = await asyncio.wait_for(self._measured_network(), NETWORK_MEASURE_SECONDS)
+        except asyncio.TimeoutError:
+            measured = False
+        if measured:
+            await self._announce()
+
+    async def _measured_network(self) -> bool:
         try:
             servers = await self.dht.fetch_servers(self.model_name, self.checkpoint.num_blocks)
         except Exception:
@@ -529,9 +537,9 @@ class Server:
                     moved = await self._maybe_move()
                     # After a move that could not load its blocks, wait longer before trying again.
                     next_rebalance = loop.time() + self.placement.rebalance_delay() * (1 if moved is not False else 10)
+                await self._announce()
                 if self.network_mbps is None:  # announced with the record: clients weigh moving KV by it
                     await self._measure_network()
-                await self._announce()
 
     async def _maybe_move(self) -> Optional[bool]:
         """Moves to the blocks the swarm needs more, if any: True when it moved, False when loading the
