@@ -66,6 +66,9 @@ from telemetry import tracing
 logger = logging.getLogger(__name__)
 
 MOVED_LINGER = 10.0  # seconds a moved session's stream stays for its client to read where it went
+# An import reads its chunks between the rounds of the sessions decoding here for this long at most,
+# then at full speed: an exporter gives up after 60 s (swarm.handover.EXPORT_TIMEOUT).
+IMPORT_PACING_SECONDS = 15.0
 
 
 @dataclass
@@ -541,6 +544,7 @@ class BlockHandler:
         heads, head_dim = span.config.num_key_value_heads, span.config.head_dim
         chunks, written = [], header.skip
         digest = KVDigest(header.prefix_keys, header.skip)
+        paced_until = asyncio.get_running_loop().time() + IMPORT_PACING_SECONDS
         for _ in range(header.chunks):
             tensors = await next_tensors()
             if not tensors:
@@ -562,7 +566,8 @@ class BlockHandler:
             await off_loop(lambda: digest.add(chunk), chunk.nbytes)
             # Sessions decoding here go first: a round of theirs runs before the next chunk is read
             # (and the sender, its stream's window full, waits), so a long import does not stall them.
-            await self.scheduler.after_round()
+            if asyncio.get_running_loop().time() < paced_until:
+                await self.scheduler.after_round()
         if written != header.position:
             raise bad_request(f"the export carries {written} positions, not {header.position}")
         mask = None
