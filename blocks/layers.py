@@ -18,6 +18,7 @@ from torch import nn
 
 from blocks.adapters import LoraAdapter, lora_delta
 from blocks.architecture import Architecture, Rope
+from blocks.split_linear import linear as split_linear
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -139,7 +140,7 @@ class Rotary(nn.Module):
 
 def _project(linear: nn.Module, x: torch.Tensor, segments: "list[Segment]", block: int, module: str) -> torch.Tensor:
     """`linear` over all rows, plus each segment's LoRA on its own rows (as peft adds it)."""
-    out = linear(x)
+    out = split_linear(linear, x)
     if all(segment.adapter is None for segment in segments):
         return out
     offset = 0

@@ -13,6 +13,7 @@ from blocks.errors import CheckpointError
 from blocks.layers import DecoderLayer, RMSNorm, Rotary
 from blocks.quantization import quantize_layer
 from blocks.span import BlockSpan
+from blocks.split_linear import linear
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class ModelHead:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.to(self.lm_head.weight.dtype)
-        return self.lm_head(self.norm(hidden)).float()
+        return linear(self.lm_head, self.norm(hidden)).float()
 
 
 def load_head(

@@ -17,13 +17,15 @@ NEW_TOKENS = 110  # with the prompt, more than the shallow server's 64 cache tok
 def limits_swarm(llama_path, tmp_path_factory):
     """Three servers of all 4 blocks. The two fast ones cannot hold what their records seem to allow:
     "shallow" announces max_length 4096 but has 64 cache tokens in all; "narrow" takes batch 1 only
-    (a limit no record carries). "roomy" is slow and holds sessions of up to 200 tokens, any batch."""
+    (a limit no record carries). "roomy" is slow and holds sessions of up to 200 tokens, any batch.
+    Their speeds are far apart (0.1 ms, 10 ms and 1 s a token), so that no ping on a loaded machine
+    reorders them: 10 000 against 5 000 tokens/s once made "narrow" the faster chain for 120 s."""
     with LocalSwarm(llama_path, [], workdir=tmp_path_factory.mktemp("limits-swarm")) as swarm:
         shallow = swarm.add_server(0, 4, "--throughput", "10000", "--max-length", "4096", "--cache-tokens", "64")
         narrow = swarm.add_server(
-            0, 4, "--throughput", "5000", "--max-length", "4096", "--cache-tokens", "300", "--max-batch-size", "1"
+            0, 4, "--throughput", "100", "--max-length", "4096", "--cache-tokens", "300", "--max-batch-size", "1"
         )
-        roomy = swarm.add_server(0, 4, "--throughput", "100", "--max-length", "200")
+        roomy = swarm.add_server(0, 4, "--throughput", "1", "--max-length", "200")
         swarm.names = {shallow.peer_id: "shallow", narrow.peer_id: "narrow", roomy.peer_id: "roomy"}
         yield swarm
 

@@ -16,6 +16,7 @@ from blocks.checkpoint import Checkpoint
 from blocks.loading import load_head, load_span
 from blocks.span import SpanInput
 from blocks.synthetic import make_random_checkpoint
+from tests.helpers.models import ATOL
 
 KEY = "base_model.model.model.layers.{}.{}.lora_{}.weight"
 
@@ -71,7 +72,7 @@ def test_sessions_of_different_adapters_batched_together_each_get_their_own_outp
     alone = [span.forward(x, adapter=a) for x, a in zip(inputs, (one, None, two))]
     together = span.forward_batch([SpanInput(x, adapter=a) for x, a in zip(inputs, (one, None, two))])
     for got, want in zip(together, alone):
-        assert torch.allclose(got, want, atol=1e-6, rtol=0)
+        assert torch.allclose(got, want, atol=ATOL, rtol=0)  # a mixed-up adapter is off by far more
     assert not torch.allclose(alone[0], span.forward(inputs[0]), atol=1e-3)
 
 
