@@ -1,13 +1,15 @@
 """A linear layer over few rows on a CPU, computed as one batched product over row blocks of its weight.
 
 A decode step multiplies a few rows by every weight, so its time is the time to read the weights.
-For float32 on a CPU, `F.linear` over one to a few rows reads them at about half the memory
+For float32 on a CPU, `F.linear` over one to four rows reads them at about half the memory
 bandwidth: 13 GB/s against 25 GB/s for a plain sum on the 2-core machine where this was measured
-(2026-12-07, torch 2.13 with MKL), on one thread or two. The same product as `torch.bmm` over `k`
-blocks of the weight's rows read them at 19–25 GB/s: six 201 M-model layers took 12–16 ms against
-24–28 ms for one row, and 0.7–0.8 of the time for 16 to 128 rows. No faster from 512 rows, and
-slower for bfloat16, so neither goes this way. Each output is the same dot product; only the
-kernel differs (results agree within float32 rounding).
+(2026-12-07, torch 2.13 with MKL), on one thread or two. The same product as `torch.bmm` over row
+blocks of the weight reads them at 19–25 GB/s. One row through six layers of the 201 M bench model
+took 12–19 ms against 24–32 ms, through four layers of the 99.5 M one 6.5–8.6 ms against 17.5 ms,
+and their LM heads 2–7 ms against 9–12 ms. Above four rows (measured from 6 to 16), and for
+bfloat16, the batched form was as often slower as faster (by up to a quarter, depending on the
+shapes), so those go through the layer itself. Each output is the same dot product; only the kernel differs (the results agree
+to float32 rounding).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MAX_ROWS = 256  # from about 512 rows (a prompt's chunk) the two ways take the same time
+MAX_ROWS = 4
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
