@@ -27,6 +27,7 @@ from pathlib import Path
 
 # The client idles while servers compute on the same cores: its OpenMP threads must not spin (see harness/processes.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # threads stay awake within a step (harness/processes.py)
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402

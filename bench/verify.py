@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # threads stay awake within a step (harness/processes.py)
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402

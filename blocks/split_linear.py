@@ -8,8 +8,8 @@ blocks of the weight reads them at 19–25 GB/s. One row through six layers of t
 took 12–19 ms against 24–32 ms, through four layers of the 99.5 M one 6.5–8.6 ms against 17.5 ms,
 and their LM heads 2–7 ms against 9–12 ms. Above four rows (measured from 6 to 16), and for
 bfloat16, the batched form was as often slower as faster (by up to a quarter, depending on the
-shapes), so those go through the layer itself. Each output is the same dot product; only the kernel differs (the results agree
-to float32 rounding).
+shapes), so those go through the layer itself. Each output is the same dot product; only the
+kernel differs (the results agree to float32 rounding).
 """
 
 from __future__ import annotations

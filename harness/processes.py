@@ -254,6 +254,10 @@ def child_env(overrides: dict[str, str]) -> dict[str, str]:
     # Idle OpenMP threads otherwise spin for a while after each step, stealing the cores that the
     # next server in the chain needs (measured: 0.81 → 0.92 of single-process speed on 2 cores).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # …but a thread that sleeps at once after each parallel product must be woken for the next one,
+    # dozens of times a step: GNU OpenMP's spin of 10 000 (about 0.1 ms) keeps them awake within a step
+    # and lets them sleep between steps (a 16-session round of four layers: 35 ms against 60 ms).
+    env.setdefault("GOMP_SPINCOUNT", "10000")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
     return env
