@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from blocks import split_linear
+from blocks.quantization import quantize_layer
 from blocks.split_linear import linear
 
 
@@ -42,11 +43,17 @@ def test_the_split_covers_every_thread_count(monkeypatch):
 
 
 def test_what_is_not_read_faster_goes_through_the_layer(monkeypatch):
-    """bfloat16, many rows and modules other than a plain Linear are left to the layer itself."""
+    """bfloat16, many rows, int8 weights (which still report float32) and modules other than a plain
+    Linear are left to the layer itself."""
+    int8 = quantize_layer(nn.Sequential(layer(64, 32, bias=False)), "int8", "cpu")[0]
+    assert int8.weight.dtype == torch.float32
     calls = []
     monkeypatch.setattr(torch, "bmm", lambda *args: calls.append(args) or pytest.fail("bmm used"))
     half = layer(16, 8, bias=False, dtype=torch.bfloat16)
     linear(half, torch.randn(1, 16, dtype=torch.bfloat16))
     linear(layer(16, 8, bias=False), torch.randn(split_linear.MAX_ROWS + 1, 16))
     linear(nn.Identity(), torch.randn(1, 16))
+    with torch.inference_mode():
+        x = torch.randn(1, 64)
+        assert torch.equal(linear(int8, x), int8(x))
     assert calls == []
