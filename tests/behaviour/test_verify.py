@@ -40,8 +40,12 @@ class Counter(BaseStreamer):
 
 @pytest.fixture(scope="module")
 def honest_swarm(model6, tmp_path_factory):
+    """Two honest servers of 3 blocks each. They announce 1 token/s, so that a server a test adds at
+    100 or 10 000 is the one routing chooses whatever the pings on a loaded machine. At 100 tokens/s,
+    a ping 20 ms slower was enough to route around the liar. One run under load convicted the liar
+    but rolled no generation back, as when it is caught only as a referee."""
     with LocalSwarm(
-        model6, [(0, 3), (3, 6)], server_args=["--throughput", "100"], workdir=tmp_path_factory.mktemp("verify-swarm")
+        model6, [(0, 3), (3, 6)], server_args=["--throughput", "1"], workdir=tmp_path_factory.mktemp("verify-swarm")
     ) as swarm:
         yield swarm
 
@@ -209,7 +213,7 @@ def test_checks_prefer_servers_of_another_owner(model6, honest_swarm):
         0, 6, "--throughput", "10000", "--public-name", "mallory", module="tests.helpers.lying_server"
     )
     # Slower than the liar by 10 ms of announced compute (more than loopback pings differ by, so that
-    # routing settles on the liar), yet faster than the honest two-hop chain (20 ms of compute).
+    # routing settles on the liar), yet far faster than the honest two-hop chain (2 s of compute).
     sibling = honest_swarm.add_server(
         0,
         6,
