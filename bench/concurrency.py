@@ -10,7 +10,10 @@ session reaches. Each count of sessions is also compared with single-process `tr
 generating the same prompts as one left-padded batch, timed right after it: the ceiling batching
 aims at. With threads, also the rows per product of the client's shared LM head
 (`head_rows_per_product`), beside the servers' steps per round, and the checks the client's local
-referee computes per turn (`referee_claims_per_turn`). Prints one JSON object. Examples:
+referee computes per turn (`referee_claims_per_turn`), and the share of the machine's cores that the
+client, servers and daemons kept busy over the round (`machine_busy_share`: 1.0 is every core all
+the time; well below it, the sessions wait on latency rather than compute). Prints one JSON object.
+Examples:
   .venv/bin/python bench/concurrency.py                      # random Llama 768 × 8, 2 servers, threads
   .venv/bin/python bench/concurrency.py --clients processes  # 16 client processes instead
 """
@@ -100,6 +103,7 @@ class CpuMeter:
         helpers += [child for child in me.children(recursive=True) if child.name() == "p2pd"]
         self.groups = {"client": [me], "servers": servers, "daemons_and_dht": helpers}
         self.start = self._read()
+        self.started = time.perf_counter()
 
     def _read(self) -> dict[str, float]:
         totals = {}
@@ -110,6 +114,11 @@ class CpuMeter:
     def seconds(self) -> dict[str, float]:
         now = self._read()
         return {name: round(now[name] - self.start[name], 2) for name in now}
+
+    def busy_share(self) -> float:
+        """CPU seconds of every group over the cores' seconds since the meter started."""
+        cores = len(os.sched_getaffinity(0))
+        return round(sum(self.seconds().values()) / ((time.perf_counter() - self.started) * cores), 2)
 
 
 def steps_per_round(swarm: LocalSwarm) -> list[float]:
@@ -377,6 +386,7 @@ def main() -> None:
                     summary["head_rows_per_product"] = round(
                         (model.head.rows - rows) / max(model.head.products - products, 1), 2
                     )
+                    summary["machine_busy_share"] = meter.busy_share()  # 16 client processes are not counted
                     claims, turns = (now - before for now, before in zip(referee_counts(model), referee))
                     if turns:
                         summary["referee_claims_per_turn"] = round(claims / turns, 2)
