@@ -649,8 +649,11 @@ class InferenceSession:
 def _takers(routes, old: SpanSession, notice, banned: Collection[str]) -> list:
     """Who may take up a span's session: the server its notice names, and for a session kept in a
     KV tier, any other server of its blocks that reaches the same tier (the named one may be gone);
-    none that is banned."""
+    none that is banned. A server that names itself (it kept the session in its own tier) is known
+    from the span even where a fresh read of the swarm missed its record."""
     named = routes.record_of(notice.moved_to) if notice is not None else None
+    if named is None and notice is not None and notice.moved_to == old.plan.peer_id:
+        named = old.plan.info
     takers = [named] if named is not None and named.peer_id not in banned else []
     tier = old.plan.info.record.kv_tier
     if (notice is None or notice.tier) and tier:
