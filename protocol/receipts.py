@@ -98,8 +98,8 @@ def precision(dtype: str, quant: str = "none", adapter: str = "") -> str:
 def mask_digest(mask: Optional[torch.Tensor], batch: int, length: int) -> str:
     """Digest of the attention mask of positions [0, length) ([batch, length], nonzero: attended; None:
     every position), the same whichever way it is written down."""
-    if mask is None:
-        mask = torch.ones(batch, length, dtype=torch.uint8)
+    if mask is None:  # most sessions, at both ends of every step: the bytes without a tensor (36 µs less)
+        return hashlib.sha256(f"{batch},{length}|".encode() + b"\x01" * (batch * length)).hexdigest()
     shape = ",".join(str(size) for size in mask.shape)
     attended = mask.detach().ne(0).to(torch.uint8).cpu().contiguous().numpy().tobytes()
     return hashlib.sha256(shape.encode() + b"|" + attended).hexdigest()

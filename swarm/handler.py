@@ -950,6 +950,7 @@ class BlockHandler:
         if step.route:
             with tracing.span("swarm.push", kind="producer", attributes={"swarm.next_peer": step.route[0].peer_id}):
                 await self.push_on(session, step, output, mask)
+            await _pushes_first()
 
         def reply() -> runtime_pb2.ExpertResponse:
             done = self._step_done(
@@ -1083,6 +1084,16 @@ class BlockHandler:
             if ((mask != 0) & (mask != 1)).any():
                 raise bad_request("attention mask may hold only 0 and 1")
         return hidden, mask
+
+
+async def _pushes_first() -> None:
+    """Yields the event loop twice after a step's push is queued: the other steps of its round queue
+    theirs (their coroutines are next in line), then the push streams write them all, and only then
+    does any step build its reply. The next server's round waits for every push of this one, the
+    client for its replies from this span not at all. (Sixteen sessions on 2 cores: the next server's
+    round began 16 ms after this one's end instead of 26, while this server built its replies.)"""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
 
 
 def _probe(message: runtime_pb2.ExpertRequest) -> Optional[ImportProbe]:

@@ -1,5 +1,6 @@
 """The server's RPC handler driven in process: sessions on a retired span end clearly, a step pushed twice
-is computed once, a push counts only as the client sealed it, the attention mask stays on the server."""
+is computed once, a push counts only as the client sealed it, the attention mask stays on the server, a
+round's pushes go out before its replies."""
 
 from __future__ import annotations
 
@@ -318,4 +319,69 @@ async def test_a_prompt_kept_by_the_prefix_cache_is_reused_by_its_client_only_an
                 await session("client", prompt, reuse, batch=batch)
             assert error.value.kind == ErrorKind.BAD_REQUEST
     finally:
+        server.close()
+
+
+async def test_the_steps_of_a_round_push_their_outputs_on_before_any_builds_its_reply(llama_path):
+    """The next server's round waits for all of this round's pushes; the client's replies from this span
+    are not waited for, so they come after every push of the round has been written."""
+    server = InProcessServer(llama_path)
+    size = server.span.config.hidden_size
+    events: list[tuple[str, str]] = []
+
+    class RecordingPush:
+        """Like a `PushStream`: messages queued by `send`, written by a task of its own."""
+
+        def __init__(self, hop, failed):
+            self.queue: asyncio.Queue = asyncio.Queue()
+            self.writer = asyncio.create_task(self.write())
+
+        def send(self, message) -> None:
+            self.queue.put_nowait(message)
+
+        def close(self) -> None:
+            self.queue.put_nowait(None)
+
+        async def write(self) -> None:
+            while (message := await self.queue.get()) is not None:
+                events.append(("push", read_header(message, Push).session_id))
+
+    server.handler.push = RecordingPush
+    keys = [uuid.uuid4().hex for _ in range(3)]
+    streams = [server.stream(f"client-{index}") for index in range(len(keys))]
+
+    async def consume(replies, key: str) -> None:
+        async for reply in replies:
+            events.append(("reply", key if read_header(reply, StepDone).position > 3 else "prompt"))
+
+    consumers = []
+    try:
+        for (queue, replies), key in zip(streams, keys):
+            queue.put_nowait(
+                pack(
+                    OpenSession(model="m", start_block=0, end_block=2, max_length=16, batch_size=1, session_id=key),
+                    request=True,
+                )
+            )
+            read_header(await anext(replies), SessionOpened)
+            consumers.append(asyncio.create_task(consume(replies, key)))
+        for queue, _ in streams:  # every session steps once: the next round waits for all of them
+            queue.put_nowait(pack(Step(position=0, step_id=1), [torch.randn(1, 3, size)], request=True))
+        while len(events) < len(keys):
+            await asyncio.sleep(0.01)
+        rounds = server.scheduler.rounds
+        for key, (queue, _) in zip(keys, streams):
+            hop = Hop(peer_id="next-server", session_id=uuid.uuid4().hex, dtype="float32")
+            step = Step(position=3, step_id=2, route=(hop,), sealed_route="c2VhbGVk")
+            queue.put_nowait(pack(step, [torch.randn(1, 1, size)], request=True))
+        async with asyncio.timeout(60):
+            while len(events) < 3 * len(keys):
+                await asyncio.sleep(0.01)
+        assert server.scheduler.rounds == rounds + 1  # the three steps were one round
+        later = events[len(keys) :]
+        assert [kind for kind, _ in later] == ["push"] * len(keys) + ["reply"] * len(keys)
+        assert sorted(key for _, key in later[len(keys) :]) == sorted(keys)
+    finally:
+        for consumer in consumers:
+            consumer.cancel()
         server.close()
