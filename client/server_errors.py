@@ -12,6 +12,7 @@ from hivemind.p2p import P2PDaemonError, P2PHandlerError
 
 from client.errors import BadPush, BadRequestError, ServerFailure, SessionExpired, SwarmBusyError, SwarmError
 from protocol.errors import ErrorKind, MalformedMessage, WireError
+from protocol.tensors import all_finite
 
 # What a failing link or peer raises: the server's fault (or its network's), never the caller's.
 TRANSPORT_ERRORS = (ConnectionError, OSError, EOFError, P2PDaemonError, P2PHandlerError, asyncio.IncompleteReadError)
@@ -68,6 +69,6 @@ def check_output(peer_id: str, output: torch.Tensor, like: torch.Tensor, dtype: 
             peer_id,
             f"reply of shape {list(output.shape)} and dtype {output.dtype}, expected {list(like.shape)} and {dtype}",
         )
-    if not bool(torch.isfinite(output).all()):
+    if not all_finite(output):
         raise ServerFailure(peer_id, "reply holds NaN or infinite values")
     return output

@@ -51,7 +51,7 @@ from protocol.messages import (
     read_header,
 )
 from protocol.receipts import TIER_TARGET, export_message, mask_digest, precision, receipt_message, sign, verify
-from protocol.tensors import message_bytes, off_loop, read_tensors, tensor_digest
+from protocol.tensors import all_finite, message_bytes, off_loop, read_tensors, tensor_digest
 from swarm.batching import StepScheduler
 from swarm.cache import CacheBudget
 from swarm.handover import KVDigest
@@ -1071,7 +1071,7 @@ class BlockHandler:
             raise bad_request(f"client is at position {step.position}, server holds {position} tokens")
         if position + tokens > max_length:
             raise bad_request(f"{position + tokens} tokens exceed the session's max_length of {max_length}")
-        if not torch.isfinite(hidden).all():
+        if not all_finite(hidden):
             raise bad_request("hidden states contain NaN or infinity")
         mask = None
         if len(tensors) == 2:

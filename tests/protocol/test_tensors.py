@@ -7,7 +7,7 @@ import torch
 
 from protocol.errors import WireError
 from protocol.messages import Step, pack, read_header
-from protocol.tensors import read_tensors
+from protocol.tensors import all_finite, read_tensors
 
 
 def test_wire_checks_sizes_before_allocating():
@@ -70,3 +70,19 @@ async def test_a_tensor_already_on_the_device_is_not_copied_and_another_is_moved
     assert await moved(host, "cpu") is host and await moved(None, "cpu") is None
     elsewhere = await moved(host, "meta")  # a device every machine has
     assert elsewhere.device.type == "meta" and elsewhere.shape == host.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_finds_any_nan_or_infinity_in_every_float_dtype_and_layout(dtype):
+    clean = torch.randn(2, 5, 8).to(dtype)
+    assert all_finite(clean) and all_finite(clean.transpose(1, 2)) and all_finite(clean[:, ::2])
+    with torch.inference_mode():
+        assert all_finite(clean * 2)  # an inference tensor, as the servers' outputs are
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tensor = clean.clone()
+        tensor[1, 4, 7] = bad
+        assert not all_finite(tensor)
+        assert not all_finite(tensor.transpose(1, 2)) and not all_finite(tensor[1:, 4:])
+    assert all_finite(torch.empty(0, dtype=dtype))
+    weights = torch.randn(3, requires_grad=True)
+    assert all_finite(weights) and not all_finite(weights / 0)
