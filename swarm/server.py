@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -46,7 +47,7 @@ from swarm import __version__
 from swarm.batching import StepScheduler
 from swarm.bridging import Bridging
 from swarm.cache import CacheBudget
-from swarm.compute import ComputeThread
+from swarm.compute import ComputeThread, serial_torch
 from swarm.coordinator import Coordinator
 from swarm.handler import BlockHandler, Limits
 from swarm.handover import EXPORT_TIMEOUT, Exporter, can_take, handover_target
@@ -141,6 +142,12 @@ class Server:
 
     async def run(self) -> None:
         opts = self.options
+        # Only the compute thread runs OpenMP teams (`swarm.compute`): the event loop and its workers
+        # allocate, copy and check tensors on their own.
+        serial_torch()
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="swarm-io", initializer=serial_torch)
+        )
         try:
             await self.compute.run(self._check_adapters)
         except AdapterError as e:
