@@ -18,6 +18,7 @@ from tqdm import tqdm
 from blocks.adapters import AdapterError, check_adapter, load_adapter
 from blocks.checkpoint import Checkpoint, dtype_name, parse_dtype, validate_model_name
 from blocks.loading import load_span
+from blocks.openmp import serial_torch
 from blocks.quantization import resident_bytes
 from blocks.span import BlockSpan
 from configs.paths import cache_dir
@@ -47,7 +48,7 @@ from swarm import __version__
 from swarm.batching import StepScheduler
 from swarm.bridging import Bridging
 from swarm.cache import CacheBudget
-from swarm.compute import ComputeThread, serial_torch
+from swarm.compute import ComputeThread
 from swarm.coordinator import Coordinator
 from swarm.handler import BlockHandler, Limits
 from swarm.handover import EXPORT_TIMEOUT, Exporter, can_take, handover_target

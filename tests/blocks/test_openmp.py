@@ -1,6 +1,5 @@
-"""`serial_torch`: a thread that calls it runs torch without an OpenMP team of its own, so that the
-compute thread's team is the only one of a server (GNU OpenMP stops spinning when teams outnumber
-the CPUs)."""
+"""`serial_torch`: a thread that calls it runs torch without an OpenMP team of its own, so that one
+thread's team is the only one of a process (GNU OpenMP stops spinning when teams outnumber the CPUs)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import pytest
 SCRIPT = """
 import os, threading
 import torch
-from swarm.compute import serial_torch
+from blocks.openmp import serial_torch
 
 torch.set_num_threads(2)
 
