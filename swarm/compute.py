@@ -1,9 +1,9 @@
 """A single compute thread that owns all torch work, so the event loop never blocks on a matmul.
 
 It is also the only thread of a server that runs OpenMP teams (`blocks.openmp`): the server's other
-threads run torch serially. A second team, most likely formed by the event loop allocating the KV pool, made
-GNU OpenMP stop spinning: on 2 cores, six layers of a 201 M model then took 23-27 ms per token on
-the compute thread against 21-22 ms without it.
+threads run torch serially. A second team, most likely formed by the event loop allocating the KV
+pool, made GNU OpenMP stop spinning: on 2 cores, six layers of a 201 M model then took 23-27 ms per
+token on the compute thread against 21-22 ms without it.
 """
 
 from __future__ import annotations
