@@ -490,12 +490,12 @@ async def forward_span(
     stream before the server is blamed: rarely, the first message of a new stream is lost between two
     libp2p daemons, and the server never saw the request. An error the server answered is final."""
     try:
-        return await _forward_once(p2p, model, plan, hidden, mask, chunk, timeout, adapter)
+        return await _forward_once(p2p, model, plan, hidden, mask, chunk, timeout, adapter, fresh=False)
     except ServerFailure as e:
         if not isinstance(e.__cause__, (asyncio.TimeoutError, *TRANSPORT_ERRORS)):
             raise
         logger.info("stateless forward to %s failed (%s); sending it again on a fresh stream", plan.peer_id, e)
-    return await _forward_once(p2p, model, plan, hidden, mask, chunk, timeout, adapter)
+    return await _forward_once(p2p, model, plan, hidden, mask, chunk, timeout, adapter, fresh=True)
 
 
 async def _forward_once(
@@ -507,6 +507,7 @@ async def _forward_once(
     chunk: int,
     timeout: float,
     adapter: str,
+    fresh: bool,
 ) -> torch.Tensor:
     stream = RequestStream()
     dtype = parse_dtype(plan.info.record.dtype)
@@ -517,7 +518,7 @@ async def _forward_once(
     try:
         with server_errors(plan.peer_id, lambda: target.bridge if target is not None else ""):
             target = await connect(p2p, plan, timeout)
-            await asyncio.wait_for(stream.open(p2p, target, RPC_FORWARD), timeout)
+            await asyncio.wait_for(stream.open(p2p, target, RPC_FORWARD, fresh), timeout)
             for position in range(0, total, chunk):
                 part = hidden[:, position : position + chunk]
                 part_mask = mask[:, position : position + part.shape[1]] if mask is not None else None

@@ -1,5 +1,6 @@
 """The client's end of one server's RPC stream: dialing the server (or one of its bridges) and a
-queue of requests feeding the stream, with its replies read one at a time."""
+queue of requests feeding the stream, with its replies read one at a time. Every stream to one
+server is a channel of one libp2p stream (`bridge.channels`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any, AsyncIterator, Callable, Collection, Optional
 
 from hivemind.p2p import P2P
 
-from bridge.dial import Target, iterate, reach
+from bridge.channels import iterate_channel
+from bridge.dial import Target, reach
 from client.errors import ServerFailure
 from client.routing import SpanPlan
 
@@ -51,8 +53,9 @@ class RequestStream:
                 return
             yield message
 
-    async def open(self, p2p: P2P, target: Target, handler: str) -> None:
-        self.attach(await iterate(p2p, target, handler, self._requests()))
+    async def open(self, p2p: P2P, target: Target, handler: str, fresh: bool = False) -> None:
+        """Opens the stream: a channel of this process's bundle stream to the server (`fresh`: of a new one)."""
+        self.attach(await iterate_channel(p2p, target, handler, self._requests(), fresh))
 
     def attach(self, replies: AsyncIterator) -> None:
         """Starts reading `replies`, the open stream's reply iterator."""

@@ -26,9 +26,13 @@ RPC_ECHO = "swarm.BlockService.rpc_echo"  # returns its payload: peers measure t
 RPC_PUSH = "swarm.BlockService.rpc_push"  # the previous server of a chain hands a step's output straight on
 RPC_PUSH_STREAM = "swarm.BlockService.rpc_push_stream"  # the same, one stream per session and next server
 RPC_IMPORT = "swarm.BlockService.rpc_import"  # a server hands an open session's KV cache to another
+# Sessions, stateless forwards and push streams to one peer, as channels of one stream (`protocol.bundles`).
+RPC_BUNDLE = "swarm.BlockService.rpc_bundle"
 ECHO_MAX_BYTES = 1536 * 1024
 # Every RPC of a server: all a bridge carries to a server behind NAT.
-SWARM_RPCS = frozenset({RPC_INFERENCE, RPC_FORWARD, RPC_INFO, RPC_ECHO, RPC_PUSH, RPC_PUSH_STREAM, RPC_IMPORT})
+SWARM_RPCS = frozenset(
+    {RPC_INFERENCE, RPC_FORWARD, RPC_INFO, RPC_ECHO, RPC_PUSH, RPC_PUSH_STREAM, RPC_IMPORT, RPC_BUNDLE}
+)
 PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{40,60}$"
 
 # A prefix cache reuses a prompt in blocks of this many tokens (vLLM's default block size).

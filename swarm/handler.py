@@ -29,10 +29,14 @@ from blocks.adapters import AdapterConfig, AdapterError, LoraAdapter, adapter_fr
 from blocks.checkpoint import dtype_name, parse_dtype
 from blocks.kv_pool import PooledCache
 from blocks.span import BlockSpan
+from bridge.channels import serve_channels
 from protocol.errors import ErrorKind, WireError, bad_request
 from protocol.messages import (
     ECHO_MAX_BYTES,
     PREFIX_BLOCK_TOKENS,
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    RPC_PUSH_STREAM,
     ForwardRequest,
     Hop,
     ImportHeld,
@@ -290,6 +294,19 @@ class BlockHandler:
         label = _Label(context.remote_id)
         async for reply in self._replying(self._forward(requests, label), label):
             yield reply
+
+    async def rpc_bundle(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Sessions, stateless forwards and push streams of one peer as channels of one stream
+        (`bridge.channels`): each runs as on a stream of its own, and a round's replies go together."""
+        handlers = {
+            RPC_INFERENCE: self.rpc_inference,
+            RPC_FORWARD: self.rpc_forward,
+            RPC_PUSH_STREAM: self.rpc_push_stream,
+        }
+        async for bundle in serve_channels(requests, context, handlers):
+            yield bundle
 
     async def _inference(self, requests, label: "_Label") -> AsyncIterator[runtime_pb2.ExpertResponse]:
         with self.quotas.stream(str(label.peer)):

@@ -2,7 +2,9 @@
 session, carrying each step's output as soon as it is computed.
 
 A stream, not a call per step: opening a libp2p stream costs a negotiation each time, which on
-loopback made a pushed chain slower than the client relaying outputs itself.
+loopback made a pushed chain slower than the client relaying outputs itself. Each session's push
+stream is a channel of one bundle stream to the next server (`bridge.channels`), so the pushes of
+one batching round go to it as one message.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Callable
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from bridge.dial import iterate, reach
+from bridge.channels import iterate_channel
+from bridge.dial import reach
 from protocol.errors import WireError
 from protocol.messages import RPC_PUSH_STREAM, Hop, PushAccepted, read_header
 
@@ -52,7 +55,7 @@ class PushStream:
         try:
             target = await reach(self._p2p, self.hop.peer_id, self.hop.addrs, self.hop.bridge_addrs, self._timeout)
             replies = await asyncio.wait_for(
-                iterate(self._p2p, target, RPC_PUSH_STREAM, self._requests()), self._timeout
+                iterate_channel(self._p2p, target, RPC_PUSH_STREAM, self._requests()), self._timeout
             )
             async for reply in replies:
                 read_header(reply, PushAccepted)

@@ -30,6 +30,7 @@ from discovery.mdns import MdnsUnavailable
 from discovery.presence import BROWSE_SECONDS, LanPresence
 from protocol.errors import ErrorKind, WireError, bad_request
 from protocol.messages import (
+    RPC_BUNDLE,
     RPC_ECHO,
     RPC_FORWARD,
     RPC_IMPORT,
@@ -375,6 +376,7 @@ class Server:
         )
         for name, method, stream in (
             (RPC_INFERENCE, self.handler.rpc_inference, True),
+            (RPC_BUNDLE, self.handler.rpc_bundle, True),
             (RPC_FORWARD, self.handler.rpc_forward, True),
             (RPC_INFO, self.handler.rpc_info, False),
             (RPC_ECHO, self.handler.rpc_echo, False),

@@ -19,6 +19,7 @@ from client import AutoDistributedModelForCausalLM
 from client.streams import connect
 from harness.local_swarm import LocalSwarm
 from protocol.messages import (
+    RPC_BUNDLE,
     RPC_ECHO,
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -186,6 +187,18 @@ async def _fuzz(model, rng: random.Random) -> int:
         count += 1
         await _raw(p2p, peer, handler, P2P.MESSAGE_MARKER + (5).to_bytes(8, "big") + b"\xff" * 5, close=False)
         count += 1
+    for header in _headers(rng, name):  # bundles: garbage as a bundle's header, and in a channel
+        await _exchange(p2p, peer, RPC_BUNDLE, [runtime_pb2.ExpertRequest(uid="", metadata=header)])
+        garbage = runtime_pb2.ExpertRequest(uid="", metadata=header)
+        await _exchange(p2p, peer, RPC_BUNDLE, [_bundled(opened, garbage)])
+        count += 2
+    for tensor in _tensors(rng):
+        bad_step = runtime_pb2.ExpertRequest(uid="", metadata=step.metadata, tensors=[tensor])
+        await _exchange(p2p, peer, RPC_BUNDLE, [_bundled(opened, bad_step)])
+        count += 1
+    for _ in range(3):
+        await _raw(p2p, peer, RPC_BUNDLE, bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 2048))))
+        count += 1
     for _ in range(5):  # sessions that open, take a step, then vanish without a word
         stream = await p2p.iterate_protobuf_handler(
             peer, RPC_INFERENCE, _forever([opened, step]), runtime_pb2.ExpertResponse
@@ -208,6 +221,24 @@ async def _fuzz(model, rng: random.Random) -> int:
                 pass
             count += 1
     return count
+
+
+def _bundled(*messages) -> runtime_pb2.ExpertRequest:
+    """`messages` as one bundle on one channel, a session's, packed by hand: an honest caller would
+    not pack some of them."""
+    parts = [
+        {
+            "channel": 1,
+            "metadata": message.metadata,
+            "tensors": len(message.tensors),
+            "open": RPC_INFERENCE if i == 0 else "",
+        }
+        for i, message in enumerate(messages)
+    ]
+    tensors = [tensor for message in messages for tensor in message.tensors]
+    return runtime_pb2.ExpertRequest(
+        uid="", metadata=msgpack.packb({"parts": parts}, use_bin_type=True), tensors=tensors
+    )
 
 
 async def _forever(messages):
