@@ -34,6 +34,8 @@ MAX_CHANNELS = 1024
 # Messages a channel's handler may leave unread before the channel is refused (a session's reader
 # keeps only a few steps ahead; a caller that sends far more is not waiting for its replies).
 MAX_UNREAD = 256
+# Bytes (headers and tensors) a bundle stream's handlers may leave unread before the next bundle waits.
+MAX_UNREAD_BYTES = 2 * MAX_MESSAGE_BYTES
 # A bundle is sent once its parts' headers or tensors pass these (a single larger message goes alone).
 BUNDLE_HEADER_BYTES = 256 * 1024
 BUNDLE_TENSOR_BYTES = MAX_MESSAGE_BYTES // 2
@@ -288,6 +290,43 @@ async def _closed(replies: AsyncIterator) -> None:
 # ---- the serving side ----------------------------------------------------------------------------
 
 
+class _Inbox:
+    """A channel's requests its handler has not read yet, their bytes counted on the stream."""
+
+    def __init__(self, stream: "_Served"):
+        self._stream = stream
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.bytes = 0
+        self.task: Optional[asyncio.Task] = None
+
+    def __len__(self) -> int:
+        return self._queue.qsize()
+
+    def put(self, message: Any) -> None:
+        """Queues a request (None: the requests end)."""
+        self._count(_size(message) if message is not None else 0)
+        self._queue.put_nowait(message)
+
+    async def requests(self) -> AsyncIterator:
+        while (message := await self._queue.get()) is not None:
+            self._count(-_size(message))
+            yield message
+
+    def discard(self) -> None:
+        """The channel has ended: what it left unread no longer counts."""
+        self._count(-self.bytes)
+
+    def _count(self, size: int) -> None:
+        self.bytes += size
+        self._stream.unread += size
+        if size < 0:
+            self._stream.drained.set()
+
+
+def _size(message: Any) -> int:
+    return len(message.metadata) + message_bytes(message)
+
+
 class _Served:
     """One caller's bundle stream: each channel's handler running on its own requests."""
 
@@ -295,16 +334,21 @@ class _Served:
         self.handlers = handlers
         self.context = context
         self.outbox = _Outbox(request=False)
-        self.live: dict[int, tuple[asyncio.Queue, asyncio.Task]] = {}
+        self.live: dict[int, _Inbox] = {}
         self.highest = 0  # the highest channel number opened so far: lower ones are live or done
         self.ended = False  # the caller sends no more bundles
         self.failure: Optional[WireError] = None
+        self.unread = 0  # bytes of requests queued for the channels' handlers, not read by them yet
+        self.drained = asyncio.Event()
 
     async def read(self, requests: AsyncIterator) -> None:
         try:
             async for bundle in requests:
                 for part, message in unpack_bundle(bundle, request=True):
                     self._dispatch(part, message)
+                while self.unread > MAX_UNREAD_BYTES:  # the next bundle waits until the handlers catch up
+                    self.drained.clear()
+                    await self.drained.wait()
         except WireError as e:
             logger.info("bundle stream from %s refused: %s", self.context.remote_id, e.message)
             self._fail(e)
@@ -318,24 +362,23 @@ class _Served:
             self.outbox.close()
 
     def _dispatch(self, part: Part, message: Any) -> None:
-        entry = self.live.get(part.channel)
-        if entry is None:
+        inbox = self.live.get(part.channel)
+        if inbox is None:
             if part.channel <= self.highest:
                 return  # a channel that has ended here: what the caller sent meanwhile is dropped
             self.highest = part.channel
-            entry = self._start(part)
-            if entry is None:
+            inbox = self._start(part)
+            if inbox is None:
                 return
-        queue, _ = entry
         if message is not None:
-            if queue.qsize() >= MAX_UNREAD:
+            if len(inbox) >= MAX_UNREAD:
                 self._refuse(part.channel, bad_request(f"more than {MAX_UNREAD} messages on one channel left unread"))
                 return
-            queue.put_nowait(message)
+            inbox.put(message)
         if part.end:
-            queue.put_nowait(None)
+            inbox.put(None)
 
-    def _start(self, part: Part) -> Optional[tuple[asyncio.Queue, asyncio.Task]]:
+    def _start(self, part: Part) -> Optional[_Inbox]:
         """Starts a new channel's handler; None if the channel is refused (it is told why)."""
         handler = self.handlers.get(part.open)
         if handler is None:
@@ -343,26 +386,30 @@ class _Served:
         elif len(self.live) >= MAX_CHANNELS:
             error = WireError(ErrorKind.BUSY, f"{MAX_CHANNELS} channels are open on this bundle stream already")
         else:
-            queue: asyncio.Queue = asyncio.Queue()
-            task = asyncio.create_task(self._run(part.channel, handler, queue), name=f"channel {part.channel}")
-            self.live[part.channel] = (queue, task)
-            return queue, task
+            inbox = self.live[part.channel] = _Inbox(self)
+            inbox.task = asyncio.create_task(self._run(part.channel, handler, inbox), name=f"channel {part.channel}")
+            return inbox
         self.outbox.put(part_of(part.channel, error_response(error), end=True))
         return None
 
     def _refuse(self, number: int, error: WireError) -> None:
         """Stops a channel's handler and tells the caller why."""
-        _, task = self.live.pop(number)
-        task.cancel()
+        self._drop(number)
         self.outbox.put(part_of(number, error_response(error), end=True))
 
-    async def _run(self, number: int, handler: Handler, queue: asyncio.Queue) -> None:
-        async def requests() -> AsyncIterator:
-            while (message := await queue.get()) is not None:
-                yield message
+    def _drop(self, number: int) -> bool:
+        """Forgets a live channel, stopping its handler; False if it was not live."""
+        inbox = self.live.pop(number, None)
+        if inbox is None:
+            return False
+        inbox.discard()
+        if inbox.task is not None and inbox.task is not asyncio.current_task():
+            inbox.task.cancel()
+        return True
 
+    async def _run(self, number: int, handler: Handler, inbox: _Inbox) -> None:
         try:
-            output = handler(requests(), self.context)
+            output = handler(inbox.requests(), self.context)
             if inspect.isasyncgen(output):
                 async for reply in output:
                     self.outbox.put(part_of(number, reply))
@@ -373,7 +420,7 @@ class _Served:
         except Exception as e:  # as hivemind answers a stream whose handler raised
             logger.warning("channel %d of %s failed", number, self.context.remote_id, exc_info=True)
             self.outbox.put(part_of(number, error_response(WireError(ErrorKind.SERVER_ERROR, f"{type(e).__name__}"))))
-        if self.live.pop(number, None) is not None:
+        if self._drop(number):
             self.outbox.put(part_of(number, end=True))
         if self.ended and not self.live:
             self.outbox.close()
@@ -385,9 +432,8 @@ class _Served:
         self.outbox.close()
 
     def stop(self) -> None:
-        for _, task in self.live.values():
-            task.cancel()
-        self.live.clear()
+        for number in list(self.live):
+            self._drop(number)
 
 
 async def serve_channels(

@@ -19,7 +19,7 @@ from protocol.bundles import unpack_bundle
 from protocol.errors import ErrorKind, WireError
 from protocol.messages import RPC_BUNDLE, StepDone, read_header
 
-ECHO, BOOM, HOLD, SUM = "t.echo", "t.boom", "t.hold", "t.sum"
+ECHO, BOOM, HOLD, SUM, GATED = "t.echo", "t.boom", "t.hold", "t.sum", "t.gated"
 TIMEOUT = 60
 
 
@@ -43,6 +43,7 @@ class Peer:
         self.parts: list[int] = []  # messages in each bundle that arrived
         self.clean_ends = 0  # ECHO handlers whose requests ended as a stream's do
         self.break_on = b""  # a message that breaks the bundle stream it comes on
+        self.gate = asyncio.Event()  # GATED handlers answer each message once it is set
 
     async def echo(self, requests, context):
         async for request in requests:
@@ -58,6 +59,11 @@ class Peer:
         async for _ in requests:
             await asyncio.sleep(3600)
             yield runtime_pb2.ExpertResponse()
+
+    async def gated(self, requests, context):
+        async for request in requests:
+            await self.gate.wait()
+            yield runtime_pb2.ExpertResponse(metadata=request.metadata)
 
     async def sum(self, requests, context):
         """A push stream's shape: one reply once the requests end."""
@@ -75,7 +81,7 @@ class Peer:
                 self.parts.append(len(messages))
                 yield bundle
 
-        handlers = {ECHO: self.echo, BOOM: self.boom, HOLD: self.hold, SUM: self.sum}
+        handlers = {ECHO: self.echo, BOOM: self.boom, HOLD: self.hold, SUM: self.sum, GATED: self.gated}
         try:
             async for bundle in serve_channels(counted(), context, handlers):
                 yield bundle
@@ -203,6 +209,29 @@ async def test_a_channel_that_leaves_too_much_unread_is_refused_alone(pair, monk
         assert (await anext(fine)).metadata == b"ok"
         await fine.aclose()
     hold.set()
+
+
+@pytest.mark.asyncio
+async def test_a_caller_that_sends_faster_than_its_handlers_read_is_held_back(pair, monkeypatch):
+    """What the handlers have not read yet is bounded in bytes: past it, the next bundle is not read
+    until they catch up (nothing is refused, nothing is lost)."""
+    client, target, peer, _ = pair
+    monkeypatch.setattr(channels, "MAX_UNREAD_BYTES", 1000)
+    sent = [bytes([i]) * 600 for i in range(20)]
+
+    async def slowly():
+        for payload in sent:
+            yield runtime_pb2.ExpertRequest(metadata=payload)
+            await asyncio.sleep(0.01)  # each in a bundle of its own
+
+    async with asyncio.timeout(TIMEOUT):
+        replies = await iterate_channel(client, target, GATED, slowly())
+        # The handler holds the first message; the second and third pass the budget.
+        await until(lambda: sum(peer.parts) >= 3, "three bundles read")
+        await asyncio.sleep(0.5)
+        assert sum(peer.parts) == 3, peer.parts
+        peer.gate.set()
+        assert [reply.metadata async for reply in replies] == sent
 
 
 @pytest.mark.asyncio
