@@ -282,6 +282,7 @@ class AutoDistributedModelForCausalLM:
 
     def shutdown(self) -> None:
         self.remote.shutdown()
+        self.head.close()
 
     def __enter__(self) -> "AutoDistributedModelForCausalLM":
         return self

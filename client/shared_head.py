@@ -7,12 +7,19 @@ generations that are running now but not queued yet, while they are due soon (`p
 most `GATHER_MAX_SECONDS`, and a short while before any round trip is known): generations that
 started out of step fall into one product per token instead of two. A lone generation never waits,
 and a finished one (`leave`) is not waited for.
+
+Every product runs on one thread of the head's own. GNU OpenMP gives each thread that runs a
+parallel product a team of its own, and stops spinning at its barriers once a process's teams hold
+more threads than there are CPUs: products run by whichever caller gathered the rows left one team
+per generation thread (sixteen, with sixteen generations), and every product's workers slept and
+were woken between its steps.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -46,6 +53,14 @@ class SharedHead:
         self._product_seconds = 0.0  # how long the last product took
         self.products = 0  # products run so far, and the rows they computed (one-row calls batched)
         self.rows = 0
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="lm-head")
+
+    def close(self) -> None:
+        """Lets the product thread go (a product still running finishes)."""
+        self._compute.shutdown(wait=False)
+
+    def _product(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._compute.submit(self.head.logits, hidden).result()
 
     def generating(self) -> int:
         """Generations that asked for logits lately and have not left."""
@@ -74,7 +89,7 @@ class SharedHead:
         """Logits of `hidden`: [rows, hidden_size] rows are combined with other callers', anything else
         (a whole prompt's positions) runs on its own."""
         if hidden.ndim != 2:
-            return self.head.logits(hidden)
+            return self._product(hidden)
         me, now = threading.get_ident(), time.monotonic()
         request = _Request(hidden, me)
         with self._cond:
@@ -114,7 +129,7 @@ class SharedHead:
         started = time.monotonic()
         try:
             rows = [request.hidden for request in batch]
-            logits = self.head.logits(rows[0] if len(rows) == 1 else torch.cat(rows))
+            logits = self._product(rows[0] if len(rows) == 1 else torch.cat(rows))
             offset = 0
             for request in batch:
                 request.logits = logits[offset : offset + request.hidden.shape[0]]

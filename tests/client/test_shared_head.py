@@ -145,3 +145,36 @@ def test_a_finished_generation_is_not_waited_for(llama_path):
     counts.append(head.generating())
     thread.join(timeout=30)
     assert counts == [1, 0]
+
+
+def test_every_product_runs_on_the_heads_own_thread_never_a_callers(llama_path):
+    """GNU OpenMP gives each thread that runs a parallel product a team of its own: products run by
+    the callers would leave one team per generation thread."""
+    real = load_head(Checkpoint(llama_path))
+
+    class Recording:
+        threads: set[int] = set()
+
+        def logits(self, hidden):
+            self.threads.add(threading.get_ident())
+            return real.logits(hidden)
+
+    head = SharedHead(Recording())
+    callers: set[int] = set()
+    width = real.lm_head.in_features
+
+    def call(hidden):
+        callers.add(threading.get_ident())
+        head.logits(hidden)
+
+    try:
+        threads = [threading.Thread(target=call, args=(torch.randn(1, width),)) for _ in range(4)]
+        threads.append(threading.Thread(target=call, args=(torch.randn(1, 3, width),)))  # a whole prompt's rows
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        call(torch.randn(2, width))
+    finally:
+        head.close()
+    assert len(Recording.threads) == 1 and not Recording.threads & callers
