@@ -24,7 +24,7 @@ RPC_FORWARD = "swarm.BlockService.rpc_forward"
 RPC_INFO = "swarm.BlockService.rpc_info"
 RPC_ECHO = "swarm.BlockService.rpc_echo"  # returns its payload: peers measure their bandwidth with it
 RPC_PUSH = "swarm.BlockService.rpc_push"  # the previous server of a chain hands a step's output straight on
-RPC_PUSH_STREAM = "swarm.BlockService.rpc_push_stream"  # the same, one stream per session and next server
+RPC_PUSH_STREAM = "swarm.BlockService.rpc_push_stream"  # the same, one stream (channel) per session and next server
 RPC_IMPORT = "swarm.BlockService.rpc_import"  # a server hands an open session's KV cache to another
 # Sessions, stateless forwards and push streams to one peer, as channels of one stream (`protocol.bundles`).
 RPC_BUNDLE = "swarm.BlockService.rpc_bundle"
