@@ -221,6 +221,15 @@ class _Link:
 
 
 _links: "weakref.WeakKeyDictionary[P2P, dict[Target, _Link]]" = weakref.WeakKeyDictionary()
+# Peers that do not take bundles (an earlier version, or a bridge that does not carry them).
+_plain: "weakref.WeakKeyDictionary[P2P, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def _without_bundles(error: Exception) -> bool:
+    """Whether opening a bundle stream failed because the peer (or its bridge) does not speak it:
+    libp2p found no such protocol there, or the bridge does not carry it."""
+    message = str(error)
+    return "protocols not supported" in message or f"not {RPC_BUNDLE!r}" in message
 
 
 async def iterate_channel(
@@ -231,6 +240,8 @@ async def iterate_channel(
     ways. Closing the returned iterator before the replies end stops the handler. With `fresh`, on a
     new bundle stream, which later channels share (a retry after a timeout: rarely, libp2p loses a new
     stream's first message, and the stream with it); channels already open keep the one they are on."""
+    if target.peer_id in _plain.get(p2p, ()):
+        return await iterate(p2p, target, handler, requests)
     links = _links.setdefault(p2p, {})
     link = links.get(target)
     if link is None or fresh:
@@ -243,6 +254,14 @@ async def iterate_channel(
     channel = link.channel(handler)
     try:
         await asyncio.shield(link.opened)
+    except Exception as e:
+        channel.leave()
+        if not _without_bundles(e):
+            raise
+        # A peer of an earlier version: its streams stay streams of their own.
+        logger.info("%s does not take bundles (%s); its streams go on their own", target.peer_id, e)
+        _plain.setdefault(p2p, set()).add(target.peer_id)
+        return await iterate(p2p, target, handler, requests)
     except BaseException:
         channel.leave()
         raise

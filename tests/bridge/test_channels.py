@@ -293,3 +293,25 @@ async def test_every_channel_fails_with_its_bundle_stream(pair):
             assert raised.value.kind == ErrorKind.SERVER_ERROR
         fine = await iterate_channel(client, target, ECHO, requests(b"new"))
         assert [reply.metadata async for reply in fine] == [b"new"]
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_does_not_take_bundles_gets_streams_of_their_own():
+    """A server of an earlier version serves each RPC on a stream of its own: the caller falls back."""
+    server, client = await daemon(), await daemon()
+    peer = Peer()
+    try:
+        await server.add_protobuf_handler(
+            ECHO, peer.echo, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        addrs = tuple(str(addr) for addr in await server.get_visible_maddrs())
+        await dial(client, server.peer_id.to_base58(), addrs, TIMEOUT)
+        target = Target(server.peer_id.to_base58(), addrs)
+        async with asyncio.timeout(TIMEOUT):
+            for payload in (b"first", b"second"):
+                replies = await iterate_channel(client, target, ECHO, requests(payload))
+                assert [reply.metadata async for reply in replies] == [payload]
+        assert peer.clean_ends == 2
+    finally:
+        await client.shutdown()
+        await server.shutdown()
