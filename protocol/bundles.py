@@ -17,9 +17,10 @@ from typing import Any, Optional, Sequence
 
 import msgpack
 from hivemind.proto import runtime_pb2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.errors import ErrorKind, MalformedMessage, WireError
+from protocol.errors import MalformedMessage
+from protocol.messages import read_header
 
 # Parts in one bundle, and the size of its header (each part's own header is capped as a message's is).
 MAX_PARTS = 1024
@@ -45,7 +46,9 @@ class Part(BaseModel):
     end: bool = False
 
 
-class _Bundle(BaseModel):
+class BundleHeader(BaseModel):
+    """A bundle's header: its parts, in order."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     parts: tuple[Part, ...] = Field(min_length=1, max_length=MAX_PARTS)
@@ -71,23 +74,7 @@ def unpack_bundle(bundle: Any, *, request: bool) -> list[tuple[Part, Any]]:
     """The parts of a bundle, each with the message it carries (None where it carries none), checked:
     a header that does not parse or parts that do not account for the tensors exactly is a
     `MalformedMessage`; a reply that is an error (no bundle) is raised as the `WireError` it is."""
-    if len(bundle.metadata) > MAX_BUNDLE_HEADER_BYTES:
-        raise MalformedMessage(f"bundle header of {len(bundle.metadata)} bytes exceeds {MAX_BUNDLE_HEADER_BYTES}")
-    try:
-        raw = msgpack.unpackb(bundle.metadata, raw=False)
-    except (ValueError, msgpack.UnpackException) as e:
-        raise MalformedMessage(f"bundle header is not valid msgpack: {e}") from None
-    if isinstance(raw, dict) and "error" in raw and not request:
-        kind, message = raw.get("error"), raw.get("message")
-        if kind not in {k.value for k in ErrorKind} or not isinstance(message, str):
-            raise WireError(ErrorKind.SERVER_ERROR, f"malformed error reply: {raw!r:.200}")
-        raise WireError(ErrorKind(kind), message[:4096])
-    try:
-        parts = _Bundle.model_validate(raw).parts
-    except ValidationError as e:
-        first = e.errors()[0]
-        location = ".".join(str(step) for step in first["loc"]) or "header"
-        raise MalformedMessage(f"invalid bundle: {location}: {first['msg']}") from None
+    parts = read_header(bundle, BundleHeader, MAX_BUNDLE_HEADER_BYTES, error_replies=not request).parts
     if sum(part.tensors for part in parts) != len(bundle.tensors):
         raise MalformedMessage(f"bundle parts claim other than its {len(bundle.tensors)} tensors")
     kind = runtime_pb2.ExpertRequest if request else runtime_pb2.ExpertResponse

@@ -294,15 +294,18 @@ def error_response(error: WireError) -> runtime_pb2.ExpertResponse:
     return pack(ErrorReply(error=error.kind, message=error.message[:4096]), request=False)
 
 
-def read_header(message: Any, model: type[_Header]) -> _Header:
-    """Parses a message's header as `model`; an `ErrorReply` header is raised as a `WireError`."""
-    if len(message.metadata) > MAX_HEADER_BYTES:
-        raise MalformedMessage(f"header of {len(message.metadata)} bytes exceeds {MAX_HEADER_BYTES}")
+def read_header(
+    message: Any, model: type[BaseModel], max_bytes: int = MAX_HEADER_BYTES, error_replies: bool = True
+) -> BaseModel:
+    """Parses a message's header (at most `max_bytes`) as `model`; an `ErrorReply` header is raised as
+    a `WireError`, unless `error_replies` is False (a request, which no error reply can be)."""
+    if len(message.metadata) > max_bytes:
+        raise MalformedMessage(f"header of {len(message.metadata)} bytes exceeds {max_bytes}")
     try:
         raw = msgpack.unpackb(message.metadata, raw=False) if message.metadata else {}
     except (ValueError, msgpack.UnpackException) as e:
         raise MalformedMessage(f"header is not valid msgpack: {e}") from None
-    if isinstance(raw, dict) and "error" in raw and model is not ErrorReply:
+    if error_replies and isinstance(raw, dict) and "error" in raw and model is not ErrorReply:
         try:
             reply = ErrorReply.model_validate(raw)
         except ValidationError:
