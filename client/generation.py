@@ -6,8 +6,11 @@ uses the same processors (temperature, top-k, top-p, min-p, repetition penalty) 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import copy
 import logging
+import queue
 import warnings
 from typing import Any, Optional
 
@@ -132,14 +135,74 @@ def _eos_ids(config: GenerationConfig) -> Optional[torch.Tensor]:
     return torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
 
 
-def _roll_back(
+class _StreamerRelay:
+    """Hands a streamer's calls to the caller's thread: generations run on the client's event loop,
+    and a streamer may be slow or block (a terminal it prints to, a queue it fills), which must never
+    hold up the other generations there. `failed` tells the generation to stop at its next token."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.failed = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.failed:
+            raise _StreamerFailed()
+        self.events.put(("put", value))
+
+    def end(self) -> None:
+        self.events.put(("end", None))
+
+    def warn(self, message: str) -> None:
+        self.events.put(("warn", message))
+
+
+class _StreamerFailed(Exception):
+    """The caller's streamer raised: the generation stops (the caller re-raises the streamer's error)."""
+
+
+def decode(
+    head: SharedHead,
+    session: InferenceSession,
+    new_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    config: GenerationConfig,
+    streamer: Optional[BaseStreamer] = None,
+    assistant_model: Any = None,
+) -> torch.Tensor:
+    """`adecode` on the client's event loop, where every generation of the client runs (one thread
+    stepping them all, instead of one thread each); the streamer is called on the caller's thread."""
+    relay = _StreamerRelay() if streamer is not None else None
+    done = session.runtime.submit(adecode(head, session, new_ids, attention_mask, config, relay, assistant_model))
+    if streamer is None:
+        return done.result()
+    done.add_done_callback(lambda _: relay.events.put(None))
+    try:
+        while (event := relay.events.get()) is not None:
+            kind, value = event
+            if kind == "put":
+                streamer.put(value)
+            elif kind == "end":
+                streamer.end()
+            else:
+                warnings.warn(value, WrongResultWarning, stacklevel=4)
+    except BaseException:
+        relay.failed = True  # the generation stops at its next token, the session left consistent
+        concurrent.futures.wait([done])
+        while (event := relay.events.get()) is not None:
+            if event[0] == "end":
+                streamer.end()
+        raise
+    return done.result()
+
+
+async def _roll_back(
     session: InferenceSession,
     rollback: Rollback,
     all_ids: torch.Tensor,
     mask: Optional[torch.Tensor],
     prompt_length: int,
     eos: Optional[torch.Tensor],
-    streamer: Optional[BaseStreamer],
+    streamer: Optional[_StreamerRelay],
 ):
     """Drops the tokens that rest on outputs of a server proven wrong and rewinds the session to the
     last position verified for it (never into the caller's own tokens). Returns the kept tokens,
@@ -151,10 +214,8 @@ def _roll_back(
     )
     logger.warning(message)
     if streamer is not None:
-        warnings.warn(
-            f"{message}: tokens already streamed from position {keep} on were wrong", WrongResultWarning, stacklevel=4
-        )
-    session.rewind(rollback.position)
+        streamer.warn(f"{message}: tokens already streamed from position {keep} on were wrong")
+    await session.arewind(rollback.position)
     all_ids = all_ids[:, :keep]
     mask = mask[:, :keep] if mask is not None else None
     if eos is None:
@@ -164,13 +225,20 @@ def _roll_back(
     return all_ids, mask, unfinished
 
 
-def decode(
+async def _embed(head: SharedHead, ids: torch.Tensor) -> torch.Tensor:
+    """The embeddings of `ids`: a decode step's inline, a prompt's on a worker thread (a large copy)."""
+    if ids.shape[1] <= 1:
+        return head.embed_tokens(ids)
+    return await asyncio.to_thread(head.embed_tokens, ids)
+
+
+async def adecode(
     head: SharedHead,
     session: InferenceSession,
     new_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
     config: GenerationConfig,
-    streamer: Optional[BaseStreamer] = None,
+    streamer: Optional[_StreamerRelay] = None,
     assistant_model: Any = None,
 ) -> torch.Tensor:
     """Appends `new_ids` to the session, generates, and returns every token of the session (with
@@ -208,25 +276,26 @@ def decode(
     unfinished = torch.ones(all_ids.shape[0], dtype=torch.bool)
     drafter, draft_size = make_drafter(config, assistant_model, head.vocab_size, all_ids.shape[0], processors)
     session.draft_size = draft_size
-    if streamer is not None:
-        streamer.put(new_ids.cpu())
-    if session.position == 0 and not session.spans and all_ids.shape[0] == 1 and mask is None:
-        session.reuse_prefix(all_ids[0])  # servers may hold the prompt's start already (prefix caches)
-
+    me = object()  # this generation, to the shared head
     try:
+        if streamer is not None:
+            streamer.put(new_ids.cpu())
+        if session.position == 0 and not session.spans and all_ids.shape[0] == 1 and mask is None:
+            await session.areuse_prefix(all_ids[0])  # servers may hold the prompt's start already (prefix caches)
         while True:
             while all_ids.shape[1] - prompt_length < max_new and unfinished.any():
                 rollback = session.take_rollback()
                 if rollback is not None:
-                    all_ids, mask, unfinished = _roll_back(
+                    all_ids, mask, unfinished = await _roll_back(
                         session, rollback, all_ids, mask, prompt_length, eos, streamer
                     )
                     continue
                 if drafter is not None:
                     before = all_ids.shape[1]
                     try:
-                        all_ids, mask, finished = _speculate(
+                        all_ids, mask, finished = await _speculate(
                             head,
+                            me,
                             session,
                             drafter,
                             draft_size,
@@ -246,10 +315,10 @@ def decode(
                     continue
                 feed = all_ids[:, session.position :]
                 try:
-                    hidden = session.step(head.embed_tokens(feed), mask)
+                    hidden = await session.astep(await _embed(head, feed), mask)
                 except ServerProvenWrongError:
                     continue  # a check finished just before the step, which sent nothing: roll back first
-                logits = head.logits(hidden[:, -1]).to(all_ids.device)  # the head's device may be another
+                logits = await head.alogits(hidden[:, -1], me, all_ids.device)  # the head's device may be another
                 scores = processors(all_ids, logits)
                 if config.do_sample:
                     next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
@@ -265,20 +334,21 @@ def decode(
                 if eos is not None:
                     unfinished &= ~torch.isin(next_tokens, eos)
             # The result is returned only once spot checks have judged every step it rests on.
-            rollback = session.settle()
+            rollback = await session.asettle()
             if rollback is None:
                 break
-            all_ids, mask, unfinished = _roll_back(session, rollback, all_ids, mask, prompt_length, eos, streamer)
+            all_ids, mask, unfinished = await _roll_back(session, rollback, all_ids, mask, prompt_length, eos, streamer)
     finally:
-        head.leave()  # no product of the shared head waits for this generation's rows any more
+        head.leave(me)  # no product of the shared head waits for this generation's rows any more
         session.token_ids, session.attention_mask = all_ids, mask
         if streamer is not None:
             streamer.end()
     return all_ids
 
 
-def _speculate(
+async def _speculate(
     head: SharedHead,
+    me: object,
     session: InferenceSession,
     drafter,
     size: DraftSize,
@@ -292,17 +362,20 @@ def _speculate(
     """One trip through the chain with a draft (batch 1): the session's unsent tokens and up to
     `size.size` drafted ones go in one step, the tokens the model agrees with (and its own next one)
     are kept, and the servers forget the rest. Returns the tokens, their mask and whether the row
-    finished (an end-of-sequence token)."""
+    finished (an end-of-sequence token). Drafting runs on a worker thread (an assistant model's
+    forward passes)."""
     room = min(remaining - 1, session.max_length - all_ids.shape[1])
-    draft = drafter.draft(all_ids, min(size.size, room), config.do_sample) if room > 0 else None
+    draft = None
+    if room > 0:
+        draft = await asyncio.to_thread(drafter.draft, all_ids, min(size.size, room), config.do_sample)
     drafted = draft.tokens.to(all_ids.device) if draft is not None else all_ids[0, :0]
     count = drafted.shape[0]
     step_ids = torch.cat([all_ids[:, session.position :], drafted[None]], dim=1)
     step_mask = mask
     if mask is not None:
         step_mask = torch.cat([mask, torch.ones(1, count, dtype=mask.dtype, device=mask.device)], dim=1)
-    hidden = session.step(head.embed_tokens(step_ids), step_mask)
-    logits = head.logits(hidden[:, -(count + 1) :]).to(all_ids.device)
+    hidden = await session.astep(await _embed(head, step_ids), step_mask)
+    logits = await head.alogits(hidden[:, -(count + 1) :], me, all_ids.device)
     context = torch.cat([all_ids, drafted[None]], dim=1)
     length = all_ids.shape[1]
     scores = [processors(context[:, : length + i], logits[:, i])[0] for i in range(count + 1)]
@@ -326,6 +399,6 @@ def _speculate(
         mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)
     held = all_ids.shape[1] - 1  # the last token is not sent yet
     if session.position > held:
-        session.rewind(held)
+        await session.arewind(held)
     drafter.accepted(held)
     return all_ids, mask, torch.tensor([finished])

@@ -15,31 +15,40 @@ class LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client-loop", daemon=True)
         self._thread.start()
 
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: Optional[float] = None) -> Any:
-        """Runs `coro` on the loop and waits for its result (called from any other thread). The coroutine
-        runs in a copy of the caller's context, so that what the caller set (its current trace span)
-        holds inside it too."""
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
+        """Starts `coro` on the loop (from any other thread) and returns its future; cancelling the future
+        cancels the coroutine. It runs in a copy of the caller's context, so that what the caller set
+        (its current trace span) holds inside it too."""
         if threading.current_thread() is self._thread:
-            raise RuntimeError("LoopThread.run() called from its own loop; await the coroutine instead")
+            raise RuntimeError("LoopThread called from its own loop; await the coroutine instead")
         context = contextvars.copy_context()
         result: concurrent.futures.Future = concurrent.futures.Future()
 
         def finished(task: asyncio.Task) -> None:
-            if task.cancelled():
-                result.cancel()
-            elif task.exception() is not None:
-                result.set_exception(task.exception())
-            else:
-                result.set_result(task.result())
+            try:
+                if task.cancelled():
+                    result.cancel()
+                elif task.exception() is not None:
+                    result.set_exception(task.exception())
+                else:
+                    result.set_result(task.result())
+            except concurrent.futures.InvalidStateError:
+                pass  # the caller cancelled it meanwhile
 
         def start() -> None:
-            if result.set_running_or_notify_cancel():
-                self.loop.create_task(coro, context=context).add_done_callback(finished)
-            else:
+            if result.cancelled():
                 coro.close()
+                return
+            task = self.loop.create_task(coro, context=context)
+            task.add_done_callback(finished)
+            result.add_done_callback(lambda done: done.cancelled() and self.loop.call_soon_threadsafe(task.cancel))
 
         self.loop.call_soon_threadsafe(start)
-        return result.result(timeout)
+        return result
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: Optional[float] = None) -> Any:
+        """Runs `coro` on the loop and waits for its result (see `submit`)."""
+        return self.submit(coro).result(timeout)
 
     def stop(self) -> None:
         if self.loop.is_running():

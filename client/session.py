@@ -95,6 +95,11 @@ class InferenceSession:
         return self.adapter.name if self.adapter is not None else None
 
     @property
+    def runtime(self):
+        """The client's event loop thread (`client.runtime.LoopThread`), where the session's work runs."""
+        return self.remote.runtime
+
+    @property
     def chain(self) -> list[tuple[str, int, int]]:
         """(peer id, start, end) of every span in use."""
         return [(span.plan.peer_id, span.plan.start, span.plan.end) for span in self.spans]
