@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import logging
 import threading
 from typing import Any, Coroutine, Optional
+
+logger = logging.getLogger(__name__)
 
 
 class LoopThread:
@@ -50,7 +53,26 @@ class LoopThread:
         """Runs `coro` on the loop and waits for its result (see `submit`)."""
         return self.submit(coro).result(timeout)
 
-    def stop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancels every task still on the loop (bundle links' readers, checks in flight, streams) and
+        waits up to `timeout` for them to finish, then stops the loop: nothing is left pending for the
+        garbage collector to report ("Task was destroyed but it is pending") or to finalize on a closed
+        loop."""
+        if not self.loop.is_running():
+            return
+        try:
+            self.run(_cancel_others(timeout), timeout=timeout + 1)
+        except Exception:
+            logger.debug("tasks still running when the loop stopped", exc_info=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+async def _cancel_others(timeout: float) -> None:
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+    await asyncio.get_running_loop().shutdown_asyncgens()
