@@ -11,6 +11,7 @@ import concurrent.futures
 import copy
 import logging
 import queue
+import threading
 import warnings
 from typing import Any, Optional
 
@@ -138,15 +139,12 @@ def _eos_ids(config: GenerationConfig) -> Optional[torch.Tensor]:
 class _StreamerRelay:
     """Hands a streamer's calls to the caller's thread: generations run on the client's event loop,
     and a streamer may be slow or block (a terminal it prints to, a queue it fills), which must never
-    hold up the other generations there. `failed` tells the generation to stop at its next token."""
+    hold up the other generations there."""
 
     def __init__(self) -> None:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.failed = False
 
     def put(self, value: torch.Tensor) -> None:
-        if self.failed:
-            raise _StreamerFailed()
         self.events.put(("put", value))
 
     def end(self) -> None:
@@ -156,8 +154,8 @@ class _StreamerRelay:
         self.events.put(("warn", message))
 
 
-class _StreamerFailed(Exception):
-    """The caller's streamer raised: the generation stops (the caller re-raises the streamer's error)."""
+class _Stopped(Exception):
+    """The caller asked the generation to stop: it was interrupted, or its streamer raised."""
 
 
 def decode(
@@ -170,29 +168,43 @@ def decode(
     assistant_model: Any = None,
 ) -> torch.Tensor:
     """`adecode` on the client's event loop, where every generation of the client runs (one thread
-    stepping them all, instead of one thread each); the streamer is called on the caller's thread."""
+    stepping them all, instead of one thread each); the streamer is called on the caller's thread.
+    A caller interrupted while it waits (or whose streamer raises) stops the generation at its next
+    token: the step in flight finishes, so the session stays consistent."""
     relay = _StreamerRelay() if streamer is not None else None
-    done = session.runtime.submit(adecode(head, session, new_ids, attention_mask, config, relay, assistant_model))
-    if streamer is None:
-        return done.result()
-    done.add_done_callback(lambda _: relay.events.put(None))
+    stop = threading.Event()
+    done = session.runtime.submit(adecode(head, session, new_ids, attention_mask, config, relay, assistant_model, stop))
     try:
-        while (event := relay.events.get()) is not None:
-            kind, value = event
+        if streamer is not None:
+            _call_streamer(streamer, relay, done, stop)
+        return done.result()
+    except BaseException:
+        stop.set()
+        raise
+
+
+def _call_streamer(
+    streamer: BaseStreamer, relay: _StreamerRelay, done: concurrent.futures.Future, stop: threading.Event
+) -> None:
+    """Calls `streamer` with what the generation relays, until it is over. If the streamer raises,
+    the generation is stopped and waited for before the error goes on (the caller may continue the
+    session), and the streamer still gets its `end()`."""
+    done.add_done_callback(lambda _: relay.events.put(None))
+    while (event := relay.events.get()) is not None:
+        kind, value = event
+        try:
             if kind == "put":
                 streamer.put(value)
             elif kind == "end":
                 streamer.end()
             else:
                 warnings.warn(value, WrongResultWarning, stacklevel=4)
-    except BaseException:
-        relay.failed = True  # the generation stops at its next token, the session left consistent
-        concurrent.futures.wait([done])
-        while (event := relay.events.get()) is not None:
-            if event[0] == "end":
-                streamer.end()
-        raise
-    return done.result()
+        except BaseException:
+            stop.set()
+            while (event := relay.events.get()) is not None:  # until the generation is over
+                if event[0] == "end":
+                    streamer.end()
+            raise
 
 
 async def _roll_back(
@@ -240,9 +252,11 @@ async def adecode(
     config: GenerationConfig,
     streamer: Optional[_StreamerRelay] = None,
     assistant_model: Any = None,
+    stop: Optional[threading.Event] = None,
 ) -> torch.Tensor:
     """Appends `new_ids` to the session, generates, and returns every token of the session (with
-    speculation if `config.prompt_lookup_num_tokens` or `assistant_model` asks for it).
+    speculation if `config.prompt_lookup_num_tokens` or `assistant_model` asks for it), unless `stop`
+    is set: then it raises before its next step.
 
     The last generated token is kept in `session.token_ids` but not yet sent, so a later call on the
     same session continues exactly where this one stopped.
@@ -284,6 +298,8 @@ async def adecode(
             await session.areuse_prefix(all_ids[0])  # servers may hold the prompt's start already (prefix caches)
         while True:
             while all_ids.shape[1] - prompt_length < max_new and unfinished.any():
+                if stop is not None and stop.is_set():
+                    raise _Stopped()
                 rollback = session.take_rollback()
                 if rollback is not None:
                     all_ids, mask, unfinished = await _roll_back(

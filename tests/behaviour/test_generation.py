@@ -116,6 +116,61 @@ def test_streamers_receive_tokens_as_they_come(llama_client, llama_path):
     assert text == tokenizer.decode(result["out"][0, ids.shape[1] :])
 
 
+def test_a_streamer_that_raises_stops_its_generation_and_the_session_goes_on(llama_client, llama_ref):
+    """Generations run on the client's event loop, their streamers on the callers' threads: an error
+    in one reaches its caller, after the generation stopped with its session consistent."""
+
+    class FailsAtTheFourthToken(BaseStreamer):
+        def __init__(self):
+            self.threads, self.puts, self.ended = set(), 0, False
+
+        def put(self, value):
+            self.threads.add(threading.get_ident())
+            self.puts += 1
+            if self.puts == 5:  # the prompt, then tokens
+                raise RuntimeError("the terminal went away")
+
+        def end(self):
+            self.ended = True
+
+    ids = prompts(1, seed=8)
+    streamer = FailsAtTheFourthToken()
+    with llama_client.inference_session(max_length=64) as session:
+        with pytest.raises(RuntimeError, match="the terminal went away"):
+            llama_client.generate(ids, max_new_tokens=30, session=session, streamer=streamer)
+        assert streamer.threads == {threading.get_ident()} and streamer.ended
+        stopped = session.token_ids.shape[1]
+        assert stopped >= ids.shape[1] + 4
+        rest = llama_client.generate(None, max_new_tokens=ids.shape[1] + 30 - stopped, session=session)
+    assert torch.equal(rest, llama_ref.generate(ids, max_new_tokens=30, do_sample=False))
+
+
+def test_a_stuck_streamer_holds_up_no_other_generation(llama_client, llama_ref):
+    release = threading.Event()
+
+    class Stuck(BaseStreamer):
+        def put(self, value):
+            release.wait(60)
+
+        def end(self):
+            pass
+
+    ids, other = prompts(1, seed=9), prompts(1, seed=10)
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(out=llama_client.generate(ids, max_new_tokens=6, streamer=Stuck()))
+    )
+    thread.start()
+    try:
+        output = llama_client.generate(other, max_new_tokens=6)
+        assert thread.is_alive()  # its caller is still in the streamer's first call
+    finally:
+        release.set()
+        thread.join(60)
+    assert torch.equal(output, llama_ref.generate(other, max_new_tokens=6, do_sample=False))
+    assert torch.equal(result["out"], llama_ref.generate(ids, max_new_tokens=6, do_sample=False))
+
+
 def test_sampling_respects_arguments(llama_client):
     ids = prompts(1, seed=8)
     greedy = llama_client.generate(ids, max_new_tokens=10)
